@@ -1,0 +1,45 @@
+"""netpress: compress trained PyTorch models without changing what they predict.
+
+>>> import netpress as npr
+>>> result = npr.compress(model, [npr.GlobalMagnitudePrune(sparsity=0.8), npr.Distill(epochs=1)],
+...                       train=loader, evaluate=loader)          # doctest: +SKIP
+>>> result.save("model.npress"); model2 = npr.load("model.npress")  # doctest: +SKIP
+"""
+
+from netpress.api import CompressionResult, compress, load
+from netpress.config import MethodConfig, Recipe
+from netpress.errors import (
+    ArtefactError,
+    DataError,
+    ModelError,
+    NetpressError,
+    RecipeError,
+    SelectionError,
+)
+from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
+from netpress.recover.methods import Distill, FineTune
+from netpress.registry import list_methods, register
+from netpress.report import Report
+
+__all__ = [
+    "compress",
+    "load",
+    "CompressionResult",
+    "Report",
+    "Recipe",
+    "MethodConfig",
+    "register",
+    "list_methods",
+    "GlobalMagnitudePrune",
+    "LayerwiseMagnitudePrune",
+    "FineTune",
+    "Distill",
+    "NetpressError",
+    "RecipeError",
+    "SelectionError",
+    "DataError",
+    "ModelError",
+    "ArtefactError",
+]
+
+__version__ = "0.1.0"

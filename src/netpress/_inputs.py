@@ -1,0 +1,126 @@
+"""How netpress feeds inputs to a model.
+
+Model inputs (``example_inputs`` and the first element of every data batch) may be:
+
+* a tensor: ``model(x)``;
+* a tuple or list: ``model(*x)``;
+* a dict of keyword inputs, as ``transformers`` models take: ``model(**x)``.
+
+These helpers are the single place that knows this convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Inputs",
+    "call_model",
+    "move_to",
+    "batch_size_of",
+    "take_batch",
+    "repeat_to_batch",
+    "primary_output",
+]
+
+Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """Call ``model`` on ``inputs`` following the tensor / tuple / dict convention."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    raise TypeError(
+        f"model inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword "
+        f"inputs, got {type(inputs).__name__}"
+    )
+
+
+def move_to(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside ``obj`` (tensor, tuple, list, dict) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(move_to(v, device) for v in obj)
+    if isinstance(obj, list):
+        return [move_to(v, device) for v in obj]
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    """The leading dimension of the first tensor in ``inputs``."""
+    tensors = _tensors(inputs)
+    if not tensors or tensors[0].dim() == 0:
+        raise TypeError("cannot find a batched tensor in the model inputs")
+    return int(tensors[0].shape[0])
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def take_batch(inputs: Inputs, n: int) -> Any:
+    """The first ``n`` rows of every batched tensor in ``inputs``."""
+    return _map_tensors(inputs, lambda t: t[:n] if t.dim() > 0 else t)
+
+
+def repeat_to_batch(inputs: Inputs, n: int) -> Any:
+    """Inputs of batch size exactly ``n``, built by tiling (or cutting) the given rows."""
+    size = batch_size_of(inputs)
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != size:
+            return t
+        reps = -(-n // size)
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:n]
+
+    return _map_tensors(inputs, tile)
+
+
+def primary_output(output: Any) -> torch.Tensor:
+    """The tensor that metrics compare: the output itself, ``logits``, or the first tensor.
+
+    Handles plain tensors, tuples, dicts and ``transformers`` ``ModelOutput`` objects
+    (``logits`` first, then ``last_hidden_state``).
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        if isinstance(output, Mapping) and key in output:
+            value = output[key]
+        else:
+            value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    tensors = _tensors(output)
+    if not tensors:
+        raise TypeError(f"the model returned no tensor (got {type(output).__name__})")
+    return tensors[0]

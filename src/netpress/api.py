@@ -1,0 +1,168 @@
+"""The few entry points: :func:`compress` and :func:`load`.
+
+``compress`` works on a copy of the model by default: the input model is never modified.
+Everything the recipe needs is checked before the first method runs, so a bad recipe or bad
+data fails fast and leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import Inputs, take_batch
+from netpress._progress import progress_enabled
+from netpress.config import MethodConfig, Recipe
+from netpress.context import Context
+from netpress.data import Data, check_data, first_batch
+from netpress.errors import DataError, ModelError, RecipeError
+from netpress.registry import get_method
+from netpress.report import Report
+
+__all__ = ["compress", "load", "CompressionResult", "check_finite"]
+
+DATA_ARGS = ("calibration", "train", "evaluate")
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns: the compressed model, its report and its recipe."""
+
+    model: nn.Module
+    report: Report
+    recipe: Recipe
+    reference: nn.Module
+
+    def save(self, path: str | Path) -> int:
+        """Write the compressed artefact (``.npress``); returns the bytes written."""
+        from netpress.export import save_artefact
+
+        return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
+                             metadata={"report": self.report.summary()})
+
+    def save_report(self, directory: str | Path) -> Path:
+        """Write ``report.json`` and ``report.md`` into ``directory``; returns the JSON path."""
+        return self.report.write(directory)
+
+
+def check_finite(model: nn.Module, *, what: str = "model") -> None:
+    """Raise ModelError naming the first parameter or buffer that holds NaN or Inf."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelError(f"{what}: {kind} {name!r} holds {bad} NaN/Inf value(s); fix or "
+                                 f"retrain the model before compressing it")
+
+
+def _validate_recipe(recipe: Recipe, given: dict[str, Any]) -> None:
+    infos = [get_method(step) for step in recipe]
+    for i, (step, info) in enumerate(zip(recipe, infos)):
+        for need in info.needs:
+            if given.get(need) is None:
+                raise DataError(f"recipe step {i} ({info.name}) needs `{need}=` data; pass it "
+                                f"to compress()")
+        if getattr(step, "schedule", "oneshot") != "oneshot" and \
+                not any(later.is_recovery for later in infos[i + 1:]):
+            raise RecipeError(f"recipe step {i} ({info.name}) uses schedule="
+                              f"{getattr(step, 'schedule')!r}, which ramps over the recovery "
+                              f"steps after it; add FineTune or Distill after it")
+
+
+def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | MethodConfig | Iterable[MethodConfig] | str | Path,
+    *,
+    example_inputs: Inputs | None = None,
+    calibration: Data | None = None,
+    train: Data | None = None,
+    evaluate: Data | None = None,
+    task: Any = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    measure: bool = True,
+    latency_batch_size: int = 32,
+    threads: int = 1,
+    progress: bool | None = None,
+) -> CompressionResult:
+    """Apply ``recipe`` to (a copy of) ``model`` and measure the result against the original.
+
+    Data arguments are re-iterables of ``(inputs, labels)`` batches and are needed only when a
+    method needs them: ``calibration`` for quantization, ``train`` for recovery, ``evaluate``
+    for the report's accuracy and agreement. ``example_inputs`` (a tensor, tuple, or dict of
+    keyword inputs) is used for MACs, latency and graph capture; it defaults to one row of the
+    first available batch. ``task`` replaces the default classification metrics (a
+    :class:`netpress.measure.Task` or a callable ``(ref_out, cmp_out, labels) -> dict``).
+    Runs are deterministic for a given ``seed``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compress() takes an nn.Module, got {type(model).__name__}")
+    recipe = Recipe.of(recipe)
+    data = {"calibration": calibration, "train": train, "evaluate": evaluate}
+    given: dict[str, Any] = {**data, "example_inputs": example_inputs}
+    _validate_recipe(recipe, given)
+    check_finite(model)
+    dev = _device_of(model, device)
+    reference = copy.deepcopy(model).to(dev).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for name, value in data.items():
+        if value is not None:
+            check_data(name, value, reference, dev)
+    if example_inputs is None:
+        source = next((v for v in (evaluate, calibration, train) if v is not None), None)
+        if source is not None:
+            example_inputs = take_batch(first_batch(source, name="data")[0], 1)
+    work = model if inplace else copy.deepcopy(model)
+    work.to(dev)
+    ctx = Context(reference=reference, device=dev, example_inputs=example_inputs,
+                  calibration=calibration, train=train, evaluate=evaluate, seed=seed,
+                  progress=progress_enabled(progress))
+    started = time.perf_counter()
+    work = _run_steps(work, recipe, ctx)
+    elapsed = time.perf_counter() - started
+    report = Report.build(reference, work, recipe=recipe, ctx=ctx, task=task, measure=measure,
+                          latency_batch_size=latency_batch_size, threads=threads,
+                          compress_seconds=elapsed)
+    return CompressionResult(model=work, report=report, recipe=recipe, reference=reference)
+
+
+def _run_steps(model: nn.Module, recipe: Recipe, ctx: Context) -> nn.Module:
+    devices = [ctx.device.index or 0] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(ctx.seed)
+        for step in recipe:
+            model = get_method(step).apply(model, step, ctx)
+        ctx.finish_schedules(model)
+        ctx.apply_masks(model)
+    model.eval()
+    check_finite(model, what="compressed model")
+    return model
+
+
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Load a compressed model saved by :meth:`CompressionResult.save`.
+
+    No code from the file is executed. Without ``model`` the architecture is rebuilt from the
+    graph stored in the file; pass ``model=`` (an instance of the original architecture) for
+    models whose graph could not be captured, or to get your own module classes back.
+    """
+    from netpress.export import load_artefact
+
+    return load_artefact(path, model=model).model

@@ -1,0 +1,153 @@
+"""The ``netpress`` command line: a thin layer over :mod:`netpress.api`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = """examples:
+  netpress demo --out demo-out
+  netpress compress --model cifar_resnet56 --weights resnet56.th --recipe recipe.yaml \\
+      --data cifar10:../shared/data/cifar10 --out out/
+  netpress report out/
+  netpress methods
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netpress", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress trained PyTorch models without changing what they predict.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small CNN on scikit-learn digits, compress it, "
+                       "and print the report (no download)")
+    d.add_argument("--out", type=Path, help="write report.json, report.md, recipe.yaml and "
+                   "model.npress here")
+    d.add_argument("--sparsity", type=float, default=0.85, help="global sparsity (default 0.85)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    c = sub.add_parser("compress", help="compress a model with a recipe and write the artefact "
+                       "and report", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="MODEL: a built-in name (see `netpress models`), a .npress file, "
+                       "or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
+                       "fashion-mnist:DIR, or package.module:factory")
+    c.add_argument("--model", required=True, metavar="MODEL")
+    c.add_argument("--weights", help="state dict to load into MODEL (.pt/.pth/.th loaded with "
+                   "weights_only=True, or .safetensors)")
+    c.add_argument("--recipe", required=True, type=Path, help="recipe file (.yaml or .json)")
+    c.add_argument("--data", required=True, metavar="DATA")
+    c.add_argument("--out", required=True, type=Path, help="output directory")
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--train-limit", type=int, help="use at most this many training examples")
+    c.add_argument("--eval-limit", type=int, help="evaluate on at most this many examples")
+    c.add_argument("--latency-batch-size", type=int, default=32)
+    c.add_argument("--threads", type=int, default=1, help="threads for latency measurement")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model's)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("report", help="print the report in DIR (or an artefact's summary)")
+    r.add_argument("path", type=Path, help="a directory with report.json, or a .npress file")
+    r.add_argument("--markdown", action="store_true", help="print markdown instead of a table")
+
+    sub.add_parser("methods", help="list the compression methods")
+    sub.add_parser("models", help="list the built-in model names")
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from netpress.demo import run_demo
+
+    run_demo(args.out, sparsity=args.sparsity, seed=args.seed,
+             progress=False if args.no_progress else None)
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from netpress._cli_specs import resolve_data, resolve_model
+    from netpress.api import compress
+    from netpress.config import Recipe
+
+    console = Console()
+    recipe = Recipe.load(args.recipe)
+    model = resolve_model(args.model, args.weights)
+    data = resolve_data(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
+                        eval_limit=args.eval_limit, seed=args.seed)
+    result = compress(model, recipe, seed=args.seed, device=args.device, threads=args.threads,
+                      latency_batch_size=args.latency_batch_size,
+                      progress=False if args.no_progress else None, **data)
+    args.out.mkdir(parents=True, exist_ok=True)
+    size = result.save(args.out / "model.npress")
+    recipe.save(args.out / "recipe.yaml")
+    result.save_report(args.out)
+    result.report.print(console)
+    console.print(f"wrote {args.out}/model.npress ({size:,} bytes), report.json, report.md")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from netpress.report import Report
+
+    if args.path.suffix == ".npress":
+        from netpress.export import read_header
+
+        header = read_header(args.path)
+        print(json.dumps({k: header.get(k) for k in ("netpress_version", "recipe", "metadata")},
+                         indent=2))
+        return 0
+    report = Report.read(args.path)
+    if args.markdown:
+        print(report.to_markdown())
+    else:
+        report.print()
+    return 0
+
+
+def _cmd_methods(_: argparse.Namespace) -> int:
+    from netpress.registry import list_methods
+
+    for m in list_methods():
+        needs = f"  (needs {', '.join(m.needs)})" if m.needs else ""
+        print(f"{m.kind:<9} {m.name:<26} {m.summary}{needs}")
+    return 0
+
+
+def _cmd_models(_: argparse.Namespace) -> int:
+    from netpress.models import MODELS
+
+    for name in sorted(MODELS):
+        print(name)
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "compress": _cmd_compress, "report": _cmd_report,
+            "methods": _cmd_methods, "models": _cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``netpress`` command."""
+    from netpress.errors import NetpressError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NetpressError as exc:
+        print(f"netpress {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pruning: mask maths (:mod:`.masks`) and unstructured magnitude pruning (:mod:`.unstructured`)."""

@@ -1,0 +1,143 @@
+"""The one training loop every recovery method uses.
+
+It keeps pruning masks applied after every optimizer step, drives gradual-pruning ramps,
+computes the reference (teacher) outputs only when the loss needs them, and refuses to go
+on when the loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import call_model, move_to, primary_output
+from netpress._progress import progress_bar
+from netpress.config import MethodConfig
+from netpress.context import Context
+from netpress.data import batches
+from netpress.errors import ModelError, RecipeError
+
+__all__ = ["TrainConfig", "LossFn", "train"]
+
+#: ``loss(student_out, teacher_out_or_None, labels_or_None) -> scalar``.
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(MethodConfig):
+    """Settings shared by every recovery method (a base class, not a method)."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+
+    def _check_train(self) -> None:
+        n = self.type_name()
+        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise RecipeError(f"{n}: epochs={self.epochs!r} must be > 0")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise RecipeError(f"{n}: max_steps={self.max_steps!r} must be an int >= 1 or null")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise RecipeError(f"{n}: lr={self.lr!r} must be a positive number")
+        if self.optimizer not in OPTIMIZERS:
+            raise RecipeError(f"{n}: optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RecipeError(f"{n}: lr_schedule={self.lr_schedule!r}; choose one of "
+                              f"{LR_SCHEDULES}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise RecipeError(f"{n}: warmup_steps must be an int >= 0")
+
+
+def _steps_per_epoch(data: Any) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return sum(1 for _ in data)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(f"{cfg.type_name()}: the model has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+    return f
+
+
+def train(
+    model: nn.Module, ctx: Context, cfg: TrainConfig, loss_fn: LossFn, *, needs_teacher: bool
+) -> dict[str, Any]:
+    """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
+    name = cfg.type_name()
+    data = ctx.require("train", name)
+    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * _steps_per_epoch(data))))
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    ctx.reference.eval()
+    model.train()
+    step, running = 0, float("nan")
+    with progress_bar(total, name, ctx.progress) as advance:
+        while step < total:
+            for inputs, labels in batches(data, name=f"{name} train"):
+                ctx.before_train_step(model, step, total)
+                loss = _loss(model, ctx, loss_fn, inputs, labels, needs_teacher)
+                if not torch.isfinite(loss):
+                    raise ModelError(f"{name}: the loss became {loss.item()} at step {step}; "
+                                     f"lower lr (now {cfg.lr}) or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                ctx.apply_masks(model)
+                value = float(loss.detach())
+                running = value if math.isnan(running) else 0.9 * running + 0.1 * value
+                step += 1
+                advance(loss=running)
+                if step >= total:
+                    break
+    finished = ctx.finish_schedules(model)
+    model.eval()
+    return {"steps": total, "final_loss": round(running, 6), "ramped": finished}
+
+
+def _loss(model: nn.Module, ctx: Context, loss_fn: LossFn, inputs: Any, labels: Any,
+          needs_teacher: bool) -> torch.Tensor:
+    inputs = move_to(inputs, ctx.device)
+    labels = labels.to(ctx.device) if isinstance(labels, torch.Tensor) else None
+    teacher = None
+    if needs_teacher:
+        with torch.no_grad():
+            teacher = primary_output(call_model(ctx.reference, inputs)).detach()
+    student = primary_output(call_model(model, inputs))
+    return loss_fn(student, teacher, labels)

@@ -1,0 +1,81 @@
+"""Recovery methods: fine-tuning and knowledge distillation from the reference model.
+
+Both run the shared loop in :mod:`netpress.recover.loop`, so pruning masks stay applied and
+gradual-pruning ramps advance during them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netpress.config import check_fraction
+from netpress.context import Context
+from netpress.errors import DataError, RecipeError
+from netpress.recover.losses import cosine_loss, distillation_loss, feature_mse
+from netpress.recover.loop import TrainConfig, train
+from netpress.registry import register
+
+__all__ = ["FineTune", "Distill", "DISTILL_LOSSES"]
+
+DISTILL_LOSSES = ("kl", "mse", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FineTune(TrainConfig):
+    """Fine-tune on the labels of the ``train`` data (cross-entropy), keeping pruning masks."""
+
+    def __post_init__(self) -> None:
+        self._check_train()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Distill(TrainConfig):
+    """Knowledge distillation from the reference: soft targets at a temperature, plus labels.
+
+    The loss is ``alpha * T^2 * KL(p_ref || p) + (1 - alpha) * CE(labels)`` for ``loss="kl"``
+    (pure distillation when the data has no labels); ``"mse"`` and ``"cosine"`` match raw
+    outputs instead, for regression and embedding models.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    loss: str = "kl"
+
+    def __post_init__(self) -> None:
+        self._check_train()
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise RecipeError(f"Distill: temperature={self.temperature!r} must be > 0")
+        check_fraction("Distill", "alpha", self.alpha, hi_open=False)
+        if self.loss not in DISTILL_LOSSES:
+            raise RecipeError(f"Distill: loss={self.loss!r}; choose one of {DISTILL_LOSSES}")
+
+
+@register(FineTune, kind="recover", needs=("train",))
+def _apply_finetune(model: nn.Module, cfg: FineTune, ctx: Context) -> nn.Module:
+    def loss(out: torch.Tensor, _teacher: torch.Tensor | None,
+             labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise DataError("FineTune: the train data has no labels; use Distill instead")
+        return F.cross_entropy(out.float(), labels.long())
+
+    ctx.record("FineTune", **train(model, ctx, cfg, loss, needs_teacher=False))
+    return model
+
+
+@register(Distill, kind="recover", needs=("train",))
+def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
+    def loss(out: torch.Tensor, teacher: torch.Tensor | None,
+             labels: torch.Tensor | None) -> torch.Tensor:
+        assert teacher is not None
+        if cfg.loss == "mse":
+            return feature_mse(out, teacher)
+        if cfg.loss == "cosine":
+            return cosine_loss(out, teacher)
+        return distillation_loss(out, teacher, labels, cfg.temperature, cfg.alpha)
+
+    ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
+    return model

@@ -1,0 +1,99 @@
+"""The explicit registry of compression methods.
+
+A method is registered with :func:`register`, which ties a config class to the function that
+applies it. Nothing is discovered by walking packages; ``list_methods()`` lists what is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from netpress.errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from netpress.config import MethodConfig
+    from netpress.context import Context
+
+__all__ = ["MethodInfo", "register", "get_method", "list_methods", "config_from_dict"]
+
+Transform = Callable[["nn.Module", Any, "Context"], "nn.Module"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+KINDS = ("prune", "quantize", "recover", "other")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about one method."""
+
+    name: str
+    kind: str
+    config: type[MethodConfig]
+    apply: Transform
+    needs: tuple[str, ...]
+    summary: str
+
+    @property
+    def is_recovery(self) -> bool:
+        return self.kind == "recover"
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register(
+    config: type[MethodConfig], *, kind: str, needs: tuple[str, ...] = ()
+) -> Callable[[F], F]:
+    """Register ``fn(model, config, ctx) -> model`` as the transform for ``config``.
+
+    ``kind`` is one of ``prune``, ``quantize``, ``recover``, ``other``; ``needs`` names the
+    data arguments the method requires (``"train"``, ``"calibration"``, ``"example_inputs"``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+    def deco(fn: F) -> F:
+        name = config.type_name()
+        if name in _METHODS and _METHODS[name].config is not config:
+            raise ValueError(f"a method named {name!r} is already registered")
+        doc = (config.__doc__ or "").strip().splitlines()
+        _METHODS[name] = MethodInfo(name, kind, config, fn, tuple(needs), doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def _ensure_builtin() -> None:
+    import netpress.methods  # noqa: F401  (registers the built-in methods)
+
+
+def get_method(config: MethodConfig | type[MethodConfig] | str) -> MethodInfo:
+    """The registered method for a config instance, config class, or type name."""
+    _ensure_builtin()
+    name = config if isinstance(config, str) else config.type_name()
+    info = _METHODS.get(name)
+    if info is None:
+        raise RecipeError(
+            f"unknown method {name!r}; known methods are: {', '.join(sorted(_METHODS))}"
+        )
+    return info
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method, sorted by kind then name."""
+    _ensure_builtin()
+    return sorted(_METHODS.values(), key=lambda m: (KINDS.index(m.kind), m.name))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
+    """Build a config from ``{"type": ..., ...}``; only registered types are accepted."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a recipe step must be a mapping with a 'type', got {data!r}")
+    name = data.get("type")
+    if not isinstance(name, str):
+        raise RecipeError(f"a recipe step needs a 'type' naming the method: {dict(data)!r}")
+    return get_method(name).config.from_dict(data)

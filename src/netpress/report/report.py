@@ -1,0 +1,131 @@
+"""The :class:`Report`: reference vs compressed, with every metric netpress measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from netpress.errors import NetpressError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from netpress.config import Recipe
+    from netpress.context import Context
+
+__all__ = ["Report", "netpress_version"]
+
+
+def netpress_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("netpress")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+class Report(Mapping[str, Any]):
+    """A read-only mapping with the nested ``report.json`` content.
+
+    Keys include ``reference``, ``compressed``, ``agreement``, ``fidelity``, ``size``,
+    ``macs``, ``latency``, ``recipe`` and ``steps``; sections that could not be measured
+    (no data given) are absent.
+    """
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    @classmethod
+    def build(cls, reference: nn.Module, compressed: nn.Module, *, recipe: Recipe,
+              ctx: Context, task: Any = None, measure: bool = True,
+              latency_batch_size: int = 32, threads: int = 1,
+              compress_seconds: float = 0.0) -> Report:
+        """Measure ``compressed`` against ``reference`` and assemble the report."""
+        data: dict[str, Any] = {
+            "netpress_version": netpress_version(),
+            "recipe": recipe.to_dict(),
+            "steps": ctx.records,
+            "timing": {"compress_seconds": round(compress_seconds, 3)},
+        }
+        if measure:
+            from netpress.export import dumps_artefact
+            from netpress.measure import compare
+
+            artefact = len(dumps_artefact(compressed, recipe=recipe.to_dict()))
+            data.update(compare(
+                reference, compressed, data=ctx.evaluate, example_inputs=ctx.example_inputs,
+                task=task, device=ctx.device, latency_batch_sizes=(1, latency_batch_size),
+                threads=threads, artefact_bytes=artefact, progress=ctx.progress))
+        return cls(data)
+
+    # Mapping protocol -----------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._data))
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self._data, indent=indent)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Report:
+        """Read ``report.json`` (or a directory holding one)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        if not p.is_file():
+            raise NetpressError(f"no report at {str(p)!r}; run `netpress compress` or "
+                                f"`netpress demo` with --out first")
+        try:
+            return cls(json.loads(p.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise NetpressError(f"{p} is not a valid report.json: {exc}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (stored in the artefact's metadata)."""
+        from netpress.report.render import headline
+
+        return headline(self._data)
+
+    def to_markdown(self) -> str:
+        from netpress.report.render import to_markdown
+
+        return to_markdown(self._data)
+
+    def print(self, console: Any = None) -> None:
+        """Print the summary table to the terminal (rich)."""
+        from netpress.report.render import print_table
+
+        print_table(self._data, console)
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``report.json`` and ``report.md`` atomically into ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write(d / "report.json", self.to_json())
+        _atomic_write(d / "report.md", self.to_markdown())
+        return d / "report.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

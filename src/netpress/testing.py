@@ -1,0 +1,133 @@
+"""Toy models, toy data and the method contract, for netpress's tests and for yours.
+
+Every method, built-in or registered by a user, must pass :func:`check_method_contract`:
+its config round-trips through JSON and YAML, it applies to the toy models, the input model
+is left untouched, the result saves and loads back bit for bit, and a seed makes it
+deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "TinyMLP",
+    "TinyCNN",
+    "TinyResNet",
+    "toy_batches",
+    "toy_models",
+    "state_equal",
+    "check_method_contract",
+]
+
+
+class TinyMLP(nn.Module):
+    """Flatten → Linear → ReLU → Linear, for N×1×8×8 inputs."""
+
+    def __init__(self, hidden: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class TinyCNN(nn.Module):
+    """Conv → BN → ReLU → Conv → pool → Linear, for N×1×8×8 inputs."""
+
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.conv2(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TinyResNet(nn.Module):
+    """A residual block with an option-A style channel-padding shortcut."""
+
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.conv_a = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(2 * width)
+        self.conv_b = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
+        self.head = nn.Linear(2 * width, classes)
+        self.pad = width // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        y = self.conv_b(F.relu(self.bn_a(self.conv_a(x))))
+        y = F.relu(y + short)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def toy_models(classes: int = 4) -> dict[str, nn.Module]:
+    """One of each toy model, deterministically initialised."""
+    out = {}
+    for i, cls in enumerate((TinyMLP, TinyCNN, TinyResNet)):
+        torch.manual_seed(i)
+        out[cls.__name__] = cls(classes=classes).eval()
+    return out
+
+
+def toy_batches(n: int = 64, batch: int = 16, classes: int = 4, seed: int = 0,
+                model: nn.Module | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N×1×8×8 inputs in batches; labels from ``model`` if given (a learnable task), else random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    if model is not None:
+        with torch.no_grad():
+            y = model.eval()(x).argmax(1)
+    else:
+        y = torch.randint(0, classes, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def state_equal(a: nn.Module, b: nn.Module) -> bool:
+    """True if both state dicts have the same keys and bit-identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_method_contract(config: Any, model: nn.Module, data: list[Any],
+                          seed: int = 0) -> dict[str, Any]:
+    """Assert the method contract for ``config`` on ``model``; returns the compress result.
+
+    Raises ``AssertionError`` describing the first broken clause.
+    """
+    import netpress as npr
+    from netpress.config import Recipe
+
+    recipe = Recipe((config,))
+    assert Recipe.from_json(recipe.to_json()) == recipe, "config does not round-trip via JSON"
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe, "config does not round-trip via YAML"
+    original = copy.deepcopy(model)
+    kwargs = dict(train=data, calibration=data, evaluate=data, example_inputs=data[0][0][:1],
+                  seed=seed, measure=False)
+    first = npr.compress(model, recipe, **kwargs)
+    assert state_equal(model, original), "the input model was modified"
+    second = npr.compress(model, recipe, **kwargs)
+    assert state_equal(first.model, second.model), "not deterministic under a fixed seed"
+    buf = io.BytesIO()
+    from netpress.export import dumps_artefact, load_artefact
+
+    buf.write(dumps_artefact(first.model, recipe=recipe.to_dict()))
+    loaded = load_artefact(buf.getvalue()).model
+    x = data[0][0]
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), first.model(x)), "save/load does not reproduce outputs"
+    return {"result": first, "loaded": loaded}

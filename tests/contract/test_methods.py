@@ -1,0 +1,26 @@
+"""The contract every registered method passes (netpress.testing.check_method_contract)."""
+
+import pytest
+
+import netpress as npr
+from netpress.testing import check_method_contract, toy_batches, toy_models
+
+#: One representative config per method; a new method must add itself here.
+EXAMPLES = {
+    "GlobalMagnitudePrune": npr.GlobalMagnitudePrune(sparsity=0.7, floor=0.05),
+    "LayerwiseMagnitudePrune": npr.LayerwiseMagnitudePrune(sparsity=0.5),
+    "FineTune": npr.FineTune(max_steps=4, lr=1e-2),
+    "Distill": npr.Distill(max_steps=4, lr=1e-2),
+}
+
+
+def test_every_registered_method_has_an_example():
+    missing = {m.name for m in npr.list_methods()} - set(EXAMPLES)
+    assert not missing, f"add contract examples for: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("model_name", list(toy_models()))
+@pytest.mark.parametrize("method", list(EXAMPLES))
+def test_contract(method, model_name):
+    model = toy_models()[model_name]
+    check_method_contract(EXAMPLES[method], model, toy_batches(model=model))

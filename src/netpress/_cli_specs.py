@@ -42,7 +42,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     else:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ArtefactError(f"--weights {str(p)!r} is not a state dict torch can load "
                                 f"safely: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -27,7 +27,7 @@ __all__ = [
     "primary_output",
 ]
 
-Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
+Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]  # noqa: UP007 (runtime alias)
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:

@@ -72,7 +72,7 @@ def _validate_recipe(recipe: Recipe, given: dict[str, Any]) -> None:
         if getattr(step, "schedule", "oneshot") != "oneshot" and \
                 not any(later.is_recovery for later in infos[i + 1:]):
             raise RecipeError(f"recipe step {i} ({info.name}) uses schedule="
-                              f"{getattr(step, 'schedule')!r}, which ramps over the recovery "
+                              f"{step.schedule!r}, which ramps over the recovery "
                               f"steps after it; add FineTune or Distill after it")
 
 

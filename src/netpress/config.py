@@ -162,7 +162,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"netpress_recipe": 1, "steps": [...]}``."""
-        return {"netpress_recipe": RECIPE_FORMAT_VERSION, "steps": [s.to_dict() for s in self.steps]}
+        steps = [s.to_dict() for s in self.steps]
+        return {"netpress_recipe": RECIPE_FORMAT_VERSION, "steps": steps}
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:

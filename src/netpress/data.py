@@ -66,7 +66,7 @@ def check_data(name: str, data: Data, model: nn.Module, device: torch.device) ->
     try:
         with torch.inference_mode():
             out = primary_output(call_model(model, move_to(inputs, device)))
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
+    except Exception as exc:
         raise DataError(
             f"{name}: the model fails on the first batch ({_describe(inputs)}): "
             f"{type(exc).__name__}: {exc}. Check that this data fits the model"
@@ -77,8 +77,8 @@ def check_data(name: str, data: Data, model: nn.Module, device: torch.device) ->
                                                             torch.uint8) and out.dim() == 2:
         if labels.numel() and (int(labels.max()) >= out.shape[1] or int(labels.min()) < 0):
             raise DataError(
-                f"{name}: labels range over [{int(labels.min())}, {int(labels.max())}] but the model "
-                f"outputs {out.shape[1]} classes"
+                f"{name}: labels range over [{int(labels.min())}, {int(labels.max())}] but the "
+                f"model outputs {out.shape[1]} classes"
             )
 
 

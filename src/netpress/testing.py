@@ -90,8 +90,10 @@ def toy_batches(n: int = 64, batch: int = 16, classes: int = 4, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 8, 8, generator=g)
     if model is not None:
+        was_training = model.training
         with torch.no_grad():
             y = model.eval()(x).argmax(1)
+        model.train(was_training)
     else:
         y = torch.randint(0, classes, (n,), generator=g)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]

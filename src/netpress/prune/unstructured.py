@@ -94,20 +94,25 @@ class GlobalMagnitudePrune(_PruneCommon):
             raise RecipeError(f"{self.type_name()}: min_weights must be an int >= 0")
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def _layerwise_masks(cfg: LayerwiseMagnitudePrune, model: nn.Module,
                      scale: float) -> dict[str, torch.Tensor]:
     layers = cfg.selected(model)
     targets = resolve_per_layer(list(layers), cfg.per_layer, cfg.sparsity, owner=cfg.type_name())
     return {
-        f"{n}.weight": magnitude_mask(layers[n].weight, targets[n] * scale)  # type: ignore[arg-type]
-        for n in layers
+        f"{n}.weight": magnitude_mask(_weight(layers[n]), targets[n] * scale) for n in layers
     }
 
 
 def _global_masks(cfg: GlobalMagnitudePrune, model: nn.Module,
                   sparsity: float) -> dict[str, torch.Tensor]:
     layers = cfg.selected(model)
-    weights = [m.weight.detach() for m in layers.values()]  # type: ignore[union-attr]
+    weights = [_weight(m).detach() for m in layers.values()]
     floors = [floor_keep(w.numel(), cfg.floor, cfg.min_weights) for w in weights]
     scores = [w.abs() for w in weights]
     try:

@@ -15,8 +15,8 @@ from torch import nn
 from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import DataError, RecipeError
-from netpress.recover.losses import cosine_loss, distillation_loss, feature_mse
 from netpress.recover.loop import TrainConfig, train
+from netpress.recover.losses import cosine_loss, distillation_loss, feature_mse
 from netpress.registry import register
 
 __all__ = ["FineTune", "Distill", "DISTILL_LOSSES"]

@@ -124,7 +124,8 @@ def to_markdown(r: Mapping[str, Any]) -> str:
         lines += ["", "## Steps", ""]
         for s in steps:
             info = {k: v for k, v in s.items() if k not in ("step", "per_layer_sparsity")}
-            lines.append(f"- **{s.get('step')}**: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+            detail = ", ".join(f"{k}={v}" for k, v in info.items())
+            lines.append(f"- **{s.get('step')}**: {detail}")
     if r.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(r["recipe"], indent=2), "```"]
     return "\n".join(lines) + "\n"

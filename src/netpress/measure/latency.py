@@ -1,0 +1,132 @@
+"""How long a forward pass takes, at fixed batch sizes and a fixed thread count."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import Inputs, move_to, repeat_to_batch
+from netpress.errors import DataError
+from netpress.measure.collect import evaluating, model_device, run_checked
+
+__all__ = ["LatencyStats", "measure_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock time of one forward pass, over ``repeats`` timed runs."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    repeats: int
+    batch_size: int
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _summarise(times_s: list[float], batch_size: int, threads: int) -> LatencyStats:
+    ms = torch.tensor(times_s, dtype=torch.float64) * 1000.0
+    return LatencyStats(
+        median_ms=float(torch.quantile(ms, 0.5)),
+        p10_ms=float(torch.quantile(ms, 0.1)),
+        p90_ms=float(torch.quantile(ms, 0.9)),
+        mean_ms=float(ms.mean()),
+        repeats=len(times_s),
+        batch_size=batch_size,
+        threads=threads,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_runs(
+    model: nn.Module, inputs: Any, device: torch.device, warmup: int, repeats: int,
+    min_time_s: float,
+) -> list[float]:
+    """Seconds per run: at least ``repeats`` runs and at least ``min_time_s`` in total."""
+    for _ in range(warmup):
+        run_checked(model, inputs, "the example inputs")
+    _sync(device)
+    times: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(times) < repeats or sum(times) < min_time_s:
+            start = time.perf_counter()
+            run_checked(model, inputs, "the example inputs")
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def _batch_of(example_inputs: Inputs, size: int) -> Any:
+    try:
+        return repeat_to_batch(example_inputs, size)
+    except TypeError as exc:
+        raise DataError(
+            f"cannot build a batch of {size} from the example inputs: {exc}; pass example "
+            f"inputs with a leading batch dimension"
+        ) from exc
+
+
+def _check_args(batch_sizes: tuple[int, ...], threads: int, warmup: int, repeats: int) -> None:
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise DataError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
+    if threads < 1:
+        raise DataError(f"threads must be at least 1, got {threads}")
+    if warmup < 0 or repeats < 1:
+        raise DataError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, "
+                        f"repeats={repeats}")
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    batch_sizes: Iterable[int] = (1, 32),
+    threads: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    min_time_s: float = 0.0,
+) -> dict[int, LatencyStats]:
+    """Latency of ``model`` at each batch size, keyed by batch size.
+
+    Batch-``N`` inputs are built from ``example_inputs`` with
+    :func:`~netpress._inputs.repeat_to_batch`. The model runs in eval mode under
+    ``torch.inference_mode()`` on its own device with ``torch.set_num_threads(threads)``;
+    the previous thread count and training flags are restored afterwards. After ``warmup``
+    untimed runs, runs are timed with ``time.perf_counter`` (garbage collection paused)
+    until there are ``repeats`` of them and they total at least ``min_time_s`` seconds.
+    """
+    sizes = tuple(int(b) for b in batch_sizes)
+    _check_args(sizes, threads, warmup, repeats)
+    device = model_device(model)
+    previous_threads = torch.get_num_threads()
+    results: dict[int, LatencyStats] = {}
+    try:
+        torch.set_num_threads(threads)
+        with evaluating(model), torch.inference_mode():
+            for size in sizes:
+                inputs = move_to(_batch_of(example_inputs, size), device)
+                times = _time_runs(model, inputs, device, warmup, repeats, min_time_s)
+                results[size] = _summarise(times, size, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results

@@ -67,10 +67,15 @@ def run_one(method: str, sparsity: float, recover: bool, ref: nn.Module, train: 
     if method == "netpress-layerwise":
         recipe = [npr.LayerwiseMagnitudePrune(sparsity=sparsity)] + steps
         return npr.compress(ref, recipe, train=train, measure=False).model
-    m = torch_global(ref, sparsity)
-    if recover:  # train through torch's masks (weight_orig * mask), then make them permanent
-        m = npr.compress(m, steps, train=train, measure=False).model
-    return torch_finalize(m)
+    m = torch_finalize(torch_global(ref, sparsity))
+    if recover:
+        # Keep torch's exact masks during recovery: pruning each layer by magnitude to the
+        # sparsity torch gave it selects exactly the zeros torch left.
+        per_layer = {n: float((mod.weight == 0).float().mean()) for n, mod in m.named_modules()
+                     if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        keep = npr.LayerwiseMagnitudePrune(sparsity=0.0, per_layer=per_layer)
+        m = npr.compress(m, [keep, *steps], train=train, reference=ref, measure=False).model
+    return m
 
 
 def layer_density(model: nn.Module) -> float:

@@ -140,3 +140,22 @@ def test_save_and_load_round_trip(tmp_path):
     x = torch.randn(5, 1, 8, 8)
     with torch.inference_mode():
         assert torch.equal(loaded(x), res.model(x))
+
+
+def test_torch_prune_reparametrised_model_gets_a_clear_error():
+    from torch.nn.utils import prune
+
+    model = TinyCNN()
+    prune.l1_unstructured(model.conv2, "weight", amount=0.5)
+    with pytest.raises(npr.ModelError, match="prune.remove"):
+        npr.compress(model, [npr.GlobalMagnitudePrune()], measure=False)
+
+
+def test_reference_can_differ_from_the_model():
+    original = TinyCNN()
+    pruned = npr.compress(original, [npr.GlobalMagnitudePrune(sparsity=0.9)], measure=False).model
+    data = toy_batches(model=original)
+    res = npr.compress(pruned, [npr.Distill(max_steps=2)], train=data, evaluate=data,
+                       reference=original, latency_batch_size=2)
+    assert res.report["reference"]["accuracy"] == 1.0  # labels come from the original
+    assert state_equal(res.reference, original)

@@ -76,6 +76,18 @@ def _validate_recipe(recipe: Recipe, given: dict[str, Any]) -> None:
                               f"steps after it; add FineTune or Distill after it")
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "deepcopy" not in str(exc):
+            raise
+        raise ModelError(
+            "the model cannot be copied: it holds computed weights (torch.nn.utils.prune or "
+            "weight_norm reparametrisation). Make them permanent first (prune.remove / "
+            "remove_weight_norm), or pass inplace=True") from exc
+
+
 def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -92,6 +104,7 @@ def compress(
     calibration: Data | None = None,
     train: Data | None = None,
     evaluate: Data | None = None,
+    reference: nn.Module | None = None,
     task: Any = None,
     device: str | torch.device | None = None,
     seed: int = 0,
@@ -109,7 +122,9 @@ def compress(
     keyword inputs) is used for MACs, latency and graph capture; it defaults to one row of the
     first available batch. ``task`` replaces the default classification metrics (a
     :class:`netpress.measure.Task` or a callable ``(ref_out, cmp_out, labels) -> dict``).
-    Runs are deterministic for a given ``seed``.
+    ``reference`` is the model to stay faithful to (the distillation teacher and the
+    report's baseline); it defaults to ``model`` itself, and differs when ``model`` was
+    already compressed elsewhere. Runs are deterministic for a given ``seed``.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"compress() takes an nn.Module, got {type(model).__name__}")
@@ -119,7 +134,7 @@ def compress(
     _validate_recipe(recipe, given)
     check_finite(model)
     dev = _device_of(model, device)
-    reference = copy.deepcopy(model).to(dev).eval()
+    reference = _copy(model if reference is None else reference).to(dev).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     for name, value in data.items():
@@ -129,7 +144,7 @@ def compress(
         source = next((v for v in (evaluate, calibration, train) if v is not None), None)
         if source is not None:
             example_inputs = take_batch(first_batch(source, name="data")[0], 1)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy(model)
     work.to(dev)
     ctx = Context(reference=reference, device=dev, example_inputs=example_inputs,
                   calibration=calibration, train=train, evaluate=evaluate, seed=seed,

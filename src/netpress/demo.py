@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netpress._progress import progress_bar, progress_enabled
 from netpress.api import CompressionResult, compress, load
 from netpress.config import Recipe
 from netpress.prune.unstructured import GlobalMagnitudePrune
@@ -31,9 +32,10 @@ def default_recipe(sparsity: float = 0.85) -> Recipe:
 
 
 def train_classifier(model: nn.Module, loader: Any, *, epochs: int, lr: float = 2e-3,
-                     seed: int = 0) -> nn.Module:
+                     seed: int = 0, progress: bool = False) -> nn.Module:
     """Plain cross-entropy training (Adam, cosine schedule): the demo's reference model."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), \
+            progress_bar(epochs * len(loader), "training the reference", progress) as advance:
         torch.manual_seed(seed)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
@@ -41,9 +43,11 @@ def train_classifier(model: nn.Module, loader: Any, *, epochs: int, lr: float = 
         for _ in range(epochs):
             for x, y in loader:
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
                 opt.step()
                 sched.step()
+                advance(loss=loss.item())
     return model.eval()
 
 
@@ -65,7 +69,8 @@ def run_demo(out: str | Path | None = None, *, sparsity: float = 0.85, seed: int
     train_loader = loader(train_set, batch_size=64, shuffle=True, seed=seed)
     test_loader = loader(test_set, batch_size=256)
     torch.manual_seed(seed)
-    model = train_classifier(DigitsCNN(), train_loader, epochs=30, seed=seed)
+    model = train_classifier(DigitsCNN(), train_loader, epochs=30, seed=seed,
+                             progress=progress_enabled(progress))
     console.print(f"[bold]netpress demo[/]: trained the reference DigitsCNN on scikit-learn "
                   f"digits ({len(train_set)} train / {len(test_set)} test) in "
                   f"{time.perf_counter() - t0:.1f}s")

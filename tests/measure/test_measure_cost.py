@@ -128,3 +128,19 @@ def test_quantized_layers_are_counted_analytically() -> None:
     assert count_macs(quantized, x) == 64  # the counter itself sees no FLOPs in int8 kernels
     assert count_sparse_macs(quantized, x) == 32
     assert layer_macs(quantized, torch.randn(2, 16)) == {"1": 128}
+
+
+def test_interleaved_latency_times_every_model_and_restores_threads():
+    import torch
+    from torch import nn
+
+    from netpress.measure import measure_latency_interleaved
+
+    a, b = nn.Linear(16, 4), nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 4))
+    before = torch.get_num_threads()
+    ra, rb = measure_latency_interleaved([a, b], torch.randn(1, 16), batch_sizes=(1, 8),
+                                         repeats=10, rounds=5, warmup=1)
+    assert torch.get_num_threads() == before
+    assert set(ra) == set(rb) == {1, 8}
+    assert ra[8].repeats == rb[8].repeats == 10
+    assert ra[1].median_ms > 0 and rb[1].median_ms > 0

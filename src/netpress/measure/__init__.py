@@ -21,7 +21,7 @@ from netpress.measure.fidelity import (
     prediction_matrix,
     predictions,
 )
-from netpress.measure.latency import LatencyStats, measure_latency
+from netpress.measure.latency import LatencyStats, measure_latency, measure_latency_interleaved
 from netpress.measure.macs import count_macs, count_sparse_macs, layer_macs
 from netpress.measure.size import (
     file_bytes,
@@ -57,6 +57,7 @@ __all__ = [
     "layer_macs",
     "mean_kl",
     "measure_latency",
+    "measure_latency_interleaved",
     "nonzero_parameter_count",
     "parameter_count",
     "prediction_matrix",

@@ -11,7 +11,7 @@ from torch import nn
 
 from netpress._inputs import Inputs, take_batch
 from netpress.measure.collect import collect_many
-from netpress.measure.latency import LatencyStats, measure_latency
+from netpress.measure.latency import LatencyStats, measure_latency_interleaved
 from netpress.measure.macs import count_macs, count_sparse_macs
 from netpress.measure.size import nonzero_parameter_count, parameter_count, state_dict_bytes
 from netpress.measure.tasks import Task, TaskFn, as_task
@@ -86,10 +86,9 @@ def _latency_section(
     reference: nn.Module, compressed: nn.Module, inputs: Inputs,
     batch_sizes: tuple[int, ...], threads: int, repeats: int,
 ) -> dict[str, Any]:
-    ref = measure_latency(reference, inputs, batch_sizes=batch_sizes, threads=threads,
-                          repeats=repeats)
-    cmp = measure_latency(compressed, inputs, batch_sizes=batch_sizes, threads=threads,
-                          repeats=repeats)
+    ref, cmp = measure_latency_interleaved([reference, compressed], inputs,
+                                           batch_sizes=batch_sizes, threads=threads,
+                                           repeats=repeats)
     small, large = min(batch_sizes), max(batch_sizes)
     return {
         "threads": threads,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from netpress._inputs import Inputs, move_to, repeat_to_batch
 from netpress.errors import DataError
 from netpress.measure.collect import evaluating, model_device, run_checked
 
-__all__ = ["LatencyStats", "measure_latency"]
+__all__ = ["LatencyStats", "measure_latency", "measure_latency_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,51 @@ def measure_latency(
                 inputs = move_to(_batch_of(example_inputs, size), device)
                 times = _time_runs(model, inputs, device, warmup, repeats, min_time_s)
                 results[size] = _summarise(times, size, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return results
+
+
+def measure_latency_interleaved(
+    models: Sequence[nn.Module],
+    example_inputs: Inputs,
+    *,
+    batch_sizes: Iterable[int] = (1, 32),
+    threads: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    rounds: int = 5,
+) -> list[dict[int, LatencyStats]]:
+    """Latency of several models measured in alternating rounds, for a fair comparison.
+
+    Timing one model fully and then the other lets drift (frequency scaling, caches, other
+    load) masquerade as a speed difference. Here each batch size is timed in ``rounds``
+    rounds, and every round times each model for ``repeats / rounds`` runs in turn; the
+    statistics pool all runs of a model. Returns one dict per model, keyed by batch size.
+    """
+    sizes = tuple(int(b) for b in batch_sizes)
+    _check_args(sizes, threads, warmup, repeats)
+    rounds = max(1, min(rounds, repeats))
+    per_round = -(-repeats // rounds)
+    previous_threads = torch.get_num_threads()
+    results: list[dict[int, LatencyStats]] = [{} for _ in models]
+    try:
+        torch.set_num_threads(threads)
+        with ExitStack() as stack:
+            for m in models:
+                stack.enter_context(evaluating(m))
+            stack.enter_context(torch.inference_mode())
+            for size in sizes:
+                batch = _batch_of(example_inputs, size)
+                placed = [(m, model_device(m)) for m in models]
+                inputs = [move_to(batch, dev) for _, dev in placed]
+                times: list[list[float]] = [[] for _ in models]
+                for r in range(rounds):
+                    for i, (m, dev) in enumerate(placed):
+                        times[i] += _time_runs(m, inputs[i], dev, warmup if r == 0 else 1,
+                                               per_round, 0.0)
+                for i in range(len(models)):
+                    results[i][size] = _summarise(times[i], size, threads)
     finally:
         torch.set_num_threads(previous_threads)
     return results

@@ -39,13 +39,19 @@ class CompressionResult:
     report: Report
     recipe: Recipe
     reference: nn.Module
+    example_inputs: Any = None
 
     def save(self, path: str | Path) -> int:
-        """Write the compressed artefact (``.npress``); returns the bytes written."""
+        """Write the compressed artefact (``.npress``); returns the bytes written.
+
+        With example inputs known, the stored graph is verified to reproduce the model's
+        outputs before anything is written.
+        """
         from netpress.export import save_artefact
 
         return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
-                             metadata={"report": self.report.summary()})
+                             metadata={"report": self.report.summary()},
+                             example_inputs=self.example_inputs)
 
     def save_report(self, directory: str | Path) -> Path:
         """Write ``report.json`` and ``report.md`` into ``directory``; returns the JSON path."""
@@ -155,7 +161,8 @@ def compress(
     report = Report.build(reference, work, recipe=recipe, ctx=ctx, task=task, measure=measure,
                           latency_batch_size=latency_batch_size, threads=threads,
                           compress_seconds=elapsed)
-    return CompressionResult(model=work, report=report, recipe=recipe, reference=reference)
+    return CompressionResult(model=work, report=report, recipe=recipe, reference=reference,
+                             example_inputs=example_inputs)
 
 
 def _run_steps(model: nn.Module, recipe: Recipe, ctx: Context) -> nn.Module:

@@ -95,7 +95,9 @@ class Context:
             if param.shape != mask.shape:
                 raise ModelError(f"mask for {name!r} has shape {tuple(mask.shape)} but the "
                                  f"parameter now has {tuple(param.shape)}")
-            param.mul_(mask.to(device=param.device, dtype=param.dtype))
+            # masked_fill_ writes +0.0 (mul_ would leave -0.0 on negative weights, which costs
+            # a sign bit per zero in the artefact).
+            param.masked_fill_(~mask.to(device=param.device), 0.0)
 
     def add_schedule(self, schedule: PruneSchedule) -> None:
         self.schedules.append(schedule)

@@ -43,3 +43,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover"})
+
+
+def __getattr__(name: str) -> object:
+    """Lazy access to subpackages (``npr.measure.EmbeddingTask``) without importing them early."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"netpress.{name}")
+    raise AttributeError(f"module 'netpress' has no attribute {name!r}")

@@ -75,11 +75,11 @@ def _validate_recipe(recipe: Recipe, given: dict[str, Any]) -> None:
             if given.get(need) is None:
                 raise DataError(f"recipe step {i} ({info.name}) needs `{need}=` data; pass it "
                                 f"to compress()")
-        if getattr(step, "schedule", "oneshot") != "oneshot" and \
-                not any(later.is_recovery for later in infos[i + 1:]):
-            raise RecipeError(f"recipe step {i} ({info.name}) uses schedule="
-                              f"{step.schedule!r}, which ramps over the recovery "
-                              f"steps after it; add FineTune or Distill after it")
+        schedule = getattr(step, "schedule", "oneshot")
+        if schedule != "oneshot" and not any(later.is_recovery for later in infos[i + 1:]):
+            raise RecipeError(f"recipe step {i} ({info.name}) uses schedule={schedule!r}, "
+                              f"which ramps over the recovery steps after it; add FineTune "
+                              f"or Distill after it")
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -17,6 +17,8 @@ from netpress.errors import (
     SelectionError,
 )
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
+from netpress.recover.label_preserving import LabelPreserve
+from netpress.recover.lc import LC
 from netpress.recover.methods import Distill, FineTune
 from netpress.registry import list_methods, register
 from netpress.report import Report
@@ -34,6 +36,8 @@ __all__ = [
     "LayerwiseMagnitudePrune",
     "FineTune",
     "Distill",
+    "LabelPreserve",
+    "LC",
     "NetpressError",
     "RecipeError",
     "SelectionError",

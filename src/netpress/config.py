@@ -126,6 +126,11 @@ def _coerce(value: Any, hint: Any) -> Any:
                 return coerced
         return value
     if isinstance(value, list) and (origin is tuple or hint is tuple):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
         return tuple(value)
     if isinstance(value, Mapping) and "type" in value and isinstance(hint, type) \
             and issubclass(hint, MethodConfig):

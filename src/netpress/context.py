@@ -7,6 +7,7 @@ and the masks that unstructured pruning keeps applied through recovery. It is cr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,12 @@ from netpress.data import Data
 from netpress.errors import DataError, ModelError
 from netpress.prune.masks import cubic_sparsity
 
-__all__ = ["Context", "PruneSchedule", "MaskFn"]
+__all__ = ["Context", "PruneSchedule", "MaskFn", "Projection"]
 
 MaskFn = Callable[[nn.Module, float], dict[str, torch.Tensor]]
+#: Projects a model's weights in place onto a method's compressed set (the C-step of L-C);
+#: returns the keep-masks it applied (empty when the method does not prune).
+Projection = Callable[[nn.Module], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -62,6 +66,17 @@ class Context:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     schedules: list[PruneSchedule] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    projections: dict[str, Projection] = field(default_factory=dict)
+
+    def fork(self, **changes: Any) -> Context:
+        """An independent copy for a trial run (own masks, ramps and records)."""
+        ramps = [dataclasses.replace(s) for s in self.schedules]
+        return dataclasses.replace(self, masks=dict(self.masks), schedules=ramps, records=[],
+                                   projections=dict(self.projections), **changes)
+
+    def add_projection(self, owner: str, projection: Projection) -> None:
+        """Register how to project weights onto ``owner``'s compressed set."""
+        self.projections[owner] = projection
 
     def require(self, name: str, by: str) -> Any:
         """The data argument ``name`` (train, calibration, evaluate, example_inputs) or an error."""

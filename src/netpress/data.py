@@ -17,7 +17,8 @@ from torch import nn
 from netpress._inputs import call_model, move_to, primary_output
 from netpress.errors import DataError
 
-__all__ = ["Data", "batches", "first_batch", "check_data", "split_batch"]
+__all__ = ["Data", "batches", "first_batch", "check_data", "split_batch", "split_batches",
+           "BatchSubset"]
 
 Data = Iterable[Any]
 
@@ -90,3 +91,24 @@ def _describe(inputs: Any) -> str:
     if isinstance(inputs, (tuple, list)):
         return "tuple (" + ", ".join(_describe(v) for v in inputs) + ")"
     return type(inputs).__name__
+
+
+class BatchSubset:
+    """A re-iterable view of the batches of ``data`` whose index passes ``keep``.
+
+    Used to hold out a validation split of the train data without copying it.
+    """
+
+    def __init__(self, data: Data, every: int, *, held_out: bool) -> None:
+        self.data, self.every, self.held_out = data, every, held_out
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            if (i % self.every == 0) == self.held_out:
+                yield batch
+
+
+def split_batches(data: Data, fraction: float) -> tuple[BatchSubset, BatchSubset]:
+    """``(train, validation)``: every ``round(1/fraction)``-th batch is held out."""
+    every = max(2, int(round(1.0 / fraction)))
+    return BatchSubset(data, every, held_out=False), BatchSubset(data, every, held_out=True)

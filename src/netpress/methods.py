@@ -1,4 +1,6 @@
 """Imports every built-in method module so its ``@register`` runs (an explicit list)."""
 
-from netpress.prune import unstructured  # noqa: F401
-from netpress.recover import methods  # noqa: F401
+from netpress.prune import unstructured
+from netpress.recover import label_preserving, lc, methods
+
+__all__ = ["label_preserving", "lc", "methods", "unstructured"]

@@ -105,16 +105,17 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def check_method_contract(config: Any, model: nn.Module, data: list[Any],
-                          seed: int = 0) -> dict[str, Any]:
+def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: int = 0,
+                          before: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Assert the method contract for ``config`` on ``model``; returns the compress result.
 
-    Raises ``AssertionError`` describing the first broken clause.
+    ``before`` holds steps the method needs ahead of it in a recipe (e.g. a compression step
+    for L-C). Raises ``AssertionError`` describing the first broken clause.
     """
     import netpress as npr
     from netpress.config import Recipe
 
-    recipe = Recipe((config,))
+    recipe = Recipe((*before, config))
     assert Recipe.from_json(recipe.to_json()) == recipe, "config does not round-trip via JSON"
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe, "config does not round-trip via YAML"
     original = copy.deepcopy(model)

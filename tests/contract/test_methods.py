@@ -11,7 +11,13 @@ EXAMPLES = {
     "LayerwiseMagnitudePrune": npr.LayerwiseMagnitudePrune(sparsity=0.5),
     "FineTune": npr.FineTune(max_steps=4, lr=1e-2),
     "Distill": npr.Distill(max_steps=4, lr=1e-2),
+    "LabelPreserve": npr.LabelPreserve(max_steps=4, lr=1e-2,
+                                       candidates=((1.0, 1.0, 0.0), (1.0, 1.0, 1.0))),
+    "LC": npr.LC(max_steps=4, iterations=2, lr=1e-2),
 }
+
+#: Methods that need a compression step before them in the recipe.
+NEEDS_COMPRESSION = {"LC"}
 
 
 def test_every_registered_method_has_an_example():
@@ -23,4 +29,5 @@ def test_every_registered_method_has_an_example():
 @pytest.mark.parametrize("method", list(EXAMPLES))
 def test_contract(method, model_name):
     model = toy_models()[model_name]
-    check_method_contract(EXAMPLES[method], model, toy_batches(model=model))
+    before = (npr.GlobalMagnitudePrune(sparsity=0.5),) if method in NEEDS_COMPRESSION else ()
+    check_method_contract(EXAMPLES[method], model, toy_batches(model=model), before=before)

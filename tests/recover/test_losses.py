@@ -30,3 +30,30 @@ def test_feature_losses():
     a = torch.randn(3, 7)
     assert feature_mse(a, a).item() == 0
     assert cosine_loss(a, 2 * a).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_margin_hinge_is_zero_when_the_reference_class_wins_by_the_margin():
+    from netpress.recover.losses import top1_margin_hinge
+
+    teacher = torch.tensor([[5.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    safe = torch.tensor([[4.0, 1.0, 2.0], [0.0, 9.0, 1.0]])
+    assert top1_margin_hinge(safe, teacher, margin=1.0).item() == 0.0
+    flipped = torch.tensor([[1.0, 3.0, 0.0], [0.0, 9.0, 1.0]])  # row 0: 1 - 3 = -2 -> 3
+    assert top1_margin_hinge(flipped, teacher, margin=1.0).item() == pytest.approx(1.5)
+
+
+def test_label_preserving_loss_combines_its_terms():
+    from netpress.recover.losses import (
+        label_preserving_loss,
+        reference_label_ce,
+        top1_margin_hinge,
+    )
+
+    s, t = torch.randn(8, 5), torch.randn(8, 5)
+    got = label_preserving_loss(s, t, ce_weight=0.5, kd_weight=2.0, margin_weight=3.0,
+                                temperature=2.0, margin=0.5)
+    want = (0.5 * reference_label_ce(s, t) + 2.0 * kd_kl(s, t, 2.0)
+            + 3.0 * top1_margin_hinge(s, t, 0.5))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert reference_label_ce(s, t).item() == pytest.approx(
+        F.cross_entropy(s, t.argmax(1)).item(), rel=1e-6)

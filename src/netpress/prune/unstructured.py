@@ -133,6 +133,15 @@ def _summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, Any]
 
 def _apply(model: nn.Module, cfg: _PruneCommon, ctx: Context, masks_at: MaskFn) -> nn.Module:
     """Prune now (one-shot) or hand a cubic ramp to the recovery that follows."""
+
+    def project(m: nn.Module) -> dict[str, torch.Tensor]:
+        masks = masks_at(m, 1.0)
+        with torch.no_grad():
+            for name, keep in masks.items():
+                m.get_parameter(name).masked_fill_(~keep, 0.0)
+        return masks
+
+    ctx.add_projection(cfg.type_name(), project)
     if cfg.schedule == "oneshot":
         masks = masks_at(model, 1.0)
         ctx.set_masks(model, masks)

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_kl", "distillation_loss", "feature_mse", "cosine_loss"]
+__all__ = [
+    "kd_kl",
+    "distillation_loss",
+    "feature_mse",
+    "cosine_loss",
+    "reference_label_ce",
+    "top1_margin_hinge",
+    "label_preserving_loss",
+]
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -47,3 +55,45 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``1 - cos`` between output rows (last dim), averaged: for embedding models."""
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def reference_label_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the labels the reference predicts (its top-1)."""
+    return F.cross_entropy(student.float(), teacher.argmax(-1))
+
+
+def top1_margin_hinge(student: torch.Tensor, teacher: torch.Tensor,
+                      margin: float = 1.0) -> torch.Tensor:
+    """Penalise inputs where the student's logit for the reference's top-1 class does not beat
+    every other logit by ``margin``: ``mean(relu(margin - (s[y_ref] - max_{j != y_ref} s[j])))``.
+
+    Zero once the student predicts the reference's class with a margin, so it pushes only on
+    the inputs at risk of a mismatch.
+    """
+    s = student.float()
+    ref = teacher.argmax(-1, keepdim=True)
+    own = s.gather(-1, ref).squeeze(-1)
+    others = s.scatter(-1, ref, float("-inf")).amax(-1)
+    return F.relu(margin - (own - others)).mean()
+
+
+def label_preserving_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    margin_weight: float = 1.0,
+    temperature: float = 4.0,
+    margin: float = 1.0,
+) -> torch.Tensor:
+    """The label-preserving objective: CE on the reference's labels + distillation + a hinge
+    on the reference's top-1 margin, weighted."""
+    loss = student.new_zeros((), dtype=torch.float32)
+    if ce_weight:
+        loss = loss + ce_weight * reference_label_ce(student, teacher)
+    if kd_weight:
+        loss = loss + kd_weight * kd_kl(student, teacher, temperature)
+    if margin_weight:
+        loss = loss + margin_weight * top1_margin_hinge(student, teacher, margin)
+    return loss

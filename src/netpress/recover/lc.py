@@ -62,13 +62,13 @@ class LC(TrainConfig):
             raise RecipeError(f"{n}: mu_final={self.mu_final!r} must be >= mu")
         if self.mu_growth is not None and not self.mu_growth >= 1.0:
             raise RecipeError(f"{n}: mu_growth={self.mu_growth!r} must be >= 1")
+        check_fraction(n, "alpha", self.alpha, hi_open=False)
 
     def growth(self) -> float:
         """The factor ``mu`` grows by after each L-C iteration."""
         if self.mu_growth is not None:
             return self.mu_growth
         return (self.mu_final / self.mu) ** (1.0 / max(1, self.iterations - 1))
-        check_fraction(n, "alpha", self.alpha, hi_open=False)
 
 
 def _project(ctx: Context, model: nn.Module) -> Tensors:

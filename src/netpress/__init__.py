@@ -16,8 +16,10 @@ from netpress.errors import (
     RecipeError,
     SelectionError,
 )
+from netpress.export.onnx import export_onnx
 from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
+from netpress.quant import QAT, Codebook, Quantize, WeightOnly
 from netpress.recover.label_preserving import LabelPreserve
 from netpress.recover.lc import LC
 from netpress.recover.methods import Distill, FineTune
@@ -39,6 +41,11 @@ __all__ = [
     "Distill",
     "LabelPreserve",
     "LC",
+    "Quantize",
+    "QAT",
+    "WeightOnly",
+    "Codebook",
+    "export_onnx",
     "MinAgreement",
     "MaxAccuracyDrop",
     "MaxClassAgreementDrop",

@@ -53,9 +53,10 @@ class CompressionResult:
                              metadata={"report": self.report.summary()},
                              example_inputs=self.example_inputs)
 
-    def save_report(self, directory: str | Path) -> Path:
-        """Write ``report.json`` and ``report.md`` into ``directory``; returns the JSON path."""
-        return self.report.write(directory)
+    def save_report(self, directory: str | Path, *, html: bool = True) -> Path:
+        """Write ``report.json``, ``report.md`` and (``html=True``) the self-contained
+        ``report.html`` with plots into ``directory``; returns the JSON path."""
+        return self.report.write(directory, html=html)
 
 
 def check_finite(model: nn.Module, *, what: str = "model") -> None:

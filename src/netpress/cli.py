@@ -14,6 +14,7 @@ EPILOG = """examples:
   netpress compress --model cifar_resnet56 --weights resnet56.th --recipe recipe.yaml \\
       --data cifar10:../shared/data/cifar10 --out out/
   netpress report out/
+  netpress export out/model.npress --onnx out/model.onnx --input-shape 1,3,32,32 --latency
   netpress methods
 """
 
@@ -26,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train a small CNN on scikit-learn digits, compress it, "
                        "and print the report (no download)")
-    d.add_argument("--out", type=Path, help="write report.json, report.md, recipe.yaml and "
-                   "model.npress here")
+    d.add_argument("--out", type=Path, help="write report.json, report.md, report.html, "
+                   "recipe.yaml and model.npress here")
     d.add_argument("--sparsity", type=float, default=0.85, help="global sparsity (default 0.85)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the report in DIR (or an artefact's summary)")
     r.add_argument("path", type=Path, help="a directory with report.json, or a .npress file")
     r.add_argument("--markdown", action="store_true", help="print markdown instead of a table")
+    r.add_argument("--html", type=Path, metavar="FILE", help="also write the HTML report "
+                   "(with plots) to FILE")
+
+    e = sub.add_parser("export", help="write a .npress artefact as ONNX (QDQ INT8 when "
+                       "quantized) and optionally time it in ONNX Runtime")
+    e.add_argument("artefact", type=Path, help="a .npress file")
+    e.add_argument("--onnx", required=True, type=Path, help="output .onnx path")
+    e.add_argument("--input-shape", required=True, help="one input's shape, batch first, "
+                   "e.g. 1,3,32,32")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--latency", action="store_true", help="measure ONNX Runtime latency")
+    e.add_argument("--threads", type=int, default=1)
 
     sub.add_parser("methods", help="list the compression methods")
     sub.add_parser("models", help="list the built-in model names")
@@ -89,7 +102,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     recipe.save(args.out / "recipe.yaml")
     result.save_report(args.out)
     result.report.print(console)
-    console.print(f"wrote {args.out}/model.npress ({size:,} bytes), report.json, report.md")
+    console.print(f"wrote {args.out}/model.npress ({size:,} bytes), report.json, report.md, "
+                  f"report.html")
     return 0
 
 
@@ -106,10 +120,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     report = Report.read(args.path)
+    if args.html:
+        args.html.write_text(report.to_html(), encoding="utf-8")
+        print(f"wrote {args.html}")
     if args.markdown:
         print(report.to_markdown())
     else:
         report.print()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from netpress.errors import DataError
+    from netpress.export.onnx import export_artefact, ort_latency
+
+    try:
+        shape = tuple(int(d) for d in args.input_shape.split(","))
+    except ValueError:
+        raise DataError(f"--input-shape {args.input_shape!r}: give integers separated by "
+                        f"commas, e.g. 1,3,32,32") from None
+    path = export_artefact(args.artefact, args.onnx, shape, opset=args.opset)
+    print(f"wrote {path}")
+    if args.latency:
+        for batch, stats in ort_latency(path, torch.zeros(shape), threads=args.threads).items():
+            print(f"batch {batch}: median {stats['median_ms']:.3f} ms, "
+                  f"{stats['throughput']:.1f} inputs/s ({args.threads} thread(s))")
     return 0
 
 
@@ -131,7 +168,7 @@ def _cmd_models(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "compress": _cmd_compress, "report": _cmd_report,
-            "methods": _cmd_methods, "models": _cmd_models}
+            "export": _cmd_export, "methods": _cmd_methods, "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,8 +55,8 @@ def run_demo(out: str | Path | None = None, *, sparsity: float = 0.85, seed: int
              progress: bool | None = None, console: Any = None) -> CompressionResult:
     """Train the digits CNN, compress it with :func:`default_recipe`, print and save the report.
 
-    With ``out``, writes ``report.json``, ``report.md``, ``recipe.yaml`` and ``model.npress``
-    there, and checks that the saved artefact loads back to the same outputs.
+    With ``out``, writes ``report.json``, ``report.md``, ``report.html``, ``recipe.yaml`` and
+    ``model.npress`` there, and checks that the saved artefact loads back to the same outputs.
     """
     from rich.console import Console
 
@@ -94,5 +94,6 @@ def _write_outputs(result: CompressionResult, out: Path, probe: torch.Tensor,
     reloaded = load(artefact)
     with torch.inference_mode():
         same = torch.equal(reloaded(probe), result.model(probe))
-    console.print(f"wrote {out}/report.json, report.md, recipe.yaml and model.npress "
+    console.print(f"wrote {out}/report.json, report.md, report.html, recipe.yaml and "
+                  f"model.npress "
                   f"({artefact.stat().st_size:,} bytes); reloaded outputs identical: {same}")

@@ -14,6 +14,10 @@ EXAMPLES = {
     "LabelPreserve": npr.LabelPreserve(max_steps=4, lr=1e-2,
                                        candidates=((1.0, 1.0, 0.0), (1.0, 1.0, 1.0))),
     "LC": npr.LC(max_steps=4, iterations=2, lr=1e-2),
+    "Quantize": npr.Quantize(),
+    "QAT": npr.QAT(max_steps=3, lr=1e-3),
+    "WeightOnly": npr.WeightOnly(bits=4),
+    "Codebook": npr.Codebook(bits=4),
 }
 
 #: Methods that need a compression step before them in the recipe.

@@ -76,3 +76,15 @@ def test_label_preserve_fixed_weights_skip_tuning(task):
     assert out.report["steps"][-1]["weights"] == {"ce": 1.0, "kd": 0.5, "margin": 2.0}
     with pytest.raises(npr.RecipeError, match="unknown weight key"):
         npr.LabelPreserve(weights={"hinge": 1.0})
+
+
+def test_range_regularization_shrinks_the_weight_range(task):
+    model, train, _ = task
+    plain = npr.compress(model, [npr.FineTune(max_steps=30, lr=1e-2)], train=train,
+                         measure=False).model
+    reg = npr.compress(model, [npr.FineTune(max_steps=30, lr=1e-2, range_reg="linf",
+                                            range_reg_strength=1.0)], train=train,
+                       measure=False).model
+    assert reg.fc1.weight.abs().max() < plain.fc1.weight.abs().max()
+    with pytest.raises(npr.RecipeError, match="range_reg='l3'"):
+        npr.Distill(range_reg="l3")

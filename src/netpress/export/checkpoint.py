@@ -414,6 +414,12 @@ def _from_graph(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
         raise ArtefactError(f"{where}: {exc}") from None
 
 
+def _load_builtin_types() -> None:
+    """Register netpress's own module types and tensor encodings (an explicit list, imported
+    only when an artefact is loaded so ``import netpress`` stays light)."""
+    import netpress.quant  # noqa: F401  (quantized layers + the packed_int encoding)
+
+
 def load_artefact(source: Source, *, model: nn.Module | None = None,
                   strict: bool = True) -> LoadedArtefact:
     """Load an artefact (a path or its bytes) into a working model, in eval mode on the CPU.
@@ -424,6 +430,7 @@ def load_artefact(source: Source, *, model: nn.Module | None = None,
     pruning) are rebuilt from the spec, and the tensors are loaded (``strict`` like
     ``load_state_dict``). Raises ArtefactError naming the file for any defect.
     """
+    _load_builtin_types()
     data, where = _read_source(source)
     header, payload = _split(data, where)
     tensors = _decode_all(header, _payload_arrays(header, payload, where), where)

@@ -32,6 +32,16 @@ from netpress.measure.fidelity import (
     predictions,
 )
 from netpress.measure.latency import LatencyStats, measure_latency, measure_latency_interleaved
+from netpress.measure.longtail import (
+    class_churn,
+    confidence_shift,
+    flipped_indices,
+    long_tail_summary,
+    mismatch_by_difficulty,
+    rank_correlation,
+    reference_loss,
+    reference_margin,
+)
 from netpress.measure.macs import count_macs, count_sparse_macs, layer_macs
 from netpress.measure.size import (
     file_bytes,
@@ -48,6 +58,14 @@ from netpress.measure.tasks import (
 )
 
 __all__ = [
+    "class_churn",
+    "confidence_shift",
+    "flipped_indices",
+    "long_tail_summary",
+    "mismatch_by_difficulty",
+    "rank_correlation",
+    "reference_loss",
+    "reference_margin",
     "Constraint",
     "ConstraintResult",
     "MaxAccuracyDrop",

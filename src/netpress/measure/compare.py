@@ -12,11 +12,21 @@ from torch import nn
 from netpress._inputs import Inputs, take_batch
 from netpress.measure.collect import collect_many
 from netpress.measure.latency import LatencyStats, measure_latency_interleaved
+from netpress.measure.longtail import (
+    Proxy,
+    class_churn,
+    confidence_shift,
+    flipped_indices,
+    long_tail_summary,
+)
 from netpress.measure.macs import count_macs, count_sparse_macs
 from netpress.measure.size import nonzero_parameter_count, parameter_count, state_dict_bytes
-from netpress.measure.tasks import Task, TaskFn, as_task
+from netpress.measure.tasks import ClassificationTask, Task, TaskFn, as_task
 
-__all__ = ["compare", "to_jsonable"]
+__all__ = ["MAX_FLIPPED_LISTED", "compare", "disagreement_sections", "to_jsonable"]
+
+#: ``fidelity.flipped`` lists at most this many flipped inputs (the first, in data order).
+MAX_FLIPPED_LISTED = 200
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -82,6 +92,35 @@ def _macs_section(reference: nn.Module, compressed: nn.Module, inputs: Inputs) -
     }
 
 
+def disagreement_sections(
+    ref_out: torch.Tensor, cmp_out: torch.Tensor, labels: torch.Tensor | None,
+    *, proxy: Proxy = "margin", max_listed: int = MAX_FLIPPED_LISTED,
+) -> dict[str, Any]:
+    """The classification report's ``long_tail``, ``confidence_shift``, ``class_churn`` and
+    ``flipped`` sections (see :mod:`netpress.measure.longtail`), JSON-ready.
+
+    ``flipped`` holds ``count`` and, for the first ``max_listed`` flipped inputs in data
+    order, their ``indices``, ``reference_pred``, ``compressed_pred`` and ``labels``
+    (``None`` without labels). ``proxy="loss"`` falls back to the margin without labels.
+    """
+    flips = flipped_indices(ref_out, cmp_out)
+    shown = flips[:max_listed]
+    ref_pred, cmp_pred = ref_out.argmax(-1).cpu(), cmp_out.argmax(-1).cpu()
+    used: Proxy = proxy if labels is not None else "margin"
+    return to_jsonable({
+        "long_tail": long_tail_summary(ref_out, cmp_out, labels, proxy=used),
+        "confidence_shift": confidence_shift(ref_out, cmp_out),
+        "class_churn": class_churn(ref_pred, cmp_pred, int(ref_out.shape[1])),
+        "flipped": {
+            "count": int(flips.numel()),
+            "indices": shown.tolist(),
+            "reference_pred": ref_pred[shown].tolist(),
+            "compressed_pred": cmp_pred[shown].tolist(),
+            "labels": None if labels is None else labels.reshape(-1).cpu()[shown].tolist(),
+        },
+    })
+
+
 def _latency_section(
     reference: nn.Module, compressed: nn.Module, inputs: Inputs,
     batch_sizes: tuple[int, ...], threads: int, repeats: int,
@@ -121,6 +160,7 @@ def compare(
     artefact_bytes: int | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    long_tail_proxy: Proxy = "margin",
 ) -> dict[str, Any]:
     """Fidelity, size, MACs and latency of ``compressed`` against ``reference``, JSON-ready.
 
@@ -134,6 +174,10 @@ def compare(
     ``latency_batch_sizes=()`` skips latency. ``artefact_bytes`` (the saved artefact's size)
     replaces the compressed model's ``state_dict`` size. Both models must be on ``device``
     for the data pass; MACs and latency run on each model's own device.
+
+    For a :class:`ClassificationTask`, ``fidelity`` also holds :func:`disagreement_sections`
+    (``long_tail`` with difficulty from ``long_tail_proxy``, ``confidence_shift``,
+    ``class_churn`` and ``flipped``, indices in data order).
     """
     task_obj = as_task(task)
     metrics: dict[str, Any] | None = None
@@ -144,6 +188,9 @@ def compare(
             progress=progress, description=f"evaluating ({task_obj.name})",
         )
         metrics = to_jsonable(task_obj.compare(ref_out, cmp_out, labels))
+        if isinstance(task_obj, ClassificationTask) and metrics is not None:
+            metrics.update(disagreement_sections(ref_out, cmp_out, labels,
+                                                 proxy=long_tail_proxy))
         data_info = {"n": int(ref_out.shape[0]), "labeled": labels is not None}
         if example_inputs is None:
             example_inputs = take_batch(first_inputs, 1)

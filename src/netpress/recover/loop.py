@@ -33,7 +33,12 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(MethodConfig):
-    """Settings shared by every recovery method (a base class, not a method)."""
+    """Settings shared by every recovery method (a base class, not a method).
+
+    ``range_reg`` adds ``range_reg_strength`` times an R² range regularizer (``linf``,
+    ``margin`` or ``soft_min_max``, see :mod:`netpress.recover.regularizers`) on the
+    Conv/Linear weights to the loss, making them friendlier to later quantization.
+    """
 
     epochs: float = 1.0
     max_steps: int | None = None
@@ -44,6 +49,8 @@ class TrainConfig(MethodConfig):
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
     grad_clip: float | None = None
+    range_reg: str | None = None
+    range_reg_strength: float = 1e-3
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -61,6 +68,14 @@ class TrainConfig(MethodConfig):
                               f"{LR_SCHEDULES}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise RecipeError(f"{n}: warmup_steps must be an int >= 0")
+        from netpress.recover.regularizers import REGULARIZERS
+
+        if self.range_reg is not None and self.range_reg not in REGULARIZERS:
+            raise RecipeError(f"{n}: range_reg={self.range_reg!r}; choose one of "
+                              f"{sorted(REGULARIZERS)} or null")
+        if not (isinstance(self.range_reg_strength, (int, float))
+                and self.range_reg_strength >= 0):
+            raise RecipeError(f"{n}: range_reg_strength must be a number >= 0")
 
 
 def _steps_per_epoch(data: Any) -> int:
@@ -99,6 +114,10 @@ def train(
     """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
     name = cfg.type_name()
     data = ctx.require("train", name)
+    if cfg.range_reg is not None:
+        from netpress.recover.regularizers import with_range_penalty
+
+        loss_fn = with_range_penalty(loss_fn, model, cfg.range_reg, cfg.range_reg_strength)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * _steps_per_epoch(data))))
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))

@@ -6,7 +6,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["headline", "rows", "to_markdown", "print_table"]
+__all__ = ["MAX_MARKDOWN_FLIPS", "headline", "rows", "to_markdown", "print_table"]
+
+#: ``report.md`` lists at most this many flipped inputs (``report.json`` keeps more).
+MAX_MARKDOWN_FLIPS = 50
 
 
 def _get(d: Mapping[str, Any], path: str) -> Any:
@@ -119,6 +122,7 @@ def to_markdown(r: Mapping[str, Any]) -> str:
                 for c in per_class]
         lines += _md_table(["class", "support", "agreement", "ref. accuracy",
                             "comp. accuracy"], body)
+    lines += _md_disagreement(r)
     steps = r.get("steps") or []
     if steps:
         lines += ["", "## Steps", ""]
@@ -129,6 +133,47 @@ def to_markdown(r: Mapping[str, Any]) -> str:
     if r.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(r["recipe"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _md_disagreement(r: Mapping[str, Any]) -> list[str]:
+    """Markdown for the long-tail, confidence-shift and flipped-input sections."""
+    lines: list[str] = []
+    lt = _get(r, "fidelity.long_tail")
+    if lt:
+        rho = lt.get("spearman")
+        bins = lt["bins"]
+        lines += ["", "## Long tail: mismatches vs difficulty", "",
+                  f"Difficulty proxy: **{lt.get('proxy')}** ({lt.get('difficulty')}); "
+                  f"Spearman ρ(difficulty, flipped) = "
+                  f"**{'n/a' if rho is None else f'{rho:+.3f}'}**.", ""]
+        body = [[str(i + 1), f"{lo:.4g} … {hi:.4g}", str(n), str(k), _pct(rate)]
+                for i, (lo, hi, n, k, rate) in enumerate(zip(
+                    bins["low"], bins["high"], bins["count"], bins["mismatches"],
+                    bins["rate"]))]
+        lines += _md_table(["bin (easiest first)", "difficulty", "inputs", "flipped",
+                            "mismatch rate"], body)
+    shift = _get(r, "fidelity.confidence_shift")
+    if shift:
+        lines += ["", "## Confidence shift", "",
+                  "Change in the probability of the reference's top-1 class "
+                  "(compressed minus reference).", ""]
+        lines += _md_table(["mean", "mean abs", "p05", "median", "p95", "less confident"],
+                           [[f"{shift['mean']:+.4f}", f"{shift['mean_abs']:.4f}",
+                             f"{shift['p05']:+.4f}", f"{shift['median']:+.4f}",
+                             f"{shift['p95']:+.4f}", _pct(shift["share_decreased"])]])
+    flipped = _get(r, "fidelity.flipped")
+    if flipped and flipped.get("count"):
+        idx = flipped["indices"][:MAX_MARKDOWN_FLIPS]
+        labels = flipped.get("labels") or [None] * len(idx)
+        shown = ", ".join(
+            f"{i} ({'' if y is None else f'label {y}: '}{a}→{b})"
+            for i, a, b, y in zip(idx, flipped["reference_pred"], flipped["compressed_pred"],
+                                  labels))
+        more = "" if len(idx) == flipped["count"] else f" (first {len(idx)} listed)"
+        lines += ["", f"## Flipped inputs: {flipped['count']}{more}", "",
+                  "Index in the evaluation data (reference → compressed prediction):", "",
+                  shown]
+    return lines
 
 
 def print_table(r: Mapping[str, Any], console: Any = None) -> None:

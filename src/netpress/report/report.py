@@ -34,18 +34,26 @@ class Report(Mapping[str, Any]):
 
     Keys include ``reference``, ``compressed``, ``agreement``, ``fidelity``, ``size``,
     ``macs``, ``latency``, ``recipe`` and ``steps``; sections that could not be measured
-    (no data given) are absent.
+    (no data given) are absent. ``thumbnails`` (not part of the mapping or of
+    ``report.json``) maps flipped input indices to PNG bytes for the HTML page.
     """
 
-    def __init__(self, data: Mapping[str, Any]) -> None:
+    def __init__(self, data: Mapping[str, Any],
+                 thumbnails: Mapping[int, bytes] | None = None) -> None:
         self._data = dict(data)
+        self.thumbnails: dict[int, bytes] = dict(thumbnails or {})
 
     @classmethod
     def build(cls, reference: nn.Module, compressed: nn.Module, *, recipe: Recipe,
               ctx: Context, task: Any = None, measure: bool = True,
               latency_batch_size: int = 32, threads: int = 1,
-              compress_seconds: float = 0.0) -> Report:
-        """Measure ``compressed`` against ``reference`` and assemble the report."""
+              compress_seconds: float = 0.0, thumbnails: bool = True) -> Report:
+        """Measure ``compressed`` against ``reference`` and assemble the report.
+
+        With ``thumbnails`` and image data, the first flipped evaluation inputs are kept as
+        PNG thumbnails for :meth:`to_html` (one more pass over ``ctx.evaluate``, stopping
+        after the last one needed).
+        """
         data: dict[str, Any] = {
             "netpress_version": netpress_version(),
             "recipe": recipe.to_dict(),
@@ -61,7 +69,13 @@ class Report(Mapping[str, Any]):
                 reference, compressed, data=ctx.evaluate, example_inputs=ctx.example_inputs,
                 task=task, device=ctx.device, latency_batch_sizes=(1, latency_batch_size),
                 threads=threads, artefact_bytes=artefact, progress=ctx.progress))
-        return cls(data)
+        thumbs: dict[int, bytes] = {}
+        flipped = (data.get("fidelity") or {}).get("flipped")
+        if thumbnails and flipped and flipped.get("indices") and ctx.evaluate is not None:
+            from netpress.report.html import thumbnails_for
+
+            thumbs = thumbnails_for(ctx.evaluate, flipped["indices"])
+        return cls(data, thumbs)
 
     # Mapping protocol -----------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
@@ -110,12 +124,26 @@ class Report(Mapping[str, Any]):
 
         print_table(self._data, console)
 
-    def write(self, directory: str | Path) -> Path:
-        """Write ``report.json`` and ``report.md`` atomically into ``directory``."""
+    def to_html(self, thumbnails: Mapping[int, bytes] | None = None) -> str:
+        """The report as one self-contained HTML page with plots (plots need matplotlib).
+
+        ``thumbnails`` (flipped input index → PNG bytes) defaults to :attr:`thumbnails`.
+        """
+        from netpress.report.html import to_html
+
+        return to_html(self._data, thumbnails=self.thumbnails if thumbnails is None
+                       else thumbnails)
+
+    def write(self, directory: str | Path, *, html: bool = True,
+              thumbnails: Mapping[int, bytes] | None = None) -> Path:
+        """Write ``report.json``, ``report.md`` and (``html``) ``report.html`` atomically
+        into ``directory``; returns the JSON path."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         _atomic_write(d / "report.json", self.to_json())
         _atomic_write(d / "report.md", self.to_markdown())
+        if html:
+            _atomic_write(d / "report.html", self.to_html(thumbnails))
         return d / "report.json"
 
 

@@ -1,0 +1,167 @@
+"""ONNX export with QDQ nodes, and ONNX Runtime helpers (latency, optimized op types).
+
+:func:`export_onnx` writes a model as ONNX. A model quantized by ``npr.Quantize`` exports
+with int8 per-channel weight initializers + ``DequantizeLinear`` and uint8
+``QuantizeLinear``/``DequantizeLinear`` pairs on activations, which ONNX Runtime fuses into
+integer kernels (QLinearConv, QGemm, QLinearAdd, ...); a float model exports as it is. The
+file is checked with ``onnx.checker`` before it is written, and written atomically.
+
+``onnx`` and ``onnxruntime`` are imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from netpress.errors import ModelError
+
+__all__ = ["export_onnx", "export_artefact", "ort_session", "ort_run", "ort_latency",
+           "optimized_op_types"]
+
+
+def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ModelError("export_onnx takes example_inputs as a tensor or a tuple of tensors "
+                     f"(got {type(example_inputs).__name__})")
+
+
+def _check_frozen(model: nn.Module) -> None:
+    from netpress.quant.modules import ActQuant
+
+    observing = [n for n, m in model.named_modules()
+                 if isinstance(m, ActQuant) and m.observer is not None]
+    if observing:
+        raise ModelError(f"activation quantizers {observing[:4]} are still calibrating; "
+                         "export the model that npr.Quantize returned")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
+                opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
+
+    ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes; with
+    ``dynamic_batch`` the first dimension of every input and output is left free.
+    """
+    import onnx
+
+    inputs = _as_tuple(example_inputs)
+    _check_frozen(model)
+    work = copy.deepcopy(model).eval()
+    for m in work.modules():
+        prepare = getattr(m, "prepare_export", None)
+        if callable(prepare):
+            prepare()
+    names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+    axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
+                              input_names=names, output_names=["output"], dynamic_axes=axes,
+                              do_constant_folding=True)
+        proto = onnx.load(tmp)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"the exported ONNX model fails onnx.checker: {exc}") from None
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def export_artefact(artefact: str | os.PathLike[str], path: str | os.PathLike[str],
+                    input_shape: Sequence[int], *, opset: int = 17) -> Path:
+    """Load a ``.npress`` artefact and write it as ONNX (the ``netpress export`` command).
+
+    ``input_shape`` is one input's shape, batch first (e.g. ``(1, 3, 32, 32)``).
+    """
+    import netpress.quant  # noqa: F401  (registers quantized module types and encodings)
+    from netpress.export.checkpoint import load_artefact
+
+    if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise ModelError(f"input shape {tuple(input_shape)!r} must be positive sizes, batch "
+                         "first")
+    model = load_artefact(os.fspath(artefact)).model
+    return export_onnx(model, path, torch.zeros(tuple(input_shape)), opset=opset)
+
+
+def ort_session(path: str | os.PathLike[str], *, threads: int = 1,
+                optimized_path: str | None = None) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_run(session: Any, *inputs: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Run ``session`` on positional inputs; the first output as a numpy array."""
+    feed = {i.name: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+            for i, x in zip(session.get_inputs(), inputs)}
+    out = session.run(None, feed)[0]
+    assert isinstance(out, np.ndarray)
+    return out
+
+
+def optimized_op_types(path: str | os.PathLike[str]) -> list[str]:
+    """The op types of the graph ONNX Runtime actually runs (after its optimizations)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        ort_session(path, optimized_path=out)
+        return [n.op_type for n in onnx.load(out).graph.node]
+
+
+def ort_latency(path: str | os.PathLike[str], example_input: torch.Tensor, *,
+                threads: int = 1, batch_sizes: Sequence[int] = (1, 64), warmup: int = 3,
+                repeats: int = 10) -> dict[int, dict[str, float]]:
+    """Median ONNX Runtime latency per batch size, with the thread count fixed.
+
+    Inputs are ``example_input``'s rows repeated to each batch size. Returns
+    ``{batch: {"median_ms": ..., "per_sample_ms": ..., "throughput": samples/s}}``.
+    """
+    session = ort_session(path, threads=threads)
+    row = example_input[:1].detach().cpu().numpy()
+    out: dict[int, dict[str, float]] = {}
+    for batch in batch_sizes:
+        x = np.ascontiguousarray(np.repeat(row, batch, axis=0))
+        for _ in range(warmup):
+            ort_run(session, x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ort_run(session, x)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        out[batch] = {"median_ms": median * 1e3, "per_sample_ms": median * 1e3 / batch,
+                      "throughput": batch / median}
+    return out

@@ -1,0 +1,254 @@
+"""Quantized layers: integer weights with their scales, and activation fake-quantizers.
+
+* :class:`QuantConv2d` / :class:`QuantLinear` hold their weight as integer codes
+  (``weight_q``, int8) with per-output-channel (or per-group) scales ``weight_scale``; the
+  forward pass dequantizes them and runs the float op, so outputs equal what an integer
+  runtime computes up to accumulation order. The artefact stores the codes, not floats.
+* :class:`ActQuant` fake-quantizes a tensor per tensor (uint8, asymmetric by default). While
+  ``observer`` is set it only watches the values (calibration); :meth:`ActQuant.freeze`
+  turns the statistics into ``scale``/``zero_point``.
+
+During ``torch.onnx.export`` the modules emit ``QuantizeLinear``/``DequantizeLinear``
+nodes (int8 weight initializers + DequantizeLinear, uint8 Q/DQ pairs on activations), which
+ONNX Runtime fuses into integer kernels. All three register with
+:func:`netpress.export.modules.register_module_type`, so artefacts save and load them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netpress.export.modules import register_module_type
+from netpress.quant.observers import Observer
+from netpress.quant.primitives import (
+    dequantize_affine,
+    fake_quantize,
+    qrange,
+    quantize_affine,
+)
+
+__all__ = ["ActQuant", "QuantWeight", "QuantConv2d", "QuantLinear", "QUANT_LAYERS",
+           "quantize_layer"]
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake quantization that exports as an ONNX QuantizeLinear + DequantizeLinear pair."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float, zero_point: int, qmin: int,
+                qmax: int) -> torch.Tensor:
+        # only traced by the ONNX exporter (the symbolic replaces it): shapes matter, not bits
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: float, zero_point: int, qmin: int, qmax: int) -> Any:
+        dtype = torch.uint8 if qmin >= 0 else torch.int8
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _DQWeight(torch.autograd.Function):
+    """Dequantize int8 per-channel weight codes; exports as DequantizeLinear(axis=0)."""
+
+    @staticmethod
+    def forward(ctx: Any, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize_affine(codes, scale, torch.zeros_like(scale, dtype=torch.int32),
+                                 axis=0)
+
+    @staticmethod
+    def symbolic(g: Any, codes: Any, scale: Any) -> Any:
+        channels = codes.type().sizes()[0]
+        z = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int8))
+        return g.op("DequantizeLinear", codes, scale, z, axis_i=0)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation fake-quantizer (observing while ``observer`` is set)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__()
+        qrange(bits, symmetric=symmetric)  # validates
+        self.bits, self.symmetric = bits, symmetric
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.observer: Observer | None = None
+        self.saw_float = False
+        self.export_qparams: tuple[float, int] | None = None  # set by export_onnx
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}"
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, symmetric=self.symmetric)
+
+    def forward(self, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        if self.observer is not None:
+            self.observer.update(x)
+            self.saw_float = True
+            return x
+        qmin, qmax = self.qrange
+        if torch.onnx.is_in_onnx_export():
+            if self.export_qparams is None:
+                raise RuntimeError("call prepare_export() before torch.onnx.export")
+            return _QDQ.apply(x, *self.export_qparams, qmin, qmax)
+        return fake_quantize(x, self.scale, self.zero_point, self.bits,
+                             symmetric=self.symmetric)
+
+    def prepare_export(self) -> None:
+        """Cache the qparams as Python numbers (the ONNX tracer cannot read buffers as such)."""
+        self.export_qparams = (float(self.scale), int(self.zero_point))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Set ``scale``/``zero_point`` from the observer and stop observing."""
+        if self.observer is None:
+            return
+        scale, zp = self.observer.qparams(self.bits, symmetric=self.symmetric)
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zp.reshape(()))
+        self.observer = None
+
+
+class QuantWeight(nn.Module):
+    """Shared parts of the quantized layers: int8 codes, scales, float bias."""
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def _init_weight(self, shape: tuple[int, ...], bits: int, bias: bool) -> None:
+        qrange(bits, symmetric=True)
+        self.bits = bits
+        self.register_buffer("weight_q", torch.zeros(shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(shape[0], dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(shape[0])) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Quantize the float ``weight`` with per-channel ``scale`` into ``weight_q``."""
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+        self.weight_q.copy_(quantize_affine(weight.float(), scale, zp, self.bits,
+                                            symmetric=True, axis=0))
+        self.weight_scale.copy_(scale)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            out = _DQWeight.apply(self.weight_q, self.weight_scale)
+            assert isinstance(out, torch.Tensor)
+            return out
+        zp = torch.zeros_like(self.weight_scale, dtype=torch.int32)
+        return dequantize_affine(self.weight_q, self.weight_scale, zp, axis=0)
+
+
+class QuantConv2d(QuantWeight):
+    """A Conv2d whose weight is int8 codes times a per-output-channel scale."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] | str = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True,
+                 bits: int = 8) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
+        self.dilation, self.groups = dilation, groups
+        kh, kw = self.kernel_size
+        self._init_weight((out_channels, in_channels // groups, kh, kw), bits, bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, bits={self.bits}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int) -> QuantConv2d:
+        assert conv.padding_mode == "zeros"
+        ks = conv.kernel_size
+        assert len(ks) == 2
+        q = cls(conv.in_channels, conv.out_channels, (ks[0], ks[1]),
+                stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
+                dilation=conv.dilation, groups=conv.groups,  # type: ignore[arg-type]
+                bias=conv.bias is not None, bits=bits)
+        return q.to(conv.weight.device)
+
+
+class QuantLinear(QuantWeight):
+    """A Linear whose weight is int8 codes times a per-output-channel scale."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bits: int = 8) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight((out_features, in_features), bits, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                bits=bits)
+        return q.to(linear.weight.device)
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
+    nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+"""Float layer type -> its quantized counterpart (exact types)."""
+
+
+def quantize_layer(layer: nn.Module, bits: int, scale: torch.Tensor) -> QuantWeight:
+    """The quantized counterpart of ``layer`` with weights quantized by ``scale``."""
+    q: QuantWeight
+    if isinstance(layer, nn.Conv2d):
+        q = QuantConv2d.from_float(layer, bits)
+    elif isinstance(layer, nn.Linear):
+        q = QuantLinear.from_float(layer, bits)
+    else:
+        raise TypeError(f"cannot quantize a {type(layer).__name__}")
+    q.set_weight(layer.weight.detach(), scale)
+    if layer.bias is not None and q.bias is not None:
+        with torch.no_grad():
+            q.bias.copy_(layer.bias.detach())
+    return q
+
+
+def _conv_spec(m: nn.Module) -> dict[str, Any]:
+    assert isinstance(m, QuantConv2d)
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+            "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None,
+            "bits": m.bits}
+
+
+def _linear_spec(m: nn.Module) -> dict[str, Any]:
+    assert isinstance(m, QuantLinear)
+    return {"in_features": m.in_features, "out_features": m.out_features,
+            "bias": m.bias is not None, "bits": m.bits}
+
+
+def _act_spec(m: nn.Module) -> dict[str, Any] | None:
+    assert isinstance(m, ActQuant)
+    return None if m.observer is not None else {"bits": m.bits, "symmetric": m.symmetric}
+
+
+register_module_type(QuantConv2d, _conv_spec, QuantConv2d, name="netpress.QuantConv2d")
+register_module_type(QuantLinear, _linear_spec, QuantLinear, name="netpress.QuantLinear")
+register_module_type(ActQuant, _act_spec, ActQuant, name="netpress.ActQuant")

@@ -18,6 +18,7 @@ from netpress.errors import (
 )
 from netpress.export.onnx import export_onnx
 from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
+from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
 from netpress.recover.label_preserving import LabelPreserve
@@ -37,6 +38,7 @@ __all__ = [
     "list_methods",
     "GlobalMagnitudePrune",
     "LayerwiseMagnitudePrune",
+    "StructuredPrune",
     "FineTune",
     "Distill",
     "LabelPreserve",

@@ -14,6 +14,7 @@ EXAMPLES = {
     "LabelPreserve": npr.LabelPreserve(max_steps=4, lr=1e-2,
                                        candidates=((1.0, 1.0, 0.0), (1.0, 1.0, 1.0))),
     "LC": npr.LC(max_steps=4, iterations=2, lr=1e-2),
+    "StructuredPrune": npr.StructuredPrune(macs=0.5, round_to=1),
     "Quantize": npr.Quantize(),
     "QAT": npr.QAT(max_steps=3, lr=1e-3),
     "WeightOnly": npr.WeightOnly(bits=4),

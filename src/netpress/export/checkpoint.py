@@ -123,7 +123,10 @@ def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 def _architecture(model: nn.Module, state: Mapping[str, torch.Tensor],
                   example_inputs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    arch: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    from netpress.prune.surgery import size_attributes
+
+    arch: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                            "attributes": size_attributes(model)}
     with eval_mode(model):
         arch["modules"] = leaf_specs(model)
         try:
@@ -386,6 +389,12 @@ def _into_template(template: nn.Module, header: Mapping[str, Any],
     if missing:
         raise ArtefactError(f"{where} is inconsistent: state_dict tensors {missing[:5]} are "
                             "not stored")
+    # Layers without a rebuildable spec (e.g. transformers' Conv1D) and head-count attributes
+    # follow the stored shapes; standard layers were rebuilt from their specs above.
+    from netpress.prune.surgery import reshape_template
+
+    reshape_template(model, {k: tuple(tensors[k].shape) for k in header["state_dict"]},
+                     header["architecture"].get("attributes"))
     try:
         model.load_state_dict({k: tensors[k] for k in header["state_dict"]}, strict=strict,
                               assign=True)

@@ -1,0 +1,130 @@
+"""Plumbing between the channel graph and :mod:`.importance`: slices, gradients, data."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netpress._inputs import call_model, move_to, primary_output
+from netpress.context import Context
+from netpress.errors import DataError
+from netpress.graph import ChannelGraph
+from netpress.prune.importance import DATA_CRITERIA, hutchinson_diagonal, unit_scores
+
+if TYPE_CHECKING:
+    from netpress.prune.structured import StructuredPrune
+
+__all__ = ["group_scores", "unit_rows"]
+
+
+def unit_rows(t: torch.Tensor, dim: int, positions: list[np.ndarray]) -> torch.Tensor:
+    """A (units x elements) matrix: unit ``u``'s slice of ``t`` along ``dim``, flattened.
+
+    Units of unequal extent are zero-padded (which leaves sums and norms unchanged).
+    """
+    moved = t.detach().movedim(dim, 0)
+    lens = {len(p) for p in positions}
+    if len(lens) == 1:
+        idx = torch.from_numpy(np.concatenate(positions)).to(moved.device)
+        return moved.index_select(0, idx).reshape(len(positions), -1)
+    rows = [moved.index_select(0, torch.from_numpy(p).to(moved.device)).reshape(-1)
+            for p in positions]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+def _batches(ctx: Context, limit: int) -> Iterator[tuple[Any, Any]]:
+    source = ctx.calibration if ctx.calibration is not None else ctx.train
+    if source is None:
+        raise DataError("StructuredPrune needs `calibration=` (or `train=`) data for a "
+                        "data-driven importance; pass it to compress()")
+    for i, batch in enumerate(source):
+        if i >= limit:
+            break
+        yield batch[0], batch[1]
+
+
+def _loss(model: nn.Module, inputs: Any, labels: Any, device: torch.device) -> torch.Tensor:
+    out = primary_output(call_model(model, move_to(inputs, device)))
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \
+            or out.dim() != 2 or labels.shape[:1] != out.shape[:1]:
+        raise DataError("StructuredPrune(importance='taylor'/'hessian') needs batches of "
+                        "(inputs, class labels) for a classifier; use a data-free importance "
+                        "(l1, l2, bn_scale) for other models")
+    return F.cross_entropy(out.float(), labels.to(device).long())
+
+
+def _derivatives(model: nn.Module, params: list[nn.Parameter], cfg: StructuredPrune,
+                 ctx: Context) -> list[torch.Tensor]:
+    """Summed gradients (taylor) or the Hutchinson Hessian diagonal (hessian) per param."""
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(ctx.seed)
+    device = params[0].device
+    autocast = torch.autocast(device.type, dtype=torch.float16) if cfg.fp16 \
+        else contextlib.nullcontext()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for inputs, labels in _batches(ctx, cfg.calibration_batches):
+            with torch.enable_grad():
+                with autocast:
+                    loss = _loss(model, inputs, labels, device)
+                if cfg.importance == "taylor":
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    parts = [torch.zeros_like(p) if g is None else g
+                             for p, g in zip(params, grads)]
+                else:
+                    parts = hutchinson_diagonal(loss, params, cfg.hessian_samples, gen)
+            for a, g in zip(acc, parts):
+                a.add_(g.detach().float())
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return acc
+
+
+def group_scores(model: nn.Module, graph: ChannelGraph, cfg: StructuredPrune,
+                 ctx: Context | None) -> list[np.ndarray]:
+    """One importance score per unit of each group (group-normalised, see importance).
+
+    Weights count, biases and buffers (BN statistics) do not: a bias's size says little
+    about what the channel contributes. A group of biases only scores all ones.
+    """
+    biases = {pid for pid, owners in graph.trace.owners.items()
+              if all(attr == "bias" for _, attr in owners)}
+    keys = {k for g in graph.groups for k in g.slices
+            if isinstance(graph.param(k[0]), nn.Parameter) and k[0] not in biases}
+    derived: dict[int, torch.Tensor] = {}
+    if cfg.importance in DATA_CRITERIA:
+        if ctx is None:
+            raise DataError(f"importance={cfg.importance!r} needs calibration data")
+        pids = sorted({k[0] for k in keys})
+        params = [graph.param(pid) for pid in pids]
+        derived = dict(zip(pids, _derivatives(model, params, cfg, ctx)))  # type: ignore[arg-type]
+    bn_weights = {id(m.weight) for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None}
+    out = []
+    for g in graph.groups:
+        rows, extra, is_bn = [], [], []
+        for key, positions in g.slices.items():
+            if key not in keys:
+                continue
+            rows.append(unit_rows(graph.param(key[0]), key[1], positions))
+            d = derived.get(key[0])
+            extra.append(None if d is None else unit_rows(d, key[1], positions))
+            is_bn.append(key[0] in bn_weights)
+        if not rows:  # only buffers: nothing to rank by
+            out.append(np.ones(len(g)))
+            continue
+        scores = unit_scores(cfg.importance, rows, extra, is_bn)
+        out.append(scores.double().cpu().numpy())
+    return out

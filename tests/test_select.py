@@ -41,3 +41,13 @@ def test_per_layer_precedence():
 
 def test_weighted_modules_finds_conv_and_linear_only():
     assert list(weighted_modules(TinyCNN())) == ["conv1", "conv2", "fc"]
+
+
+def test_pattern_fields_must_be_lists_of_strings():
+    import netpress as npr
+
+    for bad in ("re:.*", ["conv1", 3]):
+        with pytest.raises(npr.RecipeError, match="layers must be a list of layer names"):
+            npr.GlobalMagnitudePrune(layers=bad)  # type: ignore[arg-type]
+        with pytest.raises(npr.RecipeError, match="Quantize: ignore must be a list"):
+            npr.Quantize(ignore=bad)  # type: ignore[arg-type]

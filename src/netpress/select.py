@@ -17,6 +17,7 @@ from torch import nn
 from netpress.errors import SelectionError
 
 __all__ = [
+    "check_patterns",
     "matches",
     "select_names",
     "resolve_per_layer",
@@ -36,6 +37,17 @@ DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+
+def check_patterns(owner: str, **fields: object) -> None:
+    """Raise RecipeError unless every field is a list/tuple of layer names or ``re:`` patterns."""
+    from netpress.errors import RecipeError
+
+    for key, value in fields.items():
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{owner}: {key} must be a list of layer names or 're:' patterns, "
+                              f"got {value!r}")
 
 
 def _compile(pattern: str) -> re.Pattern[str] | None:

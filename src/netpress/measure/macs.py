@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from netpress._inputs import Inputs, move_to
 from netpress.measure.collect import evaluating, model_device, run_checked
+from netpress.select import DEFAULT_PRUNABLE
 
 __all__ = [
     "WEIGHTED_LAYERS",
@@ -31,15 +32,7 @@ __all__ = [
 ]
 
 #: Layers whose work scales with their weight density in :func:`count_sparse_macs`.
-WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = DEFAULT_PRUNABLE
 
 
 def _looks_weighted(module: nn.Module) -> bool:

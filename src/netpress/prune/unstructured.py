@@ -20,7 +20,7 @@ from netpress.context import Context, MaskFn, PruneSchedule
 from netpress.errors import RecipeError
 from netpress.prune.masks import floor_keep, global_prune_counts, magnitude_mask, smallest_mask
 from netpress.registry import register
-from netpress.select import resolve_per_layer, select_names, weighted_modules
+from netpress.select import check_patterns, resolve_per_layer, select_names, weighted_modules
 
 __all__ = ["LayerwiseMagnitudePrune", "GlobalMagnitudePrune", "SCHEDULES"]
 
@@ -44,10 +44,7 @@ class _PruneCommon(MethodConfig):
             raise RecipeError(f"{name}: ramp_end must be > 0")
         if not isinstance(self.ramp_updates, int) or self.ramp_updates < 1:
             raise RecipeError(f"{name}: ramp_updates={self.ramp_updates!r} must be an int >= 1")
-        for key in ("layers", "ignore"):
-            value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"{name}: {key} must be a list of layer names or 're:' patterns")
+        check_patterns(name, layers=self.layers, ignore=self.ignore)
 
     def selected(self, model: nn.Module) -> dict[str, nn.Module]:
         candidates = weighted_modules(model)

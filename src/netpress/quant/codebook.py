@@ -24,7 +24,7 @@ from netpress.context import Context
 from netpress.errors import ModelError, RecipeError
 from netpress.export.modules import register_module_type
 from netpress.registry import register
-from netpress.select import resolve_per_layer, select_names, weighted_modules
+from netpress.select import check_patterns, resolve_per_layer, select_names, weighted_modules
 
 __all__ = ["Codebook", "kmeans_1d", "CodebookConv2d", "CodebookLinear"]
 
@@ -183,11 +183,7 @@ class Codebook(MethodConfig):
                                                  for k, v in self.per_layer.items()]]:
             if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
                 raise RecipeError(f"Codebook: {key}={bits!r} must be an int in [1, 8]")
-        for key in ("layers", "ignore"):
-            value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"Codebook: {key} must be a list of layer names or 're:' "
-                                  "patterns")
+        check_patterns("Codebook", layers=self.layers, ignore=self.ignore)
 
 
 @register(Codebook, kind="quantize")

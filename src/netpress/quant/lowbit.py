@@ -21,7 +21,7 @@ from netpress.quant.modules import quantize_layer
 from netpress.quant.primitives import MAX_BITS, MIN_BITS
 from netpress.quant.ptq import drop_masks, weight_scale
 from netpress.registry import register
-from netpress.select import resolve_per_layer, select_names
+from netpress.select import check_patterns, resolve_per_layer, select_names
 
 __all__ = ["WeightOnly"]
 
@@ -50,11 +50,7 @@ class WeightOnly(MethodConfig):
         if self.weight_observer not in ("mse", "minmax"):
             raise RecipeError(f"WeightOnly: weight_observer={self.weight_observer!r}; choose "
                               "'mse' or 'minmax'")
-        for key in ("layers", "ignore"):
-            value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"WeightOnly: {key} must be a list of layer names or 're:' "
-                                  "patterns")
+        check_patterns("WeightOnly", layers=self.layers, ignore=self.ignore)
 
 
 @register(WeightOnly, kind="quantize")

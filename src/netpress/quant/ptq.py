@@ -40,7 +40,7 @@ from netpress.quant.modules import QUANT_LAYERS, ActQuant, QuantWeight, quantize
 from netpress.quant.observers import OBSERVERS, make_observer, mse_range
 from netpress.quant.primitives import MAX_BITS, MIN_BITS, choose_qparams, minmax
 from netpress.registry import register
-from netpress.select import resolve_per_layer, select_names
+from netpress.select import check_patterns, resolve_per_layer, select_names
 
 __all__ = ["QuantSettings", "Quantize", "weight_scale", "prepare", "quantize_model",
            "bias_on_grid", "drop_masks"]
@@ -77,10 +77,7 @@ class QuantSettings(MethodConfig):
         if self.observer not in OBSERVERS:
             raise RecipeError(f"{n}: observer={self.observer!r}; choose one of "
                               f"{sorted(OBSERVERS)}")
-        for key in ("layers", "ignore"):
-            value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"{n}: {key} must be a list of layer names or 're:' patterns")
+        check_patterns(n, layers=self.layers, ignore=self.ignore)
         if self.calibration_batches is not None and (
                 not isinstance(self.calibration_batches, int) or self.calibration_batches < 1):
             raise RecipeError(f"{n}: calibration_batches must be an int >= 1 or null")

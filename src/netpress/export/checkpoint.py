@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import zstandard
 from torch import nn
 
+from netpress._atomic import atomic_write
 from netpress._inputs import call_model
 from netpress.errors import ArtefactError, ModelError, NetpressError
 from netpress.export.codec import bits_equal, decode_tensor, encode_tensor
@@ -209,22 +209,7 @@ def save_artefact(path: str | os.PathLike[str], model: nn.Module, *,
         raise ArtefactError(f"cannot save to '{target}': it is a folder; give a file name")
     data = dumps_artefact(model, recipe=recipe, metadata=metadata,
                           example_inputs=example_inputs, level=level)
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return len(data)
+    return atomic_write(target, data)
 
 
 # -- reading -----------------------------------------------------------------------------------

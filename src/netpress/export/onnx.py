@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netpress._atomic import atomic_path
 from netpress.errors import ModelError
 
 __all__ = ["export_onnx", "export_artefact", "ort_session", "ort_run", "ort_latency",
@@ -71,9 +72,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
@@ -84,10 +83,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the exported ONNX model fails onnx.checker: {exc}") from None
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

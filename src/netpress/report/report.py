@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from netpress._atomic import atomic_write
 from netpress.errors import NetpressError
 
 if TYPE_CHECKING:
@@ -140,20 +139,10 @@ class Report(Mapping[str, Any]):
         into ``directory``; returns the JSON path."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "report.json", self.to_json())
-        _atomic_write(d / "report.md", self.to_markdown())
+        atomic_write(d / "report.json", self.to_json())
+        atomic_write(d / "report.md", self.to_markdown())
         if html:
-            _atomic_write(d / "report.html", self.to_html(thumbnails))
+            atomic_write(d / "report.html", self.to_html(thumbnails))
         return d / "report.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

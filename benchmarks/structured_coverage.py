@@ -33,6 +33,7 @@ from netpress._inputs import call_model, primary_output
 from netpress.measure.macs import count_macs
 from netpress.models import build_model
 from netpress.prune.structured import StructuredPrune, prune_structured
+from netpress.testing import prune_zeroed_units
 
 TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
@@ -155,29 +156,7 @@ def run_netpress(model: nn.Module, x: Any, shape: tuple[int, ...], base: int) ->
 def exactness(model: nn.Module, x: Any, share: float = 0.3) -> float:
     """Zero every coupled slice of ``share`` of each group's units, remove them, and return the
     largest output change relative to the output's largest magnitude (0 = exact)."""
-    import numpy as np
-
-    from netpress.graph import analyze
-    from netpress.prune.surgery import remove_units, verify_pruned
-
-    model = copy.deepcopy(model)
-    graph = analyze(model, x)
-    rng = np.random.default_rng(0)
-    pruned = np.zeros(graph.blocked.size, dtype=bool)
-    for g in graph.groups:
-        k = min(len(g) - 1, max(1, int(share * len(g))))
-        if k > 0:
-            pruned[rng.choice(g.units, size=k, replace=False)] = True
-    with torch.no_grad():
-        for key in graph.param_spaces():
-            removed = graph.removed(key, pruned)
-            if removed.any():
-                idx = torch.from_numpy(np.nonzero(removed)[0])
-                graph.param(key[0]).index_fill_(key[1], idx, 0.0)
-        before = primary_output(call_model(model, x)).clone()
-        remove_units(model, graph, pruned)
-        verify_pruned(model, graph, pruned, x)
-        after = primary_output(call_model(model, x))
+    before, after = prune_zeroed_units(copy.deepcopy(model), x, share)
     return float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -31,3 +33,12 @@ def shared_data() -> Path:
             f"NETPRESS_DATA={value!r} is not a folder; point it at ../shared/data", pytrace=False
         )
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with one intra-op thread (stable numerics, and fair to parallel jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,6 +24,7 @@ __all__ = [
     "toy_models",
     "state_equal",
     "check_method_contract",
+    "prune_zeroed_units",
 ]
 
 
@@ -134,3 +135,41 @@ def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: 
     with torch.inference_mode():
         assert torch.equal(loaded(x), first.model(x)), "save/load does not reproduce outputs"
     return {"result": first, "loaded": loaded}
+
+
+def prune_zeroed_units(model: nn.Module, x: Any, share: float = 0.4,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The structured-pruning exactness check, on ``model`` in place.
+
+    Zero every coupled slice of a random ``share`` of each channel group's units, then remove
+    those units physically. Returns the outputs ``(before, after)`` on ``x``: they must match
+    within float tolerance, since only zeros were removed.
+    """
+    import numpy as np
+
+    from netpress._inputs import call_model, primary_output
+    from netpress.graph import analyze
+    from netpress.prune.surgery import remove_units, verify_pruned
+
+    model.eval()
+    graph = analyze(model, x)
+    if not graph.groups:
+        raise AssertionError("the model has no prunable channel group")
+    rng = np.random.default_rng(seed)
+    pruned = np.zeros(graph.blocked.size, dtype=bool)
+    for g in graph.groups:
+        k = min(len(g) - 1, max(1, int(share * len(g))))
+        if k > 0:
+            pruned[rng.choice(g.units, size=k, replace=False)] = True
+    with torch.no_grad():
+        for key in graph.param_spaces():
+            removed = graph.removed(key, pruned)
+            if removed.any():
+                idx = torch.from_numpy(np.nonzero(removed)[0])
+                graph.param(key[0]).index_fill_(key[1], idx, 0.0)
+        before = primary_output(call_model(model, x)).clone()
+    remove_units(model, graph, pruned)
+    verify_pruned(model, graph, pruned, x)
+    with torch.no_grad():
+        after = primary_output(call_model(model, x))
+    return before, after

@@ -18,13 +18,7 @@ from netpress.models import build_model
 from netpress.prune.structured import StructuredPrune, prune_structured
 from netpress.testing import check_method_contract, state_equal, toy_batches, toy_models
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -2,52 +2,26 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netpress._inputs import call_model, primary_output
 from netpress.graph import analyze
 from netpress.models import build_model
-from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.testing import prune_zeroed_units
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zero_then_prune(model: nn.Module, x, share: float = 0.4, seed: int = 0) -> None:
-    """Zero every coupled slice of a random ``share`` of each group's units, then remove them:
-    the outputs must not move."""
-    model.eval()
-    graph = analyze(model, x)
-    assert graph.groups, "nothing to prune"
-    rng = np.random.default_rng(seed)
-    pruned = np.zeros(graph.blocked.size, dtype=bool)
-    for g in graph.groups:
-        k = min(len(g) - 1, max(1, int(share * len(g))))
-        pruned[rng.choice(g.units, size=k, replace=False)] = True
-    with torch.no_grad():
-        for key in graph.param_spaces():
-            removed = graph.removed(key, pruned)
-            if removed.any():
-                idx = torch.from_numpy(np.nonzero(removed)[0])
-                graph.param(key[0]).index_fill_(key[1], idx, 0.0)
-        before = primary_output(call_model(model, x)).clone()
-    remove_units(model, graph, pruned)
-    verify_pruned(model, graph, pruned, x)
-    with torch.no_grad():
-        after = primary_output(call_model(model, x))
+    """Zero a random ``share`` of each group's units, then remove them: the outputs must not
+    move, and the model must really have fewer parameters."""
+    params = sum(p.numel() for p in model.parameters())
+    before, after = prune_zeroed_units(model, x, share, seed)
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
-    assert sum(p.numel() for p in model.parameters()) < sum(
-        t.numel() for t in graph.trace.tensors.values() if isinstance(t, nn.Parameter))
+    assert sum(p.numel() for p in model.parameters()) < params
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet20_b", "vgg11_cifar",

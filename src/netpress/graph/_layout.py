@@ -265,13 +265,7 @@ def _index_by_tensor(S: Spaces, x: torch.Tensor, out: torch.Tensor, idx: tuple[A
 
 def _index_select(S: Spaces, rec: OpRecord) -> None:
     x, out = rec.args[0], rec.outputs[0]
-    dim = _arg(rec, 1, "dim") % x.dim()
-    for d in range(x.dim()):
-        if d == dim:
-            S.fix(S.ids(x, d))
-            S.fix(S.ids(out, d))
-        else:
-            S.union_dims(x, d, out, d)
+    S.couple_except(x, out, {_arg(rec, 1, "dim") % x.dim()})
 
 
 def _narrow_select(S: Spaces, rec: OpRecord) -> None:

@@ -318,22 +318,12 @@ def _dim_local(S: Spaces, rec: OpRecord) -> None:
             S.fix_tensor(x)
             S.fix_tensor(o)
             continue
-        for d in range(x.dim()):
-            if d in dims:
-                S.fix(S.ids(x, d))
-                S.fix(S.ids(o, d))
-            else:
-                S.union_dims(x, d, o, d)
+        S.couple_except(x, o, set(dims))
 
 
 def _triangle(S: Spaces, rec: OpRecord) -> None:
     x, out = rec.args[0], rec.outputs[0]
-    for d in range(x.dim()):
-        if d >= x.dim() - 2:
-            S.fix(S.ids(x, d))
-            S.fix(S.ids(out, d))
-        else:
-            S.union_dims(x, d, out, d)
+    S.couple_except(x, out, range(max(0, x.dim() - 2), x.dim()))
 
 
 def _pool(S: Spaces, rec: OpRecord) -> None:

@@ -85,6 +85,16 @@ class Spaces:
             self.fix(a)
             self.fix(b)
 
+    def couple_except(self, t: torch.Tensor, u: torch.Tensor, fixed: set[int] | range) -> None:
+        """Same-shaped ``t`` and ``u``: dims in ``fixed`` are not prunable on either side (the
+        op mixes elements along them), every other dim maps one to one."""
+        for d in range(t.dim()):
+            if d in fixed:
+                self.fix(self.ids(t, d))
+                self.fix(self.ids(u, d))
+            else:
+                self.union_dims(t, d, u, d)
+
     def union_all(self, a: np.ndarray) -> None:
         """All of ``a`` goes together."""
         if a.size > 1:

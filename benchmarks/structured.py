@@ -18,6 +18,9 @@ only the inner channels of each block; without that, its pruned model fails at f
 
     python benchmarks/structured.py speed --out benchmarks/results/structured_speed.json
     python benchmarks/structured.py accuracy --data ../shared/data --out ... [--quick]
+        [--models DIR]  (keeps the recovered models, so that
+    python benchmarks/structured.py throughput --update OUT.json --models DIR --out OUT.json
+        re-times them later on a quiet machine)
 """
 
 from __future__ import annotations
@@ -138,28 +141,60 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
-def _throughput_eager(model: nn.Module, batch: int, repeats: int) -> float:
-    """Images per second of ``model`` in PyTorch eager (median of ``repeats``)."""
-    x = torch.randn(batch, 3, 32, 32)
-    with torch.inference_mode():
-        return batch / _median_time(lambda: model(x), repeats)
-
-
-def _throughput_ort(model: nn.Module, batch: int, repeats: int, threads: int) -> float:
-    """Images per second in ONNX Runtime (CPU, ``threads`` intra-op threads)."""
+def _onnx_bytes(model: nn.Module) -> bytes:
     import io
 
-    import onnxruntime as ort
-
     buf = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), buf, input_names=["x"],
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 32, 32),), buf, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
                       dynamo=False)
+    return buf.getvalue()
+
+
+def throughput_table(models: dict[str, nn.Module], threads: int, repeats: int,
+                     rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Images/s of every model in PyTorch eager and ONNX Runtime at batch 1 and 64.
+
+    All models are timed in alternating rounds (each round runs every model in turn), so
+    load on the machine shifts every row alike and the speed-up ratios stay fair.
+    """
+    import onnxruntime as ort
+
+    from netpress.measure.latency import measure_latency_interleaved
+
+    names = list(models)
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    eager = measure_latency_interleaved([models[n] for n in names], torch.randn(1, 3, 32, 32),
+                                        batch_sizes=(1, 64), threads=threads, warmup=3,
+                                        repeats=repeats, rounds=rounds)
+    for n, stats in zip(names, eager):
+        for b, st in stats.items():
+            out[n][f"eager_b{b}"] = b / (st.median_ms / 1e3)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    x = torch.randn(batch, 3, 32, 32).numpy()
-    return batch / _median_time(lambda: sess.run(None, {"x": x}), repeats)
+    opts.inter_op_num_threads = 1
+    sessions = {n: ort.InferenceSession(_onnx_bytes(m), opts,
+                                        providers=["CPUExecutionProvider"])
+                for n, m in models.items()}
+    per_round = max(1, -(-repeats // rounds))
+    for b in (1, 64):
+        x = torch.randn(b, 3, 32, 32).numpy()
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names:
+                for _ in range(3 if r == 0 else 1):  # warm-up
+                    sessions[n].run(None, {"x": x})
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    sessions[n].run(None, {"x": x})
+                    times[n].append(time.perf_counter() - t)
+        for n in names:
+            out[n][f"ort_b{b}"] = b / statistics.median(times[n])
+    base = out[names[0]]
+    for n in names:
+        for key in ("eager_b1", "eager_b64", "ort_b1", "ort_b64"):
+            out[n][f"{key}_speedup"] = out[n][key] / base[key]
+    return out
 
 
 def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +205,7 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import accuracy, agreement, data_dir, logits
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.train_threads)
     root = data_dir(args.data)
     ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root))
     exact, jpeg = ds.cifar10_exact_test(root), ds.cifar10_jpeg_test(root, limit=args.jpeg_limit)
@@ -181,41 +216,72 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
     x1 = torch.randn(1, 3, 32, 32)
     ref_jpeg, y = logits(ref, jpeg), exact.tensors[1]
     base_macs = count_macs(ref, x1)
+    models: dict[str, nn.Module] = {"unpruned": ref}
+    rows: dict[str, Any] = {}
 
-    def measure(model: nn.Module) -> dict[str, Any]:
+    def measure(name: str, model: nn.Module, seconds: float) -> None:
         model.eval()
-        row = {"accuracy": accuracy(logits(model, exact), y),
-               "agreement_jpeg": agreement(logits(model, jpeg), ref_jpeg),
-               "params": sum(p.numel() for p in model.parameters()),
-               "macs": count_macs(model, x1)}
-        for b in (1, 64):
-            row[f"eager_b{b}"] = _throughput_eager(model, b, args.repeats)
-            row[f"ort_b{b}"] = _throughput_ort(model, b, args.repeats, args.threads)
-        return row
+        models[name] = model
+        out = logits(model, jpeg)
+        rows[name] = {"accuracy": accuracy(logits(model, exact), y),
+                      "agreement_jpeg": agreement(out, ref_jpeg),
+                      "params": sum(p.numel() for p in model.parameters()),
+                      "macs": count_macs(model, x1), "seconds": round(seconds, 1)}
+        print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
 
-    rows: dict[str, Any] = {"unpruned": measure(ref)}
+    if args.models:
+        args.models.mkdir(parents=True, exist_ok=True)
+
+    measure("unpruned", ref, 0.0)
     for fraction in args.macs:
         for tag, protect in (("netpress", ()), ("netpress-keep-residual", ("conv1",))):
             # protecting the stem conv keeps the whole residual stream coupled to it, the
             # like-for-like setting of the Torch-Pruning run
+            t = time.perf_counter()
             res = npr.compress(ref, [StructuredPrune(macs=fraction, protect=protect), distill],
-                               train=train, example_inputs=x1, measure=False)
-            rows[f"{tag}@{fraction}"] = measure(res.model)
+                               train=train, example_inputs=x1, measure=False, seed=args.seed)
+            measure(f"{tag}@{fraction}", res.model, time.perf_counter() - t)
+            if args.models:
+                res.save(args.models / f"{tag}@{fraction}.npress")
+        t = time.perf_counter()
         tp_model, _ = tp_to_target(copy.deepcopy(ref), x1, fraction, _resnet_residual_convs)
-        recovered = npr.compress(tp_model, [distill], train=train, reference=ref,
-                                 example_inputs=x1, measure=False).model
-        rows[f"torch_pruning@{fraction}"] = measure(recovered)
+        res = npr.compress(tp_model, [distill], train=train, reference=ref,
+                           example_inputs=x1, measure=False, seed=args.seed)
+        measure(f"torch_pruning@{fraction}", res.model, time.perf_counter() - t)
+        if args.models:
+            res.save(args.models / f"torch_pruning@{fraction}.npress")
     for row in rows.values():
         row["macs_fraction"] = row["macs"] / base_macs
-        for key in ("eager_b1", "eager_b64", "ort_b1", "ort_b64"):
-            row[f"{key}_speedup"] = row[key] / rows["unpruned"][key]
+    speeds = throughput_table(models, args.threads, args.repeats)
+    for name, sp in speeds.items():
+        rows[name].update(sp)
     return {"settings": {"distill": distill.to_dict(), "train_images": args.train_images,
                          "jpeg_test_images": len(jpeg), "threads": args.threads,
-                         "torch_pruning": "L2 magnitude, uniform, round_to=8, ratio bisected "
-                                          "to the MACs target; ignored_layers = stem conv, "
-                                          "every block's conv2 and the classifier (the padded "
-                                          "residual stream)"},
+                         "train_threads": args.train_threads, "seed": args.seed,
+                         "torch_pruning": "L2 magnitude, uniform, round_to=8, the smallest "
+                                          "ratio on a 0.05 grid reaching the MACs target; "
+                                          "ignored_layers = stem conv, every block's conv2 and "
+                                          "the classifier (the padded residual stream)"},
             "rows": rows}
+
+
+def throughput_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Re-measure the throughput of the models an ``accuracy`` run saved, on a quiet machine."""
+    import netpress as npr
+    from netpress.models import build_model
+
+    result = json.loads(args.update.read_text())
+    models: dict[str, nn.Module] = {"unpruned": build_model("cifar_resnet56")}
+    for name in result["rows"]:
+        if name != "unpruned":
+            models[name] = npr.load(args.models / f"{name}.npress")
+    if args.data:  # the real weights, not that it changes the timing of dense kernels
+        from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+        models["unpruned"] = load_pretrained_cifar_resnet(56, find_pretrained(56, args.data))
+    for name, sp in throughput_table(models, args.threads, args.repeats).items():
+        result["rows"][name].update(sp)
+    result["settings"]["throughput_threads"] = args.threads
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,12 +297,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2, help="distillation epochs (both tools)")
     ap.add_argument("--train-images", type=int, default=None, help="JPEG train images (50k)")
     ap.add_argument("--jpeg-limit", type=int, default=None, help="JPEG test images (10k)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads for throughput")
+    ap.add_argument("--train-threads", type=int, default=2, help="threads for distillation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", type=Path, help="save the recovered models here (.npress)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    tp = sub.add_parser("throughput", help="re-time the models an accuracy run saved")
+    tp.add_argument("--update", type=Path, required=True, help="the accuracy run's JSON")
+    tp.add_argument("--models", type=Path, required=True)
+    tp.add_argument("--data")
+    tp.add_argument("--threads", type=int, default=1)
+    tp.add_argument("--repeats", type=int, default=40)
+    tp.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.part == "speed":
         result = speed(args)
+    elif args.part == "throughput":
+        result = throughput_run(args)
     else:
         if args.quick:
             args.macs, args.epochs, args.train_images = [0.5], 1, 256

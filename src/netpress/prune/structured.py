@@ -11,6 +11,7 @@ to the step is left as it was.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from netpress.measure.macs import count_macs
 from netpress.prune import _saliency
 from netpress.prune._attention import split_attention
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
+from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
 from netpress.prune.policy import ALLOCATIONS, GroupPlan, keep_floor, solve
 from netpress.prune.surgery import SurgeryResult, remove_units, verify_pruned
 from netpress.registry import register
@@ -43,8 +45,12 @@ ON_UNSUPPORTED = ("error", "exclude")
 class StructuredPrune(MethodConfig):
     """Remove whole channels, neurons, conv groups and attention heads to a MACs/params target.
 
-    ``macs`` / ``params``: the fraction of the *reference* model's MACs / parameters to keep
-    (set one). ``importance``: l1, l2, bn_scale, taylor or hessian (the last two use the
+    ``macs`` / ``params`` / ``latency``: the fraction of the *reference* model's MACs,
+    parameters or measured latency to keep (set one). A latency target is measured on
+    ``latency_runtime`` (``eager`` PyTorch or ``onnxruntime``) at ``latency_batch`` with
+    ``latency_threads`` threads; the MACs fraction that meets it is searched for
+    (:mod:`netpress.prune.latency_target`).
+    ``importance``: l1, l2, bn_scale, taylor or hessian (the last two use the
     ``calibration`` data, else ``train``). ``allocation``: ``uniform`` (every group the same
     fraction) or ``global`` (one threshold over group-normalised scores). ``floor``: minimum
     fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it.
@@ -56,6 +62,10 @@ class StructuredPrune(MethodConfig):
 
     macs: float | None = None
     params: float | None = None
+    latency: float | None = None
+    latency_runtime: str = "eager"
+    latency_batch: int = 1
+    latency_threads: int = 1
     importance: str = "l2"
     allocation: str = "uniform"
     floor: float = 0.1
@@ -69,22 +79,23 @@ class StructuredPrune(MethodConfig):
 
     def __post_init__(self) -> None:
         name = self.type_name()
-        targets = [(k, v) for k, v in (("macs", self.macs), ("params", self.params))
-                   if v is not None]
+        targets = [(k, v) for k, v in (("macs", self.macs), ("params", self.params),
+                                        ("latency", self.latency)) if v is not None]
         if len(targets) != 1:
-            raise RecipeError(f"{name}: set exactly one target, macs= or params= (a fraction "
-                              f"of the reference model to keep)")
+            raise RecipeError(f"{name}: set exactly one target, macs=, params= or latency= (a "
+                              f"fraction of the reference model to keep)")
         key, value = targets[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise RecipeError(f"{name}: {key}={value!r} must be a fraction in (0, 1]")
         _choice(name, "importance", self.importance, CRITERIA)
         _choice(name, "allocation", self.allocation, ALLOCATIONS)
         _choice(name, "on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
+        _choice(name, "latency_runtime", self.latency_runtime, RUNTIMES)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) \
                 or not 0 <= self.floor <= 1:
             raise RecipeError(f"{name}: floor={self.floor!r} must be in [0, 1]")
         for field_name in ("round_to", "iterative_steps", "calibration_batches",
-                           "hessian_samples"):
+                           "hessian_samples", "latency_batch", "latency_threads"):
             v = getattr(self, field_name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RecipeError(f"{name}: {field_name}={v!r} must be an int >= 1")
@@ -174,6 +185,8 @@ def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inp
 
     Targets are fractions of ``reference`` (default: ``model``).
     """
+    if cfg.latency is not None:
+        return _prune_to_latency(model, cfg, example_inputs, reference=reference, ctx=ctx)
     kind = "macs" if cfg.macs is not None else "params"
     fraction = float(cfg.macs if cfg.macs is not None else cfg.params)  # type: ignore[arg-type]
     work = copy.deepcopy(model)  # every change happens on this copy
@@ -202,6 +215,40 @@ def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inp
     if kind == "macs":
         summary["params_after"] = sum(p.numel() for p in work.parameters())
     return work, summary
+
+
+def _same_shapes(a: nn.Module, b: nn.Module | None) -> bool:
+    """Whether ``b`` is absent or has exactly ``a``'s parameter names and shapes (so one
+    timing serves both; timing the same architecture twice only adds noise)."""
+    if b is None or b is a:
+        return True
+    sa = {k: tuple(v.shape) for k, v in a.state_dict().items()}
+    return sa == {k: tuple(v.shape) for k, v in b.state_dict().items()}
+
+
+def _prune_to_latency(model: nn.Module, cfg: StructuredPrune, example_inputs: Inputs, *,
+                      reference: nn.Module | None,
+                      ctx: Context | None) -> tuple[nn.Module, dict[str, Any]]:
+    ref = model if reference is None else reference
+    ratio_of = LatencyRatio(ref, example_inputs, runtime=cfg.latency_runtime,
+                            batch_size=cfg.latency_batch, threads=cfg.latency_threads)
+    try:
+        now = 1.0 if _same_shapes(model, reference) else ratio_of(model)
+        if now <= float(cfg.latency):  # type: ignore[arg-type]
+            # already fast enough (pruned earlier in the recipe): nothing to remove
+            return copy.deepcopy(model), {"groups": {}, "attributes": {}, "kept": {},
+                                          "latency_target": cfg.latency,
+                                          "latency_ratio": round(now, 4)}
+        macs_cfg = dataclasses.replace(cfg, latency=None, macs=1.0)
+
+        def prune_to(fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+            return prune_structured(model, dataclasses.replace(macs_cfg, macs=fraction),
+                                    example_inputs, ctx=ctx)
+
+        return search_latency(prune_to, ratio_of, float(cfg.latency),  # type: ignore[arg-type]
+                              start_ratio=now)
+    finally:
+        ratio_of.close()
 
 
 def _slice_masks(ctx: Context, kept: dict[str, list[dict[int, torch.Tensor]]]) -> None:

@@ -284,6 +284,51 @@ def throughput_run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def hessian_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Hutchinson Hessian importance in FP32 and under FP16 autocast on ResNet-56: wall time
+    of the pruning call (alternating runs, median), how many pruned channels the two choose
+    alike, and the one-shot accuracy of each pruned model on the lossless test subset."""
+    import netpress as npr
+    from netpress import datasets as ds
+    from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import accuracy, data_dir, logits
+
+    torch.set_num_threads(args.threads)
+    root = data_dir(args.data)
+    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root))
+    exact = ds.cifar10_exact_test(root)
+    calib = ds.loader(ds.cifar10_jpeg_train(root, limit=args.batches * 64), batch_size=64)
+    x1 = torch.randn(1, 3, 32, 32)
+    times: dict[str, list[float]] = {"fp32": [], "fp16": []}
+    models: dict[str, nn.Module] = {}
+    for _ in range(args.repeats):
+        for tag in ("fp32", "fp16"):
+            cfg = StructuredPrune(macs=0.5, importance="hessian", fp16=tag == "fp16",
+                                  calibration_batches=args.batches,
+                                  hessian_samples=args.samples)
+            t = time.perf_counter()
+            res = npr.compress(ref, [cfg], calibration=calib, example_inputs=x1,
+                               measure=False)
+            times[tag].append(time.perf_counter() - t)
+            models[tag] = res.model
+    same = sum(1 for a, b in zip(models["fp32"].state_dict().values(),
+                                 models["fp16"].state_dict().values())
+               if a.shape == b.shape and torch.equal(a, b))
+    total = len(models["fp32"].state_dict())
+    y = exact.tensors[1]
+    out = {tag: {"seconds_median": statistics.median(ts), "seconds": [round(t, 3) for t in ts],
+                 "accuracy_one_shot": accuracy(logits(models[tag], exact), y)}
+           for tag, ts in times.items()}
+    out["fp16_speedup"] = out["fp32"]["seconds_median"] / out["fp16"]["seconds_median"]
+    out["identical_tensors_after_pruning"] = f"{same}/{total}"
+    out["settings"] = {"calibration_batches": args.batches, "batch_size": 64,
+                       "hessian_samples": args.samples, "threads": args.threads,
+                       "device": "cpu"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -310,8 +355,17 @@ def main(argv: list[str] | None = None) -> None:
     tp.add_argument("--threads", type=int, default=1)
     tp.add_argument("--repeats", type=int, default=40)
     tp.add_argument("--out", type=Path)
+    hp = sub.add_parser("hessian", help="FP16 vs FP32 Hutchinson importance")
+    hp.add_argument("--data")
+    hp.add_argument("--batches", type=int, default=4)
+    hp.add_argument("--samples", type=int, default=4)
+    hp.add_argument("--threads", type=int, default=1)
+    hp.add_argument("--repeats", type=int, default=3)
+    hp.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if args.part == "speed":
+    if args.part == "hessian":
+        result = hessian_run(args)
+    elif args.part == "speed":
         result = speed(args)
     elif args.part == "throughput":
         result = throughput_run(args)

@@ -122,6 +122,25 @@ def test_importances_run(importance):
     assert count_macs(res.model, data[0][0][:1]) <= 0.5 * count_macs(model, data[0][0][:1])
 
 
+def test_fp16_hessian_on_cpu_warns_and_ranks_like_fp32():
+    model = toy_models()["TinyCNN"]
+    data = toy_batches(model=model)
+    x = data[0][0][:1]
+    kept = {}
+    for fp16 in (False, True):
+        cfg = StructuredPrune(macs=0.5, round_to=1, importance="hessian", fp16=fp16,
+                              hessian_samples=8)
+        if fp16:
+            with pytest.warns(UserWarning, match="no fast FP16"):
+                res = npr.compress(model, cfg, calibration=data, example_inputs=x,
+                                   measure=False)
+        else:
+            res = npr.compress(model, cfg, calibration=data, example_inputs=x, measure=False)
+        kept[fp16] = res.report.to_dict()["steps"][0]["groups"]
+        assert count_macs(res.model, x) <= 0.5 * count_macs(model, x)
+    assert kept[True] == kept[False]  # same counts per group (the policy sees the same sizes)
+
+
 def test_data_importance_needs_data():
     model = toy_models()["TinyCNN"]
     with pytest.raises(DataError, match="calibration"):
@@ -139,6 +158,20 @@ def test_iterative_steps_and_unstructured_masks_follow():
     assert step is not None and step["macs_after"] <= step["macs_target"]
     w = res.model.conv2.weight
     assert w.shape[0] < 16 and math.isclose(float((w == 0).float().mean()), 0.5, abs_tol=0.2)
+
+
+def test_pruning_interleaved_with_recovery_targets_the_original():
+    model = toy_models()["TinyCNN"]
+    data = toy_batches(model=model)
+    x = data[0][0][:1]
+    res = npr.compress(model, [StructuredPrune(macs=0.7, round_to=1), npr.Distill(max_steps=2),
+                               StructuredPrune(macs=0.4, round_to=1), npr.Distill(max_steps=2)],
+                       train=data, example_inputs=x, measure=False)
+    steps = [s for s in res.report.to_dict()["steps"] if s["step"] == "StructuredPrune"]
+    base = count_macs(model, x)
+    assert steps[0]["macs_after"] <= 0.7 * base < steps[0]["macs_before"]
+    assert steps[1]["macs_before"] == steps[0]["macs_after"]  # the second step goes further
+    assert count_macs(res.model, x) <= 0.4 * base
 
 
 def test_pruned_cifar_resnet_saves_and_loads_without_its_class(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,11 @@ def _derivatives(model: nn.Module, params: list[nn.Parameter], cfg: StructuredPr
     device = params[0].device
     autocast = torch.autocast(device.type, dtype=torch.float16) if cfg.fp16 \
         else contextlib.nullcontext()
+    if cfg.fp16 and device.type == "cpu":
+        warnings.warn("StructuredPrune(fp16=True) on the CPU: PyTorch has no fast FP16 "
+                      "kernels there (measured 6x slower than FP32 for the Hessian of a "
+                      "ResNet-56, benchmarks/structured.py hessian); FP16 pays off on CUDA",
+                      stacklevel=4)
     try:
         for p in params:
             p.requires_grad_(True)

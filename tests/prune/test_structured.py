@@ -240,3 +240,34 @@ def test_pruned_attention_heads_save_and_load(tmp_path):
         assert torch.equal(npr.load(tmp_path / "mha.npress")(x), want)
         loaded = load_artefact(tmp_path / "mha.npress", model=_MHA(False)).model
         assert torch.equal(loaded(x), want)
+
+
+def test_batchnorm_statistics_are_recalibrated_after_pruning():
+    from netpress.prune.bn_recalibrate import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    model.eval()
+    data = [(torch.randn(32, 3, 8, 8) * 3 + 1, torch.randint(0, 4, (32,))) for _ in range(4)]
+    # the statistics of the pruned model's data, as recalibration should find them
+    res = npr.compress(model, StructuredPrune(macs=0.5, round_to=1), calibration=data,
+                       example_inputs=data[0][0][:1], measure=False)
+    step = res.report.to_dict()["steps"][0]
+    assert step["bn_recalibrated_batches"] == 4
+    bn = res.model[1]
+    feats = torch.cat([res.model[0](x) for x, _ in data]).detach()
+    mean = feats.mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, mean, atol=1e-4)
+    assert bn.momentum == 0.1 and not bn.training and not res.model[3].training
+    off = npr.compress(model, StructuredPrune(macs=0.5, round_to=1, recalibrate_bn=0),
+                       calibration=data, example_inputs=data[0][0][:1], measure=False)
+    assert "bn_recalibrated_batches" not in off.report.to_dict()["steps"][0]
+    assert torch.all(off.model[1].running_mean == 0)  # untouched: the fresh BN's zeros
+    # no batches: statistics are left as they were
+    before = res.model[1].running_mean.clone()
+    assert recalibrate_batchnorm(res.model, [], limit=4) == 0
+    assert torch.equal(res.model[1].running_mean, before)
+    with pytest.raises(RecipeError, match="recalibrate_bn"):
+        StructuredPrune(macs=0.5, recalibrate_bn=-1)

@@ -29,6 +29,7 @@ from netpress.graph import ChannelGraph, analyze
 from netpress.measure.macs import count_macs
 from netpress.prune import _saliency
 from netpress.prune._attention import split_attention
+from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
 from netpress.prune.policy import ALLOCATIONS, GroupPlan, keep_floor, solve
@@ -74,6 +75,7 @@ class StructuredPrune(MethodConfig):
     on_unsupported: str = "error"
     iterative_steps: int = 1
     calibration_batches: int = 4
+    recalibrate_bn: int = 8
     hessian_samples: int = 4
     fp16: bool = False
 
@@ -94,6 +96,10 @@ class StructuredPrune(MethodConfig):
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) \
                 or not 0 <= self.floor <= 1:
             raise RecipeError(f"{name}: floor={self.floor!r} must be in [0, 1]")
+        if isinstance(self.recalibrate_bn, bool) or not isinstance(self.recalibrate_bn, int) \
+                or self.recalibrate_bn < 0:
+            raise RecipeError(f"{name}: recalibrate_bn={self.recalibrate_bn!r} must be a "
+                              f"number of batches >= 0")
         for field_name in ("round_to", "iterative_steps", "calibration_batches",
                            "hessian_samples", "latency_batch", "latency_threads"):
             v = getattr(self, field_name)
@@ -272,6 +278,10 @@ def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
     if cfg.importance in DATA_CRITERIA and ctx.calibration is None and ctx.train is None:
         ctx.require("calibration", by=f"{cfg.type_name()}(importance={cfg.importance!r})")
     pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx)
+    data = ctx.calibration if ctx.calibration is not None else ctx.train
+    if data is not None and cfg.recalibrate_bn and summary["groups"]:
+        summary["bn_recalibrated_batches"] = recalibrate_batchnorm(pruned, data,
+                                                                   limit=cfg.recalibrate_bn)
     _slice_masks(ctx, summary.pop("kept"))
     ctx.record(cfg.type_name(), **summary)
     return pruned

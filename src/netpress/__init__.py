@@ -26,6 +26,8 @@ from netpress.recover.lc import LC
 from netpress.recover.methods import Distill, FineTune
 from netpress.registry import list_methods, register
 from netpress.report import Report
+from netpress.search import Choice, Range
+from netpress.search import search as search  # the function (the subpackage stays importable)
 
 __all__ = [
     "compress",
@@ -51,6 +53,9 @@ __all__ = [
     "MinAgreement",
     "MaxAccuracyDrop",
     "MaxClassAgreementDrop",
+    "search",
+    "Range",
+    "Choice",
     "NetpressError",
     "RecipeError",
     "SelectionError",

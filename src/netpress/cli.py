@@ -15,6 +15,8 @@ EPILOG = """examples:
       --data cifar10:../shared/data/cifar10 --out out/
   netpress report out/
   netpress export out/model.npress --onnx out/model.onnx --input-shape 1,3,32,32 --latency
+  netpress search --model cifar_resnet20 --weights resnet20.th --data cifar10:../shared/data \
+      --objective size --constraint "agreement>=0.99" --trials 10 --out search-out/
   netpress methods
 """
 
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--latency", action="store_true", help="measure ONNX Runtime latency")
     e.add_argument("--threads", type=int, default=1)
 
+    from netpress.search.cli import add_parser as _add_search
+
+    _add_search(sub)
     sub.add_parser("methods", help="list the compression methods")
     sub.add_parser("models", help="list the built-in model names")
     return p
@@ -150,6 +155,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from netpress.search.cli import run
+
+    return run(args)
+
+
 def _cmd_methods(_: argparse.Namespace) -> int:
     from netpress.registry import list_methods
 
@@ -168,7 +179,8 @@ def _cmd_models(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "compress": _cmd_compress, "report": _cmd_report,
-            "export": _cmd_export, "methods": _cmd_methods, "models": _cmd_models}
+            "export": _cmd_export, "search": _cmd_search, "methods": _cmd_methods,
+            "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,90 @@
+"""Per-layer (or per-group) sensitivity to pruning and to weight quantization.
+
+What the model's outputs do when only one layer (or one group of layers) is compressed: the
+layer's weights are replaced in place by their magnitude-pruned or fake-quantized copy, the
+model is run on a few batches, and the weights are restored, so the model is unchanged
+afterwards. The error is the relative output error ``||f'(x) - f(x)||^2 / ||f(x)||^2``
+(approximately additive over layers, which the knapsack allocator relies on) and the top-1
+agreement with the unchanged model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import call_model, move_to, primary_output
+from netpress.measure.fidelity import agreement as top1_agreement
+from netpress.prune.masks import magnitude_mask
+from netpress.quant.ptq import weight_scale
+
+__all__ = ["relative_error", "prune_weight", "quantize_weight", "group_sensitivity"]
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``sum((approx - reference)^2) / sum(reference^2)`` (0 for identical outputs)."""
+    den = float(reference.float().pow(2).sum())
+    return float((approx.float() - reference.float()).pow(2).sum()) / max(den, 1e-30)
+
+
+def prune_weight(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``w`` with its smallest-magnitude ``sparsity`` fraction set to zero."""
+    return w * magnitude_mask(w, sparsity) if sparsity > 0 else w.clone()
+
+
+def quantize_weight(w: torch.Tensor, bits: int, observer: str = "mse") -> torch.Tensor:
+    """Symmetric per-output-channel fake quantization of ``w`` (what WeightOnly stores)."""
+    if bits >= 32:
+        return w.clone()
+    scale = weight_scale(w, bits, observer).reshape(-1, *([1] * (w.dim() - 1)))
+    q = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w / scale), -q, q) * scale
+
+
+def _outputs(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        return torch.cat([primary_output(call_model(model, move_to(x, device))).float().cpu()
+                          for x in inputs])
+
+
+def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
+                      groups: Mapping[str, Sequence[str]], options: Sequence[Any],
+                      transform: Callable[[torch.Tensor, Any], torch.Tensor],
+                      ) -> dict[str, dict[str, dict[str, float]]]:
+    """``{group: {str(option): {"error": ..., "agreement": ...}}}`` with only that group's
+    layers transformed by ``transform(weight, option)`` (e.g. :func:`prune_weight`)."""
+    batches = list(inputs)
+    was_training = model.training
+    model.eval()
+    reference = _outputs(model, batches)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for g, layers in groups.items():
+            weights: dict[str, torch.Tensor] = {}
+            for n in layers:
+                w = model.get_submodule(n).weight
+                assert isinstance(w, torch.Tensor)
+                weights[n] = w
+            saved = {n: w.detach().clone() for n, w in weights.items()}
+            out[g] = {}
+            try:
+                for opt in options:
+                    with torch.no_grad():
+                        for n, w in weights.items():
+                            assert isinstance(w, torch.Tensor)
+                            w.copy_(transform(saved[n], opt))
+                    approx = _outputs(model, batches)
+                    out[g][str(opt)] = {"error": relative_error(reference, approx),
+                                        "agreement": float(top1_agreement(reference, approx))}
+            finally:
+                with torch.no_grad():
+                    for n, w in weights.items():
+                        assert isinstance(w, torch.Tensor)
+                        w.copy_(saved[n])
+    finally:
+        model.train(was_training)
+    return out

@@ -35,7 +35,7 @@ from _common import Timer, accuracy, agreement, data_dir, logits, markdown_table
 import netpress as npr
 from netpress import datasets as ds
 from netpress.export import dumps_artefact
-from netpress.export.onnx import export_onnx, ort_latency, ort_session
+from netpress.export.onnx import export_onnx, optimized_op_types, ort_latency, ort_session
 from netpress.models.cifar_resnet import find_pretrained, load_pretrained_cifar_resnet
 from netpress.quant import Codebook, Quantize
 
@@ -96,9 +96,11 @@ def onnx_row(name: str, path: Path, exact: Any, jpeg: Any, ref_jpeg: torch.Tenso
              args: argparse.Namespace) -> dict[str, Any]:
     out_exact, out_jpeg = ort_logits(path, exact, args.threads), ort_logits(path, jpeg,
                                                                              args.threads)
+    ops = optimized_op_types(path)
     return {"method": name, "accuracy": accuracy(out_exact, exact.tensors[1]),
             "agreement_jpeg": agreement(out_jpeg, ref_jpeg),
-            "file_bytes": path.stat().st_size, "_jpeg_logits": out_jpeg}
+            "file_bytes": path.stat().st_size, "_jpeg_logits": out_jpeg,
+            "optimized_ops": {op: ops.count(op) for op in sorted(set(ops))}}
 
 
 def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def check_finite(model: nn.Module, *, what: str = "model") -> None:
 def _validate_recipe(recipe: Recipe, given: dict[str, Any]) -> None:
     infos = [get_method(step) for step in recipe]
     for i, (step, info) in enumerate(zip(recipe, infos)):
-        for need in info.needs:
+        for need in info.needs_of(step):
             if given.get(need) is None:
                 raise DataError(f"recipe step {i} ({info.name}) needs `{need}=` data; pass it "
                                 f"to compress()")

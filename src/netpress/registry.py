@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["MethodInfo", "register", "get_method", "list_methods", "config_from_dict"]
 
 Transform = Callable[["nn.Module", Any, "Context"], "nn.Module"]
+Needs = tuple[str, ...] | Callable[[Any], tuple[str, ...]]
 F = TypeVar("F", bound=Callable[..., Any])
 
 KINDS = ("prune", "quantize", "recover", "other")
@@ -36,22 +37,28 @@ class MethodInfo:
     apply: Transform
     needs: tuple[str, ...]
     summary: str
+    needs_fn: Callable[[Any], tuple[str, ...]] | None = None
 
     @property
     def is_recovery(self) -> bool:
         return self.kind == "recover"
 
+    def needs_of(self, config: MethodConfig) -> tuple[str, ...]:
+        """The data arguments ``config`` requires (``needs`` unless it depends on settings)."""
+        return tuple(self.needs_fn(config)) if self.needs_fn is not None else self.needs
+
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
-def register(
-    config: type[MethodConfig], *, kind: str, needs: tuple[str, ...] = ()
-) -> Callable[[F], F]:
+def register(config: type[MethodConfig], *, kind: str, needs: Needs = ()) -> Callable[[F], F]:
     """Register ``fn(model, config, ctx) -> model`` as the transform for ``config``.
 
     ``kind`` is one of ``prune``, ``quantize``, ``recover``, ``other``; ``needs`` names the
-    data arguments the method requires (``"train"``, ``"calibration"``, ``"example_inputs"``).
+    data arguments the method requires (``"train"``, ``"calibration"``, ``"example_inputs"``),
+    or is a function ``config -> names`` when that depends on the settings (weight-only
+    ``Quantize(activations=None)`` needs no calibration data). ``MethodInfo.needs`` then
+    lists what the default config needs.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -61,10 +68,25 @@ def register(
         if name in _METHODS and _METHODS[name].config is not config:
             raise ValueError(f"a method named {name!r} is already registered")
         doc = (config.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MethodInfo(name, kind, config, fn, tuple(needs), doc[0] if doc else "")
+        if callable(needs):
+            needs_fn: Callable[[Any], tuple[str, ...]] | None = needs
+            listed = _default_needs(config, needs)
+        else:
+            needs_fn, listed = None, tuple(needs)
+        _METHODS[name] = MethodInfo(name, kind, config, fn, listed, doc[0] if doc else "",
+                                    needs_fn)
         return fn
 
     return deco
+
+
+def _default_needs(config: type[MethodConfig],
+                   needs_fn: Callable[[Any], tuple[str, ...]]) -> tuple[str, ...]:
+    try:
+        default = config()
+    except (TypeError, RecipeError):  # a config without defaults lists nothing up front
+        return ()
+    return tuple(needs_fn(default))
 
 
 def _ensure_builtin() -> None:

@@ -59,8 +59,9 @@ def test_onnxruntime_runs_integer_kernels(digits_cnn, tmp_path):
     q = npr.compress(model, Quantize(), calibration=calib, measure=False).model
     path = export_onnx(q, tmp_path / "q.onnx", x[:1])
     ops = optimized_op_types(path)
-    assert ops.count("QLinearConv") == 2 and "QGemm" in ops, ops
-    assert "Conv" not in ops and "Relu" not in ops
+    # both Linear layers (the classifier too: its bias exports as int32 codes) run as QGemm
+    assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 2, ops
+    assert "Conv" not in ops and "Relu" not in ops and "Gemm" not in ops
     import onnx
 
     proto = onnx.load(path)
@@ -83,6 +84,7 @@ def test_residual_model_fuses_add(tmp_path):
     path = export_onnx(q, tmp_path / "r.onnx", data[0][0][:1])
     ops = optimized_op_types(path)
     assert ops.count("QLinearConv") == 3 and "QLinearAdd" in ops, ops
+    assert "QGemm" in ops and "Gemm" not in ops, ops
     x = torch.cat([b[0] for b in data])
     with torch.no_grad():
         np.testing.assert_allclose(ort_run(ort_session(path), x), q(x).numpy(), atol=0.05)
@@ -139,7 +141,8 @@ def test_export_artefact_from_npress_file(digits_cnn, tmp_path):
     result = npr.compress(model, Quantize(), calibration=calib, measure=False)
     result.save(tmp_path / "m.npress")
     path = export_artefact(tmp_path / "m.npress", tmp_path / "m.onnx", (1, 1, 8, 8))
-    assert "QLinearConv" in optimized_op_types(path)
+    ops = optimized_op_types(path)
+    assert "QLinearConv" in ops and "QGemm" in ops and "Gemm" not in ops, ops
     with torch.no_grad():
         same = ort_run(ort_session(path), x).argmax(1) == result.model(x).numpy().argmax(1)
     assert float(same.mean()) >= 0.995

@@ -156,3 +156,21 @@ def test_untraceable_model_weight_only_works_activations_explain():
     assert isinstance(q.fc, QuantLinear)
     with pytest.raises(ModelError, match="activations=None"):
         npr.compress(model, Quantize(), calibration=data, measure=False)
+
+
+def test_weight_only_needs_no_calibration_data():
+    from netpress.errors import DataError
+    from netpress.registry import get_method
+
+    info = get_method(Quantize)
+    assert info.needs == ("calibration",)
+    assert info.needs_of(Quantize(activations=None)) == ()
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    result = npr.compress(model, Quantize(activations=None), measure=False)
+    x = torch.cat([b[0] for b in toy_batches(64, 32, model=model)])
+    with torch.no_grad():
+        db = sqnr(model(x), result.model(x))
+    assert db > 40, f"W8 weight-only SQNR without calibration data {db:.1f} dB"
+    with pytest.raises(DataError, match="calibration"):
+        npr.compress(model, Quantize(), measure=False)

@@ -52,6 +52,22 @@ def _check_frozen(model: nn.Module) -> None:
                          "export the model that npr.Quantize returned")
 
 
+def _integer_biases(model: nn.Module) -> None:
+    """Give each quantized layer fed by an activation quantizer its int32 bias grid."""
+    from torch import fx
+
+    from netpress.quant._insert import feeding_quant
+    from netpress.quant.modules import QuantWeight
+
+    if not isinstance(model, fx.GraphModule):
+        return
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantWeight) and layer.bias is not None:
+            aq = feeding_quant(model, name)
+            if aq is not None:
+                layer.export_bias_step = (aq.scale * layer.weight_scale).detach()
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
                 opset: int = 17, dynamic_batch: bool = True) -> Path:
     """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
@@ -68,6 +84,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         prepare = getattr(m, "prepare_export", None)
         if callable(prepare):
             prepare()
+    _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     target = Path(path)

@@ -120,12 +120,36 @@ class ActQuant(nn.Module):
         self.observer = None
 
 
+class _DQBias(torch.autograd.Function):
+    """An int32 bias on the grid ``step``; exports as DequantizeLinear(int32 codes, axis=0)."""
+
+    @staticmethod
+    def forward(ctx: Any, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return codes.double().mul(step.double()).float()
+
+    @staticmethod
+    def symbolic(g: Any, codes: Any, step: Any) -> Any:
+        channels = codes.type().sizes()[0]
+        z = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int32))
+        return g.op("DequantizeLinear", codes, step, z, axis_i=0)
+
+
+_INT32_MAX = 2 ** 31 - 1
+
+
 class QuantWeight(nn.Module):
-    """Shared parts of the quantized layers: int8 codes, scales, float bias."""
+    """Shared parts of the quantized layers: int8 codes, scales, float bias.
+
+    ``export_bias_step`` (set by :func:`netpress.export.onnx.export_onnx` when the layer's
+    input is quantized) is the int32 grid ``input_scale * weight_scale`` of an integer
+    kernel: the bias then exports as int32 codes + ``DequantizeLinear``, the form ONNX
+    Runtime needs to fuse a Gemm into ``QGemm``.
+    """
 
     weight_q: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    export_bias_step: torch.Tensor | None = None
 
     def _init_weight(self, shape: tuple[int, ...], bits: int, bias: bool) -> None:
         qrange(bits, symmetric=True)
@@ -141,6 +165,18 @@ class QuantWeight(nn.Module):
         self.weight_q.copy_(quantize_affine(weight.float(), scale, zp, self.bits,
                                             symmetric=True, axis=0))
         self.weight_scale.copy_(scale)
+
+    def export_bias(self) -> torch.Tensor | None:
+        """The bias, as int32 codes + DequantizeLinear while exporting with a known grid."""
+        step, bias = self.export_bias_step, self.bias
+        if bias is None or step is None or not torch.onnx.is_in_onnx_export():
+            return bias
+        codes = torch.round(bias.detach().double() / step.double())
+        if bool(codes.abs().max() > _INT32_MAX) or not bool((step > 0).all()):
+            return bias  # off the int32 grid: stay float (ONNX Runtime then keeps a float op)
+        out = _DQBias.apply(codes.to(torch.int32), step.float())
+        assert isinstance(out, torch.Tensor)
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
@@ -171,7 +207,7 @@ class QuantConv2d(QuantWeight):
                 f"groups={self.groups}, bias={self.bias is not None}, bits={self.bits}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+        return F.conv2d(x, self.dequantized_weight(), self.export_bias(), self.stride, self.padding,
                         self.dilation, self.groups)
 
     @classmethod
@@ -200,7 +236,7 @@ class QuantLinear(QuantWeight):
                 f"bias={self.bias is not None}, bits={self.bits}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return F.linear(x, self.dequantized_weight(), self.export_bias())
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int) -> QuantLinear:

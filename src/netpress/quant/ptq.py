@@ -91,7 +91,8 @@ class Quantize(QuantSettings):
     patterns to their own; ``activations=None`` quantizes weights only. ``observer`` picks
     the activation ranges (minmax, moving_average, percentile, mse, entropy) and
     ``weight_observer`` the weight ranges (minmax or mse). ``calibration_batches`` caps the
-    calibration pass.
+    calibration pass. Calibration data is required unless ``activations=None``; weight-only
+    quantization uses it, when given, for bias correction.
     """
 
     weight_observer: str = "minmax"
@@ -258,11 +259,12 @@ def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
         assert isinstance(layer, (nn.Conv2d, nn.Linear))
         _set_module(target, name, quantize_layer(layer, bits, weight_scale(
             layer.weight, bits, cfg.weight_observer)))
-    if cfg.bias_correction:
+    corrected = cfg.bias_correction and ctx.calibration is not None
+    if corrected:
         _correct_biases(target, floats, ctx, cfg.calibration_batches)
     bias_on_grid(target, list(plan))
     ctx.record(cfg.type_name(), layers=len(plan), folded_batchnorms=folded,
-               activation_quantizers=len(acts),
+               activation_quantizers=len(acts), bias_correction=corrected,
                bits={str(b): sum(1 for v in plan.values() if v == b) for b in
                      sorted(set(plan.values()))})
     return target.eval()
@@ -277,7 +279,13 @@ def drop_masks(model: nn.Module, ctx: Context) -> None:
             del ctx.masks[key]
 
 
-@register(Quantize, kind="quantize", needs=("calibration",))
+def quantize_needs(cfg: Quantize) -> tuple[str, ...]:
+    """Calibration data is needed for activation ranges; weight-only runs without it
+    (bias correction then runs only when calibration data is given)."""
+    return ("calibration",) if cfg.activations is not None else ()
+
+
+@register(Quantize, kind="quantize", needs=quantize_needs)
 def _apply_quantize(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     if ctx.schedules:
         raise RecipeError(f"{cfg.type_name()}: a gradual pruning ramp is still open; put its "

@@ -34,8 +34,20 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# every benchmark, one after the other (hours on a 2-core CPU; results in benchmarks/results/)
+BENCH_DATA = --data $(NETPRESS_DATA)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/unstructured.py
+	$(BIN)/pip install --quiet --no-deps torch-pruning==1.6.1
+	$(BIN)/python benchmarks/unstructured.py $(BENCH_DATA) --recover-images 5000
+	$(BIN)/python benchmarks/structured_coverage.py --out benchmarks/results/structured_coverage.json
+	$(BIN)/python benchmarks/structured.py speed --out benchmarks/results/structured_speed.json
+	$(BIN)/python benchmarks/structured.py accuracy $(BENCH_DATA) --epochs 1 --train-images 10000 \
+		--models benchmarks/results/structured_models --out benchmarks/results/structured_accuracy.json
+	$(BIN)/python benchmarks/structured.py oneshot $(BENCH_DATA) --out benchmarks/results/structured_oneshot.json
+	$(BIN)/python benchmarks/quantization.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/combined.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/fidelity.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/search.py $(BENCH_DATA)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

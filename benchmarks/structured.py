@@ -218,6 +218,7 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
     base_macs = count_macs(ref, x1)
     models: dict[str, nn.Module] = {"unpruned": ref}
     rows: dict[str, Any] = {}
+    errors: dict[str, str] = {}
 
     def measure(name: str, model: nn.Module, seconds: float) -> None:
         model.eval()
@@ -228,6 +229,9 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
                       "params": sum(p.numel() for p in model.parameters()),
                       "macs": count_macs(model, x1), "seconds": round(seconds, 1)}
         print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
+        if args.out:  # keep what is done if a later row fails
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")
 
     if args.models:
         args.models.mkdir(parents=True, exist_ok=True)
@@ -238,8 +242,14 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
             # protecting the stem conv keeps the whole residual stream coupled to it, the
             # like-for-like setting of the Torch-Pruning run
             t = time.perf_counter()
-            res = npr.compress(ref, [StructuredPrune(macs=fraction, protect=protect), distill],
-                               train=train, example_inputs=x1, measure=False, seed=args.seed)
+            try:
+                res = npr.compress(ref, [StructuredPrune(macs=fraction, protect=protect),
+                                         distill], train=train, example_inputs=x1,
+                                   measure=False, seed=args.seed)
+            except npr.RecipeError as exc:  # e.g. the floors cannot reach the target
+                errors[f"{tag}@{fraction}"] = str(exc)
+                print(f"{tag}@{fraction}: {exc}", file=sys.stderr, flush=True)
+                continue
             measure(f"{tag}@{fraction}", res.model, time.perf_counter() - t)
             if args.models:
                 res.save(args.models / f"{tag}@{fraction}.npress")
@@ -262,7 +272,7 @@ def accuracy_run(args: argparse.Namespace) -> dict[str, Any]:
                                           "ratio on a 0.05 grid reaching the MACs target; "
                                           "ignored_layers = stem conv, every block's conv2 and "
                                           "the classifier (the padded residual stream)"},
-            "rows": rows}
+            "rows": rows, "errors": errors}
 
 
 def throughput_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,6 +292,36 @@ def throughput_run(args: argparse.Namespace) -> dict[str, Any]:
         result["rows"][name].update(sp)
     result["settings"]["throughput_threads"] = args.threads
     return result
+
+
+def oneshot_run(args: argparse.Namespace) -> dict[str, Any]:
+    """One-shot accuracy (no recovery) of ResNet-56 pruned to ``--macs``, for a few settings,
+    with and without BatchNorm re-estimation on 1,024 JPEG train images."""
+    import netpress as npr
+    from netpress import datasets as ds
+    from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import accuracy, data_dir, logits
+
+    torch.set_num_threads(args.threads)
+    root = data_dir(args.data)
+    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root))
+    exact = ds.cifar10_exact_test(root)
+    calib = ds.loader(ds.cifar10_jpeg_train(root, limit=1024), batch_size=128)
+    x1 = torch.randn(1, 3, 32, 32)
+    settings: dict[str, dict[str, Any]] = {
+        "default": {}, "global": {"allocation": "global"}, "protect-stem": {"protect": ("conv1",)},
+        "taylor-global": {"importance": "taylor", "allocation": "global"}}
+    out: dict[str, Any] = {}
+    for tag, kw in settings.items():
+        for recal in (0, 8):
+            cfg = StructuredPrune(macs=args.macs, recalibrate_bn=recal, **kw)
+            res = npr.compress(ref, [cfg], calibration=calib, example_inputs=x1, measure=False)
+            out[f"{tag}, recalibrate_bn={recal}"] = accuracy(logits(res.model, exact),
+                                                            exact.tensors[1])
+            print(tag, recal, out[f"{tag}, recalibrate_bn={recal}"], file=sys.stderr)
+    return {"macs": args.macs, "accuracy_one_shot": out}
 
 
 def hessian_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,8 +402,15 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--threads", type=int, default=1)
     hp.add_argument("--repeats", type=int, default=3)
     hp.add_argument("--out", type=Path)
+    op = sub.add_parser("oneshot", help="one-shot accuracy, with and without BN re-estimation")
+    op.add_argument("--data")
+    op.add_argument("--macs", type=float, default=0.5)
+    op.add_argument("--threads", type=int, default=2)
+    op.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if args.part == "hessian":
+    if args.part == "oneshot":
+        result = oneshot_run(args)
+    elif args.part == "hessian":
         result = hessian_run(args)
     elif args.part == "speed":
         result = speed(args)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "weight_sparsity",
+    "varied_teacher",
     "TinyMLP",
     "TinyCNN",
     "TinyResNet",
@@ -98,6 +100,22 @@ def toy_batches(n: int = 64, batch: int = 16, classes: int = 4, seed: int = 0,
     else:
         y = torch.randint(0, classes, (n,), generator=g)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over all Conv2d/Linear weights of ``model``."""
+    ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def varied_teacher(seed: int = 0) -> TinyMLP:
+    """A TinyMLP whose predictions vary across classes (random CNNs with BatchNorm tend to
+    predict one class, which makes agreement trivially high): a teacher for recovery tests."""
+    torch.manual_seed(seed)
+    model = TinyMLP(hidden=64)
+    with torch.no_grad():
+        model.fc2.weight.mul_(5)
+    return model
 
 
 def state_equal(a: nn.Module, b: nn.Module) -> bool:

@@ -117,3 +117,43 @@ def test_long_tail_loss_proxy() -> None:
         loss, torch.tensor([True, False, True, False]), 2).items() if k != "spearman"}
     with pytest.raises(DataError, match="needs labels"):
         long_tail_summary(REF, CMP, None, proxy="loss")
+
+
+def test_memorization_estimate_by_hand() -> None:
+    from netpress.measure.longtail import memorization_estimate
+
+    # 4 models, 3 examples. Example 0: right when held in (2/2), wrong when out (0/2) -> 1.
+    # Example 1: always right -> 0. Example 2: right 1/2 in, 1/2 out -> 0.
+    correct = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    inside = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    assert memorization_estimate(correct, inside).tolist() == pytest.approx([1.0, 0.0, 0.0])
+    with pytest.raises(DataError, match="models, examples"):
+        memorization_estimate(correct[0], inside[0])
+
+
+def test_feldman_memorization_finds_mislabeled_examples() -> None:
+    from torch import nn
+
+    from netpress.measure.longtail import feldman_memorization
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    y = (x[:, 0] > 0).long()
+    y[:10] = 1 - y[:10]  # atypical (mislabeled) examples: learned only when trained on
+
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 2))
+
+    mem = feldman_memorization(factory, x, y, models=4, subset_fraction=0.5, epochs=40,
+                               lr=3e-2, batch_size=100, seed=0)
+    assert mem.shape == (200,)
+    assert float(mem[:10].mean()) > float(mem[10:].mean()) + 0.2
+    # As the long-tail proxy: flips on the memorized examples give a positive correlation.
+    ref = torch.nn.functional.one_hot(y, 2).double() * 3
+    cmp = ref.clone()
+    cmp[:10] = cmp[:10].flip(1)
+    s = long_tail_summary(ref, cmp, proxy="memorization", memorization=mem, bins=4)
+    assert s["proxy"] == "memorization" and s["mismatches"] == 10
+    assert s["spearman"] is not None and s["spearman"] > 0.2
+    with pytest.raises(DataError, match="needs memorization"):
+        long_tail_summary(ref, cmp, proxy="memorization")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import netpress as npr
-from netpress.testing import TinyCNN, TinyMLP, TinyResNet, toy_batches
+from netpress.testing import TinyCNN, TinyMLP, TinyResNet, toy_batches, weight_sparsity
 
 
 def weights(model):
@@ -12,10 +12,7 @@ def weights(model):
                                                                            torch.nn.Linear))}
 
 
-def sparsity(model):
-    ws = weights(model)
-    total = sum(w.numel() for w in ws.values())
-    return sum(int((w == 0).sum()) for w in ws.values()) / total
+sparsity = weight_sparsity
 
 
 def test_global_meets_target_exactly():

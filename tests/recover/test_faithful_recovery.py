@@ -1,25 +1,16 @@
 """L-C and label-preserving recovery on toy models."""
 
 import pytest
-import torch
 
 import netpress as npr
 from netpress.measure import agreement, collect_pair
-from netpress.testing import TinyCNN, TinyMLP, toy_batches
-
-
-def sparsity(model):
-    ws = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+from netpress.testing import TinyCNN, toy_batches, varied_teacher, weight_sparsity
 
 
 @pytest.fixture(scope="module")
 def task():
     """A teacher with varied predictions (random CNNs with BN predict one class)."""
-    torch.manual_seed(0)
-    model = TinyMLP(hidden=64)
-    with torch.no_grad():
-        model.fc2.weight.mul_(5)
+    model = varied_teacher()
     return model, toy_batches(n=512, batch=32, model=model), toy_batches(n=512, seed=1,
                                                                           model=model)
 
@@ -30,7 +21,7 @@ def test_lc_ends_in_the_compressed_set_and_beats_no_recovery(task):
     plain = npr.compress(model, [prune], measure=False).model
     lc = npr.compress(model, [prune, npr.LC(max_steps=160, iterations=8, lr=5e-3)],
                       train=train, measure=False)
-    assert sparsity(lc.model) == pytest.approx(sparsity(plain), abs=1e-6)
+    assert weight_sparsity(lc.model) == pytest.approx(weight_sparsity(plain), abs=1e-6)
     rec = lc.report["steps"][-1]
     assert rec["step"] == "LC" and rec["started_from_reference"] is True
     ref_out, plain_out, _ = collect_pair(model, plain, test)
@@ -43,7 +34,7 @@ def test_lc_keeps_masks_for_later_recovery(task):
     out = npr.compress(model, [npr.GlobalMagnitudePrune(sparsity=0.7),
                                npr.LC(max_steps=8, iterations=2),
                                npr.FineTune(max_steps=5, lr=1e-2)], train=train, measure=False)
-    assert sparsity(out.model) == pytest.approx(0.7, abs=1e-3)  # round(0.7 * n) weights
+    assert weight_sparsity(out.model) == pytest.approx(0.7, abs=1e-3)  # round(0.7 * n) weights
 
 
 def test_lc_needs_a_compression_step_and_oneshot():

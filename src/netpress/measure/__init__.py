@@ -35,8 +35,10 @@ from netpress.measure.latency import LatencyStats, measure_latency, measure_late
 from netpress.measure.longtail import (
     class_churn,
     confidence_shift,
+    feldman_memorization,
     flipped_indices,
     long_tail_summary,
+    memorization_estimate,
     mismatch_by_difficulty,
     rank_correlation,
     reference_loss,
@@ -60,8 +62,10 @@ from netpress.measure.tasks import (
 __all__ = [
     "class_churn",
     "confidence_shift",
+    "feldman_memorization",
     "flipped_indices",
     "long_tail_summary",
+    "memorization_estimate",
     "mismatch_by_difficulty",
     "rank_correlation",
     "reference_loss",

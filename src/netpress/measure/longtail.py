@@ -3,16 +3,21 @@
 Pure functions on output tensors (logits ``[N, C]``, labels ``[N]``), like
 :mod:`netpress.measure.fidelity`. The long-tail analysis asks whether the inputs whose top-1
 prediction flipped are the *hard* ones, measuring difficulty by a per-example proxy taken
-from the reference model: its top-1 margin or its loss on the label. Every ``*_summary``
-result is a JSON-ready dict of plain ``int``/``float``/``list`` values.
+from the reference model: its top-1 margin or its loss on the label, or, on request, a
+memorization estimate (Feldman & Zhang, "What Neural Networks Memorize and Why", 2020) from
+a few models trained on random subsets (:func:`memorization_estimate` is the estimator,
+:func:`feldman_memorization` trains the models). Every ``*_summary`` result is a JSON-ready
+dict of plain ``int``/``float``/``list`` values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from netpress.errors import DataError
 from netpress.measure.fidelity import _check_labels, _check_logits, _check_pair, _quantile
@@ -20,8 +25,10 @@ from netpress.measure.fidelity import _check_labels, _check_logits, _check_pair,
 __all__ = [
     "class_churn",
     "confidence_shift",
+    "feldman_memorization",
     "flipped_indices",
     "long_tail_summary",
+    "memorization_estimate",
     "mismatch_by_difficulty",
     "rank_correlation",
     "ranks",
@@ -29,7 +36,7 @@ __all__ = [
     "reference_margin",
 ]
 
-Proxy = Literal["margin", "loss"]
+Proxy = Literal["margin", "loss", "memorization"]
 
 
 def _pair(ref_logits: torch.Tensor, cmp_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +68,82 @@ def reference_loss(ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     logits = _check_logits(ref_logits, "reference logits").detach().double().cpu()
     labels = _check_labels(labels, logits.shape[0], logits.shape[1])
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def memorization_estimate(correct: torch.Tensor, in_subset: torch.Tensor) -> torch.Tensor:
+    """Feldman's per-example memorization from ``K`` models: ``[N]`` float64,
+    ``P(correct | trained on it) - P(correct | not trained on it)``.
+
+    ``correct`` and ``in_subset`` are ``[K, N]`` booleans: whether model ``k`` classifies
+    example ``n`` correctly, and whether ``n`` was in model ``k``'s training subset. An
+    example never (or always) held in is estimated from the side that exists (its missing
+    probability counts as 0), so give each example both sides by using enough models.
+    """
+    if correct.shape != in_subset.shape or correct.dim() != 2:
+        raise DataError(f"correct {tuple(correct.shape)} and in_subset "
+                        f"{tuple(in_subset.shape)} must both be [models, examples]")
+    hit, inside = correct.bool().double(), in_subset.bool()
+    n_in = inside.double().sum(0)
+    n_out = (~inside).double().sum(0)
+    p_in = (hit * inside).sum(0) / n_in.clamp(min=1)
+    p_out = (hit * ~inside).sum(0) / n_out.clamp(min=1)
+    return p_in - p_out
+
+
+Fit = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], None]
+
+
+def _default_fit(epochs: int, lr: float, batch_size: int) -> Fit:
+    def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(x.shape[0], generator=g).split(batch_size):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    return fit
+
+
+def feldman_memorization(
+    factory: Callable[[], nn.Module], inputs: torch.Tensor, labels: torch.Tensor, *,
+    models: int = 8, subset_fraction: float = 0.7, epochs: int = 10, lr: float = 1e-3,
+    batch_size: int = 64, seed: int = 0, fit: Fit | None = None,
+) -> torch.Tensor:
+    """Train ``models`` fresh models (``factory()``) on random ``subset_fraction`` subsets
+    of ``(inputs, labels)`` and return :func:`memorization_estimate` per example, ``[N]``.
+
+    ``fit(model, x, y, generator)`` trains one model (default: Adam, cross-entropy,
+    ``epochs`` passes in batches of ``batch_size``). Use the result as the difficulty
+    proxy of :func:`long_tail_summary` (``proxy="memorization"``); it needs the examples
+    the fidelity is measured on to be these training examples.
+    """
+    n = int(labels.numel())
+    if inputs.shape[0] != n or n < 2:
+        raise DataError(f"need >= 2 inputs with one label each, got {inputs.shape[0]} inputs "
+                        f"and {n} labels")
+    if models < 2 or not 0.0 < subset_fraction < 1.0:
+        raise DataError(f"need models >= 2 and 0 < subset_fraction < 1, got {models} and "
+                        f"{subset_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    train_one = fit or _default_fit(epochs, lr, batch_size)
+    correct = torch.zeros(models, n, dtype=torch.bool)
+    inside = torch.zeros(models, n, dtype=torch.bool)
+    size = max(1, min(n - 1, int(round(subset_fraction * n))))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for k in range(models):
+            chosen = torch.randperm(n, generator=g)[:size]
+            inside[k, chosen] = True
+            model = factory()
+            train_one(model, inputs[chosen], labels[chosen], g)
+            model.eval()
+            with torch.inference_mode():
+                pred = torch.cat([model(b).argmax(-1) for b in inputs.split(512)])
+            correct[k] = pred.cpu() == labels.cpu()
+    return memorization_estimate(correct, inside)
 
 
 def flipped_indices(ref_logits: torch.Tensor, cmp_logits: torch.Tensor) -> torch.Tensor:
@@ -179,16 +262,19 @@ def mismatch_by_difficulty(difficulty: torch.Tensor, mismatched: torch.Tensor, b
 
 def long_tail_summary(ref_logits: torch.Tensor, cmp_logits: torch.Tensor,
                       labels: torch.Tensor | None = None, *, proxy: Proxy = "margin",
-                      bins: int = 10) -> dict[str, Any]:
+                      bins: int = 10, memorization: torch.Tensor | None = None
+                      ) -> dict[str, Any]:
     """Mismatch rate against the reference's per-input difficulty, JSON-ready.
 
     ``proxy="margin"``: difficulty is ``-margin`` (the reference's top-1 minus top-2
     probability; small margin = hard); ``proxy="loss"``: the reference's cross-entropy on
-    ``labels`` (needed). Keys: ``proxy``, ``difficulty`` (what the numbers are),
-    ``n``, ``mismatches``, ``spearman`` and ``bins`` (see :func:`mismatch_by_difficulty`;
-    bin ranges are in difficulty units), plus ``mismatch_rate_hardest`` /
-    ``mismatch_rate_easiest`` (first and last bin) and ``proxy_mean_flipped`` /
-    ``proxy_mean_kept`` (mean proxy value of flipped and unflipped inputs, proxy units).
+    ``labels`` (needed); ``proxy="memorization"``: the given per-input ``memorization``
+    estimate (see :func:`feldman_memorization`; high = memorized, atypical). Keys:
+    ``proxy``, ``difficulty`` (what the numbers are), ``n``, ``mismatches``, ``spearman``
+    and ``bins`` (see :func:`mismatch_by_difficulty`; bin ranges are in difficulty units),
+    plus ``mismatch_rate_hardest`` / ``mismatch_rate_easiest`` (first and last bin) and
+    ``proxy_mean_flipped`` / ``proxy_mean_kept`` (mean proxy value of flipped and unflipped
+    inputs, proxy units).
     """
     ref, cmp = _pair(ref_logits, cmp_logits)
     if proxy == "margin":
@@ -199,8 +285,14 @@ def long_tail_summary(ref_logits: torch.Tensor, cmp_logits: torch.Tensor,
             raise DataError("proxy='loss' needs labels; use proxy='margin' for unlabeled data")
         value = reference_loss(ref, labels)
         difficulty, meaning = value, "the reference's cross-entropy on the label"
+    elif proxy == "memorization":
+        if memorization is None or memorization.numel() != ref.shape[0]:
+            raise DataError(f"proxy='memorization' needs memorization= with one value per "
+                            f"input ({ref.shape[0]}); compute it with feldman_memorization")
+        value = memorization.reshape(-1).double().cpu()
+        difficulty, meaning = value, "Feldman's memorization estimate (subset models)"
     else:
-        raise DataError(f"proxy must be 'margin' or 'loss', got {proxy!r}")
+        raise DataError(f"proxy must be 'margin', 'loss' or 'memorization', got {proxy!r}")
     miss = ref.argmax(-1) != cmp.argmax(-1)
     table = mismatch_by_difficulty(difficulty, miss, bins)
     spearman = table.pop("spearman")

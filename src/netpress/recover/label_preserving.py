@@ -42,7 +42,6 @@ class LabelPreserve(TrainConfig):
     weights: str | Mapping[str, float] = "auto"
     candidates: tuple[tuple[float, float, float], ...] = DEFAULT_CANDIDATES
     trial_fraction: float = 0.25
-    validation_fraction: float = 0.2
     temperature: float = 4.0
     margin: float = 1.0
 
@@ -60,7 +59,6 @@ class LabelPreserve(TrainConfig):
         if not self.candidates or any(len(c) != 3 for c in self.candidates):
             raise RecipeError(f"{n}: candidates must be (ce, kd, margin) triples")
         check_fraction(n, "trial_fraction", self.trial_fraction, hi_open=False)
-        check_fraction(n, "validation_fraction", self.validation_fraction)
         if self.temperature <= 0 or self.margin < 0:
             raise RecipeError(f"{n}: temperature must be > 0 and margin >= 0")
 
@@ -104,14 +102,10 @@ def _tune(model: nn.Module, cfg: LabelPreserve, ctx: Context) -> tuple[dict[str,
 
 
 def _trial_config(cfg: LabelPreserve, total: int | None) -> TrainConfig:
+    fields = cfg.without_early_stop()
     if total is not None:
-        return TrainConfig(**{**_train_fields(cfg), "max_steps": max(1, int(total *
-                                                                            cfg.trial_fraction))})
-    return TrainConfig(**{**_train_fields(cfg), "epochs": cfg.epochs * cfg.trial_fraction})
-
-
-def _train_fields(cfg: LabelPreserve) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in TrainConfig.field_names()}
+        return TrainConfig(**{**fields, "max_steps": max(1, int(total * cfg.trial_fraction))})
+    return TrainConfig(**{**fields, "epochs": cfg.epochs * cfg.trial_fraction})
 
 
 @register(LabelPreserve, kind="recover", needs=("train",))

@@ -63,6 +63,10 @@ class LC(TrainConfig):
         if self.mu_growth is not None and not self.mu_growth >= 1.0:
             raise RecipeError(f"{n}: mu_growth={self.mu_growth!r} must be >= 1")
         check_fraction(n, "alpha", self.alpha, hi_open=False)
+        if self.early_stop_patience is not None:
+            raise RecipeError(f"{n}: early stopping does not apply to L-C (its iterates leave "
+                              f"the compressed set until the last projection); set "
+                              f"early_stop_patience=None, or add a FineTune with it after LC")
 
     def growth(self) -> float:
         """The factor ``mu`` grows by after each L-C iteration."""
@@ -153,7 +157,7 @@ def _apply_lc(model: nn.Module, cfg: LC, ctx: Context) -> nn.Module:
 
 
 def _step_config(cfg: LC, total: int | None) -> TrainConfig:
-    fields = {name: getattr(cfg, name) for name in TrainConfig.field_names()}
+    fields = cfg.without_early_stop()
     if total is not None:
         fields["max_steps"] = max(1, total // cfg.iterations)
     else:

@@ -21,6 +21,7 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
+from netpress.recover.early_stop import AgreementMonitor, split_for_monitor
 
 __all__ = ["TrainConfig", "LossFn", "train"]
 
@@ -38,6 +39,14 @@ class TrainConfig(MethodConfig):
     ``range_reg`` adds ``range_reg_strength`` times an R² range regularizer (``linf``,
     ``margin`` or ``soft_min_max``, see :mod:`netpress.recover.regularizers`) on the
     Conv/Linear weights to the loss, making them friendlier to later quantization.
+
+    Early stopping on agreement (off while ``early_stop_patience`` is None): every
+    ``eval_every`` steps (default: once per epoch) the top-1 agreement with the reference is
+    measured on held-out data, the best weights are kept, training stops after
+    ``early_stop_patience`` checks without improvement, and the best weights are restored
+    at the end (pruning masks still applied). ``early_stop_data="held_out"`` holds out every
+    ``round(1/validation_fraction)``-th train batch (not trained on); ``"evaluate"`` uses the
+    ``evaluate=`` data of the compression instead.
     """
 
     epochs: float = 1.0
@@ -51,6 +60,10 @@ class TrainConfig(MethodConfig):
     grad_clip: float | None = None
     range_reg: str | None = None
     range_reg_strength: float = 1e-3
+    early_stop_patience: int | None = None
+    eval_every: int | None = None
+    early_stop_data: str = "held_out"
+    validation_fraction: float = 0.2
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -59,6 +72,7 @@ class TrainConfig(MethodConfig):
         if self.max_steps is not None and (not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
             raise RecipeError(f"{n}: max_steps={self.max_steps!r} must be an int >= 1 or null")
+        self._check_early_stop()
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise RecipeError(f"{n}: lr={self.lr!r} must be a positive number")
         if self.optimizer not in OPTIMIZERS:
@@ -76,6 +90,30 @@ class TrainConfig(MethodConfig):
         if not (isinstance(self.range_reg_strength, (int, float))
                 and self.range_reg_strength >= 0):
             raise RecipeError(f"{n}: range_reg_strength must be a number >= 0")
+
+
+    def _check_early_stop(self) -> None:
+        from netpress.recover.early_stop import EARLY_STOP_SOURCES
+
+        n = self.type_name()
+        for name in ("early_stop_patience", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise RecipeError(f"{n}: {name}={value!r} must be an int >= 1 or null")
+        if self.early_stop_data not in EARLY_STOP_SOURCES:
+            raise RecipeError(f"{n}: early_stop_data={self.early_stop_data!r}; choose one of "
+                              f"{EARLY_STOP_SOURCES}")
+        if not (isinstance(self.validation_fraction, (int, float))
+                and 0.0 < self.validation_fraction <= 0.5):
+            raise RecipeError(f"{n}: validation_fraction={self.validation_fraction!r} must be "
+                              f"in (0, 0.5]")
+
+    def without_early_stop(self) -> dict[str, Any]:
+        """This config's :class:`TrainConfig` fields with early stopping switched off."""
+        fields = {name: getattr(self, name) for name in TrainConfig.field_names()}
+        fields["early_stop_patience"] = None
+        return fields
 
 
 def _steps_per_epoch(data: Any) -> int:
@@ -114,18 +152,29 @@ def train(
     """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
     name = cfg.type_name()
     data = ctx.require("train", name)
+    monitor = None
+    monitored = cfg.early_stop_patience is not None
+    if monitored:
+        data, watch = split_for_monitor(data, ctx, cfg.early_stop_data, cfg.validation_fraction,
+                                        name)
     if cfg.range_reg is not None:
         from netpress.recover.regularizers import with_range_penalty
 
         loss_fn = with_range_penalty(loss_fn, model, cfg.range_reg, cfg.range_reg_strength)
-    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * _steps_per_epoch(data))))
+    need_epoch = not cfg.max_steps or (monitored and cfg.eval_every is None)
+    per_epoch = _steps_per_epoch(data) if need_epoch else 0
+    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
+    if cfg.early_stop_patience is not None:
+        every = cfg.eval_every or max(1, min(per_epoch, total))
+        monitor = AgreementMonitor(ctx, watch, every=every, patience=cfg.early_stop_patience)
+        monitor.check(model, 0, eligible=_ramps_done(ctx))
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     ctx.reference.eval()
     model.train()
-    step, running = 0, float("nan")
+    step, running, stop = 0, float("nan"), False
     with progress_bar(total, name, ctx.progress) as advance:
-        while step < total:
+        while step < total and not stop:
             for inputs, labels in batches(data, name=f"{name} train"):
                 ctx.before_train_step(model, step, total)
                 loss = _loss(model, ctx, loss_fn, inputs, labels, needs_teacher)
@@ -143,17 +192,27 @@ def train(
                 running = value if math.isnan(running) else 0.9 * running + 0.1 * value
                 step += 1
                 advance(loss=running)
-                if step >= total:
+                if monitor is not None and monitor.due(step, total):
+                    stop = monitor.check(model, step, eligible=_ramps_done(ctx))
+                if step >= total or stop:
                     break
     finished = ctx.finish_schedules(model)
     model.eval()
-    summary: dict[str, Any] = {"steps": total, "final_loss": round(running, 6)}
+    summary: dict[str, Any] = {"steps": step, "final_loss": round(running, 6)}
+    if monitor is not None:
+        summary["early_stop"] = {"stopped_early": stop, **monitor.restore(model)}
     if finished:
         summary["ramped"] = finished
     sparsity = ctx.mask_sparsity()
     if sparsity is not None:
         summary["mask_sparsity"] = round(sparsity, 6)
     return summary
+
+
+def _ramps_done(ctx: Context) -> bool:
+    """Whether every pruning ramp has reached its final sparsity (so weights kept now carry
+    the final masks)."""
+    return all(s.current >= s.final for s in ctx.schedules)
 
 
 def _loss(model: nn.Module, ctx: Context, loss_fn: LossFn, inputs: Any, labels: Any,

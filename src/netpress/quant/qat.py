@@ -119,10 +119,14 @@ class QAT(TrainConfig, QuantSettings):
 
     Quantization settings as in ``Quantize``; training settings as in ``Distill``
     (``temperature``, ``alpha``). Activation ranges are calibrated on ``calibration`` data,
-    or on the ``train`` data when none is given. Like every recovery, ``range_reg``
+    or on the ``train`` data when none is given. BatchNorm is folded before training, so the
+    network trains without normalisation: keep the learning rate low (default Adam 1e-4).
+    Measured on the pretrained ResNet-20, 20 steps: Adam 1e-4 keeps 91.6% accuracy, Adam 1e-3
+    falls to 31% and SGD 0.01 (a usual distillation rate) to 11%. Like every recovery, ``range_reg``
     (``linf``, ``margin``, ``soft_min_max``) adds an R² range penalty on the weights.
     """
 
+    lr: float = 1e-4
     temperature: float = 4.0
     alpha: float = 0.9
     learn_scales: bool = True

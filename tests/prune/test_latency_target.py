@@ -82,20 +82,21 @@ def test_search_backs_off_when_the_floors_refuse_a_fraction():
     assert summary["fraction"] >= 0.4 and summary["latency_ratio"] <= 0.35
 
 
-def _convnet() -> nn.Module:
+def _convnet(width: int = 64) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
 
 
 def test_latency_target_on_eager_is_measured_and_met():
-    model, x = _convnet(), torch.randn(1, 3, 32, 32)
+    # wide enough that one call takes milliseconds: timings of a tiny model are all noise
+    model, x = _convnet(128), torch.randn(1, 3, 32, 32)
     before = copy.deepcopy(model)
-    res = npr.compress(model, [StructuredPrune(latency=0.5, round_to=1, latency_batch=4)],
+    res = npr.compress(model, [StructuredPrune(latency=0.6, round_to=1, latency_batch=8)],
                        example_inputs=x, measure=False)
     step = res.report.to_dict()["steps"][0]
-    assert step["latency_ratio"] <= 0.5 and step["latency_tries"]
+    assert step["latency_ratio"] <= 0.6 and step["latency_tries"]
     assert count_macs(res.model, x) < 0.75 * count_macs(model, x)
     assert res.model(x).shape == (1, 10)
     assert state_equal(model, before)  # the input model is untouched

@@ -164,14 +164,18 @@ def search_latency(prune_to: Callable[[float], tuple[nn.Module, dict[str, Any]]]
             best = (fraction, model, summary, ratio)
         if best is not None and best[3] >= target * (1 - tolerance):
             break
+        # a safeguarded secant step: latency falls as MACs fall, so the answer lies between
+        # the largest fast-enough fraction and the smallest too-slow one; a noisy timing can
+        # throw the line fit anywhere, so keep the proposal inside that bracket
+        slow = min([m for m, r in points if r > target] or [1.0])
+        fast = best[0] if best is not None else max(floor_hit, 0.0)
+        lo, hi = (fast, slow) if fast < slow else (floor_hit, slow)
         proposal = next_fraction(points, target)
-        # a noisy timing can throw the line fit far off: move at most halfway to the floor
-        # limit, and never by more than a factor of two from the last try
-        proposal = min(max(proposal, fraction / 2, floor_hit + (fraction - floor_hit) / 2),
-                       1.0)
-        if any(abs(proposal - m) < 1e-3 for m, _ in points):
-            proposal = max(_MIN_FRACTION, min(fraction, proposal) * 0.97)  # step past it
-        fraction = proposal
+        if best is None:  # nothing fast enough yet: go below every too-slow try
+            proposal = min(proposal, 0.9 * hi)
+        if not lo < proposal < hi or any(abs(proposal - m) < 1e-3 for m, _ in points):
+            proposal = (lo + hi) / 2
+        fraction = max(_MIN_FRACTION, proposal)
     if best is None:
         seen = ", ".join(f"{t['macs_fraction']:.0%} MACs -> {t['latency_ratio']:.0%}"
                          for t in tried)

@@ -23,6 +23,7 @@ __all__ = [
     "describe_inputs",
     "evaluating",
     "model_device",
+    "outputs_on",
     "run_checked",
 ]
 
@@ -46,6 +47,19 @@ def model_device(model: nn.Module) -> torch.device:
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
+
+
+def outputs_on(model: nn.Module, inputs: Iterable[Any]) -> torch.Tensor:
+    """The primary outputs of ``model`` on each of ``inputs`` (moved to its device),
+    concatenated along the batch dimension on the CPU as float32, without gradients.
+
+    The plain form for a few held batches (sensitivity probes); :func:`collect_outputs`
+    is the checked one for user data loaders.
+    """
+    device = model_device(model)
+    with torch.no_grad():
+        return torch.cat([primary_output(call_model(model, move_to(x, device))).float().cpu()
+                          for x in inputs])
 
 
 def describe_inputs(inputs: Any) -> str:

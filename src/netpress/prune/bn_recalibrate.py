@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from netpress._inputs import call_model, move_to
+from netpress.measure.collect import model_device
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -36,7 +37,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, limit: in
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or limit < 1:
         return 0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     saved = {m: (m.momentum, m.training, _copy(m.running_mean), _copy(m.running_var),
                  _copy(m.num_batches_tracked)) for m in norms}
     was_training = model.training

@@ -10,13 +10,12 @@ uses this to spend bits where they matter.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
-import torch
 from torch import nn
 
-from netpress._inputs import call_model, move_to, primary_output
+from netpress._inputs import move_to
 from netpress.data import Data, batches
+from netpress.measure.collect import evaluating, model_device, outputs_on
 from netpress.measure.fidelity import agreement as top1_agreement
 from netpress.quant.modules import quantize_layer
 from netpress.quant.primitives import sqnr
@@ -24,11 +23,6 @@ from netpress.quant.ptq import weight_scale
 from netpress.select import select_names
 
 __all__ = ["layer_sensitivity"]
-
-
-def _outputs(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([primary_output(call_model(model, x)).float().cpu() for x in inputs])
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -44,27 +38,23 @@ def layer_sensitivity(model: nn.Module, data: Data, *, bits: int = 8,
 
     ``data`` is a re-iterable of ``(inputs, labels)`` batches (labels unused).
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     inputs = [move_to(x, device) for i, (x, _) in enumerate(batches(data, name="data"))
               if max_batches is None or i < max_batches]
-    was_training = model.training
-    model.eval()
     candidates = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     names = select_names(candidates, layers, ignore, owner="layer_sensitivity")
-    reference = _outputs(model, inputs)
     out: dict[str, dict[str, float]] = {}
-    try:
+    with evaluating(model):
+        reference = outputs_on(model, inputs)
         for name in names:
             layer = model.get_submodule(name)
             assert isinstance(layer, (nn.Conv2d, nn.Linear))
             _set(model, name, quantize_layer(layer, bits,
                                              weight_scale(layer.weight, bits, weight_observer)))
             try:
-                approx = _outputs(model, inputs)
+                approx = outputs_on(model, inputs)
             finally:
                 _set(model, name, layer)
             agreement = top1_agreement(reference, approx) if reference.dim() >= 2 else 1.0
             out[name] = {"agreement": float(agreement), "sqnr_db": sqnr(reference, approx)}
-    finally:
-        model.train(was_training)
     return out

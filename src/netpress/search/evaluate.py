@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from netpress._inputs import call_model, move_to, primary_output, take_batch
+from netpress._inputs import take_batch
 from netpress.config import MethodConfig, Recipe
 from netpress.data import Data, batches
 from netpress.errors import DataError, NetpressError
+from netpress.measure.collect import outputs_on
 from netpress.measure.constraints import Constraint, ConstraintResult, check_all
 from netpress.measure.fidelity import classification_fidelity
 from netpress.search.objectives import Objective
@@ -151,9 +152,7 @@ class Evaluator:
         self._ref: torch.Tensor | None = None
 
     def _outputs(self, model: nn.Module, x: Any) -> torch.Tensor:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            return primary_output(call_model(model, move_to(x, device))).float().cpu()
+        return outputs_on(model, [x])
 
     def reference_outputs(self) -> torch.Tensor:
         """The reference model's outputs on the evaluation inputs (computed once)."""

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from netpress._inputs import call_model, move_to, primary_output
+from netpress.measure.collect import evaluating, outputs_on
 from netpress.measure.fidelity import agreement as top1_agreement
 from netpress.prune.masks import magnitude_mask
+from netpress.quant.primitives import fake_quantize
 from netpress.quant.ptq import weight_scale
 
 __all__ = ["relative_error", "prune_weight", "quantize_weight", "group_sensitivity"]
@@ -39,16 +40,9 @@ def quantize_weight(w: torch.Tensor, bits: int, observer: str = "mse") -> torch.
     """Symmetric per-output-channel fake quantization of ``w`` (what WeightOnly stores)."""
     if bits >= 32:
         return w.clone()
-    scale = weight_scale(w, bits, observer).reshape(-1, *([1] * (w.dim() - 1)))
-    q = 2 ** (bits - 1) - 1
-    return torch.clamp(torch.round(w / scale), -q, q) * scale
-
-
-def _outputs(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.no_grad():
-        return torch.cat([primary_output(call_model(model, move_to(x, device))).float().cpu()
-                          for x in inputs])
+    scale = weight_scale(w, bits, observer)
+    zero = torch.zeros_like(scale, dtype=torch.int32)
+    return fake_quantize(w.detach(), scale, zero, bits, symmetric=True, axis=0)
 
 
 def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
@@ -58,11 +52,9 @@ def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
     """``{group: {str(option): {"error": ..., "agreement": ...}}}`` with only that group's
     layers transformed by ``transform(weight, option)`` (e.g. :func:`prune_weight`)."""
     batches = list(inputs)
-    was_training = model.training
-    model.eval()
-    reference = _outputs(model, batches)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    try:
+    with evaluating(model):
+        reference = outputs_on(model, batches)
         for g, layers in groups.items():
             weights: dict[str, torch.Tensor] = {}
             for n in layers:
@@ -75,16 +67,12 @@ def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
                 for opt in options:
                     with torch.no_grad():
                         for n, w in weights.items():
-                            assert isinstance(w, torch.Tensor)
                             w.copy_(transform(saved[n], opt))
-                    approx = _outputs(model, batches)
+                    approx = outputs_on(model, batches)
                     out[g][str(opt)] = {"error": relative_error(reference, approx),
                                         "agreement": float(top1_agreement(reference, approx))}
             finally:
                 with torch.no_grad():
                     for n, w in weights.items():
-                        assert isinstance(w, torch.Tensor)
                         w.copy_(saved[n])
-    finally:
-        model.train(was_training)
     return out

@@ -38,7 +38,7 @@ from _common import Timer, accuracy, agreement, data_dir, logits, markdown_table
 
 import netpress as npr
 from netpress import datasets as ds
-from netpress.export.onnx import export_onnx, ort_session
+from netpress.export.onnx import OrtModule, export_onnx
 from netpress.measure.latency import measure_latency_interleaved
 from netpress.measure.macs import count_macs
 from netpress.models.cifar_resnet import find_pretrained, load_pretrained_cifar_resnet
@@ -46,19 +46,6 @@ from netpress.prune.structured import StructuredPrune
 from netpress.quant import QAT, Quantize
 
 PROTECT = {"stem": ("conv1",), "none": ()}
-
-
-class OrtModule(nn.Module):
-    """An ONNX Runtime session behind ``nn.Module.forward`` (so it can be timed beside eager
-    PyTorch by :func:`measure_latency_interleaved`)."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        super().__init__()
-        self.session = ort_session(path, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
 
 
 def ort_logits(module: OrtModule, dataset: Any, batch: int = 500) -> torch.Tensor:
@@ -115,7 +102,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     def add_onnx(name: str, model: nn.Module, **extra: Any) -> None:
         path = export_onnx(model, tmp / f"{len(timed)}.onnx", x1)
-        ort = OrtModule(path, args.threads)
+        ort = OrtModule(path, threads=args.threads)
         timed[name] = ort
         rows[name] = {"accuracy": accuracy(ort_logits(ort, exact), y),
                       "agreement_jpeg": agreement(ort_logits(ort, jpeg), ref_jpeg),

@@ -141,55 +141,33 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
-def _onnx_bytes(model: nn.Module) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.onnx.export(model.eval(), (torch.randn(1, 3, 32, 32),), buf, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-                      dynamo=False)
-    return buf.getvalue()
-
-
 def throughput_table(models: dict[str, nn.Module], threads: int, repeats: int,
                      rounds: int = 5) -> dict[str, dict[str, float]]:
     """Images/s of every model in PyTorch eager and ONNX Runtime at batch 1 and 64.
 
-    All models are timed in alternating rounds (each round runs every model in turn), so
-    load on the machine shifts every row alike and the speed-up ratios stay fair.
+    All models (eager and ONNX Runtime alike) are timed in alternating rounds (each round
+    runs every model in turn), so load on the machine shifts every row alike and the
+    speed-up ratios stay fair. The first model is the baseline of the speed-ups.
     """
-    import onnxruntime as ort
+    import tempfile
 
+    from netpress.export.onnx import OrtModule, export_onnx
     from netpress.measure.latency import measure_latency_interleaved
 
     names = list(models)
+    x = torch.randn(1, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        runnable = {(n, "eager"): m for n, m in models.items()}
+        for i, (n, m) in enumerate(models.items()):
+            path = export_onnx(m, Path(tmp) / f"{i}.onnx", x)
+            runnable[(n, "ort")] = OrtModule(path, threads=threads)
+        stats = measure_latency_interleaved(list(runnable.values()), x, batch_sizes=(1, 64),
+                                            threads=threads, warmup=3, repeats=repeats,
+                                            rounds=rounds)
     out: dict[str, dict[str, float]] = {n: {} for n in names}
-    eager = measure_latency_interleaved([models[n] for n in names], torch.randn(1, 3, 32, 32),
-                                        batch_sizes=(1, 64), threads=threads, warmup=3,
-                                        repeats=repeats, rounds=rounds)
-    for n, stats in zip(names, eager):
-        for b, st in stats.items():
-            out[n][f"eager_b{b}"] = b / (st.median_ms / 1e3)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sessions = {n: ort.InferenceSession(_onnx_bytes(m), opts,
-                                        providers=["CPUExecutionProvider"])
-                for n, m in models.items()}
-    per_round = max(1, -(-repeats // rounds))
-    for b in (1, 64):
-        x = torch.randn(b, 3, 32, 32).numpy()
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(rounds):
-            for n in names:
-                for _ in range(3 if r == 0 else 1):  # warm-up
-                    sessions[n].run(None, {"x": x})
-                for _ in range(per_round):
-                    t = time.perf_counter()
-                    sessions[n].run(None, {"x": x})
-                    times[n].append(time.perf_counter() - t)
-        for n in names:
-            out[n][f"ort_b{b}"] = b / statistics.median(times[n])
+    for (n, runtime), st in zip(runnable, stats):
+        for b, one in st.items():
+            out[n][f"{runtime}_b{b}"] = b / (one.median_ms / 1e3)
     base = out[names[0]]
     for n in names:
         for key in ("eager_b1", "eager_b64", "ort_b1", "ort_b64"):

@@ -29,7 +29,7 @@ from netpress._atomic import atomic_path
 from netpress.errors import ModelError
 
 __all__ = ["export_onnx", "export_artefact", "ort_session", "ort_run", "ort_latency",
-           "optimized_op_types"]
+           "optimized_op_types", "OrtModule"]
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -141,6 +141,19 @@ def ort_run(session: Any, *inputs: torch.Tensor | np.ndarray) -> np.ndarray:
     out = session.run(None, feed)[0]
     assert isinstance(out, np.ndarray)
     return out
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind ``nn.Module.forward``: positional tensor inputs in, the
+    first output back as a CPU tensor. It lets ONNX Runtime models be evaluated and timed
+    (:func:`netpress.measure.measure_latency_interleaved`) beside eager PyTorch ones."""
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 1) -> None:
+        super().__init__()
+        self.session = ort_session(path, threads=threads)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(ort_run(self.session, *inputs))
 
 
 def optimized_op_types(path: str | os.PathLike[str]) -> list[str]:

@@ -19,9 +19,7 @@ percent.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,9 +65,11 @@ def next_fraction(points: Sequence[tuple[float, float]], target: float) -> float
 class LatencyRatio:
     """Measures ``latency(candidate) / latency(reference)`` on one runtime.
 
-    The two models are timed in alternating rounds (medians over all rounds), so load on the
-    machine and frequency drift hit both alike; timing them one after the other made the ratio
-    swing by 30% on a busy 2-core machine. The reference is prepared once.
+    The two models are timed in alternating rounds
+    (:func:`~netpress.measure.latency.measure_latency_interleaved`, medians over all rounds),
+    so load on the machine and frequency drift hit both alike; timing them one after the
+    other made the ratio swing by 30% on a busy 2-core machine. For ONNX Runtime both are
+    exported and run as :class:`~netpress.export.onnx.OrtModule`; the reference once.
     """
 
     def __init__(self, reference: nn.Module, example_inputs: Inputs, *, runtime: str,
@@ -80,53 +80,31 @@ class LatencyRatio:
             raise RecipeError("StructuredPrune(latency_runtime='onnxruntime') needs a single "
                               "tensor as example_inputs; time models with tuple or keyword "
                               "inputs in eager mode (latency_runtime='eager')")
-        self.reference, self.example_inputs = reference, example_inputs
-        self.runtime, self.batch_size, self.threads = runtime, batch_size, threads
+        self.example_inputs, self.runtime = example_inputs, runtime
+        self.batch_size, self.threads = batch_size, threads
         self.repeats, self.rounds = repeats, rounds
         self._tmp = tempfile.TemporaryDirectory(prefix="netpress-latency-")
-        self._ref_session = self._session(reference, "reference") \
-            if runtime == "onnxruntime" else None
-        self.reference_ms: float | None = None
+        self._count = 0
+        self.reference = self._runnable(reference)
 
-    def _session(self, model: nn.Module, name: str) -> Any:
-        from netpress.export.onnx import export_onnx, ort_session
+    def _runnable(self, model: nn.Module) -> nn.Module:
+        if self.runtime == "eager":
+            return model
+        from netpress.export.onnx import OrtModule, export_onnx
 
-        path = export_onnx(model, Path(self._tmp.name) / f"{name}.onnx", self.example_inputs)
-        return ort_session(path, threads=self.threads)
+        self._count += 1
+        path = export_onnx(model, Path(self._tmp.name) / f"m{self._count}.onnx",
+                           self.example_inputs)
+        return OrtModule(path, threads=self.threads)
 
     def __call__(self, candidate: nn.Module) -> float:
-        if self.runtime == "eager":
-            from netpress.measure.latency import measure_latency_interleaved
+        from netpress.measure.latency import measure_latency_interleaved
 
-            ref, cand = measure_latency_interleaved(
-                [self.reference, candidate], self.example_inputs,
-                batch_sizes=(self.batch_size,), threads=self.threads, warmup=3,
-                repeats=self.repeats, rounds=self.rounds)
-            ref_ms, cand_ms = ref[self.batch_size].median_ms, cand[self.batch_size].median_ms
-        else:
-            ref_ms, cand_ms = self._ort_pair(self._session(candidate, "candidate"))
-        self.reference_ms = ref_ms
-        return cand_ms / ref_ms
-
-    def _ort_pair(self, session: Any) -> tuple[float, float]:
-        import numpy as np
-
-        from netpress.export.onnx import ort_run
-
-        assert isinstance(self.example_inputs, torch.Tensor)
-        row = self.example_inputs[:1].detach().cpu().numpy()
-        x = np.ascontiguousarray(np.repeat(row, self.batch_size, axis=0))
-        times: list[list[float]] = [[], []]
-        per_round = max(1, -(-self.repeats // self.rounds))
-        for r in range(self.rounds):
-            for i, sess in enumerate((self._ref_session, session)):
-                for _ in range(3 if r == 0 else 1):
-                    ort_run(sess, x)
-                for _ in range(per_round):
-                    start = time.perf_counter()
-                    ort_run(sess, x)
-                    times[i].append(time.perf_counter() - start)
-        return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+        ref, cand = measure_latency_interleaved(
+            [self.reference, self._runnable(candidate)], self.example_inputs,
+            batch_sizes=(self.batch_size,), threads=self.threads, warmup=3,
+            repeats=self.repeats, rounds=self.rounds)
+        return cand[self.batch_size].median_ms / ref[self.batch_size].median_ms
 
     def close(self) -> None:
         self._tmp.cleanup()

@@ -152,21 +152,21 @@ def train(
     """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
     name = cfg.type_name()
     data = ctx.require("train", name)
-    monitor = None
-    monitored = cfg.early_stop_patience is not None
-    if monitored:
+    patience = cfg.early_stop_patience
+    if patience is not None:
         data, watch = split_for_monitor(data, ctx, cfg.early_stop_data, cfg.validation_fraction,
                                         name)
     if cfg.range_reg is not None:
         from netpress.recover.regularizers import with_range_penalty
 
         loss_fn = with_range_penalty(loss_fn, model, cfg.range_reg, cfg.range_reg_strength)
-    need_epoch = not cfg.max_steps or (monitored and cfg.eval_every is None)
+    need_epoch = not cfg.max_steps or (patience is not None and cfg.eval_every is None)
     per_epoch = _steps_per_epoch(data) if need_epoch else 0
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
-    if cfg.early_stop_patience is not None:
+    monitor = None
+    if patience is not None:
         every = cfg.eval_every or max(1, min(per_epoch, total))
-        monitor = AgreementMonitor(ctx, watch, every=every, patience=cfg.early_stop_patience)
+        monitor = AgreementMonitor(ctx, watch, every=every, patience=patience)
         monitor.check(model, 0, eligible=_ramps_done(ctx))
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))

@@ -23,6 +23,7 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.errors import ModelError, RecipeError
 from netpress.export.modules import register_module_type
+from netpress.quant.modules import ConvGeometry, conv2d_geometry
 from netpress.registry import register
 from netpress.select import check_patterns, resolve_per_layer, select_names, weighted_modules
 
@@ -64,6 +65,7 @@ class _CodebookWeight(nn.Module):
     indices: torch.Tensor
     codebook: torch.Tensor
     channel_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def _init_codebook(self, shape: tuple[int, ...], bits: int, bias: bool) -> None:
         self.bits = bits
@@ -77,7 +79,7 @@ class _CodebookWeight(nn.Module):
         return self.codebook[self.indices.long()] * self.channel_scale.reshape(shape)
 
 
-class CodebookConv2d(_CodebookWeight):
+class CodebookConv2d(_CodebookWeight, ConvGeometry):
     """A Conv2d whose weights are indices into a codebook."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
@@ -85,24 +87,15 @@ class CodebookConv2d(_CodebookWeight):
                  dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True,
                  bits: int = 4) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
-        self.dilation, self.groups = dilation, groups
-        kh, kw = self.kernel_size
-        self._init_codebook((out_channels, in_channels // groups, kh, kw), bits, bias)
+        shape = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding,
+                                   dilation, groups)
+        self._init_codebook(shape, bits, bias)
 
     def _spec(self) -> dict[str, Any]:
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": self.kernel_size, "stride": self.stride,
-                "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
-                "bias": self.bias is not None, "bits": self.bits}
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self._spec().items())
+        return self.spec()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.decoded_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        return self._conv(x, self.decoded_weight(), self.bias)
 
 
 class CodebookLinear(_CodebookWeight):
@@ -135,11 +128,7 @@ def _codebook_layer(layer: nn.Module, bits: int, keep_zero: bool,
                     per_channel: bool) -> _CodebookWeight:
     out: _CodebookWeight
     if type(layer) is nn.Conv2d:
-        ks = layer.kernel_size
-        out = CodebookConv2d(layer.in_channels, layer.out_channels, (ks[0], ks[1]),
-                             layer.stride, layer.padding,  # type: ignore[arg-type]
-                             layer.dilation, layer.groups,  # type: ignore[arg-type]
-                             layer.bias is not None, bits)
+        out = CodebookConv2d(**conv2d_geometry(layer), bias=layer.bias is not None, bits=bits)
     elif type(layer) is nn.Linear:
         out = CodebookLinear(layer.in_features, layer.out_features, layer.bias is not None, bits)
     else:

@@ -32,6 +32,7 @@ from netpress.quant.primitives import (
 )
 
 __all__ = ["ActQuant", "QuantWeight", "QuantConv2d", "QuantLinear", "QUANT_LAYERS",
+           "ConvGeometry", "conv2d_geometry",
            "quantize_layer"]
 
 
@@ -187,7 +188,49 @@ class QuantWeight(nn.Module):
         return dequantize_affine(self.weight_q, self.weight_scale, zp, axis=0)
 
 
-class QuantConv2d(QuantWeight):
+def conv2d_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """The constructor arguments of ``conv`` that fix its shapes (a 2-d, zero-padded conv)."""
+    ks = conv.kernel_size
+    assert conv.padding_mode == "zeros" and len(ks) == 2
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": (ks[0], ks[1]), "stride": conv.stride, "padding": conv.padding,
+            "dilation": conv.dilation, "groups": conv.groups}
+
+
+class ConvGeometry(nn.Module):
+    """The shape of a Conv2d whose weight is stored in another form (integer codes, codebook
+    indices): its attributes, its spec for the artefact, and the ``F.conv2d`` call."""
+
+    bias: torch.Tensor | None
+    bits: int
+
+    def _set_geometry(self, in_channels: int, out_channels: int,
+                      kernel_size: tuple[int, int], stride: tuple[int, int],
+                      padding: tuple[int, int] | str, dilation: tuple[int, int],
+                      groups: int) -> tuple[int, int, int, int]:
+        """Set the conv attributes; returns the weight's shape."""
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
+        self.dilation, self.groups = dilation, groups
+        kh, kw = self.kernel_size
+        return (out_channels, in_channels // groups, kh, kw)
+
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments (geometry, bias, bits): how the artefact rebuilds it."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+                "bias": self.bias is not None, "bits": self.bits}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items())
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantConv2d(QuantWeight, ConvGeometry):
     """A Conv2d whose weight is int8 codes times a per-output-channel scale."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
@@ -195,30 +238,16 @@ class QuantConv2d(QuantWeight):
                  dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True,
                  bits: int = 8) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
-        self.dilation, self.groups = dilation, groups
-        kh, kw = self.kernel_size
-        self._init_weight((out_channels, in_channels // groups, kh, kw), bits, bias)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, bits={self.bits}")
+        shape = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding,
+                                   dilation, groups)
+        self._init_weight(shape, bits, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dequantized_weight(), self.export_bias(), self.stride, self.padding,
-                        self.dilation, self.groups)
+        return self._conv(x, self.dequantized_weight(), self.export_bias())
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int) -> QuantConv2d:
-        assert conv.padding_mode == "zeros"
-        ks = conv.kernel_size
-        assert len(ks) == 2
-        q = cls(conv.in_channels, conv.out_channels, (ks[0], ks[1]),
-                stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
-                dilation=conv.dilation, groups=conv.groups,  # type: ignore[arg-type]
-                bias=conv.bias is not None, bits=bits)
+        q = cls(**conv2d_geometry(conv), bias=conv.bias is not None, bits=bits)
         return q.to(conv.weight.device)
 
 
@@ -268,10 +297,7 @@ def quantize_layer(layer: nn.Module, bits: int, scale: torch.Tensor) -> QuantWei
 
 def _conv_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, QuantConv2d)
-    return {"in_channels": m.in_channels, "out_channels": m.out_channels,
-            "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-            "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None,
-            "bits": m.bits}
+    return m.spec()
 
 
 def _linear_spec(m: nn.Module) -> dict[str, Any]:

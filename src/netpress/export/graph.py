@@ -11,6 +11,8 @@ generates, so no text from a file can reach Python code.
 
 from __future__ import annotations
 
+import builtins
+import functools
 import keyword
 import math
 import operator
@@ -269,11 +271,54 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 
 
 # -- loading -----------------------------------------------------------------------------------
+@functools.cache
+def reserved_names() -> frozenset[str]:
+    """Names no stored graph node may take: the generated ``forward`` uses them (``self``,
+    ``torch`` and fx's other globals, builtins, Python keywords)."""
+    from torch.fx.graph import _custom_builtins
+
+    return frozenset({"self", *keyword.kwlist, *dir(builtins), *_custom_builtins})
+
+
+@functools.cache
+def reserved_arguments() -> frozenset[str]:
+    """Names no ``forward`` argument (placeholder) may take. Arguments may shadow builtins the
+    generated code never reads (``input`` is common), not ``self``, fx's globals, keywords or
+    the builtins the code does read (``getattr`` for paths and allowed attributes, ``slice``
+    and ``Ellipsis`` in constants)."""
+    from torch.fx.graph import _custom_builtins
+
+    return frozenset({"self", *keyword.kwlist, *_custom_builtins, "getattr", "slice",
+                      "Ellipsis", "NotImplemented"})
+
+
+@functools.cache
+def reserved_attributes() -> frozenset[str]:
+    """Attribute names of a GraphModule and of ``nn.Module`` (``forward``, ``training``,
+    ``_modules``, ``graph``, ``code``, ...): no stored module or tensor may take them."""
+    return frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph())))
+
+
+def _check_name(name: Any, what: str, reserved: frozenset[str] | None = None) -> str:
+    """``name`` when it is a plain identifier that shadows nothing the generated code uses."""
+    reserved = reserved_names() if reserved is None else reserved
+    if not isinstance(name, str) or not _IDENT.match(name) or name in reserved \
+            or name.startswith("__"):
+        raise ArtefactError(f"{what} {name!r:.80} is invalid: it must be a plain identifier "
+                            "that shadows nothing the generated forward uses (self, torch, "
+                            "builtins, keywords)")
+    return name
+
+
 def _check_path(path: Any, what: str) -> str:
     parts = path.split(".") if isinstance(path, str) else [""]
     if not all(_PATH_PART.match(p) and not p.startswith("__") and not keyword.iskeyword(p)
                for p in parts):
-        raise ArtefactError(f"{what} {path!r} is not a dotted path of identifiers")
+        raise ArtefactError(f"{what} {path!r:.80} is not a dotted path of identifiers")
+    clash = [p for p in parts if p in reserved_attributes()]
+    if clash:
+        raise ArtefactError(f"{what} {path!r:.80} collides with the nn.Module attribute "
+                            f"{clash[0]!r}; no module or tensor may be named like one")
     return str(path)
 
 
@@ -302,7 +347,10 @@ def _install_module(root: nn.Module, path: str, spec: Any,
     except RuntimeError as exc:
         raise ArtefactError(f"the stored tensors do not fit module '{path}': {exc}") from None
     *parents, field = path.split(".")
-    _holder(root, parents).add_module(field, module)
+    holder = _holder(root, parents)
+    if hasattr(holder, field):
+        raise ArtefactError(f"module '{path}' collides with an existing attribute")
+    holder.add_module(field, module)
 
 
 def _install_attr(root: nn.Module, target: str, info: Any,
@@ -311,6 +359,9 @@ def _install_attr(root: nn.Module, target: str, info: Any,
     owner = _holder(root, parents)
     if field in owner._parameters or field in owner._buffers:
         return  # part of a rebuilt module's state
+    if hasattr(owner, field):
+        raise ArtefactError(f"attribute '{target}' collides with an attribute of "
+                            f"{type(owner).__name__}")
     if target not in tensors:
         raise ArtefactError(f"attribute '{target}' is fetched by the graph but not stored")
     kind = info.get("kind") if isinstance(info, dict) else None
@@ -339,9 +390,10 @@ def _resolve_target(op: str, target: Any, name: str) -> Any:
     if op in ("call_module", "get_attr"):
         return _check_path(target, f"node '{name}' target")
     if op == "placeholder":
-        if not isinstance(target, str) or not _PLACEHOLDER.match(target) \
-                or keyword.iskeyword(target.lstrip("*")):
-            raise ArtefactError(f"placeholder '{name}' has invalid argument name {target!r}")
+        if not isinstance(target, str) or not _PLACEHOLDER.match(target):
+            raise ArtefactError(f"placeholder '{name}' has invalid argument name {target!r:.80}")
+        _check_name(target.lstrip("*"), f"placeholder '{name}' argument name",
+                    reserved_arguments())
         return target
     return "output"
 
@@ -361,19 +413,23 @@ def _build_graph(nodes: Any) -> fx.Graph:
     for n in nodes:
         if not isinstance(n, dict) or n.get("op") not in _OPS:
             raise ArtefactError(f"malformed graph node {n!r:.120}")
-        name, op = n.get("name"), n["op"]
-        if not isinstance(name, str) or not _IDENT.match(name) or name in env:
-            raise ArtefactError(f"graph node name {name!r} is invalid or repeated")
+        op = n["op"]
+        name = _check_name(n.get("name"), "graph node name")
+        if name in env:
+            raise ArtefactError(f"graph node name {name!r} is repeated")
         target = _resolve_target(op, n.get("target"), name)
         args = decode_value(n.get("args", []), ref)
         kwargs = n.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(
-                isinstance(k, str) and _IDENT.match(k) for k in kwargs):
+                isinstance(k, str) and _IDENT.match(k) and not keyword.iskeyword(k)
+                for k in kwargs):
             raise ArtefactError(f"node '{name}' has malformed args or kwargs")
         if target is getattr and (len(args) != 2 or args[1] not in _ATTRIBUTES):
             raise ArtefactError(f"node '{name}' reads a disallowed attribute {args[1:]!r}")
         env[name] = graph.create_node(op, target, tuple(args),
                                       {k: decode_value(v, ref) for k, v in kwargs.items()}, name)
+    if [n.op for n in graph.nodes].count("output") != 1 or graph.output_node().next.op != "root":
+        raise ArtefactError("the graph must end with exactly one output node")
     return graph
 
 
@@ -389,9 +445,14 @@ def graph_from_json(d: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
     modules, attrs = d.get("modules", {}), d.get("attrs", {})
     if not isinstance(modules, dict) or not isinstance(attrs, dict):
         raise ArtefactError("graph 'modules' and 'attrs' must be JSON objects")
+    paths = sorted(_check_path(p, "module path") for p in modules)
+    nested = [(a, b) for a, b in zip(paths, paths[1:]) if b.startswith(a + ".")]
+    if nested:
+        raise ArtefactError(f"module '{nested[0][1]}' is inside module '{nested[0][0]}'; "
+                            "stored modules must be leaves")
     root = nn.Module()
     for path, spec in modules.items():
-        _install_module(root, _check_path(path, "module path"), spec, tensors)
+        _install_module(root, path, spec, tensors)
     for target, info in attrs.items():
         _install_attr(root, _check_path(target, "attribute"), info, tensors)
     graph = _build_graph(d.get("nodes"))
@@ -406,8 +467,12 @@ def graph_from_json(d: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         graph.lint()
         gm = fx.GraphModule(root, graph, class_name="NetpressGraph")
     except Exception as exc:
-        raise ArtefactError(f"the stored graph is inconsistent: {type(exc).__name__}: {exc}") \
-            from None
+        raise ArtefactError(f"the stored graph is inconsistent: {type(exc).__name__}: "
+                            f"{str(exc)[:300]}") from None
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not isinstance(_fetch(gm, str(node.target)), torch.Tensor):
+            raise ArtefactError(f"node '{node.name}' fetches '{node.target}', which is not a "
+                                "tensor")
     return gm.eval()
 
 

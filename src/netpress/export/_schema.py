@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from netpress._repr import short_repr
 from netpress.errors import ArtefactError
 
 __all__ = ["MAX_DEPTH", "MAX_INT", "loads_strict", "check_header", "check_depth", "short"]
@@ -40,13 +41,7 @@ class _Reject(ValueError):
 
 def short(value: Any, limit: int = 80) -> str:
     """A repr of ``value`` cut to ``limit`` characters (error messages never print a bomb)."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring = r.maxother = limit
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 4, 6, 6, 6
-    text = r.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short_repr(value, limit)
 
 
 def _no_constant(name: str) -> Any:

@@ -26,7 +26,7 @@ from netpress.errors import DataError, ModelError, RecipeError
 from netpress.registry import get_method
 from netpress.report import Report
 
-__all__ = ["compress", "load", "CompressionResult", "check_finite"]
+__all__ = ["compress", "load", "CompressionResult", "check_finite", "artefact_summary"]
 
 DATA_ARGS = ("calibration", "train", "evaluate")
 
@@ -50,7 +50,7 @@ class CompressionResult:
         from netpress.export import save_artefact
 
         return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
-                             metadata={"report": self.report.summary()},
+                             metadata={"report": artefact_summary(self.report.summary())},
                              example_inputs=self.example_inputs)
 
     def save_report(self, directory: str | Path, *, html: bool = True) -> Path:
@@ -59,10 +59,25 @@ class CompressionResult:
         return self.report.write(directory, html=html)
 
 
+TIMING_PREFIXES = ("latency.",)
+"""Report summary keys that are timings: machine- and moment-dependent, kept out of artefacts."""
+
+
+def artefact_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The report summary an artefact stores: everything but timings, so that two runs with
+    the same seed write byte-identical artefacts (timings stay in ``report.json``)."""
+    return {k: v for k, v in summary.items() if not k.startswith(TIMING_PREFIXES)}
+
+
 def check_finite(model: nn.Module, *, what: str = "model") -> None:
-    """Raise ModelError naming the first parameter or buffer that holds NaN or Inf."""
+    """Raise ModelError naming the first parameter or buffer that holds NaN or Inf, or that is
+    on the meta device (no values at all)."""
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
+            if t.is_meta:
+                raise ModelError(f"{what}: {kind} {name!r} is on the meta device, so it has no "
+                                 "values; materialise the model first (e.g. "
+                                 "model.to_empty(device='cpu'), then load its weights)")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ModelError(f"{what}: {kind} {name!r} holds {bad} NaN/Inf value(s); fix or "

@@ -175,9 +175,8 @@ def compress(
     dev = _device_of(model, device)
     # The reference shares its tensors with the caller's model, which netpress never writes
     # to; with inplace=True that model becomes the working copy, so it is copied for real.
-    source = model if reference is None else reference
-    reference = (_copy(source) if inplace and source is model
-                 else _shared_copy(source)).to(dev).eval()
+    base = model if reference is None else reference
+    reference = (_copy(base) if inplace and base is model else _shared_copy(base)).to(dev).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     for name, value in data.items():

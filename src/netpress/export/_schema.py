@@ -159,7 +159,7 @@ def _tensor_meta(name: str, meta: Any, path: str) -> None:
         _need(isinstance(meta.get("tied", False), bool), f"{path}.tied", "must be a boolean")
         return
     _keys(meta, path, {"dtype", "shape", "encoding", "arrays"}, extra=True)
-    _need(meta["dtype"] in DTYPES, f"{path}.dtype",
+    _need(isinstance(meta["dtype"], str) and meta["dtype"] in DTYPES, f"{path}.dtype",
           f"must be one of {', '.join(DTYPES)}, got {short(meta['dtype'])} (upgrade netpress?)")
     shape = _list(meta["shape"], f"{path}.shape")
     _need(len(shape) <= _MAX_DIMS, f"{path}.shape", f"has more than {_MAX_DIMS} dimensions")

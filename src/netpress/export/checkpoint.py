@@ -316,7 +316,7 @@ def _read_head(src: Source) -> tuple[dict[str, Any], int]:
         raise ArtefactError(f"{where} is truncated: the header needs {size} bytes, only "
                             f"{src.size - _PREFIX} are present; re-export it")
     header = _parse_header(src.read(_PREFIX, size), where)
-    check_header(header, where, FORMAT_VERSION)
+    _guard(where, "checking the header", lambda: check_header(header, where, FORMAT_VERSION))
     return header, _PREFIX + size
 
 

@@ -1,0 +1,675 @@
+"""A seeded fuzzer for the artefact loader (the test suite's few hundred cases, the benchmark's
+thousands).
+
+Each case takes a real artefact, breaks it one way (:data:`MUTATORS`: bit flips, truncations,
+header-field values of every JSON type, names that collide or shadow, structural graph edits,
+bombs), and loads it. A case passes when loading raises :class:`ArtefactError`, or loads and
+the model's forward calls nothing outside the allowlists (checked by :func:`forward_calls`
+with ``sys.setprofile``) and returns only tensors and plain values. Anything else, a raw
+exception included, is a failure. :func:`main` runs cases in a worker process under an
+address-space limit (``RLIMIT_AS``) and reports the counts and the peak memory growth.
+
+Usage: ``python -m netpress.export._fuzz CORPUS_DIR --cases 300 --seed 0 --limit-mb 768``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import resource
+import struct
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+
+from netpress.errors import ArtefactError
+
+__all__ = ["Parts", "split", "seal", "MUTATORS", "run_case", "forward_calls", "run_cases",
+           "build_corpus", "load_corpus", "main"]
+
+_PREFIX = 16
+HOSTILE_NAMES = ("self", "torch", "getattr", "input", "forward", "training", "_modules",
+                 "eval", "graph", "code", "__class__", "device", "inf", "a.b", "0", "", "x y",
+                 "__globals__", "load_state_dict", "os")
+
+
+# -- taking an artefact apart and putting it back ------------------------------------------------
+@dataclass
+class Parts:
+    header: dict[str, Any]
+    raw: bytes
+
+
+def split(data: bytes) -> Parts:
+    """The header and the uncompressed payload of a valid artefact."""
+    (n,) = struct.unpack("<Q", data[8:16])
+    header = json.loads(zstandard.ZstdDecompressor().decompress(data[16:16 + n]))
+    raw = zstandard.ZstdDecompressor().decompress(data[16 + n:])
+    return Parts(header, raw)
+
+
+def seal(header: dict[str, Any], raw: bytes | None = None, payload: bytes | None = None,
+         *, digest: bool = True, head_text: bytes | None = None) -> bytes:
+    """A container from ``header`` and a payload (``raw`` recompressed, or ``payload`` as is);
+    sizes and checksums are made to match, the model digest too when ``digest``."""
+    if payload is None:
+        assert raw is not None
+        payload = zstandard.ZstdCompressor(level=1).compress(raw)
+        header["payload_raw_bytes"] = len(raw)
+    header["payload_bytes"] = len(payload)
+    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    if digest and raw is not None:
+        header["model_digest"] = _digest(header, raw)
+    text = head_text if head_text is not None else json.dumps(header).encode()
+    head = zstandard.ZstdCompressor(level=1).compress(text)
+    return data_prefix() + struct.pack("<Q", len(head)) + head + payload
+
+
+def data_prefix() -> bytes:
+    from netpress.export.checkpoint import MAGIC
+
+    return MAGIC
+
+
+def _digest(header: dict[str, Any], raw: bytes) -> Any:
+    try:
+        from netpress.export.checkpoint import _model_hash
+
+        h = _model_hash(header)
+    except Exception:  # the mutation made the header unhashable: leave the digest as it was
+        return header.get("model_digest")
+    h.update(raw)
+    return f"sha256:{h.hexdigest()}"
+
+
+# -- mutations ---------------------------------------------------------------------------------
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _set(obj: Any, path: tuple[Any, ...], value: Any) -> None:
+    for p in path[:-1]:
+        obj = obj[p]
+    obj[path[-1]] = value
+
+
+def _hostile_value(rng: random.Random, header: dict[str, Any]) -> Any:
+    pick = rng.randrange(14)
+    return [None, True, False, 0, -1, 2**63 - 1, 2**63 + rng.randrange(9), 1.5, 1e308,
+            rng.choice(HOSTILE_NAMES), "x" * rng.choice((1, 300, 5000)),
+            [rng.choice((0, "a", None))] * rng.choice((0, 1, 3)),
+            {rng.choice(("tuple", "size", "slice", "dict", "alias_of", "node", "dtype",
+                         "float", "device")): rng.choice((["a", 1.5], "x", 3, [2**40], None))},
+            rng.choice(_paths_values(header))][pick]
+
+
+def _paths_values(header: dict[str, Any]) -> list[Any]:
+    return [v for v in (header.get("format_version"), header.get("tensors"), header.get(
+        "state_dict"), header.get("payload_bytes")) if v is not None]
+
+
+def m_bitflip(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        i = rng.randrange(len(out))
+        out[i] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+def m_bitflip_raw(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    raw = bytearray(parts.raw)
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(raw)) if rng.random() < 0.5 else rng.randrange(min(len(raw), 400))
+        raw[i] ^= 1 << rng.randrange(8)
+    return seal(copy.deepcopy(parts.header), bytes(raw))
+
+
+def m_truncate(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    return data[:rng.randrange(len(data))]
+
+
+def m_append(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    return data + rng.randbytes(rng.randint(1, 64))
+
+
+def m_header_value(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    header = copy.deepcopy(parts.header)
+    path = rng.choice(_paths(header)[1:])
+    _set(header, path, _hostile_value(rng, parts.header))
+    return seal(header, parts.raw, digest=rng.random() < 0.9)
+
+
+def m_header_keys(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    header = copy.deepcopy(parts.header)
+    dicts = [p for p in _paths(header) if isinstance(_get(header, p), dict) and _get(header, p)]
+    path = rng.choice(dicts)
+    target = _get(header, path)
+    if rng.random() < 0.5:
+        del target[rng.choice(list(target))]
+    else:
+        target[rng.choice(HOSTILE_NAMES) or "extra"] = _hostile_value(rng, parts.header)
+    return seal(header, parts.raw)
+
+
+def _get(obj: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def m_header_text(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Non-strict JSON the writer never produces: NaN, 1.0 versions, duplicate keys, huge or
+    long numbers, deep nesting."""
+    header = copy.deepcopy(parts.header)
+    text = json.dumps(header)
+    kind = rng.randrange(7)
+    if kind == 0:
+        text = text.replace('"format_version": 1', rng.choice(
+            ('"format_version": 1.0', '"format_version": true', '"format_version": NaN')))
+    elif kind == 1:
+        text = text.replace('"payload_bytes": ', '"payload_bytes": Infinity, "x": ', 1)
+    elif kind == 2:
+        text = '{"format": "netpress", ' + text[1:]  # a duplicate key
+    elif kind == 3:
+        text = text.replace('"metadata": {', '"metadata": {"n": ' + "9" * 5000 + ", ", 1)
+    elif kind == 4:
+        depth = rng.choice((100, 5000, 100_000))
+        text = text.replace('"metadata": {', '"metadata": {"d": ' + "[" * depth + "]" * depth
+                            + ", ", 1)
+    elif kind == 5:
+        text = text.replace('"shape": [', '"shape": [1e999, ', 1)
+    else:
+        text = text.replace('"recipe": ', '"recipe": ' + "NaN" if '"recipe": null' in text
+                            else '"recipe": null, "r": ', 1)
+    sealed = seal(header, parts.raw, head_text=text.encode())
+    return sealed
+
+
+def _graph(header: dict[str, Any]) -> dict[str, Any] | None:
+    return header["architecture"].get("graph")  # type: ignore[no-any-return]
+
+
+def m_names(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Names that shadow what the generated forward uses or collide with nn.Module's own."""
+    header = copy.deepcopy(parts.header)
+    graph = _graph(header)
+    if graph is None:
+        return m_header_value(rng, data, parts)
+    name = rng.choice(HOSTILE_NAMES)
+    kind = rng.randrange(4)
+    nodes = graph["nodes"]
+    if kind == 0:  # rename a node and every reference to it
+        old = rng.choice(nodes)["name"]
+        text = json.dumps(graph).replace(json.dumps({"node": old}), json.dumps({"node": name}))
+        graph = json.loads(text)
+        for n in graph["nodes"]:
+            if n["name"] == old:
+                n["name"] = name
+        header["architecture"]["graph"] = graph
+    elif kind == 1:  # a placeholder's argument name
+        for n in nodes:
+            if n["op"] == "placeholder":
+                n["target"] = name
+                break
+    elif kind == 2 and graph["modules"]:  # a module path, its calls and tensors
+        _rename_module(header, graph, rng.choice(sorted(graph["modules"])), name)
+    else:  # a duplicate node name
+        if len(nodes) > 2:
+            nodes[1]["name"] = nodes[0]["name"]
+    return seal(header, parts.raw)
+
+
+def _rename_module(header: dict[str, Any], graph: dict[str, Any], old: str, new: str) -> None:
+    graph["modules"][new] = graph["modules"].pop(old)
+    for n in graph["nodes"]:
+        if n["target"] == old:
+            n["target"] = new
+    for table in (header["tensors"],):
+        for key in [k for k in table if k.startswith(old + ".")]:
+            table[new + key[len(old):]] = table.pop(key)
+    header["state_dict"] = [new + k[len(old):] if k.startswith(old + ".") else k
+                            for k in header["state_dict"]]
+
+
+def m_spec(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Module specs: kwargs outside the allowlist, huge sizes, unknown types."""
+    header = copy.deepcopy(parts.header)
+    tables = [header["architecture"]["modules"]]
+    if _graph(header):
+        tables.append(_graph(header)["modules"])  # type: ignore[index]
+    table = rng.choice([t for t in tables if t] or tables)
+    if not table:
+        return m_header_value(rng, data, parts)
+    spec = table[rng.choice(sorted(table))]
+    kind = rng.randrange(5)
+    if kind == 0:
+        spec["kwargs"]["device"] = {"device": "cpu"}
+    elif kind == 1:
+        spec["kwargs"].update(in_features=30000, out_features=30000, in_channels=30000,
+                              out_channels=30000)
+        if rng.random() < 0.5:
+            spec["kwargs"]["device"] = "cpu"
+    elif kind == 2:
+        spec["kwargs"][rng.choice(("_weight", "dtype", "factory", "__class__"))] = 1
+    elif kind == 3:
+        spec["type"] = rng.choice(("os.system", "torch.nn.Module", "builtins.eval",
+                                   "torch.nn.Linear", "netpress.QuantLinear", "torch.nn.GELU"))
+    else:
+        spec["kwargs"] = {k: _hostile_value(rng, header) for k in spec["kwargs"]}
+    return seal(header, parts.raw)
+
+
+def m_tensor(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Tensor table edits: encoding, dtype, shape, arrays, aliases, byte planes."""
+    header = copy.deepcopy(parts.header)
+    name = rng.choice(sorted(header["tensors"]))
+    meta = header["tensors"][name]
+    kind = rng.randrange(7)
+    if kind == 0:
+        meta["encoding"] = rng.choice(("dense", "bitmask", "packed_int", "zstd", ""))
+    elif kind == 1:
+        meta["dtype"] = rng.choice(("float64", "float16", "int8", "bool", "bfloat16",
+                                    "complex64", "object"))
+    elif kind == 2:
+        meta["shape"] = rng.choice(([2**31, 2**31], [0], [3, -1], [2**40], ["8"], [True]))
+    elif kind == 3:
+        meta["arrays"] = rng.choice(([], ["values", "values"], ["mask"], [1], ["a/b"]))
+    elif kind == 4:
+        header["tensors"][name] = {"alias_of": rng.choice((["x"], name, "nope", None,
+                                                           sorted(header["tensors"])[0]))}
+    elif kind == 5:
+        meta["byte_planes"] = rng.choice(({"values": "f8"}, {"values": "O"}, {"nope": "u4"},
+                                          []))
+    else:
+        meta["nnz"] = rng.choice((-1, 2**62, True, "3"))
+    return seal(header, parts.raw)
+
+
+def m_graph(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Structural graph edits: no output, two outputs, use before definition, other ops,
+    other allowed or disallowed targets and attributes."""
+    header = copy.deepcopy(parts.header)
+    graph = _graph(header)
+    if graph is None or len(graph["nodes"]) < 3:
+        return m_tensor(rng, data, parts)
+    nodes = graph["nodes"]
+    i = rng.randrange(len(nodes))
+    kind = rng.randrange(6)
+    if kind == 0:
+        nodes.pop()  # the output node
+    elif kind == 1:
+        nodes.insert(rng.randrange(len(nodes)), copy.deepcopy(nodes[-1]))
+    elif kind == 2:
+        nodes.insert(0, nodes.pop(i))
+    elif kind == 3:
+        nodes[i]["op"] = rng.choice(("call_function", "call_method", "call_module",
+                                     "get_attr", "placeholder", "exec"))
+    elif kind == 4:
+        nodes[i]["target"] = rng.choice(("torch.zeros", "torch.nn.functional.relu",
+                                         "operator.getitem", "getattr", "view", "__getattr__",
+                                         "format", "os.system", "numpy", "stem.weight"))
+    else:
+        nodes[i]["args"] = rng.choice(([{"node": "nope"}], [{"node": nodes[-1]["name"]}],
+                                       [{"x": 1, "y": 2}], [[[[[1]]]]],
+                                       [nodes[0]["args"], "__globals__"]))
+    return seal(header, parts.raw)
+
+
+_BOMB_CACHE: dict[tuple[int, bytes], bytes] = {}
+
+
+def _stream_compress(prefix: bytes, n: int, fill: bytes = b"\0") -> bytes:
+    """zstd of ``prefix`` and ``n`` bytes of ``fill``, compressed as a stream (the ``n`` bytes
+    are never in memory at once); cached."""
+    key = (n, prefix + fill)
+    if key not in _BOMB_CACHE:
+        c = zstandard.ZstdCompressor(level=3).compressobj(size=len(prefix) + n)
+        out, chunk, left = [c.compress(prefix)], fill * (1 << 20), n
+        while left:
+            out.append(c.compress(chunk[:min(left, len(chunk))]))
+            left -= min(left, len(chunk))
+        out.append(c.flush())
+        _BOMB_CACHE[key] = b"".join(out)
+    return _BOMB_CACHE[key]
+
+
+def m_bomb(rng: random.Random, data: bytes, parts: Parts) -> bytes:
+    """Small files that would use gigabytes if the loader trusted them."""
+    header = copy.deepcopy(parts.header)
+    kind = rng.randrange(6)
+    if kind == 0:  # payload_raw_bytes of 1 GiB, and a payload that really expands to it
+        header["payload_raw_bytes"] = 1 << 30
+        return seal(header, payload=_stream_compress(b"", 1 << 30), digest=False)
+    if kind == 1:  # one dense float32 tensor of 1 GiB, consistent all the way down
+        return _dense_zero_bomb(header, 1 << 28)
+    if kind == 2:  # a header of whitespace that decompresses to 1 GiB
+        head = _stream_compress(b"", 1 << 30, b" ")
+        return data_prefix() + struct.pack("<Q", len(head)) + head + data[16:]
+    if kind == 3:  # a declared header length of 1 TiB
+        return data[:8] + struct.pack("<Q", 1 << 40) + data[16:]
+    if kind == 4:  # a declared tensor of 2**62 elements
+        name = rng.choice(sorted(header["tensors"]))
+        if "shape" in header["tensors"][name]:
+            header["tensors"][name]["shape"] = [2**31, 2**31]
+        return seal(header, parts.raw)
+    spec = {"type": "torch.nn.Linear", "kwargs": {"in_features": 30000, "out_features": 30000,
+                                                  "device": "cpu"}}
+    header["architecture"]["modules"]["bomb"] = spec
+    if _graph(header):
+        _graph(header)["modules"]["bomb"] = spec  # type: ignore[index]
+    return seal(header, parts.raw)
+
+
+def _dense_zero_bomb(header: dict[str, Any], numel: int) -> bytes:
+    size = numel * 4
+    index = {"w/values": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    head = json.dumps(index).encode()
+    head += b" " * (-len(head) % 8)
+    prefix = struct.pack("<Q", len(head)) + head
+    header["tensors"] = {"w": {"dtype": "float32", "shape": [numel], "encoding": "dense",
+                               "arrays": ["values"], "byte_planes": {"values": "u4"}}}
+    header["state_dict"] = ["w"]
+    header["payload_raw_bytes"] = len(prefix) + size
+    return seal(header, payload=_stream_compress(prefix, size), digest=False)
+
+
+Mutator = Callable[[random.Random, bytes, Parts], bytes]
+MUTATORS: dict[str, Mutator] = {
+    "bitflip": m_bitflip, "bitflip_raw": m_bitflip_raw, "truncate": m_truncate,
+    "append": m_append, "header_value": m_header_value, "header_keys": m_header_keys,
+    "header_text": m_header_text, "names": m_names, "spec": m_spec, "tensor": m_tensor,
+    "graph": m_graph, "bomb": m_bomb,
+}
+"""Every mutation class, by name."""
+
+
+# -- what forward may call ---------------------------------------------------------------------
+def _generated(code: Any) -> bool:
+    return code.co_filename.startswith("<eval_with_key>")
+
+
+def _allowlists() -> tuple[set[int], set[Any], tuple[type, ...]]:
+    from torch import nn
+
+    from netpress.export.graph import FUNCTIONS
+    from netpress.export.modules import _REGISTRY, ALLOWED_MODULES
+
+    c_ids = {id(f) for f in FUNCTIONS.values()}
+    codes = {getattr(f, "__code__", None) for f in FUNCTIONS.values()} - {None}
+    codes |= {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__,
+              nn.Module.__getattr__.__code__}  # ``self.<path>``: submodules and tensors
+    types = (*ALLOWED_MODULES.values(), *(e.cls for e in _REGISTRY.values()))
+    return c_ids, codes, types
+
+
+def forward_calls(model: Any, inputs: tuple[Any, ...]) -> tuple[list[str], Any]:
+    """Run ``model(*inputs)``; list every call the generated forward makes that netpress's
+    allowlists do not cover (functions, tensor methods, module types), and every output that
+    is not a tensor or a plain value. Returns ``(violations, output or exception)``."""
+    from netpress.export.graph import METHODS
+
+    c_ids, codes, types = _allowlists()  # C-level warnings call warnings.py: harmless
+    torch_dir = os.path.dirname(torch.__file__)
+    bad: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and _generated(frame.f_code):
+            ok = id(arg) in c_ids or (getattr(arg, "__name__", None) in METHODS and isinstance(
+                getattr(arg, "__self__", None), torch.Tensor))
+            if not ok:
+                bad.append(f"C call {arg!r:.80}")
+        elif event == "call" and frame.f_back is not None and _generated(frame.f_back.f_code):
+            code = frame.f_code
+            if code in (torch.nn.Module._wrapped_call_impl.__code__,):
+                if not isinstance(frame.f_locals.get("self"), types):
+                    bad.append(f"module {type(frame.f_locals.get('self')).__name__}")
+            elif code not in codes and code.co_filename != warnings.__file__ and not (
+                    code.co_name in METHODS and code.co_filename.startswith(torch_dir)):
+                bad.append(f"call {code.co_name} in {code.co_filename}")
+
+    result: Any
+    sys.setprofile(profile)
+    try:
+        with torch.no_grad():
+            result = model(*inputs)
+    except Exception as exc:  # a mutated constant may break the forward: not an escape
+        result = exc
+    finally:
+        sys.setprofile(None)
+    if not isinstance(result, Exception):
+        bad += [f"output of type {t}" for t in _foreign_leaves(result)]
+    return bad, result
+
+
+def code_violations(model: Any) -> list[str]:
+    """Names in the generated forward's source that shadow what the code relies on: an
+    argument or assignment named ``self``, ``torch``, a builtin or one of fx's globals."""
+    import ast
+
+    from netpress.export.graph import reserved_arguments, reserved_names
+
+    source = getattr(model, "code", None)
+    if not isinstance(source, str):
+        return []
+    tree = ast.parse(source)
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            names = [a.arg for a in [*node.args.args, *node.args.kwonlyargs]]
+            names += [a.arg for a in (node.args.vararg, node.args.kwarg) if a is not None]
+            bad += [f"argument {n!r}" for n in names[1:] if n in reserved_arguments()]
+            if names[:1] != ["self"]:
+                bad.append(f"first argument {names[:1]}")
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) \
+                and (node.id in reserved_names()):
+            bad.append(f"assignment to {node.id!r}")
+    return bad
+
+
+def _foreign_leaves(value: Any) -> list[str]:
+    plain = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
+    stack, out = [value], []
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif not isinstance(v, plain):
+            out.append(type(v).__name__)
+    return out
+
+
+# -- running cases -----------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    name: str
+    data: bytes
+    parts: Parts
+    inputs: tuple[Any, ...]
+
+
+def load_corpus(folder: Path) -> list[Corpus]:
+    """Every ``*.npress`` in ``folder`` with its example input (``*.npress.in``, safetensors)."""
+    from safetensors.torch import load_file
+
+    out = []
+    for path in sorted(folder.glob("*.npress")):
+        data = path.read_bytes()
+        inputs = tuple(load_file(f"{path}.in").values())
+        out.append(Corpus(path.stem, data, split(data), inputs))
+    return out
+
+
+class _Extras(torch.nn.Module):
+    """Tied weights, a fetched parameter and buffer, attention: what methods' toys lack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = torch.nn.Linear(8, 20, bias=False)
+        self.out.weight = self.emb.weight
+        self.gate = torch.nn.Parameter(torch.full((8,), 0.5))
+        self.register_buffer("offset", torch.linspace(-1, 1, 8))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx) * self.gate + self.offset
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(torch.relu(a + h).mean(dim=1))
+
+
+def build_corpus(folder: Path, configs: dict[str, Any], needs_before: set[str]) -> list[Path]:
+    """One artefact per method config (applied to the toy models in turn) plus a model with
+    tied weights, attention and fetched tensors, each with its example input."""
+    import netpress as npr
+    from netpress.config import Recipe
+    from netpress.testing import toy_batches, toy_models
+
+    toys = list(toy_models().items())
+    paths = []
+    for i, (name, cfg) in enumerate(sorted(configs.items())):
+        if "max_steps" in {f.name for f in dataclasses.fields(cfg)}:
+            cfg = dataclasses.replace(cfg, max_steps=1)  # the artefact's kind, not its quality
+        model = toys[i % len(toys)][1]
+        data = toy_batches(n=32, model=model)
+        before = (npr.GlobalMagnitudePrune(sparsity=0.5),) if name in needs_before else ()
+        x = data[0][0][:2]
+        result = npr.compress(model, Recipe((*before, cfg)), train=data, calibration=data,
+                              evaluate=data, example_inputs=x[:1], measure=False)
+        paths.append(_save(folder / f"{name}.npress", result.model, x, result.recipe.to_dict()))
+    torch.manual_seed(0)
+    extras = _Extras().eval()
+    paths.append(_save(folder / "Extras.npress", extras, torch.tensor([[1, 2, 3], [4, 5, 19]]),
+                       None))
+    return paths
+
+
+def _save(path: Path, model: Any, x: torch.Tensor, recipe: Any) -> Path:
+    from safetensors.torch import save_file
+
+    from netpress.export import save_artefact
+
+    save_artefact(path, model, recipe=recipe, example_inputs=x)
+    save_file({"x": x.contiguous()}, f"{path}.in")
+    return path
+
+
+def run_case(data: bytes, inputs: tuple[Any, ...], path: Path | None = None) -> tuple[str, str]:
+    """``("refused" | "loaded" | "FAIL", detail)`` for one (possibly broken) artefact."""
+    from netpress.export import load_artefact
+
+    try:
+        if path is not None:
+            path.write_bytes(data)
+        model = load_artefact(path if path is not None else data).model
+    except ArtefactError as exc:
+        text = str(exc)
+        if "allocate" in text or "out of memory" in text:
+            return "FAIL", f"memory: {text[:300]}"
+        return "refused", text[:300]
+    except BaseException as exc:  # the point: nothing else may escape
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
+    bad = code_violations(model)
+    if not bad:
+        bad, _ = forward_calls(model, inputs)
+    if bad:
+        return "FAIL", f"forward reached outside the allowlists: {bad[:3]}"
+    return "loaded", "forward ran"
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_cases(corpus: list[Corpus], cases: int, seed: int,
+              folder: Path) -> dict[str, Any]:
+    """Run ``cases`` seeded mutations over ``corpus``; counts by mutator and outcome."""
+    counts: dict[str, dict[str, int]] = {m: {} for m in MUTATORS}
+    failures: list[dict[str, Any]] = []
+    names = sorted(MUTATORS)
+    for i in range(cases):
+        rng = random.Random(seed * 1_000_003 + i)
+        item, mutator = rng.choice(corpus), names[i % len(names)]
+        data = MUTATORS[mutator](rng, item.data, item.parts)
+        path = folder / f"case{i % 4}.npress" if rng.random() < 0.25 else None
+        outcome, detail = run_case(data, item.inputs, path)
+        counts[mutator][outcome] = counts[mutator].get(outcome, 0) + 1
+        if outcome == "FAIL":
+            failures.append({"case": i, "seed": seed, "artefact": item.name,
+                             "mutator": mutator, "detail": detail})
+    return {"counts": counts, "failures": failures}
+
+
+def _limit_memory(extra_mb: int) -> int:
+    """Cap this process's address space at its current size plus ``extra_mb``."""
+    limit = _rss("VmSize") + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return limit
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("--cases", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit-mb", type=int, default=768,
+                    help="address space allowed above the worker's size after start-up")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from netpress.export.checkpoint import _load_builtin_types
+
+    _load_builtin_types()
+    corpus = load_corpus(args.corpus)
+    clean = {c.name: run_case(c.data, c.inputs) for c in corpus}
+    for c in corpus:  # build the bombs' payloads before the limit (they are cached)
+        for kind in range(8):
+            m_bomb(random.Random(kind), c.data, c.parts)
+        break
+    limit = _limit_memory(args.limit_mb)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS from here
+    before, started = _rss("VmRSS"), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_cases(corpus, args.cases, args.seed, Path(tmp))
+    result.update(cases=args.cases, seed=args.seed, seconds=round(time.perf_counter() - started,
+                                                                  2),
+                  clean=clean, peak_growth_bytes=_rss("VmHWM") - before,
+                  address_space_limit=limit, corpus=[c.name for c in corpus])
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

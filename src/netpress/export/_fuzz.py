@@ -232,14 +232,27 @@ def m_names(rng: random.Random, data: bytes, parts: Parts) -> bytes:
                 n["target"] = name
                 break
     elif kind == 2 and graph["modules"]:  # a module path, its calls and tensors
-        _rename_module(header, graph, rng.choice(sorted(graph["modules"])), name)
+        old = rng.choice(sorted(graph["modules"]))
+        _rename_module(header, graph, old, name)
+        return seal(header, rename_arrays(parts.raw, old, name))
     else:  # a duplicate node name
         if len(nodes) > 2:
             nodes[1]["name"] = nodes[0]["name"]
     return seal(header, parts.raw)
 
 
+def rename_arrays(raw: bytes, old: str, new: str) -> bytes:
+    """The raw payload with array keys under ``old.`` moved under ``new.``."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    index = json.loads(raw[8:8 + n])
+    index = {new + k[len(old):] if k.startswith(old + ".") else k: v for k, v in index.items()}
+    head = json.dumps(index).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + raw[8 + n:]
+
+
 def _rename_module(header: dict[str, Any], graph: dict[str, Any], old: str, new: str) -> None:
+    """Rename module ``old`` in the header; the payload needs :func:`rename_arrays` too."""
     graph["modules"][new] = graph["modules"].pop(old)
     for n in graph["nodes"]:
         if n["target"] == old:

@@ -18,7 +18,7 @@ import zstandard
 import netpress as npr
 from netpress.errors import ArtefactError
 from netpress.export import dumps_artefact, load_artefact, model_digest, read_header
-from netpress.export._fuzz import seal, split
+from netpress.export._mutations import seal, split
 from netpress.testing import TinyCNN, TinyResNet
 
 
@@ -82,7 +82,7 @@ def test_input_as_an_argument_name_still_loads(good: bytes) -> None:
 @pytest.mark.parametrize("name", ["forward", "training", "_modules", "eval",
                                   "load_state_dict", "graph", "code"])
 def test_module_names_colliding_with_nn_module_attributes(good: bytes, name: str) -> None:
-    from netpress.export._fuzz import _rename_module, rename_arrays
+    from netpress.export._mutations import _rename_module, rename_arrays
 
     parts = split(good)
     _rename_module(parts.header, parts.header["architecture"]["graph"], "stem", name)
@@ -112,7 +112,7 @@ def test_a_huge_module_is_built_on_meta_and_refused_by_its_tensors(good: bytes) 
 
 
 def _stream_zeros(n: int, fill: bytes = b"\0") -> bytes:
-    from netpress.export._fuzz import _stream_compress
+    from netpress.export._mutations import _stream_compress
 
     return _stream_compress(b"", n, fill)
 
@@ -148,7 +148,7 @@ def test_declared_tensor_sizes_are_checked_before_allocating(good: bytes) -> Non
 
 
 def test_a_consistent_dense_zero_bomb_is_refused_by_its_expansion(good: bytes) -> None:
-    from netpress.export._fuzz import _dense_zero_bomb
+    from netpress.export._mutations import _dense_zero_bomb
 
     bomb = _dense_zero_bomb(split(good).header, 1 << 28)  # a 1 GiB tensor in a 40 KB file
     assert len(bomb) < 64 << 10

@@ -125,6 +125,16 @@ def _shared_copy(model: nn.Module) -> nn.Module:
         return _copy(model)  # the same errors as a full copy, named by _copy
 
 
+def _frozen_reference(base: nn.Module, dev: torch.device, *, copy_data: bool) -> nn.Module:
+    """The reference in eval mode without gradients. It shares its tensors with ``base``,
+    which netpress never writes to, unless ``copy_data`` (with ``inplace=True`` the caller's
+    model becomes the working copy and changes)."""
+    reference = (_copy(base) if copy_data else _shared_copy(base)).to(dev).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -173,12 +183,8 @@ def compress(
     _validate_recipe(recipe, given)
     check_finite(model)
     dev = _device_of(model, device)
-    # The reference shares its tensors with the caller's model, which netpress never writes
-    # to; with inplace=True that model becomes the working copy, so it is copied for real.
-    base = model if reference is None else reference
-    reference = (_copy(base) if inplace and base is model else _shared_copy(base)).to(dev).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    reference = _frozen_reference(model if reference is None else reference, dev,
+                                  copy_data=inplace and reference in (None, model))
     for name, value in data.items():
         if value is not None:
             check_data(name, value, reference, dev)

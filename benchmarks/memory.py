@@ -1,11 +1,15 @@
 """Peak memory of pruning, quantization, save and load on BERT-base (random weights).
 
 Each stage runs in a fresh subprocess: it builds ``BertModel(BertConfig())`` (seeded random
-weights, FP32, ~418 MB), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
+weights, FP32, 418 MiB), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``),
 runs the stage and reports ``VmHWM`` (peak resident memory) minus the resident memory before
-the stage, as a multiple of the model's FP32 bytes. The stages:
+the stage, as a multiple of the model's FP32 bytes (``ratio``: what the operation adds, with
+the model already in memory), and the absolute peak as a multiple too (``peak_absolute_ratio``:
+it includes the ~380 MiB Python/torch/transformers runtime and the caller's model). The
+stages:
 
 * ``prune``: ``npr.compress(model, StructuredPrune(macs=0.5), measure=False)``
+* ``prune_inplace``: the same with ``inplace=True`` (no working copy of the model)
 * ``quantize``: ``npr.compress(model, WeightOnly(bits=8), measure=False)``
 * ``save``: ``save_artefact(path, model)`` of the FP32 model
 * ``load``: ``load_artefact(path, model=BertModel(BertConfig()))`` (the template is built before
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("prune", "quantize", "save", "load")
+STAGES = ("prune", "prune_inplace", "quantize", "save", "load")
 
 
 def _rss_kib(field: str) -> int:
@@ -75,6 +79,9 @@ def run_stage(stage: str, seq: int, workdir: Path) -> dict[str, Any]:
     if stage == "prune":
         out = npr.compress(model, npr.StructuredPrune(macs=0.5), example_inputs=(x,),
                            measure=False).model
+    elif stage == "prune_inplace":
+        out = npr.compress(model, npr.StructuredPrune(macs=0.5), example_inputs=(x,),
+                           measure=False, inplace=True).model
     elif stage == "quantize":
         out = npr.compress(model, npr.WeightOnly(bits=8), example_inputs=(x,),
                            measure=False).model

@@ -247,7 +247,8 @@ def _architecture(header: dict[str, Any]) -> None:
     if "class" in arch:
         _str(arch["class"], "architecture.class")
     for k, v in _dict(arch.get("attributes", {}), "architecture.attributes").items():
-        _nat(v, f"architecture.attributes[{short(k, 60)}]")
+        _need(type(v) is int, f"architecture.attributes[{short(k, 60)}]",
+              f"must be an integer, got {short(v)}")
     for path, spec in _dict(arch["modules"], "architecture.modules").items():
         _spec(spec, f"architecture.modules[{short(path, 60)}]")
     error = arch.get("graph_error")

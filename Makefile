@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/combined.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fidelity.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/fuzz.py --cases 6000
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

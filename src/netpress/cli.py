@@ -17,6 +17,7 @@ EPILOG = """examples:
   netpress export out/model.npress --onnx out/model.onnx --input-shape 1,3,32,32 --latency
   netpress search --model cifar_resnet20 --weights resnet20.th --data cifar10:../shared/data \
       --objective size --constraint "agreement>=0.99" --trials 10 --out search-out/
+  netpress digest a.npress b.npress
   netpress methods
 """
 
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--latency", action="store_true", help="measure ONNX Runtime latency")
     e.add_argument("--threads", type=int, default=1)
+
+    g = sub.add_parser("digest", help="print the model digest of .npress files (equal digests: "
+                       "the same model, whatever the recipe, report or compression level)")
+    g.add_argument("artefacts", type=Path, nargs="+", metavar="FILE")
 
     from netpress.search.cli import add_parser as _add_search
 
@@ -126,7 +131,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     report = Report.read(args.path)
     if args.html:
-        args.html.write_text(report.to_html(), encoding="utf-8")
+        from netpress._atomic import atomic_write
+
+        atomic_write(args.html, report.to_html())
         print(f"wrote {args.html}")
     if args.markdown:
         print(report.to_markdown())
@@ -155,6 +162,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_digest(args: argparse.Namespace) -> int:
+    from netpress.export import model_digest
+
+    digests = [model_digest(path) for path in args.artefacts]
+    for path, digest in zip(args.artefacts, digests):
+        print(f"{digest}  {path}")
+    if len(digests) > 1:
+        same = len(set(digests)) == 1
+        print("same model" if same else "different models")
+        return 0 if same else 1
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from netpress.search.cli import run
 
@@ -180,7 +200,7 @@ def _cmd_models(_: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": _cmd_demo, "compress": _cmd_compress, "report": _cmd_report,
             "export": _cmd_export, "search": _cmd_search, "methods": _cmd_methods,
-            "models": _cmd_models}
+            "models": _cmd_models, "digest": _cmd_digest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

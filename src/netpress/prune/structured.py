@@ -185,9 +185,10 @@ def _measure(model: nn.Module, x: Inputs, kind: str) -> int:
 
 
 def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inputs, *,
-                     reference: nn.Module | None = None,
-                     ctx: Context | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune a copy of ``model``; returns it and a summary. ``model`` is never changed.
+                     reference: nn.Module | None = None, ctx: Context | None = None,
+                     inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (``model`` itself with ``inplace=True``); returns it and a
+    summary. Without ``inplace`` ``model`` is never changed.
 
     Targets are fractions of ``reference`` (default: ``model``).
     """
@@ -195,7 +196,7 @@ def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inp
         return _prune_to_latency(model, cfg, example_inputs, reference=reference, ctx=ctx)
     kind = "macs" if cfg.macs is not None else "params"
     fraction = float(cfg.macs if cfg.macs is not None else cfg.params)  # type: ignore[arg-type]
-    work = copy.deepcopy(model)  # every change happens on this copy
+    work = model if inplace else copy.deepcopy(model)  # every change happens on ``work``
     split = split_attention(work, example_inputs)  # MHA -> separate projections (heads)
     before = _measure(work, example_inputs, kind)
     goal = fraction * (before if reference is None else
@@ -277,7 +278,10 @@ def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
                      owner=cfg.type_name(), what="module")
     if cfg.importance in DATA_CRITERIA and ctx.calibration is None and ctx.train is None:
         ctx.require("calibration", by=f"{cfg.type_name()}(importance={cfg.importance!r})")
-    pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx)
+    # compress() hands every step its own working copy and drops it if a step fails, so
+    # pruning it in place saves a full model copy (BERT-base: 418 MB) at no risk.
+    pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx,
+                                       inplace=True)
     data = ctx.calibration if ctx.calibration is not None else ctx.train
     if data is not None and cfg.recalibrate_bn and summary["groups"]:
         summary["bn_recalibrated_batches"] = recalibrate_batchnorm(pruned, data,

@@ -1,7 +1,8 @@
 """Turning the CLI's ``--model``, ``--weights`` and ``--data`` strings into objects.
 
 ``--model`` is a built-in model name (``netpress.models.MODELS``), a ``.npress`` artefact,
-``hf:DIR`` (a local ``transformers`` directory), or ``package.module:factory`` (a factory in *your* code, imported because you named it).
+``hf:DIR`` (a local ``transformers`` directory), or ``package.module:factory`` (a factory in
+*your* code, imported because you named it).
 ``--data`` is ``digits``, ``cifar10:DIR``, ``mnist:DIR``, ``fashion-mnist:DIR`` or
 ``package.module:factory`` returning a dict with ``train``/``calibration``/``evaluate``.
 """

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model with a recipe and write the artefact "
                        "and report", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="MODEL: a built-in name (see `netpress models`), a .npress file, hf:DIR, "
-                       "or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
+                       epilog="MODEL: a built-in name (see `netpress models`), a .npress file, "
+                       "hf:DIR, or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
                        "fashion-mnist:DIR, or package.module:factory")
     c.add_argument("--model", required=True, metavar="MODEL")
     c.add_argument("--weights", help="state dict to load into MODEL (.pt/.pth/.th loaded with "

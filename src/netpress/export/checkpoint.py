@@ -147,9 +147,8 @@ def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 def _architecture(model: nn.Module, state: Mapping[str, torch.Tensor],
                   example_inputs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from netpress.prune.surgery import size_attributes
-
     from netpress.models.hf import transformers_spec
+    from netpress.prune.surgery import size_attributes
 
     arch: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                             "attributes": size_attributes(model)}

@@ -53,7 +53,6 @@ from netpress.measure.size import (
     parameter_count,
     state_dict_bytes,
 )
-from netpress.measure.text import LanguageModelTask, SentenceEmbeddingTask
 from netpress.measure.tasks import (
     ClassificationTask,
     EmbeddingTask,
@@ -61,6 +60,7 @@ from netpress.measure.tasks import (
     Task,
     as_task,
 )
+from netpress.measure.text import LanguageModelTask, SentenceEmbeddingTask
 
 __all__ = [
     "class_churn",

@@ -148,6 +148,7 @@ def _dequantized(model: nn.Module) -> nn.Module:
         decode = getattr(m, "dequantized_weight", None) or getattr(m, "decoded_weight", None)
         if not type(m).__module__.startswith("netpress.") or not name:
             continue
+        layer: nn.Module
         if callable(decode) and hasattr(m, "in_features"):
             weight = decode().float()
             layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
@@ -161,7 +162,7 @@ def _dequantized(model: nn.Module) -> nn.Module:
                 f"equivalent (activation quantization cannot be written into a transformers "
                 f"directory); save the .npress artefact or export ONNX instead")
         layer.weight.copy_(weight)
-        if m.bias is not None:
+        if m.bias is not None and layer.bias is not None:
             layer.bias.copy_(m.bias.detach().float())
         _replace(model, name, layer.to(weight.device))
     return model
@@ -340,8 +341,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        writable.config.architectures = [type(model).__name__]
-        writable.save_pretrained(tmp)
+        hf_model: Any = writable
+        hf_model.config.architectures = [type(model).__name__]
+        hf_model.save_pretrained(tmp)
         _copy_tokenizer(source, tmp)
         loaded = _model_class(type(model).__name__, "save_pretrained").from_pretrained(
             tmp, local_files_only=True, dtype=torch.float32)
@@ -366,7 +368,8 @@ def transformers_spec(model: nn.Module) -> dict[str, Any] | None:
     config (JSON); ``None`` for other models."""
     if not is_transformers_model(model):
         return None
-    config = model.config.to_dict()
+    hf_model: Any = model
+    config = hf_model.config.to_dict()
     config.pop(LAYOUT_KEY, None)
     return {"class": type(model).__name__, "config": json.loads(json.dumps(config,
                                                                            default=str))}

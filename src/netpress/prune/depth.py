@@ -151,7 +151,7 @@ def _cosine_scores(model: nn.Module, stack: nn.ModuleList, data: list[Any]) -> l
     def hook(i: int) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                output: Any) -> None:
-            hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
+            hidden: Any = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
             out = output if isinstance(output, torch.Tensor) else output[0]
             cos = torch.nn.functional.cosine_similarity(hidden.double(), out.double(), dim=-1)
             real = _real(current[0], out)
@@ -196,7 +196,7 @@ def drop_blocks(model: nn.Module, path: str, drop: Iterable[int]) -> list[int]:
     for new, block in enumerate(blocks):
         for m in block.modules():
             if isinstance(m.__dict__.get("layer_idx"), int):
-                m.layer_idx = new
+                m.__dict__["layer_idx"] = new
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(config, "num_hidden_layers", None), int):
         config.num_hidden_layers = len(blocks)
@@ -204,7 +204,7 @@ def drop_blocks(model: nn.Module, path: str, drop: Iterable[int]) -> list[int]:
         if isinstance(types, list) and len(types) == len(stack):
             config.layer_types = [types[i] for i in kept]
     if isinstance(parent.__dict__.get("num_layers"), int):  # e.g. nn.TransformerEncoder
-        parent.num_layers = len(blocks)
+        parent.__dict__["num_layers"] = len(blocks)
     return kept
 
 

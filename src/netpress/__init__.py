@@ -19,6 +19,7 @@ from netpress.errors import (
 from netpress.export.onnx import export_onnx
 from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
 from netpress.prune.depth import DepthPrune
+from netpress.prune.posttraining import FisherPrune
 from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
@@ -43,6 +44,7 @@ __all__ = [
     "LayerwiseMagnitudePrune",
     "StructuredPrune",
     "DepthPrune",
+    "FisherPrune",
     "FineTune",
     "Distill",
     "LabelPreserve",

@@ -20,10 +20,11 @@ EXAMPLES = {
     "WeightOnly": npr.WeightOnly(bits=4),
     "Codebook": npr.Codebook(bits=4),
     "DepthPrune": npr.DepthPrune(blocks=0.34),
+    "FisherPrune": npr.FisherPrune(macs=0.6, calibration_batches=2),
 }
 
 #: Methods for transformer stacks only: checked on netpress.testing.toy_transformer().
-TRANSFORMER_ONLY = {"DepthPrune"}
+TRANSFORMER_ONLY = {"DepthPrune", "FisherPrune"}
 
 #: Methods that need a compression step before them in the recipe.
 NEEDS_COMPRESSION = {"LC"}

@@ -148,3 +148,17 @@ def test_pruned_minilm_round_trips_with_identical_outputs(tmp_path):
     torch.testing.assert_close(_out(plain.eval(), x), _out(res.model, x), atol=1e-5, rtol=1e-4)
     compact = from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(_out(compact, x), _out(res.model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_export_onnx_takes_dict_inputs_and_keeps_their_names(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from netpress.export.onnx import OrtModule
+
+    model = _bert()
+    x = _x(120)
+    path = npr.export_onnx(model, tmp_path / "bert.onnx", x)
+    ort = OrtModule(path)
+    assert [i.name for i in ort.session.get_inputs()] == ["input_ids", "attention_mask"]
+    torch.testing.assert_close(ort(**x), _out(model, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ort(**{k: v[:1] for k, v in x.items()}), _out(model, x)[:1],
+                               atol=1e-4, rtol=1e-4)

@@ -21,7 +21,6 @@ import argparse
 import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import markdown_table, write_json
+from _common import cpu_flags, markdown_table, write_json
 
 import netpress as npr
 from netpress.export.onnx import OrtModule, export_onnx
@@ -69,11 +68,6 @@ def quantize_dynamic(src: Path, dst: Path) -> Path:
     qd(str(src), str(dst), weight_type=QuantType.QInt8)
     return dst
 
-
-def cpu_flags() -> str:
-    out = subprocess.run("grep -o -wE 'avx512_vnni|avx_vnni|avx2' /proc/cpuinfo | sort -u",
-                         shell=True, capture_output=True, text=True).stdout.split()
-    return " ".join(out)
 
 
 def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[str, Any], Any]:

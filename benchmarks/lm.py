@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import markdown_table, write_json
+from _common import cpu_flags, markdown_table, write_json
 
 import netpress as npr
 from netpress.measure.text import LanguageModelTask
@@ -86,11 +85,6 @@ def recipes(args: argparse.Namespace) -> dict[str, list[Any]]:
         out["depth2of6_distill"] = [npr.DepthPrune(blocks=2 / 6), distill]
     return out
 
-
-def cpu_flags() -> str:
-    out = subprocess.run("grep -o -wE 'avx512_vnni|avx_vnni|avx2' /proc/cpuinfo | sort -u",
-                         shell=True, capture_output=True, text=True).stdout.split()
-    return " ".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,26 +85,19 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     info: dict[str, Any] = {"calibration_sentences": args.calib, "eval_sentences": args.eval,
                             "distill_sentences": args.train}
-    recipes = {"fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=args.calib // 32)],
+    cal_batches = max(1, args.calib // 32)
+    recipes = {"fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches)],
+               "fisher50_norefit": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches,
+                                                    refit=False)],
                "structured50": [npr.StructuredPrune(macs=0.5)]}
     for name, recipe in recipes.items():
-        started = time.perf_counter()
-        res = npr.compress(model, recipe, calibration=calib, example_inputs=x, measure=False)
-        info[name] = {"seconds": round(time.perf_counter() - started, 1),
-                      "macs_ratio": round(npr.measure.count_macs(res.model, x)
-                                          / npr.measure.count_macs(model, x), 4)}
-        print(f"{name}: {info[name]}", flush=True)
-        files[name] = export_onnx(res.model, tmp / f"{name}.onnx", x)
-        if name == "fisher50" and args.distill_steps:
-            started = time.perf_counter()
-            step = npr.Distill(max_steps=args.distill_steps, loss="cosine", lr=5e-5,
-                               optimizer="adamw")
-            distilled = npr.compress(res.model, [step], reference=model, train=train,
-                                     example_inputs=x, measure=False).model
-            info["fisher50_distill"] = {"seconds": round(time.perf_counter() - started, 1),
-                                        "steps": args.distill_steps}
-            files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
-    files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
+        try:
+            _variant(name, recipe, model, calib, train, x, args, tmp, files, info)
+        except Exception as exc:  # one failing variant must not lose the others' figures
+            info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            print(f"{name} failed: {exc}", flush=True)
+    if "fisher50" in files:
+        files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
     if "fisher50_distill" in files:
         files["fisher50_distill_ort_int8"] = quantize_dynamic(files["fisher50_distill"],
                                                               tmp / "fisher50_distill_q.onnx")
@@ -112,13 +105,39 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     return files, {"info": info, "reference": ref, "evaluate": evaluate, "x": x}, model
 
 
+def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[Any],
+             train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
+             files: dict[str, Path], info: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    res = npr.compress(model, recipe, calibration=calib, example_inputs=x, measure=False)
+    info[name] = {"seconds": round(time.perf_counter() - started, 1),
+                  "macs_ratio": round(npr.measure.count_macs(res.model, x)
+                                      / npr.measure.count_macs(model, x), 4)}
+    print(f"{name}: {info[name]}", flush=True)
+    files[name] = export_onnx(res.model, tmp / f"{name}.onnx", x)
+    if name == "fisher50" and args.distill_steps:
+        started = time.perf_counter()
+        step = npr.Distill(max_steps=args.distill_steps, loss="cosine", lr=5e-5,
+                           optimizer="adamw")
+        distilled = npr.compress(res.model, [step], reference=model, train=train,
+                                 example_inputs=x, measure=False).model
+        info["fisher50_distill"] = {"seconds": round(time.perf_counter() - started, 1),
+                                    "steps": args.distill_steps}
+        files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
+
+
 def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespace
             ) -> dict[str, Any]:
     ref = ctx["reference"]
     modules = {n: OrtModule(p, threads=args.threads) for n, p in files.items()}
     rows: dict[str, Any] = {}
-    for name, mod in modules.items():
-        emb = embed(mod, ctx["evaluate"])
+    for name, mod in list(modules.items()):
+        try:
+            emb = embed(mod, ctx["evaluate"])
+        except Exception as exc:
+            rows[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            modules.pop(name)
+            continue
         cos = torch.nn.functional.cosine_similarity(ref.double(), emb.double(), dim=-1)
         rows[name] = {"file_mb": round(files[name].stat().st_size / 1e6, 2),
                       "cosine_mean": round(float(cos.mean()), 4),
@@ -166,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
          "speed-up b1 / b32"],
         [[n, r["file_mb"], f"{r['cosine_mean']} / {r['cosine_min']}", r["retrieval_agreement"],
           r["latency_ms"][1], r["latency_ms"][32],
-          f"{r['speedup_vs_fp32'][1]}x / {r['speedup_vs_fp32'][32]}x"] for n, r in rows.items()])
+          f"{r['speedup_vs_fp32'][1]}x / {r['speedup_vs_fp32'][32]}x"]
+         for n, r in rows.items() if "failed" not in r])
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
 

@@ -91,6 +91,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
                                                     refit=False)],
                "structured50": [npr.StructuredPrune(macs=0.5)]}
     for name, recipe in recipes.items():
+        if args.variants and name not in args.variants:
+            continue
         try:
             _variant(name, recipe, model, calib, train, x, args, tmp, files, info)
         except Exception as exc:  # one failing variant must not lose the others' figures
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distill-steps", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="netpress variants to build (fisher50, fisher50_norefit, structured50)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

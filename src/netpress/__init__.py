@@ -18,6 +18,8 @@ from netpress.errors import (
 )
 from netpress.export.onnx import export_onnx
 from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
+from netpress.prune.depth import DepthPrune
+from netpress.prune.posttraining import FisherPrune
 from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
@@ -41,6 +43,8 @@ __all__ = [
     "GlobalMagnitudePrune",
     "LayerwiseMagnitudePrune",
     "StructuredPrune",
+    "DepthPrune",
+    "FisherPrune",
     "FineTune",
     "Distill",
     "LabelPreserve",

@@ -1,7 +1,8 @@
 """Turning the CLI's ``--model``, ``--weights`` and ``--data`` strings into objects.
 
-``--model`` is a built-in model name (``netpress.models.MODELS``), a ``.npress`` artefact, or
-``package.module:factory`` (a factory in *your* code, imported because you named it).
+``--model`` is a built-in model name (``netpress.models.MODELS``), a ``.npress`` artefact,
+``hf:DIR`` (a local ``transformers`` directory), or ``package.module:factory`` (a factory in
+*your* code, imported because you named it).
 ``--data`` is ``digits``, ``cifar10:DIR``, ``mnist:DIR``, ``fashion-mnist:DIR`` or
 ``package.module:factory`` returning a dict with ``train``/``calibration``/``evaluate``.
 """
@@ -64,6 +65,10 @@ def resolve_model(spec: str, weights: str | None = None) -> nn.Module:
         from netpress.api import load
 
         model = load(spec)
+    elif spec.startswith("hf:"):  # a local transformers directory
+        from netpress.models.hf import from_pretrained
+
+        model = from_pretrained(spec[3:])
     elif ":" in spec:
         model = _factory(spec, "model")
         if not isinstance(model, nn.Module):

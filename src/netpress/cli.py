@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model with a recipe and write the artefact "
                        "and report", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="MODEL: a built-in name (see `netpress models`), a .npress file, "
-                       "or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
+                       "hf:DIR, or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
                        "fashion-mnist:DIR, or package.module:factory")
     c.add_argument("--model", required=True, metavar="MODEL")
     c.add_argument("--weights", help="state dict to load into MODEL (.pt/.pth/.th loaded with "
@@ -98,8 +98,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from netpress._cli_specs import resolve_data, resolve_model
     from netpress.api import compress
     from netpress.config import Recipe
+    from netpress.recover.distributed import init_from_env, is_main
 
     console = Console()
+    if init_from_env() and args.device is None:  # under torchrun: one GPU per rank
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     recipe = Recipe.load(args.recipe)
     model = resolve_model(args.model, args.weights)
     data = resolve_data(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
@@ -107,6 +115,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     result = compress(model, recipe, seed=args.seed, device=args.device, threads=args.threads,
                       latency_batch_size=args.latency_batch_size,
                       progress=False if args.no_progress else None, **data)
+    if not is_main():  # data-parallel recovery: rank 0 writes the artefact and report
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     size = result.save(args.out / "model.npress")
     recipe.save(args.out / "recipe.yaml")

@@ -1,8 +1,8 @@
 """Imports every built-in method module so its ``@register`` runs (an explicit list)."""
 
-from netpress.prune import structured, unstructured
+from netpress.prune import depth, posttraining, structured, unstructured
 from netpress.quant import codebook, lowbit, ptq, qat
 from netpress.recover import label_preserving, lc, methods
 
-__all__ = ["codebook", "label_preserving", "lc", "lowbit", "methods", "ptq", "qat",
-           "structured", "unstructured"]
+__all__ = ["codebook", "depth", "label_preserving", "lc", "lowbit", "methods", "posttraining",
+           "ptq", "qat", "structured", "unstructured"]

@@ -24,6 +24,7 @@ __all__ = [
     "TinyResNet",
     "toy_batches",
     "toy_models",
+    "toy_transformer",
     "state_equal",
     "check_method_contract",
     "prune_zeroed_units",
@@ -76,6 +77,50 @@ class TinyResNet(nn.Module):
         y = self.conv_b(F.relu(self.bn_a(self.conv_a(x))))
         y = F.relu(y + short)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class TinyBlock(nn.Module):
+    """A pre-norm transformer block: multi-head self-attention and a GELU MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, ffn: int = 32) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), x.size(1), -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        a = F.scaled_dot_product_attention(self._heads(self.q(h)), self._heads(self.k(h)),
+                                           self._heads(self.v(h)))
+        x = x + self.o(a.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """N×1×8×8 inputs read as 8 tokens of 8 features, three :class:`TinyBlock`, mean pool."""
+
+    def __init__(self, dim: int = 16, blocks: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(TinyBlock(dim) for _ in range(blocks))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.flatten(1, 2))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def toy_transformer(classes: int = 4) -> TinyTransformer:
+    """A deterministically initialised :class:`TinyTransformer` (for transformer-only methods)."""
+    torch.manual_seed(3)
+    return TinyTransformer(classes=classes).eval()
 
 
 def toy_models(classes: int = 4) -> dict[str, nn.Module]:

@@ -23,21 +23,21 @@ CASES = int(os.environ.get("NETPRESS_FUZZ_CASES", "360"))
 SEED = int(os.environ.get("NETPRESS_FUZZ_SEED", "0"))
 
 
-def contract_examples() -> tuple[dict[str, Any], set[str]]:
+def contract_examples() -> tuple[dict[str, Any], set[str], set[str]]:
     """The contract suite's config for every registered method."""
     path = Path(__file__).parents[1] / "contract" / "test_methods.py"
     spec = importlib.util.spec_from_file_location("_contract_examples", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.EXAMPLES, module.NEEDS_COMPRESSION
+    return module.EXAMPLES, module.NEEDS_COMPRESSION, getattr(module, "TRANSFORMER_ONLY", set())
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
-    examples, needs_before = contract_examples()
-    _fuzz.build_corpus(folder, examples, needs_before)
+    examples, needs_before, transformer_only = contract_examples()
+    _fuzz.build_corpus(folder, examples, needs_before, transformer_only)
     return folder
 
 

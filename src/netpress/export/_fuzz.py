@@ -181,19 +181,21 @@ class _Extras(torch.nn.Module):
         return self.out(torch.relu(a + h).mean(dim=1))
 
 
-def build_corpus(folder: Path, configs: dict[str, Any], needs_before: set[str]) -> list[Path]:
-    """One artefact per method config (applied to the toy models in turn) plus a model with
-    tied weights, attention and fetched tensors, each with its example input."""
+def build_corpus(folder: Path, configs: dict[str, Any], needs_before: set[str],
+                 transformer_only: frozenset[str] | set[str] = frozenset()) -> list[Path]:
+    """One artefact per method config (applied to the toy models in turn; methods in
+    ``transformer_only`` to the toy transformer) plus a model with tied weights, attention
+    and fetched tensors, each with its example input."""
     import netpress as npr
     from netpress.config import Recipe
-    from netpress.testing import toy_batches, toy_models
+    from netpress.testing import toy_batches, toy_models, toy_transformer
 
     toys = list(toy_models().items())
     paths = []
     for i, (name, cfg) in enumerate(sorted(configs.items())):
         if "max_steps" in {f.name for f in dataclasses.fields(cfg)}:
             cfg = dataclasses.replace(cfg, max_steps=1)  # the artefact's kind, not its quality
-        model = toys[i % len(toys)][1]
+        model = toy_transformer() if name in transformer_only else toys[i % len(toys)][1]
         data = toy_batches(n=32, model=model)
         before = (npr.GlobalMagnitudePrune(sparsity=0.5),) if name in needs_before else ()
         x = data[0][0][:2]

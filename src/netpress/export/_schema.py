@@ -243,9 +243,14 @@ def _graph(graph: Any) -> None:
 def _architecture(header: dict[str, Any]) -> None:
     arch = _dict(header["architecture"], "architecture")
     _keys(arch, "architecture", {"modules"}, {"class", "attributes", "graph", "graph_error",
-                                              "verified"})
+                                              "verified", "transformers"})
     if "class" in arch:
         _str(arch["class"], "architecture.class")
+    if "transformers" in arch:  # a transformers model: its class name and config
+        hf = _dict(arch["transformers"], "architecture.transformers")
+        _keys(hf, "architecture.transformers", {"class", "config"}, set())
+        _str(hf["class"], "architecture.transformers.class")
+        _dict(hf["config"], "architecture.transformers.config")
     for k, v in _dict(arch.get("attributes", {}), "architecture.attributes").items():
         _need(type(v) is int, f"architecture.attributes[{short(k, 60)}]",
               f"must be an integer, got {short(v)}")

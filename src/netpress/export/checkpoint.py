@@ -147,10 +147,14 @@ def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 def _architecture(model: nn.Module, state: Mapping[str, torch.Tensor],
                   example_inputs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from netpress.models.hf import transformers_spec
     from netpress.prune.surgery import size_attributes
 
     arch: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                             "attributes": size_attributes(model)}
+    hf = transformers_spec(model)  # transformers models rebuild from their config
+    if hf is not None:
+        arch["transformers"] = hf
     with eval_mode(model):
         arch["modules"] = leaf_specs(model)
         try:
@@ -381,6 +385,11 @@ def load_artefact(source: SourceLike, *, model: nn.Module | None = None, strict:
         tensors = guard(where, "decoding the tensors",
                          lambda: read_tensors(src, offset, header, digest))
         value = check_digest(header, digest, where)
+    hf = header["architecture"].get("transformers")
+    if model is None and header["architecture"].get("graph") is None and hf is not None:
+        from netpress.models.hf import build_from_spec  # transformers models: from their config
+
+        model = build_from_spec(hf, where)
     if model is not None:
         built = guard(where, "loading into the template",
                        lambda: _into_template(model, header, tensors, strict, where))

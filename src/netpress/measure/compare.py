@@ -182,7 +182,15 @@ def compare(
     task_obj = as_task(task)
     metrics: dict[str, Any] | None = None
     data_info: dict[str, Any] | None = None
-    if data is not None:
+    batchwise = getattr(task_obj, "compare_models", None)  # text tasks: per-batch, masked
+    if data is not None and callable(batchwise):
+        metrics, n, first_inputs = batchwise(reference, compressed, data, device=device,
+                                             max_batches=max_batches)
+        metrics = to_jsonable(metrics)
+        data_info = {"n": n, "labeled": False}
+        if example_inputs is None:
+            example_inputs = take_batch(first_inputs, 1)
+    elif data is not None:
         (ref_out, cmp_out), labels, first_inputs = collect_many(
             [reference, compressed], data, device=device, max_batches=max_batches,
             progress=progress, description=f"evaluating ({task_obj.name})",

@@ -21,6 +21,7 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
+from netpress.recover.distributed import data_parallel, shard
 from netpress.recover.early_stop import AgreementMonitor, split_for_monitor
 
 __all__ = ["TrainConfig", "LossFn", "train"]
@@ -156,6 +157,7 @@ def train(
     if patience is not None:
         data, watch = split_for_monitor(data, ctx, cfg.early_stop_data, cfg.validation_fraction,
                                         name)
+    data = shard(data)  # data-parallel under torchrun: this rank's batches
     if cfg.range_reg is not None:
         from netpress.recover.regularizers import with_range_penalty
 
@@ -172,12 +174,13 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     ctx.reference.eval()
     model.train()
+    runner = data_parallel(model)  # averages gradients over ranks (itself in one process)
     step, running, stop = 0, float("nan"), False
     with progress_bar(total, name, ctx.progress) as advance:
         while step < total and not stop:
             for inputs, labels in batches(data, name=f"{name} train"):
                 ctx.before_train_step(model, step, total)
-                loss = _loss(model, ctx, loss_fn, inputs, labels, needs_teacher)
+                loss = _loss(runner, ctx, loss_fn, inputs, labels, needs_teacher)
                 if not torch.isfinite(loss):
                     raise ModelError(f"{name}: the loss became {loss.item()} at step {step}; "
                                      f"lower lr (now {cfg.lr}) or check the data")

@@ -1,0 +1,1 @@
+"""Layer-wise reconstruction from calibration data (SparseGPT, Wanda, GPTQ)."""

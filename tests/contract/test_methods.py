@@ -19,6 +19,9 @@ EXAMPLES = {
     "QAT": npr.QAT(max_steps=3, lr=1e-3),
     "WeightOnly": npr.WeightOnly(bits=4),
     "Codebook": npr.Codebook(bits=4),
+    "SparseGPT": npr.SparseGPT(sparsity=0.5),
+    "Wanda": npr.Wanda(sparsity=0.5),
+    "GPTQ": npr.GPTQ(bits=4, group_size=32),
 }
 
 #: Methods that need a compression step before them in the recipe.

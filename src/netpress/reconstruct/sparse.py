@@ -149,7 +149,7 @@ def _wanda_solver(cfg: Wanda, targets: dict[str, float],
         norms = stats.sq_norms if stats is not None else torch.ones(w.shape[0], w.shape[2])
         keep = torch.stack([wanda_mask(w[g], norms[g], sparsity=targets[name], n_m=cfg.n_m)
                             for g in range(w.shape[0])])
-        view.set_matrix(w * keep)
+        view.set_matrix(w.masked_fill(~keep, 0.0))
         masks[f"{name}.weight"] = view.weight_layout(keep)
     return solve
 

@@ -2,11 +2,13 @@
 write it back, move on.
 
 Layers are visited in the order the model calls them, in *groups* of consecutive layers
-that read the same input tensor (query/key/value; a conv and its shortcut conv). For each
-group the calibration batches run through the model with forward pre-hooks that keep the
-group's inputs; the pass stops as soon as the group has seen all its inputs, so the rest of
-the model is not computed. Only the current group's statistics are held: peak memory is the
-model (plus the reference) and one group's Hessians.
+that read the same input tensor (query/key/value). :func:`run_sequential` runs every
+calibration batch through the model in its own thread; the threads pause at each group
+until all have arrived, the group's statistics are computed from the inputs they hold and
+its layers are fitted and written back, then the threads go on through the updated layers.
+The model thus runs over the calibration data once, and only the current group's inputs
+and statistics are held: peak memory is the model (plus the reference), one group's
+inputs for all calibration batches, and one group's Hessians.
 
 Where the inputs come from (``mode``):
 
@@ -22,6 +24,7 @@ after structured pruning, where the cross term is ``(d_original × d_pruned)``).
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +39,7 @@ from netpress._inputs import call_model, move_to
 from netpress.data import Data, batches
 from netpress.errors import DataError, ModelError
 from netpress.measure.collect import evaluating, model_device
+from netpress.reconstruct._rendezvous import Aborted, Rendezvous
 from netpress.reconstruct.layers import LayerView
 
 __all__ = ["MODES", "LayerStats", "Solve", "plan_groups", "collect_statistics",
@@ -213,19 +217,111 @@ def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Seq
     return {n: a.stats() for n, a in acc.items()}
 
 
+@dataclass(frozen=True)
+class _Runner:
+    model: nn.Module
+    compressed: bool
+    batch: int
+
+
+def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
+                  reference: nn.Module | None, solve: Solve, mode: str, full: bool,
+                  solved: list[str]) -> Callable[[int, list[tuple[int, Any]]], None]:
+    """What runs when every forward pass has reached group ``k``: statistics, then fits."""
+    def action(k: int, items: list[tuple[int, Any]]) -> None:
+        names = groups[k]
+        by_batch: dict[int, dict[bool, torch.Tensor]] = {}
+        for tid, x in items:
+            by_batch.setdefault(runners[tid].batch, {})[runners[tid].compressed] = x
+        if not by_batch:
+            return
+        views = {n: LayerView(model.get_submodule(n), n) for n in names}
+        refs = {n: LayerView(reference.get_submodule(n), n) for n in names} \
+            if reference is not None else views
+        acc = {n: _Accumulator(full) for n in names}
+        for b in sorted(by_batch):  # a fixed order: sums are deterministic
+            comp, orig = by_batch[b].get(True), by_batch[b].get(False)
+            for n in names:
+                cols = views[n].columns(comp) if comp is not None \
+                    else refs[n].columns(orig)  # type: ignore[arg-type]
+                cross = refs[n].columns(orig) if mode == "sequential" and orig is not None \
+                    else None
+                acc[n].add(cols, cross)
+        for n in names:
+            solve(n, views[n], acc[n].stats())
+            solved.append(n)
+    return action
+
+
 def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
                    data: Data, solve: Solve, *, mode: str = "sequential", full: bool = True,
                    max_batches: int | None = None) -> dict[str, Any]:
     """Fit the layers ``names`` of ``model`` group by group in call order (see the module
-    docstring); ``solve`` writes each layer's new weights. Returns a summary."""
+    docstring); ``solve`` writes each layer's new weights. Returns a summary.
+
+    Every calibration batch runs in its own thread (one per model that supplies inputs)
+    and pauses at each group until all batches are there (:mod:`._rendezvous`): the model
+    runs over the data once, and the inputs of one group for all batches are held at a
+    time. A layer called more than once per forward is fitted on its first call's inputs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if mode != "sequential-local" and reference is None:
+        raise ValueError(f"mode={mode!r} needs the reference model")
     started = time.perf_counter()
-    first = next(iter(batches(data, name="calibration")))[0]
-    groups, calls, unused = plan_groups(model, names, first)
-    for group in groups:
-        stats = collect_statistics(model, reference, group, data, mode=mode, full=full,
-                                   calls=calls, max_batches=max_batches)
-        for name in group:
-            solve(name, LayerView(model.get_submodule(name), name), stats[name])
-        del stats
-    return {"layer_groups": len(groups), "not_called": unused,
+    device = model_device(model)
+    inputs = [move_to(x, device) for i, (x, _) in enumerate(batches(data, name="calibration"))
+              if max_batches is None or i < max_batches]
+    groups, _, unused = plan_groups(model, names, inputs[0])
+    runners = [_Runner(m, m is model, b) for m, use in
+               ((model, mode != "plain"), (reference, mode != "sequential-local"))
+               if use and m is not None for b in range(len(inputs))]
+    solved: list[str] = []
+    meet = Rendezvous(len(runners), len(groups),
+                      _group_action(groups, runners, model, reference, solve, mode, full,
+                                    solved))
+    local = threading.local()
+    handles = []
+    for m in {id(r.model): r.model for r in runners}.values():
+        for k, group in enumerate(groups):
+            handles.append(m.get_submodule(group[0]).register_forward_pre_hook(
+                _arrival(meet, local, k), with_kwargs=True))
+    try:
+        with evaluating(model), evaluating(reference or model):
+            threads = [threading.Thread(target=_forward, args=(meet, local, t, r, inputs),
+                                        daemon=True) for t, r in enumerate(runners)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    finally:
+        for h in handles:
+            h.remove()
+    if meet.error is not None:
+        raise meet.error
+    return {"layer_groups": len(groups), "calibration_batches": len(inputs),
+            "not_called": unused + [n for g in groups for n in g if n not in solved],
             "calibration_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _arrival(meet: Rendezvous, local: threading.local, k: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if k in local.seen:  # later calls of a reused layer
+            return
+        local.seen.add(k)
+        meet.arrive(local.tid, k, _first_input(args, kwargs).detach())
+    return hook
+
+
+def _forward(meet: Rendezvous, local: threading.local, tid: int, runner: _Runner,
+             inputs: list[Any]) -> None:
+    local.tid, local.seen = tid, set()
+    try:
+        with torch.no_grad():
+            call_model(runner.model, inputs[runner.batch])
+    except Aborted:
+        return
+    except BaseException as exc:  # re-raised in the calling thread
+        meet.fail(tid, exc)
+        return
+    meet.leave(tid)

@@ -113,3 +113,45 @@ def test_conv_statistics_per_group_and_measured_memory():
     assert torch.allclose(stats.hessian[0], first.T @ first / 50, atol=1e-5)
     assert info["seconds"] >= 0 and info["peak_rss_mb"] > 0
     assert info["peak_rss_increase_mb"] >= 0
+
+
+class Branchy(nn.Module):
+    """Batches whose first value is negative skip the middle layer (data-dependent flow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if float(x[0, 0]) >= 0:
+            h = self.b(h)
+        return self.c(h)
+
+
+def test_batches_that_skip_a_group_do_not_block_the_others():
+    data = [(torch.full((2, 4), 1.0), None), (torch.full((2, 4), -1.0), None),
+            (torch.full((2, 4), 2.0), None)]
+    seen = {}
+
+    def solve(name, view, stats):
+        seen[name] = stats.samples
+
+    model = Branchy()
+    run_sequential(model, model, ["a", "b", "c"], data, solve, mode="plain")
+    assert seen == {"a": 6, "b": 4, "c": 6}
+
+
+def test_a_failing_fit_or_forward_stops_every_thread_and_is_raised():
+    model, data = QKV(), _data(n=4)
+
+    def bad_solve(name, view, stats):
+        if name == "k":
+            raise ValueError("fit failed")
+
+    with pytest.raises(ValueError, match="fit failed"):
+        run_sequential(model, model, NAMES, data, bad_solve, mode="sequential")
+    bad = [(x, None) for x, _ in data] + [(torch.randn(5, 7), None)]  # wrong width
+    with pytest.raises(RuntimeError):
+        run_sequential(model, model, NAMES, bad, lambda *a: None, mode="plain")
+    assert not model.inp._forward_pre_hooks  # hooks removed

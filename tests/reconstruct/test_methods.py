@@ -187,3 +187,27 @@ def test_recipe_round_trip_and_original_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     restored = io.BytesIO(dumps_artefact(res.model)).getvalue()
     assert load_artefact(restored).model is not None
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(4, 6, 3, padding=2, dilation=2, padding_mode="circular", groups=2),
+    nn.Conv2d(4, 6, (3, 2), padding="same", padding_mode="reflect"),
+    nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4, bias=False),
+])
+def test_group_quant_conv_computes_the_float_conv_of_its_weights(conv):
+    model = nn.Sequential(conv).eval()
+    res = npr.compress(model, npr.GPTQ(bits=4, group_size=8, rounding="nearest"),
+                       measure=False)
+    q = res.model[0]
+    assert isinstance(q, GroupQuantConv)
+    ref = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                     conv.padding_mode)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantized_weight().reshape(conv.weight.shape))
+        if conv.bias is not None:
+            ref.bias.copy_(conv.bias)
+        x = torch.randn((2, 4, 9) if isinstance(conv, nn.Conv1d) else (2, 4, 7, 6))
+        assert torch.allclose(q(x), ref(x), atol=1e-6)
+        loaded = load_artefact(dumps_artefact(res.model)).model
+        assert torch.equal(loaded(x), q(x))

@@ -107,11 +107,7 @@ class GroupQuantConv(GroupQuantWeight):
         for k in self.kernel_size:
             d *= k
         self._init_weight(out_channels, d, bits, group_size, symmetric, bias)
-        # F.pad arguments of a non-zeros padding mode (the float conv's own attribute)
-        ref = (nn.Conv1d if len(self.kernel_size) == 1 else nn.Conv2d)(
-            in_channels, out_channels, self.kernel_size, self.stride, padding, self.dilation,
-            groups, False, padding_mode, device="meta")
-        self._pad = tuple(ref._reversed_padding_repeated_twice)
+        self._pad = _pad_args(self.kernel_size, self.dilation, padding)
 
     @classmethod
     def like(cls, conv: nn.Conv1d | nn.Conv2d, bits: int, group_size: int,
@@ -140,6 +136,23 @@ class GroupQuantConv(GroupQuantWeight):
             x = F.pad(x, self._pad, mode=self.padding_mode)
             return conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _pad_args(kernel: tuple[int, ...], dilation: tuple[int, ...],
+              padding: tuple[int, ...] | str) -> tuple[int, ...]:
+    """``F.pad`` arguments (last dim first) of a conv's padding, as torch's convs compute
+    them for non-zeros padding modes."""
+    out: list[int] = []
+    for i in reversed(range(len(kernel))):
+        if padding == "same":
+            total = dilation[i] * (kernel[i] - 1)
+            out += [total // 2, total - total // 2]
+        elif padding == "valid":
+            out += [0, 0]
+        else:
+            assert not isinstance(padding, str)
+            out += [padding[i], padding[i]]
+    return tuple(out)
 
 
 def _spec_of(m: nn.Module) -> dict[str, Any]:

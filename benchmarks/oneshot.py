@@ -121,8 +121,9 @@ def run_cifar(args: argparse.Namespace) -> None:
             "peak_rss_increase_mb"]
     for depth in [int(d) for d in args.models.split(",")]:
         _cifar_model(depth, root, sets, calib, rows, results,
-                     lambda: _write("oneshot_cifar", results, cols, args, quiet=True))
-    _write("oneshot_cifar", results, cols, args)
+                     lambda: _write("oneshot_cifar" + _suffix(args), results, cols, args,
+                                    quiet=True))
+    _write("oneshot_cifar" + _suffix(args), results, cols, args)
 
 
 # -- MiniLM ------------------------------------------------------------------------------
@@ -215,8 +216,14 @@ def run_minilm(args: argparse.Namespace) -> None:
         print(f"{label:30s} cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
               f"{row['seconds']:.0f}s", flush=True)
         results.append(row)
-    _write("oneshot_minilm", results, ["row", "cosine_mean", "cosine_min", "seconds",
-                                       "peak_rss_mb", "peak_rss_increase_mb"], args)
+    cols = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
+            "peak_rss_increase_mb"]
+    _write("oneshot_minilm" + _suffix(args), results, cols, args)
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """Partial or ablation runs write beside the main results, not over them."""
+    return "" if args.rows == "all" and not args.ablation else "_partial"
 
 
 def _write(name: str, results: list[dict[str, Any]], cols: list[str],

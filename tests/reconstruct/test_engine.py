@@ -130,8 +130,9 @@ class Branchy(nn.Module):
 
 
 def test_batches_that_skip_a_group_do_not_block_the_others():
-    data = [(torch.full((2, 4), 1.0), None), (torch.full((2, 4), -1.0), None),
-            (torch.full((2, 4), 2.0), None)]
+    # tuple inputs: batches that are not merged into one
+    data = [((torch.full((2, 4), 1.0),), None), ((torch.full((2, 4), -1.0),), None),
+            ((torch.full((2, 4), 2.0),), None)]
     seen = {}
 
     def solve(name, view, stats):
@@ -155,3 +156,13 @@ def test_a_failing_fit_or_forward_stops_every_thread_and_is_raised():
     with pytest.raises(RuntimeError):
         run_sequential(model, model, NAMES, bad, lambda *a: None, mode="plain")
     assert not model.inp._forward_pre_hooks  # hooks removed
+
+
+def test_equal_shaped_batches_run_as_one():
+    from netpress.reconstruct.engine import _merged
+
+    a, b = torch.ones(2, 3), torch.zeros(4, 3)
+    assert torch.equal(_merged([a, b])[0], torch.cat([a, b]))
+    d = _merged([{"ids": a, "mask": a}, {"ids": b, "mask": b}])
+    assert len(d) == 1 and d[0]["ids"].shape == (6, 3)
+    assert len(_merged([a, torch.ones(2, 4)])) == 2 and len(_merged([(a,), (b,)])) == 2

@@ -195,6 +195,8 @@ def run_minilm(args: argparse.Namespace) -> None:
             "ablation 50%: SparseGPT sequential-local": [
                 npr.SparseGPT(sparsity=0.5, mode="sequential-local")],
             "ablation 50%: SparseGPT plain": [npr.SparseGPT(sparsity=0.5, mode="plain")],
+            "ablation 50%: SparseGPT + refit": [npr.SparseGPT(sparsity=0.5, refit=True)],
+            "ablation 50%: SparseGPT damp 0.001": [npr.SparseGPT(sparsity=0.5, damp=0.001)],
             "ablation g128: GPTQ sequential-local": [
                 npr.GPTQ(bits=4, group_size=128, mode="sequential-local")],
             "ablation g128: GPTQ symmetric": [npr.GPTQ(bits=4, group_size=128, symmetric=True)],
@@ -223,7 +225,22 @@ def run_minilm(args: argparse.Namespace) -> None:
 
 def _suffix(args: argparse.Namespace) -> str:
     """Partial or ablation runs write beside the main results, not over them."""
+    if args.tag:
+        return f"_{args.tag}"
     return "" if args.rows == "all" and not args.ablation else "_partial"
+
+
+def merge_cifar(args: argparse.Namespace) -> None:
+    """Join the results of partial runs (``--tag``s) into ``oneshot_cifar.json`` / ``.md``."""
+    import json
+
+    results: list[dict[str, Any]] = []
+    for tag in args.tags.split(","):
+        part = json.loads((RESULTS / f"oneshot_cifar_{tag}.json").read_text())["results"]
+        results += [r for r in part if r not in results]
+    results.sort(key=lambda r: (r["model"], r["row"] != "uncompressed"))
+    _write("oneshot_cifar", results, ["model", "row", "accuracy", "agreement", "seconds",
+                                      "peak_rss_mb", "peak_rss_increase_mb"], args)
 
 
 def _write(name: str, results: list[dict[str, Any]], cols: list[str],
@@ -242,7 +259,9 @@ def _write(name: str, results: list[dict[str, Any]], cols: list[str],
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("part", choices=("cifar", "minilm"))
+    p.add_argument("part", choices=("cifar", "minilm", "merge-cifar"))
+    p.add_argument("--tag", default="", help="name partial results oneshot_<part>_<tag>")
+    p.add_argument("--tags", default="", help="merge-cifar: the tags to join")
     p.add_argument("--data", default=None)
     p.add_argument("--models", default="56,20")
     p.add_argument("--rows", default="all", help="comma-separated substrings of row labels")
@@ -254,7 +273,7 @@ def main() -> None:
     if args.calibration is None:
         args.calibration = 512
     torch.set_num_threads(args.threads)
-    run_cifar(args) if args.part == "cifar" else run_minilm(args)
+    {"cifar": run_cifar, "minilm": run_minilm, "merge-cifar": merge_cifar}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,10 @@ def run_cifar(args: argparse.Namespace) -> None:
     train = ds.cifar10_jpeg_train(root, limit=args.calibration, seed=0)
     x, y = train.tensors
     calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
-    sets = {"exact": ds.cifar10_exact_test(root), "jpeg": ds.cifar10_jpeg_test(root)}
+    sets = {"exact": ds.cifar10_exact_test(root),
+            "jpeg": ds.cifar10_jpeg_test(root, limit=args.eval_images)}
     rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {})}
-    if args.rows != "all":
-        rows = {k: v for k, v in rows.items() if any(p in k for p in args.rows.split(","))}
+    rows = _pick(rows, args.rows)
     results: list[dict[str, Any]] = []
     cols = ["model", "row", "accuracy", "agreement", "seconds", "peak_rss_mb",
             "peak_rss_increase_mb"]
@@ -201,8 +201,7 @@ def run_minilm(args: argparse.Namespace) -> None:
                 npr.GPTQ(bits=4, group_size=128, mode="sequential-local")],
             "ablation g128: GPTQ symmetric": [npr.GPTQ(bits=4, group_size=128, symmetric=True)],
         })
-    if args.rows != "all":
-        rows = {k: v for k, v in rows.items() if any(p in k for p in args.rows.split(","))}
+    rows = _pick(rows, args.rows)
     results = []
     for label, recipe in rows.items():
         with Timer() as t:
@@ -221,6 +220,15 @@ def run_minilm(args: argparse.Namespace) -> None:
     cols = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
             "peak_rss_increase_mb"]
     _write("oneshot_minilm" + _suffix(args), results, cols, args)
+
+
+def _pick(rows: dict[str, list[Any]], spec: str) -> dict[str, list[Any]]:
+    """Rows named in ``spec`` (comma-separated labels; ``prefix*`` for all that start so)."""
+    if spec == "all":
+        return rows
+    pats = spec.split(",")
+    return {k: v for k, v in rows.items()
+            if any(k == p or (p.endswith("*") and k.startswith(p[:-1])) for p in pats)}
 
 
 def _suffix(args: argparse.Namespace) -> str:
@@ -264,10 +272,12 @@ def main() -> None:
     p.add_argument("--tags", default="", help="merge-cifar: the tags to join")
     p.add_argument("--data", default=None)
     p.add_argument("--models", default="56,20")
-    p.add_argument("--rows", default="all", help="comma-separated substrings of row labels")
+    p.add_argument("--rows", default="all", help="comma-separated row labels ('prefix*' too)")
     p.add_argument("--ablation", action="store_true", help="add the ablation rows")
     p.add_argument("--calibration", type=int, default=None)
-    p.add_argument("--eval", type=int, default=512)
+    p.add_argument("--eval", type=int, default=512, help="minilm: evaluation sentences")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="cifar: the first N JPEG test images for agreement (default: all 10k)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.calibration is None:

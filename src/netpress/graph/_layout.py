@@ -47,6 +47,9 @@ def reshape_map(S: Spaces, x: torch.Tensor, out: torch.Tensor) -> None:
     """Couple a reshape's dims. Equal dims map one to one; where one dim splits into several
     (or several merge into one), one factor carries the channel (see :func:`resolve_products`)
     and the other factors are fixed."""
+    for t in (x, out):  # every dim gets its elements (resolve_products reads them)
+        for d in range(t.dim()):
+            S.ids(t, d)
     segs = _segments(list(x.shape), list(out.shape))
     if segs is None:
         S.fix_tensor(x)
@@ -110,8 +113,6 @@ def resolve_products(S: Spaces, fixed_label: np.ndarray | None, labels: np.ndarr
 def _reshape(S: Spaces, rec: OpRecord) -> None:
     x = rec.args[0]
     reshape_map(S, x, rec.outputs[0])
-    S.consts.append((rec.module, [S.key(rec.outputs[0], d) for d in range(rec.outputs[0].dim())]
-                     + [S.key(x, d) for d in range(x.dim())]))
 
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
@@ -203,7 +204,6 @@ def _split(S: Spaces, rec: OpRecord) -> None:
     if len(outs) > 1 and len(sizes) == 1:  # equal pieces stay equal: couple same positions
         n = sizes.pop()
         S.union(xs[: n], xs[n: n * len(outs)].reshape(len(outs) - 1, n))
-        S.consts.append((rec.module, [S.key(outs[0], dim)]))
     elif len(outs) > 1:
         S.fix(xs)
 
@@ -242,6 +242,8 @@ def _index_by_tensor(S: Spaces, x: torch.Tensor, out: torch.Tensor, idx: tuple[A
     """``x[:, ..., index, ...]`` with one integer index tensor and full slices elsewhere: the
     indexed dim is fixed (a lookup, e.g. a relative-position table), the others map."""
     tensors = [k for k, i in enumerate(idx) if isinstance(i, torch.Tensor)]
+    for k in tensors:  # index tensors' elements are positions: every one stays
+        S.fix_tensor(idx[k])
     full = all(isinstance(i, slice) and i == slice(None) for k, i in enumerate(idx)
                if k not in tensors)
     if len(tensors) != 1 or not full or idx[tensors[0]].dtype in (torch.bool, torch.uint8):
@@ -265,6 +267,9 @@ def _index_by_tensor(S: Spaces, x: torch.Tensor, out: torch.Tensor, idx: tuple[A
 
 def _index_select(S: Spaces, rec: OpRecord) -> None:
     x, out = rec.args[0], rec.outputs[0]
+    index = _arg(rec, 2, "index")
+    if isinstance(index, torch.Tensor):
+        S.fix_tensor(index)
     S.couple_except(x, out, {_arg(rec, 1, "dim") % x.dim()})
 
 

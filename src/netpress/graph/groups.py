@@ -6,8 +6,11 @@ channel, a neuron, a whole conv group, or an attention head (all its q/k/v rows 
 columns). Units touching the same parameter dimensions form a :class:`Group` (e.g. the 16
 output channels of ``layer1.0.conv1`` with ``bn1`` and the input columns of ``conv2``).
 A unit is removable unless one of its elements is fixed: a model input or output dimension,
-a normalised dimension, a constant slice, the padded part of a padding, or a layer the
-user protects.
+a constant slice, the padded part of a padding, a size written as a literal in the model's
+code, or a layer the user protects. A unit with an element that feeds a statistic over its
+dimension (a normalised dimension: the hidden size of a transformer, a channel of a global
+response norm) is removable but *inexact*: removing it changes the model's function even
+when its weights are zero. A group is exact when all its units are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from netpress._inputs import Inputs
 from netpress.graph.rules import apply_rule, resolve_products
 from netpress.graph.spaces import SpaceKey, Spaces
-from netpress.graph.trace import Trace, record, tensors_in
+from netpress.graph.trace import OpRecord, Trace, record, tensors_in
 from netpress.select import matches
 
 __all__ = ["Group", "ChannelGraph", "Unsupported", "analyze", "explain"]
@@ -44,6 +47,8 @@ class Group:
     ``slices[key][u]`` are the positions of unit ``u`` along parameter space ``key``
     (``(id(param), dim)``); ``width`` is a unit's extent in channels (1 for a channel,
     ``head_dim`` for a head): its smallest extent along the first dim of a weight matrix.
+    ``exact``: removing a unit whose weights are zero leaves the model's outputs unchanged
+    (False for units that feed a norm's statistics, e.g. the hidden size).
     """
 
     name: str
@@ -51,6 +56,7 @@ class Group:
     slices: dict[SpaceKey, list[np.ndarray]]
     width: int
     modules: list[str] = field(default_factory=list)
+    exact: bool = True
 
     def __len__(self) -> int:
         return int(self.units.size)
@@ -66,6 +72,7 @@ class ChannelGraph:
     groups: list[Group]
     unsupported: list[Unsupported]
     blocked: np.ndarray  # per label: cannot be removed
+    soft: np.ndarray | None = None  # per label: removable, but not exactly (see Group.exact)
 
     def param(self, pid: int) -> torch.Tensor:
         return self.trace.tensors[pid]
@@ -108,6 +115,55 @@ class ChannelGraph:
             total += n
         return total
 
+    def why_fixed(self) -> tuple[np.ndarray, list[str]]:
+        """Per label, the index (into the returned list) of the first rule that fixed one of
+        its elements (-1: not fixed): the op and module, or 'a model input or output'."""
+        reason = np.full(self.blocked.size, -1, dtype=np.int64)
+        if not self.spaces.fixed:
+            return reason, []
+        ids = np.concatenate(self.spaces.fixed)
+        which = np.repeat(np.arange(len(self.spaces.fixed)),
+                          [a.size for a in self.spaces.fixed])
+        labs, first = np.unique(self.labels[ids], return_index=True)
+        reason[labs] = which[first]
+        return reason, list(self.spaces.fixed_by)
+
+    def held(self, pruned: np.ndarray, top: int = 4,
+             kind: str = "macs") -> list[tuple[str, int, list[str]]]:
+        """What remains with ``pruned`` removed, most first: ``(op and module, or parameter
+        name; its MACs or parameter count; why its channels stay: the rules that fixed
+        them)``. ``kind``: ``macs`` or ``params``."""
+        reason, why = self.why_fixed()
+        terms: list[tuple[str, int, list[SpaceKey]]]
+        if kind == "macs":
+            terms = [(t.where, t.const, t.spaces) for t in self.spaces.macs]
+        else:
+            terms = []
+            for pid in self.trace.owners:
+                t = self.trace.tensors[pid]
+                if isinstance(t, nn.Parameter):
+                    keys = [(pid, d) for d in range(t.dim()) if (pid, d) in self.spaces.base]
+                    rest = math.prod(int(s) for d, s in enumerate(t.shape)
+                                     if (pid, d) not in self.spaces.base)
+                    terms.append((self.trace.param_name(pid), rest, keys))
+        total: dict[str, int] = {}
+        causes: dict[str, set[str]] = {}
+        sizes: dict[SpaceKey, int] = {}
+        for where, const, keys in terms:
+            prod = const
+            for key in keys:
+                if key not in sizes:
+                    sizes[key] = self.kept_size(key, pruned)
+                prod *= sizes[key]
+            total[where] = total.get(where, 0) + prod
+            found = causes.setdefault(where, set())
+            for key in keys:
+                b, n = self.spaces.base[key], self.spaces.size[key]
+                r = reason[self.labels[b:b + n]]
+                found.update(why[i] for i in np.unique(r[r >= 0]).tolist()[:3])
+        ranked = sorted(total, key=lambda w: -total[w])[:top]
+        return [(w, total[w], sorted(causes[w])) for w in ranked]
+
     def label_mask(self, units: Iterable[int]) -> np.ndarray:
         mask = np.zeros(self.blocked.size, dtype=bool)
         mask[np.fromiter(units, dtype=np.int64)] = True
@@ -133,6 +189,7 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
             for t in tensors:
                 S.mark_unknown(t, rec.where())
             unknown.append((rec.where(), tensors))
+        _fix_literal_sizes(S, rec)
         produced.update(id(o) for o in rec.outputs)
     known = produced | set(trace.owners) | {id(t) for t in trace.inputs}
     S.current = "a model input or output"
@@ -145,6 +202,18 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
                 S.fix_tensor(t)
                 known.add(id(t))
     return S, unknown
+
+
+def _fix_literal_sizes(S: Spaces, rec: OpRecord) -> None:
+    """A size the code wrote as a literal (``view(b, n, 12, 64)``) cannot follow pruning:
+    the dimension it sets keeps its size."""
+    for use in rec.sizes:
+        if use.expr[0] == "const" and use.out < len(rec.outputs):
+            out = rec.outputs[use.out]
+            if use.dim < out.dim() and int(out.shape[use.dim]) > 1:
+                S.current = f"the literal size {use.expr[1]} in {rec.where()}"
+                S.fix(S.ids(out, use.dim))
+    S.current = rec.where()
 
 
 def _protected_params(model: nn.Module, trace: Trace, protect: Iterable[str]) -> set[int]:
@@ -200,8 +269,14 @@ def analyze(model: nn.Module, example_inputs: Inputs, *, protect: Iterable[str] 
             if exclude_unsupported:
                 blocked[lab] = True
     unsupported = [Unsupported(w, n) for w, n in counts.items()]
+    soft = np.zeros(nlab, dtype=bool)
+    if S.soft:
+        soft[labels[np.concatenate(S.soft)]] = True
+    soft &= ~blocked
     groups = _groups(trace, S, labels, blocked)
-    return ChannelGraph(trace, S, labels, groups, unsupported, blocked)
+    for g in groups:
+        g.exact = not bool(soft[g.units].any())
+    return ChannelGraph(trace, S, labels, groups, unsupported, blocked, soft)
 
 
 def _fixed_labels(S: Spaces, labels: np.ndarray) -> np.ndarray:

@@ -64,12 +64,17 @@ _PERMUTE = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swa
 _EXPAND = {"expand", "expand_as", "broadcast_to"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod",
            "argmax", "argmin", "all", "any", "nansum", "nanmean", "median", "count_nonzero",
-           "var_mean", "std_mean", "norm"}
+           "var_mean", "std_mean", "norm", "linalg_vector_norm", "vector_norm"}
+# reductions that compute a statistic of their dims (removing an element moves it a little);
+# the others (argmax, prod, all, ...) depend on every element's index or value: fixed
+_STATISTICS = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "logsumexp",
+               "nansum", "nanmean", "var_mean", "std_mean", "norm", "linalg_vector_norm",
+               "vector_norm"}
 # ops acting along one dimension: (positional index of dim, keyword name, default)
 _DIM_LOCAL: dict[str, tuple[int, str, Any]] = {
     "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
     "_softmax": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
-    "logcumsumexp": (1, "dim", None), "normalize": (2, "dim", 1), "glu": (1, "dim", -1),
+    "logcumsumexp": (1, "dim", None), "glu": (1, "dim", -1),
     "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1),
     "flip": (1, "dims", None), "roll": (2, "dims", None), "cummax": (1, "dim", None),
 }
@@ -195,34 +200,44 @@ def _conv_transpose(S: Spaces, rec: OpRecord) -> None:
 
 def _per_channel_norm(S: Spaces, rec: OpRecord) -> None:
     """batch_norm / instance_norm: statistics per channel (dim 1). With batch statistics
-    (training, no running stats, or instance_norm) every other dim is reduced over, so it is
-    fixed: e.g. a standardised conv weight, whose input channels the statistics span."""
+    (training, no running stats, or instance_norm) every other dim is reduced over, so its
+    elements feed the statistics: e.g. a standardised conv weight (BiT), whose input channels
+    the statistics span."""
     x, out = rec.args[0], rec.outputs[0]
     batch_stats = rec.name == "instance_norm" or bool(_arg(rec, 5, "training", False)) \
         or _arg(rec, 1, "running_mean") is None
     for d in range(x.dim()):
         S.union_dims(x, d, out, d)
         if batch_stats and d != 1:
-            S.fix(S.ids(x, d))
+            S.soften(S.ids(x, d))
     for t in _ins(rec)[1:]:
         if t.dim() == 1:
             S.union_dims(t, 0, x, 1)
 
 
 def _layer_norm(S: Spaces, rec: OpRecord) -> None:
-    """Normalised dims are fixed: removing even a zero channel changes the mean and variance."""
+    """layer_norm / rms_norm: the affine weights follow the normalised dims elementwise, whose
+    elements feed the statistics (removing even a zero channel changes the mean and
+    variance): softened, not fixed, so the hidden size can be pruned when a target needs it."""
     x, out = rec.args[0], rec.outputs[0]
     shape = _arg(rec, 1, "normalized_shape")
     n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
     for d in range(x.dim()):
         S.union_dims(x, d, out, d)
-    S.fix_tensor(x, list(range(x.dim() - n, x.dim())))
+    lead = x.dim() - n
+    S.soften_tensor(x, list(range(lead, x.dim())))
     for t in _ins(rec)[1:]:
-        S.fix_tensor(t)
+        if t.dim() == n and tuple(t.shape) == tuple(x.shape[lead:]):
+            for i in range(n):
+                S.union_dims(t, i, x, lead + i)
+        else:
+            S.fix_tensor(t)
 
 
 def _group_norm(S: Spaces, rec: OpRecord) -> None:
-    """Statistics per group: whole groups are the unit."""
+    """Statistics per group: whole groups are the unit (removing one leaves the others'
+    statistics as they were). With a single group (a layer norm over channels and space,
+    as in PoolFormer) the channels are units whose removal moves the statistics (softened)."""
     x, out = rec.args[0], rec.outputs[0]
     groups = int(_arg(rec, 1, "num_groups"))
     for d in range(x.dim()):
@@ -232,9 +247,11 @@ def _group_norm(S: Spaces, rec: OpRecord) -> None:
     for t in _ins(rec)[1:]:
         S.union_dims(t, 0, x, 1)
     ids = S.ids(x, 1)
+    if groups == 1:
+        S.soften(ids)
+        return
     per = ids.size // groups
     S.union(ids.reshape(groups, per)[:, :1], ids.reshape(groups, per))
-    S.consts.append((rec.module, [S.key(x, 1)]))
 
 
 def _embedding(S: Spaces, rec: OpRecord) -> None:
@@ -289,7 +306,7 @@ def _reduce(S: Spaces, rec: OpRecord) -> None:
     if rec.name in ("max", "min") and len(rec.args) > 1 and isinstance(rec.args[1], torch.Tensor):
         _elementwise(S, rec)
         return
-    pos = 2 if rec.name == "norm" else 1
+    pos = 2 if rec.name in ("norm", "linalg_vector_norm", "vector_norm") else 1
     dims = _dims_of(_arg(rec, pos, "dim"), max(1, x.dim()))
     keep = bool(_arg(rec, pos + 1, "keepdim", False))
     if dims is None:
@@ -297,7 +314,10 @@ def _reduce(S: Spaces, rec: OpRecord) -> None:
         for o in rec.outputs:
             S.fix_tensor(o)
         return
-    S.fix_tensor(x, dims)
+    if rec.name in _STATISTICS:
+        S.soften_tensor(x, dims)
+    else:
+        S.fix_tensor(x, dims)
     for o in rec.outputs:
         j = 0
         for d in range(x.dim()):
@@ -319,6 +339,15 @@ def _dim_local(S: Spaces, rec: OpRecord) -> None:
             S.fix_tensor(o)
             continue
         S.couple_except(x, o, set(dims))
+
+
+def _normalize(S: Spaces, rec: OpRecord) -> None:
+    """``F.normalize``: each element divided by the norm over ``dim`` (a statistic)."""
+    x, out = rec.args[0], rec.outputs[0]
+    dims = _dims_of(_arg(rec, 2, "dim", 1), max(1, x.dim())) or []
+    for d in range(x.dim()):
+        S.union_dims(x, d, out, d)
+    S.soften_tensor(x, dims)
 
 
 def _triangle(S: Spaces, rec: OpRecord) -> None:
@@ -399,7 +428,7 @@ RULES.update({
     "batch_norm": _per_channel_norm, "instance_norm": _per_channel_norm,
     "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
     "embedding": _embedding, "scaled_dot_product_attention": _sdpa, "einsum": _einsum,
-    "triu": _triangle, "tril": _triangle,
+    "triu": _triangle, "tril": _triangle, "normalize": _normalize,
 })
 
 

@@ -11,6 +11,11 @@ rounded *up* to a multiple of ``round_to`` channels (a head of 64 channels alrea
 pruning whose cost (MACs or parameters, predicted by the graph) is at or under the target,
 then :func:`refill` hands rounding steps back to groups (best pruned unit first) while the
 target still holds, so coarse rounding does not overshoot the target by much.
+
+A group can be left out of an allocation (:func:`frozen`: it keeps every unit), and a group
+too narrow for its rounding step (:func:`too_narrow`: a 16-channel layer with ``round_to=8``
+can only keep 8 or 16) can have it relaxed (:func:`relaxed`); the driver
+(:mod:`netpress.prune.structured`) tries these in stages.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["GroupPlan", "keep_floor", "round_up", "uniform_counts", "global_counts", "solve",
-           "refill", "ALLOCATIONS"]
+           "refill", "ALLOCATIONS", "too_narrow", "relaxed", "frozen"]
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -35,6 +40,23 @@ class GroupPlan:
     minimum: int
     multiple: int
     scores: np.ndarray  # one per unit, group-normalised
+
+
+def too_narrow(g: GroupPlan) -> bool:
+    """Fewer than four rounding steps in the group: rounding decides its size, not the
+    target (16 channels with ``round_to=8``: 8 or 16)."""
+    return g.multiple > 1 and g.size < 4 * g.multiple
+
+
+def relaxed(g: GroupPlan, floor: float) -> GroupPlan:
+    """``g`` with no rounding step (its floor recomputed unrounded)."""
+    minimum = max(1, int(math.ceil(floor * g.size - 1e-9)))
+    return GroupPlan(g.size, min(minimum, g.size), 1, g.scores)
+
+
+def frozen(g: GroupPlan) -> GroupPlan:
+    """``g`` left out of the allocation: it keeps all its units."""
+    return GroupPlan(g.size, g.size, 1, g.scores)
 
 
 def round_up(k: int, multiple: int, size: int) -> int:

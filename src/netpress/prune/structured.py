@@ -32,8 +32,24 @@ from netpress.prune._attention import split_attention
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
-from netpress.prune.policy import ALLOCATIONS, GroupPlan, keep_floor, solve
-from netpress.prune.surgery import SurgeryResult, remove_units, verify_pruned
+from netpress.prune.policy import (
+    ALLOCATIONS,
+    GroupPlan,
+    frozen,
+    keep_floor,
+    relaxed,
+    solve,
+    too_narrow,
+    uniform_counts,
+)
+from netpress.prune.surgery import (
+    PruneCheckError,
+    SurgeryResult,
+    plan_sizes,
+    remove_units,
+    undo,
+    verify_pruned,
+)
 from netpress.registry import register
 from netpress.select import select_names
 
@@ -130,12 +146,70 @@ def _check_unsupported(graph: ChannelGraph, cfg: StructuredPrune) -> None:
                   f"{listed}", stacklevel=3)
 
 
-def _plans(graph: ChannelGraph, scores: list[np.ndarray], cfg: StructuredPrune) -> list[GroupPlan]:
-    plans = []
-    for g, s in zip(graph.groups, scores):
-        minimum, multiple = keep_floor(len(g), cfg.floor, g.width, cfg.round_to)
-        plans.append(GroupPlan(len(g), minimum, multiple, s))
-    return plans
+# allocation stages, tried in order: (exact groups only, round_to relaxed on narrow groups)
+_STAGES = ((True, False), (True, True), (False, False), (False, True))
+TOLERANCE = 0.03  # of the reference: more under the target than this is an overshoot
+
+
+@dataclass
+class _Round:
+    """One round's inputs: the graph of the model as it is now, its units' scores, and
+    how its cost estimate converts to the measured units (``scale``)."""
+
+    graph: ChannelGraph
+    scores: list[np.ndarray]
+    cfg: StructuredPrune
+    scale: float
+    reference: float
+
+    def mask(self, kept: list[int]) -> np.ndarray:
+        return _pruned_mask(self.graph, self.scores, kept)
+
+    def cost(self, kept: list[int]) -> float:
+        estimate = self.graph.macs if self.cfg.macs is not None else self.graph.params
+        return self.scale * estimate(self.mask(kept))
+
+    def plans(self, excluded: set[str], exact_only: bool, relax: bool) -> list[GroupPlan]:
+        out = []
+        for g, s in zip(self.graph.groups, self.scores):
+            minimum, multiple = keep_floor(len(g), self.cfg.floor, g.width, self.cfg.round_to)
+            plan = GroupPlan(len(g), minimum, multiple, s)
+            if g.name in excluded or (exact_only and not g.exact):
+                plan = frozen(plan)
+            elif relax and too_narrow(plan):
+                plan = relaxed(plan, self.cfg.floor)
+            out.append(plan)
+        return out
+
+
+def _allocate(r: _Round, target: float, excluded: set[str]) -> tuple[list[int], list[int]]:
+    """Kept units per group, and the most-pruned counts of the last stage tried.
+
+    Stages: the exact groups alone, then with rounding relaxed where a group is too narrow
+    for it, then every group (the hidden size too), then that with rounding relaxed. The
+    first stage that meets the target without falling more than TOLERANCE under it wins,
+    else the first that meets it at all."""
+    fallback: list[int] | None = None
+    most: list[int] = [len(g) for g in r.graph.groups]
+    for exact_only, relax in _STAGES:
+        plans = r.plans(excluded, exact_only, relax)
+        most = uniform_counts(plans, 1.0)
+        try:
+            kept = solve(plans, r.cfg.allocation, r.cost, target)
+        except ValueError:
+            continue
+        if r.cost(kept) >= target - TOLERANCE * r.reference:
+            return kept, most
+        fallback = fallback or kept
+    if fallback is None:
+        raise _Unreachable(most)
+    return fallback, most
+
+
+class _Unreachable(Exception):
+    def __init__(self, most: list[int]) -> None:
+        super().__init__()
+        self.most = most
 
 
 def _pruned_mask(graph: ChannelGraph, scores: list[np.ndarray], kept: list[int]) -> np.ndarray:
@@ -148,34 +222,85 @@ def _pruned_mask(graph: ChannelGraph, scores: list[np.ndarray], kept: list[int])
     return mask
 
 
+def _what_holds(r: _Round, pruned: np.ndarray) -> str:
+    kind = "MACs" if r.cfg.macs is not None else "parameters"
+    base = max(1.0, r.reference)
+    held = r.graph.held(pruned, kind="macs" if r.cfg.macs is not None else "params")
+    parts = [f"{where} ({r.scale * n / base:.1%} of the reference's {kind}"
+             + (f"; fixed by {', '.join(why[:2])}" if why else "") + ")"
+             for where, n, why in held]
+    return "; ".join(parts)
+
+
+def _unreachable(r: _Round, target: float, most: list[int]) -> RecipeError:
+    kind = "MACs" if r.cfg.macs is not None else "parameters"
+    pruned = r.mask(most)
+    return RecipeError(
+        f"StructuredPrune: the target cannot be reached: with every removable group at its "
+        f"floor (floor={r.cfg.floor}) the model keeps {r.cost(most) / r.reference:.1%} of the "
+        f"reference's {kind}, for a target of {target / r.reference:.1%}. What holds the "
+        f"rest: {_what_holds(r, pruned)}. Lower floor, protect fewer modules, or raise the "
+        f"target")
+
+
 def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
-               measured_now: float, ctx: Context | None) -> tuple[SurgeryResult, dict[str, Any]]:
+               measured_now: float, reference: float, ctx: Context | None,
+               excluded: dict[str, str]) -> tuple[SurgeryResult, dict[str, Any]]:
     graph = analyze(model, x, protect=cfg.protect,
                     exclude_unsupported=cfg.on_unsupported == "exclude")
     _check_unsupported(graph, cfg)
-    if not graph.groups:
-        raise ModelError("StructuredPrune: the model has no channel that can be removed "
-                         "(every channel is fixed by inputs, outputs, normalisation or "
-                         "protection)")
-    scores = _saliency.group_scores(model, graph, cfg, ctx)
-    plans = _plans(graph, scores, cfg)
     none = np.zeros(graph.blocked.size, dtype=bool)
     estimate = graph.macs if cfg.macs is not None else graph.params
-    base = max(1, estimate(none))
+    r = _Round(graph, [], cfg, measured_now / max(1, estimate(none)), reference)
+    if not graph.groups:
+        raise ModelError(f"StructuredPrune: the model has no channel that can be removed: "
+                         f"every channel is fixed. What holds them: {_what_holds(r, none)}")
+    r.scores = _saliency.group_scores(model, graph, cfg, ctx)
+    owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
+    for _ in range(len(graph.groups) + 1):
+        try:
+            kept, _ = _allocate(r, target, set(excluded))
+        except _Unreachable as exc:
+            raise _unreachable(r, target, exc.most) from None
+        pruned = r.mask(kept)
+        try:
+            result = _cut(model, graph, pruned, x)
+        except PruneCheckError as exc:
+            bad = sorted({graph.groups[owner[int(u)]].name for u in exc.labels
+                          if int(u) in owner} - set(excluded))
+            if not bad:
+                raise
+            for name in bad:
+                excluded[name] = str(exc)
+            warnings.warn(f"StructuredPrune: leaving {', '.join(bad)} whole: {exc}",
+                          stacklevel=4)
+            continue
+        return result, _round_info(r, kept, excluded)
+    raise ModelError("StructuredPrune: no group could be pruned safely")
 
-    def cost(kept: list[int]) -> float:
-        return measured_now * estimate(_pruned_mask(graph, scores, kept)) / base
 
+def _cut(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray, x: Inputs) -> SurgeryResult:
+    """Surgery then the replay check; the model is restored when the check fails."""
+    sizes = plan_sizes(graph, pruned)
+    result = remove_units(model, graph, pruned, sizes)
     try:
-        kept = solve(plans, cfg.allocation, cost, target)
-    except ValueError as exc:
-        raise RecipeError(f"StructuredPrune: {exc} ({'MACs' if cfg.macs else 'parameters'}); "
-                          f"lower floor or raise the target") from None
-    pruned = _pruned_mask(graph, scores, kept)
-    result = remove_units(model, graph, pruned)
-    verify_pruned(model, graph, pruned, x)
-    groups = {g.name: [len(g), k] for g, k in zip(graph.groups, kept) if k < len(g)}
-    return result, {"groups": groups, "unsupported": [u.where for u in graph.unsupported]}
+        verify_pruned(model, graph, pruned, x)
+    except PruneCheckError:
+        undo(result)
+        raise
+    return result
+
+
+def _round_info(r: _Round, kept: list[int], excluded: dict[str, str]) -> dict[str, Any]:
+    groups = r.graph.groups
+    plans = r.plans(set(), True, False)
+    cut = [i for i, (g, k) in enumerate(zip(groups, kept)) if k < len(g)]
+    return {"groups": {groups[i].name: [len(groups[i]), kept[i]] for i in cut},
+            "unsupported": [u.where for u in r.graph.unsupported],
+            "inexact_groups": [groups[i].name for i in cut if not groups[i].exact],
+            "round_to_relaxed": [groups[i].name for i in cut
+                                 if plans[i].multiple > 1 and kept[i] % plans[i].multiple],
+            "excluded": dict(excluded)}
 
 
 def _measure(model: nn.Module, x: Inputs, kind: str) -> int:
@@ -202,26 +327,51 @@ def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inp
     goal = fraction * (before if reference is None else
                        _measure(reference, example_inputs, kind))
     started = time.perf_counter()
+    reference_measure = goal / fraction
     summary: dict[str, Any] = {"groups": {}, "attributes": {}, "kept": {},
-                               "split_attention": split}
+                               "split_attention": split, "inexact_groups": [],
+                               "round_to_relaxed": [], "excluded": {}}
+    excluded: dict[str, str] = {}
     now = float(before)
     for step in range(cfg.iterative_steps):
         target = now * (goal / now) ** (1 / (cfg.iterative_steps - step)) if now > goal else now
         for _ in range(4):  # the graph's estimate vs the measured count: tighten if over
             if now <= target * (1 + 1e-9):
                 break
-            result, info = _one_round(work, cfg, example_inputs, target, now, ctx)
+            result, info = _one_round(work, cfg, example_inputs, target, now,
+                                      reference_measure, ctx, excluded)
             now = float(_measure(work, example_inputs, kind))
-            summary["groups"].update(info["groups"])
-            summary["attributes"].update(result.attributes)
-            for name, dims in result.kept.items():
-                summary["kept"].setdefault(name, []).append(dims)
+            _merge(summary, info, result)
+    _warn_overshoot(summary, cfg, kind, now, goal, reference_measure)
     seconds = round(time.perf_counter() - started, 4)
     summary.update({f"{kind}_before": before, f"{kind}_after": int(now),
                     f"{kind}_target": int(goal), "seconds": seconds})
     if kind == "macs":
         summary["params_after"] = sum(p.numel() for p in work.parameters())
     return work, summary
+
+
+def _merge(summary: dict[str, Any], info: dict[str, Any], result: SurgeryResult) -> None:
+    summary["groups"].update(info["groups"])
+    summary["attributes"].update(result.attributes)
+    summary["excluded"].update(info["excluded"])
+    for key in ("inexact_groups", "round_to_relaxed"):
+        summary[key].extend(n for n in info[key] if n not in summary[key])
+    for name, dims in result.kept.items():
+        summary["kept"].setdefault(name, []).append(dims)
+
+
+def _warn_overshoot(summary: dict[str, Any], cfg: StructuredPrune, kind: str, now: float,
+                    goal: float, reference: float) -> None:
+    label = "MACs" if kind == "macs" else "parameters"
+    if summary["round_to_relaxed"]:
+        warnings.warn(f"StructuredPrune: round_to={cfg.round_to} relaxed for groups too narrow "
+                      f"for it: {', '.join(summary['round_to_relaxed'][:6])}", stacklevel=3)
+    if now < goal - TOLERANCE * reference:
+        warnings.warn(f"StructuredPrune: asked for {goal / reference:.1%} of the reference's "
+                      f"{label}, reached {now / reference:.1%}: the groups' rounding "
+                      f"(round_to={cfg.round_to}) and floors allow no closer value",
+                      stacklevel=3)
 
 
 def _same_shapes(a: nn.Module, b: nn.Module | None) -> bool:

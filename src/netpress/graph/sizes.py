@@ -1,0 +1,438 @@
+"""Where the sizes a model's Python code reshapes with come from, and what they must become.
+
+During the trace (:func:`netpress.graph.record`) every plain ``int`` attribute of every module
+(and of the config-like objects modules hold, ``self.config.hidden_sizes[3]`` included) is
+replaced by a :class:`SizeInt`: an ``int`` that remembers its origin, and every shape query
+(``x.shape``, ``x.size(d)``, ``len(x)``) returns them too. Arithmetic on them keeps an
+expression, so ``self.embed_dim // self.num_heads`` or ``x.shape[-1] // self.heads`` is known
+by its parts. The size arguments of the ops that build shapes (``view``, ``reshape``,
+``split``, ``expand``, ``unflatten``, ``narrow``, the ``new_*``/creation ops) are recorded as
+:class:`SizeUse` s: an output dimension and the expression that gave its size.
+
+After pruning, each such dimension has a new size (from the channel graph); :func:`solve_sizes`
+finds new values for the attributes so that every expression gives its dimension's new size,
+and :func:`assign` sets them. A size written as a literal in the model's code cannot follow:
+the rules fix the dimension it sets (see :mod:`netpress.graph.rules`), so pruning never needs
+it to change.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SizeInt", "Address", "SizeUse", "SizeTracker", "size_uses", "solve_sizes",
+           "assign", "leaves", "evaluate", "size_slots", "wrap_shape"]
+
+# ("attr", i) | ("dim", tensor id, dim) | ("const", v) | (op, a, b) | ("neg", a)
+Expr = tuple[Any, ...]
+_OPS: dict[str, Callable[[int, int], int]] = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv,
+    "%": operator.mod,
+}
+
+
+def _expr(v: Any) -> Expr:
+    return v.expr if isinstance(v, SizeInt) else ("const", int(v))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class SizeInt(int):
+    """An ``int`` with the expression it was computed from (see the module docstring).
+
+    Uses as a *value* rather than a size (``math.sqrt(self.head_dim)``, ``x / self.dim``,
+    ``scores * self.heads``) are appended to ``sink``: an attribute used so must keep its
+    value, since pruning would change what the model computes, not only its shapes.
+    """
+
+    expr: Expr
+    sink: list[Expr] | None
+
+    def __new__(cls, value: int, expr: Expr, sink: list[Expr] | None = None) -> SizeInt:
+        obj = int.__new__(cls, value)
+        obj.expr = expr
+        obj.sink = sink
+        return obj
+
+    def _bin(self, other: Any, op: str, swap: bool = False) -> Any:
+        if not _is_int(other):
+            self.used_as_value()
+            fn = getattr(int, f"__{'r' if swap else ''}{_NAMES[op]}__")
+            return fn(int(self), other)
+        a, b = (other, self) if swap else (self, other)
+        value = _OPS[op](int(a), int(b))
+        sink = self.sink if self.sink is not None else getattr(other, "sink", None)
+        return SizeInt(value, (op, _expr(a), _expr(b)), sink)
+
+    def used_as_value(self) -> None:
+        if self.sink is not None:
+            self.sink.append(self.expr)
+
+    def __float__(self) -> float:
+        self.used_as_value()
+        return float(int(self))
+
+    def __truediv__(self, o: Any) -> Any:
+        self.used_as_value()
+        return int(self) / o
+
+    def __rtruediv__(self, o: Any) -> Any:
+        self.used_as_value()
+        return o / int(self)
+
+    def __pow__(self, o: Any, mod: Any = None) -> Any:
+        self.used_as_value()
+        return pow(int(self), o, mod)
+
+    def __rpow__(self, o: Any, mod: Any = None) -> Any:
+        self.used_as_value()
+        return pow(o, int(self), mod)
+
+    def __add__(self, o: Any) -> Any:
+        return self._bin(o, "+")
+
+    def __radd__(self, o: Any) -> Any:
+        return self._bin(o, "+", True)
+
+    def __sub__(self, o: Any) -> Any:
+        return self._bin(o, "-")
+
+    def __rsub__(self, o: Any) -> Any:
+        return self._bin(o, "-", True)
+
+    def __mul__(self, o: Any) -> Any:
+        return self._bin(o, "*")
+
+    def __rmul__(self, o: Any) -> Any:
+        return self._bin(o, "*", True)
+
+    def __floordiv__(self, o: Any) -> Any:
+        return self._bin(o, "//")
+
+    def __rfloordiv__(self, o: Any) -> Any:
+        return self._bin(o, "//", True)
+
+    def __mod__(self, o: Any) -> Any:
+        return self._bin(o, "%")
+
+    def __rmod__(self, o: Any) -> Any:
+        return self._bin(o, "%", True)
+
+    def __neg__(self) -> Any:
+        return SizeInt(-int(self), ("neg", self.expr), self.sink)
+
+    def __pos__(self) -> Any:
+        return self
+
+    def __copy__(self) -> int:
+        return int(self)
+
+    def __deepcopy__(self, memo: Any) -> int:
+        return int(self)
+
+    def __reduce__(self) -> Any:
+        return (int, (int(self),))
+
+
+_NAMES = {"+": "add", "-": "sub", "*": "mul", "//": "floordiv", "%": "mod"}
+
+
+def evaluate(expr: Expr, values: Callable[[Expr], int]) -> int:
+    """The value of ``expr`` with its leaves (``attr``/``dim``) given by ``values``."""
+    kind = expr[0]
+    if kind == "const":
+        return int(expr[1])
+    if kind in ("attr", "dim"):
+        return values(expr)
+    if kind == "neg":
+        return -evaluate(expr[1], values)
+    return _OPS[kind](evaluate(expr[1], values), evaluate(expr[2], values))
+
+
+def leaves(expr: Expr, kind: str = "attr") -> set[Expr]:
+    if expr[0] == kind:
+        return {expr}
+    if expr[0] in ("const", "attr", "dim"):
+        return set()
+    return set().union(*(leaves(e, kind) for e in expr[1:]))
+
+
+@dataclass(frozen=True)
+class Address:
+    """An attribute holding a size: ``owner.attr`` (``owner.attr[index]`` for a list)."""
+
+    owner: Any
+    attr: str
+    index: int | None
+    name: str  # for messages and artefacts: "encoder.layer.0.attention.num_heads"
+
+    def get(self) -> int:
+        v = vars(self.owner)[self.attr]
+        return int(v if self.index is None else v[self.index])
+
+    def set(self, value: int) -> None:
+        d = vars(self.owner)
+        if self.index is None:
+            d[self.attr] = value
+        else:
+            seq = list(d[self.attr])
+            seq[self.index] = value
+            d[self.attr] = type(d[self.attr])(seq)
+
+
+@dataclass
+class SizeUse:
+    """Output ``out`` (index into the op's outputs), dimension ``dim``, got its size from
+    ``expr`` (a literal when ``expr[0] == "const"``)."""
+
+    out: int
+    dim: int
+    expr: Expr
+
+
+def _config_like(v: Any) -> bool:
+    return (hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type))
+            and not callable(v) and hasattr(v, "to_dict"))
+
+
+@dataclass
+class SizeTracker:
+    """Replaces size attributes by :class:`SizeInt` s for the trace; :meth:`restore` puts the
+    original values back."""
+
+    addresses: list[Address] = field(default_factory=list)
+    saved: list[tuple[Any, str, Any]] = field(default_factory=list)
+    values: list[Expr] = field(default_factory=list)  # expressions used as values
+
+    def _wrap(self, owner: Any, attr: str, value: Any, name: str) -> None:
+        if _is_int(value) and type(value) is int:
+            new: Any = SizeInt(value, ("attr", len(self.addresses)), self.values)
+            self.addresses.append(Address(owner, attr, None, name))
+        elif isinstance(value, (list, tuple)) and value and type(value) in (list, tuple) \
+                and all(type(v) is int for v in value):
+            items = []
+            for i, v in enumerate(value):
+                items.append(SizeInt(v, ("attr", len(self.addresses)), self.values))
+                self.addresses.append(Address(owner, attr, i, f"{name}[{i}]"))
+            new = type(value)(items)
+        else:
+            return
+        self.saved.append((owner, attr, value))
+        vars(owner)[attr] = new
+
+    def install(self, model: nn.Module) -> None:
+        for owner, attr, value, name in size_slots(model):
+            self._wrap(owner, attr, value, name)
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the original values back, and turn any :class:`SizeInt` the forward stored
+        in a module or config (a cached sequence length) into a plain ``int``."""
+        for owner, attr, value in reversed(self.saved):
+            vars(owner)[attr] = value
+        self.saved.clear()
+        for owner, attr, value, _ in size_slots(model, plain_only=False):
+            if isinstance(value, SizeInt):
+                vars(owner)[attr] = int(value)
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, SizeInt) for v in value):
+                vars(owner)[attr] = type(value)(int(v) if isinstance(v, SizeInt) else v
+                                                for v in value)
+
+
+def size_slots(model: nn.Module, plain_only: bool = True) -> list[tuple[Any, str, Any, str]]:
+    """``(owner, attribute, value, name)`` for every public int (or list/tuple of ints)
+    attribute of the modules of ``model`` and of the config-like objects they hold (each
+    object once, named after the first module path that holds it)."""
+    out: list[tuple[Any, str, Any, str]] = []
+    seen: set[int] = set()
+
+    def ok(v: Any) -> bool:
+        if plain_only:
+            return (type(v) is int) or (type(v) in (list, tuple) and bool(v)
+                                        and all(type(x) is int for x in v))
+        return _is_int(v) or (isinstance(v, (list, tuple)) and bool(v)
+                              and all(_is_int(x) for x in v))
+
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for k, v in list(vars(m).items()):
+            if k.startswith("_") or isinstance(v, bool):
+                continue
+            if _config_like(v):
+                if id(v) in seen:
+                    continue
+                seen.add(id(v))
+                out.extend((v, ck, cv, f"{prefix}{k}.{ck}") for ck, cv in list(vars(v).items())
+                           if not ck.startswith("_") and not isinstance(cv, bool) and ok(cv))
+            elif ok(v):
+                out.append((m, k, v, f"{prefix}{k}"))
+    return out
+
+
+def wrap_shape(t: torch.Tensor, out: Any, dim: int | None = None) -> Any:
+    """A shape query's result with every size a :class:`SizeInt` of ``("dim", id(t), d)``."""
+    if isinstance(out, torch.Size):
+        return torch.Size([SizeInt(int(s), ("dim", id(t), d)) for d, s in enumerate(out)])
+    if _is_int(out) and dim is not None:
+        d = dim % max(1, t.dim())
+        return SizeInt(int(out), ("dim", id(t), d))
+    return out
+
+
+def note_value_uses(args: Iterable[Any]) -> None:
+    """Sizes passed to a tensor op as operands (``scores / self.head_dim``) are values."""
+    for a in args:
+        if isinstance(a, SizeInt):
+            a.used_as_value()
+
+
+def _seq(args: Sequence[Any]) -> list[Any]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return list(args[0])
+    return list(args)
+
+
+def _dims(sizes: Sequence[Any], first: int = 0, skip_neg: bool = True) -> list[SizeUse]:
+    return [SizeUse(0, first + d, _expr(v)) for d, v in enumerate(sizes)
+            if _is_int(v) and not (skip_neg and int(v) < 0)]
+
+
+_CREATE = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones",
+           "new_empty", "new_full"}
+
+
+def size_uses(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              outputs: list[torch.Tensor]) -> list[SizeUse]:
+    """The size arguments of one call, by the output dimension each one sets."""
+    try:
+        return _size_uses(name, args, kwargs, outputs)
+    except (IndexError, TypeError, ValueError):
+        return []
+
+
+def _size_uses(name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+               outputs: list[torch.Tensor]) -> list[SizeUse]:
+    if name in ("view", "reshape", "_unsafe_view", "expand", "broadcast_to"):
+        if len(args) > 1 and isinstance(args[1], torch.dtype):
+            return []
+        sizes = _seq(args[1:]) if len(args) > 1 else list(kwargs.get("shape",
+                                                                     kwargs.get("size", ())))
+        if name in ("expand", "broadcast_to"):
+            sizes = [s for s in sizes]
+        return _dims(sizes)
+    if name == "unflatten":
+        dim = int(args[1] if len(args) > 1 else kwargs["dim"])
+        sizes = list(args[2] if len(args) > 2 else kwargs["sizes"])
+        dim %= max(1, args[0].dim())
+        return _dims(sizes, dim)
+    if name in ("split", "split_with_sizes") and outputs:
+        spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections",
+                                                         kwargs.get("split_size"))
+        dim = int(args[2] if len(args) > 2 else kwargs.get("dim", 0)) % max(1, args[0].dim())
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return [SizeUse(i, dim, _expr(spec)) for i, o in enumerate(outputs)
+                    if int(o.shape[dim]) == spec]
+        if not isinstance(spec, (list, tuple)):
+            return []
+        return [SizeUse(i, dim, _expr(v)) for i, v in enumerate(spec) if _is_int(v)]
+    if name == "narrow":
+        dim = int(args[1] if len(args) > 1 else kwargs["dim"]) % max(1, args[0].dim())
+        length = args[3] if len(args) > 3 else kwargs["length"]
+        return [SizeUse(0, dim, _expr(length))] if _is_int(length) else []
+    if name in _CREATE:
+        start = 1 if name.startswith("new_") else 0
+        rest = [a for a in args[start:] if not isinstance(a, (float, torch.dtype))]
+        if name in ("full", "new_full"):
+            rest = rest[:1]
+        sizes = _seq(rest) if rest else list(kwargs.get("size", ()))
+        return _dims(sizes, skip_neg=False)
+    return []
+
+
+def solve_sizes(constraints: Iterable[tuple[Expr, int]], old: Sequence[int],
+                dims: Callable[[Expr], int]) -> tuple[dict[int, int], list[tuple[Expr, int]]]:
+    """New attribute values (by address index) under which every ``expr`` evaluates to its
+    required value, attributes changing only where they must.
+
+    ``old[i]`` is attribute ``i``'s current value, ``dims`` the new size of a ``dim`` leaf.
+    Single-attribute expressions are solved by search over ``1..old`` (sizes only shrink);
+    the smallest value that fits is taken. Returns the changed values and the constraints
+    that could not be met.
+    """
+    constraints = [(e, int(v)) for e, v in constraints]
+    todo = list(constraints)
+    known: dict[int, int] = {}
+    for _ in range(len(todo) + 1):
+        progress = False
+        rest = []
+        for expr, want in todo:
+            unknown = {a[1] for a in leaves(expr)} - set(known)
+            if not unknown:
+                rest.append((expr, want))
+                continue
+            if len(unknown) > 1:
+                rest.append((expr, want))
+                continue
+            (a,) = unknown
+            found = _search(expr, want, a, old[a], known, dims)
+            if found is None:
+                rest.append((expr, want))
+                continue
+            known[a] = found
+            progress = True
+        todo = rest
+        if not progress:
+            break
+    pending = [(e, w) for e, w in todo if {a[1] for a in leaves(e)} - set(known)]
+    # attributes left undetermined keep their value if that satisfies their constraints
+    for e, _ in pending:
+        for a in leaves(e):
+            known.setdefault(a[1], old[a[1]])
+
+    def value(leaf: Expr) -> int:
+        return known[leaf[1]] if leaf[0] == "attr" else dims(leaf)
+
+    failed = [(e, w) for e, w in constraints if _safe_eval(e, value) != int(w)]
+    return {a: v for a, v in known.items() if v != old[a]}, failed
+
+
+def _safe_eval(expr: Expr, values: Callable[[Expr], int]) -> int | None:
+    try:
+        return evaluate(expr, values)
+    except (ZeroDivisionError, KeyError):
+        return None
+
+
+def _search(expr: Expr, want: int, attr: int, current: int, known: dict[int, int],
+            dims: Callable[[Expr], int]) -> int | None:
+    def value_with(v: int) -> Callable[[Expr], int]:
+        def values(leaf: Expr) -> int:
+            if leaf[0] == "dim":
+                return dims(leaf)
+            return v if leaf[1] == attr else known[leaf[1]]
+        return values
+
+    if _safe_eval(expr, value_with(current)) == want:
+        return current
+    for v in range(1, max(1, current) + 1):
+        if _safe_eval(expr, value_with(v)) == want:
+            return v
+    return None
+
+
+def assign(addresses: Sequence[Address], values: dict[int, int]) -> dict[str, tuple[int, int]]:
+    """Set the solved values; returns ``{name: (old, new)}``."""
+    done = {}
+    for i, v in values.items():
+        a = addresses[i]
+        old = a.get()
+        a.set(v)
+        done[a.name] = (old, v)
+    return done

@@ -225,6 +225,10 @@ def prune_zeroed_units(model: nn.Module, x: Any, share: float = 0.4,
     chosen = {}
     for i, g in enumerate(groups):
         k = min(len(g) - 1, max(1, int(share * len(g))))
+        keep = -(-(len(g) - k) // 8) * 8  # a multiple of 8 channels, as some kernels need
+        keep = keep - 8 if keep >= len(g) else keep
+        if g.width == 1 and keep >= 8:
+            k = len(g) - keep
         if k > 0:
             chosen[i] = rng.choice(g.units, size=k, replace=False)
     while True:

@@ -201,11 +201,14 @@ def _split(S: Spaces, rec: OpRecord) -> None:
                 S.union_dims(x, d, o, d)
         offset += n
     sizes = {int(o.shape[dim]) for o in outs}
-    if len(outs) > 1 and len(sizes) == 1:  # equal pieces stay equal: couple same positions
+    if len(outs) > 1 and len(sizes) == 1 and rec.name in ("split", "chunk"):
+        # equal pieces stay equal (chunk, split(int)): couple same positions
         n = sizes.pop()
         S.union(xs[: n], xs[n: n * len(outs)].reshape(len(outs) - 1, n))
-    elif len(outs) > 1:
-        S.fix(xs)
+    elif len(outs) > 1 and rec.name in ("tensor_split", "chunk"):
+        S.fix(xs)  # piece sizes follow from the total: they would move
+    # pieces of given sizes (split([a, b, c])) are independent ranges; their sizes are
+    # literals (fixed by the size rules) or attributes/shapes that surgery keeps in step
 
 
 def _getitem(S: Spaces, rec: OpRecord) -> None:

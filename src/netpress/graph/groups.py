@@ -48,7 +48,8 @@ class Group:
     (``(id(param), dim)``); ``width`` is a unit's extent in channels (1 for a channel,
     ``head_dim`` for a head): its smallest extent along the first dim of a weight matrix.
     ``exact``: removing a unit whose weights are zero leaves the model's outputs unchanged
-    (False for units that feed a norm's statistics, e.g. the hidden size).
+    (False for units that feed a norm's statistics, e.g. the hidden size). ``align``: kept
+    channel counts must be multiples of it (a kernel's alignment).
     """
 
     name: str
@@ -57,6 +58,7 @@ class Group:
     width: int
     modules: list[str] = field(default_factory=list)
     exact: bool = True
+    align: int = 1
 
     def __len__(self) -> int:
         return int(self.units.size)
@@ -73,6 +75,7 @@ class ChannelGraph:
     unsupported: list[Unsupported]
     blocked: np.ndarray  # per label: cannot be removed
     soft: np.ndarray | None = None  # per label: removable, but not exactly (see Group.exact)
+    in_params: np.ndarray | None = None  # per label: has elements in a parameter/buffer
 
     def param(self, pid: int) -> torch.Tensor:
         return self.trace.tensors[pid]
@@ -132,8 +135,11 @@ class ChannelGraph:
              kind: str = "macs") -> list[tuple[str, int, list[str]]]:
         """What remains with ``pruned`` removed, most first: ``(op and module, or parameter
         name; its MACs or parameter count; why its channels stay: the rules that fixed
-        them)``. ``kind``: ``macs`` or ``params``."""
+        them)``. ``kind``: ``macs`` or ``params``. Only channels (dims coupled to a
+        parameter) count as reasons, not the batch, space or sequence dims."""
         reason, why = self.why_fixed()
+        if self.in_params is not None:
+            reason = np.where(self.in_params, reason, -1)
         terms: list[tuple[str, int, list[SpaceKey]]]
         if kind == "macs":
             terms = [(t.where, t.const, t.spaces) for t in self.spaces.macs]
@@ -160,7 +166,8 @@ class ChannelGraph:
             for key in keys:
                 b, n = self.spaces.base[key], self.spaces.size[key]
                 r = reason[self.labels[b:b + n]]
-                found.update(why[i] for i in np.unique(r[r >= 0]).tolist()[:3])
+                found.update(why[i] for i in np.unique(r[r >= 0]).tolist()[:3]
+                             if why[i] != where)
         ranked = sorted(total, key=lambda w: -total[w])[:top]
         return [(w, total[w], sorted(causes[w])) for w in ranked]
 
@@ -189,7 +196,7 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
             for t in tensors:
                 S.mark_unknown(t, rec.where())
             unknown.append((rec.where(), tensors))
-        _fix_literal_sizes(S, rec)
+        _size_rules(S, rec, trace)
         produced.update(id(o) for o in rec.outputs)
     known = produced | set(trace.owners) | {id(t) for t in trace.inputs}
     S.current = "a model input or output"
@@ -204,15 +211,23 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
     return S, unknown
 
 
-def _fix_literal_sizes(S: Spaces, rec: OpRecord) -> None:
-    """A size the code wrote as a literal (``view(b, n, 12, 64)``) cannot follow pruning:
-    the dimension it sets keeps its size."""
+def _size_rules(S: Spaces, rec: OpRecord, trace: Trace) -> None:
+    """Sizes the code builds a shape from. A literal (``view(b, n, 12, 64)``) cannot follow
+    pruning: the dimension it sets keeps its size. A size read from another tensor's shape
+    (``reshape(b, x.shape[-1], h, w)``) must stay equal to it: the two dimensions are pruned
+    together, position by position."""
     for use in rec.sizes:
-        if use.expr[0] == "const" and use.out < len(rec.outputs):
-            out = rec.outputs[use.out]
-            if use.dim < out.dim() and int(out.shape[use.dim]) > 1:
-                S.current = f"the literal size {use.expr[1]} in {rec.where()}"
-                S.fix(S.ids(out, use.dim))
+        if use.out >= len(rec.outputs) or use.dim >= rec.outputs[use.out].dim():
+            continue
+        out = rec.outputs[use.out]
+        n = int(out.shape[use.dim])
+        if use.expr[0] == "const" and n > 1:
+            S.current = f"the literal size {use.expr[1]} in {rec.where()}"
+            S.fix(S.ids(out, use.dim))
+        elif use.expr[0] == "dim":
+            src = trace.tensors.get(use.expr[1])
+            if src is not None and use.expr[2] < src.dim() and int(src.shape[use.expr[2]]) == n:
+                S.union_dims(out, use.dim, src, use.expr[2])
     S.current = rec.where()
 
 
@@ -273,10 +288,14 @@ def analyze(model: nn.Module, example_inputs: Inputs, *, protect: Iterable[str] 
     if S.soft:
         soft[labels[np.concatenate(S.soft)]] = True
     soft &= ~blocked
+    align = np.ones(nlab, dtype=np.int64)
+    for ids, multiple in S.aligned:
+        np.maximum.at(align, labels[ids], multiple)
     groups = _groups(trace, S, labels, blocked)
     for g in groups:
         g.exact = not bool(soft[g.units].any())
-    return ChannelGraph(trace, S, labels, groups, unsupported, blocked, soft)
+        g.align = int(align[g.units].max())
+    return ChannelGraph(trace, S, labels, groups, unsupported, blocked, soft, in_params)
 
 
 def _fixed_labels(S: Spaces, labels: np.ndarray) -> np.ndarray:

@@ -56,6 +56,7 @@ __rtruediv__ __itruediv__ __floordiv__ __rfloordiv__ __mod__ __neg__ __pow__ __r
 __or__ __xor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __abs__ __iand__ __ior__
 multiply divide subtract negative absolute greater less greater_equal less_equal not_equal
 positive fix square_ exp2 sinc hypot atan2 copysign float_power logaddexp silu_ gelu_ erfinv
+polar complex real imag angle conj conj_physical resolve_conj resolve_neg
 """.split())
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
             "reshape_as", "_unsafe_view", "ravel"}
@@ -88,7 +89,7 @@ _POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", 
 # functions whose channels netpress does not prune through (yet): every dim is kept whole
 _OPAQUE = {"multi_head_attention_forward", "_native_multi_head_attention", "pixel_shuffle",
            "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "__setitem__",
-           "gather", "scatter", "index_put_", "index_add", "take", "unfold",
+           "gather", "scatter", "index_put_", "take", "unfold",
            "fold", "one_hot", "diag", "diagonal", "outer", "kron", "cross", "cdist",
            "cosine_similarity", "pairwise_distance", "bilinear", "local_response_norm",
            "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half"}
@@ -124,6 +125,40 @@ def _matmul(S: Spaces, rec: OpRecord) -> None:
     if rec.name == "__rmatmul__":
         a, b = b, a
     _contract_dims(S, a, b, rec.outputs[0], rec.where())
+
+
+def _grouped_mm(S: Spaces, rec: OpRecord) -> None:
+    """``grouped_mm(a [M, K], b [G, K, N], offs)``: row block ``g`` of ``a`` times ``b[g]``
+    (mixture-of-experts layers). Channel ``k`` of every expert goes with column ``k`` of
+    ``a``, output channel ``n`` of every expert with column ``n`` of the output; the expert
+    dim is fixed. Other forms keep every dim whole."""
+    a, b, out = rec.args[0], _arg(rec, 1, "mat_b"), rec.outputs[0]
+    if a.dim() != 2 or b.dim() != 3 or out.dim() != 2:
+        _opaque(S, rec)
+        return
+    S.union_dims(a, 1, b, 1)
+    S.union_dims(out, 1, b, 2)
+    S.union_dims(a, 0, out, 0)
+    S.fix(S.ids(b, 0))
+    per = max(1, 16 // b.element_size())  # the kernel wants 16-byte aligned rows
+    S.align(S.ids(b, 1), per)
+    S.align(S.ids(b, 2), per)
+    S.add_macs(1, [S.key(out, 0), S.key(out, 1), S.key(a, 1)], rec.where())
+
+
+def _index_add(S: Spaces, rec: OpRecord) -> None:
+    """``x.index_add(dim, index, source)``: ``source``'s slices added at ``index`` positions
+    along ``dim`` (fixed); every other dim maps elementwise."""
+    x, out = rec.args[0], rec.outputs[0]
+    dim = int(_arg(rec, 1, "dim")) % x.dim()
+    index, source = _arg(rec, 2, "index"), _arg(rec, 3, "source")
+    S.couple_except(x, out, {dim})
+    if isinstance(index, torch.Tensor):
+        S.fix_tensor(index)
+    if isinstance(source, torch.Tensor) and source.dim() == x.dim():
+        S.couple_except(source, x, {dim})
+    elif isinstance(source, torch.Tensor):
+        S.fix_tensor(source)
 
 
 def _addmm(S: Spaces, rec: OpRecord) -> None:
@@ -391,6 +426,16 @@ def _einsum(S: Spaces, rec: OpRecord) -> None:
     S.add_macs(1, [S.key(t, d) for t, d in first.values()], rec.where())
 
 
+def _complex_view(S: Spaces, rec: OpRecord) -> None:
+    """``view_as_complex`` ([..., 2] real -> [...] complex) and ``view_as_real`` (back): the
+    pair dim is fixed, the others map."""
+    x, out = rec.args[0], rec.outputs[0]
+    real, cplx = (x, out) if rec.name == "view_as_complex" else (out, x)
+    S.fix(S.ids(real, -1))
+    for d in range(cplx.dim()):
+        S.union_dims(cplx, d, real, d)
+
+
 def _opaque(S: Spaces, rec: OpRecord) -> None:
     for t in _ins(rec) + rec.outputs:
         S.fix_tensor(t)
@@ -429,6 +474,9 @@ RULES.update({
     "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
     "embedding": _embedding, "scaled_dot_product_attention": _sdpa, "einsum": _einsum,
     "triu": _triangle, "tril": _triangle, "normalize": _normalize,
+    "view_as_complex": _complex_view, "view_as_real": _complex_view,
+    "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm, "index_add": _index_add,
+    "index_add_": _index_add,
 })
 
 

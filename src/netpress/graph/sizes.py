@@ -55,12 +55,33 @@ class SizeInt(int):
 
     expr: Expr
     sink: list[Expr] | None
+    equal: list[Expr] | None
 
-    def __new__(cls, value: int, expr: Expr, sink: list[Expr] | None = None) -> SizeInt:
+    def __new__(cls, value: int, expr: Expr, sink: list[Expr] | None = None,
+                equal: list[Expr] | None = None) -> SizeInt:
         obj = int.__new__(cls, value)
         obj.expr = expr
         obj.sink = sink
+        obj.equal = equal
         return obj
+
+    __hash__ = int.__hash__
+
+    def _compare(self, other: Any, want_equal: bool) -> Any:
+        result = int.__eq__(int(self), other)
+        if result is True and isinstance(other, SizeInt):
+            # two tracked sizes the code saw equal (``if x.shape[1] != self.num_channels:
+            # raise``) must stay equal; comparisons with plain ints are not recorded
+            equal = self.equal if self.equal is not None else other.equal
+            if equal is not None:
+                equal.append(("-", self.expr, other.expr))
+        return result if want_equal or result is NotImplemented else not result
+
+    def __eq__(self, other: object) -> Any:
+        return self._compare(other, True)
+
+    def __ne__(self, other: object) -> Any:
+        return self._compare(other, False)
 
     def _bin(self, other: Any, op: str, swap: bool = False) -> Any:
         if not _is_int(other):
@@ -70,7 +91,8 @@ class SizeInt(int):
         a, b = (other, self) if swap else (self, other)
         value = _OPS[op](int(a), int(b))
         sink = self.sink if self.sink is not None else getattr(other, "sink", None)
-        return SizeInt(value, (op, _expr(a), _expr(b)), sink)
+        equal = self.equal if self.equal is not None else getattr(other, "equal", None)
+        return SizeInt(value, (op, _expr(a), _expr(b)), sink, equal)
 
     def used_as_value(self) -> None:
         if self.sink is not None:
@@ -127,7 +149,7 @@ class SizeInt(int):
         return self._bin(o, "%", True)
 
     def __neg__(self) -> Any:
-        return SizeInt(-int(self), ("neg", self.expr), self.sink)
+        return SizeInt(-int(self), ("neg", self.expr), self.sink, self.equal)
 
     def __pos__(self) -> Any:
         return self
@@ -211,16 +233,17 @@ class SizeTracker:
     addresses: list[Address] = field(default_factory=list)
     saved: list[tuple[Any, str, Any]] = field(default_factory=list)
     values: list[Expr] = field(default_factory=list)  # expressions used as values
+    equal: list[Expr] = field(default_factory=list)  # differences the code saw as zero
 
     def _wrap(self, owner: Any, attr: str, value: Any, name: str) -> None:
         if _is_int(value) and type(value) is int:
-            new: Any = SizeInt(value, ("attr", len(self.addresses)), self.values)
+            new: Any = SizeInt(value, ("attr", len(self.addresses)), self.values, self.equal)
             self.addresses.append(Address(owner, attr, None, name))
         elif isinstance(value, (list, tuple)) and value and type(value) in (list, tuple) \
                 and all(type(v) is int for v in value):
             items = []
             for i, v in enumerate(value):
-                items.append(SizeInt(v, ("attr", len(self.addresses)), self.values))
+                items.append(SizeInt(v, ("attr", len(self.addresses)), self.values, self.equal))
                 self.addresses.append(Address(owner, attr, i, f"{name}[{i}]"))
             new = type(value)(items)
         else:
@@ -276,13 +299,16 @@ def size_slots(model: nn.Module, plain_only: bool = True) -> list[tuple[Any, str
     return out
 
 
-def wrap_shape(t: torch.Tensor, out: Any, dim: int | None = None) -> Any:
-    """A shape query's result with every size a :class:`SizeInt` of ``("dim", id(t), d)``."""
+def wrap_shape(t: torch.Tensor, out: Any, dim: int | None = None,
+               equal: list[Expr] | None = None) -> Any:
+    """A shape query's result with every size a :class:`SizeInt` of ``("dim", id(t), d)``;
+    equalities the code sees between sizes go to ``equal``."""
     if isinstance(out, torch.Size):
-        return torch.Size([SizeInt(int(s), ("dim", id(t), d)) for d, s in enumerate(out)])
+        return torch.Size([SizeInt(int(s), ("dim", id(t), d), None, equal)
+                           for d, s in enumerate(out)])
     if _is_int(out) and dim is not None:
         d = dim % max(1, t.dim())
-        return SizeInt(int(out), ("dim", id(t), d))
+        return SizeInt(int(out), ("dim", id(t), d), None, equal)
     return out
 
 

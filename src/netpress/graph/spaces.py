@@ -46,6 +46,7 @@ class Spaces:
     fixed_by: list[str] = field(default_factory=list)
     soft: list[np.ndarray] = field(default_factory=list)
     soft_by: list[str] = field(default_factory=list)
+    aligned: list[tuple[np.ndarray, int]] = field(default_factory=list)
     current: str = ""  # the op whose rule is running (for explain())
     unknown: list[tuple[np.ndarray, str]] = field(default_factory=list)
     macs: list[MacTerm] = field(default_factory=list)
@@ -115,6 +116,12 @@ class Spaces:
         if a.size:
             self.soft.append(a.ravel())
             self.soft_by.append(self.current)
+
+    def align(self, a: np.ndarray, multiple: int) -> None:
+        """The dimension these elements make up must keep a multiple of ``multiple`` of them
+        (a kernel's alignment, e.g. 16 bytes for ``grouped_mm``)."""
+        if a.size and multiple > 1:
+            self.aligned.append((a.ravel(), multiple))
 
     def soften_tensor(self, t: torch.Tensor, dims: list[int]) -> None:
         for d in dims:

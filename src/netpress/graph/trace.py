@@ -92,6 +92,7 @@ class Trace:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     addresses: list[Address] = field(default_factory=list)
     value_uses: list[Expr] = field(default_factory=list)
+    equalities: list[Expr] = field(default_factory=list)
 
     def param_name(self, pid: int) -> str:
         path, attr = self.owners[pid][0]
@@ -99,10 +100,12 @@ class Trace:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, stack: list[str], keep: dict[int, torch.Tensor]) -> None:
+    def __init__(self, stack: list[str], keep: dict[int, torch.Tensor],
+                 equal: list[Expr]) -> None:
         super().__init__()
         self.stack = stack
         self.keep = keep
+        self.equal = equal
         self.records: list[OpRecord] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
@@ -113,7 +116,7 @@ class _Recorder(TorchFunctionMode):
         if _is_size(name, out) and args and isinstance(args[0], torch.Tensor):
             self.keep[id(args[0])] = args[0]
             dim = 0 if name == "__len__" else (args[1] if len(args) > 1 else kwargs.get("dim"))
-            return wrap_shape(args[0], out, dim)
+            return wrap_shape(args[0], out, dim, self.equal)
         if name in ("__get__", "__set__") and not isinstance(out, torch.Tensor):
             return out
         outs = list(tensors_in(out)) if isinstance(out, (torch.Tensor, tuple, list)) else []
@@ -165,12 +168,12 @@ def record(model: nn.Module, example_inputs: Inputs,
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
     keep: dict[int, torch.Tensor] = {}
-    recorder = _Recorder(stack, keep)
+    sizes = SizeTracker()
+    recorder = _Recorder(stack, keep, sizes.equal)
     if records is not None:
         recorder.records = records
     was_training = model.training
     model.eval()
-    sizes = SizeTracker()
     try:
         sizes.install(model)
         with torch.no_grad(), recorder:
@@ -191,4 +194,4 @@ def record(model: nn.Module, example_inputs: Inputs,
     for t in (*inputs, *outputs):
         keep[id(t)] = t
     return Trace(recorder.records, inputs, outputs, output, owners, keep, sizes.addresses,
-                 sizes.values)
+                 sizes.values, sizes.equal)

@@ -41,6 +41,7 @@ from netpress.prune.policy import (
     solve,
     too_narrow,
     uniform_counts,
+    units_of,
 )
 from netpress.prune.surgery import (
     PruneCheckError,
@@ -172,8 +173,9 @@ class _Round:
     def plans(self, excluded: set[str], exact_only: bool, relax: bool) -> list[GroupPlan]:
         out = []
         for g, s in zip(self.graph.groups, self.scores):
-            minimum, multiple = keep_floor(len(g), self.cfg.floor, g.width, self.cfg.round_to)
-            plan = GroupPlan(len(g), minimum, multiple, s)
+            minimum, multiple = keep_floor(len(g), self.cfg.floor, g.width, self.cfg.round_to,
+                                           g.align)
+            plan = GroupPlan(len(g), minimum, multiple, s, units_of(g.align, g.width))
             if g.name in excluded or (exact_only and not g.exact):
                 plan = frozen(plan)
             elif relax and too_narrow(plan):
@@ -232,15 +234,20 @@ def _what_holds(r: _Round, pruned: np.ndarray) -> str:
     return "; ".join(parts)
 
 
-def _unreachable(r: _Round, target: float, most: list[int]) -> RecipeError:
+def _unreachable(r: _Round, target: float, most: list[int],
+                 excluded: dict[str, str]) -> RecipeError:
     kind = "MACs" if r.cfg.macs is not None else "parameters"
     pruned = r.mask(most)
+    left = "" if not excluded else (
+        f" Left whole because their sizes could not follow: "
+        f"{'; '.join(f'{g} ({why})' for g, why in list(excluded.items())[:3])}"
+        + (f" and {len(excluded) - 3} more" if len(excluded) > 3 else "") + ".")
     return RecipeError(
         f"StructuredPrune: the target cannot be reached: with every removable group at its "
         f"floor (floor={r.cfg.floor}) the model keeps {r.cost(most) / r.reference:.1%} of the "
         f"reference's {kind}, for a target of {target / r.reference:.1%}. What holds the "
-        f"rest: {_what_holds(r, pruned)}. Lower floor, protect fewer modules, or raise the "
-        f"target")
+        f"rest: {_what_holds(r, pruned)}.{left} Lower floor, protect fewer modules, or raise "
+        f"the target")
 
 
 def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
@@ -261,7 +268,7 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
         try:
             kept, _ = _allocate(r, target, set(excluded))
         except _Unreachable as exc:
-            raise _unreachable(r, target, exc.most) from None
+            raise _unreachable(r, target, exc.most, excluded) from None
         pruned = r.mask(kept)
         try:
             result = _cut(model, graph, pruned, x)
@@ -272,8 +279,8 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
                 raise
             for name in bad:
                 excluded[name] = str(exc)
-            warnings.warn(f"StructuredPrune: leaving {', '.join(bad)} whole: {exc}",
-                          stacklevel=4)
+            listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            warnings.warn(f"StructuredPrune: leaving {listed} whole: {exc}", stacklevel=4)
             continue
         return result, _round_info(r, kept, excluded)
     raise ModelError("StructuredPrune: no group could be pruned safely")
@@ -367,7 +374,12 @@ def _warn_overshoot(summary: dict[str, Any], cfg: StructuredPrune, kind: str, no
     if summary["round_to_relaxed"]:
         warnings.warn(f"StructuredPrune: round_to={cfg.round_to} relaxed for groups too narrow "
                       f"for it: {', '.join(summary['round_to_relaxed'][:6])}", stacklevel=3)
-    if now < goal - TOLERANCE * reference:
+    if now > goal * (1 + 1e-6):
+        warnings.warn(f"StructuredPrune: asked for {goal / reference:.1%} of the reference's "
+                      f"{label}, reached only {now / reference:.1%}: the channel graph's "
+                      f"estimate and the measured count still differ after four rounds",
+                      stacklevel=3)
+    elif now < goal - TOLERANCE * reference:
         warnings.warn(f"StructuredPrune: asked for {goal / reference:.1%} of the reference's "
                       f"{label}, reached {now / reference:.1%}: the groups' rounding "
                       f"(round_to={cfg.round_to}) and floors allow no closer value",

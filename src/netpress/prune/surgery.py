@@ -30,7 +30,8 @@ from netpress.graph.sizes import Expr, assign, evaluate, leaves, size_slots, sol
 from netpress.graph.trace import OpRecord, tensors_in
 
 __all__ = ["SurgeryResult", "kept_indices", "remove_units", "verify_pruned", "plan_sizes",
-           "undo", "PruneCheckError", "size_attributes", "reshape_template"]
+           "undo", "PruneCheckError", "size_attributes", "reshape_template", "tied_names",
+           "retie"]
 
 
 @dataclass
@@ -102,8 +103,21 @@ def _new_size(graph: ChannelGraph, t: torch.Tensor, dim: int, pruned: np.ndarray
     return graph.kept_size(key, pruned) if key in graph.spaces.base else int(t.shape[dim])
 
 
-def _size_constraints(graph: ChannelGraph,
-                      pruned: np.ndarray) -> list[tuple[Expr, int, OpRecord, tuple[int, int]]]:
+@dataclass
+class _Constraint:
+    """``expr`` must evaluate to ``want`` after pruning; ``what`` says where it came from and
+    ``key`` is the dimension it sizes (None for values and comparisons)."""
+
+    expr: Expr
+    want: int
+    what: str
+    key: tuple[int, int] | None = None
+
+
+def _constraints(graph: ChannelGraph, pruned: np.ndarray, old: list[int]) -> list[_Constraint]:
+    """What the recorded sizes must become: each size argument its dimension's new size;
+    attributes the code computed with (``math.sqrt(self.head_dim)``) their value; sizes the
+    code compared and found equal (``if x.shape[1] != self.num_channels: raise``) equal."""
     out = []
     for rec in graph.trace.records:
         for use in rec.sizes:
@@ -111,23 +125,15 @@ def _size_constraints(graph: ChannelGraph,
                 continue
             o = rec.outputs[use.out]
             if use.dim < o.dim():
-                out.append((use.expr, _new_size(graph, o, use.dim, pruned), rec,
-                            (id(o), use.dim)))
-    return out
-
-
-def _value_constraints(graph: ChannelGraph,
-                       old: list[int]) -> list[tuple[Expr, int, OpRecord, tuple[int, int]]]:
-    """Attributes the code computed *with* (``math.sqrt(self.head_dim)``) keep their value."""
-    out = []
-    seen: set[Expr] = set()
-    for expr in graph.trace.value_uses:
-        if expr in seen or leaves(expr, "dim") or not leaves(expr):
-            continue
-        seen.add(expr)
-        want = evaluate(expr, lambda leaf: old[leaf[1]])
-        rec = OpRecord(-1, "a computation", "", (), {}, [])
-        out.append((expr, want, rec, (-1, -1)))
+                out.append(_Constraint(use.expr, _new_size(graph, o, use.dim, pruned),
+                                       f"a size in {rec.where()}", (id(o), use.dim)))
+    for expr in dict.fromkeys(graph.trace.value_uses):
+        if leaves(expr) and not leaves(expr, "dim"):
+            out.append(_Constraint(expr, evaluate(expr, lambda leaf: old[leaf[1]]),
+                                   "a value the model computes with"))
+    for expr in dict.fromkeys(graph.trace.equalities):
+        if leaves(expr) or leaves(expr, "dim"):
+            out.append(_Constraint(expr, 0, "two sizes the model's code compares"))
     return out
 
 
@@ -145,14 +151,14 @@ def plan_sizes(graph: ChannelGraph, pruned: np.ndarray) -> dict[int, int]:
     """New values (by address index in ``graph.trace.addresses``) for the attributes the
     model's code builds shapes from, so that every recorded size follows the pruning.
 
-    Raises :class:`PruneCheckError` naming the op whose size no attribute value can give.
+    Raises :class:`PruneCheckError` naming where no attribute value fits; its labels are
+    the pruned units of every dimension involved.
     """
-    cons = _size_constraints(graph, pruned)
+    old = [a.get() for a in graph.trace.addresses]
+    cons = _constraints(graph, pruned, old)
     if not cons:
         return {}
     tensors = graph.trace.tensors
-    old = [a.get() for a in graph.trace.addresses]
-    cons += _value_constraints(graph, old)
 
     def dims(leaf: Expr) -> int:
         t = tensors.get(leaf[1])
@@ -160,25 +166,24 @@ def plan_sizes(graph: ChannelGraph, pruned: np.ndarray) -> dict[int, int]:
             raise KeyError(leaf)
         return _new_size(graph, t, leaf[2], pruned)
 
-    values, failed = solve_sizes([(e, w) for e, w, _, _ in cons], old, dims)
-    if failed:
-        bad = set(failed)
-        broken = [c for c in cons if (c[0], c[1]) in bad]
-        attrs = set().union(*(leaves(c[0]) for c in broken))
-        related = [(e, k) for e, w, _, k in cons if (e, w) in bad or leaves(e) & attrs]
-        keys = [k for _, k in related]
-        keys += [(leaf[1], leaf[2]) for e, _ in related for leaf in leaves(e, "dim")]
-        expr, want, rec, _ = broken[0]
-        names = sorted({graph.trace.addresses[a[1]].name for a in leaves(expr)})
-        source = (f"it comes from {', '.join(names)}, and no value of "
-                  f"{'it' if len(names) == 1 else 'them'} fits every size "
-                  f"{'it sets' if len(names) == 1 else 'they set'}") if names \
-            else "it is read from the shape of another tensor, which pruning changes otherwise"
-        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-        raise PruneCheckError(
-            f"structured pruning would break {rec.where()}{more}: a size there should become "
-            f"{want}, but {source}", _involved(graph, pruned, keys))
-    return values
+    values, failed = solve_sizes([(c.expr, c.want) for c in cons], old, dims)
+    if not failed:
+        return values
+    bad = set(failed)
+    broken = [c for c in cons if (c.expr, c.want) in bad]
+    attrs = set().union(*(leaves(c.expr) for c in broken))
+    related = [c for c in cons if (c.expr, c.want) in bad or leaves(c.expr) & attrs]
+    keys = [c.key for c in related if c.key is not None]
+    keys += [(leaf[1], leaf[2]) for c in related for leaf in leaves(c.expr, "dim")]
+    first = broken[0]
+    names = sorted({graph.trace.addresses[a[1]].name for a in leaves(first.expr)})
+    source = f"it depends on {', '.join(names)}, and no value fits every use" if names \
+        else "it is read from the shape of another tensor, which pruning changes otherwise"
+    more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+    raise PruneCheckError(f"structured pruning would break {first.what}{more}: it should "
+                          f"stay {first.want}, but {source}" if first.key is None else
+                          f"structured pruning would break {first.what}{more}: it should "
+                          f"become {first.want}, but {source}", _involved(graph, pruned, keys))
 
 
 @torch.no_grad()
@@ -304,6 +309,34 @@ def size_attributes(model: nn.Module) -> dict[str, Any]:
     restore a pruned architecture whatever attributes its code builds shapes from."""
     return {name: (list(v) if isinstance(v, (list, tuple)) else int(v))
             for _, _, v, name in size_slots(model, plain_only=False)}
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Names (``path.attr``) of every parameter/buffer held in more than one place (tied
+    input/output embeddings), grouped per tensor."""
+    names: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                name = f"{path}.{attr}" if path else attr
+                if name not in names.setdefault(id(t), []):
+                    names[id(t)].append(name)
+    return [v for v in names.values() if len(v) > 1]
+
+
+def retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Make every name of each group hold its first name's tensor again."""
+    def slot(name: str) -> tuple[nn.Module, str]:
+        path, _, attr = name.rpartition(".")
+        return model.get_submodule(path) if path else model, attr
+
+    for group in ties:
+        m0, a0 = slot(group[0])
+        t = m0._parameters[a0] if a0 in m0._parameters else m0._buffers[a0]
+        for name in group[1:]:
+            m, attr = slot(name)
+            store = m._parameters if attr in m._parameters else m._buffers
+            store[attr] = t  # type: ignore[assignment]
 
 
 @torch.no_grad()

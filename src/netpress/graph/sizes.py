@@ -388,44 +388,30 @@ def solve_sizes(constraints: Iterable[tuple[Expr, int]], old: Sequence[int],
     required value, attributes changing only where they must.
 
     ``old[i]`` is attribute ``i``'s current value, ``dims`` the new size of a ``dim`` leaf.
-    Single-attribute expressions are solved by search over ``1..old`` (sizes only shrink);
-    the smallest value that fits is taken. Returns the changed values and the constraints
+    Attributes are solved one at a time, each against every constraint in which it is the
+    only unknown left, by search over ``1..old`` (sizes only shrink): its current value if
+    that fits, else the smallest that does. Returns the changed values and the constraints
     that could not be met.
     """
     constraints = [(e, int(v)) for e, v in constraints]
-    todo = list(constraints)
+    attrs = [{a[1] for a in leaves(e)} for e, _ in constraints]
     known: dict[int, int] = {}
-    for _ in range(len(todo) + 1):
-        progress = False
-        rest = []
-        for expr, want in todo:
-            unknown = {a[1] for a in leaves(expr)} - set(known)
-            if not unknown:
-                rest.append((expr, want))
-                continue
-            if len(unknown) > 1:
-                rest.append((expr, want))
-                continue
-            (a,) = unknown
-            found = _search(expr, want, a, old[a], known, dims)
-            if found is None:
-                rest.append((expr, want))
-                continue
-            known[a] = found
-            progress = True
-        todo = rest
-        if not progress:
+    while True:
+        ready = {next(iter(u - set(known))) for u in attrs if len(u - set(known)) == 1}
+        if not ready:
             break
-    pending = [(e, w) for e, w in todo if {a[1] for a in leaves(e)} - set(known)]
-    # attributes left undetermined keep their value if that satisfies their constraints
-    for e, _ in pending:
-        for a in leaves(e):
-            known.setdefault(a[1], old[a[1]])
+        for a in sorted(ready):
+            group = [c for c, u in zip(constraints, attrs) if a in u and u - set(known) == {a}]
+            found = _search(group, a, old[a], known, dims)
+            known[a] = old[a] if found is None else found
+    for u in attrs:  # attributes no constraint pins down alone keep their value
+        for a in u:
+            known.setdefault(a, old[a])
 
     def value(leaf: Expr) -> int:
         return known[leaf[1]] if leaf[0] == "attr" else dims(leaf)
 
-    failed = [(e, w) for e, w in constraints if _safe_eval(e, value) != int(w)]
+    failed = [(e, w) for e, w in constraints if _safe_eval(e, value) != w]
     return {a: v for a, v in known.items() if v != old[a]}, failed
 
 
@@ -436,21 +422,18 @@ def _safe_eval(expr: Expr, values: Callable[[Expr], int]) -> int | None:
         return None
 
 
-def _search(expr: Expr, want: int, attr: int, current: int, known: dict[int, int],
+def _search(group: list[tuple[Expr, int]], attr: int, current: int, known: dict[int, int],
             dims: Callable[[Expr], int]) -> int | None:
-    def value_with(v: int) -> Callable[[Expr], int]:
+    def fits(v: int) -> bool:
         def values(leaf: Expr) -> int:
             if leaf[0] == "dim":
                 return dims(leaf)
             return v if leaf[1] == attr else known[leaf[1]]
-        return values
+        return all(_safe_eval(e, values) == w for e, w in group)
 
-    if _safe_eval(expr, value_with(current)) == want:
+    if fits(current):
         return current
-    for v in range(1, max(1, current) + 1):
-        if _safe_eval(expr, value_with(v)) == want:
-            return v
-    return None
+    return next((v for v in range(1, max(1, current) + 1) if fits(v)), None)
 
 
 def assign(addresses: Sequence[Address], values: dict[int, int]) -> dict[str, tuple[int, int]]:

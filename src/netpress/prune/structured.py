@@ -162,9 +162,17 @@ class _Round:
     cfg: StructuredPrune
     scale: float
     reference: float
+    _order: list[np.ndarray] | None = None
 
     def mask(self, kept: list[int]) -> np.ndarray:
-        return _pruned_mask(self.graph, self.scores, kept)
+        """The labels removed when each group keeps ``kept`` of its best-scoring units."""
+        if self._order is None:
+            self._order = [g.units[np.argsort(s, kind="stable")]
+                           for g, s in zip(self.graph.groups, self.scores)]
+        mask = np.zeros(self.graph.blocked.size, dtype=bool)
+        for g, order, k in zip(self.graph.groups, self._order, kept):
+            mask[order[:len(g) - k]] = True
+        return mask
 
     def cost(self, kept: list[int]) -> float:
         estimate = self.graph.macs if self.cfg.macs is not None else self.graph.params
@@ -212,16 +220,6 @@ class _Unreachable(Exception):
     def __init__(self, most: list[int]) -> None:
         super().__init__()
         self.most = most
-
-
-def _pruned_mask(graph: ChannelGraph, scores: list[np.ndarray], kept: list[int]) -> np.ndarray:
-    mask = np.zeros(graph.blocked.size, dtype=bool)
-    for g, s, k in zip(graph.groups, scores, kept):
-        drop = len(g) - k
-        if drop > 0:
-            order = np.argsort(s, kind="stable")
-            mask[g.units[order[:drop]]] = True
-    return mask
 
 
 def _what_holds(r: _Round, pruned: np.ndarray) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from netpress.graph._helpers import _arg, _broadcast, _elementwise, _ins
+from netpress.graph._helpers import _arg, _dims_of, _elementwise, _ins, _opaque
 from netpress.graph._layout import (
     _cat,
     _expand,
@@ -34,6 +34,8 @@ from netpress.graph._layout import (
     reshape_map,
     resolve_products,
 )
+from netpress.graph._matmul import addmm, einsum, grouped_mm, linear, matmul, sdpa
+from netpress.graph._norms import group_norm, layer_norm, normalize, per_channel_norm
 from netpress.graph.spaces import Spaces
 from netpress.graph.trace import OpRecord
 
@@ -56,7 +58,8 @@ __rtruediv__ __itruediv__ __floordiv__ __rfloordiv__ __mod__ __neg__ __pow__ __r
 __or__ __xor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __abs__ __iand__ __ior__
 multiply divide subtract negative absolute greater less greater_equal less_equal not_equal
 positive fix square_ exp2 sinc hypot atan2 copysign float_power logaddexp silu_ gelu_ erfinv
-polar complex real imag angle conj conj_physical resolve_conj resolve_neg
+polar complex real imag angle conj conj_physical resolve_conj resolve_neg __rdiv__ __div__
+__idiv__ log_sigmoid
 """.split())
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
             "reshape_as", "_unsafe_view", "ravel"}
@@ -92,94 +95,10 @@ _OPAQUE = {"multi_head_attention_forward", "_native_multi_head_attention", "pixe
            "gather", "scatter", "index_put_", "take", "unfold",
            "fold", "one_hot", "diag", "diagonal", "outer", "kron", "cross", "cdist",
            "cosine_similarity", "pairwise_distance", "bilinear", "local_response_norm",
-           "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half"}
+           "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half", "as_strided"}
 _CREATION = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "tensor",
              "as_tensor", "linspace", "logspace", "eye", "new_zeros", "new_ones", "new_full",
              "new_empty", "new_tensor", "triu_indices", "tril_indices", "scalar_tensor"}
-
-
-def _contract_dims(S: Spaces, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                   where: str) -> None:
-    """``out = a @ b`` with numpy matmul semantics."""
-    a2 = a if a.dim() > 1 else None
-    b2 = b if b.dim() > 1 else None
-    S.union_dims(a, -1, b, -2 if b2 is not None else 0)
-    spaces = [S.key(out, d) for d in range(out.dim())] + [S.key(a, -1)]
-    S.add_macs(1, spaces, where)
-    if a2 is not None and b2 is not None:
-        S.union_dims(a, -2, out, -2)
-        S.union_dims(b, -1, out, -1)
-        for t in (a, b):
-            for k in range(3, t.dim() + 1):
-                if t.shape[-k] == out.shape[-k]:
-                    S.union_dims(t, -k, out, -k)
-    elif a2 is not None:
-        for k in range(2, a.dim() + 1):
-            S.union_dims(a, -k, out, -k + 1)
-    elif b2 is not None:
-        S.union_dims(b, -1, out, -1)
-
-
-def _matmul(S: Spaces, rec: OpRecord) -> None:
-    a, b = rec.args[0], rec.args[1]
-    if rec.name == "__rmatmul__":
-        a, b = b, a
-    _contract_dims(S, a, b, rec.outputs[0], rec.where())
-
-
-def _grouped_mm(S: Spaces, rec: OpRecord) -> None:
-    """``grouped_mm(a [M, K], b [G, K, N], offs)``: row block ``g`` of ``a`` times ``b[g]``
-    (mixture-of-experts layers). Channel ``k`` of every expert goes with column ``k`` of
-    ``a``, output channel ``n`` of every expert with column ``n`` of the output; the expert
-    dim is fixed. Other forms keep every dim whole."""
-    a, b, out = rec.args[0], _arg(rec, 1, "mat_b"), rec.outputs[0]
-    if a.dim() != 2 or b.dim() != 3 or out.dim() != 2:
-        _opaque(S, rec)
-        return
-    S.union_dims(a, 1, b, 1)
-    S.union_dims(out, 1, b, 2)
-    S.union_dims(a, 0, out, 0)
-    S.fix(S.ids(b, 0))
-    per = max(1, 16 // b.element_size())  # the kernel wants 16-byte aligned rows
-    S.align(S.ids(b, 1), per)
-    S.align(S.ids(b, 2), per)
-    S.add_macs(1, [S.key(out, 0), S.key(out, 1), S.key(a, 1)], rec.where())
-
-
-def _index_add(S: Spaces, rec: OpRecord) -> None:
-    """``x.index_add(dim, index, source)``: ``source``'s slices added at ``index`` positions
-    along ``dim`` (fixed); every other dim maps elementwise."""
-    x, out = rec.args[0], rec.outputs[0]
-    dim = int(_arg(rec, 1, "dim")) % x.dim()
-    index, source = _arg(rec, 2, "index"), _arg(rec, 3, "source")
-    S.couple_except(x, out, {dim})
-    if isinstance(index, torch.Tensor):
-        S.fix_tensor(index)
-    if isinstance(source, torch.Tensor) and source.dim() == x.dim():
-        S.couple_except(source, x, {dim})
-    elif isinstance(source, torch.Tensor):
-        S.fix_tensor(source)
-
-
-def _addmm(S: Spaces, rec: OpRecord) -> None:
-    names = ("batch1", "batch2") if rec.name == "baddbmm" else ("mat1", "mat2")
-    bias, a, b = _arg(rec, 0, "input"), _arg(rec, 1, names[0]), _arg(rec, 2, names[1])
-    out = rec.outputs[0]
-    _contract_dims(S, a, b, out, rec.where())
-    _broadcast(S, bias, out)
-
-
-def _linear(S: Spaces, rec: OpRecord) -> None:
-    x, w = rec.args[0], _arg(rec, 1, "weight")
-    b = _arg(rec, 2, "bias")
-    out = rec.outputs[0]
-    S.union_dims(x, -1, w, 1)
-    S.union_dims(out, -1, w, 0)
-    if b is not None:
-        S.union_dims(b, 0, w, 0)
-    for k in range(2, x.dim() + 1):
-        S.union_dims(x, -k, out, -k)
-    S.add_macs(1, [S.key(out, d) for d in range(out.dim())] + [S.key(w, 1)], rec.where())
 
 
 def _conv(S: Spaces, rec: OpRecord) -> None:
@@ -233,107 +152,12 @@ def _conv_transpose(S: Spaces, rec: OpRecord) -> None:
     S.add_macs(taps, [S.key(x, d) for d in range(x.dim())] + [S.key(w, 1)], rec.where())
 
 
-def _per_channel_norm(S: Spaces, rec: OpRecord) -> None:
-    """batch_norm / instance_norm: statistics per channel (dim 1). With batch statistics
-    (training, no running stats, or instance_norm) every other dim is reduced over, so its
-    elements feed the statistics: e.g. a standardised conv weight (BiT), whose input channels
-    the statistics span."""
-    x, out = rec.args[0], rec.outputs[0]
-    batch_stats = rec.name == "instance_norm" or bool(_arg(rec, 5, "training", False)) \
-        or _arg(rec, 1, "running_mean") is None
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-        if batch_stats and d != 1:
-            S.soften(S.ids(x, d))
-    for t in _ins(rec)[1:]:
-        if t.dim() == 1:
-            S.union_dims(t, 0, x, 1)
-
-
-def _layer_norm(S: Spaces, rec: OpRecord) -> None:
-    """layer_norm / rms_norm: the affine weights follow the normalised dims elementwise, whose
-    elements feed the statistics (removing even a zero channel changes the mean and
-    variance): softened, not fixed, so the hidden size can be pruned when a target needs it."""
-    x, out = rec.args[0], rec.outputs[0]
-    shape = _arg(rec, 1, "normalized_shape")
-    n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-    lead = x.dim() - n
-    S.soften_tensor(x, list(range(lead, x.dim())))
-    for t in _ins(rec)[1:]:
-        if t.dim() == n and tuple(t.shape) == tuple(x.shape[lead:]):
-            for i in range(n):
-                S.union_dims(t, i, x, lead + i)
-        else:
-            S.fix_tensor(t)
-
-
-def _group_norm(S: Spaces, rec: OpRecord) -> None:
-    """Statistics per group: whole groups are the unit (removing one leaves the others'
-    statistics as they were). With a single group (a layer norm over channels and space,
-    as in PoolFormer) the channels are units whose removal moves the statistics (softened)."""
-    x, out = rec.args[0], rec.outputs[0]
-    groups = int(_arg(rec, 1, "num_groups"))
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-        if d >= 2:  # reduced over within each group
-            S.fix(S.ids(x, d))
-    for t in _ins(rec)[1:]:
-        S.union_dims(t, 0, x, 1)
-    ids = S.ids(x, 1)
-    if groups == 1:
-        S.soften(ids)
-        return
-    per = ids.size // groups
-    S.union(ids.reshape(groups, per)[:, :1], ids.reshape(groups, per))
-
-
 def _embedding(S: Spaces, rec: OpRecord) -> None:
     idx, w, out = rec.args[0], _arg(rec, 1, "weight"), rec.outputs[0]
     S.fix(S.ids(w, 0))
     S.union_dims(out, -1, w, 1)
     for d in range(idx.dim()):
         S.union_dims(idx, d, out, d)
-
-
-def _sdpa(S: Spaces, rec: OpRecord) -> None:
-    q, k, v = rec.args[0], _arg(rec, 1, "key"), _arg(rec, 2, "value")
-    mask = _arg(rec, 3, "attn_mask")
-    out = rec.outputs[0]
-    S.union_dims(q, -2, out, -2)
-    S.union_dims(k, -2, v, -2)
-    S.fix_tensor(q, [q.dim() - 1])  # head_dim sets the default scale
-    S.union_dims(q, -1, k, -1)
-    S.union_dims(v, -1, out, -1)
-    for j in range(3, q.dim() + 1):
-        S.union_dims(q, -j, out, -j)
-        for t in (k, v):
-            if t.dim() < j:
-                continue
-            nq, nk = int(q.shape[-j]), int(t.shape[-j])
-            if nq == nk:
-                S.union_dims(q, -j, t, -j)
-            elif nk and nq % nk == 0:  # grouped-query attention: a kv head and its q heads
-                S.union(S.ids(t, -j)[np.arange(nq) // (nq // nk)], S.ids(q, -j))
-            else:
-                S.fix_tensor(t, [t.dim() - j])
-    if isinstance(mask, torch.Tensor):  # broadcast against the scores [..., L, S]
-        for j in range(1, mask.dim() + 1):
-            ref, dim = (k, -2) if j == 1 else (q, -j)
-            if j <= ref.dim() and mask.shape[-j] != 1 and mask.shape[-j] == ref.shape[dim]:
-                S.union_dims(mask, -j, ref, dim)
-    rows = [S.key(q, d) for d in range(q.dim() - 1)] + [S.key(k, -2)]
-    S.add_macs(1, rows + [S.key(q, -1)], rec.where())
-    S.add_macs(1, rows + [S.key(v, -1)], rec.where())
-
-
-def _dims_of(value: Any, ndim: int) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return [value % ndim]
-    return [int(v) % ndim for v in value]
 
 
 def _reduce(S: Spaces, rec: OpRecord) -> None:
@@ -376,15 +200,6 @@ def _dim_local(S: Spaces, rec: OpRecord) -> None:
         S.couple_except(x, o, set(dims))
 
 
-def _normalize(S: Spaces, rec: OpRecord) -> None:
-    """``F.normalize``: each element divided by the norm over ``dim`` (a statistic)."""
-    x, out = rec.args[0], rec.outputs[0]
-    dims = _dims_of(_arg(rec, 2, "dim", 1), max(1, x.dim())) or []
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-    S.soften_tensor(x, dims)
-
-
 def _triangle(S: Spaces, rec: OpRecord) -> None:
     x, out = rec.args[0], rec.outputs[0]
     S.couple_except(x, out, range(max(0, x.dim() - 2), x.dim()))
@@ -405,25 +220,30 @@ def _pool(S: Spaces, rec: OpRecord) -> None:
                     S.fix(S.ids(o, d))
 
 
-def _einsum(S: Spaces, rec: OpRecord) -> None:
-    eq = str(rec.args[0]).replace(" ", "")
-    ops = list(rec.args[1]) if len(rec.args) == 2 and isinstance(rec.args[1], (list, tuple)) \
-        else list(rec.args[1:])
-    out = rec.outputs[0]
-    if "..." in eq or "->" not in eq:
-        for t in ops + [out]:
-            S.fix_tensor(t)
+def _index_add(S: Spaces, rec: OpRecord) -> None:
+    """``x.index_add(dim, index, source)``: ``source``'s slices added at ``index`` positions
+    along ``dim`` (fixed); every other dim maps elementwise."""
+    x, out = rec.args[0], rec.outputs[0]
+    dim = int(_arg(rec, 1, "dim")) % x.dim()
+    index, source = _arg(rec, 2, "index"), _arg(rec, 3, "source")
+    S.couple_except(x, out, {dim})
+    if isinstance(index, torch.Tensor):
+        S.fix_tensor(index)
+    if isinstance(source, torch.Tensor) and source.dim() == x.dim():
+        S.couple_except(source, x, {dim})
+    elif isinstance(source, torch.Tensor):
+        S.fix_tensor(source)
+
+
+def _fft(S: Spaces, rec: OpRecord) -> None:
+    """``torch.fft.*``: the transformed dims mix their elements (fixed); the others map."""
+    x, out = rec.args[0], rec.outputs[0]
+    default = None if rec.name.endswith("n") or rec.name.endswith("2") else -1
+    dims = _dims_of(_arg(rec, 2, "dim", default), max(1, x.dim()))
+    if dims is None or out.dim() != x.dim():
+        _opaque(S, rec)
         return
-    lhs, rhs = eq.split("->")
-    terms = list(zip(lhs.split(","), ops)) + [(rhs, out)]
-    first: dict[str, tuple[torch.Tensor, int]] = {}
-    for letters, t in terms:
-        for d, c in enumerate(letters):
-            if c in first:
-                S.union_dims(first[c][0], first[c][1], t, d)
-            else:
-                first[c] = (t, d)
-    S.add_macs(1, [S.key(t, d) for t, d in first.values()], rec.where())
+    S.couple_except(x, out, set(dims))
 
 
 def _complex_view(S: Spaces, rec: OpRecord) -> None:
@@ -434,11 +254,6 @@ def _complex_view(S: Spaces, rec: OpRecord) -> None:
     S.fix(S.ids(real, -1))
     for d in range(cplx.dim()):
         S.union_dims(cplx, d, real, d)
-
-
-def _opaque(S: Spaces, rec: OpRecord) -> None:
-    for t in _ins(rec) + rec.outputs:
-        S.fix_tensor(t)
 
 
 RULES: dict[str, Rule] = {}
@@ -465,17 +280,19 @@ RULES.update({
     "__getitem__": _getitem, "index_select": _index_select, "narrow": _narrow_select,
     "select": _narrow_select,
     "pad": _pad, "_pad": _pad,
-    "matmul": _matmul, "mm": _matmul, "bmm": _matmul, "__matmul__": _matmul,
-    "__rmatmul__": _matmul, "addmm": _addmm, "baddbmm": _addmm, "linear": _linear,
+    "matmul": matmul, "mm": matmul, "bmm": matmul, "__matmul__": matmul,
+    "__rmatmul__": matmul, "addmm": addmm, "baddbmm": addmm, "linear": linear,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv,
     "conv_transpose1d": _conv_transpose, "conv_transpose2d": _conv_transpose,
     "conv_transpose3d": _conv_transpose,
-    "batch_norm": _per_channel_norm, "instance_norm": _per_channel_norm,
-    "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
-    "embedding": _embedding, "scaled_dot_product_attention": _sdpa, "einsum": _einsum,
-    "triu": _triangle, "tril": _triangle, "normalize": _normalize,
+    "batch_norm": per_channel_norm, "instance_norm": per_channel_norm,
+    "layer_norm": layer_norm, "rms_norm": layer_norm, "group_norm": group_norm,
+    "embedding": _embedding, "scaled_dot_product_attention": sdpa, "einsum": einsum,
+    "triu": _triangle, "tril": _triangle, "normalize": normalize,
     "view_as_complex": _complex_view, "view_as_real": _complex_view,
-    "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm, "index_add": _index_add,
+    **{f"fft_{n}": _fft for n in ("fft", "ifft", "fft2", "ifft2", "fftn", "ifftn", "rfft",
+                                  "irfft", "rfftn", "irfftn", "hfft", "ihfft")},
+    "_grouped_mm": grouped_mm, "grouped_mm": grouped_mm, "index_add": _index_add,
     "index_add_": _index_add,
 })
 

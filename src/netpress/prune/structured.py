@@ -3,9 +3,19 @@
 ``StructuredPrune`` traces the model on ``example_inputs`` (:mod:`netpress.graph`), scores
 every removable unit (:mod:`.importance`), decides how many units each group keeps to meet a
 MACs or parameter target (:mod:`.policy`), and cuts the kept slices into smaller tensors
-(:mod:`.surgery`). The pruned model is replayed and checked before it is returned; if
-anything does not fit, :class:`~netpress.errors.ModelError` is raised and the model given
-to the step is left as it was.
+(:mod:`.surgery`). The pruned model is replayed and checked before it is returned.
+
+Reaching the target: the allocation first uses the *exact* groups (removing a unit whose
+weights are zero leaves the outputs unchanged), then relaxes ``round_to`` for groups too
+narrow for it, then adds the inexact ones (the hidden size of a transformer, whose norms'
+statistics count every channel; a global response norm's channels), then both; the first
+stage that meets the target without falling more than three points under it is used, and a
+relaxed rounding is reported. A group whose sizes the model's code cannot follow (a size it
+also computes with, a comparison that would break) is left whole with a warning naming it,
+and the target is reached with the rest. When the target is out of reach, the
+:class:`~netpress.errors.RecipeError` gives the most that can be removed and the ops (with
+their modules) that hold the rest, and the rules that fixed their channels. The model given
+to the step is never changed.
 """
 
 from __future__ import annotations
@@ -28,21 +38,20 @@ from netpress.errors import ModelError, RecipeError
 from netpress.graph import ChannelGraph, analyze
 from netpress.measure.macs import count_macs
 from netpress.prune import _saliency
+from netpress.prune._allocate import (
+    TOLERANCE,
+    Round,
+    Unreachable,
+    allocate,
+    round_info,
+    unreachable,
+    what_holds,
+)
 from netpress.prune._attention import split_attention
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
-from netpress.prune.policy import (
-    ALLOCATIONS,
-    GroupPlan,
-    frozen,
-    keep_floor,
-    relaxed,
-    solve,
-    too_narrow,
-    uniform_counts,
-    units_of,
-)
+from netpress.prune.policy import ALLOCATIONS
 from netpress.prune.surgery import (
     PruneCheckError,
     SurgeryResult,
@@ -71,7 +80,8 @@ class StructuredPrune(MethodConfig):
     ``importance``: l1, l2, bn_scale, taylor or hessian (the last two use the
     ``calibration`` data, else ``train``). ``allocation``: ``uniform`` (every group the same
     fraction) or ``global`` (one threshold over group-normalised scores). ``floor``: minimum
-    fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it.
+    fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it
+    (relaxed, with a warning, for groups too narrow for it when the target needs it).
     ``protect``: module names or ``re:`` patterns that keep all their channels.
     ``on_unsupported``: ``error`` (name the op and module) or ``exclude`` (leave the
     channels that op touches, with a warning). ``iterative_steps``: reach the target in that
@@ -147,107 +157,6 @@ def _check_unsupported(graph: ChannelGraph, cfg: StructuredPrune) -> None:
                   f"{listed}", stacklevel=3)
 
 
-# allocation stages, tried in order: (exact groups only, round_to relaxed on narrow groups)
-_STAGES = ((True, False), (True, True), (False, False), (False, True))
-TOLERANCE = 0.03  # of the reference: more under the target than this is an overshoot
-
-
-@dataclass
-class _Round:
-    """One round's inputs: the graph of the model as it is now, its units' scores, and
-    how its cost estimate converts to the measured units (``scale``)."""
-
-    graph: ChannelGraph
-    scores: list[np.ndarray]
-    cfg: StructuredPrune
-    scale: float
-    reference: float
-    _order: list[np.ndarray] | None = None
-
-    def mask(self, kept: list[int]) -> np.ndarray:
-        """The labels removed when each group keeps ``kept`` of its best-scoring units."""
-        if self._order is None:
-            self._order = [g.units[np.argsort(s, kind="stable")]
-                           for g, s in zip(self.graph.groups, self.scores)]
-        mask = np.zeros(self.graph.blocked.size, dtype=bool)
-        for g, order, k in zip(self.graph.groups, self._order, kept):
-            mask[order[:len(g) - k]] = True
-        return mask
-
-    def cost(self, kept: list[int]) -> float:
-        estimate = self.graph.macs if self.cfg.macs is not None else self.graph.params
-        return self.scale * estimate(self.mask(kept))
-
-    def plans(self, excluded: set[str], exact_only: bool, relax: bool) -> list[GroupPlan]:
-        out = []
-        for g, s in zip(self.graph.groups, self.scores):
-            minimum, multiple = keep_floor(len(g), self.cfg.floor, g.width, self.cfg.round_to,
-                                           g.align)
-            plan = GroupPlan(len(g), minimum, multiple, s, units_of(g.align, g.width))
-            if g.name in excluded or (exact_only and not g.exact):
-                plan = frozen(plan)
-            elif relax and too_narrow(plan):
-                plan = relaxed(plan, self.cfg.floor)
-            out.append(plan)
-        return out
-
-
-def _allocate(r: _Round, target: float, excluded: set[str]) -> tuple[list[int], list[int]]:
-    """Kept units per group, and the most-pruned counts of the last stage tried.
-
-    Stages: the exact groups alone, then with rounding relaxed where a group is too narrow
-    for it, then every group (the hidden size too), then that with rounding relaxed. The
-    first stage that meets the target without falling more than TOLERANCE under it wins,
-    else the first that meets it at all."""
-    fallback: list[int] | None = None
-    most: list[int] = [len(g) for g in r.graph.groups]
-    for exact_only, relax in _STAGES:
-        plans = r.plans(excluded, exact_only, relax)
-        most = uniform_counts(plans, 1.0)
-        try:
-            kept = solve(plans, r.cfg.allocation, r.cost, target)
-        except ValueError:
-            continue
-        if r.cost(kept) >= target - TOLERANCE * r.reference:
-            return kept, most
-        fallback = fallback or kept
-    if fallback is None:
-        raise _Unreachable(most)
-    return fallback, most
-
-
-class _Unreachable(Exception):
-    def __init__(self, most: list[int]) -> None:
-        super().__init__()
-        self.most = most
-
-
-def _what_holds(r: _Round, pruned: np.ndarray) -> str:
-    kind = "MACs" if r.cfg.macs is not None else "parameters"
-    base = max(1.0, r.reference)
-    held = r.graph.held(pruned, kind="macs" if r.cfg.macs is not None else "params")
-    parts = [f"{where} ({r.scale * n / base:.1%} of the reference's {kind}"
-             + (f"; fixed by {', '.join(why[:2])}" if why else "") + ")"
-             for where, n, why in held]
-    return "; ".join(parts)
-
-
-def _unreachable(r: _Round, target: float, most: list[int],
-                 excluded: dict[str, str]) -> RecipeError:
-    kind = "MACs" if r.cfg.macs is not None else "parameters"
-    pruned = r.mask(most)
-    left = "" if not excluded else (
-        f" Left whole because their sizes could not follow: "
-        f"{'; '.join(f'{g} ({why})' for g, why in list(excluded.items())[:3])}"
-        + (f" and {len(excluded) - 3} more" if len(excluded) > 3 else "") + ".")
-    return RecipeError(
-        f"StructuredPrune: the target cannot be reached: with every removable group at its "
-        f"floor (floor={r.cfg.floor}) the model keeps {r.cost(most) / r.reference:.1%} of the "
-        f"reference's {kind}, for a target of {target / r.reference:.1%}. What holds the "
-        f"rest: {_what_holds(r, pruned)}.{left} Lower floor, protect fewer modules, or raise "
-        f"the target")
-
-
 def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
                measured_now: float, reference: float, ctx: Context | None,
                excluded: dict[str, str]) -> tuple[SurgeryResult, dict[str, Any]]:
@@ -256,17 +165,17 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
     _check_unsupported(graph, cfg)
     none = np.zeros(graph.blocked.size, dtype=bool)
     estimate = graph.macs if cfg.macs is not None else graph.params
-    r = _Round(graph, [], cfg, measured_now / max(1, estimate(none)), reference)
+    r = Round(graph, [], cfg, measured_now / max(1, estimate(none)), reference)
     if not graph.groups:
         raise ModelError(f"StructuredPrune: the model has no channel that can be removed: "
-                         f"every channel is fixed. What holds them: {_what_holds(r, none)}")
+                         f"every channel is fixed. What holds them: {what_holds(r, none)}")
     r.scores = _saliency.group_scores(model, graph, cfg, ctx)
     owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
     for _ in range(len(graph.groups) + 1):
         try:
-            kept, _ = _allocate(r, target, set(excluded))
-        except _Unreachable as exc:
-            raise _unreachable(r, target, exc.most, excluded) from None
+            kept, _ = allocate(r, target, set(excluded))
+        except Unreachable as exc:
+            raise unreachable(r, target, exc.most, excluded) from None
         pruned = r.mask(kept)
         try:
             result = _cut(model, graph, pruned, x)
@@ -280,7 +189,7 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
             listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
             warnings.warn(f"StructuredPrune: leaving {listed} whole: {exc}", stacklevel=4)
             continue
-        return result, _round_info(r, kept, excluded)
+        return result, round_info(r, kept, excluded)
     raise ModelError("StructuredPrune: no group could be pruned safely")
 
 
@@ -294,18 +203,6 @@ def _cut(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray, x: Inputs) -
         undo(result)
         raise
     return result
-
-
-def _round_info(r: _Round, kept: list[int], excluded: dict[str, str]) -> dict[str, Any]:
-    groups = r.graph.groups
-    plans = r.plans(set(), True, False)
-    cut = [i for i, (g, k) in enumerate(zip(groups, kept)) if k < len(g)]
-    return {"groups": {groups[i].name: [len(groups[i]), kept[i]] for i in cut},
-            "unsupported": [u.where for u in r.graph.unsupported],
-            "inexact_groups": [groups[i].name for i in cut if not groups[i].exact],
-            "round_to_relaxed": [groups[i].name for i in cut
-                                 if plans[i].multiple > 1 and kept[i] % plans[i].multiple],
-            "excluded": dict(excluded)}
 
 
 def _measure(model: nn.Module, x: Inputs, kind: str) -> int:

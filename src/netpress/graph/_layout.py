@@ -96,16 +96,15 @@ def _product(S: Spaces, flat_t: torch.Tensor, flat_d: int, t: torch.Tensor, dims
 def resolve_products(S: Spaces, fixed_label: np.ndarray | None, labels: np.ndarray | None) -> None:
     """Apply the pending split/merge relations. The carrier is the outermost factor that the
     other ops leave removable (from a first pass: ``labels`` and ``fixed_label``), so a fused
-    ``[3 * heads * head_dim] -> [3, heads, head_dim]`` split carries the heads, not q/k/v."""
+    ``[3 * heads * head_dim] -> [3, heads, head_dim]`` split carries the heads, not q/k/v.
+    The innermost factor (usually ``head_dim``) carries only when every outer one is fixed:
+    ``[2 * C] -> [2, C]`` (a literal 2: a gate and its value) carries the channels."""
     for flat_t, flat_d, t, dims in S.products:
         carrier = dims[0]
         if fixed_label is not None and labels is not None:
-            for d in dims[:-1]:  # never the innermost factor (head_dim): sizes are constants
-                key = (id(t), d)
-                b, n = S.base[key], S.size[key]
-                if n > 1 and not fixed_label[labels[b:b + n]].all():
-                    carrier = d
-                    break
+            free = [d for d in dims if S.size[(id(t), d)] > 1 and not fixed_label[
+                labels[S.base[(id(t), d)]:S.base[(id(t), d)] + S.size[(id(t), d)]]].all()]
+            carrier = next((d for d in free if d != dims[-1]), free[0] if free else dims[0])
         _product(S, flat_t, flat_d, t, dims, carrier=carrier)
     S.products.clear()
 

@@ -96,6 +96,7 @@ _OPAQUE = {"multi_head_attention_forward", "_native_multi_head_attention", "pixe
            "fold", "one_hot", "diag", "diagonal", "outer", "kron", "cross", "cdist",
            "cosine_similarity", "pairwise_distance", "bilinear", "local_response_norm",
            "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half", "as_strided"}
+_FILLED = {"zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty"}
 _CREATION = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "tensor",
              "as_tensor", "linspace", "logspace", "eye", "new_zeros", "new_ones", "new_full",
              "new_empty", "new_tensor", "triu_indices", "tril_indices", "scalar_tensor"}
@@ -300,12 +301,16 @@ RULES.update({
 def apply_rule(S: Spaces, rec: OpRecord, func: Callable[..., Any] | None = None) -> bool:
     """Apply the rule of ``rec``; False when netpress has none for it (and it has tensor inputs).
 
-    Ops with no tensor inputs (``arange``, ``zeros``) create constants: their dims are fixed.
+    Ops with no tensor inputs (``arange``, ``zeros``) create constants: their dims are fixed,
+    except where a filled tensor (``zeros``, ``new_full``) takes a size from an attribute or
+    another tensor's shape: its values do not depend on the index, and surgery keeps its size.
     """
     ins = _ins(rec)
     if rec.name in _CREATION or not ins:
-        for o in rec.outputs:
-            S.fix_tensor(o)
+        free = {(u.out, u.dim) for u in rec.sizes if u.expr[0] != "const"} \
+            if rec.name in _FILLED else set()
+        for i, o in enumerate(rec.outputs):
+            S.fix_tensor(o, [d for d in range(o.dim()) if (i, d) not in free])
         return True
     if rec.name in _PERMUTE:
         _permute(S, rec, func)

@@ -180,8 +180,7 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
         try:
             result = _cut(model, graph, pruned, x)
         except PruneCheckError as exc:
-            bad = sorted({graph.groups[owner[int(u)]].name for u in exc.labels
-                          if int(u) in owner} - set(excluded))
+            bad = _culprits(graph, owner, pruned, exc, set(excluded))
             if not bad:
                 raise
             for name in bad:
@@ -191,6 +190,19 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
             continue
         return result, round_info(r, kept, excluded)
     raise ModelError("StructuredPrune: no group could be pruned safely")
+
+
+def _culprits(graph: ChannelGraph, owner: dict[int, int], pruned: np.ndarray,
+              exc: PruneCheckError, excluded: set[str]) -> list[str]:
+    """The groups to leave whole after a failed check: those of the units involved, else the
+    pruned groups of the module where it failed (and its submodules)."""
+    bad = {graph.groups[owner[int(u)]].name for u in exc.labels if int(u) in owner}
+    if not bad - excluded and exc.module is not None:
+        prefix = exc.module + "."
+        bad = {g.name for g in graph.groups if pruned[g.units].any()
+               and any(m == exc.module or m.startswith(prefix) or not exc.module
+                       for m in g.modules)}
+    return sorted(bad - excluded)
 
 
 def _cut(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray, x: Inputs) -> SurgeryResult:

@@ -47,11 +47,13 @@ class SurgeryResult:
 
 class PruneCheckError(ModelError):
     """The pruned model does not run as the graph predicts; ``labels`` are the pruned units
-    involved (their groups can be left whole and the pruning tried again)."""
+    involved (their groups can be left whole and the pruning tried again) and ``module`` the
+    module where it showed (when the units involved cannot be told)."""
 
-    def __init__(self, message: str, labels: np.ndarray) -> None:
+    def __init__(self, message: str, labels: np.ndarray, module: str | None = None) -> None:
         super().__init__(message)
         self.labels = labels
+        self.module = module
 
 
 def kept_indices(graph: ChannelGraph, pruned: np.ndarray) -> dict[int, dict[int, torch.Tensor]]:
@@ -280,7 +282,8 @@ def verify_pruned(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray,
         where = f" at {rec.where()}" if rec else ""
         raise PruneCheckError(f"structured pruning broke the model{where}: its forward now "
                               f"fails with {type(exc).__name__}: {exc}",
-                              _involved(graph, pruned, keys)) from None
+                              _involved(graph, pruned, keys),
+                              rec.module if rec else None) from None
     if len(replay.records) != len(before):
         raise PruneCheckError(f"structured pruning changed the ops the model runs "
                               f"({len(before)} before, {len(replay.records)} after); "
@@ -293,7 +296,7 @@ def verify_pruned(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray,
             raise PruneCheckError(f"structured pruning broke {old.where()}: expected output "
                                   f"shape(s) {want}, got {got} ({new.name}); a size in that "
                                   f"module's code did not follow the pruning",
-                                  _involved(graph, pruned, keys))
+                                  _involved(graph, pruned, keys), old.module)
     old_shapes = [tuple(t.shape) for t in graph.trace.outputs]
     new_shapes = [tuple(t.shape) for t in replay.outputs]
     if old_shapes != new_shapes:

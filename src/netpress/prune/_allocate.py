@@ -41,12 +41,14 @@ TOLERANCE = 0.03  # of the reference: more under the target than this is an over
 @dataclass
 class Round:
     """One round's inputs: the graph of the model as it is now, its units' scores, and
-    how its cost estimate converts to the measured units (``scale``)."""
+    how its cost estimate converts to the measured units (``now / base``: the measured count
+    of the model as it is, over the graph's estimate of it)."""
 
     graph: ChannelGraph
     scores: list[np.ndarray]
     cfg: StructuredPrune
-    scale: float
+    now: float
+    base: float
     reference: float
     _order: list[np.ndarray] | None = None
 
@@ -62,7 +64,7 @@ class Round:
 
     def cost(self, kept: list[int]) -> float:
         estimate = self.graph.macs if self.cfg.macs is not None else self.graph.params
-        return self.scale * estimate(self.mask(kept))
+        return self.now * estimate(self.mask(kept)) / self.base
 
     def plans(self, excluded: set[str], exact_only: bool, relax: bool) -> list[GroupPlan]:
         out = []
@@ -112,7 +114,7 @@ def what_holds(r: Round, pruned: np.ndarray) -> str:
     kind = "MACs" if r.cfg.macs is not None else "parameters"
     base = max(1.0, r.reference)
     held = r.graph.held(pruned, kind="macs" if r.cfg.macs is not None else "params")
-    parts = [f"{where} ({r.scale * n / base:.1%} of the reference's {kind}"
+    parts = [f"{where} ({r.now * n / r.base / base:.1%} of the reference's {kind}"
              + (f"; fixed by {', '.join(why[:2])}" if why else "") + ")"
              for where, n, why in held]
     return "; ".join(parts)

@@ -165,7 +165,7 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
     _check_unsupported(graph, cfg)
     none = np.zeros(graph.blocked.size, dtype=bool)
     estimate = graph.macs if cfg.macs is not None else graph.params
-    r = Round(graph, [], cfg, measured_now / max(1, estimate(none)), reference)
+    r = Round(graph, [], cfg, measured_now, max(1, estimate(none)), reference)
     if not graph.groups:
         raise ModelError(f"StructuredPrune: the model has no channel that can be removed: "
                          f"every channel is fixed. What holds them: {what_holds(r, none)}")

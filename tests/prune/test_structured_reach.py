@@ -118,6 +118,18 @@ def test_sizes_kept_as_attributes_follow_the_pruning():
     assert model.config.hidden_sizes == [16, 32]  # the user's model keeps its config
 
 
+def test_a_pruned_config_list_item_survives_save_and_load(tmp_path):
+    model, x = _build("SegFormer")
+    template = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = npr.compress(model, [StructuredPrune(macs=0.5)], example_inputs=x, measure=False)
+    res.save(tmp_path / "segformer.npress")
+    loaded = load_artefact(tmp_path / "segformer.npress", model=template).model
+    assert loaded.config.hidden_sizes == res.model.config.hidden_sizes != [16, 32]
+    assert torch.equal(_outputs(loaded, x), _outputs(res.model, x))
+
+
 def test_grn_channels_are_pruned():
     model, x = _build("ConvNeXt-V2")
     pruned, info = prune_structured(model, StructuredPrune(macs=0.5), x)

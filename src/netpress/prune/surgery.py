@@ -30,8 +30,7 @@ from netpress.graph.sizes import Expr, assign, evaluate, leaves, size_slots, sol
 from netpress.graph.trace import OpRecord, tensors_in
 
 __all__ = ["SurgeryResult", "kept_indices", "remove_units", "verify_pruned", "plan_sizes",
-           "undo", "PruneCheckError", "size_attributes", "reshape_template", "tied_names",
-           "retie"]
+           "undo", "PruneCheckError", "size_attributes", "reshape_template"]
 
 
 @dataclass
@@ -305,41 +304,18 @@ def verify_pruned(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray,
                               _involved(graph, pruned, _keys(graph.trace.outputs)))
 
 
-def size_attributes(model: nn.Module) -> dict[str, Any]:
-    """Every public int (or list of ints) attribute of the modules and of the config-like
-    objects they hold, by name (``encoder.layer.0.attention.num_heads``,
-    ``config.hidden_sizes``): what an artefact records so that :func:`reshape_template` can
-    restore a pruned architecture whatever attributes its code builds shapes from."""
-    return {name: (list(v) if isinstance(v, (list, tuple)) else int(v))
-            for _, _, v, name in size_slots(model, plain_only=False)}
-
-
-def tied_names(model: nn.Module) -> list[list[str]]:
-    """Names (``path.attr``) of every parameter/buffer held in more than one place (tied
-    input/output embeddings), grouped per tensor."""
-    names: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        for attr, t in [*m._parameters.items(), *m._buffers.items()]:
-            if t is not None:
-                name = f"{path}.{attr}" if path else attr
-                if name not in names.setdefault(id(t), []):
-                    names[id(t)].append(name)
-    return [v for v in names.values() if len(v) > 1]
-
-
-def retie(model: nn.Module, ties: list[list[str]]) -> None:
-    """Make every name of each group hold its first name's tensor again."""
-    def slot(name: str) -> tuple[nn.Module, str]:
-        path, _, attr = name.rpartition(".")
-        return model.get_submodule(path) if path else model, attr
-
-    for group in ties:
-        m0, a0 = slot(group[0])
-        t = m0._parameters[a0] if a0 in m0._parameters else m0._buffers[a0]
-        for name in group[1:]:
-            m, attr = slot(name)
-            store = m._parameters if attr in m._parameters else m._buffers
-            store[attr] = t  # type: ignore[assignment]
+def size_attributes(model: nn.Module) -> dict[str, int]:
+    """Every public int attribute (and each item of a list of ints) of the modules and of
+    the config-like objects they hold, by name (``encoder.layer.0.attention.num_heads``,
+    ``config.hidden_sizes[3]``): what an artefact records so that :func:`reshape_template`
+    can restore a pruned architecture whatever attributes its code builds shapes from."""
+    out: dict[str, int] = {}
+    for _, _, v, name in size_slots(model, plain_only=False):
+        if isinstance(v, (list, tuple)):
+            out.update({f"{name}[{i}]": int(x) for i, x in enumerate(v)})
+        else:
+            out[name] = int(v)
+    return out
 
 
 @torch.no_grad()
@@ -378,15 +354,22 @@ def reshape_template(model: nn.Module, shapes: dict[str, tuple[int, ...]],
             touched.add(path)
     for path in touched:
         _sync_module(modules[path])
-    slots = {name: (owner, attr, v) for owner, attr, v, name in size_slots(model,
-                                                                           plain_only=False)}
+    slots = {name: (owner, attr) for owner, attr, _, name in size_slots(model, plain_only=False)}
     for key, value in (attributes or {}).items():
-        slot = slots.get(key)
-        if slot is None:
+        name, index = key, None
+        if key.endswith("]") and "[" in key:  # an item of a list: "config.hidden_sizes[3]"
+            name, _, rest = key[:-1].rpartition("[")
+            index = int(rest) if rest.isdigit() else None
+        slot = slots.get(name)
+        if slot is None or (index is None and name != key):
             continue
-        owner, attr, current = slot
-        if isinstance(current, (list, tuple)) and isinstance(value, list):
-            value = type(current)(value)
-        if current != value:
+        owner, attr = slot
+        current = vars(owner)[attr]
+        if index is None and not isinstance(current, (list, tuple)) and current != value:
             vars(owner)[attr] = value
+        elif index is not None and isinstance(current, (list, tuple)) and index < len(current) \
+                and current[index] != value:
+            items = list(current)
+            items[index] = value
+            vars(owner)[attr] = type(current)(items)
     return changed

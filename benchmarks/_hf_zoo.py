@@ -11,7 +11,14 @@ the config's fields (no per-architecture table):
 * widths (hidden, embedding, intermediate, channel sizes, lists of stage widths): scaled by
   one factor that brings the model width to 64, rounded to multiples of 16 (so every head
   count above divides them); an explicit ``head_dim`` becomes 16;
-* vocabulary 512 words, at most 128 positions, images 64x64 pixels.
+* vocabulary 512 words (token ids wrapped into it), at most 128 positions, images 64x64
+  pixels, rotary dims at most 8, window sizes and norm group counts at most 4; lists with
+  one entry per layer follow the new layer count; derived backbone fields (``out_features``)
+  are left to the config to recompute.
+
+A model must have at most 20M parameters once shrunk (it is first built on the meta device
+to check). Inputs: pixels for a vision class whose forward takes ``pixel_values``, else 16
+token ids.
 
 A class that still cannot be built, or whose forward fails on the example input, is listed as
 skipped with the reason.

@@ -12,8 +12,10 @@ by its parts. The size arguments of the ops that build shapes (``view``, ``resha
 After pruning, each such dimension has a new size (from the channel graph); :func:`solve_sizes`
 finds new values for the attributes so that every expression gives its dimension's new size,
 and :func:`assign` sets them. A size written as a literal in the model's code cannot follow:
-the rules fix the dimension it sets (see :mod:`netpress.graph.rules`), so pruning never needs
-it to change.
+the rules fix the dimension it sets (see :mod:`netpress.graph.groups`), so pruning never needs
+it to change. Two more records constrain the solution: sizes used as *values*
+(``math.sqrt(self.head_dim)``, ``scores / self.dim``) keep their value, and two tracked sizes
+the code compared and found equal (``if x.shape[1] != self.num_channels: raise``) stay equal.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from torch import nn
 from netpress.graph._solver import OPS, Expr, evaluate, leaves, solve_sizes
 
 __all__ = ["SizeInt", "Address", "SizeUse", "SizeTracker", "size_uses", "solve_sizes",
-           "assign", "leaves", "evaluate", "size_slots", "wrap_shape"]
-
+           "assign", "leaves", "evaluate", "size_slots", "wrap_shape", "note_value_uses"]
 
 
 def _expr(v: Any) -> Expr:

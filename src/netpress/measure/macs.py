@@ -96,6 +96,16 @@ def weight_density(module: nn.Module) -> float:
         return int(torch.count_nonzero(weight)) / weight.numel()
 
 
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``grouped_mm(a [M, K], b [G, K, N])``: each row of ``a`` meets one group's matrix
+    (mixture-of-experts layers); PyTorch's counter has no formula for it."""
+    return 2 * int(a_shape[0]) * int(a_shape[-1]) * int(b_shape[-1])
+
+
+_EXTRA_FLOPS = ({torch.ops.aten._grouped_mm: _grouped_mm_flops}
+                if hasattr(torch.ops.aten, "_grouped_mm") else {})
+
+
 def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int]]:
     """Total FLOPs of one forward pass and the FLOPs inside each weighted layer.
 
@@ -107,7 +117,7 @@ def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int
     starts: dict[str, int] = {}
     depth = [0]
     extra = [0]  # estimated FLOPs of layers whose kernels the counter cannot see
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=dict(_EXTRA_FLOPS))
 
     def pre_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:

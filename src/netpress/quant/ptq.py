@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +38,26 @@ from netpress.quant._insert import (
 from netpress.quant.fold import fold_batchnorm
 from netpress.quant.modules import QUANT_LAYERS, ActQuant, QuantWeight, quantize_layer
 from netpress.quant.observers import OBSERVERS, make_observer, mse_range
-from netpress.quant.primitives import MAX_BITS, MIN_BITS, choose_qparams, minmax
+from netpress.quant.primitives import (
+    MAX_BITS,
+    MIN_BITS,
+    choose_qparams,
+    minmax,
+    quantize_affine,
+)
+from netpress.quant.target import (
+    TARGET_CHOICES,
+    apply_weight_rule,
+    depthwise_layer,
+    min_weight_scale,
+    resolve_target,
+)
 from netpress.registry import register
 from netpress.select import check_patterns, resolve_per_layer, select_names
 
-__all__ = ["QuantSettings", "Quantize", "weight_scale", "prepare", "quantize_model",
-           "bias_on_grid", "drop_masks"]
+__all__ = ["QuantSettings", "Quantize", "weight_scale", "WeightRounding", "round_to_nearest",
+           "quantize_weights", "integer_layers", "prepare", "quantize_model", "bias_on_grid",
+           "drop_masks"]
 
 _WEIGHT_OBSERVERS = ("minmax", "mse")
 
@@ -66,9 +80,13 @@ class QuantSettings(MethodConfig):
     fold_bn: bool = True
     require_full_coverage: bool = False
     calibration_batches: int | None = None
+    target: str = "auto"
 
     def _check_quant(self) -> None:
         n = self.type_name()
+        if self.target not in TARGET_CHOICES:
+            raise RecipeError(f"{n}: target={self.target!r}; choose one of {TARGET_CHOICES} "
+                              "(the CPU the INT8 model will run on; 'auto' = this one)")
         _check_bits(n, "weights", self.weights)
         if self.activations is not None:
             _check_bits(n, "activations", self.activations)
@@ -92,7 +110,10 @@ class Quantize(QuantSettings):
     the activation ranges (minmax, moving_average, percentile, mse, entropy) and
     ``weight_observer`` the weight ranges (minmax or mse). ``calibration_batches`` caps the
     calibration pass. Calibration data is required unless ``activations=None``; weight-only
-    quantization uses it, when given, for bias correction.
+    quantization uses it, when given, for bias correction. ``target`` is the CPU the integer
+    model will run on (``auto``: this one; ``x86-vnni``, ``x86-avx2``, ``arm64``, ``generic``;
+    see :mod:`netpress.quant.target`): the weights of layers that run as integer kernels are
+    shaped so that its kernels compute exactly what the fake-quant model computes.
     """
 
     weight_observer: str = "minmax"
@@ -113,6 +134,44 @@ def weight_scale(weight: torch.Tensor, bits: int, observer: str = "minmax") -> t
     else:
         lo, hi = minmax(rows, axis=0)
     return choose_qparams(lo, hi, bits, symmetric=True)[0]
+
+
+WeightRounding = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``(float weight, per-channel scales, bits) -> integer codes``: the replaceable rounding."""
+
+
+def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``weight`` on the symmetric per-output-channel grid ``scale`` (nearest)."""
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    return quantize_affine(weight.detach().float(), scale, zp, bits, symmetric=True, axis=0)
+
+
+def quantize_weights(layer: nn.Module, bits: int, scale: torch.Tensor, *,
+                     target: str | None = None,
+                     rounding: WeightRounding = round_to_nearest) -> QuantWeight:
+    """The quantized counterpart of a Conv2d/Linear ``layer``, its weights rounded by
+    ``rounding`` on the grid ``scale``.
+
+    With a ``target`` (for a layer that runs as an integer kernel) the scales are first
+    widened where the target's rule needs it and the codes then made to obey the rule
+    (:func:`netpress.quant.target.apply_weight_rule`, a no-op for round-to-nearest codes).
+    """
+    assert isinstance(layer, (nn.Conv2d, nn.Linear))
+    depthwise = depthwise_layer(layer)
+    if target is not None:
+        scale = torch.maximum(scale, min_weight_scale(layer.weight, target,
+                                                      depthwise=depthwise).to(scale))
+    codes = rounding(layer.weight.detach(), scale, bits)
+    if target is not None:
+        codes = apply_weight_rule(codes, target, depthwise=depthwise)
+    return quantize_layer(layer, bits, scale, codes=codes, target=target)
+
+
+def integer_layers(gm: nn.Module, names: list[str]) -> list[str]:
+    """The layers among ``names`` whose input is quantized (they run as integer kernels)."""
+    if not isinstance(gm, fx.GraphModule):
+        return []
+    return [n for n in names if feeding_quant(gm, n) is not None]
 
 
 def _own_params(m: nn.Module) -> bool:
@@ -254,17 +313,21 @@ def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     """Quantize ``model`` (eval mode, modified in place where possible); the quantized model."""
     target, plan, acts, folded = prepare(model, cfg, ctx)
     floats = {n: target.get_submodule(n) for n in plan}
+    cpu = resolve_target(cfg.target)
+    integer = set(integer_layers(target, list(plan)))
     for name, bits in plan.items():
         layer = target.get_submodule(name)
         assert isinstance(layer, (nn.Conv2d, nn.Linear))
-        _set_module(target, name, quantize_layer(layer, bits, weight_scale(
-            layer.weight, bits, cfg.weight_observer)))
+        _set_module(target, name, quantize_weights(
+            layer, bits, weight_scale(layer.weight, bits, cfg.weight_observer),
+            target=cpu if name in integer else None))
     corrected = cfg.bias_correction and ctx.calibration is not None
     if corrected:
         _correct_biases(target, floats, ctx, cfg.calibration_batches)
     bias_on_grid(target, list(plan))
     ctx.record(cfg.type_name(), layers=len(plan), folded_batchnorms=folded,
                activation_quantizers=len(acts), bias_correction=corrected,
+               target=cpu, target_requested=cfg.target, integer_layers=len(integer),
                bits={str(b): sum(1 for v in plan.values() if v == b) for b in
                      sorted(set(plan.values()))})
     return target.eval()

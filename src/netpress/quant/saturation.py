@@ -30,7 +30,7 @@ __all__ = ["INT16_MIN", "INT16_MAX", "u8s8_matmul", "im2col_nhwc", "conv2d_u8s8"
            "saturating_pairs", "pair_safe_scale", "limit_pairs"]
 
 INT16_MIN, INT16_MAX = -(2 ** 15), 2 ** 15 - 1
-_CHUNK = 4096  # rows of A per step of the emulation (bounds its memory)
+_CHUNK = 1 << 16  # rows of A per float64 matmul (bounds the emulation's memory)
 
 
 def _check_codes(a: np.ndarray, b: np.ndarray) -> None:
@@ -41,26 +41,40 @@ def _check_codes(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"shapes {a.shape} and {b.shape} do not multiply as (M, K) @ (K, N)")
 
 
+def _risky_pairs(b: np.ndarray, max_code: int = 255) -> np.ndarray:
+    """``(ceil(K / 2), N)``: whether pair ``j`` of column ``n`` can saturate."""
+    w = b.astype(np.int64)
+    if w.shape[0] % 2:
+        w = np.pad(w, ((0, 1), (0, 0)))
+    pos = np.maximum(w[0::2], 0) + np.maximum(w[1::2], 0)
+    neg = np.maximum(-w[0::2], 0) + np.maximum(-w[1::2], 0)
+    return (max_code * pos > INT16_MAX) | (-max_code * neg < INT16_MIN)
+
+
 def u8s8_matmul(a: np.ndarray, b: np.ndarray, *, saturate: bool = True) -> np.ndarray:
     """``(M, K) uint8 @ (K, N) int8`` as int32, as an AVX2 ``vpmaddubsw`` kernel computes it.
 
     With ``saturate`` each adjacent pair ``(2j, 2j+1)`` of K is summed into int16 with
     saturation before the 32-bit accumulation (an odd K is padded with a zero); without it the
-    result is the exact product (what VNNI and ARM64 kernels compute).
+    result is the exact product (what VNNI and ARM64 kernels compute). The exact product comes
+    from a float64 matmul (exact at these magnitudes); only pairs whose weights can saturate
+    are then summed again and clipped.
     """
     _check_codes(a, b)
-    a32, b32 = a.astype(np.int32), b.astype(np.int32)
-    if a32.shape[1] % 2:
-        a32 = np.pad(a32, ((0, 0), (0, 1)))
-        b32 = np.pad(b32, ((0, 1), (0, 0)))
-    out = np.empty((a32.shape[0], b32.shape[1]), dtype=np.int64)
-    for i in range(0, a32.shape[0], _CHUNK):
-        rows = a32[i:i + _CHUNK]
-        pairs = (rows[:, 0::2, None] * b32[None, 0::2, :]
-                 + rows[:, 1::2, None] * b32[None, 1::2, :])
-        if saturate:
-            np.clip(pairs, INT16_MIN, INT16_MAX, out=pairs)
-        out[i:i + _CHUNK] = pairs.sum(1, dtype=np.int64)
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.int64)
+    bf = b.astype(np.float64)
+    for i in range(0, a.shape[0], _CHUNK):
+        out[i:i + _CHUNK] = a[i:i + _CHUNK].astype(np.float64) @ bf
+    if saturate:
+        a32 = a.astype(np.int64)
+        w = b.astype(np.int64)
+        risky = _risky_pairs(b)
+        for j in np.flatnonzero(risky.any(1)):
+            cols = np.flatnonzero(risky[j])
+            pair = a32[:, 2 * j, None] * w[2 * j, cols]
+            if 2 * j + 1 < w.shape[0]:
+                pair += a32[:, 2 * j + 1, None] * w[2 * j + 1, cols]
+            out[:, cols] += np.clip(pair, INT16_MIN, INT16_MAX) - pair
     return out.astype(np.int32)
 
 
@@ -157,11 +171,8 @@ def pair_sums(rows: torch.Tensor) -> torch.Tensor:
 def saturating_pairs(rows: np.ndarray | torch.Tensor, max_code: int = 255) -> np.ndarray:
     """How many pairs of each row of integer codes (in kernel order) can saturate int16 for
     some activations in ``[0, max_code]``."""
-    t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
-    a, b = _pairs(t)
-    hi = max_code * (a.clamp(min=0) + b.clamp(min=0))
-    lo = -max_code * ((-a).clamp(min=0) + (-b).clamp(min=0))
-    return ((hi > INT16_MAX) | (lo < INT16_MIN)).sum(-1).numpy()
+    codes = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    return _risky_pairs(codes.T, max_code).sum(0)
 
 
 def pair_safe_scale(rows: torch.Tensor, scale: torch.Tensor, limit: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ def integer_output(layer: QuantWeight, aq: ActQuant, x: torch.Tensor, *,
     output of ``aq``, the activation quantizer feeding ``layer``)."""
     a, zp = _codes(x, aq)
     w = layer.weight_q.cpu().numpy()
+    shape: tuple[int, ...]
     if isinstance(layer, QuantConv2d):
         if isinstance(layer.padding, str):
             raise ValueError("the kernel emulation needs numeric conv padding")

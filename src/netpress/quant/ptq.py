@@ -36,6 +36,7 @@ from netpress.quant._insert import (
     remove_unused,
 )
 from netpress.quant.fold import fold_batchnorm
+from netpress.quant.input_grid import apply_input_grid
 from netpress.quant.modules import QUANT_LAYERS, ActQuant, QuantWeight, quantize_layer
 from netpress.quant.observers import OBSERVERS, make_observer, mse_range
 from netpress.quant.primitives import (
@@ -81,6 +82,7 @@ class QuantSettings(MethodConfig):
     require_full_coverage: bool = False
     calibration_batches: int | None = None
     target: str = "auto"
+    input_grid: bool = True
 
     def _check_quant(self) -> None:
         n = self.type_name()
@@ -306,7 +308,20 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.freeze()
+    if cfg.input_grid:
+        _input_grid(target, _calibration_data(ctx, cfg.type_name()), cfg.calibration_batches)
     return target, plan, acts, len(folded)
+
+
+def _input_grid(gm: nn.Module, ctx: Context, limit: int | None) -> bool:
+    """Quantize the model input on its pixel lattice when the calibration inputs have one."""
+    xs = []
+    for i, (inputs, _) in enumerate(batches(ctx.require("calibration", "Quantize"),
+                                            name="calibration")):
+        if (limit is not None and i >= limit) or not isinstance(inputs, torch.Tensor):
+            break
+        xs.append(inputs)
+    return bool(xs) and apply_input_grid(gm, torch.cat(xs))
 
 
 def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:

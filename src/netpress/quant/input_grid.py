@@ -115,7 +115,7 @@ def apply_input_grid(gm: nn.Module, inputs: torch.Tensor) -> bool:
     if found is None or lattice is None:
         return False
     aq_node, conv_node, conv = found
-    offset, step = lattice
+    offset, step = (t.to(conv.weight.device) for t in lattice)
     if offset.numel() != conv.in_channels or conv.groups != 1:
         return False
     w = conv.weight.double()

@@ -29,6 +29,7 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
+from netpress.quant._equalize_stats import equalize
 from netpress.quant._insert import (
     drop_identities,
     feeding_quant,
@@ -83,6 +84,7 @@ class QuantSettings(MethodConfig):
     calibration_batches: int | None = None
     target: str = "auto"
     input_grid: bool = True
+    equalize: bool = True
 
     def _check_quant(self) -> None:
         n = self.type_name()
@@ -277,18 +279,24 @@ def _calibration_data(ctx: Context, owner: str) -> Context:
 
 
 def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
-            ) -> tuple[nn.Module, dict[str, int], list[str], int]:
-    """Fold BN, plan the layers, insert and calibrate activation quantizers.
+            ) -> tuple[nn.Module, dict[str, int], list[str], dict[str, Any]]:
+    """Fold BN, plan the layers, equalize, insert and calibrate activation quantizers.
 
-    Returns ``(model or its graph, bits by layer, activation quantizer names, folded BNs)``;
-    the layers themselves are still float.
+    Returns ``(model or its graph, bits by layer, activation quantizer names, notes for the
+    report)``; the layers themselves are still float.
     """
     model.eval()
     folded = fold_batchnorm(model) if cfg.fold_bn else []
     plan = _plan(model, cfg)
+    notes: dict[str, Any] = {"folded_batchnorms": len(folded)}
     if cfg.activations is None:
-        return model, plan, [], len(folded)
+        return model, plan, [], notes
     from netpress.export.graph import trace
+
+    calib_ctx = _calibration_data(ctx, cfg.type_name())
+    if cfg.equalize:
+        inputs = _calibration_inputs(calib_ctx, cfg.calibration_batches)
+        notes["equalization"] = _rounded(equalize(model, inputs, list(plan)))
 
     try:
         target = trace(model)
@@ -301,7 +309,7 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.observer = make_observer(cfg.observer)
-    if _calibrate(target, _calibration_data(ctx, cfg.type_name()), cfg.calibration_batches) == 0:
+    if _calibrate(target, calib_ctx, cfg.calibration_batches) == 0:
         raise ModelError(f"{cfg.type_name()}: the calibration data holds no batches")
     acts = sorted(set(acts) - set(remove_unused(target)))
     for name in acts:
@@ -309,24 +317,26 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         assert isinstance(aq, ActQuant)
         aq.freeze()
     if cfg.input_grid:
-        _input_grid(target, _calibration_data(ctx, cfg.type_name()), cfg.calibration_batches)
-    return target, plan, acts, len(folded)
+        xs = [x for x in _calibration_inputs(calib_ctx, cfg.calibration_batches)
+              if isinstance(x, torch.Tensor)]
+        notes["input_grid"] = bool(xs) and apply_input_grid(target, torch.cat(xs))
+    return target, plan, acts, notes
 
 
-def _input_grid(gm: nn.Module, ctx: Context, limit: int | None) -> bool:
-    """Quantize the model input on its pixel lattice when the calibration inputs have one."""
-    xs = []
-    for i, (inputs, _) in enumerate(batches(ctx.require("calibration", "Quantize"),
-                                            name="calibration")):
-        if (limit is not None and i >= limit) or not isinstance(inputs, torch.Tensor):
-            break
-        xs.append(inputs)
-    return bool(xs) and apply_input_grid(gm, torch.cat(xs))
+def _calibration_inputs(ctx: Context, limit: int | None) -> list[Any]:
+    """The model inputs of the calibration batches (at most ``limit``), on ``ctx.device``."""
+    return [move_to(inputs, ctx.device) for i, (inputs, _) in enumerate(
+        batches(ctx.require("calibration", "Quantize"), name="calibration"))
+        if limit is None or i < limit]
+
+
+def _rounded(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
 
 
 def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     """Quantize ``model`` (eval mode, modified in place where possible); the quantized model."""
-    target, plan, acts, folded = prepare(model, cfg, ctx)
+    target, plan, acts, notes = prepare(model, cfg, ctx)
     floats = {n: target.get_submodule(n) for n in plan}
     cpu = resolve_target(cfg.target)
     integer = set(integer_layers(target, list(plan)))
@@ -340,7 +350,7 @@ def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     if corrected:
         _correct_biases(target, floats, ctx, cfg.calibration_batches)
     bias_on_grid(target, list(plan))
-    ctx.record(cfg.type_name(), layers=len(plan), folded_batchnorms=folded,
+    ctx.record(cfg.type_name(), layers=len(plan), **notes,
                activation_quantizers=len(acts), bias_correction=corrected,
                target=cpu, target_requested=cfg.target, integer_layers=len(integer),
                bits={str(b): sum(1 for v in plan.values() if v == b) for b in

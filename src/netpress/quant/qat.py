@@ -160,7 +160,7 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 @register(QAT, kind="recover", needs=("train",))
 def _apply_qat(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
-    target, plan, acts, folded = prepare(model, cfg, ctx)
+    target, plan, acts, notes = prepare(model, cfg, ctx)
     cpu = resolve_target(cfg.target)
     integer = set(integer_layers(target, list(plan)))
     for name, bits in plan.items():
@@ -196,6 +196,6 @@ def _apply_qat(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
     drop_masks(target, ctx)
     ctx.record(cfg.type_name(), **{**summary, "layers": len(plan), "target": cpu,
                                    "integer_layers": len(integer),
-                                   "folded_batchnorms": folded,
+                                   **notes,
                                    "activation_quantizers": len(acts)})
     return target.eval()

@@ -116,7 +116,7 @@ def test_noise_model_matches_its_definition_and_the_optimum_beats_a_grid():
 
 
 def _noise_db(model, cfg, data):
-    q = npr.compress(model, cfg, calibration=[(b, b[:, 0, 0, 0]) for b in data],
+    q = npr.compress(model, cfg, calibration=[(b, torch.zeros(len(b))) for b in data],
                      measure=False)
     x = torch.cat(data)
     with torch.no_grad():
@@ -153,3 +153,39 @@ def test_fake_quantize_is_what_the_noise_model_rounds():
     s, z = choose_qparams(x.min(), x.max(), 8)
     err = fake_quantize(x, s, z, 8) - x
     assert float(err.abs().max()) <= float(s) / 2 + 1e-7
+
+
+class _NormBlock(nn.Module):
+    """A pre-norm block: x + proj(relu(LayerNorm(x) @ Wq) ...) with outlier norm channels."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.norm = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.head = nn.Linear(d, 4)
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.ones(d))
+            self.norm.weight[[2, 9]] = 25.0  # SmoothQuant's outlier channels
+
+    def forward(self, x):
+        h = self.embed(x)
+        n = self.norm(h)
+        h = h + torch.relu(self.q(n)) * 0.5 + self.k(n) * 0.5
+        return self.head(h)
+
+
+@pytest.mark.filterwarnings("ignore:Quantize.*stay in float")
+def test_layernorm_to_linear_is_smoothed():
+    torch.manual_seed(0)
+    model = _NormBlock().eval()
+    sets = coupled_sets(model, torch.randn(4, 8))
+    smooth = [s for s in sets if "norm" in s.rows]
+    assert len(smooth) == 1 and set(smooth[0].cols) == {"q", "k"}
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(64, 8, generator=g) for _ in range(4)]
+    plain, _ = _noise_db(model, Quantize(equalize=False, bias_correction=False), data)
+    eq, step = _noise_db(model, Quantize(bias_correction=False), data)
+    assert step["equalization"]["applied"]
+    assert eq < 0.8 * plain, (eq, plain)

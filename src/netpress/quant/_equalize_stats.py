@@ -59,7 +59,7 @@ def _unit_maps(sets: Sequence[ScaleSet], model: nn.Module,
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
     layer = model.get_submodule(name)
-    assert isinstance(layer, (nn.Conv2d, nn.Linear))
+    assert isinstance(layer, (nn.Conv2d, nn.Linear, nn.LayerNorm)) and layer.weight is not None
     return layer.weight
 
 

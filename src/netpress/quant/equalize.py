@@ -6,7 +6,8 @@ slicing: multiplying the rows (and biases) of every layer that writes a set of c
 channels by ``f_c`` and dividing the input columns of every layer that reads them by ``f_c``
 leaves the model's function unchanged (:func:`apply_scales`). The coupled sets come from the
 channel dependency graph (:func:`coupled_sets`), so a residual stream is one set through all
-its blocks and through zero-padded shortcuts into the next stage.
+its blocks and through zero-padded shortcuts into the next stage; a LayerNorm feeding only
+Linear layers is a set of its own, its weight and bias scaled (SmoothQuant, Xiao et al. 2023).
 
 What the factors change is the quantization noise. To first order, the output noise is
 ``sum_k step_k^2 / 12 * sum_c G_kc / f_c^2`` over the per-tensor activation quantizers ``k``
@@ -99,6 +100,33 @@ def coupled_sets(model: nn.Module, example_inputs: Any) -> list[ScaleSet]:
             (rows if dim == 0 else cols).setdefault(name, per_unit)
         if ok and rows and cols:
             sets.append(ScaleSet(group.name, len(group), rows, cols))
+    return sets + _norm_sets(model)
+
+
+def _norm_sets(model: nn.Module) -> list[ScaleSet]:
+    """SmoothQuant's sets: a LayerNorm whose output only feeds Linear layers scales its
+    per-channel weight and bias by ``f`` and those layers' input columns by ``1 / f`` (the
+    norm's input, a residual stream, is untouched)."""
+    from netpress.errors import ModelError
+    from netpress.export.graph import trace
+
+    try:
+        gm = trace(model)
+    except ModelError:
+        return []
+    sets = []
+    for node in gm.graph.nodes:
+        norm = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None or \
+                len(norm.normalized_shape) != 1:
+            continue
+        users = list(node.users)
+        if users and all(u.op == "call_module" and isinstance(
+                gm.get_submodule(str(u.target)), nn.Linear) for u in users):
+            per_unit = [np.array([c]) for c in range(norm.weight.numel())]
+            sets.append(ScaleSet(f"{node.target} (norm)", len(per_unit),
+                                 {str(node.target): per_unit},
+                                 {str(u.target): per_unit for u in users}))
     return sets
 
 
@@ -109,7 +137,7 @@ def apply_scales(model: nn.Module, scale_set: ScaleSet, factors: torch.Tensor) -
     for table, divide in ((scale_set.rows, False), (scale_set.cols, True)):
         for name, per_unit in table.items():
             layer = model.get_submodule(name)
-            assert isinstance(layer, _LAYERS)
+            assert isinstance(layer, (*_LAYERS, nn.LayerNorm)) and layer.weight is not None
             f = torch.ones(layer.weight.shape[1 if divide else 0], dtype=torch.float64)
             for u, pos in enumerate(per_unit):
                 f[torch.as_tensor(pos, dtype=torch.long)] = float(factors[u])

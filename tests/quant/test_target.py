@@ -135,3 +135,11 @@ def test_each_target_computes_exactly_where_it_claims(target):
         torch.testing.assert_close(avx2, fake, rtol=1e-4, atol=1e-4)
     else:  # full int8 weights: the emulated AVX2 machine computes something else
         assert saturates and float((avx2 - fake).abs().max()) > 0.01
+
+
+def test_layers_refuse_unknown_target_labels():
+    from netpress.quant.modules import QuantConv2d, QuantLinear
+
+    with pytest.raises(ValueError, match="target='evil'"):
+        QuantLinear(4, 2, target="evil")
+    assert "target=generic" in repr(QuantConv2d(2, 2, (3, 3), target="generic"))

@@ -30,6 +30,7 @@ from netpress.quant.primitives import (
     qrange,
     quantize_affine,
 )
+from netpress.quant.target import TARGETS
 
 __all__ = ["ActQuant", "QuantWeight", "QuantConv2d", "QuantLinear", "QUANT_LAYERS",
            "ConvGeometry", "conv2d_geometry",
@@ -155,6 +156,8 @@ class QuantWeight(nn.Module):
     def _init_weight(self, shape: tuple[int, ...], bits: int, bias: bool,
                      target: str | None) -> None:
         qrange(bits, symmetric=True)
+        if target is not None and target not in TARGETS:
+            raise ValueError(f"target={target!r} is not one of {TARGETS}")
         self.bits = bits
         self.target = target  # the INT8 target its codes were made for (None: not an int kernel)
         self.register_buffer("weight_q", torch.zeros(shape, dtype=torch.int8))

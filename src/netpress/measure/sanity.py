@@ -64,7 +64,8 @@ def reference_warning(accuracy: float | None, labels: torch.Tensor | None, *,
         f"range {inputs['min']:.3g} to {inputs['max']:.3g}.")
     return (f"SUSPICIOUS REFERENCE: its accuracy is {100 * accuracy:.1f}%, near chance "
             f"({100 * chance:.1f}%, the most common label's share), so every agreement figure "
-            f"below compares two models that do not work on this data. The evaluation inputs "
-            f"are most likely preprocessed differently from the reference's training data. "
-            f"{given}{seen} Evaluate the reference on data prepared exactly as for its "
-            f"training (e.g. your own loader through --data package.module:factory).")
+            f"below compares two models that do not work on this data. Either the evaluation "
+            f"inputs are preprocessed differently from the reference's training data, or the "
+            f"reference is untrained (were its weights loaded?). {given}{seen} Evaluate the "
+            f"reference on data prepared exactly as for its training (e.g. your own loader "
+            f"through --data package.module:factory).")

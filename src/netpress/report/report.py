@@ -17,7 +17,11 @@ if TYPE_CHECKING:
     from netpress.config import Recipe
     from netpress.context import Context
 
-__all__ = ["Report", "netpress_version"]
+__all__ = ["Report", "ReportWarning", "netpress_version"]
+
+
+class ReportWarning(UserWarning):
+    """A report's warning (e.g. a reference that scores near chance), also in ``warnings``."""
 
 
 def netpress_version() -> str:
@@ -52,7 +56,7 @@ class Report(Mapping[str, Any]):
         """Measure ``compressed`` against ``reference`` and assemble the report.
 
         Each of the report's ``warnings`` (e.g. a reference near chance) is also issued as
-        a :class:`UserWarning`. With ``thumbnails`` and image data, the first flipped
+        a :class:`ReportWarning`. With ``thumbnails`` and image data, the first flipped
         evaluation inputs are kept as PNG thumbnails for :meth:`to_html` (one more pass over
         ``ctx.evaluate``, stopping after the last one needed).
         """
@@ -72,7 +76,7 @@ class Report(Mapping[str, Any]):
                 task=task, device=ctx.device, latency_batch_sizes=(1, latency_batch_size),
                 threads=threads, artefact_bytes=artefact, progress=ctx.progress))
         for text in data.get("warnings") or []:
-            warnings.warn(text, UserWarning, stacklevel=3)
+            warnings.warn(text, ReportWarning, stacklevel=3)
         thumbs: dict[int, bytes] = {}
         flipped = (data.get("fidelity") or {}).get("flipped")
         if thumbnails and flipped and flipped.get("indices") and ctx.evaluate is not None:

@@ -215,11 +215,13 @@ def rows(r: Mapping[str, Any]) -> list[Row]:
 
 def notes(r: Mapping[str, Any]) -> list[str]:
     """Sentences that explain the table's figures (printed under it)."""
-    out = ["Parameters are counted whatever their storage (a quantized weight is still one "
-           "parameter); storage is given apart, in bits per parameter and bytes. Bytes on "
-           "disk: the reference's torch.save(state_dict) against the compressed "
-           + ("artefact." if get(r, "size.compressed_source") == "artefact"
-              else "model's state_dict.")]
+    out = []
+    if get(r, "reference.params") is not None:
+        out.append("Parameters are counted whatever their storage (a quantized weight is still "
+                   "one parameter); storage is given apart, in bits per parameter and bytes. "
+                   "Bytes on disk: the reference's torch.save(state_dict) against the "
+                   "compressed " + ("artefact." if get(r, "size.compressed_source") == "artefact"
+                                    else "model's state_dict."))
     if get(r, "macs.note"):
         out.append(str(get(r, "macs.note")))
     threads = get(r, "latency.threads")

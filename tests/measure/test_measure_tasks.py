@@ -86,9 +86,12 @@ def test_cosine_distribution_by_hand() -> None:
     assert q["p05"] == pytest.approx(0.5 + 0.45 * 0.4)  # between the 1st and 2nd values
     assert dist["share_at_least"] == {"0.9": 0.9, "0.95": 0.8, "0.99": 0.7, "0.995": 0.6,
                                       "0.999": 0.5}
-    hist = dist["histogram"]  # from min(p01, threshold) to 1: every row inside
+    hist = dist["histogram"]  # from p01 to the maximum: the 0.5 row falls below
     assert hist["edges"][0] == pytest.approx(0.5 + 0.4 * 0.09) and hist["edges"][-1] == 1.0
     assert sum(hist["counts"]) + hist["below"] == 10 and hist["below"] == 1
+    high = cosine_distribution(torch.tensor([0.95, 0.96, 0.97], dtype=torch.float64), 0.99)
+    assert high["histogram"]["edges"][-1] == 0.99  # a threshold above every row is on the axis
+    assert high["share_at_least"]["0.99"] == 0.0
 
 
 def test_embedding_task_reports_the_distribution_and_takes_a_threshold() -> None:

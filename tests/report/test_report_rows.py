@@ -105,3 +105,15 @@ def test_warnings_are_a_banner_in_html_and_a_panel_in_the_terminal() -> None:
     print_table(report, Console(file=buffer, width=120))
     out = buffer.getvalue()
     assert out.index("SUSPICIOUS REFERENCE") < out.index("top-1 accuracy")
+
+
+def test_long_per_layer_step_tables_are_summarised() -> None:
+    from netpress.report.rows import step_details
+
+    bits = {f"layer{i}": 8 for i in range(37)}
+    step = {"step": "WeightOnly", "layers": 37, "bits": bits}
+    assert step_details(step) == "layers=37, bits={37 entries: 8 ×37}"
+    assert step_details({"step": "x", "bits": {"a": 4, "b": 8}}) == "bits={'a': 4, 'b': 8}"
+    report = {"steps": [step]}
+    assert "bits={37 entries: 8 ×37}" in to_markdown(report)
+    assert "layer36" not in to_html(report, plots={})

@@ -129,9 +129,12 @@ def onnx_section(reference: nn.Module, compressed: nn.Module, example_inputs: An
                  max_batches: int | None = None) -> dict[str, Any]:
     """Export ``reference`` (FP32) and ``compressed`` to ONNX and measure them in ONNX Runtime.
 
-    Returns ``{"latency": ..., "fidelity": ...}`` (``latency`` as in the report's eager
-    section, plus ``runtime``; ``latency_batch_sizes=()`` skips it), or ``{"skipped":
-    reason}`` when ONNX Runtime is missing or the inputs cannot be exported. With ``data``,
+    Returns ``{"latency": ..., "fidelity": ..., "integer_kernels": ...}`` (``latency`` as in
+    the report's eager section, plus ``runtime``; ``integer_kernels``: whether activations
+    are quantized too, so that ONNX Runtime can run integer kernels, rather than weights
+    only, which it dequantizes once and runs in float; ``batch_sizes=()`` skips latency), or
+    ``{"skipped": reason}`` when ONNX Runtime is missing or the inputs cannot be exported.
+    With ``data``,
     ``reference_outputs`` (the reference's eager outputs on it) and ``compare_outputs``
     (``(reference_outputs, exported_outputs) -> metrics``, the task's), ``fidelity`` holds
     the exported model's metrics against the reference, measured in ONNX Runtime.
@@ -144,7 +147,8 @@ def onnx_section(reference: nn.Module, compressed: nn.Module, example_inputs: An
     from netpress.export.onnx import OrtModule, export_onnx
 
     sizes = tuple(int(b) for b in batch_sizes)
-    out: dict[str, Any] = {"latency": None, "fidelity": None}
+    integer = any(_is_act_quant(m) for m in compressed.modules())
+    out: dict[str, Any] = {"latency": None, "fidelity": None, "integer_kernels": integer}
     with tempfile.TemporaryDirectory(prefix="netpress-onnx-") as tmp:
         try:
             paths = [export_onnx(m, Path(tmp) / f"{n}.onnx", example_inputs)

@@ -286,9 +286,10 @@ def cosine_distribution(cos: torch.Tensor, threshold: float, *, bins: int = 30
     ``quantiles`` (``min``, ``p01``, ``p05``, ``p25``, ``median``, ``p75``, ``max``),
     ``share_at_least``: the share of rows with cosine ``>= t`` for each ``t`` of
     :data:`COSINE_THRESHOLDS` and ``threshold`` (keys are the thresholds as text), and
-    ``histogram``: ``edges`` (``bins + 1`` from ``low`` to 1, where ``low`` is the lower of
-    the 1st percentile and ``threshold``, so the threshold is always on the axis),
-    ``counts`` per bin and ``below``: rows under ``low``.
+    ``histogram``: ``edges`` (``bins + 1`` from ``low``, the 1st percentile, to ``high``,
+    the larger of the maximum and ``threshold`` (at most 1), so that the bins resolve the
+    bulk of the rows and a threshold above them is on the axis), ``counts`` per bin and
+    ``below``: rows under ``low``.
     """
     if bins < 1:
         raise DataError(f"bins must be at least 1, got {bins}")
@@ -301,8 +302,8 @@ def cosine_distribution(cos: torch.Tensor, threshold: float, *, bins: int = 30
                  "max": float(values.max())}
     shares = {str(t): float((values >= t).double().mean())
               for t in sorted({*COSINE_THRESHOLDS, float(threshold)})}
-    top = max(1.0, quantiles["max"])
-    low = min(quantiles["p01"], float(threshold))
+    top = max(quantiles["max"], min(float(threshold), 1.0))
+    low = quantiles["p01"]
     low = low if low < top else top - 1e-6
     edges = torch.linspace(low, top, bins + 1, dtype=torch.float64)
     inside = values[values >= low]

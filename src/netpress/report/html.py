@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from netpress.report.rows import get, notes, pct, rows
+from netpress.report.rows import get, notes, pct, rows, step_details
 
 __all__ = ["MAX_CLASS_ROWS", "encode_png", "thumbnails_for", "to_html"]
 
@@ -220,8 +220,7 @@ def _steps_section(r: Mapping[str, Any]) -> str:
     if steps:
         items = []
         for s in steps:
-            info = {k: v for k, v in s.items() if k not in ("step", "per_layer_sparsity")}
-            detail = ", ".join(f"{k}={v}" for k, v in info.items())
+            detail = step_details(s)
             items.append(f"<li><b>{_e(s.get('step'))}</b>: {_e(detail)}</li>")
         parts.append("<h2>Steps</h2><ul>" + "".join(items) + "</ul>")
     if r.get("recipe"):

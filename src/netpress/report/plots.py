@@ -255,7 +255,10 @@ def cosine_plot(fidelity: Mapping[str, Any]) -> bytes:
         label = f"threshold {threshold:g}"
         if share is not None:
             label += f": {100 * share:.2f}% of rows at or above"
-        ax.axvline(threshold, color=_ORANGE, ls="--", lw=1.5, label=label)
+        if threshold >= edges[0]:
+            ax.axvline(threshold, color=_ORANGE, ls="--", lw=1.5, label=label)
+        else:  # below the axis: every row shown is above it
+            ax.plot([], [], color=_ORANGE, ls="--", label=f"{label} (left of the axis)")
         ax.legend(loc="upper left")
         below = hist.get("below", 0)
         ax.set_xlabel("cosine similarity to the reference's output row"

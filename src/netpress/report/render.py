@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from netpress.report.rows import difficulty_labels, get, notes, pct, rows
+from netpress.report.rows import difficulty_labels, get, notes, pct, rows, step_details
 
 __all__ = ["MAX_MARKDOWN_FLIPS", "headline", "rows", "to_markdown", "print_table"]
 
@@ -52,8 +52,7 @@ def to_markdown(r: Mapping[str, Any]) -> str:
     if steps:
         lines += ["", "## Steps", ""]
         for s in steps:
-            info = {k: v for k, v in s.items() if k not in ("step", "per_layer_sparsity")}
-            detail = ", ".join(f"{k}={v}" for k, v in info.items())
+            detail = step_details(s)
             lines.append(f"- **{s.get('step')}**: {detail}")
     if r.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(r["recipe"], indent=2), "```"]

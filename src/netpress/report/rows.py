@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["difficulty_labels", "get", "notes", "pct", "rows"]
+__all__ = ["difficulty_labels", "get", "notes", "pct", "rows", "step_details"]
 
 Row = tuple[str, str, str, str]
 
@@ -110,7 +110,7 @@ def _embedding_rows(g: Callable[[str], Any]) -> list[Row]:
                     f"{g('fidelity.relative_mean_abs_error'):.4g}", ""))
     onnx_cos = g("onnx.fidelity.headline.cosine_mean")
     if onnx_cos is not None:
-        out.append(("  … exported, in ONNX Runtime", "1", _cos(onnx_cos), ""))
+        out.append(("  … mean, exported, in ONNX Runtime", "1", _cos(onnx_cos), ""))
     return out
 
 
@@ -237,11 +237,14 @@ def notes(r: Mapping[str, Any]) -> list[str]:
         elif onnx.get("error"):
             out.append(f"ONNX Runtime figures missing: {onnx['error']}")
         else:
+            integer = onnx.get("integer_kernels")
+            kernels = ("" if integer is None else " with integer kernels" if integer else
+                       " (weight-only: it dequantizes the weights once and runs float kernels)")
             out.append("A quantized model runs fake quantization in eager PyTorch, slower than "
-                       "FP32. Deployed, ONNX Runtime runs its exported QDQ graph with integer "
-                       "kernels: the 'ONNX Runtime' rows compare that export with the "
-                       "reference's FP32 export, and '… exported, in ONNX Runtime' is that "
-                       "export's fidelity on the evaluation data.")
+                       f"FP32. Deployed, ONNX Runtime runs its exported QDQ graph{kernels}: "
+                       "the 'ONNX Runtime' rows compare that export with the reference's FP32 "
+                       "export, and '… exported, in ONNX Runtime' is that export's fidelity "
+                       "on the evaluation data.")
     return out
 
 
@@ -270,3 +273,26 @@ def difficulty_labels(long_tail: Mapping[str, Any]) -> tuple[str, list[str]]:
             "loss": "reference loss (cross-entropy on the label)",
             "memorization": "memorization estimate"}.get(proxy, proxy)
     return unit, _spans(pairs)
+
+
+#: A step's dict or list value with more entries than this is summarised, not listed.
+MAX_LISTED_ENTRIES = 8
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, Mapping) and len(value) > MAX_LISTED_ENTRIES:
+        counts: dict[str, int] = {}
+        for v in value.values():
+            counts[str(v)] = counts.get(str(v), 0) + 1
+        shown = ", ".join(f"{v} ×{n}" for v, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return f"{{{len(value)} entries: {shown if len(counts) <= 4 else f'{len(counts)} values'}}}"
+    if isinstance(value, (list, tuple)) and len(value) > MAX_LISTED_ENTRIES:
+        return f"[{len(value)} entries]"
+    return str(value)
+
+
+def step_details(step: Mapping[str, Any]) -> str:
+    """``key=value, ...`` of what a recipe step recorded, long per-layer tables summarised
+    (``{37 entries: 8 ×37}``; ``report.json`` keeps them whole)."""
+    info = {k: v for k, v in step.items() if k not in ("step", "per_layer_sparsity")}
+    return ", ".join(f"{k}={_brief(v)}" for k, v in info.items())

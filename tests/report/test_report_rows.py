@@ -117,3 +117,15 @@ def test_long_per_layer_step_tables_are_summarised() -> None:
     report = {"steps": [step]}
     assert "bits={37 entries: 8 ×37}" in to_markdown(report)
     assert "layer36" not in to_html(report, plots={})
+
+
+def test_a_user_tasks_numbers_get_rows() -> None:
+    def score(ref: torch.Tensor, cmp: torch.Tensor, labels: Any) -> dict[str, Any]:
+        return {"agreement": 0.5, "my_score": 1.25, "note": "text is not a row"}
+
+    model = nn.Linear(4, 2)
+    report = compare(model, model, data=[(torch.randn(4, 4), None)], task=score,
+                     latency_batch_sizes=())
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["agreement"] == ("", "50.00%", "") and table["my score"] == ("", "1.25", "")
+    assert "note" not in table and "my score" in to_markdown(report)

@@ -175,16 +175,22 @@ def matrix_plot(matrix: Sequence[Sequence[int]]) -> bytes:
         return _png(fig)
 
 
+def _histogram_figure(edges: Sequence[float], counts: Sequence[int]) -> tuple[Any, Any]:
+    """A figure with one axes holding the bars of a histogram (``edges``: bins + 1)."""
+    fig = _figure(9.0, 4.2)
+    ax = fig.subplots()
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color=_BLUE, edgecolor="white",
+           linewidth=0.5)
+    return fig, ax
+
+
 def confidence_plot(shift: Mapping[str, Any]) -> bytes:
     """Histogram of the change in probability of the reference's top-1 class."""
     edges = list(shift["histogram"]["edges"])
     counts = list(shift["histogram"]["counts"])
     with _style():
-        fig = _figure(9.0, 4.2)
-        ax = fig.subplots()
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], counts, width=widths, align="edge", color=_BLUE,
-               edgecolor="white", linewidth=0.5)
+        fig, ax = _histogram_figure(edges, counts)
         nonzero = [v for v in counts if v > 0]
         if nonzero and max(nonzero) / min(nonzero) > 100:
             ax.set_yscale("log")
@@ -247,11 +253,7 @@ def cosine_plot(fidelity: Mapping[str, Any]) -> bytes:
     threshold = float(fidelity.get("threshold", 0.99))
     share = fidelity.get("agreement")
     with _style():
-        fig = _figure(9.0, 4.2)
-        ax = fig.subplots()
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], counts, width=widths, align="edge", color=_BLUE,
-               edgecolor="white", linewidth=0.5)
+        fig, ax = _histogram_figure(edges, counts)
         label = f"threshold {threshold:g}"
         if share is not None:
             label += f": {100 * share:.2f}% of rows at or above"

@@ -36,6 +36,7 @@ def test_warning_fires_near_chance_only() -> None:
     assert reference_warning(0.20, labels) is None
     assert reference_warning(0.9, labels) is None
     assert reference_warning(None, labels) is None and reference_warning(0.1, None) is None
+    assert reference_warning(1.0, torch.zeros(8, dtype=torch.long)) is None  # one class only
     every = reference_warning(0.1, labels)
     assert every is not None and "Fashion-MNIST: /255, then mean 0.2860, std 0.3530" in every
 

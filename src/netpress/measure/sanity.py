@@ -46,7 +46,8 @@ def reference_warning(accuracy: float | None, labels: torch.Tensor | None, *,
                       inputs: dict[str, float] | None = None,
                       margin: float = 0.1) -> str | None:
     """A warning when the reference's ``accuracy`` is within ``margin`` of the way from
-    chance (:func:`chance_level`) to perfect, else ``None``.
+    chance (:func:`chance_level`) to perfect, else ``None`` (also when every label is the
+    same, where chance tells nothing).
 
     The text names ``preprocessing`` (what the loader did, if known; otherwise what every
     built-in loader does) and the evaluation ``inputs``' statistics, so that a mismatch
@@ -55,8 +56,8 @@ def reference_warning(accuracy: float | None, labels: torch.Tensor | None, *,
     if accuracy is None or labels is None or labels.numel() == 0:
         return None
     chance = chance_level(labels)
-    if accuracy > chance + margin * (1.0 - chance):
-        return None
+    if chance >= 1.0 or accuracy > chance + margin * (1.0 - chance):
+        return None  # (one label only: chance tells nothing)
     given = (f"The evaluation data went through {preprocessing}." if preprocessing else
              "netpress's built-in loaders apply: " + "; ".join(BUILTIN_PREPROCESSING) + ".")
     seen = "" if inputs is None else (

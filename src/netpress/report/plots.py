@@ -261,7 +261,7 @@ def cosine_plot(fidelity: Mapping[str, Any]) -> bytes:
             ax.axvline(threshold, color=_ORANGE, ls="--", lw=1.5, label=label)
         else:  # below the axis: every row shown is above it
             ax.plot([], [], color=_ORANGE, ls="--", label=f"{label} (left of the axis)")
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
         below = hist.get("below", 0)
         ax.set_xlabel("cosine similarity to the reference's output row"
                       + (f" ({below} rows below {edges[0]:.4g} not shown)" if below else ""))

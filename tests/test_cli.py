@@ -93,7 +93,7 @@ def test_every_help_example_parses(capsys):
     out = capsys.readouterr().out
     examples = _examples(out)
     # the old epilog lost its backslash: "--data cifar10:../shared/data       --objective"
-    assert len(examples) == 6 and not re.search(r"\S {3,}--", out)
+    assert len(examples) == 7 and not re.search(r"\S {3,}--", out)
     search = next(e for e in examples if e[0] == "search")
     args = build_parser().parse_args(search)
     assert args.data == "cifar10:../shared/data" and args.objective == "size"

@@ -196,9 +196,23 @@ def test_export_measures_agreement_and_times_the_reference(int8_out, tmp_path, c
     out = capsys.readouterr().out
     report = json.loads((int8_out / "report.json").read_text())
     measured = report["onnx"]["fidelity"]["agreement"]  # the same export, during compress
-    assert (f"exported model in ONNX Runtime, on 64 evaluation inputs: agreement with the "
-            f"reference {100 * measured:.2f}%") in out
+    assert (f"exported model in ONNX Runtime, on 64 evaluation inputs: agreement "
+            f"{100 * measured:.2f}% with the reference") in out
     assert "reference = digits_cnn (from report.json), FP32 ONNX export" in out
     for batch in (1, 32):
         assert re.search(rf"batch {batch}: reference [\d.]+ ms, compressed [\d.]+ ms "
                          rf"\([\d.]+ inputs/s\): [\d.]+x the reference's speed", out)
+
+
+def test_export_measures_an_embedding_model_by_cosine(tmp_path):
+    from netpress._cli_export import _figures, _recorded_task
+    from netpress.measure.tasks import ClassificationTask, EmbeddingTask
+
+    (tmp_path / "report.json").write_text(json.dumps(
+        {"task": "embedding", "fidelity": {"threshold": 0.995}}))
+    task = _recorded_task(tmp_path / "model.npress")
+    assert isinstance(task, EmbeddingTask) and task.threshold == 0.995
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = torch.tensor([[1.0, 0.0], [0.1, 1.0]])  # cosines 1 and 0.995037
+    assert _figures(task, ref, out) == "cosine mean 0.9975, rows with cosine ≥ 0.995: 100.00%"
+    assert isinstance(_recorded_task(tmp_path / "elsewhere" / "m.npress"), ClassificationTask)

@@ -124,12 +124,35 @@ def _print_latency(paths: list[Path], x: torch.Tensor, args: argparse.Namespace,
               f"({bs / c * 1000 if c else 0:.1f} inputs/s): {ratio:.2f}x the reference's speed")
 
 
+def _recorded_task(artefact: Path) -> Any:
+    """The task ``netpress compress`` measured with (``report.json`` beside ``artefact``):
+    an embedding task keeps its threshold; anything else is classification."""
+    from netpress.measure.tasks import ClassificationTask, EmbeddingTask
+
+    try:
+        report = json.loads((artefact.parent / "report.json").read_text(encoding="utf-8"))
+        if report.get("task") == "embedding":
+            return EmbeddingTask(float(report["fidelity"]["threshold"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return ClassificationTask()
+
+
+def _figures(task: Any, ref: torch.Tensor, out: torch.Tensor) -> str:
+    metrics = task.compare(ref, out, None)
+    if "cosine_mean" in metrics:
+        return (f"cosine mean {metrics['cosine_mean']:.4f}, rows with cosine ≥ "
+                f"{metrics['threshold']:g}: {100 * metrics['agreement']:.2f}%")
+    return f"agreement {100 * metrics['agreement']:.2f}%"
+
+
 def _print_fidelity(onnx_path: Path, model: nn.Module, reference: nn.Module | None,
                     data: Any, args: argparse.Namespace) -> None:
     from netpress.export.onnx import OrtModule
     from netpress.measure.collect import collect_many, collect_outputs
-    from netpress.measure.fidelity import accuracy, agreement
+    from netpress.measure.fidelity import accuracy
 
+    task = _recorded_task(args.artefact)
     eager = [m for m in (reference, model) if m is not None]
     outs, labels, _ = collect_many(eager, data, progress=not args.no_progress,
                                    description="evaluating the eager models")
@@ -137,13 +160,14 @@ def _print_fidelity(onnx_path: Path, model: nn.Module, reference: nn.Module | No
                                   progress=not args.no_progress,
                                   description="evaluating the ONNX export in ONNX Runtime")
     n = int(exported.shape[0])
-    acc = "" if labels is None else f"; top-1 accuracy {100 * accuracy(exported, labels):.2f}%"
+    acc = "" if labels is None or exported.dim() != 2 else \
+        f"; top-1 accuracy {100 * accuracy(exported, labels):.2f}%"
     if reference is not None:
-        print(f"exported model in ONNX Runtime, on {n} evaluation inputs: agreement with the "
-              f"reference {100 * agreement(outs[0], exported):.2f}% (eager compressed model: "
-              f"{100 * agreement(outs[0], outs[1]):.2f}%){acc}")
-    print(f"exported model vs the eager compressed model: agreement "
-          f"{100 * agreement(outs[-1], exported):.2f}% on {n} inputs")
+        print(f"exported model in ONNX Runtime, on {n} evaluation inputs: "
+              f"{_figures(task, outs[0], exported)} with the reference (eager compressed "
+              f"model: {_figures(task, outs[0], outs[1])}){acc}")
+    print(f"exported model vs the eager compressed model: {_figures(task, outs[-1], exported)}"
+          f" on {n} inputs")
 
 
 def _data(args: argparse.Namespace, source: dict[str, Any]) -> Any:

@@ -79,7 +79,10 @@ def test_float_models_have_no_onnx_section_and_skips_are_explained(
         warnings.simplefilter("ignore")
         plain = compare(reference, reference, data=_data(16), latency_batch_sizes=())
     assert plain["onnx"] is None
-    skipped = onnx_section(reference, int8, {"x": torch.randn(1, 1, 8, 8)})
-    assert skipped == {"skipped": "ONNX export takes a tensor or a tuple of tensors as inputs"}
+    skipped = onnx_section(reference, int8, {"x": [1, 2]})
+    assert skipped == {"skipped": "ONNX export takes a tensor, a tuple of tensors or a dict of "
+                                  "tensors as inputs"}
     assert any("skipped: ONNX export takes" in n
                for n in notes({"onnx": skipped, "latency": None}))
+    failed = onnx_section(reference, int8, torch.randn(1, 3, 8, 8), batch_sizes=())
+    assert failed["error"].startswith("ONNX export or ONNX Runtime failed: ")

@@ -129,3 +129,20 @@ def test_a_user_tasks_numbers_get_rows() -> None:
     table = {row[0]: row[1:] for row in rows(report)}
     assert table["agreement"] == ("", "50.00%", "") and table["my score"] == ("", "1.25", "")
     assert "note" not in table and "my score" in to_markdown(report)
+
+
+def test_text_task_headlines_pair_reference_and_compressed() -> None:
+    report = {"task": "language_model", "fidelity": {"n": 10},
+              "headline": {"perplexity_reference": 20.5, "perplexity_compressed": 21.25,
+                           "agreement": 0.9, "kl_mean": 0.0125}}
+    table = {row[0]: row[1:] for row in rows(report)}
+    assert table["perplexity"] == ("20.5", "21.25", "")
+    assert table["agreement"] == ("", "90.00%", "") and table["kl mean"] == ("", "0.0125", "")
+    encoder = {"task": "sentence_embedding",
+               "fidelity": {"cosine_mean": 0.98, "cosine_min": 0.9, "agreement": 0.95},
+               "headline": {"cosine_mean": 0.98, "cosine_min": 0.9,
+                            "retrieval_agreement": 0.95}}
+    table = {row[0]: row[1:] for row in rows(encoder)}
+    assert table["cosine similarity to reference, mean"][1] == "0.9800"
+    assert table["cosine min"] == ("", "0.9", "")
+    assert table["retrieval agreement"] == ("", "95.00%", "")

@@ -187,6 +187,29 @@ def _onnx_part(reference: nn.Module, compressed: nn.Module, example_inputs: Inpu
         max_batches=max_batches))
 
 
+def _evaluate(task: Task, reference: nn.Module, compressed: nn.Module, data: Iterable[Any], *,
+              device: torch.device | str, max_batches: int | None, progress: bool,
+              proxy: Proxy, preprocessing: str | None) -> tuple[Any, ...]:
+    """``(metrics, data_info, evaluated, warnings, first_inputs)`` of one pass over ``data``;
+    ``evaluated`` is ``(data, reference_outputs, labels)`` (``None`` for a task that compares
+    the models batch by batch, as the text tasks do)."""
+    batchwise = getattr(task, "compare_models", None)  # text tasks: per-batch, masked
+    if callable(batchwise):
+        metrics, n, first_inputs = batchwise(reference, compressed, data, device=device,
+                                             max_batches=max_batches)
+        return to_jsonable(metrics), {"n": n, "labeled": False}, None, [], first_inputs
+    (ref_out, cmp_out), labels, first_inputs = collect_many(
+        [reference, compressed], data, device=device, max_batches=max_batches,
+        progress=progress, description=f"evaluating ({task.name})",
+    )
+    metrics = to_jsonable(task.compare(ref_out, cmp_out, labels))
+    if isinstance(task, ClassificationTask) and metrics is not None:
+        metrics.update(disagreement_sections(ref_out, cmp_out, labels, proxy=proxy))
+    warnings = _warnings(metrics or {}, labels, data, first_inputs, preprocessing)
+    data_info = {"n": int(ref_out.shape[0]), "labeled": labels is not None}
+    return metrics, data_info, (data, ref_out, labels), warnings, first_inputs
+
+
 def compare(
     reference: nn.Module,
     compressed: nn.Module,
@@ -238,26 +261,10 @@ def compare(
     data_info: dict[str, Any] | None = None
     evaluated: tuple[Any, torch.Tensor, torch.Tensor | None] | None = None
     warnings: list[str] = []
-    batchwise = getattr(task_obj, "compare_models", None)  # text tasks: per-batch, masked
-    if data is not None and callable(batchwise):
-        metrics, n, first_inputs = batchwise(reference, compressed, data, device=device,
-                                             max_batches=max_batches)
-        metrics = to_jsonable(metrics)
-        data_info = {"n": n, "labeled": False}
-        if example_inputs is None:
-            example_inputs = take_batch(first_inputs, 1)
-    elif data is not None:
-        (ref_out, cmp_out), labels, first_inputs = collect_many(
-            [reference, compressed], data, device=device, max_batches=max_batches,
-            progress=progress, description=f"evaluating ({task_obj.name})",
-        )
-        metrics = to_jsonable(task_obj.compare(ref_out, cmp_out, labels))
-        if isinstance(task_obj, ClassificationTask) and metrics is not None:
-            metrics.update(disagreement_sections(ref_out, cmp_out, labels,
-                                                 proxy=long_tail_proxy))
-        data_info = {"n": int(ref_out.shape[0]), "labeled": labels is not None}
-        evaluated = (data, ref_out, labels)
-        warnings = _warnings(metrics or {}, labels, data, first_inputs, preprocessing)
+    if data is not None:
+        metrics, data_info, evaluated, warnings, first_inputs = _evaluate(
+            task_obj, reference, compressed, data, device=device, max_batches=max_batches,
+            progress=progress, proxy=long_tail_proxy, preprocessing=preprocessing)
         if example_inputs is None:
             example_inputs = take_batch(first_inputs, 1)
     got = metrics or {}

@@ -114,12 +114,25 @@ def _embedding_rows(g: Callable[[str], Any]) -> list[Row]:
     return out
 
 
-def _headline_rows(g: Callable[[str], Any]) -> list[Row]:
-    head = g("headline") or {}
+def _shown(key: str, value: Any) -> str:
+    return pct(value) if "agreement" in key or key.startswith("share") else _num(value)
+
+
+def _headline_rows(g: Callable[[str], Any], skip: tuple[str, ...] = ()) -> list[Row]:
+    """A task's headline numbers, one row each; ``x_reference``/``x_compressed`` pairs (a
+    language model's perplexity) share one row."""
+    head = {k: v for k, v in (g("headline") or {}).items() if k not in skip}
     out: list[Row] = []
     for key, value in head.items():
-        shown = pct(value) if key == "agreement" else _num(value)
-        out.append((key.replace("_", " "), "", shown, ""))
+        stem, _, side = key.rpartition("_")
+        if side == "compressed" and f"{stem}_reference" in head:
+            continue
+        if side == "reference" and f"{stem}_compressed" in head:
+            other = head[f"{stem}_compressed"]
+            out.append((stem.replace("_", " "), _shown(stem, value), _shown(stem, other),
+                        ""))
+            continue
+        out.append((key.replace("_", " "), "", _shown(key, value), ""))
     return out
 
 
@@ -128,7 +141,9 @@ def _fidelity_rows(r: Mapping[str, Any], g: Callable[[str], Any]) -> list[Row]:
     if not isinstance(fid, Mapping):
         return []
     if "cosine_mean" in fid:
-        return _embedding_rows(g)
+        shown = ("cosine_mean", "agreement") + (
+            ("cosine_min", "cosine_p05") if isinstance(fid.get("cosine"), Mapping) else ())
+        return _embedding_rows(g) + _headline_rows(g, skip=shown)
     if "mismatches" in fid:
         return _classification_rows(g)
     return _headline_rows(g)

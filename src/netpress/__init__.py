@@ -28,6 +28,7 @@ from netpress.registry import list_methods, register
 from netpress.report import Report
 from netpress.search import Choice, Range
 from netpress.search import search as search  # the function (the subpackage stays importable)
+from netpress.split.method import Split
 
 __all__ = [
     "compress",
@@ -49,6 +50,7 @@ __all__ = [
     "QAT",
     "WeightOnly",
     "Codebook",
+    "Split",
     "export_onnx",
     "MinAgreement",
     "MaxAccuracyDrop",
@@ -66,7 +68,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover"})
+_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover",
+                         "split"})
 
 
 def __getattr__(name: str) -> object:

@@ -122,7 +122,7 @@ def _prepare_table(strategy: Strategy, study: optuna.Study, ctx: StrategyContext
                    table: Any) -> None:
     from netpress.search.allocation import SensitivityTable, measure_table
 
-    if not needs_table(strategy):
+    if not needs_table(strategy, ctx.space):
         return
     if table is not None:
         ctx.table = table

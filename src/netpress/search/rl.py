@@ -45,7 +45,9 @@ def options_of(dom: Domain, points: int = 7) -> list[Any]:
     if isinstance(dom, Choice):
         return list(dom.options)
     values = dom.grid(points)
-    return [int(round(v)) for v in values] if dom.is_int else values
+    if not dom.is_int:
+        return values
+    return list(dict.fromkeys(int(round(v)) for v in values))  # distinct, in order
 
 
 def returns(rewards: Sequence[float], gamma: float = 1.0) -> list[float]:

@@ -9,7 +9,8 @@ which is the working memory and bandwidth the runtime needs per input.
   when the map has no negative value, symmetric signed otherwise), as integer codes;
 * :func:`coded_nbytes`: the bytes of one code array after zstd, the entropy coder of the
   ``.npress`` artefact (a frame without checksum or size fields, as a stream would send it;
-  optionally with a shared zstd dictionary);
+  optionally with a shared zstd dictionary); activation maps use zstd's default level 3,
+  the speed a runtime would afford (level 19 saves a few percent more);
 * :func:`fake_quantize_dynamic`: quantize then dequantize (the values the runtime would read
   back);
 * :func:`activation_section`: the report section: per selected layer, the share of exact
@@ -113,11 +114,11 @@ class _Recorder:
     """Forward hooks that measure (and, with ``quantize``, replace) the selected outputs."""
 
     def __init__(self, model: nn.Module, names: list[str], bits: Sequence[int],
-                 quantize: int | None) -> None:
+                 quantize: int | None, level: int = 3) -> None:
         self.names, self.bits, self.quantize = names, tuple(bits), quantize
         self.stats = {n: {"elements": 0, "zeros": 0, "inputs": 0,
                           **{f"coded_{b}": 0 for b in self.bits}} for n in names}
-        self.codec = zstd_codec()
+        self.codec = zstd_codec(level)
         self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n))
                         for n in names]
 
@@ -159,7 +160,7 @@ def _run(model: nn.Module, data: Iterable[Any], max_batches: int | None) -> torc
 
 def activation_section(model: nn.Module, data: Iterable[Any], *, layers: Sequence[str] = (),
                        bits: Sequence[int] = ACT_BITS, reference: nn.Module | None = None,
-                       max_batches: int | None = 4) -> dict[str, Any]:
+                       max_batches: int | None = 4, level: int = 3) -> dict[str, Any]:
     """Per-layer activation sparsity and entropy-coded bytes per input, JSON-ready.
 
     ``layers`` selects the maps (see :func:`activation_layers`); ``max_batches`` bounds the
@@ -170,7 +171,7 @@ def activation_section(model: nn.Module, data: Iterable[Any], *, layers: Sequenc
     for b in bits:
         _check_bits(b)
     names = activation_layers(model, layers)
-    rec = _Recorder(model, names, bits, None)
+    rec = _Recorder(model, names, bits, None, level)
     try:
         plain = _run(model, data, max_batches)
     finally:
@@ -184,7 +185,7 @@ def activation_section(model: nn.Module, data: Iterable[Any], *, layers: Sequenc
                           "float32_bytes": 4 * st.get("per_input", 0),
                           **{f"bytes_{b}bit": st[f"coded_{b}"] / k for b in bits}})
     out: dict[str, Any] = {
-        "layers": per_layer, "inputs": int(plain.shape[0]), "bits": list(bits),
+        "layers": per_layer, "inputs": int(plain.shape[0]), "bits": list(bits), "zstd_level": level,
         "float32_bytes_per_input": sum(r["float32_bytes"] for r in per_layer),
         **{f"bytes_per_input_{b}bit": sum(r[f"bytes_{b}bit"] for r in per_layer)
            for b in bits},

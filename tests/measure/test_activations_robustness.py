@@ -110,3 +110,14 @@ def test_robustness_section_side_by_side():
                        train=data, evaluate=data)
     assert res.report["robustness"]["noise"][0]["n"] == 64
     assert "## Robustness" in res.report.to_markdown()
+
+
+def test_requested_activation_section_without_activation_modules_is_skipped_with_a_reason():
+    model = TinyMLP()  # functional ReLU only
+    data = toy_batches(model=model)
+    res = npr.compress(model, npr.GlobalMagnitudePrune(sparsity=0.3), evaluate=data,
+                       sections=("activations",))
+    assert "no activation module" in res.report["activations"]["skipped"]
+    assert "Not measured" in res.report.to_markdown()
+    with pytest.raises(npr.RecipeError, match="unknown report section"):
+        npr.compress(model, npr.GlobalMagnitudePrune(sparsity=0.3), sections=("speed",))

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from netpress.errors import RecipeError
+from netpress.errors import RecipeError, SelectionError
 
 __all__ = ["SECTIONS", "wanted_sections", "extra_sections"]
 
@@ -69,10 +69,13 @@ def extra_sections(reference: nn.Module, compressed: nn.Module, *, recipe: Itera
         from netpress.measure.activations import activation_section
 
         layers = _act_layers(steps)
-        out["activations"] = {
-            "reference": activation_section(reference, evaluate, layers=layers),
-            "compressed": activation_section(compressed, evaluate, layers=layers,
-                                             reference=reference)}
+        try:
+            out["activations"] = {
+                "reference": activation_section(reference, evaluate, layers=layers),
+                "compressed": activation_section(compressed, evaluate, layers=layers,
+                                                 reference=reference)}
+        except SelectionError as exc:  # the compression is done: report why, do not fail
+            out["activations"] = {"skipped": str(exc)}
     if "robustness" in wanted:
         from netpress.measure.robustness import robustness_section
 

@@ -46,6 +46,8 @@ def _split(s: Mapping[str, Any]) -> list[str]:
 
 
 def _activations(a: Mapping[str, Any]) -> list[str]:
+    if "skipped" in a:
+        return ["", "## Activation maps", "", f"Not measured: {a['skipped']}"]
     ref, cmp = a["reference"], a["compressed"]
     bits = cmp["bits"]
     lines = ["", "## Activation maps", "",

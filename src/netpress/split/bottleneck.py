@@ -65,14 +65,13 @@ class Bottleneck(nn.Module):
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         """Rebuild the cut tensor from codes ``q`` (whole numbers in ``[0, qmax]``)."""
-        y = self.decoder(q / self.quant.qmax)
-        if len(self.size) == 2:
-            y = y[:, :, : self.size[0], : self.size[1]]
-        return y
+        return self._crop(self.decoder(q / self.quant.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.decoder(self.quant(self.encoder(x)))
-        if len(self.size) == 2:
+        return self._crop(self.decoder(self.quant(self.encoder(x))))
+
+    def _crop(self, y: torch.Tensor) -> torch.Tensor:
+        if len(self.size) == 2:  # a strided encoder rounds odd sizes up
             y = y[:, :, : self.size[0], : self.size[1]]
         return y
 

@@ -48,6 +48,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/combined.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fidelity.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 \
+		--out benchmarks/results/search_rl.json
+	$(BIN)/python benchmarks/split.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/toolbox.py activations $(BENCH_DATA) --steps 200
+	$(BIN)/python benchmarks/toolbox.py robustness $(BENCH_DATA) --steps 100 --cond-reg 0.1
+	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --early-epochs 2
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -92,10 +92,10 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data")
-    p.add_argument("--configs", nargs="+", default=["layer2:8:2:4:0.01"],
+    p.add_argument("--configs", nargs="+", default=["layer2:8:2:4:0.01", "layer2:4:2:4:0.03"],
                    help="AT:CHANNELS:STRIDE:BITS[:RATE] per run")
-    p.add_argument("--stage1", type=int, default=600)
-    p.add_argument("--stage2", type=int, default=600)
+    p.add_argument("--stage1", type=int, default=400)
+    p.add_argument("--stage2", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--frozen-head", action="store_true", help="stage 1 trains only the encoder")
     p.add_argument("--train-images", type=int, default=20000)

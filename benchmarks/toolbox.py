@@ -203,14 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--cond-reg", type=float, default=0.01)
+    p.add_argument("--cond-reg", type=float, default=0.1)
     p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     p.add_argument("--eps", type=float, nargs="+", default=[0.02])
     p.add_argument("--early-epochs", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = {"activations": 300, "robustness": 150, "importance": 100}
+    defaults = {"activations": 200, "robustness": 100, "importance": 50}
     args.steps = args.steps or defaults[args.what]
     payload = {"activations": activations, "robustness": robustness,
                "importance": importance}[args.what](args)

@@ -65,6 +65,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_scale.py
 	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
 	$(BIN)/python benchmarks/oneshot.py minilm
+	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 \
+		--out benchmarks/results/search_rl.json
+	$(BIN)/python benchmarks/split.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/toolbox.py activations $(BENCH_DATA) --steps 200
+	$(BIN)/python benchmarks/toolbox.py robustness $(BENCH_DATA) --steps 100 --cond-reg 0.1
+	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --early-epochs 2
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

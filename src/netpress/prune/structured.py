@@ -77,7 +77,7 @@ class StructuredPrune(MethodConfig):
     ``latency_runtime`` (``eager`` PyTorch or ``onnxruntime``) at ``latency_batch`` with
     ``latency_threads`` threads; the MACs fraction that meets it is searched for
     (:mod:`netpress.prune.latency_target`).
-    ``importance``: l1, l2, bn_scale, taylor or hessian (the last two use the
+    ``importance``: l1, l2, bn_scale, taylor, hessian or grad_norm (the last three use the
     ``calibration`` data, else ``train``). ``allocation``: ``uniform`` (every group the same
     fraction) or ``global`` (one threshold over group-normalised scores). ``floor``: minimum
     fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it

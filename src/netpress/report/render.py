@@ -48,6 +48,9 @@ def to_markdown(r: Mapping[str, Any]) -> str:
         lines += _md_table(["class", "support", "agreement", "ref. accuracy",
                             "comp. accuracy"], body)
     lines += _md_disagreement(r)
+    from netpress.report._toolbox import toolbox_markdown  # split/activations/robustness
+
+    lines += toolbox_markdown(r)
     steps = r.get("steps") or []
     if steps:
         lines += ["", "## Steps", ""]

@@ -52,7 +52,8 @@ class Report(Mapping[str, Any]):
     def build(cls, reference: nn.Module, compressed: nn.Module, *, recipe: Recipe,
               ctx: Context, task: Any = None, measure: bool = True,
               latency_batch_size: int = 32, threads: int = 1,
-              compress_seconds: float = 0.0, thumbnails: bool = True) -> Report:
+              compress_seconds: float = 0.0, thumbnails: bool = True,
+              sections: tuple[str, ...] = ()) -> Report:
         """Measure ``compressed`` against ``reference`` and assemble the report.
 
         Each of the report's ``warnings`` (e.g. a reference near chance) is also issued as
@@ -75,6 +76,12 @@ class Report(Mapping[str, Any]):
                 reference, compressed, data=ctx.evaluate, example_inputs=ctx.example_inputs,
                 task=task, device=ctx.device, latency_batch_sizes=(1, latency_batch_size),
                 threads=threads, artefact_bytes=artefact, progress=ctx.progress))
+            from netpress.measure.sections import extra_sections  # split/activations/robustness
+
+            data.update(extra_sections(reference, compressed, recipe=recipe,
+                                       evaluate=ctx.evaluate, train=ctx.train,
+                                       example_inputs=ctx.example_inputs, requested=sections,
+                                       threads=threads))
         for text in data.get("warnings") or []:
             warnings.warn(text, ReportWarning, stacklevel=3)
         thumbs: dict[int, bytes] = {}

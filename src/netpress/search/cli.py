@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="repeatable (default: agreement>=0.99)")
     s.add_argument("--trials", type=int, default=10)
     s.add_argument("--strategy", default="auto",
-                   choices=("auto", "gp", "tpe", "random", "knapsack", "gp+knapsack"),
+                   choices=("auto", "gp", "tpe", "random", "knapsack", "gp+knapsack", "rl"),
                    help="auto: gp+knapsack on per-layer spaces, gp on recipe spaces")
     s.add_argument("--space", default="per-layer", metavar="SPACE")
     s.add_argument("--sparsity", default="0.0:0.9:0.05", help="LO:HI[:STEP] per layer "

@@ -145,7 +145,7 @@ def _prepare_table(strategy: Strategy, study: optuna.Study, ctx: StrategyContext
                    table: Any, progress: bool = False) -> None:
     from netpress.search.allocation import SensitivityTable, measure_table
 
-    if not needs_table(strategy):
+    if not needs_table(strategy, ctx.space):
         return
     if table is not None:
         ctx.table = table

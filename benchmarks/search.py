@@ -62,7 +62,9 @@ def _run(model: Any, space: Any, strategy: str, seed: int, trials: int, proxy: A
     seconds = time.perf_counter() - t0
     stopped = sum(1 for t in result.trials if t["outcome"]["early_stopped"])
     verified = None if result.final is None else result.final["verified"]
-    print(f"{strategy:>12} seed {seed}: best {result.best_value} after {trials} trials, "
+    curve = result.curve()
+    print(f"{strategy:>12} seed {seed}: best {result.best_value} after {trials} trials "
+          f"({curve[min(10, len(curve)) - 1] if curve else None} after 10), "
           f"{stopped} stopped early, verified={verified} ({seconds:.0f}s)", flush=True)
     return {"strategy": strategy, "seed": seed, "trials": trials, "seconds": round(seconds, 1),
             "best": result.best_value, "curve": result.curve(), "early_stopped": stopped,

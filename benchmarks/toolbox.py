@@ -20,12 +20,14 @@ Three subcommands, each one process run that writes ``benchmarks/results/<name>.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import accuracy, agreement, data_dir, logits, markdown_table, write_json
@@ -91,12 +93,23 @@ def _act_summary(sec: dict[str, Any]) -> dict[str, Any]:
 
 
 def robustness(args: argparse.Namespace) -> dict[str, Any]:
+    if args.merge:  # one table from the rows of several runs (e.g. one process per seed)
+        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+        meta = {k: runs[0][k] for k in ("sparsity", "steps", "train_images", "cond_reg",
+                                        "noise_levels", "fgsm_eps", "test")}
+        rows = sorted((r for run in runs for r in run["rows"]),
+                      key=lambda r: (r["seed"], r["cond_reg"] is not None))
+        return {"model": "resnet56", **meta, "seeds": len({r["seed"] for r in rows}),
+                "merged": [str(f) for f in args.merge], "rows": rows,
+                "table": _robustness_table(rows, meta["cond_reg"])}
     root = data_dir(args.data)
     ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root)).eval()
     train = ds.cifar10_jpeg_train(root, limit=args.train_images)
-    test = ds.loader(ds.cifar10_exact_test(root), batch_size=200)
+    exact = ds.cifar10_exact_test(root)
+    n = min(args.eval_images, len(exact))
+    test = ds.loader(TensorDataset(*(t[:n] for t in exact.tensors)), batch_size=200)
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for strength in (None, args.cond_reg):
             t0 = time.perf_counter()
             extra = {} if strength is None else {"cond_reg": strength}
@@ -115,6 +128,13 @@ def robustness(args: argparse.Namespace) -> dict[str, Any]:
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(seed, strength, sec["clean"], [r["compressed_accuracy"] for r in sec["noise"]],
                   [r["compressed_accuracy"] for r in sec["fgsm"]], flush=True)
+    return {"model": "resnet56", "sparsity": args.sparsity, "steps": args.steps,
+            "train_images": args.train_images, "seeds": args.seeds, "cond_reg": args.cond_reg,
+            "noise_levels": args.noise, "fgsm_eps": args.eps, "test": f"exact, first {n}",
+            "rows": rows, "table": _robustness_table(rows, args.cond_reg)}
+
+
+def _robustness_table(rows: list[dict[str, Any]], cond_reg: float) -> str:
     ref_sec = rows[0]["section"]
     names = ["clean"] + [f"noise {r['level']}" for r in ref_sec["noise"]] + \
         [f"FGSM {r['eps']}" for r in ref_sec["fgsm"]]
@@ -123,7 +143,7 @@ def robustness(args: argparse.Namespace) -> dict[str, Any]:
         return [sec["clean"][key]] + [r[key] for r in sec["noise"]] + [r[key] for r in sec["fgsm"]]
 
     body = [["reference (dense)", *[_pct(v) for v in accs(ref_sec, "reference_accuracy")], "-"]]
-    for strength in (None, args.cond_reg):
+    for strength in (None, cond_reg):
         sel = [r for r in rows if r["cond_reg"] == strength]
         per = torch.tensor([accs(r["section"], "compressed_accuracy") for r in sel])
         agr = torch.tensor([accs(r["section"], "agreement") for r in sel])
@@ -133,23 +153,26 @@ def robustness(args: argparse.Namespace) -> dict[str, Any]:
                      f"{sum(r['median_condition_number'] for r in sel) / len(sel):.1f}"])
         body.append(["  … agreement with ref.", *[f"{100 * m:.2f}" for m in agr.mean(0).tolist()],
                      ""])
-    table = markdown_table(["model", *[f"{n} acc. %" for n in names],
-                            "median layer κ"], body)
-    return {"model": "resnet56", "sparsity": args.sparsity, "steps": args.steps,
-            "train_images": args.train_images, "seeds": args.seeds, "cond_reg": args.cond_reg,
-            "noise_levels": args.noise, "fgsm_eps": args.eps, "test": "exact 1017",
-            "rows": rows, "table": table}
+    return markdown_table(["model", *[f"{n} acc. %" for n in names], "median layer κ"], body)
 
 
 def _train_from_scratch(root: Path, epochs: int, images: int) -> torch.nn.Module:
+    """A CIFAR ResNet-20 early in training; cached under ``results/cache`` (state dict only)."""
+    cache = RESULTS / "cache" / f"resnet20_early_{epochs}ep_{images}img.pt"
     torch.manual_seed(0)
     model = cifar_resnet(20)
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval()
     data = ds.cifar10_jpeg_train(root, limit=images)
     steps = epochs * (images // 128)
     cfg = npr.FineTune(max_steps=steps, lr=0.1, optimizer="sgd", momentum=0.9,
                        weight_decay=5e-4, warmup_steps=20)
-    return npr.compress(model, cfg, train=ds.loader(data, 128, shuffle=True),
-                        measure=False).model.eval()
+    trained = npr.compress(model, cfg, train=ds.loader(data, 128, shuffle=True),
+                           measure=False).model.eval()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trained.state_dict(), cache)
+    return trained
 
 
 def importance(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=10000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--bytes-images", type=int, default=500)
+    p.add_argument("--eval-images", type=int, default=1017, help="robustness: lossless images")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--merge", type=Path, nargs="+", help="robustness: tabulate these runs' JSON")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--cond-reg", type=float, default=0.1)
     p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.25, 0.5])

@@ -65,12 +65,21 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_scale.py
 	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
 	$(BIN)/python benchmarks/oneshot.py minilm
-	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 \
-		--out benchmarks/results/search_rl.json
+	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 --seeds 2 \
+		--strategies rl,gp,tpe,random,knapsack --out benchmarks/results/search_rl.json
 	$(BIN)/python benchmarks/split.py $(BENCH_DATA)
-	$(BIN)/python benchmarks/toolbox.py activations $(BENCH_DATA) --steps 200
-	$(BIN)/python benchmarks/toolbox.py robustness $(BENCH_DATA) --steps 100 --cond-reg 0.1
-	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --early-epochs 2
+	$(BIN)/python benchmarks/toolbox.py activations $(BENCH_DATA) --steps 200 --test-images 5000 \
+		--strengths 0.01 0.03 0.1 0.3
+	for s in 0 1 2; do $(BIN)/python benchmarks/toolbox.py robustness $(BENCH_DATA) --steps 100 \
+		--cond-reg 0.1 --eval-images 500 --first-seed $$s --seeds 1 \
+		--out benchmarks/results/robustness_seed$$s.json || exit 1; done
+	$(BIN)/python benchmarks/toolbox.py robustness --merge benchmarks/results/robustness_seed[012].json
+	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --early-epochs 3 \
+		--models early --out benchmarks/results/importance_early.json
+	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --models trained \
+		--out benchmarks/results/importance_trained.json
+	$(BIN)/python benchmarks/toolbox.py importance --merge benchmarks/results/importance_trained.json \
+		benchmarks/results/importance_early.json
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

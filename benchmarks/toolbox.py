@@ -176,21 +176,33 @@ def _train_from_scratch(root: Path, epochs: int, images: int) -> torch.nn.Module
 
 
 def importance(args: argparse.Namespace) -> dict[str, Any]:
+    if args.merge:  # one table from the rows of several runs (e.g. one process per model)
+        runs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        meta = {k: runs[-1][k] for k in ("train_images", "early_epochs", "early_training_seconds",
+                                          "calibration_images", "test")}
+        return {**meta, "steps": {run.get("models", "both"): run["steps"] for run in runs},
+                "merged": [str(f) for f in args.merge], "rows": rows,
+                "table": _importance_table(rows)}
     root = data_dir(args.data)
     exact = ds.cifar10_exact_test(root)
     y = exact.tensors[1]
     calib = ds.loader(ds.cifar10_jpeg_train(root, limit=256, seed=1), batch_size=64)
     train = ds.cifar10_jpeg_train(root, limit=args.train_images)
     t0 = time.perf_counter()
-    early = _train_from_scratch(root, args.early_epochs, args.train_images)
+    models: dict[str, torch.nn.Module] = {}
+    if args.models in ("both", "trained"):
+        models["resnet56 (pretrained)"] = load_pretrained_cifar_resnet(56,
+                                                                       find_pretrained(56, root))
+    if args.models in ("both", "early"):
+        early = _train_from_scratch(root, args.early_epochs, args.train_images)
+        models[f"resnet20 (trained here, {args.early_epochs} epochs)"] = early
     early_s = time.perf_counter() - t0
-    models = {"resnet56 (pretrained)": load_pretrained_cifar_resnet(56, find_pretrained(56, root)),
-              f"resnet20 (trained here, {args.early_epochs} epochs)": early}
     rows = []
     for name, model in models.items():
         base = accuracy(logits(model, exact), y)
         trained = name.startswith("resnet56")
-        for sparsity in (0.5, 0.7):
+        for sparsity in args.sparsities:
             for crit in ("magnitude", "taylor", "grad_norm"):
                 t1 = time.perf_counter()
                 prune = npr.GlobalMagnitudePrune(sparsity=sparsity, importance=crit)
@@ -203,15 +215,20 @@ def importance(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"model": name, "dense_accuracy": base, "sparsity": sparsity,
                              "importance": crit, "oneshot": accuracy(logits(one, exact), y),
                              "recovered": accuracy(logits(after, exact), y),
-                             "seconds": round(time.perf_counter() - t1, 1)})
+                             "steps": args.steps, "seconds": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
-    body = [[r["model"], _pct(r["dense_accuracy"]), f"{100 * r['sparsity']:.0f}%",
-             r["importance"], _pct(r["oneshot"]), _pct(r["recovered"])] for r in rows]
-    table = markdown_table(["model", "dense acc. %", "sparsity", "importance",
-                            "one-shot acc. %", "after recovery acc. %"], body)
-    return {"steps": args.steps, "train_images": args.train_images,
+    return {"steps": args.steps, "models": args.models, "train_images": args.train_images,
             "early_epochs": args.early_epochs, "early_training_seconds": round(early_s, 1),
-            "calibration_images": 256, "test": "exact 1017", "rows": rows, "table": table}
+            "calibration_images": 256, "test": "exact 1017", "rows": rows,
+            "table": _importance_table(rows)}
+
+
+def _importance_table(rows: list[dict[str, Any]]) -> str:
+    body = [[r["model"], _pct(r["dense_accuracy"]), f"{100 * r['sparsity']:.0f}%",
+             r["importance"], _pct(r["oneshot"]), _pct(r["recovered"]), r.get("steps", "-")]
+            for r in rows]
+    return markdown_table(["model", "dense acc. %", "sparsity", "importance",
+                           "one-shot acc. %", "after recovery acc. %", "recovery steps"], body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,12 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--merge", type=Path, nargs="+", help="robustness: tabulate these runs' JSON")
+    p.add_argument("--merge", type=Path, nargs="+",
+                   help="robustness/importance: tabulate these runs' JSON instead of running")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--cond-reg", type=float, default=0.1)
     p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     p.add_argument("--eps", type=float, nargs="+", default=[0.02])
     p.add_argument("--early-epochs", type=int, default=2)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7],
+                   help="importance: the sparsities compared")
+    p.add_argument("--models", choices=("both", "trained", "early"), default="both",
+                   help="importance: the pretrained ResNet-56, the early ResNet-20, or both")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

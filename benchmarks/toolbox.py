@@ -207,14 +207,17 @@ def importance(args: argparse.Namespace) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 prune = npr.GlobalMagnitudePrune(sparsity=sparsity, importance=crit)
                 one = npr.compress(model, prune, calibration=calib, measure=False).model
-                rec = _distill(args.steps) if trained else npr.FineTune(
-                    max_steps=args.steps, lr=0.05, optimizer="sgd", momentum=0.9)
-                after = npr.compress(model, [prune, rec], calibration=calib,
-                                     train=ds.loader(train, 64, shuffle=True),
-                                     measure=False).model
+                recovered = None
+                if args.steps:  # --steps 0: one-shot only
+                    rec = _distill(args.steps) if trained else npr.FineTune(
+                        max_steps=args.steps, lr=0.05, optimizer="sgd", momentum=0.9)
+                    after = npr.compress(model, [prune, rec], calibration=calib,
+                                         train=ds.loader(train, 64, shuffle=True),
+                                         measure=False).model
+                    recovered = accuracy(logits(after, exact), y)
                 rows.append({"model": name, "dense_accuracy": base, "sparsity": sparsity,
                              "importance": crit, "oneshot": accuracy(logits(one, exact), y),
-                             "recovered": accuracy(logits(after, exact), y),
+                             "recovered": recovered,
                              "steps": args.steps, "seconds": round(time.perf_counter() - t1, 1)})
                 print(rows[-1], flush=True)
     return {"steps": args.steps, "models": args.models, "train_images": args.train_images,
@@ -225,7 +228,8 @@ def importance(args: argparse.Namespace) -> dict[str, Any]:
 
 def _importance_table(rows: list[dict[str, Any]]) -> str:
     body = [[r["model"], _pct(r["dense_accuracy"]), f"{100 * r['sparsity']:.0f}%",
-             r["importance"], _pct(r["oneshot"]), _pct(r["recovered"]), r.get("steps", "-")]
+             r["importance"], _pct(r["oneshot"]),
+             "-" if r["recovered"] is None else _pct(r["recovered"]), r.get("steps") or "-"]
             for r in rows]
     return markdown_table(["model", "dense acc. %", "sparsity", "importance",
                            "one-shot acc. %", "after recovery acc. %", "recovery steps"], body)
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = {"activations": 200, "robustness": 100, "importance": 50}
-    args.steps = args.steps or defaults[args.what]
+    args.steps = defaults[args.what] if args.steps is None else args.steps
     payload = {"activations": activations, "robustness": robustness,
                "importance": importance}[args.what](args)
     payload.update(threads=args.threads, torch=torch.__version__)

@@ -181,7 +181,7 @@ def importance(args: argparse.Namespace) -> dict[str, Any]:
         rows = [r for run in runs for r in run["rows"]]
         meta = {k: runs[-1][k] for k in ("train_images", "early_epochs", "early_training_seconds",
                                           "calibration_images", "test")}
-        return {**meta, "steps": {run.get("models", "both"): run["steps"] for run in runs},
+        return {**meta, "steps": [run["steps"] for run in runs],
                 "merged": [str(f) for f in args.merge], "rows": rows,
                 "table": _importance_table(rows)}
     root = data_dir(args.data)

@@ -2,11 +2,12 @@
 
 from netpress.prune import depth, posttraining, structured, unstructured
 from netpress.quant import codebook, lowbit, ptq, qat
+from netpress.quant import dynamic as quant_dynamic
 from netpress.reconstruct import quantize as reconstruct_quantize
 from netpress.reconstruct import sparse as reconstruct_sparse
 from netpress.recover import label_preserving, lc, methods
 from netpress.split import method as split
 
 __all__ = ["codebook", "depth", "label_preserving", "lc", "lowbit", "methods", "posttraining",
-           "ptq", "qat", "reconstruct_quantize", "reconstruct_sparse", "split", "structured",
+           "ptq", "qat", "quant_dynamic", "reconstruct_quantize", "reconstruct_sparse", "split", "structured",
            "unstructured"]

@@ -49,7 +49,7 @@ from netpress.prune.fisher import (
 from netpress.prune.surgery import remove_units, verify_pruned
 from netpress.registry import register
 
-__all__ = ["FisherPrune", "fisher_prune"]
+__all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,9 +243,23 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
     return len(order)
 
 
-def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
+@dataclass
+class FisherCut:
+    """The pruned copy before any refit, with what the refits need: the unpruned copy
+    (attention split as in ``model``), the kept input columns of each reading layer, the kept
+    output rows of every cut layer, and the summary."""
+
+    model: nn.Module
+    original: nn.Module
+    readers: list[str]
+    kept_columns: dict[str, torch.Tensor]
+    kept_rows: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+
+
+def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
+               reference_macs: int | None = None) -> FisherCut:
+    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs)."""
     work = copy.deepcopy(model)
     split_attention(work, example_inputs)
     original = copy.deepcopy(work)
@@ -286,15 +300,24 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
-    kept = {name.removesuffix(".weight"): dims[1] for name, dims in result.kept.items()
-            if name.endswith(".weight") and 1 in dims}
-    refitted = _refit(work, original, [g.reader for g in groups], kept, data, cfg.damp) \
-        if cfg.refit else 0
+    weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
+               if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
-               "macs_target": int(goal), "refitted_layers": refitted,
+               "macs_target": int(goal),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
-    return work, summary
+    return FisherCut(work, original, [g.reader for g in groups],
+                     {n: d[1] for n, d in weights.items() if 1 in d},
+                     {n: d[0] for n, d in weights.items() if 0 in d}, summary)
+
+
+def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
+                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
+    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs)
+    refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data, cfg.damp) \
+        if cfg.refit else 0
+    return cut.model, {**cut.summary, "refitted_layers": refitted}
 
 
 @register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))

@@ -23,7 +23,7 @@ block call are left as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,12 +242,14 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
 
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                  kept_rows: Mapping[str, torch.Tensor] | None = None, damp: float = 0.01,
-                 residual: bool = True, stack: str | None = None) -> list[str]:
+                 residual: bool = True, stack: str | None = None,
+                 only: Collection[str] | None = None) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
     ``kept_rows`` maps a layer's full name to the output rows of the original it kept (all
-    when absent). Returns the refitted layers' full names."""
+    when absent); ``only`` limits the refit to these full layer names. Returns the refitted
+    layers' full names."""
     path, cstack = find_block_stack(model, stack)
     ostack = original.get_submodule(path)
     if not isinstance(ostack, nn.ModuleList) or len(ostack) != len(cstack):
@@ -263,6 +265,10 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
             sinks = {n: residual_sink(cb, n, lambda: calls[0].run(cb, i, 0)) if residual
                      else None for g in groups for n in g}
             for names in groups:
+                if only is not None:
+                    names = [n for n in names if f"{path}.{i}.{n}" in only]
+                    if not names:
+                        continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp)
                 done += [f"{path}.{i}.{n}" for n in names]
             calls[0].advance(cb, i)

@@ -26,15 +26,13 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
+from _transformers_bench import batches, embed, sentences
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _transformers_bench import batches, embed, sentences  # noqa: E402
-
-import netpress as npr  # noqa: E402
-from netpress.measure.text import retrieval_agreement  # noqa: E402
-from netpress.models.hf import from_pretrained  # noqa: E402
-from netpress.prune import posttraining  # noqa: E402
-from netpress.prune.refit import refit_blocks  # noqa: E402
+import netpress as npr
+from netpress.measure.text import retrieval_agreement
+from netpress.models.hf import from_pretrained
+from netpress.prune import posttraining
+from netpress.prune.refit import refit_blocks
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -81,7 +79,8 @@ def main() -> None:
         elif name.startswith("blocks"):
             refit_blocks(work, fc.original, calib, kept_rows=fc.kept_rows, damp=args.damp,
                          only=set(fc.readers) if name == "blocks_readers" else None)
-        rows[name] = {**score(work, ref, evaluate), "refit_s": round(time.perf_counter() - t0, 1)}
+        seconds = round(time.perf_counter() - t0, 1)
+        rows[name] = {**score(work, ref, evaluate), "refit_s": seconds}
         print(name, rows[name], flush=True)
     payload = {"command": "python benchmarks/lm_minilm_refit.py " + " ".join(sys.argv[1:]),
                "cpu_flags": cpu_flags(), "calibration_sentences": args.calib,

@@ -9,5 +9,5 @@ from netpress.recover import label_preserving, lc, methods
 from netpress.split import method as split
 
 __all__ = ["codebook", "depth", "label_preserving", "lc", "lowbit", "methods", "posttraining",
-           "ptq", "qat", "quant_dynamic", "reconstruct_quantize", "reconstruct_sparse", "split", "structured",
-           "unstructured"]
+           "ptq", "qat", "reconstruct_quantize", "reconstruct_sparse", "split", "structured",
+           "unstructured", "quant_dynamic"]

@@ -13,9 +13,12 @@ for Transformers"): on a few calibration batches it
    token cross-entropy for language models, cross-entropy on labels sampled from the model
    for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
 3. removes the units of least Fisher per MAC until the MACs target is met;
-4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits each reading layer
-   by ridge least squares so that its outputs match the unpruned model's on the calibration
-   tokens (layer after layer, each seeing the already refitted layers before it).
+4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
+   by ridge least squares: by default every Linear of every block, block after block, on
+   the pruned model's own inputs towards the unpruned model's layer outputs and residual
+   sums (:mod:`netpress.prune.refit`; on all-MiniLM-L6-v2 at 50% MACs this takes the
+   embedding cosine from 0.70 uncorrected to 0.81, where refitting only the layers that
+   read the pruned units, each towards its own original outputs, gives 0.65).
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ from netpress.prune.fisher import (
     select_by_ratio,
     unit_fisher,
 )
+from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
 from netpress.registry import register
+
+REFIT_SCOPES = ("blocks", "readers")
 
 __all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut"]
 
@@ -58,13 +64,17 @@ class FisherPrune(MethodConfig):
     model's MACs) from calibration data alone (see the module docs).
 
     ``calibration_batches``: batches used for the Fisher scores and the refit. ``refit``:
-    least-squares reconstruction of the layers that read the pruned units (``damp`` is the
-    ridge, relative to the mean input energy). ``min_units``: units every group keeps.
+    least-squares reconstruction after the cut (``damp`` is the ridge, relative to the mean
+    input energy): ``refit_scope="blocks"`` refits every Linear layer of the block stack,
+    block by block, to the original model's layer outputs and residual sums
+    (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
+    each to its own original outputs. ``min_units``: units every group keeps.
     """
 
     macs: float = 0.5
     calibration_batches: int = 8
     refit: bool = True
+    refit_scope: str = "blocks"
     damp: float = 0.01
     min_units: int = 1
     seed: int = 0
@@ -83,6 +93,9 @@ class FisherPrune(MethodConfig):
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
         if not isinstance(self.refit, bool):
             raise RecipeError(f"{name}: refit must be true or false")
+        if self.refit_scope not in REFIT_SCOPES:
+            raise RecipeError(f"{name}: refit_scope={self.refit_scope!r}; choose one of "
+                              f"{REFIT_SCOPES}")
 
 
 @dataclass
@@ -315,8 +328,13 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
                  reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
     cut = fisher_cut(model, cfg, example_inputs, data, reference_macs)
-    refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data, cfg.damp) \
-        if cfg.refit else 0
+    refitted = 0
+    if cfg.refit and cfg.refit_scope == "readers":
+        refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
+                          cfg.damp)
+    elif cfg.refit:
+        refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
+                                    damp=cfg.damp))
     return cut.model, {**cut.summary, "refitted_layers": refitted}
 
 

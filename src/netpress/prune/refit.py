@@ -198,8 +198,8 @@ class _Tap:
 
 
 def _fit_group(names: list[str], sinks: Mapping[str, str | None],
-               blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls], index: int,
-               kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
+               blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
+               index: int, kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
     """Refit the layers ``names`` (one shared input) of block ``index``."""
     cb, ob = blocks
     layers = [cb.get_submodule(n) for n in names]
@@ -259,11 +259,14 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     done: list[str] = []
     with evaluating(model), evaluating(original):
         for i, (cb, ob) in enumerate(zip(cstack, ostack)):
-            groups = plan_linear_groups(cb, lambda: calls[0].run(cb, i, 0))
+            def first_batch(cb: nn.Module = cb, i: int = i) -> torch.Tensor:
+                return calls[0].run(cb, i, 0)
+
+            groups = plan_linear_groups(cb, first_batch)
             local = {n.removeprefix(f"{i}."): r for n, r in rows.items()
                      if n.startswith(f"{i}.")}
-            sinks = {n: residual_sink(cb, n, lambda: calls[0].run(cb, i, 0)) if residual
-                     else None for g in groups for n in g}
+            sinks = {n: residual_sink(cb, n, first_batch) if residual else None
+                     for g in groups for n in g}
             for names in groups:
                 if only is not None:
                     names = [n for n in names if f"{path}.{i}.{n}" in only]

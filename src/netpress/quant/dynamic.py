@@ -246,7 +246,7 @@ class DynamicQuantize(MethodConfig):
     embeddings: bool = True
     outlier_channels: int = 8
     outlier_layers: tuple[str, ...] = ("re:.*",)
-    outlier_gain: float = 1.5
+    outlier_gain: float = 2.5
     calibration_batches: int = 8
     target: str = "auto"
 

@@ -48,6 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--eval", type=int, default=512)
+    p.add_argument("--select", type=int, default=None,
+                   help="calibration sentences for the Fisher scores (default: all --calib)")
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--variants", nargs="*",
                    default=["none", "readers", "blocks_readers", "blocks_all"])
@@ -66,8 +68,9 @@ def main() -> None:
     x = {k: v[:1] for k, v in calib[0].items()}
     ref = embed(model, evaluate)
     started = time.perf_counter()
-    cfg = npr.FisherPrune(macs=args.macs, calibration_batches=len(calib), refit=False)
-    fc = posttraining.fisher_cut(model, cfg, x, calib)
+    select = calib[:max(1, (args.select or args.calib) // 32)]
+    cfg = npr.FisherPrune(macs=args.macs, calibration_batches=len(select), refit=False)
+    fc = posttraining.fisher_cut(model, cfg, x, select)
     select_s = time.perf_counter() - started
     summary = fc.summary
     rows: dict[str, Any] = {}
@@ -84,6 +87,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
     payload = {"command": "python benchmarks/lm_minilm_refit.py " + " ".join(sys.argv[1:]),
                "cpu_flags": cpu_flags(), "calibration_sentences": args.calib,
+               "selection_sentences": args.select or args.calib,
                "eval_sentences": args.eval, "selection_s": round(select_s, 1),
                "macs_ratio": summary["macs_after"] / summary["macs_before"], "variants": rows}
     write_json(Path(args.out), payload)

@@ -79,3 +79,19 @@ def test_refit_after_a_cut_is_closer_to_the_original():
         err_cut = float((before(x) - ref).pow(2).mean())
         err_refit = float((cut.model(x) - ref).pow(2).mean())
     assert err_refit < 0.5 * err_cut, (err_cut, err_refit)
+
+
+def test_readers_scope_and_bad_scope():
+    import pytest
+
+    import netpress as npr
+    from netpress.errors import RecipeError
+
+    model = toy_transformer()
+    data = toy_batches(n=64, batch=32)
+    res = npr.compress(model, [FisherPrune(macs=0.6, calibration_batches=2,
+                                           refit_scope="readers")],
+                       calibration=data, example_inputs=data[0][0], measure=False)
+    assert res.model(data[0][0]).isfinite().all()
+    with pytest.raises(RecipeError, match="refit_scope"):
+        npr.FisherPrune(refit_scope="everything")

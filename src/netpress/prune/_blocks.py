@@ -24,13 +24,31 @@ from netpress._inputs import call_model
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
 
-__all__ = ["BlockCalls", "hidden_of", "block_output"]
+__all__ = ["BlockCalls", "hidden_of", "block_output", "forward_each"]
 
 _HIDDEN_KEYS = ("hidden_states", "src", "x")
 
 
 class _Stop(Exception):
     pass
+
+
+def forward_each(model: nn.Module, data: list[Any], handles: list[Any],
+                 stop: type[Exception], before: Callable[[Any], None] | None = None) -> None:
+    """Run ``model`` (eval mode, no grad) on every batch of ``data``, ``before(batch)`` first;
+    a hook raising ``stop`` ends that batch's forward. Removes the hook ``handles`` after."""
+    try:
+        with evaluating(model), torch.no_grad():
+            for x in data:
+                if before is not None:
+                    before(x)
+                try:
+                    call_model(model, x)
+                except stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -102,16 +120,7 @@ class BlockCalls:
         handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
                    for i, b in enumerate(stack)]
         handles.append(stack[len(stack) - 1].register_forward_hook(skip, with_kwargs=True))
-        try:
-            with evaluating(model), torch.no_grad():
-                for x in data:
-                    try:
-                        call_model(model, x)
-                    except _Stop:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
+        forward_each(model, data, handles, _Stop)
         if any(len(c) != len(data) for c in calls):
             raise ModelError("the blocks of the stack were not each called once per forward; "
                              "layer-wise refits need a plain stack of blocks")

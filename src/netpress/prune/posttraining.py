@@ -42,6 +42,7 @@ from netpress.graph import ChannelGraph, analyze
 from netpress.measure.collect import evaluating, model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
+from netpress.prune._blocks import forward_each
 from netpress.prune.fisher import (
     RefitStats,
     column_mask_grads,
@@ -213,20 +214,13 @@ def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
                 raise _Stop
         return fn
 
+    def before(x: Any) -> None:
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        real["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with evaluating(model), torch.no_grad():
-            for x in data:
-                mask = x.get("attention_mask") if isinstance(x, dict) else None
-                real["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
-                try:
-                    call_model(model, x)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    forward_each(model, data, handles, _Stop, before)
     return seen
 
 

@@ -2,13 +2,15 @@
 in ONNX Runtime at sequence length 128, every variant side by side in one process.
 
 Variants: the FP32 ONNX export; ONNX Runtime's ``quantize_dynamic`` (QInt8); netpress
-``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs) without and with a short
-cosine distillation; the pruned model then ``quantize_dynamic``; and ``StructuredPrune``
-(one-shot L2, 50% MACs) for reference. Metrics on held-out sentences (the documentation
-topics that ship with Python, split into sentences): mean-pooled sentence-embedding cosine to
-the FP32 PyTorch model (mean / min), retrieval agreement (each sentence's nearest neighbour
-among the others is unchanged), ONNX file size, and ONNX Runtime latency at batch 1 and 32,
-timed in interleaved rounds (measure_latency_interleaved: the machine is shared and noisy).
+``DynamicQuantize`` (INT8 weights, dynamic activations; with and without outlier channels);
+netpress ``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs) without and with a
+short cosine distillation; the pruned model then ``quantize_dynamic`` or ``DynamicQuantize``;
+and ``StructuredPrune`` (one-shot L2, 50% MACs) for reference. Metrics on held-out sentences
+(the documentation topics that ship with Python, split into sentences): mean-pooled sentence-
+embedding cosine to the FP32 PyTorch model (mean / min), retrieval agreement (each sentence's
+nearest neighbour among the others is unchanged), ONNX file size, and ONNX Runtime latency at
+batch 1 and 32, timed in interleaved rounds (measure_latency_interleaved: the machine is shared
+and noisy).
 
     .venv/bin/python benchmarks/transformers.py            # ~1 h on 2 busy cores
 
@@ -83,9 +85,16 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
     files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
+    for name, step in (("netpress_int8", npr.DynamicQuantize()),
+                       ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
+        if args.int8:
+            q = npr.compress(model, [step], calibration=calib, example_inputs=x,
+                             measure=False).model
+            files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
     info: dict[str, Any] = {"calibration_sentences": args.calib, "eval_sentences": args.eval,
                             "distill_sentences": args.train}
     cal_batches = max(1, args.calib // 32)
+    ctx_models: dict[str, torch.nn.Module] = {}
     recipes = {"fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches)],
                "fisher50_norefit": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches,
                                                     refit=False)],
@@ -94,12 +103,17 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         if args.variants and name not in args.variants:
             continue
         try:
-            _variant(name, recipe, model, calib, train, x, args, tmp, files, info)
+            ctx_models[name] = _variant(name, recipe, model, calib, train, x, args, tmp, files,
+                                        info)
         except Exception as exc:  # one failing variant must not lose the others' figures
             info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
             print(f"{name} failed: {exc}", flush=True)
     if "fisher50" in files:
         files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
+    if "fisher50" in files and args.int8:
+        q = npr.compress(ctx_models["fisher50"], [npr.DynamicQuantize()], calibration=calib,
+                         example_inputs=x, measure=False).model
+        files["fisher50_netpress_int8"] = export_onnx(q, tmp / "fisher50_np_int8.onnx", x)
     if "fisher50_distill" in files:
         files["fisher50_distill_ort_int8"] = quantize_dynamic(files["fisher50_distill"],
                                                               tmp / "fisher50_distill_q.onnx")
@@ -109,7 +123,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
 
 def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[Any],
              train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
-             files: dict[str, Path], info: dict[str, Any]) -> None:
+             files: dict[str, Path], info: dict[str, Any]) -> torch.nn.Module:
     started = time.perf_counter()
     res = npr.compress(model, recipe, calibration=calib, example_inputs=x, measure=False)
     info[name] = {"seconds": round(time.perf_counter() - started, 1),
@@ -126,6 +140,7 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
         info["fisher50_distill"] = {"seconds": round(time.perf_counter() - started, 1),
                                     "steps": args.distill_steps}
         files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
+    return res.model
 
 
 def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespace
@@ -169,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,
                    help="netpress variants to build (fisher50, fisher50_norefit, structured50)")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip netpress DynamicQuantize (INT8 weights, dynamic activations)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

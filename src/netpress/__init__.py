@@ -23,6 +23,7 @@ from netpress.prune.posttraining import FisherPrune
 from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
+from netpress.quant.dynamic import DynamicQuantize
 from netpress.reconstruct import GPTQ, SparseGPT, Wanda
 from netpress.recover.label_preserving import LabelPreserve
 from netpress.recover.lc import LC
@@ -55,6 +56,7 @@ __all__ = [
     "QAT",
     "WeightOnly",
     "Codebook",
+    "DynamicQuantize",
     "SparseGPT",
     "Wanda",
     "GPTQ",

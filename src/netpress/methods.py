@@ -2,6 +2,7 @@
 
 from netpress.prune import depth, posttraining, structured, unstructured
 from netpress.quant import codebook, lowbit, ptq, qat
+from netpress.quant import dynamic as quant_dynamic
 from netpress.reconstruct import quantize as reconstruct_quantize
 from netpress.reconstruct import sparse as reconstruct_sparse
 from netpress.recover import label_preserving, lc, methods
@@ -9,4 +10,4 @@ from netpress.split import method as split
 
 __all__ = ["codebook", "depth", "label_preserving", "lc", "lowbit", "methods", "posttraining",
            "ptq", "qat", "reconstruct_quantize", "reconstruct_sparse", "split", "structured",
-           "unstructured"]
+           "unstructured", "quant_dynamic"]

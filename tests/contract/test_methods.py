@@ -24,6 +24,7 @@ EXAMPLES = {
     "SparseGPT": npr.SparseGPT(sparsity=0.5),
     "Wanda": npr.Wanda(sparsity=0.5),
     "GPTQ": npr.GPTQ(bits=4, group_size=32),
+    "DynamicQuantize": npr.DynamicQuantize(target="generic"),
     "Split": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=4, stage1_steps=2,
                        stage2_steps=2),
     # options of existing methods (issue 15): data-driven unstructured importance and the

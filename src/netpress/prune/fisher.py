@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
-           "RefitStats"]
+           "ridge_solve", "RefitStats"]
 
 
 def column_mask_grads(x: torch.Tensor, grad: torch.Tensor,
@@ -113,9 +113,17 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     full = torch.cat([w, b[:, None]], 1)                    # [out, d + 1]
     theta0 = torch.cat([w[:, kept], b[:, None]], 1).T      # [k + 1, out]
-    h = stats.hessian
-    lam = damp * float(h.diagonal().mean()) if float(h.diagonal().mean()) > 0 else damp
-    rhs = stats.cross @ full.T + lam * theta0              # X̃_cᵀ Y + λ Θ₀
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    theta = torch.linalg.solve(h + lam * eye, rhs)
+    theta = ridge_solve(stats.hessian, stats.cross @ full.T, theta0, damp)  # X̃_cᵀ Y
     return theta[:-1].T.to(weight.dtype), theta[-1].to(weight.dtype)
+
+
+def ridge_solve(hessian: torch.Tensor, xty: torch.Tensor, theta0: torch.Tensor,
+                damp: float = 0.01) -> torch.Tensor:
+    """``argmin_Θ ‖X Θ - Y‖² + λ‖Θ - Θ₀‖²`` from ``hessian`` ``XᵀX`` and ``xty`` ``XᵀY``:
+    ``(XᵀX + λI)⁻¹(XᵀY + λΘ₀)`` with ``λ = damp * mean(diag(XᵀX))`` (``damp`` itself when
+    that mean is 0). Float64."""
+    h = hessian.double()
+    mean = float(h.diagonal().mean())
+    lam = damp * mean if mean > 0 else damp
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(h + lam * eye, xty.double() + lam * theta0.double())

@@ -13,9 +13,12 @@ for Transformers"): on a few calibration batches it
    token cross-entropy for language models, cross-entropy on labels sampled from the model
    for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
 3. removes the units of least Fisher per MAC until the MACs target is met;
-4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits each reading layer
-   by ridge least squares so that its outputs match the unpruned model's on the calibration
-   tokens (layer after layer, each seeing the already refitted layers before it).
+4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
+   by ridge least squares: by default every Linear of every block, block after block, on
+   the pruned model's own inputs towards the unpruned model's layer outputs and residual
+   sums (:mod:`netpress.prune.refit`; on all-MiniLM-L6-v2 at 50% MACs this takes the
+   embedding cosine from 0.70 uncorrected to 0.81, where refitting only the layers that
+   read the pruned units, each towards its own original outputs, gives 0.65).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from netpress.graph import ChannelGraph, analyze
 from netpress.measure.collect import evaluating, model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
+from netpress.prune._blocks import forward_each
 from netpress.prune.fisher import (
     RefitStats,
     column_mask_grads,
@@ -46,10 +50,13 @@ from netpress.prune.fisher import (
     select_by_ratio,
     unit_fisher,
 )
+from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
 from netpress.registry import register
 
-__all__ = ["FisherPrune", "fisher_prune"]
+REFIT_SCOPES = ("blocks", "readers")
+
+__all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,13 +65,17 @@ class FisherPrune(MethodConfig):
     model's MACs) from calibration data alone (see the module docs).
 
     ``calibration_batches``: batches used for the Fisher scores and the refit. ``refit``:
-    least-squares reconstruction of the layers that read the pruned units (``damp`` is the
-    ridge, relative to the mean input energy). ``min_units``: units every group keeps.
+    least-squares reconstruction after the cut (``damp`` is the ridge, relative to the mean
+    input energy): ``refit_scope="blocks"`` refits every Linear layer of the block stack,
+    block by block, to the original model's layer outputs and residual sums
+    (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
+    each to its own original outputs. ``min_units``: units every group keeps.
     """
 
     macs: float = 0.5
     calibration_batches: int = 8
     refit: bool = True
+    refit_scope: str = "blocks"
     damp: float = 0.01
     min_units: int = 1
     seed: int = 0
@@ -83,6 +94,9 @@ class FisherPrune(MethodConfig):
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
         if not isinstance(self.refit, bool):
             raise RecipeError(f"{name}: refit must be true or false")
+        if self.refit_scope not in REFIT_SCOPES:
+            raise RecipeError(f"{name}: refit_scope={self.refit_scope!r}; choose one of "
+                              f"{REFIT_SCOPES}")
 
 
 @dataclass
@@ -200,20 +214,13 @@ def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
                 raise _Stop
         return fn
 
+    def before(x: Any) -> None:
+        mask = x.get("attention_mask") if isinstance(x, dict) else None
+        real["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with evaluating(model), torch.no_grad():
-            for x in data:
-                mask = x.get("attention_mask") if isinstance(x, dict) else None
-                real["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
-                try:
-                    call_model(model, x)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    forward_each(model, data, handles, _Stop, before)
     return seen
 
 
@@ -243,9 +250,23 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
     return len(order)
 
 
-def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
+@dataclass
+class FisherCut:
+    """The pruned copy before any refit, with what the refits need: the unpruned copy
+    (attention split as in ``model``), the kept input columns of each reading layer, the kept
+    output rows of every cut layer, and the summary."""
+
+    model: nn.Module
+    original: nn.Module
+    readers: list[str]
+    kept_columns: dict[str, torch.Tensor]
+    kept_rows: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+
+
+def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
+               reference_macs: int | None = None) -> FisherCut:
+    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs)."""
     work = copy.deepcopy(model)
     split_attention(work, example_inputs)
     original = copy.deepcopy(work)
@@ -286,15 +307,29 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
-    kept = {name.removesuffix(".weight"): dims[1] for name, dims in result.kept.items()
-            if name.endswith(".weight") and 1 in dims}
-    refitted = _refit(work, original, [g.reader for g in groups], kept, data, cfg.damp) \
-        if cfg.refit else 0
+    weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
+               if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
-               "macs_target": int(goal), "refitted_layers": refitted,
+               "macs_target": int(goal),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
-    return work, summary
+    return FisherCut(work, original, [g.reader for g in groups],
+                     {n: d[1] for n, d in weights.items() if 1 in d},
+                     {n: d[0] for n, d in weights.items() if 0 in d}, summary)
+
+
+def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
+                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
+    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs)
+    refitted = 0
+    if cfg.refit and cfg.refit_scope == "readers":
+        refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
+                          cfg.damp)
+    elif cfg.refit:
+        refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
+                                    damp=cfg.damp))
+    return cut.model, {**cut.summary, "refitted_layers": refitted}
 
 
 @register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))

@@ -1,0 +1,279 @@
+"""Least-squares refit of a transformer's Linear layers after heads / FFN neurons were removed.
+
+The pruned model is walked block by block over the calibration data
+(:class:`~netpress.prune._blocks.BlockCalls`: each block runs on its own, on the hidden
+states the pruned model's earlier, already refitted blocks produce). Inside a block the
+Linear layers are refitted in the order the block calls them, layers that read one tensor
+(query / key / value) together, each by ridge least squares with its bias
+(:func:`netpress.prune.fisher.ridge_solve`):
+
+* the inputs ``X_c`` are what the layer now receives in the pruned model;
+* the target is what the *original* model computes there for the same tokens: the original
+  layer's outputs (its kept output rows) -- or, for a layer whose output is added to a
+  residual stream (``o_proj`` / ``attention.output.dense``, ``down_proj`` /
+  ``output.dense``: found by perturbing the layer's output and watching which tensor moves
+  by exactly that much, :func:`residual_sink`), the original residual sum minus the pruned
+  model's residual, ``Y = z_o - (z_c - y_c)``. The layer then also cancels the drift the
+  residual stream carries from the earlier blocks, and the sum it feeds (the next
+  LayerNorm's input, or the block's output) matches the original's.
+
+Only Linear layers inside the block stack are refitted; layers called more than once per
+block call are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress.errors import ModelError
+from netpress.measure.collect import evaluating
+from netpress.prune._blocks import BlockCalls
+from netpress.prune.depth import find_block_stack
+from netpress.prune.fisher import ridge_solve
+
+__all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
+
+_OUT = "<block output>"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def plan_linear_groups(block: nn.Module, run: Callable[[], Any]) -> list[list[str]]:
+    """The block's Linear layers (names inside ``block``) in call order, consecutive layers
+    reading the same tensor grouped; layers not called exactly once are left out."""
+    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    calls: dict[str, int] = {}
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            x = _first_tensor(args, kwargs)
+            if calls[name] == 1 and x is not None:
+                order.append((name, x))
+        return fn
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
+               for n in names]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last: torch.Tensor | None = None
+    for name, x in order:
+        if calls[name] != 1:
+            continue
+        if groups and last is x:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    return groups
+
+
+def residual_sink(block: nn.Module, layer: str, run: Callable[[], torch.Tensor]) -> str | None:
+    """Where ``layer``'s output is added to another tensor: the name of the module (inside
+    ``block``) whose input is that sum, ``"<block output>"`` when the sum is the block's
+    output, None when neither (checked by adding a random perturbation to the layer's output
+    and finding the first later tensor that moves by exactly it while differing from it)."""
+    target = block.get_submodule(layer)
+    seen: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {"after": False, "delta": None, "y": None}
+
+    def on_layer(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> Any:
+        state["after"], state["y"] = True, out.detach()
+        return out + state["delta"] if state["delta"] is not None else None
+
+    def pre(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            if state["after"] and x is not None and name not in seen and \
+                    state["y"] is not None and x.shape == state["y"].shape:
+                seen[name] = x.detach().clone()
+        return fn
+
+    handles = [m.register_forward_pre_hook(pre(n), with_kwargs=True)
+               for n, m in block.named_modules() if n and n != layer
+               and not n.startswith(layer + ".")]
+    handles.append(target.register_forward_hook(on_layer))
+    try:
+        base_out = run()
+        base, y = dict(seen), state["y"]
+        if y is None:
+            return None
+        seen.clear()
+        state["after"] = False
+        delta = torch.randn(y.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=y.dtype) * (float(y.std()) + 1e-3)
+        state["delta"] = delta.to(y.device)
+        moved_out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    candidates = [(n, base[n], seen.get(n)) for n in base]
+    candidates.append((_OUT, base_out, moved_out))
+    tol = 1e-3 * float(delta.norm())
+    for name, before, after in candidates:
+        if after is None or before.shape != y.shape:
+            continue
+        if float((after - before - state["delta"]).norm()) <= tol and \
+                float((before - y).norm()) > tol:
+            return name
+    return None
+
+
+@dataclass
+class _Fit:
+    """Running sums of one group: ``X̃ᵀX̃`` and ``X̃ᵀY`` per layer."""
+
+    hessian: torch.Tensor | None = None
+    xty: dict[str, torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor], bias: bool) -> None:
+        x = x.double()
+        if bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        h = x.T @ x
+        self.hessian = h if self.hessian is None else self.hessian + h
+        parts = {n: x.T @ y.double() for n, y in targets.items()}
+        self.xty = parts if self.xty is None else {n: self.xty[n] + parts[n] for n in parts}
+
+
+class _Tap:
+    """Hooks that keep chosen tensors of one block run and stop it once all are there."""
+
+    def __init__(self, block: nn.Module, ins: list[str], outs: list[str]) -> None:
+        self.got: dict[tuple[str, str], torch.Tensor] = {}
+        self.want = {(n, "in") for n in ins if n != _OUT} | {(n, "out") for n in outs}
+        self.handles = []
+        for n in set(ins) - {_OUT}:
+            self.handles.append(block.get_submodule(n).register_forward_pre_hook(
+                self._pre(n), with_kwargs=True))
+        for n in outs:
+            self.handles.append(block.get_submodule(n).register_forward_hook(self._post(n)))
+        self.stops = _OUT not in ins
+
+    def _check(self) -> None:
+        if self.stops and self.want <= set(self.got):
+            raise _Stop
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            if x is not None and (name, "in") not in self.got:
+                self.got[(name, "in")] = x.detach()
+            self._check()
+        return fn
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            self.got.setdefault((name, "out"), out.detach())
+            self._check()
+        return fn
+
+    def run(self, calls: BlockCalls, block: nn.Module, index: int, batch: int) -> None:
+        try:
+            out = calls.run(block, index, batch)
+            self.got[(_OUT, "in")] = out.detach()
+        except _Stop:
+            pass
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _fit_group(names: list[str], sinks: Mapping[str, str | None],
+               blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
+               index: int, kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
+    """Refit the layers ``names`` (one shared input) of block ``index``."""
+    cb, ob = blocks
+    layers = [cb.get_submodule(n) for n in names]
+    bias = all(isinstance(m, nn.Linear) and m.bias is not None for m in layers)
+    use = {n: s for n, s in sinks.items() if n in names and s is not None}
+    sink_ins = sorted(set(use.values()))
+    fit = _Fit()
+    for b in range(len(calls[0].hidden)):
+        ct = _Tap(cb, [names[0], *sink_ins], list(use))
+        ot = _Tap(ob, sink_ins, [n for n in names if n not in use])
+        try:
+            ct.run(calls[0], cb, index, b)
+            ot.run(calls[1], ob, index, b)
+        finally:
+            ct.close()
+            ot.close()
+        targets = {}
+        for n in names:
+            if n in use:
+                z_o, z_c = ot.got[(use[n], "in")], ct.got[(use[n], "in")]
+                y = z_o - z_c + ct.got[(n, "out")]
+            else:
+                y = ot.got[(n, "out")]
+                rows = kept_rows.get(n)
+                if rows is not None:
+                    y = y[..., rows.to(y.device)]
+            targets[n] = calls[0].rows(y, b)
+        fit.add(calls[0].rows(ct.got[(names[0], "in")], b), targets, bias)
+    assert fit.hessian is not None and fit.xty is not None
+    for n, layer in zip(names, layers):
+        assert isinstance(layer, nn.Linear)
+        w = layer.weight.detach().double()
+        theta0 = torch.cat([w, layer.bias.detach().double()[:, None]], 1) if bias else w
+        theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp)
+        with torch.no_grad():
+            layer.weight.copy_(theta[:w.shape[1]].T.to(layer.weight.dtype))
+            if bias:
+                layer.bias.copy_(theta[-1].to(layer.bias.dtype))
+
+
+def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
+                 kept_rows: Mapping[str, torch.Tensor] | None = None, damp: float = 0.01,
+                 residual: bool = True, stack: str | None = None,
+                 only: Collection[str] | None = None) -> list[str]:
+    """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
+    structure, wider layers) on the calibration inputs ``data`` (see the module docs).
+
+    ``kept_rows`` maps a layer's full name to the output rows of the original it kept (all
+    when absent); ``only`` limits the refit to these full layer names. Returns the refitted
+    layers' full names."""
+    path, cstack = find_block_stack(model, stack)
+    ostack = original.get_submodule(path)
+    if not isinstance(ostack, nn.ModuleList) or len(ostack) != len(cstack):
+        raise ModelError(f"the original model has no stack {path!r} of {len(cstack)} blocks")
+    calls = (BlockCalls.record(model, cstack, data), BlockCalls.record(original, ostack, data))
+    rows = {k.removeprefix(path + "."): v for k, v in (kept_rows or {}).items()}
+    done: list[str] = []
+    with evaluating(model), evaluating(original):
+        for i, (cb, ob) in enumerate(zip(cstack, ostack)):
+            def first_batch(cb: nn.Module = cb, i: int = i) -> torch.Tensor:
+                return calls[0].run(cb, i, 0)
+
+            groups = plan_linear_groups(cb, first_batch)
+            local = {n.removeprefix(f"{i}."): r for n, r in rows.items()
+                     if n.startswith(f"{i}.")}
+            sinks = {n: residual_sink(cb, n, first_batch) if residual else None
+                     for g in groups for n in g}
+            for names in groups:
+                if only is not None:
+                    names = [n for n in names if f"{path}.{i}.{n}" in only]
+                    if not names:
+                        continue
+                _fit_group(names, sinks, (cb, ob), calls, i, local, damp)
+                done += [f"{path}.{i}.{n}" for n in names]
+            calls[0].advance(cb, i)
+            calls[1].advance(ob, i)
+    return done

@@ -57,3 +57,11 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t
+
+
+def cpu_flags() -> str:
+    """The vector-instruction flags the CPU reports (what BENCHMARKS.md tables name)."""
+    import re
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " ".join(sorted(set(re.findall(r"\b(avx512_vnni|avx_vnni|avx2)\b", text))))

@@ -104,3 +104,113 @@ def test_registry_lists_builtin_methods():
     assert {"GlobalMagnitudePrune", "LayerwiseMagnitudePrune", "FineTune", "Distill"} <= set(names)
     assert names["Distill"].kind == "recover" and names["Distill"].needs == ("train",)
     assert names["GlobalMagnitudePrune"].summary
+
+
+# -- strict loading: hostile and unlucky recipe files -------------------------------------------
+def _laughs(levels: int = 9) -> str:
+    lines = ["steps:", '- a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"  a{i}: &a{i} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_at_load_quickly(tmp_path):
+    import time
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs())  # 9**9 = 387 million strings once expanded; the step has no type
+    assert path.stat().st_size < 600
+    started = time.perf_counter()
+    with pytest.raises(npr.RecipeError, match="expands to more than 100000 values"):
+        Recipe.load(path)
+    assert time.perf_counter() - started < 5
+
+
+def test_error_messages_print_a_bounded_repr():
+    from netpress.registry import config_from_dict
+
+    big = {f"k{i}": "v" * 10_000 for i in range(1000)}
+    with pytest.raises(npr.RecipeError, match="needs a 'type'") as err:
+        config_from_dict(big)
+    assert len(str(err.value)) < 300
+
+
+def test_recursive_alias_is_refused():
+    with pytest.raises(npr.RecipeError, match="contains itself"):
+        Recipe.from_yaml("steps: &s [*s]")
+
+
+def test_mixed_type_keys_are_named():
+    with pytest.raises(npr.RecipeError, match="key 1 .* recipe keys are strings"):
+        Recipe.from_yaml("steps:\n- type: Distill\n  1: x\n  temperature: 2.0\n")
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"steps:\n- type: Distill # \xff\xfe\n")
+    with pytest.raises(npr.RecipeError, match="not UTF-8"):
+        Recipe.load(path)
+
+
+def test_deep_nesting_yaml_and_json():
+    with pytest.raises(npr.RecipeError, match="nests"):
+        Recipe.from_yaml("steps: " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(npr.RecipeError, match="nests"):
+        Recipe.from_json('{"steps": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(npr.RecipeError, match="nests deeper than 32"):
+        Recipe.from_json('{"steps": ' + "[" * 40 + "]" * 40 + "}")
+
+
+def test_huge_integers():
+    digits = "9" * 5000
+    with pytest.raises(npr.RecipeError, match="not valid YAML"):
+        Recipe.from_yaml(f"steps:\n- type: FineTune\n  max_steps: {digits}\n")
+    with pytest.raises(npr.RecipeError, match="not valid JSON"):
+        Recipe.from_json(f'{{"steps": [{{"type": "FineTune", "max_steps": {digits}}}]}}')
+    with pytest.raises(npr.RecipeError, match="max_steps = 9999.* does not fit in 64 bits"):
+        Recipe.from_yaml(f"steps:\n- type: FineTune\n  max_steps: {'9' * 30}\n")
+
+
+def test_an_empty_recipe_file_is_refused_but_an_empty_recipe_value_is_fine(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("netpress_recipe: 1\nsteps: []\n")
+    with pytest.raises(npr.RecipeError, match="has no steps.*indentation"):
+        Recipe.load(path)
+    assert len(Recipe.from_yaml(path.read_text())) == 0  # the identity, as a value
+    assert len(Recipe(())) == 0
+
+
+def test_bad_layer_pattern_fails_at_load_naming_the_step_and_field(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n- type: GlobalMagnitudePrune\n  sparsity: 0.5\n  ignore: ['re:(']\n")
+    with pytest.raises(npr.RecipeError, match=r"step 0 \(GlobalMagnitudePrune\): ignore: layer "
+                                              r"pattern 're:\(' is not a valid regex"):
+        Recipe.load(path)
+    with pytest.raises(npr.RecipeError, match=r"per_layer.*'re:\[' is not a valid regex"):
+        Recipe((npr.LayerwiseMagnitudePrune(sparsity=0.5, per_layer={"re:[": 0.3}),))
+
+
+def test_special_files_are_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "r.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(npr.RecipeError, match="not a regular file"):
+        Recipe.load(fifo)
+    with pytest.raises(npr.RecipeError, match="not a regular file"):
+        Recipe.load(tmp_path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        recipe().save(path)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["recipe.yaml"]

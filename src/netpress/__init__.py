@@ -18,9 +18,12 @@ from netpress.errors import (
 )
 from netpress.export.onnx import export_onnx
 from netpress.measure.constraints import MaxAccuracyDrop, MaxClassAgreementDrop, MinAgreement
+from netpress.prune.depth import DepthPrune
+from netpress.prune.posttraining import FisherPrune
 from netpress.prune.structured import StructuredPrune
 from netpress.prune.unstructured import GlobalMagnitudePrune, LayerwiseMagnitudePrune
 from netpress.quant import QAT, Codebook, Quantize, WeightOnly
+from netpress.reconstruct import GPTQ, SparseGPT, Wanda
 from netpress.recover.label_preserving import LabelPreserve
 from netpress.recover.lc import LC
 from netpress.recover.methods import Distill, FineTune
@@ -28,6 +31,7 @@ from netpress.registry import list_methods, register
 from netpress.report import Report
 from netpress.search import Choice, Range
 from netpress.search import search as search  # the function (the subpackage stays importable)
+from netpress.split.method import Split
 
 __all__ = [
     "compress",
@@ -41,6 +45,8 @@ __all__ = [
     "GlobalMagnitudePrune",
     "LayerwiseMagnitudePrune",
     "StructuredPrune",
+    "DepthPrune",
+    "FisherPrune",
     "FineTune",
     "Distill",
     "LabelPreserve",
@@ -49,6 +55,10 @@ __all__ = [
     "QAT",
     "WeightOnly",
     "Codebook",
+    "SparseGPT",
+    "Wanda",
+    "GPTQ",
+    "Split",
     "export_onnx",
     "MinAgreement",
     "MaxAccuracyDrop",
@@ -66,7 +76,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover"})
+_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover",
+                         "split"})
 
 
 def __getattr__(name: str) -> object:

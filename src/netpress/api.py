@@ -23,10 +23,11 @@ from netpress.config import MethodConfig, Recipe
 from netpress.context import Context
 from netpress.data import Data, check_data, first_batch
 from netpress.errors import DataError, ModelError, RecipeError
+from netpress.measure.sections import wanted_sections
 from netpress.registry import get_method
 from netpress.report import Report
 
-__all__ = ["compress", "load", "CompressionResult", "check_finite"]
+__all__ = ["compress", "load", "CompressionResult", "check_finite", "artefact_summary"]
 
 DATA_ARGS = ("calibration", "train", "evaluate")
 
@@ -45,12 +46,15 @@ class CompressionResult:
         """Write the compressed artefact (``.npress``); returns the bytes written.
 
         With example inputs known, the stored graph is verified to reproduce the model's
-        outputs before anything is written.
+        outputs before anything is written, and their shapes are stored in the metadata
+        (``inputs``: see :func:`netpress._inputs.input_spec`; ``netpress export`` reads them).
         """
+        from netpress._inputs import input_spec
         from netpress.export import save_artefact
 
         return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
-                             metadata={"report": self.report.summary()},
+                             metadata={"report": artefact_summary(self.report.summary()),
+                                       "inputs": input_spec(self.example_inputs)},
                              example_inputs=self.example_inputs)
 
     def save_report(self, directory: str | Path, *, html: bool = True) -> Path:
@@ -59,10 +63,25 @@ class CompressionResult:
         return self.report.write(directory, html=html)
 
 
+TIMING_PREFIXES = ("latency.",)
+"""Report summary keys that are timings: machine- and moment-dependent, kept out of artefacts."""
+
+
+def artefact_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The report summary an artefact stores: everything but timings, so that two runs with
+    the same seed write byte-identical artefacts (timings stay in ``report.json``)."""
+    return {k: v for k, v in summary.items() if not k.startswith(TIMING_PREFIXES)}
+
+
 def check_finite(model: nn.Module, *, what: str = "model") -> None:
-    """Raise ModelError naming the first parameter or buffer that holds NaN or Inf."""
+    """Raise ModelError naming the first parameter or buffer that holds NaN or Inf, or that is
+    on the meta device (no values at all)."""
     for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, t in items:
+            if t.is_meta:
+                raise ModelError(f"{what}: {kind} {name!r} is on the meta device, so it has no "
+                                 "values; materialise the model first (e.g. "
+                                 "model.to_empty(device='cpu'), then load its weights)")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ModelError(f"{what}: {kind} {name!r} holds {bad} NaN/Inf value(s); fix or "
@@ -95,6 +114,31 @@ def _copy(model: nn.Module) -> nn.Module:
             "remove_weight_norm), or pass inplace=True") from exc
 
 
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules whose parameters and buffers share ``model``'s storage
+    (new Parameter objects, no weights copied): the reference netpress only ever reads. It
+    saves one full model copy of memory in every compress() (418 MB on BERT-base)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) \
+                if isinstance(t, nn.Parameter) else t.detach()
+    try:
+        return copy.deepcopy(model, memo)
+    except RuntimeError:
+        return _copy(model)  # the same errors as a full copy, named by _copy
+
+
+def _frozen_reference(base: nn.Module, dev: torch.device, *, copy_data: bool) -> nn.Module:
+    """The reference in eval mode without gradients. It shares its tensors with ``base``,
+    which netpress never writes to, unless ``copy_data`` (with ``inplace=True`` the caller's
+    model becomes the working copy and changes)."""
+    reference = (_copy(base) if copy_data else _shared_copy(base)).to(dev).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
 def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -120,6 +164,7 @@ def compress(
     latency_batch_size: int = 32,
     threads: int = 1,
     progress: bool | None = None,
+    sections: tuple[str, ...] = (),
 ) -> CompressionResult:
     """Apply ``recipe`` to (a copy of) ``model`` and measure the result against the original.
 
@@ -131,19 +176,24 @@ def compress(
     :class:`netpress.measure.Task` or a callable ``(ref_out, cmp_out, labels) -> dict``).
     ``reference`` is the model to stay faithful to (the distillation teacher and the
     report's baseline); it defaults to ``model`` itself, and differs when ``model`` was
-    already compressed elsewhere. Runs are deterministic for a given ``seed``.
+    already compressed elsewhere. ``result.reference`` shares its weights with the model it
+    was made from (netpress only reads it: no second copy of the weights in memory); the
+    compressed model is a copy. Runs are deterministic for a given ``seed``.
+    ``sections`` asks for optional report sections (``"activations"``, ``"robustness"``;
+    :mod:`netpress.measure.sections`), which a recipe's ``act_sparsity``/``cond_reg`` and a
+    ``Split`` step also switch on.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"compress() takes an nn.Module, got {type(model).__name__}")
     recipe = Recipe.of(recipe)
+    wanted_sections((), sections)  # unknown names fail before any work
     data = {"calibration": calibration, "train": train, "evaluate": evaluate}
     given: dict[str, Any] = {**data, "example_inputs": example_inputs}
     _validate_recipe(recipe, given)
     check_finite(model)
     dev = _device_of(model, device)
-    reference = _copy(model if reference is None else reference).to(dev).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    reference = _frozen_reference(model if reference is None else reference, dev,
+                                  copy_data=inplace and reference in (None, model))
     for name, value in data.items():
         if value is not None:
             check_data(name, value, reference, dev)
@@ -161,7 +211,7 @@ def compress(
     elapsed = time.perf_counter() - started
     report = Report.build(reference, work, recipe=recipe, ctx=ctx, task=task, measure=measure,
                           latency_batch_size=latency_batch_size, threads=threads,
-                          compress_seconds=elapsed)
+                          compress_seconds=elapsed, sections=tuple(sections))
     return CompressionResult(model=work, report=report, recipe=recipe, reference=reference,
                              example_inputs=example_inputs)
 

@@ -4,6 +4,15 @@ A *method* is a small frozen dataclass (its settings) plus a transform registere
 config type (see :mod:`netpress.registry`). A *recipe* is an ordered list of method configs.
 Recipes round-trip through JSON and YAML with a type tag per step and a version, and only
 known types and keys are accepted: nothing in a recipe file is imported or executed.
+
+Loading is strict, and every failure is a :class:`~netpress.errors.RecipeError`: files are
+UTF-8 regular files of at most :data:`MAX_RECIPE_BYTES`; YAML aliases may not expand the
+document past :data:`MAX_RECIPE_VALUES` values (a "billion laughs" file is refused at load,
+before anything walks or prints it); keys are strings, integers fit in 64 bits, nesting is
+at most :data:`MAX_RECIPE_DEPTH` deep; ``re:`` layer patterns must compile. An empty recipe is
+a valid *value* (the identity: the search measures its baseline with it), but a recipe *file*
+with no steps is refused: it is almost always a mistake (an indentation slip in YAML), and
+running it would silently compress nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,11 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
+from netpress._atomic import atomic_write
+from netpress._repr import short_repr
 from netpress.errors import RecipeError
 
-__all__ = ["MethodConfig", "Recipe", "RECIPE_FORMAT_VERSION", "check_fraction"]
+__all__ = ["MethodConfig", "Recipe", "RECIPE_FORMAT_VERSION", "check_fraction",
+           "check_recipe_data", "MAX_RECIPE_BYTES", "MAX_RECIPE_VALUES", "MAX_RECIPE_DEPTH"]
 
 RECIPE_FORMAT_VERSION = 1
+MAX_RECIPE_BYTES = 4 << 20
+"""Largest recipe file read (real recipes take a few kilobytes)."""
+MAX_RECIPE_VALUES = 100_000
+"""Most values a recipe may hold once YAML aliases are expanded."""
+MAX_RECIPE_DEPTH = 32
+"""Deepest nesting of lists and mappings in a recipe."""
+_MAX_INT = 2**63 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +87,7 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
         """Build a config of *this* class from its dict, rejecting unknown keys."""
+        check_recipe_data(data, cls.type_name())
         body = dict(data)
         body.pop("type", None)
         version = body.pop("version", cls.version)
@@ -100,6 +121,72 @@ def check_fraction(owner: str, name: str, value: Any, *, hi_open: bool = True) -
     if not ok:
         rng = "[0, 1)" if hi_open else "[0, 1]"
         raise RecipeError(f"{owner}: {name}={value!r} is outside {rng}")
+
+
+def check_recipe_data(data: Any, where: str = "recipe") -> None:
+    """RecipeError unless ``data`` is a plain tree a recipe may hold: string keys, integers
+    within 64 bits, at most :data:`MAX_RECIPE_DEPTH` deep and :data:`MAX_RECIPE_VALUES` values
+    once shared (aliased) parts are counted every time they appear; no cycles."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(value: Any, path: str, depth: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, dict, list, tuple)):
+            return 1
+        if isinstance(value, int):
+            if abs(value) > _MAX_INT:
+                raise RecipeError(f"{where}: {path or 'value'} = {short_repr(value, 40)} does not "
+                                  "fit in 64 bits")
+            return 1
+        if id(value) in sizes:
+            return sizes[id(value)]
+        if id(value) in active:
+            raise RecipeError(f"{where}: {path or 'the recipe'} contains itself (a recursive "
+                              "YAML alias)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where}: {path} nests deeper than {MAX_RECIPE_DEPTH} levels")
+        active.add(id(value))
+        total = 1
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise RecipeError(f"{where}: key {short_repr(k, 40)} under {path or 'the top'}"
+                                      f" is a {type(k).__name__}; recipe keys are strings")
+                total += size(v, f"{path}.{k}" if path else k, depth + 1)
+                if total > MAX_RECIPE_VALUES:
+                    break
+        else:
+            for i, v in enumerate(value):
+                total += size(v, f"{path}[{i}]", depth + 1)
+                if total > MAX_RECIPE_VALUES:
+                    break
+        active.discard(id(value))
+        if total > MAX_RECIPE_VALUES:
+            raise RecipeError(f"{where}: {path or 'the recipe'} expands to more than "
+                              f"{MAX_RECIPE_VALUES} values (YAML aliases?); recipes are small")
+        sizes[id(value)] = total
+        return total
+
+    size(data, "", 1)
+
+
+def _check_patterns(step: MethodConfig, index: int) -> None:
+    """Every ``re:`` layer pattern in ``step`` (values and mapping keys) must compile."""
+    stack: list[tuple[str, Any]] = list(step.to_dict().items())
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and value.startswith("re:"):
+            try:
+                re.compile(value[3:])
+            except re.error as exc:
+                raise RecipeError(f"recipe step {index} ({step.type_name()}): {where}: layer "
+                                  f"pattern {short_repr(value, 60)} is not a valid regex: "
+                                  f"{exc}") from None
+        elif isinstance(value, Mapping):
+            stack.extend((where, k) for k in value)
+            stack.extend((f"{where}[{k!r}]", v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((where, v) for v in value)
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -153,6 +240,8 @@ class Recipe:
                 f"a recipe holds method configs (e.g. npr.GlobalMagnitudePrune(...)), "
                 f"got {type(bad[0]).__name__}"
             )
+        for i, step in enumerate(self.steps):
+            _check_patterns(step, i)
 
     @classmethod
     def of(cls, recipe: Recipe | MethodConfig | Iterable[MethodConfig] | str | Path) -> Recipe:
@@ -175,6 +264,7 @@ class Recipe:
         """Parse a recipe dict (or a bare list of steps), rejecting unknown types and keys."""
         from netpress.registry import config_from_dict
 
+        check_recipe_data(data)
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
             data = {"netpress_recipe": RECIPE_FORMAT_VERSION, "steps": list(data)}
         if not isinstance(data, Mapping):
@@ -204,9 +294,12 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"recipe is not valid JSON: {exc}") from None
+            data = json.loads(text)
+        except RecursionError:
+            raise RecipeError("recipe JSON nests too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+            raise RecipeError(f"recipe is not valid JSON: {str(exc)[:200]}") from None
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         import yaml
@@ -215,31 +308,48 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
+        """Parse YAML with ``yaml.safe_load``; aliases are bounded by :func:`check_recipe_data`
+        (PyYAML shares aliased nodes, so loading a "billion laughs" file is cheap: the blow-up
+        comes when something walks or prints it, and the check refuses it before that)."""
         import yaml
 
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise RecipeError("recipe YAML nests too deeply") from None
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of 5,000 digits
+            raise RecipeError(f"recipe is not valid YAML: {str(exc)[:300]}") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        """Write the recipe as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        """Write the recipe atomically as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
         p = Path(path)
-        text = self.to_yaml() if p.suffix in (".yaml", ".yml") else self.to_json()
-        p.write_text(text, encoding="utf-8")
+        atomic_write(p, self.to_yaml() if p.suffix in (".yaml", ".yml") else self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """Read a YAML or JSON recipe file."""
+        """Read a YAML or JSON recipe file (UTF-8, a regular file, at least one step)."""
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise RecipeError(f"recipe file {str(p)!r} does not exist")
-        text = p.read_text(encoding="utf-8")
+        if not p.is_file():
+            raise RecipeError(f"recipe file {str(p)!r} is not a regular file")
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {str(p)!r} takes {p.stat().st_size} bytes; recipes "
+                              f"are small (at most {MAX_RECIPE_BYTES} bytes are read)")
         try:
-            return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
+            text = p.read_bytes()[:MAX_RECIPE_BYTES].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe file {str(p)!r} is not UTF-8 text ({exc})") from None
+        try:
+            recipe = cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
         except RecipeError as exc:
             raise RecipeError(f"{p}: {exc}") from None
+        if not recipe.steps:
+            raise RecipeError(f"{p}: the recipe has no steps. An empty recipe file is almost "
+                              "always a mistake (check the indentation under 'steps:'); to "
+                              "only measure a model, pass Recipe(()) in code")
+        return recipe
 
     def __len__(self) -> int:
         return len(self.steps)

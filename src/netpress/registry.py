@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from netpress._repr import short_repr
 from netpress.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -114,8 +115,10 @@ def list_methods() -> list[MethodInfo]:
 def config_from_dict(data: Mapping[str, Any]) -> MethodConfig:
     """Build a config from ``{"type": ..., ...}``; only registered types are accepted."""
     if not isinstance(data, Mapping):
-        raise RecipeError(f"a recipe step must be a mapping with a 'type', got {data!r}")
+        raise RecipeError(f"a recipe step must be a mapping with a 'type', got "
+                          f"{short_repr(data)}")
     name = data.get("type")
     if not isinstance(name, str):
-        raise RecipeError(f"a recipe step needs a 'type' naming the method: {dict(data)!r}")
+        raise RecipeError(f"a recipe step needs a 'type' naming the method: "
+                          f"{short_repr(dict(data))}")
     return get_method(name).config.from_dict(data)

@@ -3,7 +3,7 @@
 import pytest
 
 import netpress as npr
-from netpress.testing import check_method_contract, toy_batches, toy_models
+from netpress.testing import check_method_contract, toy_batches, toy_models, toy_transformer
 
 #: One representative config per method; a new method must add itself here.
 EXAMPLES = {
@@ -19,7 +19,24 @@ EXAMPLES = {
     "QAT": npr.QAT(max_steps=3, lr=1e-3),
     "WeightOnly": npr.WeightOnly(bits=4),
     "Codebook": npr.Codebook(bits=4),
+    "DepthPrune": npr.DepthPrune(blocks=0.34),
+    "FisherPrune": npr.FisherPrune(macs=0.6, calibration_batches=2),
+    "SparseGPT": npr.SparseGPT(sparsity=0.5),
+    "Wanda": npr.Wanda(sparsity=0.5),
+    "GPTQ": npr.GPTQ(bits=4, group_size=32),
+    "Split": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=4, stage1_steps=2,
+                       stage2_steps=2),
+    # options of existing methods (issue 15): data-driven unstructured importance and the
+    # activation-sparsity / condition-number recovery terms
+    "GlobalMagnitudePrune(grad_norm)": npr.GlobalMagnitudePrune(sparsity=0.5,
+                                                                importance="grad_norm"),
+    "Distill(act_sparsity, cond_reg)": npr.Distill(max_steps=3, lr=1e-2, act_sparsity=1e-3,
+                                                   act_layers=("re:fc1|conv1|stem",),
+                                                   cond_reg=1e-3),
 }
+
+#: Methods for transformer stacks only: checked on netpress.testing.toy_transformer().
+TRANSFORMER_ONLY = {"DepthPrune", "FisherPrune"}
 
 #: Methods that need a compression step before them in the recipe.
 NEEDS_COMPRESSION = {"LC"}
@@ -33,6 +50,14 @@ def test_every_registered_method_has_an_example():
 @pytest.mark.parametrize("model_name", list(toy_models()))
 @pytest.mark.parametrize("method", list(EXAMPLES))
 def test_contract(method, model_name):
+    if method in TRANSFORMER_ONLY:
+        pytest.skip("a transformer-only method (see test_transformer_contract)")
     model = toy_models()[model_name]
     before = (npr.GlobalMagnitudePrune(sparsity=0.5),) if method in NEEDS_COMPRESSION else ()
     check_method_contract(EXAMPLES[method], model, toy_batches(model=model), before=before)
+
+
+@pytest.mark.parametrize("method", sorted(TRANSFORMER_ONLY))
+def test_transformer_contract(method):
+    model = toy_transformer()
+    check_method_contract(EXAMPLES[method], model, toy_batches(model=model))

@@ -197,9 +197,23 @@ def test_float_dtypes_are_kept(dtype: torch.dtype) -> None:
         assert torch.equal(loaded(x), model(x))
 
 
-def test_tied_weights_are_stored_once() -> None:
-    header = load_artefact(dumps_artefact(_init(Tied()))).header
-    assert header["tensors"]["out.weight"] == {"alias_of": "emb.weight"}
+def test_tied_weights_are_stored_once_and_stay_one_parameter() -> None:
+    model = _init(Tied())
+    data = dumps_artefact(model)
+    loaded = load_artefact(data)
+    assert loaded.header["tensors"]["out.weight"] == {"alias_of": "emb.weight", "tied": True}
+    count = sum(p.numel() for p in model.parameters())  # 50 * 16: the tie counts once
+    for rebuilt in (loaded.model, load_artefact(data, model=Tied()).model):
+        assert rebuilt.get_submodule("out").weight is rebuilt.get_submodule("emb").weight
+        assert sum(p.numel() for p in rebuilt.parameters()) == count == 800
+
+
+def test_storage_sharing_without_a_tie_stays_two_parameters() -> None:
+    model = _init(Tied())
+    model.out.weight = nn.Parameter(model.emb.weight.detach())  # same storage, two Parameters
+    loaded = load_artefact(dumps_artefact(model)).model
+    assert loaded.get_submodule("out").weight is not loaded.get_submodule("emb").weight
+    assert len(list(loaded.parameters())) == 2
 
 
 def test_eighty_percent_sparse_model_is_small() -> None:
@@ -327,6 +341,7 @@ def test_versions_from_the_future(tmp_path: Path, good: bytes) -> None:
 def _edit_header(data: bytes, edit: Any) -> bytes:
     n = _header_len(data)
     header = json.loads(zstandard.ZstdDecompressor().decompress(data[16:16 + n]))
+    header.pop("model_digest")  # optional: an edit that keeps it is caught by the digest
     edit(header)
     head = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
     return data[:8] + struct.pack("<Q", len(head)) + head + data[16 + n:]

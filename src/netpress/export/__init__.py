@@ -3,6 +3,7 @@
 >>> from netpress.export import save_artefact, load_artefact  # doctest: +SKIP
 >>> save_artefact("model.npress", compressed, recipe=recipe.to_dict())  # doctest: +SKIP
 >>> model = load_artefact("model.npress").model  # doctest: +SKIP
+>>> model_digest("a.npress") == model_digest("b.npress")  # same model?  # doctest: +SKIP
 
 See :mod:`netpress.export.checkpoint` for the layout, :mod:`~netpress.export.codec` for the
 tensor encodings, :mod:`~netpress.export.modules` and :mod:`~netpress.export.graph` for how the
@@ -15,6 +16,7 @@ from netpress.export.checkpoint import (
     LoadedArtefact,
     dumps_artefact,
     load_artefact,
+    model_digest,
     read_header,
     save_artefact,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "save_artefact",
     "load_artefact",
     "read_header",
+    "model_digest",
     "trace",
     "register_encoding",
     "register_module_type",

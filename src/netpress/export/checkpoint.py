@@ -9,11 +9,19 @@ Layout::
 
 The header records the format version, the netpress and torch versions, the payload codec,
 size and SHA-256, the codec metadata of every tensor, the state_dict key order, the caller's
-``recipe`` and ``metadata``, and the ``architecture``: the fx graph (or null and why) and the
-specs of every rebuildable module. The header is zstd-compressed because the graph and tensor
-table are bulky JSON: ~16% of an 80%-sparse ResNet-20 artefact as plain text, <1% compressed.
+``recipe`` and ``metadata``, the ``architecture`` (the fx graph, or null and why, and the
+specs of every rebuildable module) and the ``model_digest``: a SHA-256 over the model alone
+(tensor table, key order, architecture and the uncompressed tensor bytes), not over the
+recipe, the metadata or the compression level. Two artefacts hold the same model exactly when
+their digests are equal (:func:`model_digest`, ``netpress digest``). The header is
+zstd-compressed because the graph and tensor table are bulky JSON: ~16% of an 80%-sparse
+ResNet-20 artefact as plain text, <1% compressed.
+
 Loading never executes code from the file: no pickle, and graph targets resolve through
-allowlists only.
+allowlists only. It treats the file as hostile: regular files only, the header checked
+against one schema (:mod:`._schema`) before use, sizes checked against each other before any
+allocation, the payload decompressed as a stream under a cap derived from the declared
+tensors, and every failure raised as :class:`~netpress.errors.ArtefactError` naming the file.
 """
 
 from __future__ import annotations
@@ -26,18 +34,36 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-import safetensors.numpy
 import torch
 import zstandard
 from torch import nn
 
-from netpress._atomic import atomic_write
+from netpress._atomic import atomic_path
 from netpress._inputs import call_model
 from netpress.errors import ArtefactError, ModelError, NetpressError
-from netpress.export.codec import bits_equal, decode_tensor, encode_tensor
+from netpress.export._container import (
+    CONTAINER_VERSION,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_EXPANSION,
+    MAX_HEADER_BYTES,
+    check_digest,
+    check_payload,
+    guard,
+    model_hash,
+    read_head,
+)
+from netpress.export._payload import (
+    SourceLike,
+    digest_payload,
+    open_source,
+    read_tensors,
+    write_payload,
+)
+from netpress.export.codec import bits_equal, encode_tensor
 from netpress.export.graph import eval_mode, graph_from_json, graph_tensors, graph_to_json, trace
 from netpress.export.modules import apply_specs, leaf_specs
 
@@ -45,22 +71,15 @@ __all__ = [
     "MAGIC",
     "CONTAINER_VERSION",
     "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "MAX_EXPANSION",
     "LoadedArtefact",
     "dumps_artefact",
     "save_artefact",
     "load_artefact",
     "read_header",
+    "model_digest",
 ]
-
-CONTAINER_VERSION = 1
-MAGIC = b"NPRESS\x00" + bytes([CONTAINER_VERSION])
-FORMAT_VERSION = 1
-_PREFIX = len(MAGIC) + 8
-_MAX_HEADER = 1 << 30  # bytes, compressed or not
-# zstd level 19 makes float payloads only ~1.5% smaller than level 3 but runs ~60x slower
-# (~3 MB/s): worth it for small payloads, not for large ones.
-_SLOW_LEVEL, _FAST_LEVEL, _SLOW_LIMIT = 19, 3, 16 << 20
-Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,7 @@ class LoadedArtefact:
     recipe: dict[str, Any] | None
     metadata: dict[str, Any]
     header: dict[str, Any]
+    model_digest: str = ""
 
 
 def _netpress_version() -> str:
@@ -93,12 +113,16 @@ def _json_bytes(obj: Any, what: str) -> bytes:
 
 # -- saving ------------------------------------------------------------------------------------
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+    """The state_dict with its own objects (``keep_vars``): ties are found by identity."""
+    state = model.state_dict(keep_vars=True)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ModelError(f"state_dict entry '{key}' of {type(model).__name__} is a "
                              f"{type(value).__name__}, not a tensor; artefacts store tensors only")
-    return {k: v.detach() for k, v in state.items()}
+        if value.is_meta:
+            raise ModelError(f"tensor '{key}' of {type(model).__name__} is on the meta device "
+                             "(it has no data); load real weights before saving")
+    return state
 
 
 def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
@@ -107,7 +131,7 @@ def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
     gm = trace(model)
     graph = graph_to_json(gm)
     extra = {k: v for k, v in graph_tensors(gm).items() if k not in state}
-    rebuilt = graph_from_json(graph, {**state, **extra})
+    rebuilt = graph_from_json(graph, {**{k: v.detach() for k, v in state.items()}, **extra})
     if example_inputs is not None:
         try:
             with torch.no_grad():
@@ -123,10 +147,14 @@ def _capture_graph(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 def _architecture(model: nn.Module, state: Mapping[str, torch.Tensor],
                   example_inputs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from netpress.models.hf import transformers_spec
     from netpress.prune.surgery import size_attributes
 
     arch: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                             "attributes": size_attributes(model)}
+    hf = transformers_spec(model)  # transformers models rebuild from their config
+    if hf is not None:
+        arch["transformers"] = hf
     with eval_mode(model):
         arch["modules"] = leaf_specs(model)
         try:
@@ -140,20 +168,58 @@ def _architecture(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 
 def _encode_all(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Codec metadata by tensor name and payload arrays by key; shared tensors stored once."""
+    """Codec metadata by tensor name and payload arrays by key; shared tensors stored once
+    (``alias_of``), and marked ``tied`` when they are one object (one Parameter)."""
     metas: dict[str, Any] = {}
     arrays: dict[str, Any] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for name, t in tensors.items():
         key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if t.numel() and key in seen:
-            metas[name] = {"alias_of": seen[key]}
+            first = seen[key]
+            metas[name] = {"alias_of": first, **({"tied": True} if t is tensors[first] else {})}
             continue
         seen[key] = name
-        meta, parts = encode_tensor(t, name=name)
+        meta, parts = encode_tensor(t.detach(), name=name)
         metas[name] = meta
         arrays.update({f"{name}/{k}": np.ascontiguousarray(a) for k, a in parts.items()})
     return metas, arrays
+
+
+def _build(model: nn.Module, recipe: dict[str, Any] | None, metadata: dict[str, Any] | None,
+           example_inputs: Any, level: int | None) -> tuple[bytes, list[bytes]]:
+    """The container prefix and header, and the payload in compressed pieces."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected an nn.Module to save, got {type(model).__name__}")
+    recipe_json, metadata_json = _json_bytes(recipe, "recipe"), _json_bytes(metadata or {},
+                                                                            "metadata")
+    state = _state_tensors(model)
+    architecture, extra = _architecture(model, state, example_inputs)
+    metas, arrays = _encode_all({**state, **extra})
+    section = {"tensors": metas, "state_dict": list(state), "architecture": architecture}
+    section = json.loads(_json_bytes(section, "the model description"))
+    digest = model_hash(section)
+    chunks, raw = write_payload(arrays, level, digest)
+    del arrays
+    sha = hashlib.sha256()
+    for c in chunks:
+        sha.update(c)
+    header = {
+        "format": "netpress", "format_version": FORMAT_VERSION,
+        "netpress_version": _netpress_version(), "torch_version": torch.__version__,
+        "payload_codec": "zstd", "payload_format": "safetensors",
+        "payload_bytes": sum(len(c) for c in chunks), "payload_raw_bytes": raw,
+        "payload_sha256": sha.hexdigest(), "model_digest": f"sha256:{digest.hexdigest()}",
+        **section,
+        "recipe": json.loads(recipe_json), "metadata": json.loads(metadata_json),
+    }
+    head = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(
+        _json_bytes(header, "header"))
+    if len(head) > MAX_HEADER_BYTES:
+        raise ArtefactError(f"cannot write the artefact: its header takes {len(head)} bytes, "
+                            f"more than the {MAX_HEADER_BYTES} a reader accepts; store less "
+                            "in recipe/metadata")
+    return MAGIC + struct.pack("<Q", len(head)) + head, chunks
 
 
 def dumps_artefact(model: nn.Module, *, recipe: dict[str, Any] | None = None,
@@ -164,32 +230,11 @@ def dumps_artefact(model: nn.Module, *, recipe: dict[str, Any] | None = None,
     ``recipe``/``metadata`` must be strict JSON. With ``example_inputs`` the stored graph is
     checked to reproduce the model's outputs bit for bit (else it is dropped and the
     artefact needs ``model=`` to load). ``level`` is the zstd level; by default 19 for payloads
-    up to 16 MiB, 3 above (19 gains ~1.5% there at ~60x the time).
+    up to 16 MiB, 3 above (19 gains ~1.5% there at ~60x the time). The same model, recipe and
+    metadata always give the same bytes.
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"expected an nn.Module to save, got {type(model).__name__}")
-    recipe_json, metadata_json = _json_bytes(recipe, "recipe"), _json_bytes(metadata or {},
-                                                                            "metadata")
-    state = _state_tensors(model)
-    architecture, extra = _architecture(model, state, example_inputs)
-    metas, arrays = _encode_all({**state, **extra})
-    raw = safetensors.numpy.save(arrays)
-    if level is None:
-        level = _SLOW_LEVEL if len(raw) <= _SLOW_LIMIT else _FAST_LEVEL
-    payload = zstandard.ZstdCompressor(level=level).compress(raw)
-    header = {
-        "format": "netpress", "format_version": FORMAT_VERSION,
-        "netpress_version": _netpress_version(), "torch_version": torch.__version__,
-        "payload_codec": "zstd", "payload_format": "safetensors",
-        "payload_bytes": len(payload), "payload_raw_bytes": len(raw),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "tensors": metas, "state_dict": list(state),
-        "recipe": json.loads(recipe_json), "metadata": json.loads(metadata_json),
-        "architecture": architecture,
-    }
-    head = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(
-        _json_bytes(header, "header"))
-    return b"".join((MAGIC, struct.pack("<Q", len(head)), head, payload))
+    head, chunks = _build(model, recipe, metadata, example_inputs, level)
+    return b"".join((head, *chunks))
 
 
 def save_artefact(path: str | os.PathLike[str], model: nn.Module, *,
@@ -207,173 +252,77 @@ def save_artefact(path: str | os.PathLike[str], model: nn.Module, *,
                             "create it first")
     if target.is_dir():
         raise ArtefactError(f"cannot save to '{target}': it is a folder; give a file name")
-    data = dumps_artefact(model, recipe=recipe, metadata=metadata,
-                          example_inputs=example_inputs, level=level)
-    return atomic_write(target, data)
+    head, chunks = _build(model, recipe, metadata, example_inputs, level)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        for piece in (head, *chunks):
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(head) + sum(len(c) for c in chunks)
 
 
 # -- reading -----------------------------------------------------------------------------------
-def _read_source(source: Source, *, limit: int | None = None) -> tuple[bytes, str]:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        return (data if limit is None else data[:limit]), "<bytes>"
-    path = Path(source)
-    where = f"'{path}'"
-    if not path.exists():
-        raise ArtefactError(f"{where}: no such file")
-    if path.is_dir():
-        raise ArtefactError(f"{where} is a folder, not a .npress file")
-    with path.open("rb") as f:
-        return f.read() if limit is None else f.read(limit), where
+def read_header(source: SourceLike) -> dict[str, Any]:
+    """The checked JSON header of an artefact (no payload read, no model built)."""
+    with open_source(source) as src:
+        return read_head(src)[0]
 
 
-def _sniff(data: bytes) -> str:
-    """A guess at what a non-netpress file is, for the error message."""
-    if not data:
-        return "the file is empty"
-    if data.startswith(b"PK\x03\x04"):
-        return ("it is a zip archive, like a torch.save checkpoint; netpress never unpickles "
-                "files: load it with torch.load(..., weights_only=True) and save the model "
-                "with netpress.export.save_artefact")
-    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "it is a pickle (a legacy torch.save file?); netpress never unpickles files"
-    if len(data) >= 10 and data[8:10] == b'{"':
-        return "it looks like a safetensors file; load it with safetensors.torch.load_file"
-    if data.startswith(b"\x28\xb5\x2f\xfd"):
-        return "it is a zstd stream, not a netpress container"
-    if data.startswith(b"\x1f\x8b"):
-        return "it is gzip-compressed; decompress it first"
-    if data.startswith(b"NPRESS"):
-        return "its magic is damaged; the file is corrupted"
-    return f"it starts with {data[:16]!r}"
+def model_digest(source: SourceLike) -> str:
+    """``"sha256:<hex>"`` of the model an artefact holds, recomputed from its payload.
 
-
-def _split(data: bytes, where: str) -> tuple[dict[str, Any], bytes]:
-    """The parsed header and the payload bytes (checked against the header's size)."""
-    if len(data) < _PREFIX:
-        if data and MAGIC.startswith(data[: len(MAGIC)]):
-            raise ArtefactError(f"{where} is truncated ({len(data)} bytes); re-export it")
-        raise ArtefactError(f"{where} is not a netpress artefact: {_sniff(data)}")
-    if data[: len(MAGIC) - 1] != MAGIC[:-1]:
-        raise ArtefactError(f"{where} is not a netpress artefact: {_sniff(data)}")
-    if data[len(MAGIC) - 1] != CONTAINER_VERSION:
-        raise ArtefactError(f"{where} uses container version {data[len(MAGIC) - 1]}; this "
-                            f"netpress reads version {CONTAINER_VERSION}: upgrade netpress")
-    (size,) = struct.unpack("<Q", data[len(MAGIC):_PREFIX])
-    if size > _MAX_HEADER:
-        raise ArtefactError(f"{where} is corrupted: header length {size} is implausible")
-    if len(data) < _PREFIX + size:
-        raise ArtefactError(f"{where} is truncated: the header needs {size} bytes, only "
-                            f"{len(data) - _PREFIX} are present; re-export it")
-    header = _parse_header(data[_PREFIX:_PREFIX + size], where)
-    _check_header(header, where)
-    return header, data[_PREFIX + size:]
-
-
-def _parse_header(blob: bytes, where: str) -> Any:
-    try:
-        if not 0 <= zstandard.frame_content_size(blob) <= _MAX_HEADER:
-            raise zstandard.ZstdError("the frame does not declare a plausible size")
-        text = zstandard.ZstdDecompressor().decompress(blob)
-    except zstandard.ZstdError as exc:
-        raise ArtefactError(f"{where} is corrupted: cannot decompress its header ({exc})") \
-            from None
-    try:
-        return json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtefactError(f"{where} is corrupted: its header is not valid JSON ({exc})") \
-            from None
-
-
-def _check_header(header: Any, where: str) -> None:
-    if not isinstance(header, dict) or header.get("format") != "netpress":
-        raise ArtefactError(f"{where} is corrupted: its header is not a netpress header")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtefactError(f"{where} has format version {version!r}; this netpress reads "
-                            f"version {FORMAT_VERSION}: upgrade netpress")
-    expected = {"payload_bytes": int, "payload_raw_bytes": int, "payload_sha256": str,
-                "tensors": dict, "state_dict": list, "architecture": dict}
-    for key, kind in expected.items():
-        if not isinstance(header.get(key), kind):
-            raise ArtefactError(f"{where} is corrupted: header field '{key}' is missing or not "
-                                f"a {kind.__name__}")
-    if header.get("payload_codec") != "zstd" or header.get("payload_format") != "safetensors":
-        raise ArtefactError(f"{where}: unknown payload codec {header.get('payload_codec')!r}/"
-                            f"{header.get('payload_format')!r}; upgrade netpress")
-
-
-def read_header(source: Source) -> dict[str, Any]:
-    """The JSON header of an artefact (no payload read, no model built)."""
-    data, where = _read_source(source, limit=_PREFIX)
-    if len(data) == _PREFIX and data[: len(MAGIC)] == MAGIC:
-        (size,) = struct.unpack("<Q", data[len(MAGIC):])
-        if size <= _MAX_HEADER:
-            data, where = _read_source(source, limit=_PREFIX + size)
-    return _split(data, where)[0]
-
-
-def _payload_arrays(header: Mapping[str, Any], payload: bytes, where: str) -> dict[str, Any]:
-    expected = header["payload_bytes"]
-    if len(payload) < expected:
-        raise ArtefactError(f"{where} is truncated: the payload should be {expected} bytes, "
-                            f"only {len(payload)} are present; re-export it")
-    if len(payload) > expected:
-        raise ArtefactError(f"{where} is corrupted: {len(payload) - expected} unexpected bytes "
-                            "follow the payload")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header["payload_sha256"]:
-        raise ArtefactError(f"{where} is corrupted: payload checksum mismatch (SHA-256 "
-                            f"{digest[:12]}..., header says {str(header['payload_sha256'])[:12]}"
-                            "...); the file changed after it was written: re-export it")
-    try:
-        if zstandard.frame_content_size(payload) != header["payload_raw_bytes"]:
-            raise zstandard.ZstdError("frame size differs from the header's payload_raw_bytes")
-        raw = zstandard.ZstdDecompressor().decompress(payload)
-        return dict(safetensors.numpy.load(raw))
-    except Exception as exc:  # zstd / safetensors raise several types
-        raise ArtefactError(f"{where} is corrupted: cannot unpack the payload ({exc})") from None
-
-
-def _decode_all(header: Mapping[str, Any], arrays: Mapping[str, Any],
-                where: str) -> dict[str, torch.Tensor]:
-    metas: Mapping[str, Any] = header["tensors"]
-    grouped: dict[str, dict[str, Any]] = {name: {} for name in metas}
-    for key, arr in arrays.items():
-        name, _, part = key.rpartition("/")
-        if name not in grouped:
-            raise ArtefactError(f"{where} is inconsistent: payload array '{key}' belongs to no "
-                                "tensor in the header")
-        grouped[name][part] = arr
-    out: dict[str, torch.Tensor] = {}
-    aliases = {n: m["alias_of"] for n, m in metas.items()
-               if isinstance(m, dict) and "alias_of" in m}
-    try:
-        for name, meta in metas.items():
-            if name not in aliases:
-                out[name] = decode_tensor(meta, grouped[name], name=name)
-    except ArtefactError as exc:
-        raise ArtefactError(f"{where} is inconsistent: {exc}") from None
-    for name, target in aliases.items():
-        if target not in out:
-            raise ArtefactError(f"{where} is inconsistent: tensor '{name}' aliases unknown "
-                                f"tensor {target!r}")
-        out[name] = out[target]
-    return out
+    It covers the tensors (bit for bit), the state_dict keys and the architecture, not the
+    recipe, the metadata (the report's timings) or the compression level: two artefacts hold
+    the same model exactly when their digests are equal. ArtefactError for a damaged file.
+    """
+    with open_source(source) as src:
+        header, offset = read_head(src)
+        check_payload(src, offset, header, None)
+        digest = model_hash(header)
+        guard(src.where, "reading the payload",
+               lambda: digest_payload(src, offset, header, digest))
+        return check_digest(header, digest, src.where)
 
 
 # -- loading -----------------------------------------------------------------------------------
+def _template_copy(template: nn.Module, keys: list[str]) -> nn.Module:
+    """A deep copy of ``template`` in which the tensors ``keys`` will replace are meta
+    placeholders (no memory): the copy costs the template's structure, not its weights."""
+    state = template.state_dict(keep_vars=True)
+    memo: dict[int, Any] = {}
+    for key in keys:
+        t = state.get(key)
+        if isinstance(t, torch.Tensor) and id(t) not in memo:
+            blank = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(blank, t.requires_grad) \
+                if isinstance(t, nn.Parameter) else blank
+    return copy.deepcopy(template, memo)
+
+
+def _retie(model: nn.Module, metas: Mapping[str, Any]) -> None:
+    """Make every tensor stored as ``tied`` to another the very same object again."""
+    for name, meta in metas.items():
+        if not meta.get("tied"):
+            continue
+        owner_path, _, field = name.rpartition(".")
+        source_path, _, source_field = meta["alias_of"].rpartition(".")
+        try:
+            owner, source = model.get_submodule(owner_path), model.get_submodule(source_path)
+        except AttributeError:
+            continue
+        for table in ("_parameters", "_buffers"):
+            mine, theirs = getattr(owner, table), getattr(source, table)
+            if field in mine and source_field in theirs and mine[field] is not None:
+                mine[field] = theirs[source_field]
+
+
 def _into_template(template: nn.Module, header: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor], strict: bool, where: str) -> nn.Module:
-    model = copy.deepcopy(template)
+    model = _template_copy(template, header["state_dict"])
     try:
         apply_specs(model, header["architecture"].get("modules") or {}, strict=strict)
     except ArtefactError as exc:
         raise ArtefactError(f"{where}: {exc}") from None
-    missing = [k for k in header["state_dict"] if k not in tensors]
-    if missing:
-        raise ArtefactError(f"{where} is inconsistent: state_dict tensors {missing[:5]} are "
-                            "not stored")
     # Layers without a rebuildable spec (e.g. transformers' Conv1D) and head-count attributes
     # follow the stored shapes; standard layers were rebuilt from their specs above.
     from netpress.prune.surgery import reshape_template
@@ -387,6 +336,7 @@ def _into_template(template: nn.Module, header: Mapping[str, Any],
         reason = " ".join(str(exc).split())
         raise ArtefactError(f"{where}: the stored tensors do not fit the template "
                             f"{type(template).__name__}: {reason}") from None
+    _retie(model, header["tensors"])
     unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unfilled:
         raise ArtefactError(f"{where}: tensors {unfilled[:5]} of rebuilt modules are not stored "
@@ -402,38 +352,53 @@ def _from_graph(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
         reason = arch.get("graph_error") or "its graph was not recorded"
         raise ArtefactError(f"{where}: this artefact holds no graph because {reason}; pass "
                             "model=<an instance of the original architecture> to load it")
-    try:
-        return graph_from_json(graph, tensors)
-    except ArtefactError as exc:
-        raise ArtefactError(f"{where}: {exc}") from None
+    gm = graph_from_json(graph, tensors)
+    _retie(gm, header["tensors"])
+    return gm
 
 
 def _load_builtin_types() -> None:
     """Register netpress's own module types and tensor encodings (an explicit list, imported
     only when an artefact is loaded so ``import netpress`` stays light)."""
     import netpress.quant  # noqa: F401  (quantized layers + the packed_int encoding)
+    import netpress.reconstruct as _reconstruct  # noqa: F401  (group-quantized layers, nm_sparse)
 
 
-def load_artefact(source: Source, *, model: nn.Module | None = None,
-                  strict: bool = True) -> LoadedArtefact:
+def load_artefact(source: SourceLike, *, model: nn.Module | None = None, strict: bool = True,
+                  max_expansion: float | None = MAX_EXPANSION) -> LoadedArtefact:
     """Load an artefact (a path or its bytes) into a working model, in eval mode on the CPU.
 
     Without ``model`` the module is rebuilt from the stored graph (no user classes needed).
-    With ``model`` (a template: an instance of the original architecture) a deep copy of it
-    is used, its modules whose recorded spec differs (e.g. channels removed by structured
-    pruning) are rebuilt from the spec, and the tensors are loaded (``strict`` like
-    ``load_state_dict``). Raises ArtefactError naming the file for any defect.
+    With ``model`` (a template: an instance of the original architecture) a copy of it is
+    used (its weights are not copied: the stored ones replace them), its modules whose
+    recorded spec differs (e.g. channels removed by structured pruning) are rebuilt from the
+    spec, and the tensors are loaded (``strict`` like ``load_state_dict``). Tied parameters
+    come back as one Parameter. ``max_expansion`` refuses files whose model would be more
+    than that many times larger than their payload (above 64 MiB); netpress never writes
+    such files. Raises ArtefactError naming the file for any defect.
     """
     _load_builtin_types()
-    data, where = _read_source(source)
-    header, payload = _split(data, where)
-    tensors = _decode_all(header, _payload_arrays(header, payload, where), where)
+    with open_source(source) as src:
+        where = src.where
+        header, offset = read_head(src)
+        check_payload(src, offset, header, max_expansion)
+        digest = model_hash(header)
+        tensors = guard(where, "decoding the tensors",
+                         lambda: read_tensors(src, offset, header, digest))
+        value = check_digest(header, digest, where)
+    hf = header["architecture"].get("transformers")
+    if model is None and header["architecture"].get("graph") is None and hf is not None:
+        from netpress.models.hf import build_from_spec  # transformers models: from their config
+
+        model = build_from_spec(hf, where)
     if model is not None:
-        built = _into_template(model, header, tensors, strict, where)
+        built = guard(where, "loading into the template",
+                       lambda: _into_template(model, header, tensors, strict, where))
     else:
-        built = _from_graph(header, tensors, where)
+        built = guard(where, "rebuilding the graph", lambda: _from_graph(header, tensors, where))
     built.eval()
     recipe = header.get("recipe")
     metadata = header.get("metadata")
     return LoadedArtefact(model=built, recipe=recipe if isinstance(recipe, dict) else None,
-                          metadata=metadata if isinstance(metadata, dict) else {}, header=header)
+                          metadata=metadata if isinstance(metadata, dict) else {},
+                          header=header, model_digest=value)

@@ -190,8 +190,9 @@ def _from_planes(planes: np.ndarray, code: Any) -> np.ndarray:
     dtype = np.dtype("<" + code)
     if planes.dtype != np.uint8 or planes.ndim != 1 or planes.size % dtype.itemsize:
         raise ArtefactError(f"byte planes of {code} have the wrong size {planes.size}")
-    matrix = planes.reshape(dtype.itemsize, -1).T
-    return np.ascontiguousarray(matrix).view(dtype).reshape(-1).astype(dtype.newbyteorder("="))
+    out = np.empty(planes.size // dtype.itemsize, dtype=dtype)  # one allocation, no copies
+    out.view(np.uint8).reshape(-1, dtype.itemsize)[:] = planes.reshape(dtype.itemsize, -1).T
+    return out.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _meta_shape(meta: Mapping[str, Any], name: str) -> tuple[int, ...]:
@@ -204,8 +205,12 @@ def _meta_shape(meta: Mapping[str, Any], name: str) -> tuple[int, ...]:
 
 
 def decode_tensor(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
-                  name: str = "tensor") -> torch.Tensor:
-    """Rebuild the tensor :func:`encode_tensor` encoded; ArtefactError when inconsistent."""
+                  name: str = "tensor", owned: bool = False) -> torch.Tensor:
+    """Rebuild the tensor :func:`encode_tensor` encoded; ArtefactError when inconsistent.
+
+    With ``owned=True`` the caller hands ``arrays`` over: the tensor may use their memory
+    instead of a copy (the artefact loader does this to keep one copy of the model).
+    """
     if not isinstance(meta, Mapping):
         raise ArtefactError(f"tensor '{name}': metadata is not a JSON object")
     dtype = DTYPES.get(str(meta.get("dtype")))
@@ -231,18 +236,28 @@ def decode_tensor(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         bits = enc.decode(meta, arrays, numel, bits_dtype)
     except ArtefactError as exc:
         raise ArtefactError(f"tensor '{name}': {exc}") from None
-    if bits.dtype != bits_dtype or bits.shape != (numel,):
-        raise ArtefactError(f"tensor '{name}': {enc.name} decoded {bits.shape} {bits.dtype}, "
+    except MemoryError:
+        raise
+    except Exception as exc:  # a registered decoder may raise anything on bad input
+        raise ArtefactError(f"tensor '{name}': the {enc.name} encoding cannot decode it "
+                            f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(bits, np.ndarray) or bits.dtype != bits_dtype or bits.shape != (numel,):
+        got = f"{bits.shape} {bits.dtype}" if isinstance(bits, np.ndarray) else type(bits)
+        raise ArtefactError(f"tensor '{name}': {enc.name} decoded {got}, "
                             f"expected ({numel},) {bits_dtype}")
     if dtype == torch.bool and bool((bits > 1).any()):
         raise ArtefactError(f"tensor '{name}': a bool tensor holds bytes other than 0 and 1")
-    signed = np.ascontiguousarray(bits).view(_NUMPY_BITS[bits_dtype.itemsize]).copy()
+    signed = bits.view(_NUMPY_BITS[bits_dtype.itemsize])
+    if not (owned and signed.flags.writeable and signed.flags.c_contiguous):
+        signed = signed.copy()  # never share memory with arrays the caller keeps
     return torch.from_numpy(signed).view(dtype).reshape(shape)
 
 
 def _check_array(arrays: Mapping[str, np.ndarray], key: str, dtype: np.dtype[Any], size: int,
                  what: str) -> np.ndarray:
-    arr = arrays[key]
+    arr = arrays.get(key)
+    if arr is None:
+        raise ArtefactError(f"{what} needs array '{key}', which the tensor does not list")
     if arr.dtype != dtype or arr.ndim != 1 or arr.size != size:
         raise ArtefactError(f"{what} array '{key}' is {arr.dtype} of shape {arr.shape}, "
                             f"expected {dtype} of shape ({size},)")

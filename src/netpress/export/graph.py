@@ -3,32 +3,29 @@
 :func:`trace` flattens user container classes into one graph whose leaves are the modules
 :mod:`netpress.export.modules` can rebuild. :func:`graph_to_json` turns it into JSON (nodes,
 the specs of called modules, the kinds of fetched attributes); :func:`graph_from_json` rebuilds
-a ``GraphModule`` from that JSON and the stored tensors. Loading resolves call targets **only**
-through :data:`FUNCTIONS` (safe torch / functional / operator / math callables) and
-:data:`METHODS` (tensor method names), and checks every name fx will put into the code it
-generates, so no text from a file can reach Python code.
+a ``GraphModule`` from that JSON and the stored tensors (:mod:`._graph_build`). Loading resolves
+call targets **only** through :data:`FUNCTIONS` (safe torch / functional / operator / math
+callables) and :data:`METHODS` (tensor method names) (:mod:`._allowlist`), and checks every
+name fx will put into the code it generates, so no text from a file can reach Python code.
 """
 
 from __future__ import annotations
 
-import keyword
-import math
-import operator
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import MappingProxyType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from netpress.errors import ArtefactError, ModelError
-from netpress.export.modules import build_module, decode_value, encode_value, module_spec
+from netpress.errors import ModelError
+from netpress.export._allowlist import ATTRIBUTES, FUNCTIONS, GRAPH_VERSION, METHODS, function_name
+from netpress.export._graph_build import IDENT, fetch, graph_from_json
+from netpress.export.modules import encode_value, module_spec
 
 __all__ = [
     "FUNCTIONS",
+    "ATTRIBUTES",
     "METHODS",
     "GRAPH_VERSION",
     "trace",
@@ -37,66 +34,6 @@ __all__ = [
     "graph_from_json",
     "eval_mode",
 ]
-
-GRAPH_VERSION = 1
-
-_TORCH = """abs acos add addcdiv addcmul addmm all allclose amax amin any arange argmax argmin
-argsort asin atan atan2 baddbmm bmm broadcast_to cat ceil chunk clamp clamp_max clamp_min clip
-clone concat concatenate conv1d conv2d conv3d conv_transpose1d conv_transpose2d cos cosh cumprod
-cumsum diag diagonal div einsum empty_like eq erf erfc exp expand_copy expm1 eye flatten flip
-floor floor_divide fmod full full_like gather ge gelu gt hardtanh hstack index_select isfinite
-isinf isnan layer_norm le lerp log log10 log1p log2 log_softmax logical_and logical_not
-logical_or logsumexp lt masked_fill matmul max maximum mean min minimum mm movedim mul narrow ne
-neg norm numel ones ones_like outer permute pow prod reciprocal relu remainder repeat_interleave
-reshape roll round rsqrt select sigmoid sign sin sinh softmax sort split sqrt square squeeze
-stack std sub sum t take tanh tensor_split tile topk transpose tril triu true_divide trunc
-unbind unflatten unsqueeze var vstack where zeros zeros_like _assert""".split()
-_FUNCTIONAL = """adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d
-adaptive_max_pool2d avg_pool1d avg_pool2d avg_pool3d batch_norm celu conv1d conv2d conv3d
-conv_transpose1d conv_transpose2d cosine_similarity dropout dropout1d dropout2d elu embedding
-fold gelu glu group_norm hardsigmoid hardswish hardtanh instance_norm interpolate layer_norm
-leaky_relu linear log_softmax logsigmoid max_pool1d max_pool2d max_pool3d mish normalize
-one_hot pad pixel_shuffle pixel_unshuffle prelu relu relu6 rms_norm scaled_dot_product_attention
-selu sigmoid silu softmax softmin softplus softsign tanh tanhshrink unfold""".split()
-_OPERATOR = """add sub mul truediv floordiv mod pow matmul neg pos abs invert getitem eq ne lt le
-gt ge and_ or_ xor lshift rshift not_ iadd isub imul itruediv""".split()
-_MATH = "sqrt floor ceil log exp pow".split()
-
-
-def _function_table() -> Mapping[str, Callable[..., Any]]:
-    table: dict[str, Callable[..., Any]] = {}
-    for prefix, namespace, names in (("torch.nn.functional", F, _FUNCTIONAL),
-                                     ("torch", torch, _TORCH), ("operator", operator, _OPERATOR),
-                                     ("math", math, _MATH)):
-        for n in names:
-            fn = getattr(namespace, n, None)
-            if callable(fn):
-                table[f"{prefix}.{n}"] = fn
-    table["getattr"] = getattr  # attribute names restricted to _ATTRIBUTES
-    return MappingProxyType(table)
-
-
-FUNCTIONS: Mapping[str, Callable[..., Any]] = _function_table()
-"""Every callable a stored graph may call, by the name the artefact uses."""
-_NAMES: Mapping[Any, str] = MappingProxyType(
-    {fn: name for name, fn in reversed(list(FUNCTIONS.items()))})
-
-METHODS: frozenset[str] = frozenset("""abs add add_ addcmul all amax amin any argmax argmin
-argsort bfloat16 bmm bool chunk clamp clamp_ clamp_max clamp_min clip clone contiguous cos cumsum
-detach dim div div_ double eq exp expand expand_as flatten flip float floor gather ge gelu gt half
-index_select int isnan le log log_softmax long lt masked_fill masked_fill_ matmul max mean min
-mul mul_ narrow ne neg new_full new_ones new_zeros norm numel permute pow prod reciprocal relu
-relu_ repeat reshape reshape_as roll round rsqrt select sigmoid sigmoid_ sign sin size softmax
-split sqrt square squeeze std sub sub_ sum t tanh to topk transpose tril triu type_as unbind
-unflatten unsqueeze var view view_as where zero_""".split())
-"""Every tensor method name a stored graph may call."""
-_ATTRIBUTES = frozenset("shape dtype device ndim T mT is_cuda real imag".split())
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*\Z")
-_PATH_PART = re.compile(r"[A-Za-z0-9_]+\Z")
-_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
-
 
 class _Tracer(fx.Tracer):
     """Leaves are the modules in ``leaves`` (by id); remembers where tracing failed."""
@@ -148,7 +85,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise ModelError(f"torch.fx cannot trace {type(model).__name__}{where}: "
                          f"{type(exc).__name__}: {str(exc).strip()}") from exc
     name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, class_name=name if _IDENT.match(name) else "Traced")
+    gm = fx.GraphModule(tracer.root, graph, class_name=name if IDENT.match(name) else "Traced")
     _keep_non_persistent(model, gm)
     return gm
 
@@ -168,16 +105,9 @@ def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _attr_kind(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
     target = str(node.target)
-    value = _fetch(gm, target)
+    value = fetch(gm, target)
     if not isinstance(value, torch.Tensor):
         raise ModelError(f"node '{node.name}' fetches {target!r}, a {type(value).__name__}; "
                          "only tensor attributes can be stored")
@@ -193,26 +123,18 @@ def _attr_kind(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
 
 def _node_target(node: fx.Node) -> str:
     if node.op == "call_function":
-        name = _NAMES.get(node.target) if _hashable(node.target) else None
+        name = function_name(node.target)
         if name is None:
             raise ModelError(f"node '{node.name}' calls {_qualname(node.target)}, which is not in "
                              "netpress's graph allowlist (netpress.export.graph.FUNCTIONS)")
-        if name == "getattr" and (len(node.args) != 2 or node.args[1] not in _ATTRIBUTES):
+        if name == "getattr" and (len(node.args) != 2 or node.args[1] not in ATTRIBUTES):
             raise ModelError(f"node '{node.name}' reads attribute {node.args[1:]!r}; allowed: "
-                             f"{', '.join(sorted(_ATTRIBUTES))}")
+                             f"{', '.join(sorted(ATTRIBUTES))}")
         return name
     if node.op == "call_method" and node.target not in METHODS:
         raise ModelError(f"node '{node.name}' calls tensor method {node.target!r}, which is not "
                          "in netpress's graph allowlist (netpress.export.graph.METHODS)")
     return str(node.target)
-
-
-def _hashable(x: Any) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _qualname(target: Any) -> str:
@@ -262,153 +184,10 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             for key, t in gm.get_submodule(str(node.target)).state_dict().items():
                 out[f"{node.target}.{key}"] = t
         elif node.op == "get_attr":
-            value = _fetch(gm, str(node.target))
+            value = fetch(gm, str(node.target))
             if isinstance(value, torch.Tensor):
                 out[str(node.target)] = value.detach()
     return out
-
-
-# -- loading -----------------------------------------------------------------------------------
-def _check_path(path: Any, what: str) -> str:
-    parts = path.split(".") if isinstance(path, str) else [""]
-    if not all(_PATH_PART.match(p) and not p.startswith("__") and not keyword.iskeyword(p)
-               for p in parts):
-        raise ArtefactError(f"{what} {path!r} is not a dotted path of identifiers")
-    return str(path)
-
-
-def _holder(root: nn.Module, parts: list[str]) -> nn.Module:
-    """The module at ``parts`` below ``root``, creating empty modules on the way."""
-    m = root
-    for part in parts:
-        child = m._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            m.add_module(part, child)
-        m = child
-    return m
-
-
-def _install_module(root: nn.Module, path: str, spec: Any,
-                    tensors: Mapping[str, torch.Tensor]) -> None:
-    module = build_module(spec)
-    prefix = f"{path}."
-    wanted = list(module.state_dict())
-    missing = [k for k in wanted if prefix + k not in tensors]
-    if missing:
-        raise ArtefactError(f"module '{path}' needs tensors {missing} that the artefact lacks")
-    try:
-        module.load_state_dict({k: tensors[prefix + k] for k in wanted}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ArtefactError(f"the stored tensors do not fit module '{path}': {exc}") from None
-    *parents, field = path.split(".")
-    _holder(root, parents).add_module(field, module)
-
-
-def _install_attr(root: nn.Module, target: str, info: Any,
-                  tensors: Mapping[str, torch.Tensor]) -> None:
-    *parents, field = target.split(".")
-    owner = _holder(root, parents)
-    if field in owner._parameters or field in owner._buffers:
-        return  # part of a rebuilt module's state
-    if target not in tensors:
-        raise ArtefactError(f"attribute '{target}' is fetched by the graph but not stored")
-    kind = info.get("kind") if isinstance(info, dict) else None
-    t = tensors[target]
-    if kind == "parameter":
-        grad = bool(info.get("requires_grad", True)) and (t.is_floating_point() or t.is_complex())
-        owner.register_parameter(field, nn.Parameter(t, requires_grad=grad))
-    elif kind in ("buffer", "constant"):
-        owner.register_buffer(field, t, persistent=bool(info.get("persistent", True)))
-    else:
-        raise ArtefactError(f"attribute '{target}' has unknown kind {kind!r}")
-
-
-def _resolve_target(op: str, target: Any, name: str) -> Any:
-    if op == "call_function":
-        if not isinstance(target, str) or target not in FUNCTIONS:
-            raise ArtefactError(f"node '{name}' calls {target!r}, which is not in netpress's "
-                                "graph allowlist; the artefact was edited or made by a newer "
-                                "netpress (upgrade netpress, or load with model=)")
-        return FUNCTIONS[target]
-    if op == "call_method":
-        if target not in METHODS:
-            raise ArtefactError(f"node '{name}' calls tensor method {target!r}, which is not in "
-                                "netpress's graph allowlist")
-        return target
-    if op in ("call_module", "get_attr"):
-        return _check_path(target, f"node '{name}' target")
-    if op == "placeholder":
-        if not isinstance(target, str) or not _PLACEHOLDER.match(target) \
-                or keyword.iskeyword(target.lstrip("*")):
-            raise ArtefactError(f"placeholder '{name}' has invalid argument name {target!r}")
-        return target
-    return "output"
-
-
-def _build_graph(nodes: Any) -> fx.Graph:
-    if not isinstance(nodes, list):
-        raise ArtefactError("graph 'nodes' is not a list")
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-
-    def ref(tag: str, body: Any) -> fx.Node:
-        if tag != "node" or not isinstance(body, str) or body not in env:
-            raise ArtefactError(f"unknown reference {{{tag!r}: {body!r}}} (nodes must come "
-                                "after the nodes they use)")
-        return env[body]
-
-    for n in nodes:
-        if not isinstance(n, dict) or n.get("op") not in _OPS:
-            raise ArtefactError(f"malformed graph node {n!r:.120}")
-        name, op = n.get("name"), n["op"]
-        if not isinstance(name, str) or not _IDENT.match(name) or name in env:
-            raise ArtefactError(f"graph node name {name!r} is invalid or repeated")
-        target = _resolve_target(op, n.get("target"), name)
-        args = decode_value(n.get("args", []), ref)
-        kwargs = n.get("kwargs", {})
-        if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(
-                isinstance(k, str) and _IDENT.match(k) for k in kwargs):
-            raise ArtefactError(f"node '{name}' has malformed args or kwargs")
-        if target is getattr and (len(args) != 2 or args[1] not in _ATTRIBUTES):
-            raise ArtefactError(f"node '{name}' reads a disallowed attribute {args[1:]!r}")
-        env[name] = graph.create_node(op, target, tuple(args),
-                                      {k: decode_value(v, ref) for k, v in kwargs.items()}, name)
-    return graph
-
-
-def graph_from_json(d: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
-    """Rebuild the GraphModule :func:`graph_to_json` described, with ``tensors`` by name.
-
-    Raises ArtefactError naming the node, module or target that cannot be rebuilt.
-    """
-    if not isinstance(d, Mapping) or d.get("version") != GRAPH_VERSION:
-        version = d.get("version") if isinstance(d, Mapping) else d
-        raise ArtefactError(f"unsupported graph version {version!r} (this netpress reads "
-                            f"{GRAPH_VERSION}); upgrade netpress")
-    modules, attrs = d.get("modules", {}), d.get("attrs", {})
-    if not isinstance(modules, dict) or not isinstance(attrs, dict):
-        raise ArtefactError("graph 'modules' and 'attrs' must be JSON objects")
-    root = nn.Module()
-    for path, spec in modules.items():
-        _install_module(root, _check_path(path, "module path"), spec, tensors)
-    for target, info in attrs.items():
-        _install_attr(root, _check_path(target, "attribute"), info, tensors)
-    graph = _build_graph(d.get("nodes"))
-    for node in graph.nodes:
-        target = str(node.target)
-        owner = target.rpartition(".")[0]
-        if (node.op == "call_module" and target not in modules) or (
-                node.op == "get_attr" and target not in attrs and owner not in modules):
-            raise ArtefactError(f"node '{node.name}' uses '{target}', which the graph does not "
-                                "declare in its modules/attrs")
-    try:
-        graph.lint()
-        gm = fx.GraphModule(root, graph, class_name="NetpressGraph")
-    except Exception as exc:
-        raise ArtefactError(f"the stored graph is inconsistent: {type(exc).__name__}: {exc}") \
-            from None
-    return gm.eval()
 
 
 @contextmanager

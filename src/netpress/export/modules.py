@@ -34,6 +34,8 @@ __all__ = [
     "register_module_type",
     "module_spec",
     "build_module",
+    "allowed_kwargs",
+    "MAX_INIT_BYTES",
     "leaf_specs",
     "apply_specs",
     "encode_value",
@@ -178,8 +180,12 @@ def decode_value(j: Any, ref: Callable[[str, Any], Any] | None = None) -> Any:
     if tag == "tuple":
         return tuple(dec(x) for x in body)
     if tag == "size":
-        return torch.Size([int(d) for d in body])
-    if tag == "slice" and len(body) == 3:
+        if not all(type(d) is int for d in body):
+            raise ArtefactError(f"malformed size value {body!r:.80}: sizes are integers")
+        return torch.Size(body)
+    if tag == "slice":
+        if len(body) != 3:
+            raise ArtefactError(f"malformed slice value {body!r:.80}: expected 3 items")
         return slice(*(dec(x) for x in body))
     if tag == "dict" and isinstance(body, dict):
         return {str(k): dec(x) for k, x in body.items()}
@@ -274,12 +280,43 @@ def module_spec(m: nn.Module) -> Spec | None:
     return spec
 
 
+def allowed_kwargs(factory: FromSpec, *, registered: bool = False) -> frozenset[str] | None:
+    """The keyword arguments a spec may pass to ``factory``: its named parameters except
+    ``device``, ``dtype`` and ``_private`` ones. ``None`` (any such name) only for a
+    registered ``from_spec`` that takes ``**kwargs``; containers take none."""
+    if factory in _CONTAINERS:
+        return frozenset()
+    params = list(inspect.signature(factory).parameters.values())
+    if registered and any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in ("self", "device", "dtype") and not p.name.startswith("_"))
+
+
+def _check_kwargs(type_name: str, factory: FromSpec, kwargs: Mapping[str, Any],
+                  registered: bool) -> None:
+    allowed = allowed_kwargs(factory, registered=registered)
+    bad = sorted(k for k in kwargs if (k in ("device", "dtype") or k.startswith("_")
+                                       or (allowed is not None and k not in allowed)))
+    if bad:
+        raise ArtefactError(f"module spec {type_name} passes kwargs {bad[:5]}, which are not "
+                            f"among its allowed arguments {sorted(allowed or ())}")
+
+
+MAX_INIT_BYTES = 64 << 20
+"""The most a module that must be built on the CPU (one with non-persistent buffers, which
+only ``__init__`` fills) may allocate before its stored tensors replace its parameters."""
+
+
 def build_module(spec: Mapping[str, Any], *, device: str | None = None) -> nn.Module:
     """Build the module ``spec`` describes, on ``device``; ArtefactError when it cannot.
 
-    Without ``device`` the module is built on the meta device (no memory, no init cost) unless
-    it has non-persistent buffers, which only ``__init__`` can fill: then on the CPU. The
-    caller assigns the stored tensors (``load_state_dict(..., assign=True)``).
+    Only the constructor's own arguments pass (never ``device``, ``dtype`` or private ones).
+    Without ``device`` the module is built on the meta device (no memory, no init cost); one
+    with non-persistent buffers, which only ``__init__`` can fill, is then built again on the
+    CPU if that takes at most :data:`MAX_INIT_BYTES`. The caller assigns the stored tensors
+    (``load_state_dict(..., assign=True)``).
     """
     type_name = spec.get("type") if isinstance(spec, Mapping) else None
     raw_kwargs = spec.get("kwargs", {}) if isinstance(spec, Mapping) else None
@@ -288,20 +325,34 @@ def build_module(spec: Mapping[str, Any], *, device: str | None = None) -> nn.Mo
     entry = _REGISTRY.get(type_name)
     factory: FromSpec | None = entry.from_spec if entry else ALLOWED_MODULES.get(type_name)
     if factory is None:
-        raise ArtefactError(f"module type {type_name!r} is not one netpress can rebuild "
+        raise ArtefactError(f"module type {type_name!r:.80} is not one netpress can rebuild "
                             "(not an allowlisted torch.nn class nor a registered type); "
                             "pass model= with an instance of the original architecture")
     kwargs = {str(k): decode_value(v) for k, v in raw_kwargs.items()}
+    _check_kwargs(type_name, factory, kwargs, entry is not None)
     try:
         if device is not None:
             return _construct(factory, kwargs, device)
-        try:
-            module = _construct(factory, kwargs, "meta")
-        except Exception:  # an __init__ that needs real data: build it for real
-            return _construct(factory, kwargs, "cpu")
-        return _construct(factory, kwargs, "cpu") if _has_unsaved_buffers(module) else module
+        module = _construct(factory, kwargs, "meta")
+    except MemoryError:
+        raise
     except Exception as exc:  # a constructor rejecting its kwargs raises anything
-        raise ArtefactError(f"cannot build {type_name} from kwargs {raw_kwargs}: {exc}") from None
+        raise ArtefactError(f"cannot build {type_name} from kwargs {raw_kwargs!r:.200}: "
+                            f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if not _has_unsaved_buffers(module):
+        return module
+    need = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    if need > MAX_INIT_BYTES:
+        raise ArtefactError(f"{type_name} has non-persistent buffers, so it must be built on "
+                            f"the CPU, and would allocate {need} bytes there (limit "
+                            f"{MAX_INIT_BYTES}); its kwargs {raw_kwargs!r:.120} are implausible")
+    try:
+        return _construct(factory, kwargs, "cpu")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ArtefactError(f"cannot build {type_name} on the CPU: {type(exc).__name__}: "
+                            f"{str(exc)[:200]}") from None
 
 
 def _construct(factory: FromSpec, kwargs: dict[str, Any], device: str) -> nn.Module:

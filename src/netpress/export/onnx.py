@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,28 @@ __all__ = ["export_onnx", "export_artefact", "ort_session", "ort_run", "ort_late
            "optimized_op_types", "OrtModule"]
 
 
+class _KeywordInputs(nn.Module):
+    """A model called with keyword inputs, taking them positionally (in ``names`` order) and
+    returning its primary output, so the ONNX inputs keep the dict's names."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, tuple(names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        from netpress._inputs import primary_output
+
+        return primary_output(self.model(**dict(zip(self.names, inputs))))
+
+
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(
             isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
-    raise ModelError("export_onnx takes example_inputs as a tensor or a tuple of tensors "
-                     f"(got {type(example_inputs).__name__})")
+    raise ModelError("export_onnx takes example_inputs as a tensor, a tuple of tensors or a "
+                     f"dict of tensors (got {type(example_inputs).__name__})")
 
 
 def _check_frozen(model: nn.Module) -> None:
@@ -116,12 +130,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                 opset: int = 17, dynamic_batch: bool = True) -> Path:
     """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
 
-    ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes; with
-    ``dynamic_batch`` the first dimension of every input and output is left free.
+    ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword inputs as
+    ``transformers`` models take, whose keys become the ONNX input names) fixes the input
+    shapes; with ``dynamic_batch`` the first dimension of every input and output is left
+    free. A model with dict inputs exports its primary output (``logits`` or
+    ``last_hidden_state``); inputs it does not read are dropped from the graph.
     """
     import onnx
 
-    inputs = _as_tuple(example_inputs)
+    keyword = isinstance(example_inputs, Mapping)
+    if keyword and not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
+        raise ModelError("export_onnx: every value of dict example_inputs must be a tensor")
+    inputs = tuple(example_inputs.values()) if keyword else _as_tuple(example_inputs)
     _check_frozen(model)
     meta = _target_metadata(model)
     _warn_if_inexact(meta, f"export_onnx({os.fspath(path)!r})")
@@ -132,6 +152,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             prepare()
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+    if keyword:
+        names = [str(k) for k in example_inputs]
+        work = _KeywordInputs(work, names)
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -189,10 +212,14 @@ def ort_session(path: str | os.PathLike[str], *, threads: int = 1,
     return session
 
 
-def ort_run(session: Any, *inputs: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Run ``session`` on positional inputs; the first output as a numpy array."""
-    feed = {i.name: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
-            for i, x in zip(session.get_inputs(), inputs)}
+def ort_run(session: Any, *inputs: torch.Tensor | np.ndarray,
+            **named: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Run ``session`` on positional inputs (in the session's input order) or named inputs
+    (names the graph does not take are skipped); the first output as a numpy array."""
+    wanted = [i.name for i in session.get_inputs()]
+    pairs = [*zip(wanted, inputs), *((k, v) for k, v in named.items() if k in wanted)]
+    feed = {k: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+            for k, x in pairs}
     out = session.run(None, feed)[0]
     assert isinstance(out, np.ndarray)
     return out
@@ -207,8 +234,8 @@ class OrtModule(nn.Module):
         super().__init__()
         self.session = ort_session(path, threads=threads)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(ort_run(self.session, *inputs))
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(ort_run(self.session, *inputs, **named))
 
 
 def optimized_op_types(path: str | os.PathLike[str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 * :mod:`~netpress.measure.fidelity`: pure metrics on output tensors (accuracy, agreement, KL...).
 * :mod:`~netpress.measure.tasks`: what "faithful" means for an output kind (:class:`Task`).
+* :mod:`~netpress.measure.text`: language models (perplexity, next-token agreement, KL, top-5),
+  sentence encoders (cosine, retrieval agreement), with padding masked out.
 * :mod:`~netpress.measure.collect`: run models over ``(inputs, labels)`` batches.
 * :mod:`~netpress.measure.size`, :mod:`~netpress.measure.macs`,
   :mod:`~netpress.measure.latency`: cost of a model.
@@ -58,6 +60,7 @@ from netpress.measure.tasks import (
     Task,
     as_task,
 )
+from netpress.measure.text import LanguageModelTask, SentenceEmbeddingTask
 
 __all__ = [
     "class_churn",
@@ -77,6 +80,8 @@ __all__ = [
     "MinAgreement",
     "check_all",
     "ClassificationTask",
+    "LanguageModelTask",
+    "SentenceEmbeddingTask",
     "EmbeddingTask",
     "FunctionTask",
     "LatencyStats",

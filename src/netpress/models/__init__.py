@@ -1,7 +1,9 @@
 """Reference model definitions: CIFAR ResNets, VGG, MobileNets and small digit/MNIST CNNs.
 
 Use :func:`build_model` with a name from :data:`MODELS`, or call the builders directly.
-Pretrained akamaster CIFAR ResNets load with :func:`load_pretrained_cifar_resnet`.
+Pretrained akamaster CIFAR ResNets load with :func:`load_pretrained_cifar_resnet`; local
+Hugging Face ``transformers`` directories with :func:`from_pretrained` (and compressed ones are
+written back with :func:`save_pretrained`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from netpress.models.cifar_resnet import (
     resnet44,
     resnet56,
 )
+from netpress.models.hf import from_pretrained, save_pretrained
 from netpress.models.small import (
     DigitsCNN,
     MNISTNet,
@@ -49,6 +52,7 @@ __all__ = [
     "build_model",
     "cifar_resnet",
     "find_pretrained",
+    "from_pretrained",
     "load_pretrained_cifar_resnet",
     "mnist_cnn",
     "mobilenet_v1_cifar",
@@ -57,6 +61,7 @@ __all__ = [
     "resnet32",
     "resnet44",
     "resnet56",
+    "save_pretrained",
     "vgg_cifar",
 ]
 

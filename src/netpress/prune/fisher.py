@@ -1,0 +1,121 @@
+"""Maths of post-training structured pruning (Kwon et al. 2022): pure functions on tensors.
+
+* A *unit* (attention head, FFN neuron) owns some input columns of the layer that reads it
+  (``o_proj`` for heads, ``down_proj`` for neurons). With a mask variable ``m_u`` scaling those
+  columns, the per-sample gradient is ``∂ℓ_b/∂m_u = Σ_{c∈u} Σ_t x_btc g_btc`` (input times
+  the gradient reaching that input), and the diagonal Fisher information of the mask is
+  ``F_u = Σ_b (∂ℓ_b/∂m_u)²`` (:func:`column_mask_grads`, :func:`unit_fisher`). Removing unit
+  ``u`` costs about ``F_u / 2`` in loss (second order, at a minimum).
+* :func:`select_by_ratio` removes the units of least Fisher per MAC first until a cost
+  budget is met, keeping a minimum per group (a greedy knapsack).
+* :func:`ridge_refit` refits the reading layer on calibration data: with the compressed
+  model's inputs ``X_c`` (kept columns, plus a ones column for the bias) and the original
+  model's outputs ``Y = X_o Wᵀ + b``, it solves
+  ``min ‖X̃_c Θ - Y‖² + λ‖Θ - Θ₀‖²`` where ``Θ₀`` holds the kept columns and bias: least
+  squares on the layer outputs, shrunk towards the original weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
+           "RefitStats"]
+
+
+def column_mask_grads(x: torch.Tensor, grad: torch.Tensor,
+                      real: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample gradient of a column mask: ``[B, C]`` from input ``x`` and its gradient
+    ``grad`` (both ``[B, ..., C]``); positions where ``real`` ([B, T]) is False count 0."""
+    prod = (x.double() * grad.double())
+    if real is not None and prod.dim() == 3:
+        prod = prod * real.to(prod.dtype).unsqueeze(-1)
+    return prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1)
+
+
+def unit_fisher(col_grads: torch.Tensor, columns: Sequence[np.ndarray]) -> torch.Tensor:
+    """``F_u = Σ_b (Σ_{c∈u} G[b, c])²`` for every unit (its columns in ``columns``)."""
+    per_unit = torch.stack([col_grads[:, torch.from_numpy(np.asarray(c)).long()].sum(1)
+                            for c in columns], dim=1)
+    return per_unit.pow(2).sum(0)
+
+
+def select_by_ratio(scores: Sequence[np.ndarray], costs: Sequence[float],
+                    minimum: Sequence[int], over_budget: Callable[[np.ndarray], bool],
+                    ) -> list[np.ndarray]:
+    """Boolean removal masks per group: units leave in order of ``score / cost`` (lowest
+    first) while a group keeps at least ``minimum`` units, until ``over_budget(removed)``
+    (removed: a concatenated mask over all groups) turns False. Binary search on the number
+    removed; ``over_budget`` must be monotone in it."""
+    order: list[tuple[float, int, int]] = []
+    for g, (s, cost) in enumerate(zip(scores, costs)):
+        ranked = np.argsort(s, kind="stable")
+        removable = len(s) - minimum[g]
+        for u in ranked[:max(0, removable)]:
+            order.append((float(s[u]) / max(cost, 1e-30), g, int(u)))
+    order.sort()
+    offsets = np.cumsum([0, *[len(s) for s in scores]])
+
+    def removed_of(n: int) -> np.ndarray:
+        mask = np.zeros(int(offsets[-1]), dtype=bool)
+        for _, g, u in order[:n]:
+            mask[offsets[g] + u] = True
+        return mask
+
+    lo, hi = 0, len(order)
+    if over_budget(removed_of(hi)):
+        raise ValueError(f"the target cannot be met while every group keeps its minimum "
+                         f"({len(order)} removable units)")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if over_budget(removed_of(mid)):
+            lo = mid + 1
+        else:
+            hi = mid
+    final = removed_of(lo)
+    return [final[offsets[g]:offsets[g + 1]] for g in range(len(scores))]
+
+
+class RefitStats:
+    """Running sums for :func:`ridge_refit`: ``X̃_cᵀX̃_c`` and ``X̃_cᵀX_o``."""
+
+    def __init__(self) -> None:
+        self.hessian: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, compressed: torch.Tensor, original: torch.Tensor) -> None:
+        """Rows of the compressed layer's inputs and the original layer's inputs (same
+        tokens, same order): ``[n, k]`` and ``[n, d]``."""
+        xc = torch.cat([compressed.double(), compressed.new_ones(compressed.shape[0], 1,
+                                                                 dtype=torch.float64)], 1)
+        xo = torch.cat([original.double(), original.new_ones(original.shape[0], 1,
+                                                             dtype=torch.float64)], 1)
+        h, c = xc.T @ xc, xc.T @ xo
+        self.hessian = h if self.hessian is None else self.hessian + h
+        self.cross = c if self.cross is None else self.cross + c
+        self.rows += int(compressed.shape[0])
+
+
+def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
+                stats: RefitStats, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(weight [out, k], bias [out])`` of a layer that now reads only the ``kept``
+    input columns of ``weight`` ([out, d]), fitted to reproduce the original outputs.
+
+    ``λ = damp * mean(diag(X̃_cᵀX̃_c))``; the bias is fitted too (zero if absent before).
+    """
+    if stats.hessian is None or stats.cross is None:
+        raise ValueError("no calibration rows were collected")
+    w = weight.double()
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    full = torch.cat([w, b[:, None]], 1)                    # [out, d + 1]
+    theta0 = torch.cat([w[:, kept], b[:, None]], 1).T      # [k + 1, out]
+    h = stats.hessian
+    lam = damp * float(h.diagonal().mean()) if float(h.diagonal().mean()) > 0 else damp
+    rhs = stats.cross @ full.T + lam * theta0              # X̃_cᵀ Y + λ Θ₀
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    theta = torch.linalg.solve(h + lam * eye, rhs)
+    return theta[:-1].T.to(weight.dtype), theta[-1].to(weight.dtype)

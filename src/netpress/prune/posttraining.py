@@ -1,0 +1,310 @@
+"""Post-training structured pruning of transformers: heads and FFN neurons, no retraining.
+
+``FisherPrune(macs=0.5)`` follows Kwon et al. 2022 ("A Fast Post-Training Pruning Framework
+for Transformers"): on a few calibration batches it
+
+1. maps the model's removable units with the channel graph (:mod:`netpress.graph`), the same
+   map :class:`~netpress.prune.structured.StructuredPrune` uses: attention heads (a key/value
+   head together with its query heads under grouped-query attention) and FFN neurons, each
+   read by one Linear layer (``o_proj`` / ``down_proj``, ``attention.output.dense`` /
+   ``output.dense``);
+2. scores every unit by the diagonal Fisher information of a mask on it
+   (:mod:`netpress.prune.fisher`), from per-sample gradients of the model's own loss: next
+   token cross-entropy for language models, cross-entropy on labels sampled from the model
+   for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
+3. removes the units of least Fisher per MAC until the MACs target is met;
+4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits each reading layer
+   by ridge least squares so that its outputs match the unpruned model's on the calibration
+   tokens (layer after layer, each seeing the already refitted layers before it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netpress._inputs import Inputs, call_model, move_to, primary_output
+from netpress.config import MethodConfig
+from netpress.context import Context
+from netpress.data import batches
+from netpress.errors import ModelError, RecipeError
+from netpress.graph import ChannelGraph, analyze
+from netpress.measure.collect import evaluating, model_device
+from netpress.measure.macs import count_macs
+from netpress.prune._attention import split_attention
+from netpress.prune.fisher import (
+    RefitStats,
+    column_mask_grads,
+    ridge_refit,
+    select_by_ratio,
+    unit_fisher,
+)
+from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.registry import register
+
+__all__ = ["FisherPrune", "fisher_prune"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FisherPrune(MethodConfig):
+    """Remove attention heads and FFN neurons to ``macs`` (a fraction of the reference
+    model's MACs) from calibration data alone (see the module docs).
+
+    ``calibration_batches``: batches used for the Fisher scores and the refit. ``refit``:
+    least-squares reconstruction of the layers that read the pruned units (``damp`` is the
+    ridge, relative to the mean input energy). ``min_units``: units every group keeps.
+    """
+
+    macs: float = 0.5
+    calibration_batches: int = 8
+    refit: bool = True
+    damp: float = 0.01
+    min_units: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = self.type_name()
+        if isinstance(self.macs, bool) or not isinstance(self.macs, (int, float)) \
+                or not 0 < self.macs <= 1:
+            raise RecipeError(f"{name}: macs={self.macs!r} must be a fraction in (0, 1]")
+        for field_name, low in (("calibration_batches", 1), ("min_units", 1), ("seed", 0)):
+            v = getattr(self, field_name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RecipeError(f"{name}: {field_name}={v!r} must be an int >= {low}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
+                or self.damp <= 0:
+            raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
+        if not isinstance(self.refit, bool):
+            raise RecipeError(f"{name}: refit must be true or false")
+
+
+@dataclass
+class _Group:
+    """A graph group whose units are read by exactly one Linear (its ``reader``)."""
+
+    index: int
+    reader: str
+    columns: list[np.ndarray]
+
+
+def _readers(model: nn.Module, graph: ChannelGraph) -> list[_Group]:
+    owners = {id(m.weight): name for name, m in model.named_modules()
+              if isinstance(m, nn.Linear)}
+    out = []
+    for i, g in enumerate(graph.groups):
+        reads = [(owners[pid], cols) for (pid, dim), cols in g.slices.items()
+                 if dim == 1 and pid in owners and id(graph.param(pid)) == pid]
+        if len(reads) == 1:
+            out.append(_Group(i, reads[0][0], reads[0][1]))
+    return out
+
+
+def _real(inputs: Any, like: torch.Tensor) -> torch.Tensor | None:
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and like.dim() == 3 and mask.shape == like.shape[:2]:
+        return mask.bool()
+    return None
+
+
+def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generator) -> torch.Tensor:
+    """A sum of per-sample losses whose gradients give the (empirical) Fisher."""
+    y = primary_output(output).float()
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
+            and y.shape[-1] == vocab:
+        real = _real(inputs, y)
+        keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if real is None else \
+            real[:, :-1] & real[:, 1:]
+        nll = F.cross_entropy(y[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        return (nll * keep.flatten().float()).sum()
+    if y.dim() == 2 and y.shape[-1] > 1:
+        with torch.no_grad():
+            labels = torch.multinomial(y.softmax(-1).cpu(), 1, generator=gen).squeeze(1)
+        return F.cross_entropy(y, labels.to(y.device), reduction="sum")
+    pooled = y
+    real = _real(inputs, y)
+    if y.dim() == 3:
+        m = torch.ones(y.shape[:2], device=y.device) if real is None else real.float()
+        pooled = (y * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+    u = torch.randn(pooled.shape, generator=gen).to(pooled.device)
+    return (pooled.reshape(pooled.shape[0], -1) * u.reshape(u.shape[0], -1)).sum()
+
+
+def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
+            seed: int) -> dict[int, torch.Tensor]:
+    """Unit Fisher scores per group index."""
+    readers = {g.reader for g in groups}
+    grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
+    current: dict[str, Any] = {}
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+
+            def on_grad(g: torch.Tensor) -> None:
+                grads[name].append(column_mask_grads(x.detach(), g, current.get("real")))
+            if x.requires_grad:
+                x.register_hook(on_grad)
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[r].register_forward_pre_hook(pre_hook(r)) for r in readers]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with evaluating(model), torch.enable_grad():
+            for x in data:
+                out = call_model(model, x)
+                y = primary_output(out)
+                current["real"] = _real(x, y)
+                model.zero_grad(set_to_none=True)
+                _sample_loss(model, out, x, gen).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    scores = {}
+    for g in groups:
+        if not grads[g.reader]:
+            raise ModelError(f"FisherPrune: no gradient reached {g.reader!r}; does the "
+                             f"model's output depend on it?")
+        scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
+    return scores
+
+
+def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
+               stop_after: str | None = None) -> dict[str, list[torch.Tensor]]:
+    """The real-token input rows of each named Linear, per batch (forward stops early after
+    ``stop_after``)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    real: dict[str, Any] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            mask = real.get("mask")
+            rows = x[mask] if mask is not None and x.dim() == 3 and \
+                mask.shape == x.shape[:2] else x.reshape(-1, x.shape[-1])
+            seen[name].append(rows.float().cpu())
+            if name == stop_after:
+                raise _Stop
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with evaluating(model), torch.no_grad():
+            for x in data:
+                mask = x.get("attention_mask") if isinstance(x, dict) else None
+                real["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+                try:
+                    call_model(model, x)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _refit(model: nn.Module, original: nn.Module, readers: list[str],
+           kept: dict[str, torch.Tensor], data: list[Any], damp: float) -> int:
+    """Refit every reader in forward order; returns how many were refitted."""
+    order = [n for n, _ in model.named_modules() if n in set(readers)]
+    targets = _inputs_of(original, order, data)
+    modules = dict(model.named_modules())
+    originals = dict(original.named_modules())
+    for name in order:
+        now = _inputs_of(model, [name], data, stop_after=name)[name]
+        stats = RefitStats()
+        for xc, xo in zip(now, targets[name]):
+            stats.add(xc, xo)
+        layer, old = modules[name], originals[name]
+        assert isinstance(layer, nn.Linear) and isinstance(old, nn.Linear)
+        cols = kept.get(name, torch.arange(old.in_features))
+        w, b = ridge_refit(old.weight.detach().cpu(), None if old.bias is None else
+                           old.bias.detach().cpu(), cols, stats, damp)
+        with torch.no_grad():
+            layer.weight.copy_(w.to(layer.weight.device))
+            if layer.bias is not None:
+                layer.bias.copy_(b.to(layer.bias.device))
+            elif bool(b.abs().max() > 0):
+                layer.bias = nn.Parameter(b.to(layer.weight.device))
+    return len(order)
+
+
+def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
+                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
+    work = copy.deepcopy(model)
+    split_attention(work, example_inputs)
+    original = copy.deepcopy(work)
+    graph = analyze(work, example_inputs)
+    groups = _readers(work, graph)
+    if not groups:
+        raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
+                         "Linear layer was found; use StructuredPrune for this model")
+    scores = _fisher(work, groups, data, cfg.seed)
+    none = np.zeros(graph.blocked.size, dtype=bool)
+    base = max(1, graph.macs(none))
+    now = count_macs(work, example_inputs)
+    goal = cfg.macs * (reference_macs if reference_macs is not None else now)
+
+    def removal(parts: list[np.ndarray]) -> np.ndarray:
+        mask = np.zeros(graph.blocked.size, dtype=bool)
+        for g, part in zip(groups, parts):
+            mask[graph.groups[g.index].units[part]] = True
+        return mask
+
+    costs = []
+    for g in groups:
+        everything = np.zeros(graph.blocked.size, dtype=bool)
+        everything[graph.groups[g.index].units] = True
+        costs.append((base - graph.macs(everything)) / len(graph.groups[g.index]))
+    offsets = np.cumsum([0, *[len(graph.groups[g.index]) for g in groups]])
+
+    def over(flat: np.ndarray) -> bool:  # the graph's estimate, scaled to the measured count
+        parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(groups))]
+        return now * graph.macs(removal(parts)) / base > goal
+
+    try:
+        parts = select_by_ratio([scores[g.index].numpy() for g in groups], costs,
+                                [min(cfg.min_units, len(graph.groups[g.index])) for g in groups],
+                                over)
+    except ValueError as exc:
+        raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units") from None
+    pruned = removal(parts)
+    result = remove_units(work, graph, pruned)
+    verify_pruned(work, graph, pruned, example_inputs)
+    kept = {name.removesuffix(".weight"): dims[1] for name, dims in result.kept.items()
+            if name.endswith(".weight") and 1 in dims}
+    refitted = _refit(work, original, [g.reader for g in groups], kept, data, cfg.damp) \
+        if cfg.refit else 0
+    summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
+               "macs_target": int(goal), "refitted_layers": refitted,
+               "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
+                          for g, p in zip(groups, parts) if p.any()}}
+    return work, summary
+
+
+@register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))
+def _apply(model: nn.Module, cfg: FisherPrune, ctx: Context) -> nn.Module:
+    x = ctx.require("example_inputs", by=cfg.type_name())
+    source = ctx.require("calibration", by=cfg.type_name())
+    device = model_device(model)
+    data = [move_to(b, device) for i, (b, _) in enumerate(batches(source, name="calibration"))
+            if i < cfg.calibration_batches]
+    pruned, summary = fisher_prune(model, cfg, x, data,
+                                   reference_macs=count_macs(ctx.reference, x))
+    ctx.record(cfg.type_name(), **summary)
+    return pruned

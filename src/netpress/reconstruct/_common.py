@@ -1,0 +1,78 @@
+"""Settings and plumbing shared by the layer-wise reconstruction methods."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from netpress.config import MethodConfig
+from netpress.context import Context
+from netpress.errors import ModelError, RecipeError
+from netpress.reconstruct.engine import MODES, Solve, run_sequential
+from netpress.reconstruct.layers import SUPPORTED_TYPES, supported
+from netpress.select import check_patterns, select_names
+
+__all__ = ["LayerwiseSettings", "calibrate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerwiseSettings(MethodConfig):
+    """Settings every layer-wise method shares (a base class, not a method).
+
+    ``mode`` picks where each layer's calibration inputs come from (``sequential``: the
+    model compressed so far, fitted to the original model's outputs; ``sequential-local``;
+    ``plain``: the original model); ``damp`` is the Hessian damping as a fraction of its
+    mean diagonal; ``blocksize`` the columns per lazy update; ``calibration_batches`` caps
+    the calibration batches used.
+    """
+
+    layers: tuple[str, ...] = ("re:.*",)
+    ignore: tuple[str, ...] = ()
+    mode: str = "sequential"
+    damp: float = 0.01
+    blocksize: int = 128
+    calibration_batches: int | None = None
+
+    def _check_layerwise(self) -> None:
+        name = self.type_name()
+        check_patterns(name, layers=self.layers, ignore=self.ignore)
+        if self.mode not in MODES:
+            raise RecipeError(f"{name}: mode={self.mode!r}; choose one of {MODES}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
+                or not math.isfinite(self.damp) or not 0 < self.damp <= 1:
+            raise RecipeError(f"{name}: damp={self.damp!r} must lie in (0, 1]")
+        _check_int(name, "blocksize", self.blocksize)
+        if self.calibration_batches is not None:
+            _check_int(name, "calibration_batches", self.calibration_batches)
+
+    def selected(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The selected layers the engine supports, in module order."""
+        candidates = {n: m for n, m in model.named_modules() if n and supported(m)}
+        if not candidates:
+            kinds = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+            raise ModelError(f"{self.type_name()}: the model has no {kinds} or transformers "
+                             "Conv1D layer to compress")
+        names = select_names(list(candidates), self.layers, self.ignore,
+                             owner=self.type_name())
+        return {n: candidates[n] for n in names}
+
+
+def _check_int(owner: str, key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RecipeError(f"{owner}: {key}={value!r} must be an int >= 1")
+
+
+def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: list[str],
+              solve: Solve, *, full: bool = True, fit_original: bool = True) -> dict[str, Any]:
+    """Run the sequential engine over ``names`` with the context's calibration data.
+
+    ``fit_original=False`` (a method that makes no weight update) drops the original model's
+    inputs from the sequential mode: only the compressed model's inputs matter then."""
+    data = ctx.require("calibration", cfg.type_name())
+    mode = "sequential-local" if cfg.mode == "sequential" and not fit_original else cfg.mode
+    return run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
+                          max_batches=cfg.calibration_batches)
+

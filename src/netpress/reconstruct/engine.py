@@ -1,0 +1,366 @@
+"""The sequential layer-wise calibration pass: collect a layer's input statistics, fit it,
+write it back, move on.
+
+Layers are visited in the order the model calls them, in *groups* of consecutive layers
+that read the same input tensor (query/key/value). :func:`run_sequential` runs every
+calibration batch through the model in its own thread; the threads pause at each group
+until all have arrived, the group's statistics are computed from the inputs they hold and
+its layers are fitted and written back, then the threads go on through the updated layers.
+The model thus runs over the calibration data once, and only the current group's inputs
+and statistics are held: peak memory is the model (plus the reference), one group's
+inputs for all calibration batches, and one group's Hessians.
+
+Where the inputs come from (``mode``):
+
+* ``"sequential"`` (default): from the model as compressed so far, and the statistics also
+  hold the cross term with the *original* model's inputs, so a layer can be fitted to
+  reproduce the original model's outputs from the inputs it now sees.
+* ``"sequential-local"``: from the compressed model; each layer keeps its own current output.
+* ``"plain"``: from the original (reference) model, every layer in isolation.
+
+:func:`collect_statistics` is the building block for other fits (e.g. a least-squares refit
+after structured pruning, where the cross term is ``(d_original × d_pruned)``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import call_model, move_to
+from netpress.data import Data, batches
+from netpress.errors import DataError, ModelError
+from netpress.measure.collect import evaluating, model_device
+from netpress.reconstruct._rendezvous import Aborted, Rendezvous
+from netpress.reconstruct.layers import LayerView
+
+__all__ = ["MODES", "LayerStats", "Solve", "plan_groups", "collect_statistics",
+           "run_sequential"]
+
+MODES = ("sequential", "sequential-local", "plain")
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer, averaged over ``samples`` input rows (im2col columns
+    for convs), per conv group: ``hessian`` ``E[x xᵀ]`` (groups × d × d, float64; None when
+    only ``sq_norms`` were asked for), ``sq_norms`` ``E[x²]`` (groups × d) and ``cross``
+    ``E[x_orig x_compᵀ]`` (groups × d_orig × d; sequential mode only)."""
+
+    hessian: torch.Tensor | None
+    sq_norms: torch.Tensor
+    cross: torch.Tensor | None
+    samples: int
+
+
+#: ``solve(name, layer, stats)``: fit the layer and write its new weights back.
+Solve = Callable[[str, LayerView, LayerStats], None]
+
+
+class _Stop(Exception):
+    """Raised by a hook once a group has all its inputs: the rest of the forward is skipped."""
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, torch.Tensor):
+        raise ModelError("a reconstructed layer was called without a tensor input")
+    return x
+
+
+@contextmanager
+def _capture(model: nn.Module, names: Sequence[str],
+             calls: dict[str, int] | None) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Keep the inputs of ``names`` for one forward; with ``calls``, stop the forward once
+    every layer has been called that many times."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen[name].append(_first_input(args, kwargs).detach())
+            if calls is not None and all(len(seen[n]) >= calls[n] for n in names):
+                raise _Stop
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
+               for n in names]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model: nn.Module, inputs: Any) -> None:
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except _Stop:
+        pass
+
+
+def plan_groups(model: nn.Module, names: Sequence[str],
+                inputs: Any) -> tuple[list[list[str]], dict[str, int], list[str]]:
+    """Probe one forward: ``(groups in call order, calls per layer, layers never called)``.
+
+    Consecutive layers whose first call reads the same tensor object form a group."""
+    order: list[str] = []
+    calls: dict[str, int] = {}
+    last: list[Any] = [None]  # weak reference to the previous layer's input
+    groups: list[list[str]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                return
+            x = _first_input(args, kwargs)
+            prev = last[0]() if last[0] is not None else None
+            if groups and prev is x:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last[0] = weakref.ref(x)
+            order.append(name)
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True)
+               for n in names]
+    try:
+        with evaluating(model), torch.no_grad():
+            call_model(model, move_to(inputs, model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return groups, calls, [n for n in names if n not in calls]
+
+
+class _Accumulator:
+    def __init__(self, full: bool) -> None:
+        self.full = full
+        self.h: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.n = 0
+
+    @staticmethod
+    def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+        part = part.double()
+        return part if total is None else total + part
+
+    def add(self, cols: torch.Tensor, orig: torch.Tensor | None) -> None:
+        """``cols`` (groups × n × d) of the compressed inputs, ``orig`` of the original ones."""
+        self.n += cols.shape[1]
+        self.sq = self._add(self.sq, cols.pow(2).sum(1))
+        if self.full:
+            self.h = self._add(self.h, cols.transpose(1, 2) @ cols)
+        if orig is not None:
+            self.cross = self._add(self.cross, orig.transpose(1, 2) @ cols)
+
+    def stats(self) -> LayerStats:
+        if self.sq is None or self.n == 0:
+            raise DataError("the calibration data never reached this layer")
+        n = float(self.n)
+        return LayerStats(None if self.h is None else self.h / n, self.sq / n,
+                          None if self.cross is None else self.cross / n, self.n)
+
+
+def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
+                       data: Data, *, mode: str = "sequential", full: bool = True,
+                       calls: dict[str, int] | None = None, max_batches: int | None = None,
+                       ) -> dict[str, LayerStats]:
+    """Input statistics of the layers ``names`` over the calibration ``data``.
+
+    ``model`` is the model being compressed and ``reference`` the original (needed unless
+    ``mode="sequential-local"``); a layer's name must exist in both (its shape may differ,
+    which shows in ``cross``). ``full=False`` keeps only ``sq_norms``. ``calls`` (from
+    :func:`plan_groups`) lets each pass stop early.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if mode != "sequential-local" and reference is None:
+        raise ValueError(f"mode={mode!r} needs the reference model")
+    views = {n: LayerView(model.get_submodule(n), n) for n in names}
+    ref_views = {n: LayerView(reference.get_submodule(n), n) for n in names} \
+        if reference is not None else {}
+    acc = {n: _Accumulator(full) for n in names}
+    device = model_device(model)
+    with evaluating(model), evaluating(reference or model):
+        for i, (inputs, _) in enumerate(batches(data, name="calibration")):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = move_to(inputs, device)
+            orig = comp = None
+            if mode != "plain":
+                with _capture(model, names, calls) as comp:
+                    _run(model, x)
+            if mode != "sequential-local":
+                assert reference is not None
+                with _capture(reference, names, calls) as orig:
+                    _run(reference, x)
+            for n in names:
+                source = comp if comp is not None else orig
+                assert source is not None
+                for k, inp in enumerate(source[n]):
+                    o = ref_views[n].columns(orig[n][k]) if mode == "sequential" and orig \
+                        else None
+                    view = views[n] if comp is not None else ref_views[n]
+                    acc[n].add(view.columns(inp), o)
+    return {n: a.stats() for n, a in acc.items()}
+
+
+@dataclass(frozen=True)
+class _Runner:
+    model: nn.Module
+    compressed: bool
+    batch: int
+
+
+def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
+                  reference: nn.Module | None, solve: Solve, mode: str, full: bool,
+                  solved: list[str]) -> Callable[[int, list[tuple[int, Any]]], None]:
+    """What runs when every forward pass has reached group ``k``: statistics, then fits."""
+    def action(k: int, items: list[tuple[int, Any]]) -> None:
+        names = groups[k]
+        by_batch: dict[int, dict[bool, torch.Tensor]] = {}
+        for tid, x in items:
+            by_batch.setdefault(runners[tid].batch, {})[runners[tid].compressed] = x
+        if not by_batch:
+            return
+        views = {n: LayerView(model.get_submodule(n), n) for n in names}
+        refs = {n: LayerView(reference.get_submodule(n), n) for n in names} \
+            if reference is not None else views
+        acc = {n: _Accumulator(full) for n in names}
+        for b in sorted(by_batch):  # a fixed order: sums are deterministic
+            comp, orig = by_batch[b].get(True), by_batch[b].get(False)
+            for c, o in _chunks(comp, orig):  # bounded im2col memory per step
+                for n in names:
+                    cols = views[n].columns(c) if c is not None \
+                        else refs[n].columns(o)  # type: ignore[arg-type]
+                    cross = refs[n].columns(o) if mode == "sequential" and o is not None \
+                        else None
+                    acc[n].add(cols, cross)
+        for n in names:
+            solve(n, views[n], acc[n].stats())
+            solved.append(n)
+    return action
+
+
+def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
+                   data: Data, solve: Solve, *, mode: str = "sequential", full: bool = True,
+                   max_batches: int | None = None) -> dict[str, Any]:
+    """Fit the layers ``names`` of ``model`` group by group in call order (see the module
+    docstring); ``solve`` writes each layer's new weights. Returns a summary.
+
+    Every calibration batch runs in its own thread (one per model that supplies inputs)
+    and pauses at each group until all batches are there (:mod:`._rendezvous`): the model
+    runs over the data once, and the inputs of one group for all batches are held at a
+    time. Batches of equal shapes run as one. A layer called more than once per forward is
+    fitted on its first call's inputs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if mode != "sequential-local" and reference is None:
+        raise ValueError(f"mode={mode!r} needs the reference model")
+    started = time.perf_counter()
+    device = model_device(model)
+    inputs = _merged([move_to(x, device) for i, (x, _) in
+                      enumerate(batches(data, name="calibration"))
+                      if max_batches is None or i < max_batches])
+    groups, _, unused = plan_groups(model, names, inputs[0])
+    runners = [_Runner(m, m is model, b) for m, use in
+               ((model, mode != "plain"), (reference, mode != "sequential-local"))
+               if use and m is not None for b in range(len(inputs))]
+    solved: list[str] = []
+    meet = Rendezvous(len(runners), len(groups),
+                      _group_action(groups, runners, model, reference, solve, mode, full,
+                                    solved))
+    local = threading.local()
+    handles = []
+    for m in {id(r.model): r.model for r in runners}.values():
+        for k, group in enumerate(groups):
+            handles.append(m.get_submodule(group[0]).register_forward_pre_hook(
+                _arrival(meet, local, k), with_kwargs=True))
+    try:
+        with evaluating(model), evaluating(reference or model):
+            threads = [threading.Thread(target=_forward, args=(meet, local, t, r, inputs),
+                                        daemon=True) for t, r in enumerate(runners)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    finally:
+        for h in handles:
+            h.remove()
+    if meet.error is not None:
+        raise meet.error
+    return {"layer_groups": len(groups), "calibration_batches": len(inputs),
+            "not_called": unused + [n for g in groups for n in g if n not in solved],
+            "calibration_seconds": round(time.perf_counter() - started, 3)}
+
+
+_CHUNK = 64
+
+
+def _chunks(comp: torch.Tensor | None, orig: torch.Tensor | None,
+            ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Both inputs split alike into slices of ``_CHUNK`` samples along the batch dim."""
+    ref = comp if comp is not None else orig
+    assert ref is not None
+    if ref.dim() == 0 or ref.shape[0] <= _CHUNK:
+        return [(comp, orig)]
+    parts = [t.split(_CHUNK) if t is not None else None for t in (comp, orig)]
+    count = len(parts[0] or parts[1] or ())
+    return [(parts[0][i] if parts[0] is not None else None,
+             parts[1][i] if parts[1] is not None else None) for i in range(count)]
+
+
+def _merged(inputs: list[Any]) -> list[Any]:
+    """The batches as one, when every batch is a tensor (or a dict of tensors) of the same
+    shape past the batch dimension: fewer threads, and less memory held by their allocators.
+    """
+    def key(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return (x.dtype, tuple(x.shape[1:]))
+        if isinstance(x, dict) and all(isinstance(v, torch.Tensor) and v.dim() > 0
+                                       for v in x.values()):
+            return tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in x.items())
+        return None
+
+    keys = {key(x) for x in inputs}
+    if len(inputs) < 2 or len(keys) != 1 or None in keys:
+        return inputs
+    if isinstance(inputs[0], torch.Tensor):
+        return [torch.cat(inputs)]
+    return [{k: torch.cat([x[k] for x in inputs]) for k in inputs[0]}]
+
+
+def _arrival(meet: Rendezvous, local: threading.local, k: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if k in local.seen:  # later calls of a reused layer
+            return
+        local.seen.add(k)
+        meet.arrive(local.tid, k, _first_input(args, kwargs).detach())
+    return hook
+
+
+def _forward(meet: Rendezvous, local: threading.local, tid: int, runner: _Runner,
+             inputs: list[Any]) -> None:
+    local.tid, local.seen = tid, set()
+    try:
+        with torch.no_grad():
+            call_model(runner.model, inputs[runner.batch])
+    except Aborted:
+        return
+    except BaseException as exc:  # re-raised in the calling thread
+        meet.fail(tid, exc)
+        return
+    meet.leave(tid)

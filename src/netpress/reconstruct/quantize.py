@@ -1,0 +1,147 @@
+"""``GPTQ``: weight-only quantization with error compensation from calibration data.
+
+``GPTQ(bits=4, group_size=128)`` rounds each selected layer's weights column by column,
+spreading every rounding error over the columns not yet rounded (see
+:mod:`netpress.reconstruct.gptq`), and leaves a
+:class:`~netpress.reconstruct.modules.GroupQuantLinear` / ``GroupQuantConv`` holding the
+integer codes, float16 scales and zero points, stored packed in the artefact.
+``rounding="nearest"`` is the round-to-nearest baseline on the same grids (no data needed).
+Weights a previous pruning step zeroed stay exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from netpress.context import Context
+from netpress.errors import RecipeError
+from netpress.quant.primitives import MAX_BITS, MIN_BITS
+from netpress.quant.ptq import drop_masks
+from netpress.reconstruct._common import LayerwiseSettings, _check_int, calibrate
+from netpress.reconstruct._measure import measured
+from netpress.reconstruct.engine import LayerStats
+from netpress.reconstruct.gptq import OBSERVERS, GPTQResult, gptq_quantize, rtn_quantize
+from netpress.reconstruct.layers import LayerView
+from netpress.reconstruct.lstsq import refit_target
+from netpress.reconstruct.modules import GroupQuantConv, GroupQuantLinear, GroupQuantWeight
+from netpress.registry import register
+
+__all__ = ["GPTQ", "ROUNDINGS"]
+
+ROUNDINGS = ("gptq", "nearest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQ(LayerwiseSettings):
+    """Weight-only ``bits``-bit quantization with GPTQ error compensation.
+
+    ``group_size`` columns share a scale (``None``: one per output channel); ``act_order``
+    visits the most active inputs first; ``symmetric`` uses signed codes with zero point 0;
+    ``observer`` picks each group's range (``minmax`` or ``mse``); ``rounding="nearest"``
+    is the round-to-nearest baseline.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    act_order: bool = True
+    observer: str = "minmax"
+    rounding: str = "gptq"
+
+    def __post_init__(self) -> None:
+        name = self.type_name()
+        self._check_layerwise()
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) \
+                or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise RecipeError(f"{name}: bits={self.bits!r} must be an int in "
+                              f"[{MIN_BITS}, {MAX_BITS}]")
+        if self.group_size is not None:
+            _check_int(name, "group_size", self.group_size)
+        for key in ("symmetric", "act_order"):
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"{name}: {key} must be true or false")
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"{name}: observer={self.observer!r}; choose one of {OBSERVERS}")
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"{name}: rounding={self.rounding!r}; choose one of {ROUNDINGS}")
+
+
+def _mask(ctx: Context, name: str, view: LayerView) -> torch.Tensor | None:
+    keep = ctx.masks.get(f"{name}.weight")
+    if keep is None or tuple(keep.shape) != tuple(view.weight.shape):
+        return None
+    return view.matrix_layout(keep.to(view.weight.device))
+
+
+def _quantize_group(cfg: GPTQ, w: torch.Tensor, stats: LayerStats | None, g: int,
+                    mask: torch.Tensor | None) -> GPTQResult:
+    if stats is None:
+        return rtn_quantize(w, cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                            observer=cfg.observer, mask=mask)
+    assert stats.hessian is not None
+    h = stats.hessian[g]
+    if stats.cross is not None:
+        w = refit_target(w, h, stats.cross[g], cfg.damp)
+    return gptq_quantize(w, h, cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                         act_order=cfg.act_order, observer=cfg.observer, mask=mask,
+                         blocksize=cfg.blocksize, damp=cfg.damp)
+
+
+def _quantized_layer(cfg: GPTQ, view: LayerView, results: list[GPTQResult]) -> nn.Module:
+    """The group-quantized counterpart of ``view``'s layer holding ``results``' codes."""
+    module, d = view.module, view.shape[2]
+    gs = cfg.group_size or d
+    q: GroupQuantWeight
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        q = GroupQuantConv.like(module, cfg.bits, gs, cfg.symmetric)
+    else:
+        out = view.shape[0] * view.shape[1]
+        q = GroupQuantLinear(d, out, module.bias is not None, cfg.bits, gs,
+                             cfg.symmetric).to(view.weight.device)
+    zero = None if cfg.symmetric else torch.cat([r.zero for r in results]).to(torch.uint8)
+    q.set_codes(torch.cat([r.codes for r in results]),
+                torch.cat([r.scale for r in results]).half(), zero)
+    bias = getattr(module, "bias", None)
+    if bias is not None and q.bias is not None:
+        with torch.no_grad():
+            q.bias.copy_(bias.detach())
+    return q
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@register(GPTQ, kind="quantize",
+          needs=lambda cfg: ("calibration",) if cfg.rounding == "gptq" else ())
+def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
+    if ctx.schedules:
+        raise RecipeError("GPTQ: a gradual pruning ramp is still open; put its recovery step "
+                          "before GPTQ")
+    layers = cfg.selected(model)
+    done: dict[str, list[GPTQResult]] = {}
+
+    def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
+        w, mask = view.matrix(), _mask(ctx, name, view)
+        done[name] = [_quantize_group(cfg, w[g], stats, g, None if mask is None else mask[g])
+                      for g in range(w.shape[0])]
+        view.set_matrix(torch.stack([r.weight for r in done[name]]))
+
+    with measured() as info:
+        if cfg.rounding == "gptq":
+            info.update(calibrate(model, cfg, ctx, list(layers), solve))
+        else:
+            for name, module in layers.items():
+                solve(name, LayerView(module, name), None)
+        for name in done:
+            view = LayerView(model.get_submodule(name), name)
+            _set_module(model, name, _quantized_layer(cfg, view, done[name]))
+    drop_masks(model, ctx)
+    ctx.record(cfg.type_name(), layers=len(done), bits=cfg.bits, group_size=cfg.group_size,
+               symmetric=cfg.symmetric, act_order=cfg.act_order, rounding=cfg.rounding,
+               mode=cfg.mode, **info)
+    return model

@@ -1,0 +1,208 @@
+"""``SparseGPT`` and ``Wanda``: one-shot pruning fitted on calibration data.
+
+``SparseGPT(sparsity=0.7)`` prunes each selected layer with OBS weight updates so its outputs
+on the calibration inputs move least (in the default sequential mode: so they stay what the
+*original* model's layer produced, given the inputs the compressed model now feeds it).
+``Wanda`` prunes by ``|w| · ‖x‖`` without any update, the cheap baseline; with
+``score="magnitude"`` it needs no data at all (magnitude pruning with the same patterns).
+Per-layer sparsities are ``uniform`` or come from the ``global`` magnitude allocation with
+its per-layer floor (as :class:`~netpress.GlobalMagnitudePrune`). ``pattern="2:4"`` (or any
+``"N:M"``) keeps N of every M consecutive input weights; layers whose input size is not a
+multiple of M are left dense and listed in the report. Masks go to the context, so a
+recovery step after keeps the zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress.config import check_fraction
+from netpress.context import Context
+from netpress.errors import RecipeError
+from netpress.prune.masks import floor_keep, global_prune_counts
+from netpress.reconstruct._common import LayerwiseSettings, calibrate
+from netpress.reconstruct._measure import measured
+from netpress.reconstruct.engine import LayerStats
+from netpress.reconstruct.layers import LayerView
+from netpress.reconstruct.lstsq import masked_lstsq, refit_target
+from netpress.reconstruct.patterns import parse_pattern
+from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask
+from netpress.registry import register
+
+__all__ = ["SparseGPT", "Wanda", "ALLOCATIONS"]
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SparseSettings(LayerwiseSettings):
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    floor: float = 0.02
+    min_weights: int = 0
+
+    def _check_sparse(self) -> None:
+        name = self.type_name()
+        self._check_layerwise()
+        check_fraction(name, "sparsity", self.sparsity)
+        check_fraction(name, "floor", self.floor, hi_open=False)
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise RecipeError(f"{name}: {exc}") from None
+        if self.allocation not in ALLOCATIONS:
+            raise RecipeError(f"{name}: allocation={self.allocation!r}; choose one of "
+                              f"{ALLOCATIONS}")
+        if not isinstance(self.min_weights, int) or self.min_weights < 0:
+            raise RecipeError(f"{name}: min_weights must be an int >= 0")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    def targets(self, layers: dict[str, nn.Module]) -> tuple[dict[str, float], dict[str, str]]:
+        """Sparsity per layer, and the layers left dense with the reason."""
+        views = {n: LayerView(m, n) for n, m in layers.items()}
+        skipped: dict[str, str] = {}
+        if self.n_m is not None:
+            m = self.n_m[1]
+            skipped = {n: f"{v.shape[2]} inputs per output is not a multiple of {m}"
+                       for n, v in views.items() if v.shape[2] % m}
+            if len(skipped) == len(views):
+                raise RecipeError(f"{self.type_name()}: no selected layer has an input size "
+                                  f"that is a multiple of {m} (pattern {self.pattern!r})")
+            return {n: 1 - self.n_m[0] / m for n in views if n not in skipped}, skipped
+        if self.allocation == "uniform":
+            return {n: self.sparsity for n in views}, skipped
+        weights = [v.weight.detach() for v in views.values()]
+        floors = [floor_keep(w.numel(), self.floor, self.min_weights) for w in weights]
+        try:
+            counts = global_prune_counts([w.abs() for w in weights], self.sparsity, floors)
+        except ValueError as exc:
+            raise RecipeError(f"{self.type_name()}: {exc}; lower the sparsity or the "
+                              "floor") from None
+        return {n: k / w.numel() for n, k, w in zip(views, counts, weights)}, skipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPT(_SparseSettings):
+    """One-shot pruning with OBS weight updates fitted on calibration data (SparseGPT).
+
+    ``refit=True`` re-solves the kept weights of each row exactly by least squares after the
+    mask is chosen (slower; helps at high sparsity).
+    """
+
+    refit: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_sparse()
+        if not isinstance(self.refit, bool):
+            raise RecipeError(f"SparseGPT: refit={self.refit!r} must be true or false")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Wanda(_SparseSettings):
+    """One-shot pruning by ``|weight| · ‖input‖`` per output row, without updates (Wanda);
+    ``score="magnitude"`` drops the input norms (and the need for data)."""
+
+    score: str = "wanda"
+
+    def __post_init__(self) -> None:
+        self._check_sparse()
+        if self.score not in ("wanda", "magnitude"):
+            raise RecipeError(f"Wanda: score={self.score!r}; choose 'wanda' or 'magnitude'")
+
+
+def _blocksize(cfg: _SparseSettings) -> int:
+    m = cfg.n_m[1] if cfg.n_m is not None else 1
+    return max(m, cfg.blocksize // m * m)
+
+
+def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
+                      masks: dict[str, torch.Tensor]) -> Any:
+    def solve(name: str, view: LayerView, stats: LayerStats) -> None:
+        assert stats.hessian is not None
+        w = view.matrix()
+        keeps = []
+        for g in range(w.shape[0]):
+            h = stats.hessian[g]
+            target = w[g] if stats.cross is None else refit_target(w[g], h, stats.cross[g],
+                                                                   cfg.damp)
+            pruned, keep = sparsegpt(target, h, sparsity=targets[name], n_m=cfg.n_m,
+                                     blocksize=_blocksize(cfg), damp=cfg.damp)
+            w[g] = masked_lstsq(target, h, keep, cfg.damp) if cfg.refit else pruned
+            keeps.append(keep)
+        view.set_matrix(w)
+        masks[f"{name}.weight"] = view.weight_layout(torch.stack(keeps))
+    return solve
+
+
+def _wanda_solver(cfg: Wanda, targets: dict[str, float],
+                  masks: dict[str, torch.Tensor]) -> Any:
+    def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
+        w = view.matrix()
+        norms = stats.sq_norms if stats is not None else torch.ones(w.shape[0], w.shape[2])
+        keep = torch.stack([wanda_mask(w[g], norms[g], sparsity=targets[name], n_m=cfg.n_m)
+                            for g in range(w.shape[0])])
+        view.set_matrix(w.masked_fill(~keep, 0.0))
+        masks[f"{name}.weight"] = view.weight_layout(keep)
+    return solve
+
+
+def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context, masks: dict[str, torch.Tensor],
+            skipped: dict[str, str], info: dict[str, Any]) -> nn.Module:
+    ctx.set_masks(model, masks)
+    fixed = {k: v.clone() for k, v in masks.items()}
+
+    def project(m: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for key, keep in fixed.items():
+                m.get_parameter(key).masked_fill_(~keep, 0.0)
+        return fixed
+
+    ctx.add_projection(cfg.type_name(), project)
+    total = sum(k.numel() for k in masks.values())
+    kept = sum(int(k.sum()) for k in masks.values())
+    per_layer = {k[: -len(".weight")]: round(1 - int(v.sum()) / v.numel(), 4)
+                 for k, v in masks.items()}
+    ctx.record(cfg.type_name(), sparsity=round(1 - kept / max(1, total), 6),
+               pattern=cfg.pattern, allocation=cfg.allocation, mode=cfg.mode,
+               layers=len(masks), per_layer_sparsity=per_layer, left_dense=skipped, **info)
+    return model
+
+
+def _needs(cfg: Wanda) -> tuple[str, ...]:
+    return ("calibration",) if cfg.score == "wanda" else ()
+
+
+@register(SparseGPT, kind="prune", needs=("calibration",))
+def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
+    layers = cfg.selected(model)
+    targets, skipped = cfg.targets(layers)
+    masks: dict[str, torch.Tensor] = {}
+    with measured() as info:
+        info.update(calibrate(model, cfg, ctx, list(targets),
+                              _sparsegpt_solver(cfg, targets, masks)))
+    return _finish(model, cfg, ctx, masks, skipped, info)
+
+
+@register(Wanda, kind="prune", needs=_needs)
+def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
+    layers = cfg.selected(model)
+    targets, skipped = cfg.targets(layers)
+    masks: dict[str, torch.Tensor] = {}
+    solve = _wanda_solver(cfg, targets, masks)
+    with measured() as info:
+        if cfg.score == "wanda":
+            info.update(calibrate(model, cfg, ctx, list(targets), solve, full=False,
+                                      fit_original=False))
+        else:
+            for name in targets:
+                solve(name, LayerView(layers[name], name), None)
+    return _finish(model, cfg, ctx, masks, skipped, info)
+

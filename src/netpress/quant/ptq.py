@@ -47,6 +47,7 @@ from netpress.quant.primitives import (
     minmax,
     quantize_affine,
 )
+from netpress.quant.ranges import choose_ranges
 from netpress.quant.target import (
     TARGET_CHOICES,
     apply_weight_rule,
@@ -85,6 +86,7 @@ class QuantSettings(MethodConfig):
     target: str = "auto"
     input_grid: bool = True
     equalize: bool = True
+    range_search: bool = False
 
     def _check_quant(self) -> None:
         n = self.type_name()
@@ -316,6 +318,11 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.freeze()
+    if cfg.range_search:
+        chosen = choose_ranges(target, acts, _calibration_inputs(calib_ctx,
+                                                                 cfg.calibration_batches))
+        notes["range_search"] = {"clipped": sum(r < 1.0 for r in chosen.values()),
+                                 "quantizers": len(chosen)}
     if cfg.input_grid:
         xs = [x for x in _calibration_inputs(calib_ctx, cfg.calibration_batches)
               if isinstance(x, torch.Tensor)]

@@ -86,7 +86,7 @@ class QuantSettings(MethodConfig):
     target: str = "auto"
     input_grid: bool = True
     equalize: bool = True
-    range_search: bool = False
+    range_search: bool = True
 
     def _check_quant(self) -> None:
         n = self.type_name()
@@ -120,6 +120,10 @@ class Quantize(QuantSettings):
     model will run on (``auto``: this one; ``x86-vnni``, ``x86-avx2``, ``arm64``, ``generic``;
     see :mod:`netpress.quant.target`): the weights of layers that run as integer kernels are
     shaped so that its kernels compute exactly what the fake-quant model computes.
+    ``range_search`` (default) clips each activation range where that moves the top-1
+    margins least (:mod:`netpress.quant.ranges`); ``False`` keeps the observer's ranges.
+    ``input_grid`` quantizes 8-bit image inputs losslessly and ``equalize`` rescales
+    coupled channels before calibration (see their modules).
     """
 
     weight_observer: str = "minmax"

@@ -6,9 +6,11 @@ For each depth (default ResNet-20 and ResNet-56), with the same 512 calibration 
 * netpress ``Quantize()`` with ``target="auto"`` (the CPU this runs on), exported as QDQ ONNX;
 * netpress ``Quantize(target="x86-avx2")``: what ``auto`` gives on an AVX2 CPU without VNNI;
 * netpress as it was before this work (``target="x86-vnni", input_grid=False,
-  equalize=False``);
-* netpress ``auto`` with the stem and the first residual block kept in float (mixed
-  precision: their activations carry the most noise to the logits);
+  equalize=False, range_search=False``);
+* netpress ``auto`` with min-max activation ranges (``range_search=False``, the default
+  before it was measured better on both models), and ``auto`` with the classifier kept in
+  float (mixed precision at the cheapest place: the pooled input of the last Linear carries
+  a tenth of ResNet-20's activation noise);
 * ONNX Runtime's own ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights,
   MinMax), plain and with ``reduce_range=True`` (7-bit weights).
 
@@ -53,8 +55,17 @@ from netpress.quant.emulate import emulated_kernels
 from netpress.quant.target import TargetMismatchWarning, cpu_flags, host_target
 
 QEMU_CPU = "Haswell"
-# the stem and the first residual block: their rounding noise reaches the logits most
-MIXED_FLOAT = "re:conv1|layer1\\.0\\..*"
+HEAD = "linear"  # the classifier of the CIFAR ResNets
+VARIANTS: dict[str, tuple[str, Quantize]] = {
+    "auto": ("netpress INT8, target auto (= {auto})", Quantize()),
+    "x86-avx2": ("netpress INT8, target x86-avx2", Quantize(target="x86-avx2")),
+    "before": ("netpress INT8 before this issue (x86-vnni, no input grid, no equalization)",
+               Quantize(target="x86-vnni", input_grid=False, equalize=False,
+                        range_search=False)),
+    "minmax": ("netpress INT8 auto, min-max ranges (range_search=False)",
+               Quantize(range_search=False)),
+    "head": (f"netpress INT8 auto, classifier {HEAD!r} float", Quantize(ignore=(HEAD,))),
+}
 
 
 def ort_logits(path: Path, x: np.ndarray, threads: int = 1, batch: int = 500) -> np.ndarray:
@@ -129,25 +140,20 @@ def run_qemu(paths: list[Path], x: np.ndarray, tmp: Path) -> dict[str, Any] | No
 
 # -- one depth ---------------------------------------------------------------------------------
 def _models(ref: torch.nn.Module, calib: list[Any], example: torch.Tensor, depth: int,
-            tmp: Path, calib_x: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            tmp: Path, calib_x: np.ndarray, keys: list[str],
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     auto = host_target()
-    variants = [("auto", Quantize()), ("x86-avx2", Quantize(target="x86-avx2")),
-                ("before", Quantize(target="x86-vnni", input_grid=False, equalize=False)),
-                ("mixed", Quantize(ignore=(MIXED_FLOAT,)))]
     if auto == "x86-avx2":
-        variants = [v for v in variants if v[0] != "x86-avx2"]
+        keys = [k for k in keys if k != "x86-avx2"]
     rows: list[dict[str, Any]] = [{"method": "ORT FP32", "path": export_onnx(
         ref, tmp / f"r{depth}_fp32.onnx", example)}]
     torch_models = {}
-    for key, cfg in variants:
+    for key in keys:
+        label, cfg = VARIANTS[key]
         with Timer() as t:
             q = npr.compress(ref, cfg, calibration=calib, measure=False).model
-        label = {"auto": f"netpress INT8, target auto (= {auto})",
-                 "x86-avx2": "netpress INT8, target x86-avx2",
-                 "before": "netpress INT8 before this issue (x86-vnni, no input grid, no "
-                           "equalization)",
-                 "mixed": f"netpress INT8 auto, mixed precision: {MIXED_FLOAT} float"}[key]
-        rows.append({"method": label, "netpress": key, "quantize_seconds": round(t.seconds, 1),
+        rows.append({"method": label.format(auto=auto), "netpress": key,
+                     "quantize_seconds": round(t.seconds, 1),
                      "path": export_onnx(q, tmp / f"r{depth}_netpress_{key}.onnx", example)})
         torch_models[key] = q
     fp32 = rows[0]["path"]
@@ -167,7 +173,8 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
              for i in range(0, args.calib_images, 64)]
     ref_jpeg, ref_exact = logits(ref, jpeg), logits(ref, exact)
     example = exact.tensors[0][:1]
-    rows, torch_models = _models(ref, calib, example, depth, tmp, calib_set.tensors[0].numpy())
+    rows, torch_models = _models(ref, calib, example, depth, tmp, calib_set.tensors[0].numpy(),
+                                 args.variants)
     xj, xe = jpeg.tensors[0].numpy(), exact.tensors[0].numpy()
     for row in rows:
         out_jpeg = torch.from_numpy(ort_logits(row["path"], xj))
@@ -186,8 +193,9 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
         row.update(throughput_b1=1e3 / stats[1].median_ms,
                    throughput_b64=64e3 / stats[64].median_ms)
     n = args.qemu_images
-    if n and not args.no_qemu:
-        _avx2_columns(rows, torch_models, jpeg.tensors[0][:n], ref_jpeg[:n], tmp)
+    if n:
+        _avx2_columns(rows, torch_models, jpeg.tensors[0][:n], ref_jpeg[:n], tmp,
+                      qemu=not args.no_qemu)
     for row in rows:
         row.pop("_jpeg")
         row["path"] = row["path"].name
@@ -197,9 +205,9 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
 
 
 def _avx2_columns(rows: list[dict[str, Any]], torch_models: dict[str, Any], x: torch.Tensor,
-                  ref: torch.Tensor, tmp: Path) -> None:
+                  ref: torch.Tensor, tmp: Path, qemu: bool) -> None:
     """Agreement on the emulated AVX2 CPU (qemu), and the emulator's prediction of it."""
-    int8 = [r for r in rows if r["method"] != "ORT FP32" and r.get("netpress") != "mixed"]
+    int8 = [r for r in rows if r["method"] != "ORT FP32" and r.get("netpress") != "head"]
     for row in int8:
         row["native_agreement_subset"] = agreement(row["_jpeg"][:len(x)], ref)
         key = row.get("netpress")
@@ -208,7 +216,7 @@ def _avx2_columns(rows: list[dict[str, Any]], torch_models: dict[str, Any], x: t
                 emulated = logits(torch_models[key], torch.utils.data.TensorDataset(
                     x, torch.zeros(len(x), dtype=torch.long)))
             row["emulated_avx2_agreement"] = agreement(emulated, ref)
-    res = run_qemu([r["path"] for r in int8], x.numpy(), tmp)
+    res = run_qemu([r["path"] for r in int8], x.numpy(), tmp) if qemu else None
     if res is None:
         return
     for i, row in enumerate(int8):
@@ -232,8 +240,9 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            f"{meta['ort_version']}, 1 thread; throughput = median over "
            f"{meta['repeats']} runs in {meta['rounds']} interleaved rounds (shared machine: "
            f"timings are noisy, ratios between rows are what is comparable); JPEG test images: "
-           f"{meta['jpeg_images']}; emulated AVX2: first {meta['qemu_images']} JPEG test images "
-           f"under qemu-x86_64 -cpu {QEMU_CPU}.\n"]
+           f"{meta['jpeg_images']}; AVX2 columns: first {meta['qemu_images']} JPEG test images "
+           f"under qemu-x86_64 -cpu {QEMU_CPU} (0: not run), emulator on the first "
+           f"{meta.get('emulated_images', meta['qemu_images'])}.\n"]
     for res in results:
         fp32 = res["rows"][0]
         out.append(f"### {res['model']} (FP32 accuracy {100 * res['reference_accuracy']:.2f}%)"
@@ -247,7 +256,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  ("yes" if r.get("qemu_warned") else "no") if "qemu_warned" in r else "-"]
                 for r in res["rows"]]
         out.append(markdown_table(
-            ["method", "accuracy % (lossless)", "agreement % (JPEG 10k)", "img/s b1",
+            ["method", "accuracy % (lossless)", "agreement % (JPEG test)", "img/s b1",
              "img/s b64", "file bytes", "agreement % here (subset)",
              "agreement % AVX2 (qemu)", "AVX2 predicted by emulator", "warned on AVX2"],
             rows) + "\n")
@@ -264,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     p.add_argument("--qemu-images", type=int, default=1000)
-    p.add_argument("--no-qemu", action="store_true")
+    p.add_argument("--no-qemu", action="store_true",
+                   help="no qemu column (the emulator's prediction is still computed)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   help=f"netpress rows among {list(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results/quantization.json")
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.depths, args.calib_images, args.jpeg_limit = [20], 128, 500
         args.rounds, args.repeats, args.qemu_images = 2, 4, 50
+        args.variants = ["auto", "head"]
     import onnxruntime
 
     torch.set_num_threads(1)
@@ -284,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"calib_images": args.calib_images, "rounds": args.rounds, "repeats": args.repeats,
             "ort_version": onnxruntime.__version__, "jpeg_images": args.jpeg_limit or 10000,
             "qemu_images": 0 if args.no_qemu else args.qemu_images,
+            "emulated_images": args.qemu_images,
             "host_target": host_target(), "cpu_flags": " ".join(sorted(cpu_flags())),
             "command": " ".join(["python", "benchmarks/quantization.py", *(argv or sys.argv[1:])])}
     results = []

@@ -7,6 +7,9 @@ An :class:`~netpress.quant.modules.ActQuant` follows:
   their only users are ReLUs: then it follows the ReLU instead (with an unsigned range
   starting at 0 the ReLU is absorbed by the quantizer, as ONNX Runtime's ReluQuantFusion
   does, so Conv+ReLU becomes one integer convolution);
+* the outputs of additions, concatenations and average pools (and of a ReLU after one) only
+  when they reach a quantized layer: a head left in float (say ``ignore=("fc",)``) then
+  reads the float pool of the last integer layer's output, not a rounded one;
 * pass-through ops (reshape, flatten, slicing, max pooling, zero padding) **share** the
   quantizer of their input, so the integer runtime can run them on integers unchanged.
 
@@ -68,6 +71,25 @@ def _kind(gm: fx.GraphModule, node: fx.Node, is_layer: Callable[[str], bool]) ->
     return "input" if node.op == "placeholder" else "other"
 
 
+def _feeds_layer(gm: fx.GraphModule, node: fx.Node, is_layer: Callable[[str], bool]) -> bool:
+    """Whether ``node``'s value reaches a quantized layer through pass, ReLU and compute ops."""
+    for user in node.users:
+        kind = _kind(gm, user, is_layer)
+        if kind == "layer" or (kind in ("pass", "relu", "compute")
+                               and _feeds_layer(gm, user, is_layer)):
+            return True
+    return False
+
+
+def _after_compute(gm: fx.GraphModule, node: fx.Node, kind: str,
+                   is_layer: Callable[[str], bool]) -> bool:
+    """A compute op, or a ReLU of one (whose output quantizer is optional)."""
+    if kind == "relu":
+        src = node.args[0] if node.args else None
+        return isinstance(src, fx.Node) and _kind(gm, src, is_layer) == "compute"
+    return kind == "compute"
+
+
 def _attach(gm: fx.GraphModule, node: fx.Node, name: str) -> fx.Node:
     with gm.graph.inserting_after(node):
         q = gm.graph.call_module(name, (node,))
@@ -115,6 +137,8 @@ def insert_act_quant(gm: fx.GraphModule, is_layer: Callable[[str], bool], *, bit
                 quant_of[_attach(gm, node, quant_of[src])] = quant_of[src]
             continue
         if users and all(_kind(gm, u, is_layer) == "relu" for u in users):
+            continue
+        if _after_compute(gm, node, kind, is_layer) and not _feeds_layer(gm, node, is_layer):
             continue
         new(node)
     for node in list(gm.graph.nodes):  # every quantized layer reads a quantized input

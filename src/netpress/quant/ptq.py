@@ -47,6 +47,7 @@ from netpress.quant.primitives import (
     minmax,
     quantize_affine,
 )
+from netpress.quant.ranges import choose_ranges
 from netpress.quant.target import (
     TARGET_CHOICES,
     apply_weight_rule,
@@ -85,6 +86,7 @@ class QuantSettings(MethodConfig):
     target: str = "auto"
     input_grid: bool = True
     equalize: bool = True
+    range_search: bool = True
 
     def _check_quant(self) -> None:
         n = self.type_name()
@@ -118,6 +120,10 @@ class Quantize(QuantSettings):
     model will run on (``auto``: this one; ``x86-vnni``, ``x86-avx2``, ``arm64``, ``generic``;
     see :mod:`netpress.quant.target`): the weights of layers that run as integer kernels are
     shaped so that its kernels compute exactly what the fake-quant model computes.
+    ``range_search`` (default) clips each activation range where that moves the top-1
+    margins least (:mod:`netpress.quant.ranges`); ``False`` keeps the observer's ranges.
+    ``input_grid`` quantizes 8-bit image inputs losslessly and ``equalize`` rescales
+    coupled channels before calibration (see their modules).
     """
 
     weight_observer: str = "minmax"
@@ -316,6 +322,11 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.freeze()
+    if cfg.range_search:
+        chosen = choose_ranges(target, acts, _calibration_inputs(calib_ctx,
+                                                                 cfg.calibration_batches))
+        notes["range_search"] = {"clipped": sum(r < 1.0 for r in chosen.values()),
+                                 "quantizers": len(chosen)}
     if cfg.input_grid:
         xs = [x for x in _calibration_inputs(calib_ctx, cfg.calibration_batches)
               if isinstance(x, torch.Tensor)]

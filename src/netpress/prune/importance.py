@@ -11,7 +11,10 @@ Criteria (``CRITERIA``):
 * ``taylor``: first-order Taylor estimate of the loss change on removing the unit,
   ``|sum(w * dL/dw)|`` over the slice (Molchanov et al. 2019), gradients summed over batches;
 * ``hessian``: Hessian-aware saliency ``|mean(diag H)| * ||w||^2`` over the slice (HAP/EHAP),
-  with ``diag H`` from the Hutchinson estimator :func:`hutchinson_diagonal`.
+  with ``diag H`` from the Hutchinson estimator :func:`hutchinson_diagonal`;
+* ``obs``: the output error the layers reading the unit are left with after a least-squares
+  compensation (group OBS, removed greedily; :mod:`netpress.reconstruct.channels`), from
+  their input statistics on the calibration data.
 
 Aggregation over the coupled tensors of a group: the unit scores of the tensors are averaged
 (raw, so the tensors holding most of a unit's weights weigh most), then divided by their
@@ -39,8 +42,8 @@ __all__ = [
     "hutchinson_diagonal",
 ]
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian")
-DATA_CRITERIA = ("taylor", "hessian")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "obs")
+DATA_CRITERIA = ("taylor", "hessian", "obs")
 _EPS = 1e-12
 
 

@@ -28,6 +28,7 @@ from netpress.errors import ModelError, RecipeError
 from netpress.graph import ChannelGraph, analyze
 from netpress.measure.macs import count_macs
 from netpress.prune import _saliency
+from netpress.reconstruct import structured as _refit
 from netpress.prune._attention import split_attention
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
@@ -59,6 +60,9 @@ class StructuredPrune(MethodConfig):
     ``on_unsupported``: ``error`` (name the op and module) or ``exclude`` (leave the
     channels that op touches, with a warning). ``iterative_steps``: reach the target in that
     many prune-rescore rounds.
+    ``reconstruct``: with ``calibration`` data, refit by least squares every layer that reads
+    removed channels so its outputs match the unpruned model's
+    (:mod:`netpress.reconstruct.structured`).
     """
 
     macs: float | None = None
@@ -78,6 +82,7 @@ class StructuredPrune(MethodConfig):
     recalibrate_bn: int = 8
     hessian_samples: int = 4
     fp16: bool = False
+    reconstruct: bool = True
 
     def __post_init__(self) -> None:
         name = self.type_name()
@@ -108,8 +113,9 @@ class StructuredPrune(MethodConfig):
         if isinstance(self.protect, str) or not all(isinstance(p, str) for p in self.protect):
             raise RecipeError(f"{name}: protect must be a list of module names or 're:' "
                               f"patterns")
-        if not isinstance(self.fp16, bool):
-            raise RecipeError(f"{name}: fp16 must be true or false")
+        for flag in ("fp16", "reconstruct"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{name}: {flag} must be true or false")
 
 
 def _choice(owner: str, field_name: str, value: Any, options: tuple[str, ...]) -> None:
@@ -278,12 +284,17 @@ def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
                      owner=cfg.type_name(), what="module")
     if cfg.importance in DATA_CRITERIA and ctx.calibration is None and ctx.train is None:
         ctx.require("calibration", by=f"{cfg.type_name()}(importance={cfg.importance!r})")
+    refit = cfg.reconstruct and ctx.calibration is not None
+    original = _refit.original_of(model, ctx.reference) if refit else None
     # compress() hands every step its own working copy and drops it if a step fails, so
     # pruning it in place saves a full model copy (BERT-base: 418 MB) at no risk.
     pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx,
                                        inplace=True)
+    if original is not None and summary["groups"]:
+        summary["reconstruct"] = _refit.refit_after_pruning(pruned, original, summary, ctx, x)
     data = ctx.calibration if ctx.calibration is not None else ctx.train
-    if data is not None and cfg.recalibrate_bn and summary["groups"]:
+    if data is not None and cfg.recalibrate_bn and summary["groups"] \
+            and "reconstruct" not in summary:
         summary["bn_recalibrated_batches"] = recalibrate_batchnorm(pruned, data,
                                                                    limit=cfg.recalibrate_bn)
     _slice_masks(ctx, summary.pop("kept"))

@@ -1,0 +1,134 @@
+"""StructuredPrune's least-squares reconstruction on small models, one per kind of coupled
+group: a residual stream, attention heads, a concatenation. Each refit must bring the pruned
+model's outputs much closer to the original's than pruning alone (held-out inputs)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import netpress as npr
+from netpress.reconstruct.structured import plan_refit
+from netpress.testing import toy_transformer
+
+
+class Residual(nn.Module):
+    """A stem and two residual blocks on one 16-channel stream (identity shortcuts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)) for _ in range(2))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            x = F.relu(x + block(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Concat(nn.Module):
+    """Two branches concatenated along channels, read by one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(3, 12, 3, padding=1)
+        self.c = nn.Conv2d(24, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        return self.head(F.relu(self.c(y)).mean((2, 3)))
+
+
+def _images(n: int, seed: int) -> list[tuple[torch.Tensor, None]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    return [(x[i:i + 32], None) for i in range(0, n, 32)]
+
+
+def _tokens(n: int, seed: int) -> list[tuple[torch.Tensor, None]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return [(x[i:i + 32], None) for i in range(0, n, 32)]
+
+
+def _randomised_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics as a trained model would hold them (not the identity)."""
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval()
+
+
+def _error(model: nn.Module, ref: nn.Module, data: list) -> float:
+    with torch.no_grad():
+        return sum(float((model(x) - ref(x)).pow(2).sum()) for x, _ in data)
+
+
+def _prune(model: nn.Module, calib: list, test: list, **kw) -> tuple[float, float, dict]:
+    """(error with the refit, error without, the refit's record)."""
+    x = calib[0][0][:1]
+    on = npr.compress(model, npr.StructuredPrune(**kw), calibration=calib, example_inputs=x,
+                      measure=False)
+    off = npr.compress(model, npr.StructuredPrune(reconstruct=False, recalibrate_bn=0, **kw),
+                       calibration=calib, example_inputs=x, measure=False)
+    record = on.report["steps"][-1]
+    return _error(on.model, model, test), _error(off.model, model, test), record
+
+
+def test_refit_through_a_pruned_residual_stream():
+    torch.manual_seed(0)
+    model = _randomised_bn(Residual())
+    on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1)
+    assert any("stem" in g for g in rec["groups"])  # the stream itself was cut
+    assert rec["reconstruct"]["refitted_layers"] == 5  # 4 block convs and the head
+    assert "bn_recalibrated_batches" not in rec
+    assert on < 0.1 * off, (on, off)
+
+
+def test_refit_after_removing_attention_heads():
+    model = toy_transformer()
+    on, off, rec = _prune(model, _tokens(256, 0), _tokens(128, 1), macs=0.6, round_to=1)
+    pruned = npr.compress(model, npr.StructuredPrune(macs=0.6, round_to=1),
+                          calibration=_tokens(64, 0), measure=False,
+                          example_inputs=torch.randn(1, 1, 8, 8)).model
+    assert pruned.blocks[0].o.in_features < 16 or pruned.blocks[1].o.in_features < 16
+    assert on < 0.25 * off, (on, off)
+
+
+def test_refit_after_pruning_a_concatenation():
+    torch.manual_seed(0)
+    model = Concat().eval()
+    on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1)
+    assert rec["reconstruct"]["refitted_layers"] >= 1
+    assert on < 0.1 * off, (on, off)
+
+
+def test_plan_picks_the_consumers_with_their_original_rows_and_columns():
+    torch.manual_seed(0)
+    model = Concat().eval()
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():  # by hand: branch b keeps channels 1 and 4, c keeps rows 0..7
+        pruned.b.weight = nn.Parameter(model.b.weight[[1, 4]])
+        pruned.b.bias = nn.Parameter(model.b.bias[[1, 4]])
+        pruned.c.weight = nn.Parameter(model.c.weight[:8][:, [*range(12), 13, 16]])
+        pruned.c.bias = nn.Parameter(model.c.bias[:8])
+    kept = {"b.weight": [{0: torch.tensor([1, 4])}],
+            "c.weight": [{0: torch.arange(8), 1: torch.tensor([*range(12), 13, 16])}]}
+    plan = plan_refit(pruned, model, kept)
+    assert list(plan) == ["c"]
+    assert plan["c"].rows.tolist() == list(range(8))
+    assert plan["c"].columns.tolist()[-18:] == [*range(117, 126), *range(144, 153)]
+    assert set(plan_refit(pruned, model, kept, scope="all")) == {"a", "b", "c", "head"}
+    with pytest.raises(ValueError, match="scope"):
+        plan_refit(pruned, model, kept, scope="some")

@@ -13,13 +13,20 @@ export NETPRESS_DATA ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 .PHONY: install demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
+	@echo "[1/3] creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,data,onnx,report]'
+	@echo "[2/3] installing $(TORCH) (the CPU build on these machines; minutes on a first install)"
+	$(BIN)/pip install --progress-bar on $(TORCH)
+	@echo "[3/3] installing netpress (editable) and its extras dev, data, onnx, report: numpy,"
+	@echo "      safetensors, zstandard, pyyaml, rich, scikit-learn, pillow, onnx, onnxruntime,"
+	@echo "      matplotlib, pytest, hypothesis, mypy, ruff, transformers, optuna, ray (minutes)"
+	$(BIN)/pip install --progress-bar on -e '.[dev,data,onnx,report]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# the trained reference is cached in demo-out/.cache (keyed by seed and version): a second
+# `make demo` skips its training
 demo: $(STAMP)
 	$(BIN)/netpress demo --out demo-out
 
@@ -58,6 +65,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_scale.py
 	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
 	$(BIN)/python benchmarks/oneshot.py minilm
+	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 \
+		--out benchmarks/results/search_rl.json
+	$(BIN)/python benchmarks/split.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/toolbox.py activations $(BENCH_DATA) --steps 200
+	$(BIN)/python benchmarks/toolbox.py robustness $(BENCH_DATA) --steps 100 --cond-reg 0.1
+	$(BIN)/python benchmarks/toolbox.py importance $(BENCH_DATA) --steps 50 --early-epochs 2
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,28 +1,39 @@
-"""INT8 post-training quantization of the pretrained CIFAR-10 ResNets, netpress vs ONNX Runtime.
+"""INT8 post-training quantization of the pretrained CIFAR-10 ResNets on two kinds of CPU.
 
-For each depth (default ResNet-20 and ResNet-56), with the same calibration images:
+For each depth (default ResNet-20 and ResNet-56), with the same 512 calibration images:
 
 * ONNX Runtime FP32 (the float model exported by netpress);
-* netpress ``Quantize()`` (BN folded, per-channel symmetric int8 weights, per-tensor uint8
-  activations, bias correction) exported as QDQ ONNX, run in ONNX Runtime;
-* ONNX Runtime's own ``quantize_static`` (QDQ, U8 activations / S8 weights, per channel,
-  MinMax) on the FP32 ONNX model;
-* netpress 4-bit ``Codebook`` weights (PyTorch; artefact size).
+* netpress ``Quantize()`` with ``target="auto"`` (the CPU this runs on), exported as QDQ ONNX;
+* netpress ``Quantize(target="x86-avx2")``: what ``auto`` gives on an AVX2 CPU without VNNI;
+* netpress as it was before this work (``target="x86-vnni", input_grid=False,
+  equalize=False``);
+* netpress ``auto`` with the stem and the first residual block kept in float (mixed
+  precision: their activations carry the most noise to the logits);
+* ONNX Runtime's own ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights,
+  MinMax), plain and with ``reduce_range=True`` (7-bit weights).
 
 Reports accuracy on the lossless CIFAR-10 test subset (1,017 images), agreement with the
-PyTorch FP32 model on the 10k JPEG test set, ONNX Runtime throughput at batch 1 and 64 with
-the thread count fixed, and file sizes. Also the agreement between netpress's fake-quant
-PyTorch model and its ONNX Runtime run.
+PyTorch FP32 model on the 10k JPEG test set, ONNX Runtime throughput at batch 1 and 64 (all
+models timed in interleaved rounds, one thread) and file sizes; then, for an AVX2 CPU without
+VNNI, the agreement of every INT8 model run by ONNX Runtime under ``qemu-x86_64 -cpu Haswell``
+(CPUID then reports AVX2 only, so ONNX Runtime picks its AVX2 kernels) on the first
+``--qemu-images`` JPEG test images, and the agreement netpress's kernel emulator
+(:func:`netpress.quant.emulate.emulated_kernels`) predicts for the netpress models there.
 
     python benchmarks/quantization.py --data ../shared/data [--depths 20 56] [--quick]
+        [--qemu-images 1000] [--no-qemu]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import platform
+import shutil
+import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +45,23 @@ from _common import Timer, accuracy, agreement, data_dir, logits, markdown_table
 
 import netpress as npr
 from netpress import datasets as ds
-from netpress.export import dumps_artefact
-from netpress.export.onnx import export_onnx, optimized_op_types, ort_latency, ort_session
+from netpress.export.onnx import OrtModule, export_onnx, optimized_op_types, ort_session
+from netpress.measure import measure_latency_interleaved
 from netpress.models.cifar_resnet import find_pretrained, load_pretrained_cifar_resnet
-from netpress.quant import Codebook, Quantize
+from netpress.quant import Quantize
+from netpress.quant.emulate import emulated_kernels
+from netpress.quant.target import TargetMismatchWarning, cpu_flags, host_target
+
+QEMU_CPU = "Haswell"
+# the stem and the first residual block: their rounding noise reaches the logits most
+MIXED_FLOAT = "re:conv1|layer1\\.0\\..*"
 
 
-def ort_logits(path: Path, dataset: Any, threads: int, batch: int = 500) -> torch.Tensor:
+def ort_logits(path: Path, x: np.ndarray, threads: int = 1, batch: int = 500) -> np.ndarray:
     session = ort_session(path, threads=threads)
     name = session.get_inputs()[0].name
-    x = dataset.tensors[0].numpy()
-    outs = [session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
-    return torch.from_numpy(np.concatenate(outs))
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0]
+                           for i in range(0, len(x), batch)])
 
 
 class _Reader:
@@ -58,7 +74,7 @@ class _Reader:
         return next(self.batches, None)
 
 
-def ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> Path:
+def ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray, reduce_range: bool) -> Path:
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -72,35 +88,74 @@ def ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> Path:
     name = ort_session(pre).get_inputs()[0].name
     quantize_static(str(pre), str(out), _Reader(calib, name), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+                    per_channel=True, reduce_range=reduce_range,
+                    calibrate_method=CalibrationMethod.MinMax)
     return out
 
 
-def interleaved_throughput(paths: list[Path], example: torch.Tensor,
-                           args: argparse.Namespace) -> list[dict[int, float]]:
-    """Images/s per model and batch size; models measured in turn, median over rounds.
+# -- the qemu worker: ONNX Runtime logits on an emulated AVX2-only CPU ----------------------------
+def worker(args: argparse.Namespace) -> int:
+    """Run each ONNX model on the saved images; write logits, warnings and the CPU seen."""
+    x = np.load(args.images)
+    out: dict[str, Any] = {"host_target": np.array(host_target())}
+    for i, path in enumerate(args.worker):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", TargetMismatchWarning)
+            out[f"logits_{i}"] = ort_logits(Path(path), x)
+        out[f"warned_{i}"] = np.array(any(issubclass(w.category, TargetMismatchWarning)
+                                          for w in seen))
+    np.savez(args.worker_out, **out)
+    return 0
 
-    Interleaving spreads any background load over all models alike.
-    """
-    samples: list[dict[int, list[float]]] = [{1: [], 64: []} for _ in paths]
-    for _ in range(args.rounds):
-        for i, path in enumerate(paths):
-            lat = ort_latency(path, example, threads=args.threads, batch_sizes=(1, 64),
-                              warmup=args.warmup, repeats=args.repeats)
-            for b in (1, 64):
-                samples[i][b].append(lat[b]["throughput"])
-    return [{b: statistics.median(v) for b, v in s.items()} for s in samples]
+
+def run_qemu(paths: list[Path], x: np.ndarray, tmp: Path) -> dict[str, Any] | None:
+    qemu = shutil.which("qemu-x86_64") or shutil.which("qemu-x86_64-static")
+    if qemu is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        print("!!! qemu-x86_64 not found: no emulated AVX2 column", flush=True)
+        return None
+    np.save(tmp / "qemu_x.npy", x)
+    cmd = [qemu, "-cpu", QEMU_CPU, sys.executable, __file__, "--images",
+           str(tmp / "qemu_x.npy"), "--worker-out", str(tmp / "qemu_out.npz"), "--worker",
+           *map(str, paths)]
+    with Timer() as t:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"!!! qemu run failed: {done.stderr[-2000:]}", flush=True)
+        return None
+    res = dict(np.load(tmp / "qemu_out.npz"))
+    res["seconds"] = t.seconds
+    return res
 
 
-def onnx_row(name: str, path: Path, exact: Any, jpeg: Any, ref_jpeg: torch.Tensor,
-             args: argparse.Namespace) -> dict[str, Any]:
-    out_exact, out_jpeg = ort_logits(path, exact, args.threads), ort_logits(path, jpeg,
-                                                                             args.threads)
-    ops = optimized_op_types(path)
-    return {"method": name, "accuracy": accuracy(out_exact, exact.tensors[1]),
-            "agreement_jpeg": agreement(out_jpeg, ref_jpeg),
-            "file_bytes": path.stat().st_size, "_jpeg_logits": out_jpeg,
-            "optimized_ops": {op: ops.count(op) for op in sorted(set(ops))}}
+# -- one depth ---------------------------------------------------------------------------------
+def _models(ref: torch.nn.Module, calib: list[Any], example: torch.Tensor, depth: int,
+            tmp: Path, calib_x: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    auto = host_target()
+    variants = [("auto", Quantize()), ("x86-avx2", Quantize(target="x86-avx2")),
+                ("before", Quantize(target="x86-vnni", input_grid=False, equalize=False)),
+                ("mixed", Quantize(ignore=(MIXED_FLOAT,)))]
+    if auto == "x86-avx2":
+        variants = [v for v in variants if v[0] != "x86-avx2"]
+    rows: list[dict[str, Any]] = [{"method": "ORT FP32", "path": export_onnx(
+        ref, tmp / f"r{depth}_fp32.onnx", example)}]
+    torch_models = {}
+    for key, cfg in variants:
+        with Timer() as t:
+            q = npr.compress(ref, cfg, calibration=calib, measure=False).model
+        label = {"auto": f"netpress INT8, target auto (= {auto})",
+                 "x86-avx2": "netpress INT8, target x86-avx2",
+                 "before": "netpress INT8 before this issue (x86-vnni, no input grid, no "
+                           "equalization)",
+                 "mixed": f"netpress INT8 auto, mixed precision: {MIXED_FLOAT} float"}[key]
+        rows.append({"method": label, "netpress": key, "quantize_seconds": round(t.seconds, 1),
+                     "path": export_onnx(q, tmp / f"r{depth}_netpress_{key}.onnx", example)})
+        torch_models[key] = q
+    fp32 = rows[0]["path"]
+    for rr in (False, True):
+        name = "ORT quantize_static U8S8" + (" reduce_range" if rr else "")
+        rows.append({"method": name, "path": ort_quantize_static(
+            fp32, tmp / f"r{depth}_ort{'_rr' if rr else ''}.onnx", calib_x, rr)})
+    return rows, torch_models
 
 
 def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -110,52 +165,92 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
     calib_set = ds.cifar10_jpeg_train(root, limit=args.calib_images)
     calib = [(calib_set.tensors[0][i:i + 64], calib_set.tensors[1][i:i + 64])
              for i in range(0, args.calib_images, 64)]
-    ref_jpeg = logits(ref, jpeg)
+    ref_jpeg, ref_exact = logits(ref, jpeg), logits(ref, exact)
     example = exact.tensors[0][:1]
-    fp32 = export_onnx(ref, tmp / f"r{depth}_fp32.onnx", example)
-    with Timer() as t:
-        q = npr.compress(ref, Quantize(), calibration=calib, measure=False).model
-    ours = export_onnx(q, tmp / f"r{depth}_netpress_int8.onnx", example)
-    theirs = ort_quantize_static(fp32, tmp / f"r{depth}_ort_int8.onnx",
-                                 calib_set.tensors[0].numpy())
-    rows = [onnx_row("ORT FP32", fp32, exact, jpeg, ref_jpeg, args),
-            onnx_row("netpress Quantize (QDQ, ORT)", ours, exact, jpeg, ref_jpeg, args),
-            onnx_row("ORT quantize_static U8S8", theirs, exact, jpeg, ref_jpeg, args)]
-    speeds = interleaved_throughput([fp32, ours, theirs], example, args)
-    for row, speed in zip(rows, speeds):
-        row.update(throughput_b1=speed[1], throughput_b64=speed[64])
-    fake_jpeg = logits(q, jpeg)
-    ort_ours = rows[1].pop("_jpeg_logits")
-    for r in rows:
-        r.pop("_jpeg_logits", None)
-    cb = npr.compress(ref, Codebook(bits=4), measure=False).model
-    rows.append({"method": "netpress Codebook 4-bit (PyTorch)",
-                 "accuracy": accuracy(logits(cb, exact), exact.tensors[1]),
-                 "agreement_jpeg": agreement(logits(cb, jpeg), ref_jpeg),
-                 "file_bytes": len(dumps_artefact(cb))})
-    return {"model": f"resnet{depth}", "reference_accuracy": accuracy(logits(ref, exact),
+    rows, torch_models = _models(ref, calib, example, depth, tmp, calib_set.tensors[0].numpy())
+    xj, xe = jpeg.tensors[0].numpy(), exact.tensors[0].numpy()
+    for row in rows:
+        out_jpeg = torch.from_numpy(ort_logits(row["path"], xj))
+        row.update(accuracy=accuracy(torch.from_numpy(ort_logits(row["path"], xe)),
+                                     exact.tensors[1]),
+                   agreement_jpeg=agreement(out_jpeg, ref_jpeg),
+                   file_bytes=row["path"].stat().st_size)
+        ops = optimized_op_types(row["path"])
+        row["optimized_ops"] = {op: ops.count(op) for op in sorted(set(ops))}
+        row["_jpeg"] = out_jpeg
+    mods = [OrtModule(r["path"]) for r in rows]
+    lat = measure_latency_interleaved(mods, example, batch_sizes=(1, 64), threads=1,
+                                      warmup=args.warmup, repeats=args.repeats,
+                                      rounds=args.rounds)
+    for row, stats in zip(rows, lat):
+        row.update(throughput_b1=1e3 / stats[1].median_ms,
+                   throughput_b64=64e3 / stats[64].median_ms)
+    n = args.qemu_images
+    if n and not args.no_qemu:
+        _avx2_columns(rows, torch_models, jpeg.tensors[0][:n], ref_jpeg[:n], tmp)
+    for row in rows:
+        row.pop("_jpeg")
+        row["path"] = row["path"].name
+    return {"model": f"resnet{depth}", "reference_accuracy": accuracy(ref_exact,
                                                                       exact.tensors[1]),
-            "float_artefact_bytes": len(dumps_artefact(ref)),
-            "int8_artefact_bytes": len(dumps_artefact(q)),
-            "fake_quant_vs_ort_agreement": agreement(fake_jpeg, ort_ours),
-            "quantize_seconds": round(t.seconds, 1), "rows": rows}
+            "rows": rows}
+
+
+def _avx2_columns(rows: list[dict[str, Any]], torch_models: dict[str, Any], x: torch.Tensor,
+                  ref: torch.Tensor, tmp: Path) -> None:
+    """Agreement on the emulated AVX2 CPU (qemu), and the emulator's prediction of it."""
+    int8 = [r for r in rows if r["method"] != "ORT FP32" and r.get("netpress") != "mixed"]
+    for row in int8:
+        row["native_agreement_subset"] = agreement(row["_jpeg"][:len(x)], ref)
+        key = row.get("netpress")
+        if key is not None:
+            with torch.no_grad(), emulated_kernels(torch_models[key], "x86-avx2"):
+                emulated = logits(torch_models[key], torch.utils.data.TensorDataset(
+                    x, torch.zeros(len(x), dtype=torch.long)))
+            row["emulated_avx2_agreement"] = agreement(emulated, ref)
+    res = run_qemu([r["path"] for r in int8], x.numpy(), tmp)
+    if res is None:
+        return
+    for i, row in enumerate(int8):
+        out = torch.from_numpy(res[f"logits_{i}"])
+        row["qemu_avx2_agreement"] = agreement(out, ref)
+        row["qemu_same_top1_as_native"] = agreement(out, row["_jpeg"][:len(x)])
+        row["qemu_warned"] = bool(res[f"warned_{i}"])
+    for row in int8:
+        row["qemu_cpu_seen"] = str(res["host_target"])
+        row["qemu_seconds"] = round(float(res["seconds"]), 1)
+
+
+# -- output ------------------------------------------------------------------------------------
+def _pct(row: dict[str, Any], key: str) -> str:
+    return f"{100 * row[key]:.2f}" if key in row else "-"
 
 
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    out = [f"Calibration: {meta['calib_images']} JPEG train images; ONNX Runtime "
-           f"{meta['ort_version']}, {meta['threads']} thread(s), throughput = median of "
-           f"{meta['rounds']} interleaved rounds; JPEG test images: {meta['jpeg_images']}.\n"]
+    out = [f"CPU flags: {meta['cpu_flags']} (netpress target auto = {meta['host_target']}). "
+           f"Calibration: {meta['calib_images']} JPEG train images; ONNX Runtime "
+           f"{meta['ort_version']}, 1 thread; throughput = median over "
+           f"{meta['repeats']} runs in {meta['rounds']} interleaved rounds (shared machine: "
+           f"timings are noisy, ratios between rows are what is comparable); JPEG test images: "
+           f"{meta['jpeg_images']}; emulated AVX2: first {meta['qemu_images']} JPEG test images "
+           f"under qemu-x86_64 -cpu {QEMU_CPU}.\n"]
     for res in results:
-        out.append(f"### {res['model']} (FP32 accuracy {100 * res['reference_accuracy']:.2f}%; "
-                   f"fake-quant vs ORT agreement {100 * res['fake_quant_vs_ort_agreement']:.2f}"
-                   f"%; artefact {res['float_artefact_bytes']:,} B float, "
-                   f"{res['int8_artefact_bytes']:,} B int8)\n")
-        rows = [[r["method"], f"{100 * r['accuracy']:.2f}", f"{100 * r['agreement_jpeg']:.2f}",
-                 f"{r['throughput_b1']:.0f}" if "throughput_b1" in r else "-",
-                 f"{r['throughput_b64']:.0f}" if "throughput_b64" in r else "-",
-                 f"{r['file_bytes']:,}"] for r in res["rows"]]
-        out.append(markdown_table(["method", "accuracy % (lossless)", "agreement % (JPEG)",
-                                   "img/s b1", "img/s b64", "file bytes"], rows) + "\n")
+        fp32 = res["rows"][0]
+        out.append(f"### {res['model']} (FP32 accuracy {100 * res['reference_accuracy']:.2f}%)"
+                   "\n")
+        rows = [[r["method"], _pct(r, "accuracy"), _pct(r, "agreement_jpeg"),
+                 f"{r['throughput_b1']:.0f} ({r['throughput_b1'] / fp32['throughput_b1']:.2f}×)",
+                 f"{r['throughput_b64']:.0f} "
+                 f"({r['throughput_b64'] / fp32['throughput_b64']:.2f}×)",
+                 f"{r['file_bytes']:,}", _pct(r, "native_agreement_subset"),
+                 _pct(r, "qemu_avx2_agreement"), _pct(r, "emulated_avx2_agreement"),
+                 ("yes" if r.get("qemu_warned") else "no") if "qemu_warned" in r else "-"]
+                for r in res["rows"]]
+        out.append(markdown_table(
+            ["method", "accuracy % (lossless)", "agreement % (JPEG 10k)", "img/s b1",
+             "img/s b64", "file bytes", "agreement % here (subset)",
+             "agreement % AVX2 (qemu)", "AVX2 predicted by emulator", "warned on AVX2"],
+            rows) + "\n")
     return "\n".join(out)
 
 
@@ -165,22 +260,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     p.add_argument("--calib-images", type=int, default=512)
     p.add_argument("--jpeg-limit", type=int, default=None, help="JPEG test images (10k)")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    p.add_argument("--qemu-images", type=int, default=1000)
+    p.add_argument("--no-qemu", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results/quantization.json")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
     if args.quick:
-        args.depths, args.calib_images, args.jpeg_limit, args.rounds = [20], 128, 1000, 2
+        args.depths, args.calib_images, args.jpeg_limit = [20], 128, 500
+        args.rounds, args.repeats, args.qemu_images = 2, 4, 50
     import onnxruntime
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     root = data_dir(args.data)
-    meta = {"calib_images": args.calib_images, "threads": args.threads, "rounds": args.rounds,
-            "ort_version": onnxruntime.__version__, "jpeg_images": args.jpeg_limit or 10000}
+    meta = {"calib_images": args.calib_images, "rounds": args.rounds, "repeats": args.repeats,
+            "ort_version": onnxruntime.__version__, "jpeg_images": args.jpeg_limit or 10000,
+            "qemu_images": 0 if args.no_qemu else args.qemu_images,
+            "host_target": host_target(), "cpu_flags": " ".join(sorted(cpu_flags())),
+            "command": " ".join(["python", "benchmarks/quantization.py", *(argv or sys.argv[1:])])}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for depth in args.depths:
@@ -192,4 +297,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     raise SystemExit(main())

@@ -11,6 +11,13 @@ Each strategy runs 10 trials with 3 seeds; a 100-trial random search is the refe
 optimum. Goal: every seed within 5% of the reference within 10 trials.
 
     nice -n 10 .venv/bin/python benchmarks/search.py --data ../shared/data
+
+Issue 15 adds the reinforcement-learning strategy (``rl``) and reads each run's best feasible
+size after 10 and after 30 trials from one 30-trial run (``--reference-trials 0`` skips the
+random reference; gaps are then against the best configuration any run found):
+
+    nice -n 10 .venv/bin/python benchmarks/search.py --data ../shared/data --trials 30 \
+        --reference-trials 0 --out benchmarks/results/search_rl.json
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--reference-trials", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--strategies", default="gp,tpe,random,knapsack,gp+knapsack")
+    p.add_argument("--strategies", default="gp,tpe,random,knapsack,gp+knapsack,rl")
     p.add_argument("--out", type=Path, default=RESULTS / "search.json")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -90,9 +97,17 @@ def main() -> None:
         for seed in seeds:
             runs.append(_run(model, space, strategy, seed, args.trials, proxy, verify,
                              journals, table))
-    ref = _run(model, space, "random", 1000, args.reference_trials, proxy, verify, journals,
-               None)
+    if args.reference_trials > 0:
+        ref = _run(model, space, "random", 1000, args.reference_trials, proxy, verify,
+                   journals, None)
+    else:  # no reference run: gaps are against the best any run found
+        found = [r["best"] for r in runs if r["best"] is not None]
+        ref = {"best": min(found) if found else None, "curve": [], "seconds": 0.0,
+               "early_stopped": 0, "final": None, "best_recipe": None, "log": []}
     optimum = min([ref["best"]] + [r["best"] for r in runs if r["best"] is not None])
+    for r in runs:
+        r["best_at"] = {str(k): (r["curve"][k - 1] if len(r["curve"]) >= k else None)
+                        for k in (10, 30) if k <= args.trials}
     for r in runs:
         r["gap_to_reference"] = None if r["best"] is None else r["best"] / ref["best"] - 1
         r["gap_to_best_known"] = None if r["best"] is None else r["best"] / optimum - 1
@@ -120,15 +135,22 @@ def main() -> None:
     args.out.with_suffix(".png").write_bytes(progress_plot(
         curves, "size", "bytes", reference=ref["best"],
         title=f"ResNet-20: best feasible size ({CONSTRAINT})"))
-    args.out.with_name(args.out.stem + "_pareto.png").write_bytes(pareto_plot(
-        ref["log"], "size", "bytes", title="ResNet-20: 100-trial random search"))
-    rows = [[r["strategy"], r["seed"], f"{r['best']:,.0f}" if r["best"] else "-",
+    if ref["log"]:
+        args.out.with_name(args.out.stem + "_pareto.png").write_bytes(pareto_plot(
+            ref["log"], "size", "bytes", title="ResNet-20: 100-trial random search"))
+    at = [k for k in ("10", "30") if int(k) <= args.trials]
+
+    def cell(v: Any) -> str:
+        return f"{v:,.0f}" if v else "none feasible"
+
+    rows = [[r["strategy"], r["seed"], *[cell(r["best_at"][k]) for k in at],
              f"{100 * r['gap_to_reference']:+.1f}%" if r["gap_to_reference"] is not None
              else "-", r["trials_to_5pct"] or "-", r["early_stopped"],
              None if r["final"] is None else r["final"]["verified"], r["seconds"]]
             for r in runs]
-    table_md = markdown_table(["strategy", "seed", "best bytes", "gap vs ref", "trials to 5%",
-                               "stopped early", "verified (1017)", "s"], rows)
+    table_md = markdown_table(["strategy", "seed", *[f"best bytes after {k}" for k in at],
+                               "gap vs ref", "trials to 5%", "stopped early",
+                               "verified (1017)", "s"], rows)
     args.out.with_suffix(".md").write_text(
         f"reference (random, {args.reference_trials} trials): {ref['best']:,.0f} bytes\n\n"
         + table_md + "\n", encoding="utf-8")

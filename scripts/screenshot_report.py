@@ -6,6 +6,8 @@ takes a headless Chromium screenshot of ``report.html``::
 
     .venv/bin/python scripts/screenshot_report.py --out /tmp/report.png
 
+or of an existing report (``--html out/report.html``).
+
 Needs scikit-learn, matplotlib and a ``chromium`` (or ``chromium-browser`` /
 ``google-chrome``) binary on PATH (Debian: ``apt-get install -y chromium``).
 """
@@ -69,14 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1200)
     parser.add_argument("--height", type=int, default=2400)
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--html", type=Path, default=None,
+                        help="screenshot this existing report.html instead of building one")
     args = parser.parse_args(argv)
     browser = find_browser()
     if browser is None:
         print(f"no Chromium found (tried {', '.join(BROWSERS)}); on Debian: "
               f"apt-get install -y chromium", file=sys.stderr)
         return 2
-    report_dir = args.report_dir or Path(tempfile.mkdtemp(prefix="netpress-report-"))
-    html_path = build_report(report_dir, sparsity=args.sparsity)
+    if args.html is not None:
+        html_path = args.html
+    else:
+        report_dir = args.report_dir or Path(tempfile.mkdtemp(prefix="netpress-report-"))
+        html_path = build_report(report_dir, sparsity=args.sparsity)
     screenshot(html_path, args.out, browser=browser, width=args.width, height=args.height)
     print(f"report: {html_path}\nscreenshot: {args.out}")
     return 0

@@ -31,6 +31,7 @@ from netpress.registry import list_methods, register
 from netpress.report import Report
 from netpress.search import Choice, Range
 from netpress.search import search as search  # the function (the subpackage stays importable)
+from netpress.split.method import Split
 
 __all__ = [
     "compress",
@@ -57,6 +58,7 @@ __all__ = [
     "SparseGPT",
     "Wanda",
     "GPTQ",
+    "Split",
     "export_onnx",
     "MinAgreement",
     "MaxAccuracyDrop",
@@ -74,7 +76,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover"})
+_SUBMODULES = frozenset({"measure", "export", "models", "datasets", "testing", "prune", "recover",
+                         "split"})
 
 
 def __getattr__(name: str) -> object:

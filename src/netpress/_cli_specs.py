@@ -5,11 +5,15 @@
 *your* code, imported because you named it).
 ``--data`` is ``digits``, ``cifar10:DIR``, ``mnist:DIR``, ``fashion-mnist:DIR`` or
 ``package.module:factory`` returning a dict with ``train``/``calibration``/``evaluate``.
+``package.module`` is imported as ``python -m`` would: the current directory comes first on
+the import path, so ``mymodels:build`` finds ``./mymodels.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +22,40 @@ from torch import nn
 
 from netpress.errors import ArtefactError, DataError, ModelError
 
-__all__ = ["resolve_model", "resolve_data", "load_weights"]
+__all__ = [
+    "DATA_FORM",
+    "load_weights",
+    "resolve_data",
+    "resolve_model",
+    "source_record",
+    "state_fingerprint",
+]
+
+#: What a ``--data package.module:factory`` must return (shown in --help and errors).
+DATA_FORM = ("a dict with any of the keys 'train', 'calibration' and 'evaluate', each a "
+             "re-iterable of (inputs, labels) batches such as a torch DataLoader (labels may "
+             "be None); e.g. def data(): return {'train': DataLoader(...), "
+             "'evaluate': DataLoader(...)}")
 
 
-def _factory(spec: str, what: str) -> Any:
+def _importable_from(cwd: str | None) -> None:
+    """Put ``cwd`` (default: the current directory) first on ``sys.path``, as ``python -m``."""
+    folder = os.path.abspath(cwd or os.getcwd())
+    if folder not in (os.path.abspath(p or ".") for p in sys.path):
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+
+
+def _factory(spec: str, what: str, cwd: str | None = None) -> Any:
     module_name, _, attr = spec.partition(":")
+    _importable_from(cwd)
+    error = ModelError if what == "model" else DataError
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise (ModelError if what == "model" else DataError)(
-            f"--{what} {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}") from None
+        raise error(f"--{what} {spec!r}: cannot import {attr!r} from {module_name!r} (looked "
+                    f"in {os.path.abspath(cwd or os.getcwd())} and the installed packages): "
+                    f"{exc}") from None
     return obj() if callable(obj) else obj
 
 
@@ -59,8 +87,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def resolve_model(spec: str, weights: str | None = None) -> nn.Module:
-    """Build the model named by ``spec`` (see module docs) and load ``weights`` if given."""
+def resolve_model(spec: str, weights: str | None = None, *,
+                  cwd: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` (see module docs) and load ``weights`` if given;
+    ``package.module:factory`` is imported with ``cwd`` (default: the current directory)
+    first on the import path."""
     if spec.endswith(".npress"):
         from netpress.api import load
 
@@ -70,7 +101,7 @@ def resolve_model(spec: str, weights: str | None = None) -> nn.Module:
 
         model = from_pretrained(spec[3:])
     elif ":" in spec:
-        model = _factory(spec, "model")
+        model = _factory(spec, "model", cwd)
         if not isinstance(model, nn.Module):
             raise ModelError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
     else:
@@ -83,8 +114,10 @@ def resolve_model(spec: str, weights: str | None = None) -> nn.Module:
 
 
 def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = None,
-                 eval_limit: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Data loaders (``train``, ``calibration``, ``evaluate``) for a ``--data`` spec."""
+                 eval_limit: int | None = None, seed: int = 0,
+                 cwd: str | None = None) -> dict[str, Any]:
+    """Data loaders (``train``, ``calibration``, ``evaluate``) for a ``--data`` spec
+    (a factory's dict is returned as it is; see :data:`DATA_FORM`)."""
     from netpress import datasets as ds
 
     name, _, root = spec.partition(":")
@@ -98,9 +131,10 @@ def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = 
     elif name in ("fashion-mnist", "fashion_mnist"):
         train, test = ds.fashion_mnist(root, split="train"), ds.fashion_mnist(root, split="test")
     elif ":" in spec:
-        out = _factory(spec, "data")
+        out = _factory(spec, "data", cwd)
         if not isinstance(out, dict) or not set(out) & {"train", "calibration", "evaluate"}:
-            raise DataError(f"--data {spec!r} must return a dict with train/calibration/evaluate")
+            got = sorted(out) if isinstance(out, dict) else type(out).__name__
+            raise DataError(f"--data {spec!r} returned {got}; it must return {DATA_FORM}")
         return out
     else:
         raise DataError(f"--data {spec!r}: use digits, cifar10:DIR, mnist:DIR, "
@@ -117,3 +151,36 @@ def _limit(dataset: Any, n: int | None) -> Any:
     if n is None or n >= len(dataset):
         return dataset
     return torch.utils.data.Subset(dataset, range(n))
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``model``'s state_dict."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def source_record(model: str, weights: str | None, data: str, eval_limit: int | None,
+                  reference: nn.Module) -> dict[str, Any]:
+    """The ``--model``/``--weights``/``--data`` of a ``compress`` run with absolute paths,
+    and the ``reference``'s :func:`state_fingerprint`; stored in ``report.json`` so that
+    ``netpress export`` can rebuild the same reference and evaluation data, from any
+    folder, and tell when it cannot (a reference without weights is initialised at random)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    name, sep, root = data.partition(":")
+    builtin = name in ("cifar10", "mnist", "fashion-mnist", "fashion_mnist")
+    return {
+        "model": absolute(model) if model.endswith(".npress") else model,
+        "weights": absolute(weights) if weights else None,
+        "data": f"{name}:{absolute(root)}" if builtin and sep else data,
+        "eval_limit": eval_limit,
+        "cwd": os.getcwd(),
+        "reference_sha256": state_fingerprint(reference),
+    }

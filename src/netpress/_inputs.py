@@ -25,6 +25,7 @@ __all__ = [
     "take_batch",
     "repeat_to_batch",
     "primary_output",
+    "input_spec",
 ]
 
 Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]  # noqa: UP007 (runtime alias)
@@ -124,3 +125,16 @@ def primary_output(output: Any) -> torch.Tensor:
     if not tensors:
         raise TypeError(f"the model returned no tensor (got {type(output).__name__})")
     return tensors[0]
+
+
+def input_spec(inputs: Any) -> Any:
+    """The shapes and dtypes of ``inputs``, JSON-ready, following the tensor / tuple / dict
+    convention: ``{"shape": [...], "dtype": "float32"}`` per tensor, a list for a tuple,
+    a dict for keyword inputs; ``None`` for no inputs or anything else."""
+    if isinstance(inputs, torch.Tensor):
+        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).removeprefix("torch.")}
+    if isinstance(inputs, Mapping):
+        return {str(k): input_spec(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return [input_spec(v) for v in inputs]
+    return None

@@ -23,6 +23,7 @@ from netpress.config import MethodConfig, Recipe
 from netpress.context import Context
 from netpress.data import Data, check_data, first_batch
 from netpress.errors import DataError, ModelError, RecipeError
+from netpress.measure.sections import wanted_sections
 from netpress.registry import get_method
 from netpress.report import Report
 
@@ -45,12 +46,15 @@ class CompressionResult:
         """Write the compressed artefact (``.npress``); returns the bytes written.
 
         With example inputs known, the stored graph is verified to reproduce the model's
-        outputs before anything is written.
+        outputs before anything is written, and their shapes are stored in the metadata
+        (``inputs``: see :func:`netpress._inputs.input_spec`; ``netpress export`` reads them).
         """
+        from netpress._inputs import input_spec
         from netpress.export import save_artefact
 
         return save_artefact(path, self.model, recipe=self.recipe.to_dict(),
-                             metadata={"report": artefact_summary(self.report.summary())},
+                             metadata={"report": artefact_summary(self.report.summary()),
+                                       "inputs": input_spec(self.example_inputs)},
                              example_inputs=self.example_inputs)
 
     def save_report(self, directory: str | Path, *, html: bool = True) -> Path:
@@ -160,6 +164,7 @@ def compress(
     latency_batch_size: int = 32,
     threads: int = 1,
     progress: bool | None = None,
+    sections: tuple[str, ...] = (),
 ) -> CompressionResult:
     """Apply ``recipe`` to (a copy of) ``model`` and measure the result against the original.
 
@@ -174,10 +179,14 @@ def compress(
     already compressed elsewhere. ``result.reference`` shares its weights with the model it
     was made from (netpress only reads it: no second copy of the weights in memory); the
     compressed model is a copy. Runs are deterministic for a given ``seed``.
+    ``sections`` asks for optional report sections (``"activations"``, ``"robustness"``;
+    :mod:`netpress.measure.sections`), which a recipe's ``act_sparsity``/``cond_reg`` and a
+    ``Split`` step also switch on.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"compress() takes an nn.Module, got {type(model).__name__}")
     recipe = Recipe.of(recipe)
+    wanted_sections((), sections)  # unknown names fail before any work
     data = {"calibration": calibration, "train": train, "evaluate": evaluate}
     given: dict[str, Any] = {**data, "example_inputs": example_inputs}
     _validate_recipe(recipe, given)
@@ -202,7 +211,7 @@ def compress(
     elapsed = time.perf_counter() - started
     report = Report.build(reference, work, recipe=recipe, ctx=ctx, task=task, measure=measure,
                           latency_batch_size=latency_batch_size, threads=threads,
-                          compress_seconds=elapsed)
+                          compress_seconds=elapsed, sections=tuple(sections))
     return CompressionResult(model=work, report=report, recipe=recipe, reference=reference,
                              example_inputs=example_inputs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,12 +15,31 @@ EPILOG = """examples:
   netpress compress --model cifar_resnet56 --weights resnet56.th --recipe recipe.yaml \\
       --data cifar10:../shared/data/cifar10 --out out/
   netpress report out/
-  netpress export out/model.npress --onnx out/model.onnx --input-shape 1,3,32,32 --latency
-  netpress search --model cifar_resnet20 --weights resnet20.th --data cifar10:../shared/data \
+  netpress export out/model.npress --onnx out/model.onnx --latency
+  netpress search --model cifar_resnet20 --weights resnet20.th --data cifar10:../shared/data \\
       --objective size --constraint "agreement>=0.99" --trials 10 --out search-out/
   netpress digest a.npress b.npress
   netpress methods
 """
+
+def _wrap(*paragraphs: str) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(p, width=79, subsequent_indent="  ") for p in paragraphs)
+
+
+MODEL_HELP = ("MODEL: a built-in name (see `netpress models`), a .npress file, hf:DIR (a "
+              "local transformers directory), or package.module:factory (imported from the "
+              "current directory first, as `python -m` does; the factory returns an "
+              "nn.Module).")
+
+
+def _data_help() -> str:
+    from netpress._cli_specs import DATA_FORM
+
+    return ("DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR (their preprocessing: "
+            "README, 'Data sets'), or package.module:factory (imported from the current "
+            f"directory first) returning {DATA_FORM}.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model with a recipe and write the artefact "
                        "and report", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="MODEL: a built-in name (see `netpress models`), a .npress file, "
-                       "hf:DIR, or package.module:factory\nDATA: digits, cifar10:DIR, mnist:DIR, "
-                       "fashion-mnist:DIR, or package.module:factory")
+                       epilog=_wrap(MODEL_HELP, _data_help()))
     c.add_argument("--model", required=True, metavar="MODEL")
     c.add_argument("--weights", help="state dict to load into MODEL (.pt/.pth/.th loaded with "
                    "weights_only=True, or .safetensors)")
     c.add_argument("--recipe", required=True, type=Path, help="recipe file (.yaml or .json)")
     c.add_argument("--data", required=True, metavar="DATA")
     c.add_argument("--out", required=True, type=Path, help="output directory")
+    c.add_argument("--task", default="classification", help="classification (default), "
+                   "embedding, or embedding:T to count the rows with cosine >= T (default 0.99)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--train-limit", type=int, help="use at most this many training examples")
     c.add_argument("--eval-limit", type=int, help="evaluate on at most this many examples")
@@ -62,15 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--html", type=Path, metavar="FILE", help="also write the HTML report "
                    "(with plots) to FILE")
 
-    e = sub.add_parser("export", help="write a .npress artefact as ONNX (QDQ INT8 when "
-                       "quantized) and optionally time it in ONNX Runtime")
+    e = sub.add_parser(
+        "export", help="write a .npress artefact as ONNX (QDQ INT8 when quantized), measure "
+        "its agreement in ONNX Runtime and optionally time it beside the reference",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_wrap("The reference and evaluation data default to those `netpress compress` "
+                     "recorded in report.json beside the artefact. Without a reference, "
+                     "--latency times the artefact's FP32 twin (same architecture, float "
+                     "weights) as the reference.", MODEL_HELP, _data_help()))
     e.add_argument("artefact", type=Path, help="a .npress file")
     e.add_argument("--onnx", required=True, type=Path, help="output .onnx path")
-    e.add_argument("--input-shape", required=True, help="one input's shape, batch first, "
-                   "e.g. 1,3,32,32")
+    e.add_argument("--input-shape", help="one input's shape, batch first, e.g. 1,3,32,32 "
+                   "(default: the shape stored in the artefact)")
     e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--latency", action="store_true", help="measure ONNX Runtime latency")
+    e.add_argument("--latency", action="store_true", help="time the exported model and the "
+                   "reference's FP32 export in ONNX Runtime, interleaved, and print the ratio")
+    e.add_argument("--reference", metavar="MODEL", help="the uncompressed model, for "
+                   "agreement and latency")
+    e.add_argument("--weights", help="state dict to load into --reference")
+    e.add_argument("--data", metavar="DATA", help="evaluation data: measure the exported "
+                   "model's agreement in ONNX Runtime")
+    e.add_argument("--eval-limit", type=int, help="evaluate on at most this many examples")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--latency-batch-size", type=int, default=32)
+    e.add_argument("--repeats", type=int, default=30, help="timed runs per model and batch size")
+    e.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("digest", help="print the model digest of .npress files (equal digests: "
                        "the same model, whatever the recipe, report or compression level)")
@@ -95,12 +131,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from netpress._cli_specs import resolve_data, resolve_model
+    from netpress._cli_specs import resolve_data, resolve_model, source_record
     from netpress.api import compress
     from netpress.config import Recipe
     from netpress.recover.distributed import init_from_env, is_main
+    from netpress.report import Report, ReportWarning
 
-    console = Console()
+    console = Console(stderr=True)
     if init_from_env() and args.device is None:  # under torchrun: one GPU per rank
         import os
 
@@ -109,21 +146,31 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     recipe = Recipe.load(args.recipe)
+    console.print(f"netpress compress: loading the model {args.model} …")
     model = resolve_model(args.model, args.weights)
+    console.print(f"netpress compress: loading the data {args.data} …")
     data = resolve_data(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
                         eval_limit=args.eval_limit, seed=args.seed)
-    result = compress(model, recipe, seed=args.seed, device=args.device, threads=args.threads,
-                      latency_batch_size=args.latency_batch_size,
-                      progress=False if args.no_progress else None, **data)
+    console.print(f"netpress compress: running {len(recipe)} step(s), then measuring the "
+                  f"report …")
+    with warnings.catch_warnings():  # the table below shows them, in a red panel
+        warnings.simplefilter("ignore", ReportWarning)
+        result = compress(model, recipe, seed=args.seed, device=args.device,
+                          threads=args.threads, latency_batch_size=args.latency_batch_size,
+                          task=args.task, progress=False if args.no_progress else None, **data)
     if not is_main():  # data-parallel recovery: rank 0 writes the artefact and report
         return 0
+    source = source_record(args.model, args.weights, args.data, args.eval_limit,
+                           result.reference)
+    result.report = Report({**result.report, "source": source}, result.report.thumbnails)
     args.out.mkdir(parents=True, exist_ok=True)
     size = result.save(args.out / "model.npress")
     recipe.save(args.out / "recipe.yaml")
     result.save_report(args.out)
-    result.report.print(console)
-    console.print(f"wrote {args.out}/model.npress ({size:,} bytes), report.json, report.md, "
-                  f"report.html")
+    out = Console()
+    result.report.print(out)
+    out.print(f"wrote {args.out}/model.npress ({size:,} bytes), report.json, report.md, "
+              f"report.html")
     return 0
 
 
@@ -153,23 +200,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from netpress._cli_export import run_export
 
-    from netpress.errors import DataError
-    from netpress.export.onnx import export_artefact, ort_latency
-
-    try:
-        shape = tuple(int(d) for d in args.input_shape.split(","))
-    except ValueError:
-        raise DataError(f"--input-shape {args.input_shape!r}: give integers separated by "
-                        f"commas, e.g. 1,3,32,32") from None
-    path = export_artefact(args.artefact, args.onnx, shape, opset=args.opset)
-    print(f"wrote {path}")
-    if args.latency:
-        for batch, stats in ort_latency(path, torch.zeros(shape), threads=args.threads).items():
-            print(f"batch {batch}: median {stats['median_ms']:.3f} ms, "
-                  f"{stats['throughput']:.1f} inputs/s ({args.threads} thread(s))")
-    return 0
+    return run_export(args)
 
 
 def _cmd_digest(args: argparse.Namespace) -> int:

@@ -68,9 +68,12 @@ def check_data(name: str, data: Data, model: nn.Module, device: torch.device) ->
         with torch.inference_mode():
             out = primary_output(call_model(model, move_to(inputs, device)))
     except Exception as exc:
+        from netpress.measure.collect import explain_failure
+
+        why = explain_failure(model, move_to(inputs, device))
         raise DataError(
             f"{name}: the model fails on the first batch ({_describe(inputs)}): "
-            f"{type(exc).__name__}: {exc}. Check that this data fits the model"
+            f"{why or f'{type(exc).__name__}: {exc}'}. Check that this data fits the model"
         ) from exc
     finally:
         model.train(was_training)

@@ -4,6 +4,20 @@ Every loader returns a :class:`torch.utils.data.TensorDataset` of ``(images, lab
 float32 ``N x C x H x W``, normalised; labels are int64. Nothing is read at import time, and
 scikit-learn / Pillow are imported only inside the functions that need them.
 
+Preprocessing (a model must be evaluated on inputs prepared as it was trained):
+
+* ``digits``: pixel values 0..16 divided by 16, then standardised with the train split's own
+  mean and std (one number each, about 0.30 and 0.38).
+* CIFAR-10: pixels / 255, then per channel ``(x - mean) / std`` with the ImageNet statistics
+  mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), which the pretrained akamaster
+  ResNets were trained with.
+* MNIST: pixels / 255, then ``(x - 0.1307) / 0.3081``.
+* Fashion-MNIST: pixels / 255, then ``(x - 0.2860) / 0.3530``.
+
+Each returned dataset carries this description as ``dataset.netpress_preprocessing``
+(:func:`preprocessing_of` finds it through loaders and subsets), so that a report whose
+reference scores near chance can say which normalisation the data went through.
+
 Real data lives in the shared data folder named by the ``NETPRESS_DATA`` environment variable
 (holding ``cifar10/``, ``cifar10_resnets_akamaster/``, ``mnist/`` and ``fashion_mnist/``); each
 loader's ``root`` may be that folder or the dataset's own subfolder. Files are read without
@@ -40,6 +54,7 @@ __all__ = [
     "digits",
     "fashion_mnist",
     "loader",
+    "preprocessing_of",
     "mnist_test",
     "mnist_train",
     "read_idx",
@@ -53,6 +68,32 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 _ENV = "NETPRESS_DATA"
+_ATTR = "netpress_preprocessing"
+
+
+def _stats(mean: Sequence[float], std: Sequence[float]) -> str:
+    def fmt(v: Sequence[float]) -> str:
+        return f"{v[0]:.4g}" if len(v) == 1 else "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+    return f"mean {fmt(mean)}, std {fmt(std)}"
+
+
+def _described(dataset: TensorDataset, text: str) -> TensorDataset:
+    setattr(dataset, _ATTR, text)
+    return dataset
+
+
+def preprocessing_of(data: object) -> str | None:
+    """The preprocessing a built-in loader applied to ``data`` (a dataset, a ``Subset`` or a
+    ``DataLoader`` over one), or ``None`` for data netpress did not load."""
+    for _ in range(8):  # DataLoader -> Subset -> TensorDataset, at most a few levels
+        text = getattr(data, _ATTR, None)
+        if isinstance(text, str):
+            return text
+        data = getattr(data, "dataset", None)
+        if data is None:
+            return None
+    return None
 
 
 def shared_data_dir(required: bool = False) -> Path | None:
@@ -124,9 +165,10 @@ def _check_images(path: Path, x: np.ndarray, y: np.ndarray, shape: tuple[int, ..
 
 
 def _to_dataset(
-    x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float]
+    x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float], name: str
 ) -> TensorDataset:
-    """uint8 ``NHWC`` / ``NHW`` images -> normalised float32 ``NCHW`` and int64 labels."""
+    """uint8 ``NHWC`` / ``NHW`` images -> normalised float32 ``NCHW`` and int64 labels,
+    described as ``name``'s preprocessing (see :func:`preprocessing_of`)."""
     t = torch.from_numpy(np.ascontiguousarray(x))
     t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
     c = t.shape[1]
@@ -138,7 +180,8 @@ def _to_dataset(
         raise DataError(f"std values must be > 0, got {tuple(std)}")
     images = t.contiguous().to(torch.float32).div_(255.0).sub_(m).div_(s)
     labels = torch.from_numpy(y.astype(np.int64))
-    return TensorDataset(images, labels)
+    text = f"netpress's {name} loader: pixels / 255, then (x - mean) / std with {_stats(mean, std)}"
+    return _described(TensorDataset(images, labels), text)
 
 
 def _as_seq(v: float | Sequence[float]) -> Sequence[float]:
@@ -167,9 +210,13 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDataset, Te
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     mean, std = float(x_tr.mean()), float(x_tr.std())
+    text = (f"netpress's digits loader: pixel values / 16, then (x - mean) / std with the "
+            f"train split's mean {mean:.4g}, std {std:.4g}")
     return (
-        TensorDataset(torch.from_numpy((x_tr - mean) / std), torch.from_numpy(y_tr)),
-        TensorDataset(torch.from_numpy((x_te - mean) / std), torch.from_numpy(y_te)),
+        _described(TensorDataset(torch.from_numpy((x_tr - mean) / std), torch.from_numpy(y_tr)),
+                   text),
+        _described(TensorDataset(torch.from_numpy((x_te - mean) / std), torch.from_numpy(y_te)),
+                   text),
     )
 
 
@@ -200,7 +247,7 @@ def cifar10_exact_test(
 ) -> TensorDataset:
     """The 1,017 lossless CIFAR-10 test images (test images 0..1016), ``N x 3 x 32 x 32``."""
     x, y = _cifar_npz(root, _EXACT, "x_test", "y_test")
-    return _to_dataset(x, y, mean, std)
+    return _to_dataset(x, y, mean, std, "CIFAR-10")
 
 
 def cifar10_exact_train(
@@ -210,7 +257,7 @@ def cifar10_exact_train(
 ) -> TensorDataset:
     """The 5,085 lossless CIFAR-10 train images (images 0..1016 of each train batch)."""
     x, y = _cifar_npz(root, _EXACT, "x_train", "y_train")
-    return _to_dataset(x, y, mean, std)
+    return _to_dataset(x, y, mean, std, "CIFAR-10")
 
 
 def cifar10_jpeg_test(
@@ -224,7 +271,7 @@ def cifar10_jpeg_test(
     x, y = _cifar_npz(root, _JPEG_TEST, "x_test", "y_test")
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    return _to_dataset(x, y, mean, std)
+    return _to_dataset(x, y, mean, std, "CIFAR-10")
 
 
 def cifar10_jpeg_train(
@@ -254,7 +301,7 @@ def cifar10_jpeg_train(
     x = _decode_jpegs(path, blob, offsets, idx)
     y = labels[idx]
     _check_images(path, x, y, (32, 32, 3))
-    return _to_dataset(x, y, mean, std)
+    return _to_dataset(x, y, mean, std, "CIFAR-10")
 
 
 def _check_limit(limit: int | None) -> None:
@@ -347,7 +394,7 @@ def mnist_test(root: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_ST
     """The 10k MNIST test images, ``N x 1 x 28 x 28``."""
     folder = _dataset_dir(root, "mnist", "t10k-images-idx3-ubyte.gz")
     x, y = _idx_pair(folder, "t10k")
-    return _to_dataset(x, y, _as_seq(mean), _as_seq(std))
+    return _to_dataset(x, y, _as_seq(mean), _as_seq(std), "MNIST")
 
 
 def mnist_train(
@@ -358,7 +405,8 @@ def mnist_train(
     path = _dataset_dir(root, "mnist", name) / name
     arrays = _load_npz(path, ("x_train", "y_train"))
     _check_images(path, arrays["x_train"], arrays["y_train"], (28, 28))
-    return _to_dataset(arrays["x_train"], arrays["y_train"], _as_seq(mean), _as_seq(std))
+    return _to_dataset(arrays["x_train"], arrays["y_train"], _as_seq(mean), _as_seq(std),
+                       "MNIST")
 
 
 def fashion_mnist(
@@ -374,7 +422,7 @@ def fashion_mnist(
     prefix = prefixes[split]
     folder = _dataset_dir(root, "fashion_mnist", f"{prefix}-images-idx3-ubyte.gz")
     x, y = _idx_pair(folder, prefix)
-    return _to_dataset(x, y, _as_seq(mean), _as_seq(std))
+    return _to_dataset(x, y, _as_seq(mean), _as_seq(std), "Fashion-MNIST")
 
 
 # --------------------------------------------------------------------------- loaders

@@ -51,30 +51,77 @@ def train_classifier(model: nn.Module, loader: Any, *, epochs: int, lr: float = 
     return model.eval()
 
 
+def _cache_file(out: Path | None, seed: int, epochs: int) -> Path | None:
+    """Where the trained reference is cached: keyed by seed, training length and the
+    netpress and torch versions, so that any change retrains."""
+    if out is None:
+        return None
+    from netpress.report.report import netpress_version
+
+    key = f"seed{seed}-epochs{epochs}-netpress{netpress_version()}-torch{torch.__version__}"
+    return out / ".cache" / f"reference-digits_cnn-{key.replace('+', '_')}.safetensors"
+
+
+def _reference(train_loader: Any, *, seed: int, epochs: int, cache: Path | None,
+               progress: bool, console: Any) -> nn.Module:
+    """The demo's trained reference: loaded from ``cache`` when there, else trained (and
+    saved to ``cache``)."""
+    from safetensors.torch import load_file, save_file
+
+    from netpress._atomic import atomic_path
+    from netpress.models import DigitsCNN
+
+    if cache is not None and cache.is_file():
+        try:
+            cached = DigitsCNN()
+            cached.load_state_dict(load_file(str(cache)))
+            console.print(f"netpress demo: reusing the trained reference from {cache} "
+                          f"(delete it to train again)")
+            return cached.eval()
+        except Exception as exc:  # corrupt or stale (any reader error): train again
+            console.print(f"netpress demo: cannot reuse {cache} ({exc}); training again")
+    torch.manual_seed(seed)
+    model: nn.Module = DigitsCNN()
+    console.print(f"netpress demo: training the reference DigitsCNN on scikit-learn digits "
+                  f"({epochs} epochs) …")
+    model = train_classifier(model, train_loader, epochs=epochs, seed=seed, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    return model
+
+
 def run_demo(out: str | Path | None = None, *, sparsity: float = 0.85, seed: int = 0,
-             progress: bool | None = None, console: Any = None) -> CompressionResult:
+             progress: bool | None = None, console: Any = None,
+             epochs: int = 30) -> CompressionResult:
     """Train the digits CNN, compress it with :func:`default_recipe`, print and save the report.
 
     With ``out``, writes ``report.json``, ``report.md``, ``report.html``, ``recipe.yaml`` and
-    ``model.npress`` there, and checks that the saved artefact loads back to the same outputs.
+    ``model.npress`` there, and checks that the saved artefact loads back to the same outputs;
+    the trained reference is cached in ``out/.cache`` (keyed by seed, ``epochs`` and the
+    netpress and torch versions), so a second run skips the training. Each step prints a
+    status line; on a terminal (or with ``progress=True``) the long ones show a bar too.
     """
     from rich.console import Console
 
     from netpress.datasets import digits, loader
-    from netpress.models import DigitsCNN
 
     console = console or Console()
     t0 = time.perf_counter()
     train_set, test_set = digits(seed=seed)
     train_loader = loader(train_set, batch_size=64, shuffle=True, seed=seed)
     test_loader = loader(test_set, batch_size=256)
-    torch.manual_seed(seed)
-    model = train_classifier(DigitsCNN(), train_loader, epochs=30, seed=seed,
-                             progress=progress_enabled(progress))
-    console.print(f"[bold]netpress demo[/]: trained the reference DigitsCNN on scikit-learn "
-                  f"digits ({len(train_set)} train / {len(test_set)} test) in "
-                  f"{time.perf_counter() - t0:.1f}s")
+    cache = _cache_file(None if out is None else Path(out), seed, epochs)
+    model = _reference(train_loader, seed=seed, epochs=epochs, cache=cache,
+                       progress=progress_enabled(progress), console=console)
+    console.print(f"netpress demo: reference ready ({len(train_set)} train / {len(test_set)} "
+                  f"test digits) after {time.perf_counter() - t0:.1f}s")
     recipe = default_recipe(sparsity)
+    console.print("netpress demo: pruning to "
+                  f"{sparsity:.0%} sparsity while distilling from the reference "
+                  f"({getattr(recipe.steps[1], 'epochs', '?')} epochs), then measuring the "
+                  f"report …")
     result = compress(model, recipe, train=train_loader, evaluate=test_loader, seed=seed,
                       progress=progress, latency_batch_size=64)
     result.report.print(console)

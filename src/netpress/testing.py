@@ -204,26 +204,45 @@ def prune_zeroed_units(model: nn.Module, x: Any, share: float = 0.4,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The structured-pruning exactness check, on ``model`` in place.
 
-    Zero every coupled slice of a random ``share`` of each channel group's units, then remove
-    those units physically. Returns the outputs ``(before, after)`` on ``x``: they must match
-    within float tolerance, since only zeros were removed.
+    Zero every coupled slice of a random ``share`` of each exact channel group's units, then
+    remove those units physically. Returns the outputs ``(before, after)`` on ``x``: they must
+    match within float tolerance, since only zeros were removed. Inexact groups (the hidden
+    size, whose norms' statistics count every channel) and groups whose sizes the model's
+    code cannot follow (as structured pruning would leave them) are not cut.
     """
     import numpy as np
 
     from netpress._inputs import call_model, primary_output
     from netpress.graph import analyze
-    from netpress.prune.surgery import remove_units, verify_pruned
+    from netpress.prune.surgery import PruneCheckError, plan_sizes, remove_units, verify_pruned
 
     model.eval()
     graph = analyze(model, x)
-    if not graph.groups:
-        raise AssertionError("the model has no prunable channel group")
+    groups = [g for g in graph.groups if g.exact]
+    if not groups:
+        raise AssertionError("the model has no exact prunable channel group")
     rng = np.random.default_rng(seed)
-    pruned = np.zeros(graph.blocked.size, dtype=bool)
-    for g in graph.groups:
+    chosen = {}
+    for i, g in enumerate(groups):
         k = min(len(g) - 1, max(1, int(share * len(g))))
+        keep = -(-(len(g) - k) // 8) * 8  # a multiple of 8 channels, as some kernels need
+        keep = keep - 8 if keep >= len(g) else keep
+        if g.width == 1 and keep >= 8:
+            k = len(g) - keep
         if k > 0:
-            pruned[rng.choice(g.units, size=k, replace=False)] = True
+            chosen[i] = rng.choice(g.units, size=k, replace=False)
+    while True:
+        pruned = np.zeros(graph.blocked.size, dtype=bool)
+        for units in chosen.values():
+            pruned[units] = True
+        try:
+            sizes = plan_sizes(graph, pruned)
+            break
+        except PruneCheckError as exc:
+            bad = {i for i, units in chosen.items() if np.isin(units, exc.labels).any()}
+            if not bad:
+                raise
+            chosen = {i: u for i, u in chosen.items() if i not in bad}
     with torch.no_grad():
         for key in graph.param_spaces():
             removed = graph.removed(key, pruned)
@@ -231,7 +250,7 @@ def prune_zeroed_units(model: nn.Module, x: Any, share: float = 0.4,
                 idx = torch.from_numpy(np.nonzero(removed)[0])
                 graph.param(key[0]).index_fill_(key[1], idx, 0.0)
         before = primary_output(call_model(model, x)).clone()
-    remove_units(model, graph, pruned)
+    remove_units(model, graph, pruned, sizes)
     verify_pruned(model, graph, pruned, x)
     with torch.no_grad():
         after = primary_output(call_model(model, x))

@@ -24,6 +24,15 @@ EXAMPLES = {
     "SparseGPT": npr.SparseGPT(sparsity=0.5),
     "Wanda": npr.Wanda(sparsity=0.5),
     "GPTQ": npr.GPTQ(bits=4, group_size=32),
+    "Split": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=4, stage1_steps=2,
+                       stage2_steps=2),
+    # options of existing methods (issue 15): data-driven unstructured importance and the
+    # activation-sparsity / condition-number recovery terms
+    "GlobalMagnitudePrune(grad_norm)": npr.GlobalMagnitudePrune(sparsity=0.5,
+                                                                importance="grad_norm"),
+    "Distill(act_sparsity, cond_reg)": npr.Distill(max_steps=3, lr=1e-2, act_sparsity=1e-3,
+                                                   act_layers=("re:fc1|conv1|stem",),
+                                                   cond_reg=1e-3),
 }
 
 #: Methods for transformer stacks only: checked on netpress.testing.toy_transformer().

@@ -19,7 +19,10 @@ from netpress.export.onnx import (
 )
 from netpress.models.small import DigitsCNN
 from netpress.quant import Codebook, Quantize, WeightOnly
-from netpress.quant.modules import ActQuant
+from netpress.quant.emulate import emulated_kernels
+from netpress.quant.modules import ActQuant, QuantWeight
+from netpress.quant.saturation import kernel_rows, saturating_pairs
+from netpress.quant.target import TargetMismatchWarning
 from netpress.testing import TinyCNN, TinyResNet
 
 pytest.importorskip("onnxruntime")
@@ -148,3 +151,60 @@ def test_export_artefact_from_npress_file(digits_cnn, tmp_path):
     assert float(same.mean()) >= 0.995
     with pytest.raises(ModelError, match="input shape"):
         export_artefact(tmp_path / "m.npress", tmp_path / "n.onnx", (0, 8))
+
+
+def test_saturating_target_exports_a_model_every_cpu_computes_exactly(digits_cnn, tmp_path):
+    """Forced x86-avx2 target: no weight pair can saturate, the emulated AVX2 kernels compute
+    what the fake-quant model computes, and ONNX Runtime here agrees with it."""
+    model, x, _, calib = digits_cnn
+    q = npr.compress(model, Quantize(target="x86-avx2"), calibration=calib,
+                     measure=False).model
+    layers = [m for m in q.modules() if isinstance(m, QuantWeight)]
+    assert layers and all(m.target == "x86-avx2" for m in layers)
+    assert not any(saturating_pairs(kernel_rows(m.weight_q)).any() for m in layers)
+    with torch.no_grad():
+        torch_out = q(x)
+        with emulated_kernels(q, "x86-avx2"):
+            avx2_out = q(x[:400])
+        with emulated_kernels(q, "x86-vnni"):
+            exact_out = q(x[:400])
+    assert torch.equal(avx2_out, exact_out)  # not one sum saturates
+    assert float((avx2_out.argmax(1) == torch_out[:400].argmax(1)).float().mean()) >= 0.995
+    path = export_onnx(q, tmp_path / "q.onnx", x[:1])
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert meta["netpress.int8_target"] == "x86-avx2"
+    assert meta["netpress.int8_exact_on"] == "x86-vnni,x86-avx2,arm64"
+    ort_out = ort_run(ort_session(path), x)
+    agree = float((ort_out.argmax(1) == torch_out.numpy().argmax(1)).mean())
+    assert agree >= 0.995, f"fake-quant vs ONNX Runtime agreement {agree:.4f}"
+
+
+def test_export_and_sessions_warn_on_a_cpu_that_would_change_predictions(digits_cnn, tmp_path,
+                                                                         monkeypatch):
+    model, x, _, calib = digits_cnn
+    vnni = npr.compress(model, Quantize(target="x86-vnni"), calibration=calib,
+                        measure=False)
+    assert any(saturating_pairs(kernel_rows(m.weight_q)).any()
+               for m in vnni.model.modules() if isinstance(m, QuantWeight))
+    with torch.no_grad():
+        fake = vnni.model(x[:200])
+        with emulated_kernels(vnni.model, "x86-avx2"):
+            emulated = vnni.model(x[:200])  # what an AVX2 machine computes with this model
+    assert float((emulated - fake).abs().max()) > 0.01
+    path = export_onnx(vnni.model, tmp_path / "vnni.onnx", x[:1])  # the real host: silent?
+    monkeypatch.setattr("netpress.quant.target.host_target", lambda: "x86-avx2")
+    with pytest.warns(TargetMismatchWarning, match="'x86-vnni'.*'x86-avx2'.*saturate"):
+        export_onnx(vnni.model, tmp_path / "again.onnx", x[:1])
+    with pytest.warns(TargetMismatchWarning, match="vnni.onnx"):
+        ort_session(path)
+    vnni.save(tmp_path / "m.npress")  # the target travels in the artefact
+    with pytest.warns(TargetMismatchWarning, match="'x86-vnni'"):
+        export_artefact(tmp_path / "m.npress", tmp_path / "m.onnx", (1, 1, 8, 8))
+    safe = npr.compress(model, Quantize(target="x86-avx2"), calibration=calib, measure=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TargetMismatchWarning)
+        ort_session(export_onnx(safe.model, tmp_path / "safe.onnx", x[:1]))

@@ -165,9 +165,12 @@ class Norms(nn.Module):
         return self.fc3(F.gelu(self.fc2(self.ln(self.fc1(x)))))
 
 
-def test_layernorm_dims_are_fixed_but_mlp_neurons_are_free():
+def test_layernorm_dims_are_inexact_and_mlp_neurons_exact():
     g, groups = _groups(Norms(), torch.randn(2, 4))
-    assert list(groups) == ["fc2.weight[dim 0]"]
+    assert list(groups) == ["fc1.weight[dim 0]", "fc2.weight[dim 0]"]
+    ln = groups["fc1.weight[dim 0]"]  # the normalised dim, with the norm's weights
+    assert not ln.exact and {"ln.weight[0]", "ln.bias[0]", "fc2.weight[1]"} <= _params(g, ln)
+    assert groups["fc2.weight[dim 0]"].exact
 
 
 class MHA(nn.Module):
@@ -272,7 +275,7 @@ class Standardized(nn.Module):
 
     def forward(self, x):
         w = self.conv.weight
-        w = F.batch_norm(w.reshape(1, 8, -1), None, None, training=True).reshape_as(w)
+        w = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True).reshape_as(w)
         return self.out(F.conv2d(x, w, self.conv.bias))
 
 
@@ -285,8 +288,10 @@ def test_explain_names_the_ops_that_fix_channels():
     from netpress.graph.groups import explain
 
     g = analyze(Norms().eval(), torch.randn(2, 4))
-    assert any("layer_norm" in why for why in explain(g, "fc1.weight", 0))
+    assert explain(g, "fc3.weight", 0) == ["a model input or output"]
+    assert explain(g, "fc1.weight", 0) == []  # removable, though inexact (the layer norm)
     assert explain(g, "fc2.weight", 0) == []
+    assert any("layer_norm" in why for why in g.spaces.soft_by)
 
 
 def test_connected_components_matches_a_reference():

@@ -110,7 +110,8 @@ def test_shape_mismatch_says_data_does_not_fit() -> None:
     message = str(info.value)
     assert "does not fit the model" in message
     assert "data batch 0" in message and "tensor[2, 10]" in message
-    assert "mat1 and mat2" in message  # the original error
+    # the failing layer and what it expects, instead of torch's "mat1 and mat2 ..."
+    assert "layer '1' (Linear) expects 16 features in the last dimension, got 10" in message
     assert isinstance(info.value.__cause__, RuntimeError)
 
 

@@ -74,3 +74,34 @@ def test_as_task_variants() -> None:
         as_task("segmentation")
     with pytest.raises(RecipeError, match="got int"):
         as_task(3)  # type: ignore[arg-type]
+
+
+def test_cosine_distribution_by_hand() -> None:
+    from netpress.measure.fidelity import cosine_distribution
+
+    cos = torch.tensor([0.5, 0.9, 0.95, 0.99, 0.995, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    dist = cosine_distribution(cos, threshold=0.995, bins=5)
+    q = dist["quantiles"]
+    assert q["min"] == 0.5 and q["max"] == 1.0 and q["median"] == pytest.approx(0.9975)
+    assert q["p05"] == pytest.approx(0.5 + 0.45 * 0.4)  # between the 1st and 2nd values
+    assert dist["share_at_least"] == {"0.9": 0.9, "0.95": 0.8, "0.99": 0.7, "0.995": 0.6,
+                                      "0.999": 0.5}
+    hist = dist["histogram"]  # from p01 to the maximum: the 0.5 row falls below
+    assert hist["edges"][0] == pytest.approx(0.5 + 0.4 * 0.09) and hist["edges"][-1] == 1.0
+    assert sum(hist["counts"]) + hist["below"] == 10 and hist["below"] == 1
+    high = cosine_distribution(torch.tensor([0.95, 0.96, 0.97], dtype=torch.float64), 0.99)
+    assert high["histogram"]["edges"][-1] == 0.99  # a threshold above every row is on the axis
+    assert high["share_at_least"]["0.99"] == 0.0
+
+
+def test_embedding_task_reports_the_distribution_and_takes_a_threshold() -> None:
+    ref = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    cmp = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.7]])  # cos 1, 0, 1, 0.985
+    metrics = EmbeddingTask(threshold=0.98).compare(ref, cmp, None)
+    assert metrics["agreement"] == 0.75
+    assert metrics["cosine"]["share_at_least"]["0.98"] == 0.75
+    assert metrics["cosine"]["share_at_least"]["0.99"] == 0.5
+    task = as_task("embedding:0.995")
+    assert isinstance(task, EmbeddingTask) and task.threshold == 0.995
+    with pytest.raises(RecipeError, match="embedding:THRESHOLD with a number"):
+        as_task("embedding:high")

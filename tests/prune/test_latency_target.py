@@ -106,12 +106,15 @@ def test_latency_target_on_eager_is_measured_and_met():
 
 def test_latency_target_on_onnxruntime():
     pytest.importorskip("onnxruntime")
-    model, x = _convnet(), torch.randn(1, 3, 32, 32)
-    res = npr.compress(model, [StructuredPrune(latency=0.6, round_to=1, latency_batch=4,
+    # a model whose ORT call takes milliseconds and a target well inside the reachable range:
+    # with 64 channels at batch 4 the fixed per-call cost dominated, and CI timings of the
+    # 49% MACs model swung between 60% and 111% of the reference
+    model, x = _convnet(128), torch.randn(1, 3, 32, 32)
+    res = npr.compress(model, [StructuredPrune(latency=0.7, round_to=1, latency_batch=8,
                                                latency_runtime="onnxruntime")],
                        example_inputs=x, measure=False)
     step = res.report.to_dict()["steps"][0]
-    assert step["latency_ratio"] <= 0.6
+    assert step["latency_ratio"] <= 0.7
     assert res.model(x).shape == (1, 10)
 
 

@@ -48,3 +48,20 @@ def test_solve_meets_the_target_with_the_least_pruning(allocation):
     with pytest.raises(ValueError, match="cannot be reached"):
         solve(g, allocation, cost, 5.0)
     assert solve(g, allocation, cost, 100.0) == [32, 16]
+
+
+def test_narrow_groups_relax_their_rounding_but_not_their_alignment():
+    from netpress.prune.policy import frozen, relaxed, too_narrow, units_of
+
+    scores = np.ones(16)
+    narrow = GroupPlan(16, *keep_floor(16, 0.1, 1, 8), scores)
+    assert too_narrow(narrow) and uniform_counts([narrow], 0.3) == [16]  # 16 - 4 -> 16
+    loose = relaxed(narrow, 0.1)
+    assert loose.multiple == 1 and loose.minimum == 2 and uniform_counts([loose], 0.3) == [12]
+    wide = GroupPlan(64, *keep_floor(64, 0.1, 1, 8), np.ones(64))
+    assert not too_narrow(wide)
+    aligned = GroupPlan(16, *keep_floor(16, 0.1, 1, 8, align=4), scores, units_of(4, 1))
+    assert relaxed(aligned, 0.1).multiple == 4  # a kernel's alignment stays
+    assert keep_floor(12, 0.1, 1, 8, align=3) == (12, 24)  # lcm(8, 3) channels
+    assert units_of(8, 4) == 2 and units_of(4, 16) == 1
+    assert uniform_counts([frozen(wide)], 0.9) == [64]

@@ -19,7 +19,7 @@ from netpress.measure import compare
 from netpress.measure.compare import MAX_FLIPPED_LISTED, disagreement_sections
 from netpress.report import Report
 from netpress.report.html import encode_png, thumbnails_for, to_html
-from netpress.report.render import _pct
+from netpress.report.rows import pct as _pct
 from netpress.testing import TinyMLP, toy_batches
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -225,6 +225,7 @@ def test_html_for_reports_without_classification_fidelity() -> None:
     emb = compare(reference, compressed, data=toy_batches(n=32), task=npr.measure.EmbeddingTask(),
                   latency_batch_sizes=())
     page = to_html(emb)
-    assert "<h2>Summary</h2>" in page and "Flipped inputs" not in page and "<img" not in page
+    assert "<h2>Summary</h2>" in page and "Flipped inputs" not in page
+    assert "Cosine similarity to the reference" in page and page.count("<img") == 1
     bare = to_html({})
     assert bare.startswith("<!DOCTYPE html>") and "netpress compression report" in bare

@@ -81,3 +81,28 @@ def test_rule_space() -> None:
     space = RuleSpace(toy_space(toy_model()), {"conv1": 0.3, "conv2": 0.1, "fc": 0.2})
     recipe = space.build({"global": 0.4, "strength": 0.5})
     assert recipe.steps[0].per_layer["conv2"] == pytest.approx(0.6)  # type: ignore[attr-defined]
+
+
+def test_sensitivity_probes_say_what_they_do(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import netpress._progress as progress
+
+    model, data = toy_model(), toy_data()
+    space = toy_space(model)
+    steps: list[int] = []
+
+    class Bar:
+        def __enter__(self) -> object:
+            return lambda n=1, **_: steps.append(n)
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(progress, "progress_enabled", lambda flag: True)
+    monkeypatch.setattr(progress, "progress_bar", lambda total, text, enabled: Bar())
+    measure_table(model, space, [x for x, _ in data[:1]], points=3, progress=True)
+    line = capsys.readouterr().out
+    groups = len(space.groups)
+    assert line.startswith(f"search: measuring the sensitivity of {groups} layer group(s) to "
+                           f"3 sparsities and 2 bit widths ({groups * 5} probes)")
+    assert len(steps) == groups * 5  # the bar advanced once per probe

@@ -66,20 +66,64 @@ def _check_frozen(model: nn.Module) -> None:
                          "export the model that npr.Quantize returned")
 
 
-def _integer_biases(model: nn.Module) -> None:
-    """Give each quantized layer fed by an activation quantizer its int32 bias grid."""
+def _integer_layers(model: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``{name: (layer, its activation quantizer)}`` for the quantized layers fed by an
+    activation quantizer: the layers ONNX Runtime runs as integer kernels."""
     from torch import fx
 
     from netpress.quant._insert import feeding_quant
     from netpress.quant.modules import QuantWeight
 
     if not isinstance(model, fx.GraphModule):
+        return {}
+    found = {name: (layer, feeding_quant(model, name)) for name, layer in model.named_modules()
+             if isinstance(layer, QuantWeight)}
+    return {name: pair for name, pair in found.items() if pair[1] is not None}
+
+
+def _integer_biases(model: nn.Module) -> None:
+    """Give each quantized layer fed by an activation quantizer its int32 bias grid."""
+    for layer, aq in _integer_layers(model).values():
+        if layer.bias is not None:
+            layer.export_bias_step = (aq.scale * layer.weight_scale).detach()
+
+
+_META_TARGET, _META_EXACT = "netpress.int8_target", "netpress.int8_exact_on"
+
+
+def _target_metadata(model: nn.Module) -> dict[str, str]:
+    """What the integer layers were quantized for, and the CPU kinds they compute exactly on
+    (empty for a model without integer kernels)."""
+    from netpress.quant.target import TARGETS, depthwise_layer, exact_on
+
+    layers = [layer for layer, _ in _integer_layers(model).values()]
+    if not layers:
+        return {}
+    made_for = sorted({str(layer.target) for layer in layers})
+    exact = [cpu for cpu in TARGETS if all(
+        exact_on(cpu, layer.weight_q, depthwise=depthwise_layer(layer))
+        for layer in layers)]
+    return {_META_TARGET: ",".join(made_for), _META_EXACT: ",".join(exact)}
+
+
+def _warn_if_inexact(meta: dict[str, str], where: str) -> None:
+    """Warn when this CPU's integer kernels would not compute what the model was made for."""
+    from netpress.quant.target import TargetMismatchWarning, host_target
+
+    if _META_EXACT not in meta:
         return
-    for name, layer in model.named_modules():
-        if isinstance(layer, QuantWeight) and layer.bias is not None:
-            aq = feeding_quant(model, name)
-            if aq is not None:
-                layer.export_bias_step = (aq.scale * layer.weight_scale).detach()
+    host = host_target()
+    if host in meta[_META_EXACT].split(","):
+        return
+    made_for = meta.get(_META_TARGET, "None")
+    made = "an unknown target (an older netpress)" if made_for == "None" else \
+        f"target {made_for!r}"
+    warnings.warn(
+        f"{where}: this INT8 model was quantized for {made}, but this CPU is {host!r}: "
+        "ONNX Runtime's u8×s8 kernels here add pairs of products in 16 bits and saturate on "
+        "its weights, so its predictions can differ from the fake-quant model's. Quantize "
+        f"again with npr.Quantize(target={host!r}) (or target='generic' to run the same "
+        "everywhere).", TargetMismatchWarning, stacklevel=3)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
@@ -99,6 +143,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         raise ModelError("export_onnx: every value of dict example_inputs must be a tensor")
     inputs = tuple(example_inputs.values()) if keyword else _as_tuple(example_inputs)
     _check_frozen(model)
+    meta = _target_metadata(model)
+    _warn_if_inexact(meta, f"export_onnx({os.fspath(path)!r})")
     work = copy.deepcopy(model).eval()
     for m in work.modules():
         prepare = getattr(m, "prepare_export", None)
@@ -123,6 +169,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the exported ONNX model fails onnx.checker: {exc}") from None
+        if meta:
+            onnx.helper.set_model_props(proto, meta)
+            onnx.save(proto, tmp)
     return target
 
 
@@ -144,7 +193,11 @@ def export_artefact(artefact: str | os.PathLike[str], path: str | os.PathLike[st
 
 def ort_session(path: str | os.PathLike[str], *, threads: int = 1,
                 optimized_path: str | None = None) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread)."""
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread).
+
+    Warns (:class:`~netpress.quant.target.TargetMismatchWarning`) when ``path`` is an INT8
+    model exported by netpress whose integer kernels would not compute exactly on this CPU.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -154,7 +207,9 @@ def ort_session(path: str | os.PathLike[str], *, threads: int = 1,
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    _warn_if_inexact(dict(session.get_modelmeta().custom_metadata_map), os.fspath(path))
+    return session
 
 
 def ort_run(session: Any, *inputs: torch.Tensor | np.ndarray,

@@ -34,3 +34,16 @@ def _elementwise(S: Spaces, rec: OpRecord) -> None:
     for out in rec.outputs:
         for t in _ins(rec):
             _broadcast(S, t, out)
+
+
+def _dims_of(value: Any, ndim: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value % ndim]
+    return [int(v) % ndim for v in value]
+
+
+def _opaque(S: Spaces, rec: OpRecord) -> None:
+    for t in _ins(rec) + rec.outputs:
+        S.fix_tensor(t)

@@ -47,6 +47,9 @@ def reshape_map(S: Spaces, x: torch.Tensor, out: torch.Tensor) -> None:
     """Couple a reshape's dims. Equal dims map one to one; where one dim splits into several
     (or several merge into one), one factor carries the channel (see :func:`resolve_products`)
     and the other factors are fixed."""
+    for t in (x, out):  # every dim gets its elements (resolve_products reads them)
+        for d in range(t.dim()):
+            S.ids(t, d)
     segs = _segments(list(x.shape), list(out.shape))
     if segs is None:
         S.fix_tensor(x)
@@ -93,16 +96,15 @@ def _product(S: Spaces, flat_t: torch.Tensor, flat_d: int, t: torch.Tensor, dims
 def resolve_products(S: Spaces, fixed_label: np.ndarray | None, labels: np.ndarray | None) -> None:
     """Apply the pending split/merge relations. The carrier is the outermost factor that the
     other ops leave removable (from a first pass: ``labels`` and ``fixed_label``), so a fused
-    ``[3 * heads * head_dim] -> [3, heads, head_dim]`` split carries the heads, not q/k/v."""
+    ``[3 * heads * head_dim] -> [3, heads, head_dim]`` split carries the heads, not q/k/v.
+    The innermost factor (usually ``head_dim``) carries only when every outer one is fixed:
+    ``[2 * C] -> [2, C]`` (a literal 2: a gate and its value) carries the channels."""
     for flat_t, flat_d, t, dims in S.products:
         carrier = dims[0]
         if fixed_label is not None and labels is not None:
-            for d in dims[:-1]:  # never the innermost factor (head_dim): sizes are constants
-                key = (id(t), d)
-                b, n = S.base[key], S.size[key]
-                if n > 1 and not fixed_label[labels[b:b + n]].all():
-                    carrier = d
-                    break
+            free = [d for d in dims if S.size[(id(t), d)] > 1 and not fixed_label[
+                labels[S.base[(id(t), d)]:S.base[(id(t), d)] + S.size[(id(t), d)]]].all()]
+            carrier = next((d for d in free if d != dims[-1]), free[0] if free else dims[0])
         _product(S, flat_t, flat_d, t, dims, carrier=carrier)
     S.products.clear()
 
@@ -110,8 +112,6 @@ def resolve_products(S: Spaces, fixed_label: np.ndarray | None, labels: np.ndarr
 def _reshape(S: Spaces, rec: OpRecord) -> None:
     x = rec.args[0]
     reshape_map(S, x, rec.outputs[0])
-    S.consts.append((rec.module, [S.key(rec.outputs[0], d) for d in range(rec.outputs[0].dim())]
-                     + [S.key(x, d) for d in range(x.dim())]))
 
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
@@ -200,12 +200,14 @@ def _split(S: Spaces, rec: OpRecord) -> None:
                 S.union_dims(x, d, o, d)
         offset += n
     sizes = {int(o.shape[dim]) for o in outs}
-    if len(outs) > 1 and len(sizes) == 1:  # equal pieces stay equal: couple same positions
+    if len(outs) > 1 and len(sizes) == 1 and rec.name in ("split", "chunk"):
+        # equal pieces stay equal (chunk, split(int)): couple same positions
         n = sizes.pop()
         S.union(xs[: n], xs[n: n * len(outs)].reshape(len(outs) - 1, n))
-        S.consts.append((rec.module, [S.key(outs[0], dim)]))
-    elif len(outs) > 1:
-        S.fix(xs)
+    elif len(outs) > 1 and rec.name in ("tensor_split", "chunk"):
+        S.fix(xs)  # piece sizes follow from the total: they would move
+    # pieces of given sizes (split([a, b, c])) are independent ranges; their sizes are
+    # literals (fixed by the size rules) or attributes/shapes that surgery keeps in step
 
 
 def _getitem(S: Spaces, rec: OpRecord) -> None:
@@ -242,6 +244,8 @@ def _index_by_tensor(S: Spaces, x: torch.Tensor, out: torch.Tensor, idx: tuple[A
     """``x[:, ..., index, ...]`` with one integer index tensor and full slices elsewhere: the
     indexed dim is fixed (a lookup, e.g. a relative-position table), the others map."""
     tensors = [k for k, i in enumerate(idx) if isinstance(i, torch.Tensor)]
+    for k in tensors:  # index tensors' elements are positions: every one stays
+        S.fix_tensor(idx[k])
     full = all(isinstance(i, slice) and i == slice(None) for k, i in enumerate(idx)
                if k not in tensors)
     if len(tensors) != 1 or not full or idx[tensors[0]].dtype in (torch.bool, torch.uint8):
@@ -265,6 +269,9 @@ def _index_by_tensor(S: Spaces, x: torch.Tensor, out: torch.Tensor, idx: tuple[A
 
 def _index_select(S: Spaces, rec: OpRecord) -> None:
     x, out = rec.args[0], rec.outputs[0]
+    index = _arg(rec, 2, "index")
+    if isinstance(index, torch.Tensor):
+        S.fix_tensor(index)
     S.couple_except(x, out, {_arg(rec, 1, "dim") % x.dim()})
 
 

@@ -6,8 +6,11 @@ channel, a neuron, a whole conv group, or an attention head (all its q/k/v rows 
 columns). Units touching the same parameter dimensions form a :class:`Group` (e.g. the 16
 output channels of ``layer1.0.conv1`` with ``bn1`` and the input columns of ``conv2``).
 A unit is removable unless one of its elements is fixed: a model input or output dimension,
-a normalised dimension, a constant slice, the padded part of a padding, or a layer the
-user protects.
+a constant slice, the padded part of a padding, a size written as a literal in the model's
+code, or a layer the user protects. A unit with an element that feeds a statistic over its
+dimension (a normalised dimension: the hidden size of a transformer, a channel of a global
+response norm) is removable but *inexact*: removing it changes the model's function even
+when its weights are zero. A group is exact when all its units are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from netpress._inputs import Inputs
 from netpress.graph.rules import apply_rule, resolve_products
 from netpress.graph.spaces import SpaceKey, Spaces
-from netpress.graph.trace import Trace, record, tensors_in
+from netpress.graph.trace import OpRecord, Trace, record, tensors_in
 from netpress.select import matches
 
 __all__ = ["Group", "ChannelGraph", "Unsupported", "analyze", "explain"]
@@ -44,6 +47,9 @@ class Group:
     ``slices[key][u]`` are the positions of unit ``u`` along parameter space ``key``
     (``(id(param), dim)``); ``width`` is a unit's extent in channels (1 for a channel,
     ``head_dim`` for a head): its smallest extent along the first dim of a weight matrix.
+    ``exact``: removing a unit whose weights are zero leaves the model's outputs unchanged
+    (False for units that feed a norm's statistics, e.g. the hidden size). ``align``: kept
+    channel counts must be multiples of it (a kernel's alignment).
     """
 
     name: str
@@ -51,6 +57,8 @@ class Group:
     slices: dict[SpaceKey, list[np.ndarray]]
     width: int
     modules: list[str] = field(default_factory=list)
+    exact: bool = True
+    align: int = 1
 
     def __len__(self) -> int:
         return int(self.units.size)
@@ -66,6 +74,10 @@ class ChannelGraph:
     groups: list[Group]
     unsupported: list[Unsupported]
     blocked: np.ndarray  # per label: cannot be removed
+    soft: np.ndarray | None = None  # per label: removable, but not exactly (see Group.exact)
+    in_params: np.ndarray | None = None  # per label: has elements in a parameter/buffer
+    _macs: _Products | None = field(default=None, repr=False)
+    _params: _Products | None = field(default=None, repr=False)
 
     def param(self, pid: int) -> torch.Tensor:
         return self.trace.tensors[pid]
@@ -83,35 +95,118 @@ class ChannelGraph:
 
     def macs(self, pruned: np.ndarray) -> int:
         """MACs of the matmul/conv/attention ops with the ``pruned`` units removed."""
-        total = 0
-        sizes: dict[SpaceKey, int] = {}
-        for term in self.spaces.macs:
-            prod = term.const
-            for key in term.spaces:
-                if key not in sizes:
-                    sizes[key] = self.kept_size(key, pruned)
-                prod *= sizes[key]
-            total += prod
-        return total
+        if self._macs is None:
+            self._macs = _Products.of(self, [(t.const, t.spaces) for t in self.spaces.macs])
+        return self._macs.total(pruned)
 
     def params(self, pruned: np.ndarray) -> int:
         """Elements of the traced parameters (each once) with the ``pruned`` units removed."""
-        total = 0
-        for pid in self.trace.owners:
-            t = self.trace.tensors[pid]
-            if not isinstance(t, nn.Parameter):
-                continue
-            n = 1
-            for d in range(t.dim()):
-                key = (pid, d)
-                n *= self.kept_size(key, pruned) if key in self.spaces.base else int(t.shape[d])
-            total += n
-        return total
+        if self._params is None:
+            terms = []
+            for pid in self.trace.owners:
+                t = self.trace.tensors[pid]
+                if isinstance(t, nn.Parameter):
+                    keys = [(pid, d) for d in range(t.dim()) if (pid, d) in self.spaces.base]
+                    terms.append((math.prod(int(s) for d, s in enumerate(t.shape)
+                                            if (pid, d) not in self.spaces.base), keys))
+            self._params = _Products.of(self, terms)
+        return self._params.total(pruned)
+
+    def why_fixed(self) -> tuple[np.ndarray, list[str]]:
+        """Per label, the index (into the returned list) of the first rule that fixed one of
+        its elements (-1: not fixed): the op and module, or 'a model input or output'."""
+        reason = np.full(self.blocked.size, -1, dtype=np.int64)
+        if not self.spaces.fixed:
+            return reason, []
+        ids = np.concatenate(self.spaces.fixed)
+        which = np.repeat(np.arange(len(self.spaces.fixed)),
+                          [a.size for a in self.spaces.fixed])
+        labs, first = np.unique(self.labels[ids], return_index=True)
+        reason[labs] = which[first]
+        return reason, list(self.spaces.fixed_by)
+
+    def held(self, pruned: np.ndarray, top: int = 4,
+             kind: str = "macs") -> list[tuple[str, int, list[str]]]:
+        """What remains with ``pruned`` removed, most first: ``(op and module, or parameter
+        name; its MACs or parameter count; why its channels stay: the rules that fixed
+        them)``. ``kind``: ``macs`` or ``params``. Only channels (dims coupled to a
+        parameter) count as reasons, not the batch, space or sequence dims."""
+        reason, why = self.why_fixed()
+        if self.in_params is not None:
+            reason = np.where(self.in_params, reason, -1)
+        terms: list[tuple[str, int, list[SpaceKey]]]
+        if kind == "macs":
+            terms = [(t.where, t.const, t.spaces) for t in self.spaces.macs]
+        else:
+            terms = []
+            for pid in self.trace.owners:
+                t = self.trace.tensors[pid]
+                if isinstance(t, nn.Parameter):
+                    keys = [(pid, d) for d in range(t.dim()) if (pid, d) in self.spaces.base]
+                    rest = math.prod(int(s) for d, s in enumerate(t.shape)
+                                     if (pid, d) not in self.spaces.base)
+                    terms.append((self.trace.param_name(pid), rest, keys))
+        total: dict[str, int] = {}
+        causes: dict[str, set[str]] = {}
+        sizes: dict[SpaceKey, int] = {}
+        for where, const, keys in terms:
+            prod = const
+            for key in keys:
+                if key not in sizes:
+                    sizes[key] = self.kept_size(key, pruned)
+                prod *= sizes[key]
+            total[where] = total.get(where, 0) + prod
+            found = causes.setdefault(where, set())
+            for key in keys:
+                b, n = self.spaces.base[key], self.spaces.size[key]
+                r = reason[self.labels[b:b + n]]
+                found.update(why[i] for i in np.unique(r[r >= 0]).tolist()[:3]
+                             if why[i] != where)
+        ranked = sorted(total, key=lambda w: -total[w])[:top]
+        return [(w, total[w], sorted(causes[w])) for w in ranked]
 
     def label_mask(self, units: Iterable[int]) -> np.ndarray:
         mask = np.zeros(self.blocked.size, dtype=bool)
         mask[np.fromiter(units, dtype=np.int64)] = True
         return mask
+
+
+@dataclass
+class _Products:
+    """Sums of ``const * prod(kept sizes of spaces)`` evaluated for many pruning masks at
+    once-built index arrays: one ``bincount`` and one ``prod`` per evaluation (the policy
+    evaluates hundreds of candidate masks)."""
+
+    labels: np.ndarray  # element labels of every space used, concatenated
+    segment: np.ndarray  # the space (0..k-1) of each of those elements
+    sizes: np.ndarray  # full size of each space
+    index: np.ndarray  # terms x factors: space index, k (a size of 1) as padding
+    const: np.ndarray
+
+    @staticmethod
+    def of(graph: ChannelGraph, terms: list[tuple[int, list[SpaceKey]]]) -> _Products:
+        order: dict[SpaceKey, int] = {}
+        for _, keys in terms:
+            for key in keys:
+                order.setdefault(key, len(order))
+        S = graph.spaces
+        keys = list(order)
+        labels = [graph.labels[S.base[k]:S.base[k] + S.size[k]] for k in keys]
+        width = max((len(k) for _, k in terms), default=0)
+        index = np.full((len(terms), max(1, width)), len(keys), dtype=np.int64)
+        for i, (_, ks) in enumerate(terms):
+            index[i, :len(ks)] = [order[k] for k in ks]
+        return _Products(
+            np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+            np.repeat(np.arange(len(keys)), [x.size for x in labels]),
+            np.array([S.size[k] for k in keys], dtype=np.int64),
+            index, np.array([c for c, _ in terms], dtype=np.int64))
+
+    def total(self, pruned: np.ndarray) -> int:
+        removed = np.bincount(self.segment, weights=pruned[self.labels],
+                              minlength=self.sizes.size)
+        kept = np.append(self.sizes - removed.astype(np.int64), 1)
+        return int((self.const * kept[self.index].prod(axis=1)).sum())
 
 
 def _owner_modules(trace: Trace, pid: int) -> list[str]:
@@ -133,6 +228,7 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
             for t in tensors:
                 S.mark_unknown(t, rec.where())
             unknown.append((rec.where(), tensors))
+        _size_rules(S, rec, trace)
         produced.update(id(o) for o in rec.outputs)
     known = produced | set(trace.owners) | {id(t) for t in trace.inputs}
     S.current = "a model input or output"
@@ -145,6 +241,26 @@ def _build_spaces(trace: Trace) -> tuple[Spaces, list[tuple[str, list[torch.Tens
                 S.fix_tensor(t)
                 known.add(id(t))
     return S, unknown
+
+
+def _size_rules(S: Spaces, rec: OpRecord, trace: Trace) -> None:
+    """Sizes the code builds a shape from. A literal (``view(b, n, 12, 64)``) cannot follow
+    pruning: the dimension it sets keeps its size. A size read from another tensor's shape
+    (``reshape(b, x.shape[-1], h, w)``) must stay equal to it: the two dimensions are pruned
+    together, position by position."""
+    for use in rec.sizes:
+        if use.out >= len(rec.outputs) or use.dim >= rec.outputs[use.out].dim():
+            continue
+        out = rec.outputs[use.out]
+        n = int(out.shape[use.dim])
+        if use.expr[0] == "const" and n > 1:
+            S.current = f"the literal size {use.expr[1]} in {rec.where()}"
+            S.fix(S.ids(out, use.dim))
+        elif use.expr[0] == "dim":
+            src = trace.tensors.get(use.expr[1])
+            if src is not None and use.expr[2] < src.dim() and int(src.shape[use.expr[2]]) == n:
+                S.union_dims(out, use.dim, src, use.expr[2])
+    S.current = rec.where()
 
 
 def _protected_params(model: nn.Module, trace: Trace, protect: Iterable[str]) -> set[int]:
@@ -200,8 +316,18 @@ def analyze(model: nn.Module, example_inputs: Inputs, *, protect: Iterable[str] 
             if exclude_unsupported:
                 blocked[lab] = True
     unsupported = [Unsupported(w, n) for w, n in counts.items()]
+    soft = np.zeros(nlab, dtype=bool)
+    if S.soft:
+        soft[labels[np.concatenate(S.soft)]] = True
+    soft &= ~blocked
+    align = np.ones(nlab, dtype=np.int64)
+    for ids, multiple in S.aligned:
+        np.maximum.at(align, labels[ids], multiple)
     groups = _groups(trace, S, labels, blocked)
-    return ChannelGraph(trace, S, labels, groups, unsupported, blocked)
+    for g in groups:
+        g.exact = not bool(soft[g.units].any())
+        g.align = int(align[g.units].max())
+    return ChannelGraph(trace, S, labels, groups, unsupported, blocked, soft, in_params)
 
 
 def _fixed_labels(S: Spaces, labels: np.ndarray) -> np.ndarray:
@@ -250,8 +376,9 @@ def _groups(trace: Trace, S: Spaces, labels: np.ndarray, blocked: np.ndarray) ->
         order = np.argsort(lab[pos], kind="stable")
         pos = pos[order]
         uniq, starts = np.unique(lab[pos], return_index=True)
-        for u, chunk in zip(uniq.tolist(), np.split(pos, starts[1:])):
-            per_unit.setdefault(u, {})[key] = chunk
+        bounds = [*starts.tolist(), pos.size]
+        for i, u in enumerate(uniq.tolist()):  # slicing: np.split costs ~10x per piece
+            per_unit.setdefault(u, {})[key] = pos[bounds[i]:bounds[i + 1]]
     by_sig: dict[tuple[SpaceKey, ...], list[int]] = {}
     for u, spaces in per_unit.items():
         sig = tuple(sorted(spaces, key=lambda k: S.base[k]))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from netpress.graph._helpers import _arg, _broadcast, _elementwise, _ins
+from netpress.graph._helpers import _arg, _dims_of, _elementwise, _ins, _opaque
 from netpress.graph._layout import (
     _cat,
     _expand,
@@ -34,6 +34,8 @@ from netpress.graph._layout import (
     reshape_map,
     resolve_products,
 )
+from netpress.graph._matmul import addmm, einsum, grouped_mm, linear, matmul, sdpa
+from netpress.graph._norms import group_norm, layer_norm, normalize, per_channel_norm
 from netpress.graph.spaces import Spaces
 from netpress.graph.trace import OpRecord
 
@@ -56,6 +58,8 @@ __rtruediv__ __itruediv__ __floordiv__ __rfloordiv__ __mod__ __neg__ __pow__ __r
 __or__ __xor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __abs__ __iand__ __ior__
 multiply divide subtract negative absolute greater less greater_equal less_equal not_equal
 positive fix square_ exp2 sinc hypot atan2 copysign float_power logaddexp silu_ gelu_ erfinv
+polar complex real imag angle conj conj_physical resolve_conj resolve_neg __rdiv__ __div__
+__idiv__ log_sigmoid
 """.split())
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
             "reshape_as", "_unsafe_view", "ravel"}
@@ -64,12 +68,17 @@ _PERMUTE = {"permute", "transpose", "t", "movedim", "moveaxis", "swapaxes", "swa
 _EXPAND = {"expand", "expand_as", "broadcast_to"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod",
            "argmax", "argmin", "all", "any", "nansum", "nanmean", "median", "count_nonzero",
-           "var_mean", "std_mean", "norm"}
+           "var_mean", "std_mean", "norm", "linalg_vector_norm", "vector_norm"}
+# reductions that compute a statistic of their dims (removing an element moves it a little);
+# the others (argmax, prod, all, ...) depend on every element's index or value: fixed
+_STATISTICS = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "logsumexp",
+               "nansum", "nanmean", "var_mean", "std_mean", "norm", "linalg_vector_norm",
+               "vector_norm"}
 # ops acting along one dimension: (positional index of dim, keyword name, default)
 _DIM_LOCAL: dict[str, tuple[int, str, Any]] = {
     "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
     "_softmax": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
-    "logcumsumexp": (1, "dim", None), "normalize": (2, "dim", 1), "glu": (1, "dim", -1),
+    "logcumsumexp": (1, "dim", None), "glu": (1, "dim", -1),
     "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1),
     "flip": (1, "dims", None), "roll": (2, "dims", None), "cummax": (1, "dim", None),
 }
@@ -83,63 +92,14 @@ _POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", 
 # functions whose channels netpress does not prune through (yet): every dim is kept whole
 _OPAQUE = {"multi_head_attention_forward", "_native_multi_head_attention", "pixel_shuffle",
            "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "__setitem__",
-           "gather", "scatter", "index_put_", "index_add", "take", "unfold",
+           "gather", "scatter", "index_put_", "take", "unfold",
            "fold", "one_hot", "diag", "diagonal", "outer", "kron", "cross", "cdist",
            "cosine_similarity", "pairwise_distance", "bilinear", "local_response_norm",
-           "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half"}
+           "masked_select", "nonzero", "unique", "embedding_bag", "rotate_half", "as_strided"}
+_FILLED = {"zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty"}
 _CREATION = {"arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "tensor",
              "as_tensor", "linspace", "logspace", "eye", "new_zeros", "new_ones", "new_full",
              "new_empty", "new_tensor", "triu_indices", "tril_indices", "scalar_tensor"}
-
-
-def _contract_dims(S: Spaces, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
-                   where: str) -> None:
-    """``out = a @ b`` with numpy matmul semantics."""
-    a2 = a if a.dim() > 1 else None
-    b2 = b if b.dim() > 1 else None
-    S.union_dims(a, -1, b, -2 if b2 is not None else 0)
-    spaces = [S.key(out, d) for d in range(out.dim())] + [S.key(a, -1)]
-    S.add_macs(1, spaces, where)
-    if a2 is not None and b2 is not None:
-        S.union_dims(a, -2, out, -2)
-        S.union_dims(b, -1, out, -1)
-        for t in (a, b):
-            for k in range(3, t.dim() + 1):
-                if t.shape[-k] == out.shape[-k]:
-                    S.union_dims(t, -k, out, -k)
-    elif a2 is not None:
-        for k in range(2, a.dim() + 1):
-            S.union_dims(a, -k, out, -k + 1)
-    elif b2 is not None:
-        S.union_dims(b, -1, out, -1)
-
-
-def _matmul(S: Spaces, rec: OpRecord) -> None:
-    a, b = rec.args[0], rec.args[1]
-    if rec.name == "__rmatmul__":
-        a, b = b, a
-    _contract_dims(S, a, b, rec.outputs[0], rec.where())
-
-
-def _addmm(S: Spaces, rec: OpRecord) -> None:
-    names = ("batch1", "batch2") if rec.name == "baddbmm" else ("mat1", "mat2")
-    bias, a, b = _arg(rec, 0, "input"), _arg(rec, 1, names[0]), _arg(rec, 2, names[1])
-    out = rec.outputs[0]
-    _contract_dims(S, a, b, out, rec.where())
-    _broadcast(S, bias, out)
-
-
-def _linear(S: Spaces, rec: OpRecord) -> None:
-    x, w = rec.args[0], _arg(rec, 1, "weight")
-    b = _arg(rec, 2, "bias")
-    out = rec.outputs[0]
-    S.union_dims(x, -1, w, 1)
-    S.union_dims(out, -1, w, 0)
-    if b is not None:
-        S.union_dims(b, 0, w, 0)
-    for k in range(2, x.dim() + 1):
-        S.union_dims(x, -k, out, -k)
-    S.add_macs(1, [S.key(out, d) for d in range(out.dim())] + [S.key(w, 1)], rec.where())
 
 
 def _conv(S: Spaces, rec: OpRecord) -> None:
@@ -193,50 +153,6 @@ def _conv_transpose(S: Spaces, rec: OpRecord) -> None:
     S.add_macs(taps, [S.key(x, d) for d in range(x.dim())] + [S.key(w, 1)], rec.where())
 
 
-def _per_channel_norm(S: Spaces, rec: OpRecord) -> None:
-    """batch_norm / instance_norm: statistics per channel (dim 1). With batch statistics
-    (training, no running stats, or instance_norm) every other dim is reduced over, so it is
-    fixed: e.g. a standardised conv weight, whose input channels the statistics span."""
-    x, out = rec.args[0], rec.outputs[0]
-    batch_stats = rec.name == "instance_norm" or bool(_arg(rec, 5, "training", False)) \
-        or _arg(rec, 1, "running_mean") is None
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-        if batch_stats and d != 1:
-            S.fix(S.ids(x, d))
-    for t in _ins(rec)[1:]:
-        if t.dim() == 1:
-            S.union_dims(t, 0, x, 1)
-
-
-def _layer_norm(S: Spaces, rec: OpRecord) -> None:
-    """Normalised dims are fixed: removing even a zero channel changes the mean and variance."""
-    x, out = rec.args[0], rec.outputs[0]
-    shape = _arg(rec, 1, "normalized_shape")
-    n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-    S.fix_tensor(x, list(range(x.dim() - n, x.dim())))
-    for t in _ins(rec)[1:]:
-        S.fix_tensor(t)
-
-
-def _group_norm(S: Spaces, rec: OpRecord) -> None:
-    """Statistics per group: whole groups are the unit."""
-    x, out = rec.args[0], rec.outputs[0]
-    groups = int(_arg(rec, 1, "num_groups"))
-    for d in range(x.dim()):
-        S.union_dims(x, d, out, d)
-        if d >= 2:  # reduced over within each group
-            S.fix(S.ids(x, d))
-    for t in _ins(rec)[1:]:
-        S.union_dims(t, 0, x, 1)
-    ids = S.ids(x, 1)
-    per = ids.size // groups
-    S.union(ids.reshape(groups, per)[:, :1], ids.reshape(groups, per))
-    S.consts.append((rec.module, [S.key(x, 1)]))
-
-
 def _embedding(S: Spaces, rec: OpRecord) -> None:
     idx, w, out = rec.args[0], _arg(rec, 1, "weight"), rec.outputs[0]
     S.fix(S.ids(w, 0))
@@ -245,51 +161,12 @@ def _embedding(S: Spaces, rec: OpRecord) -> None:
         S.union_dims(idx, d, out, d)
 
 
-def _sdpa(S: Spaces, rec: OpRecord) -> None:
-    q, k, v = rec.args[0], _arg(rec, 1, "key"), _arg(rec, 2, "value")
-    mask = _arg(rec, 3, "attn_mask")
-    out = rec.outputs[0]
-    S.union_dims(q, -2, out, -2)
-    S.union_dims(k, -2, v, -2)
-    S.fix_tensor(q, [q.dim() - 1])  # head_dim sets the default scale
-    S.union_dims(q, -1, k, -1)
-    S.union_dims(v, -1, out, -1)
-    for j in range(3, q.dim() + 1):
-        S.union_dims(q, -j, out, -j)
-        for t in (k, v):
-            if t.dim() < j:
-                continue
-            nq, nk = int(q.shape[-j]), int(t.shape[-j])
-            if nq == nk:
-                S.union_dims(q, -j, t, -j)
-            elif nk and nq % nk == 0:  # grouped-query attention: a kv head and its q heads
-                S.union(S.ids(t, -j)[np.arange(nq) // (nq // nk)], S.ids(q, -j))
-            else:
-                S.fix_tensor(t, [t.dim() - j])
-    if isinstance(mask, torch.Tensor):  # broadcast against the scores [..., L, S]
-        for j in range(1, mask.dim() + 1):
-            ref, dim = (k, -2) if j == 1 else (q, -j)
-            if j <= ref.dim() and mask.shape[-j] != 1 and mask.shape[-j] == ref.shape[dim]:
-                S.union_dims(mask, -j, ref, dim)
-    rows = [S.key(q, d) for d in range(q.dim() - 1)] + [S.key(k, -2)]
-    S.add_macs(1, rows + [S.key(q, -1)], rec.where())
-    S.add_macs(1, rows + [S.key(v, -1)], rec.where())
-
-
-def _dims_of(value: Any, ndim: int) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return [value % ndim]
-    return [int(v) % ndim for v in value]
-
-
 def _reduce(S: Spaces, rec: OpRecord) -> None:
     x = rec.args[0]
     if rec.name in ("max", "min") and len(rec.args) > 1 and isinstance(rec.args[1], torch.Tensor):
         _elementwise(S, rec)
         return
-    pos = 2 if rec.name == "norm" else 1
+    pos = 2 if rec.name in ("norm", "linalg_vector_norm", "vector_norm") else 1
     dims = _dims_of(_arg(rec, pos, "dim"), max(1, x.dim()))
     keep = bool(_arg(rec, pos + 1, "keepdim", False))
     if dims is None:
@@ -297,7 +174,10 @@ def _reduce(S: Spaces, rec: OpRecord) -> None:
         for o in rec.outputs:
             S.fix_tensor(o)
         return
-    S.fix_tensor(x, dims)
+    if rec.name in _STATISTICS:
+        S.soften_tensor(x, dims)
+    else:
+        S.fix_tensor(x, dims)
     for o in rec.outputs:
         j = 0
         for d in range(x.dim()):
@@ -341,30 +221,40 @@ def _pool(S: Spaces, rec: OpRecord) -> None:
                     S.fix(S.ids(o, d))
 
 
-def _einsum(S: Spaces, rec: OpRecord) -> None:
-    eq = str(rec.args[0]).replace(" ", "")
-    ops = list(rec.args[1]) if len(rec.args) == 2 and isinstance(rec.args[1], (list, tuple)) \
-        else list(rec.args[1:])
-    out = rec.outputs[0]
-    if "..." in eq or "->" not in eq:
-        for t in ops + [out]:
-            S.fix_tensor(t)
+def _index_add(S: Spaces, rec: OpRecord) -> None:
+    """``x.index_add(dim, index, source)``: ``source``'s slices added at ``index`` positions
+    along ``dim`` (fixed); every other dim maps elementwise."""
+    x, out = rec.args[0], rec.outputs[0]
+    dim = int(_arg(rec, 1, "dim")) % x.dim()
+    index, source = _arg(rec, 2, "index"), _arg(rec, 3, "source")
+    S.couple_except(x, out, {dim})
+    if isinstance(index, torch.Tensor):
+        S.fix_tensor(index)
+    if isinstance(source, torch.Tensor) and source.dim() == x.dim():
+        S.couple_except(source, x, {dim})
+    elif isinstance(source, torch.Tensor):
+        S.fix_tensor(source)
+
+
+def _fft(S: Spaces, rec: OpRecord) -> None:
+    """``torch.fft.*``: the transformed dims mix their elements (fixed); the others map."""
+    x, out = rec.args[0], rec.outputs[0]
+    default = None if rec.name.endswith("n") or rec.name.endswith("2") else -1
+    dims = _dims_of(_arg(rec, 2, "dim", default), max(1, x.dim()))
+    if dims is None or out.dim() != x.dim():
+        _opaque(S, rec)
         return
-    lhs, rhs = eq.split("->")
-    terms = list(zip(lhs.split(","), ops)) + [(rhs, out)]
-    first: dict[str, tuple[torch.Tensor, int]] = {}
-    for letters, t in terms:
-        for d, c in enumerate(letters):
-            if c in first:
-                S.union_dims(first[c][0], first[c][1], t, d)
-            else:
-                first[c] = (t, d)
-    S.add_macs(1, [S.key(t, d) for t, d in first.values()], rec.where())
+    S.couple_except(x, out, set(dims))
 
 
-def _opaque(S: Spaces, rec: OpRecord) -> None:
-    for t in _ins(rec) + rec.outputs:
-        S.fix_tensor(t)
+def _complex_view(S: Spaces, rec: OpRecord) -> None:
+    """``view_as_complex`` ([..., 2] real -> [...] complex) and ``view_as_real`` (back): the
+    pair dim is fixed, the others map."""
+    x, out = rec.args[0], rec.outputs[0]
+    real, cplx = (x, out) if rec.name == "view_as_complex" else (out, x)
+    S.fix(S.ids(real, -1))
+    for d in range(cplx.dim()):
+        S.union_dims(cplx, d, real, d)
 
 
 RULES: dict[str, Rule] = {}
@@ -391,27 +281,36 @@ RULES.update({
     "__getitem__": _getitem, "index_select": _index_select, "narrow": _narrow_select,
     "select": _narrow_select,
     "pad": _pad, "_pad": _pad,
-    "matmul": _matmul, "mm": _matmul, "bmm": _matmul, "__matmul__": _matmul,
-    "__rmatmul__": _matmul, "addmm": _addmm, "baddbmm": _addmm, "linear": _linear,
+    "matmul": matmul, "mm": matmul, "bmm": matmul, "__matmul__": matmul,
+    "__rmatmul__": matmul, "addmm": addmm, "baddbmm": addmm, "linear": linear,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv,
     "conv_transpose1d": _conv_transpose, "conv_transpose2d": _conv_transpose,
     "conv_transpose3d": _conv_transpose,
-    "batch_norm": _per_channel_norm, "instance_norm": _per_channel_norm,
-    "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
-    "embedding": _embedding, "scaled_dot_product_attention": _sdpa, "einsum": _einsum,
-    "triu": _triangle, "tril": _triangle,
+    "batch_norm": per_channel_norm, "instance_norm": per_channel_norm,
+    "layer_norm": layer_norm, "rms_norm": layer_norm, "group_norm": group_norm,
+    "embedding": _embedding, "scaled_dot_product_attention": sdpa, "einsum": einsum,
+    "triu": _triangle, "tril": _triangle, "normalize": normalize,
+    "view_as_complex": _complex_view, "view_as_real": _complex_view,
+    **{f"fft_{n}": _fft for n in ("fft", "ifft", "fft2", "ifft2", "fftn", "ifftn", "rfft",
+                                  "irfft", "rfftn", "irfftn", "hfft", "ihfft")},
+    "_grouped_mm": grouped_mm, "grouped_mm": grouped_mm, "index_add": _index_add,
+    "index_add_": _index_add,
 })
 
 
 def apply_rule(S: Spaces, rec: OpRecord, func: Callable[..., Any] | None = None) -> bool:
     """Apply the rule of ``rec``; False when netpress has none for it (and it has tensor inputs).
 
-    Ops with no tensor inputs (``arange``, ``zeros``) create constants: their dims are fixed.
+    Ops with no tensor inputs (``arange``, ``zeros``) create constants: their dims are fixed,
+    except where a filled tensor (``zeros``, ``new_full``) takes a size from an attribute or
+    another tensor's shape: its values do not depend on the index, and surgery keeps its size.
     """
     ins = _ins(rec)
     if rec.name in _CREATION or not ins:
-        for o in rec.outputs:
-            S.fix_tensor(o)
+        free = {(u.out, u.dim) for u in rec.sizes if u.expr[0] != "const"} \
+            if rec.name in _FILLED else set()
+        for i, o in enumerate(rec.outputs):
+            S.fix_tensor(o, [d for d in range(o.dim()) if (i, d) not in free])
         return True
     if rec.name in _PERMUTE:
         _permute(S, rec, func)

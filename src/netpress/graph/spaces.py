@@ -4,10 +4,13 @@ Every dimension of every tensor seen in a trace (parameters and buffers included
 *space*: a block of element ids, one per index along that dimension. Op rules relate
 elements: :meth:`Spaces.union` says two elements must be kept or removed together,
 :meth:`Spaces.fix` says an element can never be removed (a model input or output, a
-normalised dimension, a constant index). The connected components of the union relation
-are the smallest units that can be removed from the model; a component holding a fixed
-element cannot be removed. Relations are plain NumPy arrays of element ids and components
-come from a vectorised union-find (:func:`connected_components`).
+constant index), :meth:`Spaces.soften` that removing it changes a statistic computed over
+its dimension (a norm's mean and variance, a mean over channels): it can be removed, but the
+model's function then changes even if its weights were zero. The connected components of the
+union relation are the smallest units that can be removed from the model; a component holding
+a fixed element cannot be removed, one holding a softened element is *inexact*. Relations
+are plain NumPy arrays of element ids and components come from a vectorised union-find
+(:func:`connected_components`).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ class Spaces:
     edges: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     fixed: list[np.ndarray] = field(default_factory=list)
     fixed_by: list[str] = field(default_factory=list)
+    soft: list[np.ndarray] = field(default_factory=list)
+    soft_by: list[str] = field(default_factory=list)
+    aligned: list[tuple[np.ndarray, int]] = field(default_factory=list)
     current: str = ""  # the op whose rule is running (for explain())
     unknown: list[tuple[np.ndarray, str]] = field(default_factory=list)
     macs: list[MacTerm] = field(default_factory=list)
-    consts: list[tuple[str, list[SpaceKey]]] = field(default_factory=list)
     # pending split/merge relations: (flat tensor, its dim, factor tensor, factor dims)
     products: list[tuple[torch.Tensor, int, torch.Tensor, list[int]]] = \
         field(default_factory=list)
@@ -105,6 +110,22 @@ class Spaces:
         if a.size:
             self.fixed.append(a.ravel())
             self.fixed_by.append(self.current)
+
+    def soften(self, a: np.ndarray) -> None:
+        """These elements feed a statistic over their dimension (see the module docstring)."""
+        if a.size:
+            self.soft.append(a.ravel())
+            self.soft_by.append(self.current)
+
+    def align(self, a: np.ndarray, multiple: int) -> None:
+        """The dimension these elements make up must keep a multiple of ``multiple`` of them
+        (a kernel's alignment, e.g. 16 bytes for ``grouped_mm``)."""
+        if a.size and multiple > 1:
+            self.aligned.append((a.ravel(), multiple))
+
+    def soften_tensor(self, t: torch.Tensor, dims: list[int]) -> None:
+        for d in dims:
+            self.soften(self.ids(t, d))
 
     def fix_tensor(self, t: torch.Tensor, dims: list[int] | None = None) -> None:
         for d in range(t.dim()) if dims is None else dims:

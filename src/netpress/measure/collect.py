@@ -22,6 +22,7 @@ __all__ = [
     "collect_pair",
     "describe_inputs",
     "evaluating",
+    "explain_failure",
     "model_device",
     "outputs_on",
     "run_checked",
@@ -73,20 +74,83 @@ def describe_inputs(inputs: Any) -> str:
     return type(inputs).__name__
 
 
+def _first_tensor(args: Any) -> torch.Tensor | None:
+    if isinstance(args, torch.Tensor):
+        return args
+    if isinstance(args, (tuple, list)) and args:
+        return _first_tensor(args[0])
+    return None
+
+
+def _expectation(module: nn.Module, x: torch.Tensor) -> str | None:
+    """What ``module`` expects of its input ``x``, when ``x`` visibly does not fit it."""
+    in_features = getattr(module, "in_features", None)
+    if isinstance(in_features, int) and x.dim() >= 1 and x.shape[-1] != in_features:
+        return (f"expects {in_features} feature{'s' * (in_features != 1)} in the last "
+                f"dimension, got {x.shape[-1]} (input shape {list(x.shape)})")
+    channels = getattr(module, "in_channels", None)
+    kernel = getattr(module, "kernel_size", None)
+    if isinstance(channels, int) and kernel is not None:
+        dims = len(kernel) if isinstance(kernel, (tuple, list)) else 1
+        if x.dim() not in (dims + 1, dims + 2):
+            return (f"expects a {dims + 2}-d input (batch, channels, {dims} spatial "
+                    f"dimension{'s' * (dims != 1)}), got {x.dim()}-d shape {list(x.shape)}")
+        got = x.shape[1] if x.dim() == dims + 2 else x.shape[0]
+        if got != channels:
+            return (f"expects {channels} channel{'s' * (channels != 1)}, got {got} "
+                    f"(input shape {list(x.shape)})")
+    return None
+
+
+def explain_failure(model: nn.Module, inputs: Any) -> str | None:
+    """Which layer ``model`` fails in on ``inputs`` and why, e.g. ``"layer 'conv1' (Conv2d)
+    expects 1 channel, got 3 (input shape [1, 3, 32, 32])"``; ``None`` if it runs or the
+    failing layer's expectation cannot be told. Runs the model once more, under hooks."""
+    entered: list[tuple[str, nn.Module, Any]] = []
+
+    def pre(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            entered.append((name, module, args))
+        return hook
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        entered.pop()
+
+    handles = [h for name, m in model.named_modules() if name
+               for h in (m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+        return None
+    except Exception:
+        for name, module, args in reversed(entered):  # innermost first
+            x = _first_tensor(args)
+            why = None if x is None else _expectation(module, x)
+            if why is not None:
+                return f"layer {name!r} ({type(module).__name__}) {why}"
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_checked(model: nn.Module, inputs: Any, where: str) -> Any:
     """``call_model(model, inputs)``, turning a failure into a :class:`DataError`.
 
-    ``where`` names the inputs in the message (e.g. ``"batch 3"``).
+    ``where`` names the inputs in the message (e.g. ``"batch 3"``); when the failing layer
+    can be told (:func:`explain_failure`), the message names it and what it expects.
     """
     try:
         return call_model(model, inputs)
     except NetpressError:
         raise
     except Exception as exc:
+        why = explain_failure(model, inputs)
+        cause = why if why is not None else f"{type(exc).__name__}: {exc}"
         raise DataError(
-            f"the data does not fit the model {type(model).__name__}: it failed on {where} with "
-            f"{type(exc).__name__}: {exc} (inputs: {describe_inputs(inputs)}); check the input "
-            f"shapes, dtypes and the (inputs, labels) batch convention"
+            f"the data does not fit the model {type(model).__name__}: on {where}, {cause} "
+            f"(inputs: {describe_inputs(inputs)}); check the input shapes, dtypes and the "
+            f"(inputs, labels) batch convention"
         ) from exc
 
 

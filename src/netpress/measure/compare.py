@@ -11,7 +11,11 @@ from torch import nn
 
 from netpress._inputs import Inputs, take_batch
 from netpress.measure.collect import collect_many
-from netpress.measure.latency import LatencyStats, measure_latency_interleaved
+from netpress.measure.latency import (
+    LatencyStats,
+    latency_pair_summary,
+    measure_latency_interleaved,
+)
 from netpress.measure.longtail import (
     Proxy,
     class_churn,
@@ -19,11 +23,18 @@ from netpress.measure.longtail import (
     flipped_indices,
     long_tail_summary,
 )
-from netpress.measure.macs import count_macs, count_sparse_macs
-from netpress.measure.size import nonzero_parameter_count, parameter_count, state_dict_bytes
+from netpress.measure.macs import macs_breakdown
+from netpress.measure.sanity import input_statistics, reference_warning
+from netpress.measure.size import nonzero_parameter_count, state_dict_bytes, storage_summary
 from netpress.measure.tasks import ClassificationTask, Task, TaskFn, as_task
 
-__all__ = ["MAX_FLIPPED_LISTED", "compare", "disagreement_sections", "to_jsonable"]
+__all__ = [
+    "MACS_NOTE",
+    "MAX_FLIPPED_LISTED",
+    "compare",
+    "disagreement_sections",
+    "to_jsonable",
+]
 
 #: ``fidelity.flipped`` lists at most this many flipped inputs (the first, in data order).
 MAX_FLIPPED_LISTED = 200
@@ -59,15 +70,18 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def _model_section(model: nn.Module, accuracy: Any) -> dict[str, Any]:
+    storage = storage_summary(model)
     return {
         "accuracy": accuracy,
-        "params": parameter_count(model),
+        "params": storage["params"],
         "nonzero_params": nonzero_parameter_count(model),
+        "storage": storage,
     }
 
 
 def _size_section(
-    reference: nn.Module, compressed: nn.Module, artefact_bytes: int | None
+    reference: nn.Module, compressed: nn.Module, artefact_bytes: int | None,
+    params: tuple[int, int],
 ) -> dict[str, Any]:
     ref_bytes = state_dict_bytes(reference)
     cmp_bytes = artefact_bytes if artefact_bytes is not None else state_dict_bytes(compressed)
@@ -76,19 +90,31 @@ def _size_section(
         "compressed_bytes": cmp_bytes,
         "compressed_source": "artefact" if artefact_bytes is not None else "state_dict",
         "ratio": _ratio(ref_bytes, cmp_bytes),
+        "reference_bits_per_param": _ratio(8 * ref_bytes, params[0]),
+        "compressed_bits_per_param": _ratio(8 * cmp_bytes, params[1]),
     }
+
+
+#: What the two MAC counts mean, as the report states it.
+MACS_NOTE = ("PyTorch and ONNX Runtime run dense kernels: they execute the dense MACs, zero "
+             "weights included. Only a sparse kernel could skip the MACs of zero weights; "
+             "removed channels (structured pruning) lower the dense count itself.")
 
 
 def _macs_section(reference: nn.Module, compressed: nn.Module, inputs: Inputs) -> dict[str, Any]:
     one = take_batch(inputs, 1)
-    ref_macs = count_macs(reference, one)
-    cmp_macs = count_macs(compressed, one)
+    ref = macs_breakdown(reference, one)
+    cmp = macs_breakdown(compressed, one)
     return {
         "batch_size": 1,
-        "reference": ref_macs,
-        "compressed": cmp_macs,
-        "compressed_sparse": count_sparse_macs(compressed, one),
-        "ratio": _ratio(ref_macs, cmp_macs),
+        "reference": ref["dense"],
+        "compressed": cmp["dense"],
+        "reference_nonzero": ref["nonzero"],
+        "compressed_sparse": cmp["nonzero"],
+        "compressed_quantized": cmp["coded"],
+        "ratio": _ratio(ref["dense"], cmp["dense"]),
+        "executed_by_dense_kernels": cmp["dense"],
+        "note": MACS_NOTE,
     }
 
 
@@ -128,22 +154,60 @@ def _latency_section(
     ref, cmp = measure_latency_interleaved([reference, compressed], inputs,
                                            batch_sizes=batch_sizes, threads=threads,
                                            repeats=repeats)
-    small, large = min(batch_sizes), max(batch_sizes)
-    return {
-        "threads": threads,
-        "small_batch_size": small,
-        "batch_size": large,
-        "reference_ms": ref[small].median_ms,
-        "compressed_ms": cmp[small].median_ms,
-        "reference_batch_ms": ref[large].median_ms,
-        "compressed_batch_ms": cmp[large].median_ms,
-        "speedup": _ratio(ref[small].median_ms, cmp[small].median_ms),
-        "speedup_batch": _ratio(ref[large].median_ms, cmp[large].median_ms),
-        "details": {
-            "reference": {str(bs): s.to_dict() for bs, s in ref.items()},
-            "compressed": {str(bs): s.to_dict() for bs, s in cmp.items()},
-        },
-    }
+    return latency_pair_summary(ref, cmp, threads=threads, runtime="eager")
+
+
+def _warnings(got: dict[str, Any], labels: torch.Tensor | None, data: Any,
+              first_inputs: Any, preprocessing: str | None) -> list[str]:
+    from netpress.datasets import preprocessing_of
+
+    text = reference_warning(got.get("reference_accuracy"), labels,
+                             preprocessing=preprocessing or preprocessing_of(data),
+                             inputs=input_statistics(first_inputs))
+    return [] if text is None else [text]
+
+
+def _onnx_part(reference: nn.Module, compressed: nn.Module, example_inputs: Inputs,
+               task: Task, evaluated: tuple[Any, torch.Tensor, torch.Tensor | None] | None,
+               sizes: tuple[int, ...], threads: int, repeats: int,
+               max_batches: int | None) -> dict[str, Any]:
+    from netpress.measure.deployed import onnx_section
+
+    data, ref_out, labels = evaluated if evaluated is not None else (None, None, None)
+
+    def metrics(ref: torch.Tensor, exported: torch.Tensor) -> dict[str, Any]:
+        full = to_jsonable(task.compare(ref, exported, labels))
+        return {"agreement": full.get("agreement"),
+                "accuracy": full.get("compressed_accuracy"),
+                "headline": task.headline(full), "n": int(exported.shape[0])}
+
+    return to_jsonable(onnx_section(
+        reference, compressed, example_inputs, data=data, reference_outputs=ref_out,
+        compare_outputs=metrics, batch_sizes=sizes, threads=threads, repeats=repeats,
+        max_batches=max_batches))
+
+
+def _evaluate(task: Task, reference: nn.Module, compressed: nn.Module, data: Iterable[Any], *,
+              device: torch.device | str, max_batches: int | None, progress: bool,
+              proxy: Proxy, preprocessing: str | None) -> tuple[Any, ...]:
+    """``(metrics, data_info, evaluated, warnings, first_inputs)`` of one pass over ``data``;
+    ``evaluated`` is ``(data, reference_outputs, labels)`` (``None`` for a task that compares
+    the models batch by batch, as the text tasks do)."""
+    batchwise = getattr(task, "compare_models", None)  # text tasks: per-batch, masked
+    if callable(batchwise):
+        metrics, n, first_inputs = batchwise(reference, compressed, data, device=device,
+                                             max_batches=max_batches)
+        return to_jsonable(metrics), {"n": n, "labeled": False}, None, [], first_inputs
+    (ref_out, cmp_out), labels, first_inputs = collect_many(
+        [reference, compressed], data, device=device, max_batches=max_batches,
+        progress=progress, description=f"evaluating ({task.name})",
+    )
+    metrics = to_jsonable(task.compare(ref_out, cmp_out, labels))
+    if isinstance(task, ClassificationTask) and metrics is not None:
+        metrics.update(disagreement_sections(ref_out, cmp_out, labels, proxy=proxy))
+    warnings = _warnings(metrics or {}, labels, data, first_inputs, preprocessing)
+    data_info = {"n": int(ref_out.shape[0]), "labeled": labels is not None}
+    return metrics, data_info, (data, ref_out, labels), warnings, first_inputs
 
 
 def compare(
@@ -161,12 +225,25 @@ def compare(
     max_batches: int | None = None,
     progress: bool = False,
     long_tail_proxy: Proxy = "margin",
+    onnx: bool | None = None,
+    preprocessing: str | None = None,
 ) -> dict[str, Any]:
     """Fidelity, size, MACs and latency of ``compressed`` against ``reference``, JSON-ready.
 
     Keys: ``task``, ``data`` (``n``, ``labeled``), ``reference`` / ``compressed``
-    (``accuracy``, ``params``, ``nonzero_params``), ``agreement``, ``fidelity`` (the task's
-    full metrics), ``headline``, ``size``, ``macs`` (per input, batch of one) and ``latency``.
+    (``accuracy``, ``params``: parameters whatever their storage, ``nonzero_params``,
+    ``storage``: bits per parameter and bytes, see
+    :func:`~netpress.measure.size.storage_summary`), ``agreement``, ``fidelity`` (the task's
+    full metrics), ``headline``, ``size`` (bytes and bits per parameter on disk), ``macs``
+    (per input, batch of one: the dense count that dense kernels execute, and the count on
+    non-zero weights that only a sparse kernel could reach), ``latency`` (eager PyTorch),
+    ``onnx`` and ``warnings`` (text; e.g. a reference that scores near chance, naming the
+    data's ``preprocessing``: given, or found on a built-in loader's dataset).
+
+    ``onnx`` (default: when ``compressed`` is quantized) exports both models to ONNX and
+    measures them in ONNX Runtime, the runtime a quantized model is meant for: latency
+    beside the eager figures, and the exported model's fidelity on ``data``
+    (:func:`~netpress.measure.deployed.onnx_section`); ``None`` otherwise.
 
     Without ``data`` the fidelity parts are ``None``; without ``example_inputs`` the first
     row of the first data batch stands in, and with neither ``macs`` and ``latency`` are
@@ -182,39 +259,32 @@ def compare(
     task_obj = as_task(task)
     metrics: dict[str, Any] | None = None
     data_info: dict[str, Any] | None = None
-    batchwise = getattr(task_obj, "compare_models", None)  # text tasks: per-batch, masked
-    if data is not None and callable(batchwise):
-        metrics, n, first_inputs = batchwise(reference, compressed, data, device=device,
-                                             max_batches=max_batches)
-        metrics = to_jsonable(metrics)
-        data_info = {"n": n, "labeled": False}
-        if example_inputs is None:
-            example_inputs = take_batch(first_inputs, 1)
-    elif data is not None:
-        (ref_out, cmp_out), labels, first_inputs = collect_many(
-            [reference, compressed], data, device=device, max_batches=max_batches,
-            progress=progress, description=f"evaluating ({task_obj.name})",
-        )
-        metrics = to_jsonable(task_obj.compare(ref_out, cmp_out, labels))
-        if isinstance(task_obj, ClassificationTask) and metrics is not None:
-            metrics.update(disagreement_sections(ref_out, cmp_out, labels,
-                                                 proxy=long_tail_proxy))
-        data_info = {"n": int(ref_out.shape[0]), "labeled": labels is not None}
+    evaluated: tuple[Any, torch.Tensor, torch.Tensor | None] | None = None
+    warnings: list[str] = []
+    if data is not None:
+        metrics, data_info, evaluated, warnings, first_inputs = _evaluate(
+            task_obj, reference, compressed, data, device=device, max_batches=max_batches,
+            progress=progress, proxy=long_tail_proxy, preprocessing=preprocessing)
         if example_inputs is None:
             example_inputs = take_batch(first_inputs, 1)
     got = metrics or {}
     sizes = tuple(int(b) for b in latency_batch_sizes)
+    ref_part = _model_section(reference, got.get("reference_accuracy"))
+    cmp_part = _model_section(compressed, got.get("compressed_accuracy"))
     report: dict[str, Any] = {
         "task": task_obj.name,
         "data": data_info,
-        "reference": _model_section(reference, got.get("reference_accuracy")),
-        "compressed": _model_section(compressed, got.get("compressed_accuracy")),
+        "reference": ref_part,
+        "compressed": cmp_part,
         "agreement": got.get("agreement"),
         "fidelity": metrics,
         "headline": task_obj.headline(metrics) if metrics is not None else None,
-        "size": _size_section(reference, compressed, artefact_bytes),
+        "size": _size_section(reference, compressed, artefact_bytes,
+                              (ref_part["params"], cmp_part["params"])),
         "macs": None,
         "latency": None,
+        "onnx": None,
+        "warnings": warnings,
     }
     if example_inputs is not None:
         report["macs"] = _macs_section(reference, compressed, example_inputs)
@@ -222,4 +292,14 @@ def compare(
             report["latency"] = _latency_section(
                 reference, compressed, example_inputs, sizes, threads, latency_repeats
             )
+        if onnx if onnx is not None else _quantized(compressed):
+            report["onnx"] = _onnx_part(reference, compressed, example_inputs, task_obj,
+                                        evaluated, sizes, threads, latency_repeats,
+                                        max_batches)
     return to_jsonable(report)
+
+
+def _quantized(model: nn.Module) -> bool:
+    from netpress.measure.deployed import is_quantized
+
+    return is_quantized(model)

@@ -20,6 +20,7 @@ __all__ = [
     "accuracy",
     "agreement",
     "classification_fidelity",
+    "cosine_distribution",
     "cosine_similarity_stats",
     "mean_kl",
     "prediction_matrix",
@@ -272,3 +273,41 @@ def cosine_similarity_stats(ref: torch.Tensor, cmp: torch.Tensor) -> dict[str, A
         "min": float(cos.min()),
         "p05": _quantile(cos, 0.05),
     }
+
+
+#: Cosine thresholds whose shares every embedding report lists (beside the user's own).
+COSINE_THRESHOLDS = (0.9, 0.95, 0.99, 0.999)
+
+
+def cosine_distribution(cos: torch.Tensor, threshold: float, *, bins: int = 30
+                        ) -> dict[str, Any]:
+    """The distribution of row cosines ``cos`` (1-D), JSON-ready.
+
+    ``quantiles`` (``min``, ``p01``, ``p05``, ``p25``, ``median``, ``p75``, ``max``),
+    ``share_at_least``: the share of rows with cosine ``>= t`` for each ``t`` of
+    :data:`COSINE_THRESHOLDS` and ``threshold`` (keys are the thresholds as text), and
+    ``histogram``: ``edges`` (``bins + 1`` from ``low``, the 1st percentile, to ``high``,
+    the larger of the maximum and ``threshold`` (at most 1), so that the bins resolve the
+    bulk of the rows and a threshold above them is on the axis), ``counts`` per bin and
+    ``below``: rows under ``low``.
+    """
+    if bins < 1:
+        raise DataError(f"bins must be at least 1, got {bins}")
+    values = cos.reshape(-1).double().cpu()
+    if values.numel() == 0:
+        raise DataError("no cosine values to summarise")
+    quantiles = {"min": float(values.min()), "p01": _quantile(values, 0.01),
+                 "p05": _quantile(values, 0.05), "p25": _quantile(values, 0.25),
+                 "median": _quantile(values, 0.5), "p75": _quantile(values, 0.75),
+                 "max": float(values.max())}
+    shares = {str(t): float((values >= t).double().mean())
+              for t in sorted({*COSINE_THRESHOLDS, float(threshold)})}
+    top = max(quantiles["max"], min(float(threshold), 1.0))
+    low = quantiles["p01"]
+    low = low if low < top else top - 1e-6
+    edges = torch.linspace(low, top, bins + 1, dtype=torch.float64)
+    inside = values[values >= low]
+    counts = torch.histc(inside, bins=bins, min=low, max=top)
+    return {"quantiles": quantiles, "share_at_least": shares,
+            "histogram": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
+                          "below": int((values < low).sum())}}

@@ -16,7 +16,8 @@ from netpress._inputs import Inputs, move_to, repeat_to_batch
 from netpress.errors import DataError
 from netpress.measure.collect import evaluating, model_device, run_checked
 
-__all__ = ["LatencyStats", "measure_latency", "measure_latency_interleaved"]
+__all__ = ["LatencyStats", "latency_pair_summary", "measure_latency",
+           "measure_latency_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -176,3 +177,34 @@ def measure_latency_interleaved(
     finally:
         torch.set_num_threads(previous_threads)
     return results
+
+
+def latency_pair_summary(reference: dict[int, LatencyStats], compressed: dict[int, LatencyStats],
+                         *, threads: int, runtime: str) -> dict[str, Any]:
+    """The report's latency section for a reference/compressed pair timed together.
+
+    Medians at the smallest and largest batch size, ``speedup`` = reference / compressed
+    (above 1: the compressed model is faster), every statistic under ``details``, and the
+    ``runtime`` that ran them (``"eager"`` PyTorch or ``"onnxruntime"``).
+    """
+    small, large = min(reference), max(reference)
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    return {
+        "runtime": runtime,
+        "threads": threads,
+        "small_batch_size": small,
+        "batch_size": large,
+        "reference_ms": reference[small].median_ms,
+        "compressed_ms": compressed[small].median_ms,
+        "reference_batch_ms": reference[large].median_ms,
+        "compressed_batch_ms": compressed[large].median_ms,
+        "speedup": ratio(reference[small].median_ms, compressed[small].median_ms),
+        "speedup_batch": ratio(reference[large].median_ms, compressed[large].median_ms),
+        "details": {
+            "reference": {str(bs): s.to_dict() for bs, s in reference.items()},
+            "compressed": {str(bs): s.to_dict() for bs, s in compressed.items()},
+        },
+    }

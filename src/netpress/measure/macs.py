@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from netpress._inputs import Inputs, move_to
 from netpress.measure.collect import evaluating, model_device, run_checked
+from netpress.measure.size import effective_weight
 from netpress.select import DEFAULT_PRUNABLE
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "count_macs",
     "count_sparse_macs",
     "layer_macs",
+    "macs_breakdown",
     "weight_density",
 ]
 
@@ -77,23 +79,26 @@ def _estimated_flops(module: nn.Module, args: Any, output: Any) -> int:
 
 
 def weight_density(module: nn.Module) -> float:
-    """Share of nonzero entries in ``module.weight`` (1.0 when it has no weight tensor).
+    """Share of nonzero entries in the weight the layer computes with (1.0 without one).
 
-    ``torch.ao`` quantized layers expose ``weight()`` as a method returning a quantized
-    tensor; its dequantized zeros count as zeros.
+    A coded layer (integer codes or codebook indices, see :mod:`netpress.measure.size`)
+    counts the zeros of its dequantized weight, so pruning shows through quantization.
     """
-    weight = getattr(module, "weight", None)
     with torch.no_grad():
-        if callable(weight) and not isinstance(weight, torch.Tensor):
-            try:
-                weight = weight()
-            except (TypeError, RuntimeError):  # not a weight accessor after all
-                return 1.0
-        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+        weight = effective_weight(module)
+        if weight is None or weight.numel() == 0:
             return 1.0
-        if weight.is_quantized:
-            weight = weight.dequantize()
         return int(torch.count_nonzero(weight)) / weight.numel()
+
+
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``grouped_mm(a [M, K], b [G, K, N])``: each row of ``a`` meets one group's matrix
+    (mixture-of-experts layers); PyTorch's counter has no formula for it."""
+    return 2 * int(a_shape[0]) * int(a_shape[-1]) * int(b_shape[-1])
+
+
+_EXTRA_FLOPS = ({torch.ops.aten._grouped_mm: _grouped_mm_flops}
+                if hasattr(torch.ops.aten, "_grouped_mm") else {})
 
 
 def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int]]:
@@ -107,7 +112,7 @@ def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int
     starts: dict[str, int] = {}
     depth = [0]
     extra = [0]  # estimated FLOPs of layers whose kernels the counter cannot see
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=dict(_EXTRA_FLOPS))
 
     def pre_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -160,6 +165,14 @@ def layer_macs(model: nn.Module, example_inputs: Inputs) -> dict[str, int]:
     return {name: flops // 2 for name, flops in per_layer.items()}
 
 
+def _nonzero_flops(model: nn.Module, total: int, per_layer: dict[str, int]) -> int:
+    modules = dict(model.named_modules())
+    sparse = float(total)
+    for name, flops in per_layer.items():
+        sparse -= flops * (1.0 - weight_density(modules[name]))
+    return max(0, round(sparse))
+
+
 def count_sparse_macs(model: nn.Module, example_inputs: Inputs) -> int:
     """MACs as a sparse kernel would do them: each Linear/Conv layer's MACs times its density.
 
@@ -167,11 +180,22 @@ def count_sparse_macs(model: nn.Module, example_inputs: Inputs) -> int:
     ``d`` times its dense MACs; everything outside Linear/Conv layers (attention matmuls,
     functional matmuls) counts dense. This is an idealisation: it assumes zeros are skipped
     at no cost, which real sparse kernels only approach at high sparsity or with structure
-    (whole channels removed already shrink the dense count itself).
+    (whole channels removed already shrink the dense count itself). Quantized layers count
+    the zeros of their dequantized weights.
     """
     total, per_layer = _count(model, example_inputs)
+    return _nonzero_flops(model, total, per_layer) // 2
+
+
+def macs_breakdown(model: nn.Module, example_inputs: Inputs) -> dict[str, int]:
+    """``dense`` (:func:`count_macs`: what dense kernels, such as PyTorch's and ONNX
+    Runtime's, execute), ``nonzero`` (:func:`count_sparse_macs`: what is left if a sparse
+    kernel skipped every zero weight) and ``coded`` (the dense MACs inside layers whose
+    weights are stored as integer codes), from one forward pass."""
+    total, per_layer = _count(model, example_inputs)
     modules = dict(model.named_modules())
-    sparse = float(total)
-    for name, flops in per_layer.items():
-        sparse -= flops * (1.0 - weight_density(modules[name]))
-    return max(0, round(sparse)) // 2
+    coded = sum(flops for name, flops in per_layer.items()
+                if not isinstance(getattr(modules[name], "weight", None), torch.Tensor)
+                and effective_weight(modules[name]) is not None)
+    return {"dense": total // 2, "nonzero": _nonzero_flops(model, total, per_layer) // 2,
+            "coded": coded // 2}

@@ -14,7 +14,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from netpress.errors import RecipeError
-from netpress.measure.fidelity import classification_fidelity, cosine_similarity_stats, row_cosines
+from netpress.measure.fidelity import (
+    classification_fidelity,
+    cosine_distribution,
+    cosine_similarity_stats,
+    row_cosines,
+)
 
 __all__ = [
     "ClassificationTask",
@@ -85,7 +90,10 @@ class ClassificationTask:
 class EmbeddingTask:
     """Embeddings / hidden states: cosine similarity of matching rows.
 
-    ``agreement`` is the share of rows whose cosine similarity is at least ``threshold``.
+    ``agreement`` is the share of rows whose cosine similarity is at least ``threshold``
+    (set it to what your application tolerates); ``cosine`` holds the whole distribution
+    (:func:`~netpress.measure.fidelity.cosine_distribution`: quantiles, the share above
+    several thresholds and a histogram), which the report shows instead of one share.
     Rows are taken along the last dimension (per token for ``[N, T, D]`` outputs).
     """
 
@@ -113,6 +121,7 @@ class EmbeddingTask:
             "max_abs_error": float(diff.max()),
             "mean_abs_error": float(diff.mean()),
             "relative_mean_abs_error": float(diff.mean()) / ref_scale if ref_scale else None,
+            "cosine": cosine_distribution(cos, self.threshold),
         }
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -167,16 +176,23 @@ _BY_NAME: dict[str, Callable[[], Task]] = {
 def as_task(task: Task | TaskFn | str | None) -> Task:
     """A :class:`Task` from a task, a plain function, a task name, or ``None`` (classification).
 
-    Names: ``"classification"``, ``"embedding"``. A function is wrapped in
+    Names: ``"classification"``, ``"embedding"`` and ``"embedding:T"`` (threshold ``T``,
+    e.g. ``"embedding:0.995"``). A function is wrapped in
     :class:`FunctionTask`, named after the function (``"custom"`` for a lambda).
     """
     if task is None:
         return ClassificationTask()
+    if isinstance(task, str) and task.startswith("embedding:"):
+        try:
+            return EmbeddingTask(float(task.partition(":")[2]))
+        except ValueError:
+            raise RecipeError(f"task {task!r}: write embedding:THRESHOLD with a number, "
+                              f"e.g. embedding:0.995") from None
     if isinstance(task, str):
         if task not in _BY_NAME:
             raise RecipeError(
-                f"unknown task {task!r}; use one of {sorted(_BY_NAME)}, a Task object or a "
-                f"function fn(ref_out, cmp_out, labels) -> dict"
+                f"unknown task {task!r}; use one of {sorted(_BY_NAME)}, embedding:THRESHOLD, "
+                f"a Task object or a function fn(ref_out, cmp_out, labels) -> dict"
             )
         return _BY_NAME[task]()
     if isinstance(task, Task):

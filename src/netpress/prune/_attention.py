@@ -39,12 +39,17 @@ class HeadAttention(nn.Module):
                  dropout: float = 0.0, batch_first: bool = False) -> None:
         super().__init__()
         inner = num_heads * head_dim
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.embed_dim, self.head_dim = embed_dim, head_dim
         self.dropout, self.batch_first = dropout, batch_first
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, inner, bias=bias)
         self.out_proj = nn.Linear(inner, out_dim or embed_dim, bias=bias)
+
+    @property
+    def num_heads(self) -> int:
+        """Heads left (pruning removes whole heads: ``head_dim`` rows of each projection)."""
+        return self.q_proj.out_features // self.head_dim
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]

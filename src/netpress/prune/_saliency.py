@@ -17,13 +17,18 @@ from netpress._inputs import call_model, move_to, primary_output
 from netpress.context import Context
 from netpress.errors import DataError
 from netpress.graph import ChannelGraph
-from netpress.prune.importance import DATA_CRITERIA, hutchinson_diagonal, unit_scores
+from netpress.prune.importance import (
+    DATA_CRITERIA,
+    hessian_gradient_product,
+    hutchinson_diagonal,
+    unit_scores,
+)
 from netpress.reconstruct.channels import obs_scores
 
 if TYPE_CHECKING:
     from netpress.prune.structured import StructuredPrune
 
-__all__ = ["group_scores", "unit_rows"]
+__all__ = ["derivatives", "group_scores", "unit_rows"]
 
 
 def unit_rows(t: torch.Tensor, dim: int, positions: list[np.ndarray]) -> torch.Tensor:
@@ -41,10 +46,10 @@ def unit_rows(t: torch.Tensor, dim: int, positions: list[np.ndarray]) -> torch.T
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
-def _batches(ctx: Context, limit: int) -> Iterator[tuple[Any, Any]]:
+def _batches(ctx: Context, limit: int, owner: str) -> Iterator[tuple[Any, Any]]:
     source = ctx.calibration if ctx.calibration is not None else ctx.train
     if source is None:
-        raise DataError("StructuredPrune needs `calibration=` (or `train=`) data for a "
+        raise DataError(f"{owner} needs `calibration=` (or `train=`) data for a "
                         "data-driven importance; pass it to compress()")
     for i, batch in enumerate(source):
         if i >= limit:
@@ -52,51 +57,73 @@ def _batches(ctx: Context, limit: int) -> Iterator[tuple[Any, Any]]:
         yield batch[0], batch[1]
 
 
-def _loss(model: nn.Module, inputs: Any, labels: Any, device: torch.device) -> torch.Tensor:
+def _loss(model: nn.Module, inputs: Any, labels: Any, device: torch.device,
+          owner: str) -> torch.Tensor:
     out = primary_output(call_model(model, move_to(inputs, device)))
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \
             or out.dim() != 2 or labels.shape[:1] != out.shape[:1]:
-        raise DataError("StructuredPrune(importance='taylor'/'hessian') needs batches of "
+        raise DataError(f"{owner}(importance='taylor'/'hessian'/'grad_norm') needs batches of "
                         "(inputs, class labels) for a classifier; use a data-free importance "
-                        "(l1, l2, bn_scale) for other models")
+                        "(magnitude, l1, l2, bn_scale) for other models")
     return F.cross_entropy(out.float(), labels.to(device).long())
 
 
-def _derivatives(model: nn.Module, params: list[nn.Parameter], cfg: StructuredPrune,
-                 ctx: Context) -> list[torch.Tensor]:
-    """Summed gradients (taylor) or the Hutchinson Hessian diagonal (hessian) per param."""
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+def derivatives(model: nn.Module, params: list[nn.Parameter], importance: str, ctx: Context,
+                *, batches: int, owner: str, fp16: bool = False,
+                hessian_samples: int = 4) -> list[torch.Tensor]:
+    """What a data-driven ``importance`` multiplies the weights with, per param, from the
+    first ``batches`` calibration (else train) batches, with the model in eval mode:
+    summed gradients (taylor), the Hutchinson Hessian diagonal (hessian) or the exact
+    Hessian-gradient product of the summed loss (grad_norm)."""
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(ctx.seed)
     device = params[0].device
-    autocast = torch.autocast(device.type, dtype=torch.float16) if cfg.fp16 \
+    autocast = torch.autocast(device.type, dtype=torch.float16) if fp16 \
         else contextlib.nullcontext()
-    if cfg.fp16 and device.type == "cpu":
-        warnings.warn("StructuredPrune(fp16=True) on the CPU: PyTorch has no fast FP16 "
+    if fp16 and device.type == "cpu":
+        warnings.warn(f"{owner}(fp16=True) on the CPU: PyTorch has no fast FP16 "
                       "kernels there (measured 6x slower than FP32 for the Hessian of a "
                       "ResNet-56, benchmarks/structured.py hessian); FP16 pays off on CUDA",
-                      stacklevel=4)
+                      stacklevel=5)
+
+    def losses() -> Iterator[torch.Tensor]:
+        for inputs, labels in _batches(ctx, batches, owner):
+            with autocast:
+                yield _loss(model, inputs, labels, device, owner)
+
     try:
         for p in params:
             p.requires_grad_(True)
-        for inputs, labels in _batches(ctx, cfg.calibration_batches):
-            with torch.enable_grad():
-                with autocast:
-                    loss = _loss(model, inputs, labels, device)
-                if cfg.importance == "taylor":
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    parts = [torch.zeros_like(p) if g is None else g
-                             for p, g in zip(params, grads)]
-                else:
-                    parts = hutchinson_diagonal(loss, params, cfg.hessian_samples, gen)
-            for a, g in zip(acc, parts):
-                a.add_(g.detach().float())
+        with torch.enable_grad():
+            if importance == "grad_norm":
+                return hessian_gradient_product(losses, params)
+            return _summed(losses(), params, importance, hessian_samples, ctx.seed)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
+
+
+def _derivatives(model: nn.Module, params: list[nn.Parameter], cfg: StructuredPrune,
+                 ctx: Context) -> list[torch.Tensor]:
+    """:func:`derivatives` with a StructuredPrune config's settings."""
+    return derivatives(model, params, cfg.importance, ctx, batches=cfg.calibration_batches,
+                       owner=cfg.type_name(), fp16=cfg.fp16, hessian_samples=cfg.hessian_samples)
+
+
+def _summed(losses: Iterator[torch.Tensor], params: list[nn.Parameter], importance: str,
+            samples: int, seed: int) -> list[torch.Tensor]:
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    for loss in losses:
+        if importance == "taylor":
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            parts = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        else:
+            parts = hutchinson_diagonal(loss, params, samples, gen)
+        for a, g in zip(acc, parts):
+            a.add_(g.detach().float())
     return acc
 
 

@@ -12,9 +12,17 @@ Criteria (``CRITERIA``):
   ``|sum(w * dL/dw)|`` over the slice (Molchanov et al. 2019), gradients summed over batches;
 * ``hessian``: Hessian-aware saliency ``|mean(diag H)| * ||w||^2`` over the slice (HAP/EHAP),
   with ``diag H`` from the Hutchinson estimator :func:`hutchinson_diagonal`;
+* ``grad_norm``: gradient-norm preservation (Lubana & Dick, "A Gradient Flow Framework For
+  Analyzing Network Pruning", ICLR 2021): removing ``w`` changes the squared gradient norm
+  ``||g||^2`` by ``-2 w^T H g`` to first order, so a unit scores ``|sum(w * Hg)|`` over its
+  slice, with ``Hg`` from :func:`hessian_gradient_product`;
 * ``obs``: the output error the layers reading the unit are left with after a least-squares
   compensation (group OBS, removed greedily; :mod:`netpress.reconstruct.channels`), from
   their input statistics on the calibration data.
+
+Unstructured pruning scores single weights with the same criteria
+(:func:`weight_scores`): ``magnitude`` ``|w|``, ``taylor`` ``|w * g|`` (loss preservation) and
+``grad_norm`` ``|w * Hg|``.
 
 Aggregation over the coupled tensors of a group: the unit scores of the tensors are averaged
 (raw, so the tensors holding most of a unit's weights weigh most), then divided by their
@@ -26,7 +34,7 @@ outvote a conv's 576 weights.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -40,10 +48,16 @@ __all__ = [
     "aggregate",
     "unit_scores",
     "hutchinson_diagonal",
+    "grad_norm_saliency",
+    "hessian_gradient_product",
+    "WEIGHT_CRITERIA",
+    "weight_scores",
 ]
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "obs")
-DATA_CRITERIA = ("taylor", "hessian", "obs")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "grad_norm", "obs")
+DATA_CRITERIA = ("taylor", "hessian", "grad_norm", "obs")
+#: Per-weight criteria of unstructured pruning (the last two need data).
+WEIGHT_CRITERIA = ("magnitude", "taylor", "grad_norm")
 _EPS = 1e-12
 
 
@@ -61,6 +75,28 @@ def taylor(rows: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 def hessian_saliency(rows: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     """``|mean(diag H)| * ||w||^2`` per row (the trace-based saliency of HAP)."""
     return diag.float().mean(1).abs() * rows.float().pow(2).sum(1)
+
+
+def grad_norm_saliency(rows: torch.Tensor, hg: torch.Tensor) -> torch.Tensor:
+    """``|sum(w * Hg)|`` per row: the first-order change of ``||g||^2 / 2`` when the row is
+    zeroed (gradient-norm preservation)."""
+    return (rows.float() * hg.float()).sum(1).abs()
+
+
+def weight_scores(criterion: str, weight: torch.Tensor,
+                  derivative: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-weight importance for unstructured pruning (same shape as ``weight``).
+
+    ``magnitude``: ``|w|``; ``taylor``: ``|w * g|`` with ``derivative`` the loss gradient;
+    ``grad_norm``: ``|w * Hg|`` with ``derivative`` the Hessian-gradient product.
+    """
+    if criterion not in WEIGHT_CRITERIA:
+        raise ValueError(f"unknown importance {criterion!r}; choose one of {WEIGHT_CRITERIA}")
+    if criterion == "magnitude":
+        return weight.detach().abs()
+    if derivative is None:
+        raise ValueError(f"importance {criterion!r} needs the derivative of the weight")
+    return (weight.detach().float() * derivative.float()).abs()
 
 
 def normalize(scores: torch.Tensor) -> torch.Tensor:
@@ -84,7 +120,8 @@ def unit_scores(criterion: str, rows: Sequence[torch.Tensor],
     """Scores of a group's units from the rows of each coupled tensor.
 
     ``rows[i]`` is a (units x elements) matrix for tensor ``i``; ``extra[i]`` the matching
-    gradient (``taylor``) or Hessian diagonal (``hessian``); ``is_bn[i]`` marks BatchNorm
+    gradient (``taylor``), Hessian diagonal (``hessian``) or Hessian-gradient product
+    (``grad_norm``); ``is_bn[i]`` marks BatchNorm
     scales (``bn_scale``; a group without one falls back to ``l2``).
     """
     if criterion not in CRITERIA:
@@ -100,7 +137,7 @@ def unit_scores(criterion: str, rows: Sequence[torch.Tensor],
     pairs = [(r, e) for r, e in zip(rows, extra or [None] * len(rows)) if e is not None]
     if not pairs:
         raise ValueError(f"importance {criterion!r} needs gradients for the group's tensors")
-    fn = taylor if criterion == "taylor" else hessian_saliency
+    fn = {"taylor": taylor, "hessian": hessian_saliency, "grad_norm": grad_norm_saliency}[criterion]
     return aggregate([fn(r, e) for r, e in pairs])
 
 
@@ -123,3 +160,32 @@ def hutchinson_diagonal(loss: torch.Tensor, params: Sequence[torch.Tensor], samp
             if h is not None:
                 acc.add_((v * h).float())
     return [o / max(1, samples) for o in out]
+
+
+def hessian_gradient_product(batch_losses: Callable[[], Iterable[torch.Tensor]],
+                             params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``H g`` of the summed loss ``L = sum_b L_b`` w.r.t. ``params``, exactly.
+
+    ``batch_losses()`` returns a fresh iterable of the batch losses ``L_b`` (computed with
+    grad enabled); it is called twice: once to sum ``g = grad L``, once for
+    ``H g = sum_b grad(grad L_b . g)`` with ``g`` held fixed (one double backward per batch).
+    """
+    params = list(params)
+    g = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for loss in batch_losses():
+        for acc, part in zip(g, torch.autograd.grad(loss, params, allow_unused=True)):
+            if part is not None:
+                acc.add_(part.float())
+    out = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for loss in batch_losses():
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        terms = [(gr * v.to(gr.dtype)).sum() for gr, v in zip(grads, g) if gr is not None]
+        if not terms:
+            continue
+        dot = torch.stack(terms).sum()
+        if not dot.requires_grad:  # the loss is linear in every parameter: H g = 0
+            continue
+        for acc, h in zip(out, torch.autograd.grad(dot, params, allow_unused=True)):
+            if h is not None:
+                acc.add_(h.float())
+    return out

@@ -11,6 +11,11 @@ rounded *up* to a multiple of ``round_to`` channels (a head of 64 channels alrea
 pruning whose cost (MACs or parameters, predicted by the graph) is at or under the target,
 then :func:`refill` hands rounding steps back to groups (best pruned unit first) while the
 target still holds, so coarse rounding does not overshoot the target by much.
+
+A group can be left out of an allocation (:func:`frozen`: it keeps every unit), and a group
+too narrow for its rounding step (:func:`too_narrow`: a 16-channel layer with ``round_to=8``
+can only keep 8 or 16) can have it relaxed (:func:`relaxed`); the driver
+(:mod:`netpress.prune.structured`) tries these in stages.
 """
 
 from __future__ import annotations
@@ -22,19 +27,38 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["GroupPlan", "keep_floor", "round_up", "uniform_counts", "global_counts", "solve",
-           "refill", "ALLOCATIONS"]
+           "refill", "ALLOCATIONS", "too_narrow", "relaxed", "frozen", "units_of"]
 
 ALLOCATIONS = ("uniform", "global")
 
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """One group as the policy sees it: unit count, minimum kept, rounding step, scores."""
+    """One group as the policy sees it: unit count, minimum kept, rounding step, scores,
+    and the step no relaxation goes under (a kernel's alignment, in units)."""
 
     size: int
     minimum: int
     multiple: int
     scores: np.ndarray  # one per unit, group-normalised
+    align: int = 1
+
+
+def too_narrow(g: GroupPlan) -> bool:
+    """Fewer than four rounding steps in the group: rounding decides its size, not the
+    target (16 channels with ``round_to=8``: 8 or 16)."""
+    return g.multiple > g.align and g.size < 4 * g.multiple
+
+
+def relaxed(g: GroupPlan, floor: float) -> GroupPlan:
+    """``g`` with no rounding step beyond its alignment (its floor recomputed)."""
+    minimum = max(1, int(math.ceil(floor * g.size - 1e-9)))
+    return GroupPlan(g.size, round_up(minimum, g.align, g.size), g.align, g.scores, g.align)
+
+
+def frozen(g: GroupPlan) -> GroupPlan:
+    """``g`` left out of the allocation: it keeps all its units."""
+    return GroupPlan(g.size, g.size, 1, g.scores, g.align)
 
 
 def round_up(k: int, multiple: int, size: int) -> int:
@@ -42,10 +66,16 @@ def round_up(k: int, multiple: int, size: int) -> int:
     return min(size, int(math.ceil(k / multiple)) * multiple) if multiple > 1 else min(size, k)
 
 
-def keep_floor(size: int, floor: float, width: int, round_to: int) -> tuple[int, int]:
+def units_of(channels: int, width: int) -> int:
+    """The fewest units of ``width`` channels that make a multiple of ``channels``."""
+    return max(1, channels // math.gcd(channels, max(1, width))) if channels > 1 else 1
+
+
+def keep_floor(size: int, floor: float, width: int, round_to: int,
+               align: int = 1) -> tuple[int, int]:
     """``(minimum kept units, rounding step in units)`` for a group of ``size`` units of
-    ``width`` channels each."""
-    multiple = max(1, round_to // math.gcd(round_to, max(1, width))) if round_to > 1 else 1
+    ``width`` channels each; kept channels are multiples of ``round_to`` and of ``align``."""
+    multiple = units_of(round_to * align // math.gcd(round_to, align), width)
     minimum = max(1, int(math.ceil(floor * size - 1e-9)))
     return round_up(minimum, multiple, size), multiple
 

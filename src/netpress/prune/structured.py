@@ -3,9 +3,19 @@
 ``StructuredPrune`` traces the model on ``example_inputs`` (:mod:`netpress.graph`), scores
 every removable unit (:mod:`.importance`), decides how many units each group keeps to meet a
 MACs or parameter target (:mod:`.policy`), and cuts the kept slices into smaller tensors
-(:mod:`.surgery`). The pruned model is replayed and checked before it is returned; if
-anything does not fit, :class:`~netpress.errors.ModelError` is raised and the model given
-to the step is left as it was.
+(:mod:`.surgery`). The pruned model is replayed and checked before it is returned.
+
+Reaching the target: the allocation first uses the *exact* groups (removing a unit whose
+weights are zero leaves the outputs unchanged), then relaxes ``round_to`` for groups too
+narrow for it, then adds the inexact ones (the hidden size of a transformer, whose norms'
+statistics count every channel; a global response norm's channels), then both; the first
+stage that meets the target without falling more than three points under it is used, and a
+relaxed rounding is reported. A group whose sizes the model's code cannot follow (a size it
+also computes with, a comparison that would break) is left whole with a warning naming it,
+and the target is reached with the rest. When the target is out of reach, the
+:class:`~netpress.errors.RecipeError` gives the most that can be removed and the ops (with
+their modules) that hold the rest, and the rules that fixed their channels. The model given
+to the step is never changed.
 """
 
 from __future__ import annotations
@@ -28,13 +38,29 @@ from netpress.errors import ModelError, RecipeError
 from netpress.graph import ChannelGraph, analyze
 from netpress.measure.macs import count_macs
 from netpress.prune import _saliency
-from netpress.reconstruct import structured as _refit
+from netpress.prune._allocate import (
+    TOLERANCE,
+    Round,
+    Unreachable,
+    allocate,
+    round_info,
+    unreachable,
+    what_holds,
+)
 from netpress.prune._attention import split_attention
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
-from netpress.prune.policy import ALLOCATIONS, GroupPlan, keep_floor, solve
-from netpress.prune.surgery import SurgeryResult, remove_units, verify_pruned
+from netpress.prune.policy import ALLOCATIONS
+from netpress.prune.surgery import (
+    PruneCheckError,
+    SurgeryResult,
+    plan_sizes,
+    remove_units,
+    undo,
+    verify_pruned,
+)
+from netpress.reconstruct import structured as _refit
 from netpress.registry import register
 from netpress.select import select_names
 
@@ -52,10 +78,11 @@ class StructuredPrune(MethodConfig):
     ``latency_runtime`` (``eager`` PyTorch or ``onnxruntime``) at ``latency_batch`` with
     ``latency_threads`` threads; the MACs fraction that meets it is searched for
     (:mod:`netpress.prune.latency_target`).
-    ``importance``: l1, l2, bn_scale, taylor or hessian (the last two use the
+    ``importance``: l1, l2, bn_scale, taylor, hessian, grad_norm or obs (the last four use the
     ``calibration`` data, else ``train``). ``allocation``: ``uniform`` (every group the same
     fraction) or ``global`` (one threshold over group-normalised scores). ``floor``: minimum
-    fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it.
+    fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it
+    (relaxed, with a warning, for groups too narrow for it when the target needs it).
     ``protect``: module names or ``re:`` patterns that keep all their channels.
     ``on_unsupported``: ``error`` (name the op and module) or ``exclude`` (leave the
     channels that op touches, with a warning). ``iterative_steps``: reach the target in that
@@ -136,52 +163,64 @@ def _check_unsupported(graph: ChannelGraph, cfg: StructuredPrune) -> None:
                   f"{listed}", stacklevel=3)
 
 
-def _plans(graph: ChannelGraph, scores: list[np.ndarray], cfg: StructuredPrune) -> list[GroupPlan]:
-    plans = []
-    for g, s in zip(graph.groups, scores):
-        minimum, multiple = keep_floor(len(g), cfg.floor, g.width, cfg.round_to)
-        plans.append(GroupPlan(len(g), minimum, multiple, s))
-    return plans
-
-
-def _pruned_mask(graph: ChannelGraph, scores: list[np.ndarray], kept: list[int]) -> np.ndarray:
-    mask = np.zeros(graph.blocked.size, dtype=bool)
-    for g, s, k in zip(graph.groups, scores, kept):
-        drop = len(g) - k
-        if drop > 0:
-            order = np.argsort(s, kind="stable")
-            mask[g.units[order[:drop]]] = True
-    return mask
-
-
 def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
-               measured_now: float, ctx: Context | None) -> tuple[SurgeryResult, dict[str, Any]]:
+               measured_now: float, reference: float, ctx: Context | None,
+               excluded: dict[str, str]) -> tuple[SurgeryResult, dict[str, Any]]:
     graph = analyze(model, x, protect=cfg.protect,
                     exclude_unsupported=cfg.on_unsupported == "exclude")
     _check_unsupported(graph, cfg)
-    if not graph.groups:
-        raise ModelError("StructuredPrune: the model has no channel that can be removed "
-                         "(every channel is fixed by inputs, outputs, normalisation or "
-                         "protection)")
-    scores = _saliency.group_scores(model, graph, cfg, ctx)
-    plans = _plans(graph, scores, cfg)
     none = np.zeros(graph.blocked.size, dtype=bool)
     estimate = graph.macs if cfg.macs is not None else graph.params
-    base = max(1, estimate(none))
+    r = Round(graph, [], cfg, measured_now, max(1, estimate(none)), reference)
+    if not graph.groups:
+        raise ModelError(f"StructuredPrune: the model has no channel that can be removed: "
+                         f"every channel is fixed. What holds them: {what_holds(r, none)}")
+    r.scores = _saliency.group_scores(model, graph, cfg, ctx)
+    owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
+    for _ in range(len(graph.groups) + 1):
+        try:
+            kept, _ = allocate(r, target, set(excluded))
+        except Unreachable as exc:
+            raise unreachable(r, target, exc.most, excluded) from None
+        pruned = r.mask(kept)
+        try:
+            result = _cut(model, graph, pruned, x)
+        except PruneCheckError as exc:
+            bad = _culprits(graph, owner, pruned, exc, set(excluded))
+            if not bad:
+                raise
+            for name in bad:
+                excluded[name] = str(exc)
+            listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            warnings.warn(f"StructuredPrune: leaving {listed} whole: {exc}", stacklevel=4)
+            continue
+        return result, round_info(r, kept, excluded)
+    raise ModelError("StructuredPrune: no group could be pruned safely")
 
-    def cost(kept: list[int]) -> float:
-        return measured_now * estimate(_pruned_mask(graph, scores, kept)) / base
 
+def _culprits(graph: ChannelGraph, owner: dict[int, int], pruned: np.ndarray,
+              exc: PruneCheckError, excluded: set[str]) -> list[str]:
+    """The groups to leave whole after a failed check: those of the units involved, else the
+    pruned groups of the module where it failed (and its submodules)."""
+    bad = {graph.groups[owner[int(u)]].name for u in exc.labels if int(u) in owner}
+    if not bad - excluded and exc.module is not None:
+        prefix = exc.module + "."
+        bad = {g.name for g in graph.groups if pruned[g.units].any()
+               and any(m == exc.module or m.startswith(prefix) or not exc.module
+                       for m in g.modules)}
+    return sorted(bad - excluded)
+
+
+def _cut(model: nn.Module, graph: ChannelGraph, pruned: np.ndarray, x: Inputs) -> SurgeryResult:
+    """Surgery then the replay check; the model is restored when the check fails."""
+    sizes = plan_sizes(graph, pruned)
+    result = remove_units(model, graph, pruned, sizes)
     try:
-        kept = solve(plans, cfg.allocation, cost, target)
-    except ValueError as exc:
-        raise RecipeError(f"StructuredPrune: {exc} ({'MACs' if cfg.macs else 'parameters'}); "
-                          f"lower floor or raise the target") from None
-    pruned = _pruned_mask(graph, scores, kept)
-    result = remove_units(model, graph, pruned)
-    verify_pruned(model, graph, pruned, x)
-    groups = {g.name: [len(g), k] for g, k in zip(graph.groups, kept) if k < len(g)}
-    return result, {"groups": groups, "unsupported": [u.where for u in graph.unsupported]}
+        verify_pruned(model, graph, pruned, x)
+    except PruneCheckError:
+        undo(result)
+        raise
+    return result
 
 
 def _measure(model: nn.Module, x: Inputs, kind: str) -> int:
@@ -208,26 +247,56 @@ def prune_structured(model: nn.Module, cfg: StructuredPrune, example_inputs: Inp
     goal = fraction * (before if reference is None else
                        _measure(reference, example_inputs, kind))
     started = time.perf_counter()
+    reference_measure = goal / fraction
     summary: dict[str, Any] = {"groups": {}, "attributes": {}, "kept": {},
-                               "split_attention": split}
+                               "split_attention": split, "inexact_groups": [],
+                               "round_to_relaxed": [], "excluded": {}}
+    excluded: dict[str, str] = {}
     now = float(before)
     for step in range(cfg.iterative_steps):
         target = now * (goal / now) ** (1 / (cfg.iterative_steps - step)) if now > goal else now
         for _ in range(4):  # the graph's estimate vs the measured count: tighten if over
             if now <= target * (1 + 1e-9):
                 break
-            result, info = _one_round(work, cfg, example_inputs, target, now, ctx)
+            result, info = _one_round(work, cfg, example_inputs, target, now,
+                                      reference_measure, ctx, excluded)
             now = float(_measure(work, example_inputs, kind))
-            summary["groups"].update(info["groups"])
-            summary["attributes"].update(result.attributes)
-            for name, dims in result.kept.items():
-                summary["kept"].setdefault(name, []).append(dims)
+            _merge(summary, info, result)
+    _warn_overshoot(summary, cfg, kind, now, goal, reference_measure)
     seconds = round(time.perf_counter() - started, 4)
     summary.update({f"{kind}_before": before, f"{kind}_after": int(now),
                     f"{kind}_target": int(goal), "seconds": seconds})
     if kind == "macs":
         summary["params_after"] = sum(p.numel() for p in work.parameters())
     return work, summary
+
+
+def _merge(summary: dict[str, Any], info: dict[str, Any], result: SurgeryResult) -> None:
+    summary["groups"].update(info["groups"])
+    summary["attributes"].update(result.attributes)
+    summary["excluded"].update(info["excluded"])
+    for key in ("inexact_groups", "round_to_relaxed"):
+        summary[key].extend(n for n in info[key] if n not in summary[key])
+    for name, dims in result.kept.items():
+        summary["kept"].setdefault(name, []).append(dims)
+
+
+def _warn_overshoot(summary: dict[str, Any], cfg: StructuredPrune, kind: str, now: float,
+                    goal: float, reference: float) -> None:
+    label = "MACs" if kind == "macs" else "parameters"
+    if summary["round_to_relaxed"]:
+        warnings.warn(f"StructuredPrune: round_to={cfg.round_to} relaxed for groups too narrow "
+                      f"for it: {', '.join(summary['round_to_relaxed'][:6])}", stacklevel=3)
+    if now > goal * (1 + 1e-6):
+        warnings.warn(f"StructuredPrune: asked for {goal / reference:.1%} of the reference's "
+                      f"{label}, reached only {now / reference:.1%}: the channel graph's "
+                      f"estimate and the measured count still differ after four rounds",
+                      stacklevel=3)
+    elif now < goal - TOLERANCE * reference:
+        warnings.warn(f"StructuredPrune: asked for {goal / reference:.1%} of the reference's "
+                      f"{label}, reached {now / reference:.1%}: the groups' rounding "
+                      f"(round_to={cfg.round_to}) and floors allow no closer value",
+                      stacklevel=3)
 
 
 def _same_shapes(a: nn.Module, b: nn.Module | None) -> bool:

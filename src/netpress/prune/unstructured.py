@@ -1,6 +1,10 @@
-"""Unstructured magnitude pruning: layer-wise, and global with a per-layer floor.
+"""Unstructured pruning: layer-wise, and global with a per-layer floor.
 
-Both methods zero individual weights of the selected Conv/Linear layers. Masks are kept in
+Both methods zero individual weights of the selected Conv/Linear layers, ranked by
+``importance`` (:func:`netpress.prune.importance.weight_scores`): ``magnitude`` (the default,
+no data), ``taylor`` (loss preservation, ``|w * g|``) or ``grad_norm`` (gradient-norm
+preservation, ``|w * Hg|``); the last two use ``calibration_batches`` of the calibration
+data, else of the train data. Masks are kept in
 the :class:`~netpress.context.Context` and re-applied after every recovery step, so pruned
 weights stay zero; the final model holds real zeros and no hooks or ``weight_orig`` copies.
 With ``schedule="cubic"`` the sparsity ramps up over the recovery that follows (Zhu & Gupta).
@@ -18,7 +22,14 @@ from torch import nn
 from netpress.config import MethodConfig, check_fraction
 from netpress.context import Context, MaskFn, PruneSchedule
 from netpress.errors import RecipeError
-from netpress.prune.masks import floor_keep, global_prune_counts, magnitude_mask, smallest_mask
+from netpress.prune.importance import WEIGHT_CRITERIA, weight_scores
+from netpress.prune.masks import (
+    floor_keep,
+    global_prune_counts,
+    magnitude_mask,
+    prune_count,
+    smallest_mask,
+)
 from netpress.registry import register
 from netpress.select import check_patterns, resolve_per_layer, select_names, weighted_modules
 
@@ -34,9 +45,18 @@ class _PruneCommon(MethodConfig):
     schedule: str = "oneshot"
     ramp_end: float = 0.7
     ramp_updates: int = 10
+    importance: str = "magnitude"
+    calibration_batches: int = 4
 
     def _check_common(self) -> None:
         name = self.type_name()
+        if self.importance not in WEIGHT_CRITERIA:
+            raise RecipeError(f"{name}: importance={self.importance!r}; choose one of "
+                              f"{WEIGHT_CRITERIA}")
+        if isinstance(self.calibration_batches, bool) or \
+                not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise RecipeError(f"{name}: calibration_batches={self.calibration_batches!r} must "
+                              f"be an int >= 1")
         if self.schedule not in SCHEDULES:
             raise RecipeError(f"{name}: schedule={self.schedule!r}; choose one of {SCHEDULES}")
         check_fraction(name, "ramp_end", self.ramp_end, hi_open=False)
@@ -50,6 +70,32 @@ class _PruneCommon(MethodConfig):
         candidates = weighted_modules(model)
         names = select_names(list(candidates), self.layers, self.ignore, owner=self.type_name())
         return {n: candidates[n] for n in names}
+
+
+class _Scorer:
+    """Per-weight scores of the selected layers; data-driven ones are recomputed only when a
+    weight changed since the last call (a cubic ramp asks once per update)."""
+
+    def __init__(self, cfg: _PruneCommon, ctx: Context) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self._key: tuple[Any, ...] | None = None
+        self._scores: list[torch.Tensor] = []
+
+    def __call__(self, model: nn.Module, layers: dict[str, nn.Module]) -> list[torch.Tensor]:
+        weights = [_weight(m) for m in layers.values()]
+        if self.cfg.importance == "magnitude":
+            return [weight_scores("magnitude", w) for w in weights]
+        key = tuple((id(w), w._version) for w in weights)
+        if key != self._key:
+            from netpress.prune._saliency import derivatives
+
+            derived = derivatives(model, weights, self.cfg.importance,  # type: ignore[arg-type]
+                                  self.ctx, batches=self.cfg.calibration_batches,
+                                  owner=self.cfg.type_name())
+            self._scores = [weight_scores(self.cfg.importance, w, d)
+                            for w, d in zip(weights, derived)]
+            self._key = tuple((id(w), w._version) for w in weights)
+        return self._scores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,21 +143,24 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
-def _layerwise_masks(cfg: LayerwiseMagnitudePrune, model: nn.Module,
-                     scale: float) -> dict[str, torch.Tensor]:
+def _layerwise_masks(cfg: LayerwiseMagnitudePrune, model: nn.Module, scale: float,
+                     scorer: _Scorer) -> dict[str, torch.Tensor]:
     layers = cfg.selected(model)
     targets = resolve_per_layer(list(layers), cfg.per_layer, cfg.sparsity, owner=cfg.type_name())
-    return {
-        f"{n}.weight": magnitude_mask(_weight(layers[n]), targets[n] * scale) for n in layers
-    }
+    if cfg.importance == "magnitude":
+        return {f"{n}.weight": magnitude_mask(_weight(layers[n]), targets[n] * scale)
+                for n in layers}
+    scores = scorer(model, layers)
+    return {f"{n}.weight": smallest_mask(s, prune_count(s.numel(), targets[n] * scale))
+            for n, s in zip(layers, scores)}
 
 
-def _global_masks(cfg: GlobalMagnitudePrune, model: nn.Module,
-                  sparsity: float) -> dict[str, torch.Tensor]:
+def _global_masks(cfg: GlobalMagnitudePrune, model: nn.Module, sparsity: float,
+                  scorer: _Scorer) -> dict[str, torch.Tensor]:
     layers = cfg.selected(model)
     weights = [_weight(m).detach() for m in layers.values()]
     floors = [floor_keep(w.numel(), cfg.floor, cfg.min_weights) for w in weights]
-    scores = [w.abs() for w in weights]
+    scores = scorer(model, layers)
     try:
         counts = global_prune_counts(scores, sparsity, floors)
     except ValueError as exc:
@@ -153,8 +202,10 @@ def _apply(model: nn.Module, cfg: _PruneCommon, ctx: Context, masks_at: MaskFn) 
 @register(LayerwiseMagnitudePrune, kind="prune")
 def _apply_layerwise(model: nn.Module, cfg: LayerwiseMagnitudePrune, ctx: Context) -> nn.Module:
     # A cubic ramp scales every layer's own target by the same fraction of the way.
+    scorer = _Scorer(cfg, ctx)
+
     def masks_at(m: nn.Module, progress: float) -> dict[str, torch.Tensor]:
-        return _layerwise_masks(cfg, m, progress)
+        return _layerwise_masks(cfg, m, progress, scorer)
 
     masks_at(model, 0.0)  # validate patterns before anything changes
     return _apply(model, cfg, ctx, masks_at)
@@ -162,8 +213,10 @@ def _apply_layerwise(model: nn.Module, cfg: LayerwiseMagnitudePrune, ctx: Contex
 
 @register(GlobalMagnitudePrune, kind="prune")
 def _apply_global(model: nn.Module, cfg: GlobalMagnitudePrune, ctx: Context) -> nn.Module:
+    scorer = _Scorer(cfg, ctx)
+
     def masks_at(m: nn.Module, progress: float) -> dict[str, torch.Tensor]:
-        return _global_masks(cfg, m, cfg.sparsity * progress)
+        return _global_masks(cfg, m, cfg.sparsity * progress, scorer)
 
     masks_at(model, 1.0)  # validate patterns and feasibility before any change
     return _apply(model, cfg, ctx, masks_at)

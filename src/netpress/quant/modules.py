@@ -30,6 +30,7 @@ from netpress.quant.primitives import (
     qrange,
     quantize_affine,
 )
+from netpress.quant.target import TARGETS
 
 __all__ = ["ActQuant", "QuantWeight", "QuantConv2d", "QuantLinear", "QUANT_LAYERS",
            "ConvGeometry", "conv2d_geometry",
@@ -152,9 +153,13 @@ class QuantWeight(nn.Module):
     bias: torch.Tensor | None
     export_bias_step: torch.Tensor | None = None
 
-    def _init_weight(self, shape: tuple[int, ...], bits: int, bias: bool) -> None:
+    def _init_weight(self, shape: tuple[int, ...], bits: int, bias: bool,
+                     target: str | None) -> None:
         qrange(bits, symmetric=True)
+        if target is not None and target not in TARGETS:
+            raise ValueError(f"target={target!r} is not one of {TARGETS}")
         self.bits = bits
+        self.target = target  # the INT8 target its codes were made for (None: not an int kernel)
         self.register_buffer("weight_q", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(shape[0], dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(shape[0])) if bias else None
@@ -163,8 +168,17 @@ class QuantWeight(nn.Module):
     def set_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         """Quantize the float ``weight`` with per-channel ``scale`` into ``weight_q``."""
         zp = torch.zeros_like(scale, dtype=torch.int32)
-        self.weight_q.copy_(quantize_affine(weight.float(), scale, zp, self.bits,
-                                            symmetric=True, axis=0))
+        self.set_codes(quantize_affine(weight.float(), scale, zp, self.bits, symmetric=True,
+                                       axis=0), scale)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store integer ``codes`` (within the layer's bit width) and their per-channel
+        ``scale``."""
+        qmin, qmax = qrange(self.bits, symmetric=True)
+        if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+            raise ValueError(f"weight codes outside [{qmin}, {qmax}] for bits={self.bits}")
+        self.weight_q.copy_(codes.to(torch.int8))
         self.weight_scale.copy_(scale)
 
     def export_bias(self) -> torch.Tensor | None:
@@ -236,11 +250,14 @@ class QuantConv2d(QuantWeight, ConvGeometry):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
                  stride: tuple[int, int] = (1, 1), padding: tuple[int, int] | str = (0, 0),
                  dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True,
-                 bits: int = 8) -> None:
+                 bits: int = 8, target: str | None = None) -> None:
         super().__init__()
         shape = self._set_geometry(in_channels, out_channels, kernel_size, stride, padding,
                                    dilation, groups)
-        self._init_weight(shape, bits, bias)
+        self._init_weight(shape, bits, bias, target)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in _conv_spec(self).items())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.dequantized_weight(), self.export_bias())
@@ -255,14 +272,13 @@ class QuantLinear(QuantWeight):
     """A Linear whose weight is int8 codes times a per-output-channel scale."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 bits: int = 8) -> None:
+                 bits: int = 8, target: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_weight((out_features, in_features), bits, bias)
+        self._init_weight((out_features, in_features), bits, bias, target)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, bits={self.bits}")
+        return ", ".join(f"{k}={v}" for k, v in _linear_spec(self).items())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.export_bias())
@@ -279,8 +295,11 @@ QUANT_LAYERS: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
 """Float layer type -> its quantized counterpart (exact types)."""
 
 
-def quantize_layer(layer: nn.Module, bits: int, scale: torch.Tensor) -> QuantWeight:
-    """The quantized counterpart of ``layer`` with weights quantized by ``scale``."""
+def quantize_layer(layer: nn.Module, bits: int, scale: torch.Tensor, *,
+                   codes: torch.Tensor | None = None, target: str | None = None) -> QuantWeight:
+    """The quantized counterpart of ``layer``: its weights rounded to the nearest point of the
+    grid ``scale``, or the given integer ``codes``; ``target`` labels the INT8 target the
+    codes were made for."""
     q: QuantWeight
     if isinstance(layer, nn.Conv2d):
         q = QuantConv2d.from_float(layer, bits)
@@ -288,22 +307,30 @@ def quantize_layer(layer: nn.Module, bits: int, scale: torch.Tensor) -> QuantWei
         q = QuantLinear.from_float(layer, bits)
     else:
         raise TypeError(f"cannot quantize a {type(layer).__name__}")
-    q.set_weight(layer.weight.detach(), scale)
+    q.target = target
+    if codes is None:
+        q.set_weight(layer.weight.detach(), scale)
+    else:
+        q.set_codes(codes, scale)
     if layer.bias is not None and q.bias is not None:
         with torch.no_grad():
             q.bias.copy_(layer.bias.detach())
     return q
 
 
+def _target(m: QuantWeight) -> dict[str, Any]:
+    return {"target": m.target} if m.target is not None else {}
+
+
 def _conv_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, QuantConv2d)
-    return m.spec()
+    return {**m.spec(), **_target(m)}
 
 
 def _linear_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, QuantLinear)
     return {"in_features": m.in_features, "out_features": m.out_features,
-            "bias": m.bias is not None, "bits": m.bits}
+            "bias": m.bias is not None, "bits": m.bits, **_target(m)}
 
 
 def _act_spec(m: nn.Module) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
+from netpress.quant._equalize_stats import equalize
 from netpress.quant._insert import (
     drop_identities,
     feeding_quant,
@@ -36,14 +37,29 @@ from netpress.quant._insert import (
     remove_unused,
 )
 from netpress.quant.fold import fold_batchnorm
+from netpress.quant.input_grid import apply_input_grid
 from netpress.quant.modules import QUANT_LAYERS, ActQuant, QuantWeight, quantize_layer
 from netpress.quant.observers import OBSERVERS, make_observer, mse_range
-from netpress.quant.primitives import MAX_BITS, MIN_BITS, choose_qparams, minmax
+from netpress.quant.primitives import (
+    MAX_BITS,
+    MIN_BITS,
+    choose_qparams,
+    minmax,
+    quantize_affine,
+)
+from netpress.quant.target import (
+    TARGET_CHOICES,
+    apply_weight_rule,
+    depthwise_layer,
+    min_weight_scale,
+    resolve_target,
+)
 from netpress.registry import register
 from netpress.select import check_patterns, resolve_per_layer, select_names
 
-__all__ = ["QuantSettings", "Quantize", "weight_scale", "prepare", "quantize_model",
-           "bias_on_grid", "drop_masks"]
+__all__ = ["QuantSettings", "Quantize", "weight_scale", "WeightRounding", "round_to_nearest",
+           "quantize_weights", "integer_layers", "prepare", "quantize_model", "bias_on_grid",
+           "drop_masks"]
 
 _WEIGHT_OBSERVERS = ("minmax", "mse")
 
@@ -66,9 +82,15 @@ class QuantSettings(MethodConfig):
     fold_bn: bool = True
     require_full_coverage: bool = False
     calibration_batches: int | None = None
+    target: str = "auto"
+    input_grid: bool = True
+    equalize: bool = True
 
     def _check_quant(self) -> None:
         n = self.type_name()
+        if self.target not in TARGET_CHOICES:
+            raise RecipeError(f"{n}: target={self.target!r}; choose one of {TARGET_CHOICES} "
+                              "(the CPU the INT8 model will run on; 'auto' = this one)")
         _check_bits(n, "weights", self.weights)
         if self.activations is not None:
             _check_bits(n, "activations", self.activations)
@@ -92,7 +114,10 @@ class Quantize(QuantSettings):
     the activation ranges (minmax, moving_average, percentile, mse, entropy) and
     ``weight_observer`` the weight ranges (minmax or mse). ``calibration_batches`` caps the
     calibration pass. Calibration data is required unless ``activations=None``; weight-only
-    quantization uses it, when given, for bias correction.
+    quantization uses it, when given, for bias correction. ``target`` is the CPU the integer
+    model will run on (``auto``: this one; ``x86-vnni``, ``x86-avx2``, ``arm64``, ``generic``;
+    see :mod:`netpress.quant.target`): the weights of layers that run as integer kernels are
+    shaped so that its kernels compute exactly what the fake-quant model computes.
     """
 
     weight_observer: str = "minmax"
@@ -113,6 +138,44 @@ def weight_scale(weight: torch.Tensor, bits: int, observer: str = "minmax") -> t
     else:
         lo, hi = minmax(rows, axis=0)
     return choose_qparams(lo, hi, bits, symmetric=True)[0]
+
+
+WeightRounding = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``(float weight, per-channel scales, bits) -> integer codes``: the replaceable rounding."""
+
+
+def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``weight`` on the symmetric per-output-channel grid ``scale`` (nearest)."""
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    return quantize_affine(weight.detach().float(), scale, zp, bits, symmetric=True, axis=0)
+
+
+def quantize_weights(layer: nn.Module, bits: int, scale: torch.Tensor, *,
+                     target: str | None = None,
+                     rounding: WeightRounding = round_to_nearest) -> QuantWeight:
+    """The quantized counterpart of a Conv2d/Linear ``layer``, its weights rounded by
+    ``rounding`` on the grid ``scale``.
+
+    With a ``target`` (for a layer that runs as an integer kernel) the scales are first
+    widened where the target's rule needs it and the codes then made to obey the rule
+    (:func:`netpress.quant.target.apply_weight_rule`, a no-op for round-to-nearest codes).
+    """
+    assert isinstance(layer, (nn.Conv2d, nn.Linear))
+    depthwise = depthwise_layer(layer)
+    if target is not None:
+        scale = torch.maximum(scale, min_weight_scale(layer.weight, target,
+                                                      depthwise=depthwise).to(scale))
+    codes = rounding(layer.weight.detach(), scale, bits)
+    if target is not None:
+        codes = apply_weight_rule(codes, target, depthwise=depthwise)
+    return quantize_layer(layer, bits, scale, codes=codes, target=target)
+
+
+def integer_layers(gm: nn.Module, names: list[str]) -> list[str]:
+    """The layers among ``names`` whose input is quantized (they run as integer kernels)."""
+    if not isinstance(gm, fx.GraphModule):
+        return []
+    return [n for n in names if feeding_quant(gm, n) is not None]
 
 
 def _own_params(m: nn.Module) -> bool:
@@ -216,18 +279,24 @@ def _calibration_data(ctx: Context, owner: str) -> Context:
 
 
 def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
-            ) -> tuple[nn.Module, dict[str, int], list[str], int]:
-    """Fold BN, plan the layers, insert and calibrate activation quantizers.
+            ) -> tuple[nn.Module, dict[str, int], list[str], dict[str, Any]]:
+    """Fold BN, plan the layers, equalize, insert and calibrate activation quantizers.
 
-    Returns ``(model or its graph, bits by layer, activation quantizer names, folded BNs)``;
-    the layers themselves are still float.
+    Returns ``(model or its graph, bits by layer, activation quantizer names, notes for the
+    report)``; the layers themselves are still float.
     """
     model.eval()
     folded = fold_batchnorm(model) if cfg.fold_bn else []
     plan = _plan(model, cfg)
+    notes: dict[str, Any] = {"folded_batchnorms": len(folded)}
     if cfg.activations is None:
-        return model, plan, [], len(folded)
+        return model, plan, [], notes
     from netpress.export.graph import trace
+
+    calib_ctx = _calibration_data(ctx, cfg.type_name())
+    if cfg.equalize:
+        inputs = _calibration_inputs(calib_ctx, cfg.calibration_batches)
+        notes["equalization"] = _rounded(equalize(model, inputs, list(plan)))
 
     try:
         target = trace(model)
@@ -240,31 +309,50 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.observer = make_observer(cfg.observer)
-    if _calibrate(target, _calibration_data(ctx, cfg.type_name()), cfg.calibration_batches) == 0:
+    if _calibrate(target, calib_ctx, cfg.calibration_batches) == 0:
         raise ModelError(f"{cfg.type_name()}: the calibration data holds no batches")
     acts = sorted(set(acts) - set(remove_unused(target)))
     for name in acts:
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
         aq.freeze()
-    return target, plan, acts, len(folded)
+    if cfg.input_grid:
+        xs = [x for x in _calibration_inputs(calib_ctx, cfg.calibration_batches)
+              if isinstance(x, torch.Tensor)]
+        notes["input_grid"] = bool(xs) and apply_input_grid(target, torch.cat(xs))
+    return target, plan, acts, notes
+
+
+def _calibration_inputs(ctx: Context, limit: int | None) -> list[Any]:
+    """The model inputs of the calibration batches (at most ``limit``), on ``ctx.device``."""
+    return [move_to(inputs, ctx.device) for i, (inputs, _) in enumerate(
+        batches(ctx.require("calibration", "Quantize"), name="calibration"))
+        if limit is None or i < limit]
+
+
+def _rounded(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
 
 
 def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     """Quantize ``model`` (eval mode, modified in place where possible); the quantized model."""
-    target, plan, acts, folded = prepare(model, cfg, ctx)
+    target, plan, acts, notes = prepare(model, cfg, ctx)
     floats = {n: target.get_submodule(n) for n in plan}
+    cpu = resolve_target(cfg.target)
+    integer = set(integer_layers(target, list(plan)))
     for name, bits in plan.items():
         layer = target.get_submodule(name)
         assert isinstance(layer, (nn.Conv2d, nn.Linear))
-        _set_module(target, name, quantize_layer(layer, bits, weight_scale(
-            layer.weight, bits, cfg.weight_observer)))
+        _set_module(target, name, quantize_weights(
+            layer, bits, weight_scale(layer.weight, bits, cfg.weight_observer),
+            target=cpu if name in integer else None))
     corrected = cfg.bias_correction and ctx.calibration is not None
     if corrected:
         _correct_biases(target, floats, ctx, cfg.calibration_batches)
     bias_on_grid(target, list(plan))
-    ctx.record(cfg.type_name(), layers=len(plan), folded_batchnorms=folded,
+    ctx.record(cfg.type_name(), layers=len(plan), **notes,
                activation_quantizers=len(acts), bias_correction=corrected,
+               target=cpu, target_requested=cfg.target, integer_layers=len(integer),
                bits={str(b): sum(1 for v in plan.values() if v == b) for b in
                      sorted(set(plan.values()))})
     return target.eval()

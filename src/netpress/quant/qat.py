@@ -21,9 +21,18 @@ from torch import nn
 from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import RecipeError
-from netpress.quant.modules import ActQuant, quantize_layer
+from netpress.quant.modules import ActQuant
 from netpress.quant.primitives import fake_quantize, qrange
-from netpress.quant.ptq import QuantSettings, bias_on_grid, drop_masks, prepare, weight_scale
+from netpress.quant.ptq import (
+    QuantSettings,
+    bias_on_grid,
+    drop_masks,
+    integer_layers,
+    prepare,
+    quantize_weights,
+    weight_scale,
+)
+from netpress.quant.target import depthwise_layer, min_weight_scale, resolve_target
 from netpress.recover.loop import TrainConfig, train
 from netpress.recover.losses import distillation_loss
 from netpress.registry import register
@@ -43,6 +52,7 @@ class _LSQWeight:
     weight: torch.Tensor
     weight_scale: nn.Parameter
     bits: int
+    int8_target: str | None = None  # the INT8 target of an integer-kernel layer
 
     def _init_lsq(self, bits: int, scale: torch.Tensor) -> None:
         self.bits = bits
@@ -52,6 +62,10 @@ class _LSQWeight:
         qmax = qrange(self.bits, symmetric=True)[1]
         g = 1.0 / math.sqrt(self.weight[0].numel() * qmax)
         scale = grad_scale(self.weight_scale, g).abs().clamp_min(1e-8)
+        if self.int8_target is not None:  # the grid the exported integer kernel will use
+            assert isinstance(self, nn.Module)
+            floor = min_weight_scale(self.weight, self.int8_target, depthwise=depthwise_layer(self))
+            scale = torch.maximum(scale, floor.to(scale))
         zp = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         return fake_quantize(self.weight, scale, zp, self.bits, symmetric=True, axis=0)
 
@@ -70,10 +84,10 @@ class LSQLinear(nn.Linear, _LSQWeight):
         return nn.functional.linear(x, self.qweight(), self.bias)
 
 
-def _lsq_layer(layer: nn.Module, bits: int) -> nn.Module:
+def _lsq_layer(layer: nn.Module, bits: int) -> LSQConv2d | LSQLinear:
     assert isinstance(layer, (nn.Conv2d, nn.Linear))
     scale = weight_scale(layer.weight, bits)
-    lsq: nn.Module
+    lsq: LSQConv2d | LSQLinear
     if isinstance(layer, nn.Conv2d):
         lsq = LSQConv2d(layer.in_channels, layer.out_channels,
                         layer.kernel_size, layer.stride,  # type: ignore[arg-type]
@@ -146,9 +160,13 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 @register(QAT, kind="recover", needs=("train",))
 def _apply_qat(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
-    target, plan, acts, folded = prepare(model, cfg, ctx)
+    target, plan, acts, notes = prepare(model, cfg, ctx)
+    cpu = resolve_target(cfg.target)
+    integer = set(integer_layers(target, list(plan)))
     for name, bits in plan.items():
-        _set(target, name, _lsq_layer(target.get_submodule(name), bits))
+        lsq = _lsq_layer(target.get_submodule(name), bits)
+        lsq.int8_target = cpu if name in integer else None
+        _set(target, name, lsq)
     for name in acts:
         aq = target.get_submodule(name)
         assert isinstance(aq, ActQuant)
@@ -165,18 +183,19 @@ def _apply_qat(model: nn.Module, cfg: QAT, ctx: Context) -> nn.Module:
 
     summary = train(target, ctx, cfg, distill, needs_teacher=True)
     for name in acts:
-        lsq = target.get_submodule(name)
-        assert isinstance(lsq, LSQActQuant)
-        _set(target, name, lsq.to_frozen())
+        aq = target.get_submodule(name)
+        assert isinstance(aq, LSQActQuant)
+        _set(target, name, aq.to_frozen())
     ctx.apply_masks(target)
     for name, bits in plan.items():
         layer = target.get_submodule(name)
         assert isinstance(layer, (LSQConv2d, LSQLinear))
-        _set(target, name, quantize_layer(layer, bits, layer.weight_scale.detach().abs()
-                                          .clamp_min(1e-8)))
+        _set(target, name, quantize_weights(layer, bits, layer.weight_scale.detach().abs()
+                                            .clamp_min(1e-8), target=layer.int8_target))
     bias_on_grid(target, list(plan))
     drop_masks(target, ctx)
-    ctx.record(cfg.type_name(), **{**summary, "layers": len(plan),
-                                   "folded_batchnorms": folded,
+    ctx.record(cfg.type_name(), **{**summary, "layers": len(plan), "target": cpu,
+                                   "integer_layers": len(integer),
+                                   **notes,
                                    "activation_quantizers": len(acts)})
     return target.eval()

@@ -48,6 +48,12 @@ class TrainConfig(MethodConfig):
     at the end (pruning masks still applied). ``early_stop_data="held_out"`` holds out every
     ``round(1/validation_fraction)``-th train batch (not trained on); ``"evaluate"`` uses the
     ``evaluate=`` data of the compression instead.
+
+    ``act_sparsity`` (a strength, off while None) adds an L1 penalty on the outputs of
+    ``act_layers`` (module names or ``re:`` patterns; default: every ReLU-like module) to make
+    activation maps sparse; ``cond_reg`` (a strength) adds a smooth condition-number
+    surrogate of the weights of ``cond_layers`` (default: the pruned layers, else every
+    Conv/Linear) for robustness. See :func:`netpress.recover.regularizers.training_penalties`.
     """
 
     epochs: float = 1.0
@@ -65,6 +71,10 @@ class TrainConfig(MethodConfig):
     eval_every: int | None = None
     early_stop_data: str = "held_out"
     validation_fraction: float = 0.2
+    act_sparsity: float | None = None
+    act_layers: tuple[str, ...] = ()
+    cond_reg: float | None = None
+    cond_layers: tuple[str, ...] = ()
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -91,7 +101,18 @@ class TrainConfig(MethodConfig):
         if not (isinstance(self.range_reg_strength, (int, float))
                 and self.range_reg_strength >= 0):
             raise RecipeError(f"{n}: range_reg_strength must be a number >= 0")
+        self._check_penalties()
 
+    def _check_penalties(self) -> None:
+        from netpress.select import check_patterns
+
+        n = self.type_name()
+        for name in ("act_sparsity", "cond_reg"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise RecipeError(f"{n}: {name}={value!r} must be a number >= 0 or null")
+        check_patterns(n, act_layers=self.act_layers, cond_layers=self.cond_layers)
 
     def _check_early_stop(self) -> None:
         from netpress.recover.early_stop import EARLY_STOP_SOURCES
@@ -151,6 +172,15 @@ def train(
     model: nn.Module, ctx: Context, cfg: TrainConfig, loss_fn: LossFn, *, needs_teacher: bool
 ) -> dict[str, Any]:
     """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
+    from netpress.recover.regularizers import training_penalties
+
+    with training_penalties(model, cfg, ctx.masks, loss_fn) as penalised:
+        return _train(model, ctx, cfg, penalised, needs_teacher=needs_teacher)
+
+
+def _train(
+    model: nn.Module, ctx: Context, cfg: TrainConfig, loss_fn: LossFn, *, needs_teacher: bool
+) -> dict[str, Any]:
     name = cfg.type_name()
     data = ctx.require("train", name)
     patience = cfg.early_stop_patience

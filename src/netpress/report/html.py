@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from netpress.report.render import _get, _pct, rows
+from netpress.report.rows import get, notes, pct, rows, step_details
 
 __all__ = ["MAX_CLASS_ROWS", "encode_png", "thumbnails_for", "to_html"]
 
@@ -46,6 +46,9 @@ figcaption{color:#5b6673;font-size:13px}
 .flip img{width:72px;height:72px;image-rendering:pixelated;display:block;margin:0 auto 4px}
 pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:13px}
 .note{color:#8a5a00}
+.warning{border:2px solid #c0392b;background:#fdecea;color:#7b1d12;border-radius:8px;
+  padding:10px 14px;margin:12px 0;font-weight:600}
+.notes{color:#5b6673;font-size:13px}
 """
 
 
@@ -70,11 +73,20 @@ def _table(header: Sequence[str], body: Iterable[Sequence[Any]],
 
 
 def _cards(r: Mapping[str, Any]) -> str:
-    picks = [("agreement", _pct(_get(r, "agreement"))),
-             ("mismatches where the reference was right",
-              _get(r, "fidelity.mismatches_on_reference_correct")),
-             ("worst per-class agreement", _pct(_get(r, "fidelity.worst_class_agreement"))),
-             ("flips / difficulty Spearman ρ", _get(r, "fidelity.long_tail.spearman"))]
+    if isinstance(get(r, "fidelity.cosine"), Mapping):
+        threshold = get(r, "fidelity.threshold")
+        picks: list[tuple[str, Any]] = [
+            ("mean cosine similarity to the reference", _cos(get(r, "fidelity.cosine_mean"))),
+            ("5th-percentile cosine", _cos(get(r, "fidelity.cosine.quantiles.p05"))),
+            (f"rows with cosine ≥ {threshold:g}", pct(get(r, "fidelity.agreement")))]
+    else:
+        picks = [("agreement", pct(get(r, "agreement"))),
+                 ("agreement of the ONNX export in ONNX Runtime",
+                  pct(get(r, "onnx.fidelity.agreement"))),
+                 ("mismatches where the reference was right",
+                  get(r, "fidelity.mismatches_on_reference_correct")),
+                 ("worst per-class agreement", pct(get(r, "fidelity.worst_class_agreement"))),
+                 ("flips / difficulty Spearman ρ", get(r, "fidelity.long_tail.spearman"))]
     out = []
     for label, value in picks:
         if value is None or value == "—":
@@ -82,6 +94,37 @@ def _cards(r: Mapping[str, Any]) -> str:
         shown = f"{value:+.3f}" if isinstance(value, float) else value
         out.append(f'<div class="card"><b>{_e(shown)}</b><span>{_e(label)}</span></div>')
     return f'<div class="cards">{"".join(out)}</div>' if out else ""
+
+
+def _cos(x: Any) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def _warnings(r: Mapping[str, Any]) -> str:
+    return "".join(f'<div class="warning">⚠ {_e(w)}</div>' for w in r.get("warnings") or [])
+
+
+def _notes(r: Mapping[str, Any]) -> str:
+    items = notes(r)
+    return ('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in items) + "</ul>"
+            if items else "")
+
+
+def _cosine_section(fid: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
+    dist = fid.get("cosine")
+    if not isinstance(dist, Mapping):
+        return ""
+    keys = ("min", "p01", "p05", "p25", "median", "p75", "max")
+    q = dist["quantiles"]
+    shares = dist["share_at_least"]
+    return "\n".join([
+        "<h2>Cosine similarity to the reference</h2>",
+        f"<p>Over {_e(fid.get('n'))} output rows (one per input, or per token). The share "
+        f"of rows at or above a threshold depends steeply on the threshold: read it from the "
+        f"distribution, not from one number.</p>",
+        _table(list(keys), [[f"{q[k]:.5f}" for k in keys]]),
+        _table(["rows with cosine ≥", *shares], [["share", *(pct(v) for v in shares.values())]]),
+        _figure(plots, "cosine", _CAPTIONS["cosine"])])
 
 
 def _class_section(fid: Mapping[str, Any]) -> str:
@@ -99,8 +142,8 @@ def _class_section(fid: Mapping[str, Any]) -> str:
         k = c.get("class")
         flips = [churn[key][k] if isinstance(k, int) and key in churn else "—"
                  for key in ("flips_out", "flips_in")]
-        body.append([k, c.get("support"), _pct(c.get("agreement")),
-                     _pct(c.get("reference_accuracy")), _pct(c.get("compressed_accuracy")),
+        body.append([k, c.get("support"), pct(c.get("agreement")),
+                     pct(c.get("reference_accuracy")), pct(c.get("compressed_accuracy")),
                      *flips])
         bad.append(c.get("agreement") is not None and c["agreement"] < 1.0)
     table = _table(["class", "support", "agreement", "ref. accuracy", "comp. accuracy",
@@ -123,6 +166,8 @@ _CAPTIONS = {
                   "top-1 class.",
     "long_tail": "Inputs binned by the reference's difficulty (equal-count bins); the bar is "
                  "the share of inputs whose top-1 prediction flipped.",
+    "cosine": "Cosine similarity of each output row to the reference's; the dashed line is "
+              "the threshold the task was given.",
 }
 
 
@@ -135,15 +180,15 @@ def _long_tail_section(fid: Mapping[str, Any], plots: Mapping[str, bytes]) -> st
                   f"<p>Difficulty proxy: <b>{_e(lt.get('proxy'))}</b> "
                   f"({_e(lt.get('difficulty'))}). Spearman correlation between difficulty "
                   f"and flipping: <b>{_e('n/a' if rho is None else f'{rho:+.3f}')}</b>; "
-                  f"mismatch rate in the easiest bin {_e(_pct(lt.get('mismatch_rate_easiest')))}"
-                  f", in the hardest {_e(_pct(lt.get('mismatch_rate_hardest')))}.</p>",
+                  f"mismatch rate in the easiest bin {_e(pct(lt.get('mismatch_rate_easiest')))}"
+                  f", in the hardest {_e(pct(lt.get('mismatch_rate_hardest')))}.</p>",
                   _figure(plots, "long_tail", _CAPTIONS["long_tail"])]
     if shift:
         parts += ["<h2>Confidence shift</h2>",
                   _table(["mean", "mean |shift|", "p05", "median", "p95", "less confident"],
                          [[f"{shift['mean']:+.4f}", f"{shift['mean_abs']:.4f}",
                            f"{shift['p05']:+.4f}", f"{shift['median']:+.4f}",
-                           f"{shift['p95']:+.4f}", _pct(shift['share_decreased'])]]),
+                           f"{shift['p95']:+.4f}", pct(shift['share_decreased'])]]),
                   _figure(plots, "confidence", _CAPTIONS["confidence"])]
     return "\n".join(parts)
 
@@ -175,8 +220,7 @@ def _steps_section(r: Mapping[str, Any]) -> str:
     if steps:
         items = []
         for s in steps:
-            info = {k: v for k, v in s.items() if k not in ("step", "per_layer_sparsity")}
-            detail = ", ".join(f"{k}={v}" for k, v in info.items())
+            detail = step_details(s)
             items.append(f"<li><b>{_e(s.get('step'))}</b>: {_e(detail)}</li>")
         parts.append("<h2>Steps</h2><ul>" + "".join(items) + "</ul>")
     if r.get("recipe"):
@@ -198,13 +242,15 @@ def to_html(report: Mapping[str, Any], *, thumbnails: Mapping[int, bytes] | None
     version = report.get("netpress_version", "")
     body = ["<h1>netpress compression report</h1>",
             f'<p class="meta">netpress {_e(version)} · task {_e(report.get("task", "—"))}</p>',
-            _cards(report), "<h2>Summary</h2>",
-            _table(["metric", "reference", "compressed", "change"], rows(report))]
+            _warnings(report), _cards(report), "<h2>Summary</h2>",
+            _table(["metric", "reference", "compressed", "change"], rows(report)),
+            _notes(report)]
     if fid is not None:
         if not plots and not have_matplotlib():
             body.append('<p class="note">Plots need matplotlib: '
                         "<code>pip install 'netpress[report]'</code>.</p>")
-        body += [_class_section(fid), _figure(plots, "classes", _CAPTIONS["classes"])]
+        body += [_cosine_section(fid, plots), _class_section(fid),
+                 _figure(plots, "classes", _CAPTIONS["classes"])]
         if "matrix" in plots:
             body += ["<h2>Reference → compressed predictions</h2>",
                      _figure(plots, "matrix", _CAPTIONS["matrix"])]

@@ -12,11 +12,14 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from netpress.report.rows import difficulty_labels
+
 __all__ = [
     "MAX_BAR_CLASSES",
     "MAX_ANNOTATED_CLASSES",
     "class_plot",
     "confidence_plot",
+    "cosine_plot",
     "have_matplotlib",
     "long_tail_plot",
     "matrix_plot",
@@ -118,6 +121,7 @@ def _churn_axes(ax: Any, churn: Mapping[str, Sequence[int]], only: list[int] | N
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if max(out + into, default=0) == 0:
         ax.set_ylim(0, 1)
+        _no_flips(ax)
 
 
 def matrix_plot(matrix: Sequence[Sequence[int]]) -> bytes:
@@ -154,6 +158,8 @@ def matrix_plot(matrix: Sequence[Sequence[int]]) -> bytes:
         ax.set_ylabel("reference prediction")
         off = int(counts.sum() - np.trace(counts))
         ax.set_title(f"Prediction matrix: {off} flips (grey = agreeing)")
+        if off == 0:
+            _no_flips(ax)
         if c <= MAX_ANNOTATED_CLASSES:
             ticks = list(range(c))
             ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -169,16 +175,22 @@ def matrix_plot(matrix: Sequence[Sequence[int]]) -> bytes:
         return _png(fig)
 
 
+def _histogram_figure(edges: Sequence[float], counts: Sequence[int]) -> tuple[Any, Any]:
+    """A figure with one axes holding the bars of a histogram (``edges``: bins + 1)."""
+    fig = _figure(9.0, 4.2)
+    ax = fig.subplots()
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color=_BLUE, edgecolor="white",
+           linewidth=0.5)
+    return fig, ax
+
+
 def confidence_plot(shift: Mapping[str, Any]) -> bytes:
     """Histogram of the change in probability of the reference's top-1 class."""
     edges = list(shift["histogram"]["edges"])
     counts = list(shift["histogram"]["counts"])
     with _style():
-        fig = _figure(9.0, 4.2)
-        ax = fig.subplots()
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], counts, width=widths, align="edge", color=_BLUE,
-               edgecolor="white", linewidth=0.5)
+        fig, ax = _histogram_figure(edges, counts)
         nonzero = [v for v in counts if v > 0]
         if nonzero and max(nonzero) / min(nonzero) > 100:
             ax.set_yscale("log")
@@ -193,32 +205,26 @@ def confidence_plot(shift: Mapping[str, Any]) -> bytes:
         return _png(fig)
 
 
-def _spans(pairs: Sequence[tuple[float, float]]) -> list[str]:
-    """``a–b`` labels, all with the fewest significant digits (2 to 6) that keep every
-    bin's ends apart."""
-    for digits in range(2, 7):
-        labels = [(f"{a:.{digits}g}", f"{b:.{digits}g}") for a, b in pairs]
-        if all(left != right for (left, right), (a, b) in zip(labels, pairs) if a != b):
-            break
-    return [left if left == right else f"{left}–{right}" for left, right in labels]
-
-
-def _range_labels(long_tail: Mapping[str, Any]) -> list[str]:
-    bins = long_tail["bins"]
-    sign = -1.0 if long_tail.get("proxy") == "margin" else 1.0
-    pairs = [(min(sign * lo, sign * hi), max(sign * lo, sign * hi))
-             for lo, hi in zip(bins["low"], bins["high"])]
-    return _spans(pairs)
+def _no_flips(ax: Any, text: str = "no flips: every input kept its top-1 prediction") -> None:
+    """Write ``text`` in the middle of an axes that would otherwise be empty."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=13,
+            color=_GREY, bbox={"boxstyle": "round", "fc": "white", "ec": "#d8dee5"})
 
 
 def long_tail_plot(long_tail: Mapping[str, Any]) -> bytes:
-    """Mismatch rate per difficulty-quantile bin, easiest first, Spearman ρ in the title."""
+    """Mismatch rate per difficulty-quantile bin, easiest first, Spearman ρ in the title.
+
+    The y axis is in percent (tick labels carry the % sign); with no flips at all the axes
+    say so instead of showing empty bars.
+    """
+    from matplotlib.ticker import PercentFormatter
+
     bins = long_tail["bins"]
     rates = [100 * r for r in bins["rate"]]
     proxy = str(long_tail.get("proxy", "difficulty"))
     rho = long_tail.get("spearman")
     rho_text = "n/a" if rho is None else f"{rho:+.3f}"
-    unit = "reference margin (prob.)" if proxy == "margin" else f"reference {proxy}"
+    unit, spans = difficulty_labels(long_tail)
     with _style():
         fig = _figure(9.5, 4.6)
         ax = fig.subplots()
@@ -227,17 +233,48 @@ def long_tail_plot(long_tail: Mapping[str, Any]) -> bytes:
         for i, (hits, n) in enumerate(zip(bins["mismatches"], bins["count"])):
             ax.annotate(f"{hits}/{n}", (i, rates[i]), xytext=(0, 3),
                         textcoords="offset points", ha="center", fontsize=10)
-        ax.set_ylim(0, max(max(rates, default=0.0) * 1.2, 1.0))
-        ax.set_xticks(x, _range_labels(long_tail), rotation=30, ha="right")
-        ax.set_xlabel(f"difficulty bin, easiest → hardest ({unit} range)")
-        ax.set_ylabel("mismatch rate (%)")
+        top = max(rates, default=0.0)
+        ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=None))
+        ax.set_xticks(x, spans, rotation=30, ha="right")
+        ax.set_xlabel(f"difficulty bin, easiest → hardest: {unit}")
+        ax.set_ylabel("inputs whose prediction flipped (%)")
         ax.set_title(f"Mismatches vs difficulty ({proxy}): Spearman ρ = {rho_text}")
+        if sum(bins["mismatches"]) == 0:
+            _no_flips(ax)
+        return _png(fig)
+
+
+def cosine_plot(fidelity: Mapping[str, Any]) -> bytes:
+    """Histogram of an embedding task's row cosines with the task's threshold marked."""
+    dist = fidelity["cosine"]
+    hist = dist["histogram"]
+    edges, counts = list(hist["edges"]), list(hist["counts"])
+    threshold = float(fidelity.get("threshold", 0.99))
+    share = fidelity.get("agreement")
+    with _style():
+        fig, ax = _histogram_figure(edges, counts)
+        label = f"threshold {threshold:g}"
+        if share is not None:
+            label += f": {100 * share:.2f}% of rows at or above"
+        if threshold >= edges[0]:
+            ax.axvline(threshold, color=_ORANGE, ls="--", lw=1.5, label=label)
+        else:  # below the axis: every row shown is above it
+            ax.plot([], [], color=_ORANGE, ls="--", label=f"{label} (left of the axis)")
+        ax.legend(loc="best")
+        below = hist.get("below", 0)
+        ax.set_xlabel("cosine similarity to the reference's output row"
+                      + (f" ({below} rows below {edges[0]:.4g} not shown)" if below else ""))
+        ax.set_ylabel("output rows")
+        median = dist["quantiles"]["median"]
+        ax.set_title(f"Cosine similarity to the reference (median {median:.4f})")
         return _png(fig)
 
 
 def report_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
     """Every plot the report has data for, keyed ``classes``, ``matrix``, ``confidence``,
-    ``long_tail``; empty when matplotlib is missing or the report has no fidelity section."""
+    ``long_tail``, ``cosine``; empty when matplotlib is missing or the report has no
+    fidelity section."""
     fid = report.get("fidelity")
     if not isinstance(fid, Mapping) or not have_matplotlib():
         return {}
@@ -251,4 +288,6 @@ def report_plots(report: Mapping[str, Any]) -> dict[str, bytes]:
         out["confidence"] = confidence_plot(fid["confidence_shift"])
     if fid.get("long_tail"):
         out["long_tail"] = long_tail_plot(fid["long_tail"])
+    if isinstance(fid.get("cosine"), Mapping):
+        out["cosine"] = cosine_plot(fid)
     return out

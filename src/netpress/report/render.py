@@ -6,101 +6,22 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from netpress.report.rows import difficulty_labels, get, notes, pct, rows, step_details
+
 __all__ = ["MAX_MARKDOWN_FLIPS", "headline", "rows", "to_markdown", "print_table"]
 
 #: ``report.md`` lists at most this many flipped inputs (``report.json`` keeps more).
 MAX_MARKDOWN_FLIPS = 50
 
 
-def _get(d: Mapping[str, Any], path: str) -> Any:
-    cur: Any = d
-    for part in path.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def _pct(x: Any) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _num(x: Any) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    if isinstance(x, int) and abs(x) >= 10_000:
-        return f"{x:,}"
-    return str(x)
-
-
-def _ms(x: Any) -> str:
-    return "—" if x is None else f"{x:.3f} ms"
-
-
-def _ratio(a: Any, b: Any) -> str:
-    if not a or not b:
-        return ""
-    return f"{a / b:.2f}×"
-
-
 def headline(r: Mapping[str, Any]) -> dict[str, Any]:
     """The few numbers a person looks at first."""
     keys = ("reference.accuracy", "compressed.accuracy", "agreement",
             "fidelity.mismatches_on_reference_correct", "fidelity.worst_class_agreement",
+            "fidelity.cosine_mean", "onnx.fidelity.agreement",
             "size.reference_bytes", "size.compressed_bytes", "macs.reference",
             "macs.compressed", "latency.reference_ms", "latency.compressed_ms")
-    return {k: _get(r, k) for k in keys if _get(r, k) is not None}
-
-
-def rows(r: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
-    """``(metric, reference, compressed, change)`` rows for the summary table."""
-    g = lambda p: _get(r, p)  # noqa: E731
-    out: list[tuple[str, str, str, str]] = []
-    ra, ca = g("reference.accuracy"), g("compressed.accuracy")
-    if ra is not None or ca is not None:
-        delta = "" if ra is None or ca is None else f"{100 * (ca - ra):+.2f} pts"
-        out.append(("top-1 accuracy", _pct(ra), _pct(ca), delta))
-    if g("agreement") is not None:
-        out.append(("agreement with reference", "100.00%", _pct(g("agreement")), ""))
-    n = g("fidelity.n")
-    if g("fidelity.mismatches") is not None:
-        out.append(("mismatches", "0", f"{g('fidelity.mismatches')} of {n}", ""))
-    if g("fidelity.mismatches_on_reference_correct") is not None:
-        out.append(("  … where reference was right", "0",
-                    str(g("fidelity.mismatches_on_reference_correct")), ""))
-    if g("fidelity.worst_class_agreement") is not None:
-        out.append(("worst per-class agreement", "100.00%",
-                    _pct(g("fidelity.worst_class_agreement")), ""))
-    if g("fidelity.kl_mean") is not None:
-        out.append(("mean KL(ref ‖ compressed)", "0", f"{g('fidelity.kl_mean'):.4g}", ""))
-    rp, cp = g("reference.params"), g("compressed.params")
-    if rp is not None:
-        out.append(("parameters", _num(rp), _num(cp), ""))
-        rn, cn = g("reference.nonzero_params"), g("compressed.nonzero_params")
-        out.append(("non-zero parameters", _num(rn), _num(cn), _ratio(rn, cn) + " fewer"))
-    rb, cb = g("size.reference_bytes"), g("size.compressed_bytes")
-    if rb is not None:
-        out.append(("size on disk (bytes)", _num(rb), _num(cb), _ratio(rb, cb) + " smaller"))
-    rm, cm = g("macs.reference"), g("macs.compressed")
-    if rm is not None:
-        out.append(("MACs (dense)", _num(rm), _num(cm), _ratio(rm, cm) + " fewer"))
-        if g("macs.compressed_sparse") is not None:
-            out.append(("MACs (non-zero weights)", _num(rm), _num(g("macs.compressed_sparse")),
-                        _ratio(rm, g("macs.compressed_sparse")) + " fewer"))
-    if g("latency.reference_ms") is not None:
-        threads = g("latency.threads")
-        out.append((f"latency, batch 1, {threads} thread(s)", _ms(g("latency.reference_ms")),
-                    _ms(g("latency.compressed_ms")),
-                    _ratio(g("latency.reference_ms"), g("latency.compressed_ms")) + " speed"))
-        bs = g("latency.batch_size")
-        if bs and bs != 1 and g("latency.reference_batch_ms") is not None:
-            out.append((f"latency, batch {bs}", _ms(g("latency.reference_batch_ms")),
-                        _ms(g("latency.compressed_batch_ms")),
-                        _ratio(g("latency.reference_batch_ms"),
-                               g("latency.compressed_batch_ms")) + " speed"))
-    return out
+    return {k: get(r, k) for k in keys if get(r, k) is not None}
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -112,23 +33,29 @@ def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
 def to_markdown(r: Mapping[str, Any]) -> str:
     """A readable markdown report: summary, per-class fidelity, steps and recipe."""
     lines = ["# netpress compression report", ""]
+    for warning in r.get("warnings") or []:
+        lines += [f"> **Warning:** {warning}", ""]
     lines += _md_table(["metric", "reference", "compressed", "change"],
                        [list(row) for row in rows(r)])
-    per_class = _get(r, "fidelity.per_class")
+    lines += [""] + [f"- {note}" for note in notes(r)] if notes(r) else []
+    lines += _md_cosine(r)
+    per_class = get(r, "fidelity.per_class")
     if per_class:
         lines += ["", "## Per-class fidelity", ""]
-        body = [[str(c.get("class")), str(c.get("support")), _pct(c.get("agreement")),
-                 _pct(c.get("reference_accuracy")), _pct(c.get("compressed_accuracy"))]
+        body = [[str(c.get("class")), str(c.get("support")), pct(c.get("agreement")),
+                 pct(c.get("reference_accuracy")), pct(c.get("compressed_accuracy"))]
                 for c in per_class]
         lines += _md_table(["class", "support", "agreement", "ref. accuracy",
                             "comp. accuracy"], body)
     lines += _md_disagreement(r)
+    from netpress.report._toolbox import toolbox_markdown  # split/activations/robustness
+
+    lines += toolbox_markdown(r)
     steps = r.get("steps") or []
     if steps:
         lines += ["", "## Steps", ""]
         for s in steps:
-            info = {k: v for k, v in s.items() if k not in ("step", "per_layer_sparsity")}
-            detail = ", ".join(f"{k}={v}" for k, v in info.items())
+            detail = step_details(s)
             lines.append(f"- **{s.get('step')}**: {detail}")
     if r.get("recipe"):
         lines += ["", "## Recipe", "", "```json", json.dumps(r["recipe"], indent=2), "```"]
@@ -138,21 +65,21 @@ def to_markdown(r: Mapping[str, Any]) -> str:
 def _md_disagreement(r: Mapping[str, Any]) -> list[str]:
     """Markdown for the long-tail, confidence-shift and flipped-input sections."""
     lines: list[str] = []
-    lt = _get(r, "fidelity.long_tail")
+    lt = get(r, "fidelity.long_tail")
     if lt:
         rho = lt.get("spearman")
         bins = lt["bins"]
+        unit, spans = difficulty_labels(lt)
         lines += ["", "## Long tail: mismatches vs difficulty", "",
                   f"Difficulty proxy: **{lt.get('proxy')}** ({lt.get('difficulty')}); "
                   f"Spearman ρ(difficulty, flipped) = "
                   f"**{'n/a' if rho is None else f'{rho:+.3f}'}**.", ""]
-        body = [[str(i + 1), f"{lo:.4g} … {hi:.4g}", str(n), str(k), _pct(rate)]
-                for i, (lo, hi, n, k, rate) in enumerate(zip(
-                    bins["low"], bins["high"], bins["count"], bins["mismatches"],
-                    bins["rate"]))]
-        lines += _md_table(["bin (easiest first)", "difficulty", "inputs", "flipped",
+        body = [[str(i + 1), span, str(n), str(k), pct(rate)]
+                for i, (span, n, k, rate) in enumerate(zip(
+                    spans, bins["count"], bins["mismatches"], bins["rate"]))]
+        lines += _md_table(["bin (easiest first)", unit, "inputs", "flipped",
                             "mismatch rate"], body)
-    shift = _get(r, "fidelity.confidence_shift")
+    shift = get(r, "fidelity.confidence_shift")
     if shift:
         lines += ["", "## Confidence shift", "",
                   "Change in the probability of the reference's top-1 class "
@@ -160,8 +87,8 @@ def _md_disagreement(r: Mapping[str, Any]) -> list[str]:
         lines += _md_table(["mean", "mean abs", "p05", "median", "p95", "less confident"],
                            [[f"{shift['mean']:+.4f}", f"{shift['mean_abs']:.4f}",
                              f"{shift['p05']:+.4f}", f"{shift['median']:+.4f}",
-                             f"{shift['p95']:+.4f}", _pct(shift["share_decreased"])]])
-    flipped = _get(r, "fidelity.flipped")
+                             f"{shift['p95']:+.4f}", pct(shift["share_decreased"])]])
+    flipped = get(r, "fidelity.flipped")
     if flipped and flipped.get("count"):
         idx = flipped["indices"][:MAX_MARKDOWN_FLIPS]
         labels = flipped.get("labels") or [None] * len(idx)
@@ -176,10 +103,32 @@ def _md_disagreement(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _md_cosine(r: Mapping[str, Any]) -> list[str]:
+    """Markdown for an embedding task's cosine distribution."""
+    dist = get(r, "fidelity.cosine")
+    if not isinstance(dist, Mapping):
+        return []
+    q = dist["quantiles"]
+    keys = ("min", "p01", "p05", "p25", "median", "p75", "max")
+    lines = ["", "## Cosine similarity to the reference", "",
+             f"Over {get(r, 'fidelity.n')} output rows (one per input, or per token).", ""]
+    lines += _md_table(list(keys), [[f"{q[k]:.5f}" for k in keys]])
+    shares = dist["share_at_least"]
+    lines += [""] + _md_table(["rows with cosine ≥", *shares],
+                              [["share", *(pct(v) for v in shares.values())]])
+    return lines
+
+
 def print_table(r: Mapping[str, Any], console: Any = None) -> None:
-    """Print the summary as a rich table."""
+    """Print the summary as a rich table, warnings above it and notes below."""
     from rich.console import Console
+    from rich.panel import Panel
     from rich.table import Table
+
+    console = console or Console()
+    for warning in r.get("warnings") or []:
+        console.print(Panel(warning, title="warning", border_style="bold red",
+                            style="bold red"))
 
     table = Table(title="netpress: reference vs compressed", title_justify="left")
     for col, justify in (("metric", "left"), ("reference", "right"), ("compressed", "right"),
@@ -187,4 +136,6 @@ def print_table(r: Mapping[str, Any], console: Any = None) -> None:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in rows(r):
         table.add_row(*row)
-    (console or Console()).print(table)
+    console.print(table)
+    for note in notes(r):
+        console.print(f"[dim]{note}[/]")

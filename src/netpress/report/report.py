@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,11 @@ if TYPE_CHECKING:
     from netpress.config import Recipe
     from netpress.context import Context
 
-__all__ = ["Report", "netpress_version"]
+__all__ = ["Report", "ReportWarning", "netpress_version"]
+
+
+class ReportWarning(UserWarning):
+    """A report's warning (e.g. a reference that scores near chance), also in ``warnings``."""
 
 
 def netpress_version() -> str:
@@ -32,7 +37,8 @@ class Report(Mapping[str, Any]):
     """A read-only mapping with the nested ``report.json`` content.
 
     Keys include ``reference``, ``compressed``, ``agreement``, ``fidelity``, ``size``,
-    ``macs``, ``latency``, ``recipe`` and ``steps``; sections that could not be measured
+    ``macs``, ``latency``, ``onnx`` (a quantized model measured in ONNX Runtime),
+    ``warnings``, ``recipe`` and ``steps``; sections that could not be measured
     (no data given) are absent. ``thumbnails`` (not part of the mapping or of
     ``report.json``) maps flipped input indices to PNG bytes for the HTML page.
     """
@@ -46,12 +52,14 @@ class Report(Mapping[str, Any]):
     def build(cls, reference: nn.Module, compressed: nn.Module, *, recipe: Recipe,
               ctx: Context, task: Any = None, measure: bool = True,
               latency_batch_size: int = 32, threads: int = 1,
-              compress_seconds: float = 0.0, thumbnails: bool = True) -> Report:
+              compress_seconds: float = 0.0, thumbnails: bool = True,
+              sections: tuple[str, ...] = ()) -> Report:
         """Measure ``compressed`` against ``reference`` and assemble the report.
 
-        With ``thumbnails`` and image data, the first flipped evaluation inputs are kept as
-        PNG thumbnails for :meth:`to_html` (one more pass over ``ctx.evaluate``, stopping
-        after the last one needed).
+        Each of the report's ``warnings`` (e.g. a reference near chance) is also issued as
+        a :class:`ReportWarning`. With ``thumbnails`` and image data, the first flipped
+        evaluation inputs are kept as PNG thumbnails for :meth:`to_html` (one more pass over
+        ``ctx.evaluate``, stopping after the last one needed).
         """
         data: dict[str, Any] = {
             "netpress_version": netpress_version(),
@@ -68,6 +76,14 @@ class Report(Mapping[str, Any]):
                 reference, compressed, data=ctx.evaluate, example_inputs=ctx.example_inputs,
                 task=task, device=ctx.device, latency_batch_sizes=(1, latency_batch_size),
                 threads=threads, artefact_bytes=artefact, progress=ctx.progress))
+            from netpress.measure.sections import extra_sections  # split/activations/robustness
+
+            data.update(extra_sections(reference, compressed, recipe=recipe,
+                                       evaluate=ctx.evaluate, train=ctx.train,
+                                       example_inputs=ctx.example_inputs, requested=sections,
+                                       threads=threads))
+        for text in data.get("warnings") or []:
+            warnings.warn(text, ReportWarning, stacklevel=3)
         thumbs: dict[int, bytes] = {}
         flipped = (data.get("fidelity") or {}).get("flipped")
         if thumbnails and flipped and flipped.get("indices") and ctx.evaluate is not None:

@@ -23,6 +23,7 @@ from netpress.search.objectives import (
 )
 from netpress.search.pareto import pareto_front, pareto_indices
 from netpress.search.result import SearchResult
+from netpress.search.rl import RL
 from netpress.search.runner import search
 from netpress.search.space import Choice, LayerwiseSpace, Range, RecipeSpace, Step, load_space
 from netpress.search.strategies import GP, TPE, Knapsack, RandomSearch, make_strategy
@@ -47,6 +48,7 @@ __all__ = [
     "TPE",
     "RandomSearch",
     "Knapsack",
+    "RL",
     "make_strategy",
     "Evaluator",
     "TrialOutcome",

@@ -108,15 +108,25 @@ def _thin(values: list[Any], points: int) -> list[Any]:
 
 
 def measure_table(model: nn.Module, space: LayerwiseSpace, inputs: Sequence[Any], *,
-                  points: int = 8) -> SensitivityTable:
-    """Pruning and quantization sensitivity of every group of ``space`` on ``inputs``."""
+                  points: int = 8, progress: bool = False) -> SensitivityTable:
+    """Pruning and quantization sensitivity of every group of ``space`` on ``inputs``;
+    ``progress`` prints a status line and, on a terminal, a progress bar over the probes."""
+    from netpress._progress import progress_bar, progress_enabled
+
     s_opts = _thin([s for s in _values(space.sparsity, points) if s is not None], points)
     b_opts = [b for b in _values(space.bits, points) if b is not None]
-    prune = group_sensitivity(model, inputs, space.groups, s_opts, prune_weight) \
-        if s_opts else {}
-    quant = group_sensitivity(
-        model, inputs, space.groups, b_opts,
-        lambda w, b: quantize_weight(w, int(b), space.weight_observer)) if b_opts else {}
+    probes = len(space.groups) * (len(s_opts) + len(b_opts))
+    if progress:
+        print(f"search: measuring the sensitivity of {len(space.groups)} layer group(s) to "
+              f"{len(s_opts)} sparsities and {len(b_opts)} bit widths ({probes} probes) …",
+              flush=True)
+    with progress_bar(probes, "sensitivity probes", progress and progress_enabled(None)) as bar:
+        prune = group_sensitivity(model, inputs, space.groups, s_opts, prune_weight,
+                                  advance=bar) if s_opts else {}
+        quant = group_sensitivity(
+            model, inputs, space.groups, b_opts,
+            lambda w, b: quantize_weight(w, int(b), space.weight_observer),
+            advance=bar) if b_opts else {}
     return SensitivityTable(prune, quant)
 
 

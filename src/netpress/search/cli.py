@@ -19,14 +19,29 @@ EXAMPLE = ("netpress search --model cifar_resnet20 --weights resnet20.th "
            "--trials 10 --out search-out")
 
 
+def _epilog() -> str:
+    import textwrap
+
+    from netpress._cli_specs import DATA_FORM
+
+    paragraphs = (
+        "CONSTRAINT: agreement>=X, accuracy_drop<=X, class_agreement>=X",
+        "SPACE: per-layer, grouped (by top-level block), global, or a recipe file with "
+        "{range: [lo, hi]} / {choice: [...]} values",
+        "MODEL: a built-in name (see `netpress models`), a .npress file, or "
+        "package.module:factory (imported from the current directory first)",
+        "DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR, or package.module:factory "
+        f"returning {DATA_FORM}")
+    body = "\n".join(textwrap.fill(p, width=79, subsequent_indent="  ") for p in paragraphs)
+    return f"example:\n  {EXAMPLE}\n{body}"
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``search`` subcommand to an ``argparse`` subparsers object."""
     s = subparsers.add_parser(
         "search", help="search per-layer pruning/quantization settings for an objective under "
         "fidelity constraints", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"example:\n  {EXAMPLE}\nCONSTRAINT: agreement>=X, accuracy_drop<=X, "
-        "class_agreement>=X\nSPACE: per-layer, grouped (by top-level block), global, or a "
-        "recipe file with {range: [lo, hi]} / {choice: [...]} values")
+        epilog=_epilog())
     s.add_argument("--model", required=True, metavar="MODEL")
     s.add_argument("--weights", help="state dict to load into MODEL")
     s.add_argument("--data", required=True, metavar="DATA")
@@ -36,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="repeatable (default: agreement>=0.99)")
     s.add_argument("--trials", type=int, default=10)
     s.add_argument("--strategy", default="auto",
-                   choices=("auto", "gp", "tpe", "random", "knapsack", "gp+knapsack"),
+                   choices=("auto", "gp", "tpe", "random", "knapsack", "gp+knapsack", "rl"),
                    help="auto: gp+knapsack on per-layer spaces, gp on recipe spaces")
     s.add_argument("--space", default="per-layer", metavar="SPACE")
     s.add_argument("--sparsity", default="0.0:0.9:0.05", help="LO:HI[:STEP] per layer "
@@ -131,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from netpress.recover.methods import Distill
     from netpress.search.runner import search
 
+    print(f"search: loading the model {args.model} and the data {args.data} …", flush=True)
     model = resolve_model(args.model, args.weights)
     data = resolve_data(args.data, batch_size=args.batch_size, seed=args.seed)
     if data.get("evaluate") is None:

@@ -142,17 +142,17 @@ def _ask(study: optuna.Study, strategy: Strategy, ctx: StrategyContext,
 
 
 def _prepare_table(strategy: Strategy, study: optuna.Study, ctx: StrategyContext,
-                   table: Any) -> None:
+                   table: Any, progress: bool = False) -> None:
     from netpress.search.allocation import SensitivityTable, measure_table
 
-    if not needs_table(strategy):
+    if not needs_table(strategy, ctx.space):
         return
     if table is not None:
         ctx.table = table
     elif "sensitivity" in study.user_attrs:
         ctx.table = SensitivityTable.from_dict(study.user_attrs["sensitivity"])
     else:
-        ctx.table = measure_table(ctx.model, ctx.space, ctx.inputs)
+        ctx.table = measure_table(ctx.model, ctx.space, ctx.inputs, progress=progress)
     study.set_user_attr("sensitivity", ctx.table.to_dict())
 
 
@@ -219,9 +219,12 @@ def search(
         print(f"search: resumed; {requeued} interrupted trial(s) queued again")
     ctx = StrategyContext(space=space, model=evaluator.model,
                           inputs=evaluator.inputs[:sensitivity_batches])
-    _prepare_table(strat, study, ctx, table)
+    _prepare_table(strat, study, ctx, table, progress)
     dists = {k: to_distribution(v) for k, v in space.params.items()}
     evaluator.reference_outputs()
+    if progress:
+        print(f"search: {trials} trial(s) with strategy {strat.name}; a line per finished "
+              f"trial …", flush=True)
     started = time.perf_counter()
     if ray_address is not None:
         from netpress.search._ray import run_ray
@@ -236,6 +239,8 @@ def search(
                           constraints=[constraint_label(c) for c in cons], strategy=strat.name,
                           seed=seed, trials=records, seconds=elapsed,
                           sensitivity=None if ctx.table is None else ctx.table.to_dict())
+    if progress and result.best_trial is not None:
+        print("search: rebuilding and verifying the best configuration …", flush=True)
     _finish(result, space, evaluator, final_recovery, verify, chunk)
     return result
 

@@ -48,9 +48,11 @@ def quantize_weight(w: torch.Tensor, bits: int, observer: str = "mse") -> torch.
 def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
                       groups: Mapping[str, Sequence[str]], options: Sequence[Any],
                       transform: Callable[[torch.Tensor, Any], torch.Tensor],
+                      advance: Callable[[], None] | None = None,
                       ) -> dict[str, dict[str, dict[str, float]]]:
     """``{group: {str(option): {"error": ..., "agreement": ...}}}`` with only that group's
-    layers transformed by ``transform(weight, option)`` (e.g. :func:`prune_weight`)."""
+    layers transformed by ``transform(weight, option)`` (e.g. :func:`prune_weight`);
+    ``advance()`` is called after each probe (a progress bar's)."""
     batches = list(inputs)
     out: dict[str, dict[str, dict[str, float]]] = {}
     with evaluating(model):
@@ -71,6 +73,8 @@ def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
                     approx = outputs_on(model, batches)
                     out[g][str(opt)] = {"error": relative_error(reference, approx),
                                         "agreement": float(top1_agreement(reference, approx))}
+                    if advance is not None:
+                        advance()
             finally:
                 with torch.no_grad():
                     for n, w in weights.items():

@@ -9,9 +9,10 @@ A strategy gives the search loop (:mod:`netpress.search.runner`) two things:
   proposes this way, alone or as a warm start of the Bayesian search.
 
 Strategies: :class:`GP` (constrained Bayesian optimisation, Optuna's GPSampler),
-:class:`TPE`, :class:`RandomSearch` and :class:`Knapsack` (bisection over the error budget
-of :func:`netpress.search.allocation.allocate`). ``make_strategy("gp+knapsack")`` is the GP
-warm-started by three knapsack allocations.
+:class:`TPE`, :class:`RandomSearch`, :class:`Knapsack` (bisection over the error budget
+of :func:`netpress.search.allocation.allocate`) and :class:`~netpress.search.rl.RL`
+(policy-gradient search with per-layer actions and a reward at every step).
+``make_strategy("gp+knapsack")`` is the GP warm-started by three knapsack allocations.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Strategy", "StrategyContext", "Proposal", "GP", "TPE", "RandomSearch", "Knapsack",
            "make_strategy", "STRATEGIES", "constraint_values"]
 
-STRATEGIES = ("gp", "tpe", "random", "knapsack", "gp+knapsack")
+STRATEGIES = ("gp", "tpe", "random", "knapsack", "gp+knapsack", "rl")
 
 
 def constraint_values(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
@@ -203,14 +204,23 @@ def make_strategy(spec: str | Strategy) -> Strategy:
     """A strategy by name (``STRATEGIES``) or as given."""
     if not isinstance(spec, str):
         return spec
+    from netpress.search.rl import RL
+
     table: dict[str, Strategy] = {"gp": GP(), "tpe": TPE(), "random": RandomSearch(),
                                   "knapsack": Knapsack(),
-                                  "gp+knapsack": GP(warm_start=3, name="gp+knapsack")}
+                                  "gp+knapsack": GP(warm_start=3, name="gp+knapsack"),
+                                  "rl": RL()}
     if spec not in table:
         raise RecipeError(f"unknown search strategy {spec!r}; choose one of {STRATEGIES}")
     return table[spec]
 
 
-def needs_table(strategy: Strategy) -> bool:
-    """Whether the strategy proposes knapsack allocations (so sensitivities are measured)."""
+def needs_table(strategy: Strategy, space: Any = None) -> bool:
+    """Whether the strategy reads measured sensitivities: knapsack allocations always, the
+    RL strategy's step rewards on a :class:`~netpress.search.space.LayerwiseSpace`."""
+    from netpress.search.rl import RL
+    from netpress.search.space import LayerwiseSpace
+
+    if isinstance(strategy, RL):
+        return isinstance(space, LayerwiseSpace)
     return isinstance(strategy, Knapsack) or (isinstance(strategy, GP) and strategy.warm_start > 0)

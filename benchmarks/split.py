@@ -1,0 +1,143 @@
+"""Split computing on the pretrained CIFAR-10 ResNet-56: bytes sent per image vs the JPEG.
+
+Each configuration ``AT:CHANNELS:STRIDE:BITS[:RATE]`` runs netpress's ``Split`` (BottleFit's
+two stages: head distillation, then output distillation with the device side frozen) on
+JPEG train images, then measures on the JPEG test images:
+
+* bytes the device sends per image: its uint8 codes, one zstd frame per image, without and
+  with a zstd dictionary trained on codes of 2,000 train images (shipped once, not per image);
+* the image's own JPEG file bytes (the files the data set ships) and PNG bytes of its pixels;
+* agreement of the split model with the original on the JPEG test images, accuracy on the
+  1,017 lossless test images;
+* MACs of the device part vs the whole original, and their latency at batch 1 (1 thread,
+  interleaved rounds; the machine is shared, so timings are noisy).
+
+    python benchmarks/split.py --data ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import accuracy, agreement, data_dir, logits, markdown_table, write_json
+
+import netpress as npr
+from netpress import datasets as ds
+from netpress.measure import count_macs, measure_latency_interleaved
+from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+from netpress.report.html import encode_png
+from netpress.split import codes_of, save_split, train_dictionary, transmitted_bytes
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _jpeg_test_bytes(root: Path, n: int) -> np.ndarray:
+    arrays = np.load(root / "cifar10" / "cifar10_jpeg_bytes.npz")
+    return np.diff(arrays["test_offsets"])[:n]
+
+
+def _png_bytes(root: Path, n: int) -> np.ndarray:
+    x = np.load(root / "cifar10" / "cifar10_jpeg_test.npz")["x_test"][:n]
+    return np.array([len(encode_png(img)) for img in x])
+
+
+def _parse(spec: str) -> dict[str, Any]:
+    parts = spec.split(":")
+    at, channels, stride, bits = parts[0], int(parts[1]), int(parts[2]), int(parts[3])
+    rate = float(parts[4]) if len(parts) > 4 else 0.0
+    return {"at": at, "channels": channels, "stride": stride, "bits": bits, "rate": rate}
+
+
+def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, test: Any,
+        exact: Any, ref_out: torch.Tensor, jpeg: np.ndarray) -> dict[str, Any]:
+    cfg = npr.Split(**_parse(spec), stage1_steps=args.stage1, stage2_steps=args.stage2,
+                    lr=args.lr, train_head=not args.frozen_head)
+    t0 = time.perf_counter()
+    split = npr.compress(ref, cfg, train=ds.loader(train, 64, shuffle=True),
+                         measure=False).model
+    train_s = time.perf_counter() - t0
+    codes = codes_of(split, ds.loader(test, 500))
+    dictionary = train_dictionary(codes_of(split, ds.loader(train, 500), 4))
+    plain, with_dict = transmitted_bytes(codes), transmitted_bytes(codes, dictionary)
+    x1 = test.tensors[0][:1]
+    device = split.device_part().eval()
+    dev_t, ref_t = measure_latency_interleaved([device, ref], x1, batch_sizes=(1,),
+                                               repeats=30)
+    folder = RESULTS / "split_models" / spec.replace(":", "_")
+    paths = save_split(split, folder, x1, recipe=npr.Recipe((cfg,)).to_dict())
+    row = {"config": cfg.to_dict(), "spec": spec, "train_seconds": round(train_s, 1),
+           "agreement_jpeg": agreement(logits(split, test), ref_out),
+           "accuracy_exact": accuracy(logits(split, exact), exact.tensors[1]),
+           "code_values": int(codes[0].size), "code_shape": list(codes[0].shape),
+           "bytes_mean": float(plain.mean()), "bytes_dict_mean": float(with_dict.mean()),
+           "bytes_dict_p95": float(np.percentile(with_dict, 95)),
+           "dictionary_bytes": len(dictionary), "jpeg_mean": float(jpeg.mean()),
+           "reduction_vs_jpeg": float(jpeg.mean() / with_dict.mean()),
+           "reduction_vs_jpeg_no_dict": float(jpeg.mean() / plain.mean()),
+           "device_macs": count_macs(device, x1), "reference_macs": count_macs(ref, x1),
+           "device_ms": dev_t[1].median_ms, "reference_ms": ref_t[1].median_ms,
+           "artefact_bytes": {k: Path(v).stat().st_size for k, v in paths.items()}}
+    print({k: v for k, v in row.items() if k != "config"}, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data")
+    p.add_argument("--configs", nargs="+", default=["layer2:8:2:4:0.01", "layer2:4:2:4:0.03"],
+                   help="AT:CHANNELS:STRIDE:BITS[:RATE] per run")
+    p.add_argument("--stage1", type=int, default=400)
+    p.add_argument("--stage2", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--frozen-head", action="store_true", help="stage 1 trains only the encoder")
+    p.add_argument("--train-images", type=int, default=20000)
+    p.add_argument("--test-images", type=int, default=10000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS / "split.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = data_dir(args.data)
+    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root)).eval()
+    train = ds.cifar10_jpeg_train(root, limit=args.train_images)
+    test = ds.cifar10_jpeg_test(root, limit=args.test_images)
+    exact = ds.cifar10_exact_test(root)
+    ref_out = logits(ref, test)
+    jpeg = _jpeg_test_bytes(root, len(test))
+    png = _png_bytes(root, len(test))
+    rows = [run(s, args, ref, train, test, exact, ref_out, jpeg) for s in args.configs]
+    payload = {"model": "resnet56 (akamaster)", "train_images": args.train_images,
+               "test_images": len(test), "stage1_steps": args.stage1,
+               "stage2_steps": args.stage2, "batch": 64, "lr": args.lr,
+               "train_head": not args.frozen_head, "jpeg_mean_bytes": float(jpeg.mean()),
+               "png_mean_bytes": float(png.mean()),
+               "reference_accuracy_exact": accuracy(logits(ref, exact), exact.tensors[1]),
+               "threads": args.threads, "rows": rows}
+    body = [[r["spec"], "×".join(map(str, r["code_shape"])), f"{r['bytes_mean']:.1f}",
+             f"{r['bytes_dict_mean']:.1f}", f"{r['reduction_vs_jpeg']:.1f}×",
+             f"{100 * r['agreement_jpeg']:.2f}", f"{100 * r['accuracy_exact']:.2f}",
+             f"{100 * r['device_macs'] / r['reference_macs']:.1f}%",
+             f"{r['device_ms']:.2f} / {r['reference_ms']:.2f}", f"{r['train_seconds']:.0f}"]
+            for r in rows]
+    table = markdown_table(["config (at:ch:stride:bits:rate)", "codes", "bytes/img",
+                            "bytes/img (dict)", "vs JPEG", "agreement % (JPEG)",
+                            "accuracy % (lossless)", "device MACs", "device / full ms (b1)",
+                            "train s"], body)
+    payload["table"] = table
+    write_json(args.out, payload)
+    args.out.with_suffix(".md").write_text(
+        f"JPEG test images: {jpeg.mean():.1f} bytes on average; PNG: {png.mean():.1f}\n\n"
+        + table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Split computing: cut a model into a device head and a server tail with a trained bottleneck.
+
+>>> import netpress as npr
+>>> res = npr.compress(model, npr.Split(at="layer2", channels=4, bits=8),
+...                    train=loader, evaluate=test_loader)              # doctest: +SKIP
+>>> from netpress.split import save_split
+>>> save_split(res.model, "out/", example_inputs=x)  # .npress and .onnx  # doctest: +SKIP
+
+* :mod:`~netpress.split.cut`: where and how a model is cut (``torch.fx``);
+* :mod:`~netpress.split.bottleneck`: encoder, integer codes, decoder;
+* :mod:`~netpress.split.method`: the ``Split`` method (BottleFit's two training stages);
+* :mod:`~netpress.split.measure`: bytes per input after entropy coding, device MACs/latency;
+* :mod:`~netpress.split.export`: the device and server artefacts and ONNX files.
+"""
+
+from netpress.split.bottleneck import Bottleneck, build_bottleneck, quantize_ste
+from netpress.split.cut import Cut, cut_model, resolve_cut
+from netpress.split.export import save_split
+from netpress.split.measure import (
+    codes_of,
+    image_png_bytes,
+    split_section,
+    train_dictionary,
+    transmitted_bytes,
+)
+from netpress.split.method import Split
+from netpress.split.model import DevicePart, ServerPart, SplitModel, find_split
+
+__all__ = [
+    "Split",
+    "SplitModel",
+    "DevicePart",
+    "ServerPart",
+    "Bottleneck",
+    "Cut",
+    "build_bottleneck",
+    "codes_of",
+    "cut_model",
+    "find_split",
+    "image_png_bytes",
+    "quantize_ste",
+    "resolve_cut",
+    "save_split",
+    "split_section",
+    "train_dictionary",
+    "transmitted_bytes",
+]

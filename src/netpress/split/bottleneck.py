@@ -1,0 +1,114 @@
+"""The learned bottleneck of split computing: encoder, integer codes, decoder.
+
+The encoder reduces the cut tensor to ``channels`` channels (and, for image-like maps, by
+``stride`` in space), ending in a BatchNorm whose affine maps values onto the code grid.
+:func:`quantize_ste` turns them into integer codes ``q = clamp(round(z), 0, 2^bits - 1)`` (the
+tensor the device sends) with a straight-through gradient inside the range, and hands the
+decoder ``q / (2^bits - 1)``. The decoder rebuilds a tensor of the cut tensor's shape. The
+grid is fixed (unit step), so no scale travels with the codes and the ONNX graph of the head
+ends in ``Round``/``Clip``.
+
+Maps of rank 4 (N, C, H, W) use convolutions; rank 2 (N, C) and rank 3 (N, L, C) use Linear
+layers on the last dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from netpress.errors import ModelError
+
+__all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck"]
+
+
+def code_max(bits: int) -> int:
+    """The largest code of ``bits``-bit unsigned codes."""
+    return 2 ** bits - 1
+
+
+def quantize_ste(z: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``clamp(round(z), 0, qmax)`` forward; gradient 1 where ``0 <= z <= qmax``, else 0."""
+    clipped = torch.clamp(z, 0.0, float(qmax))
+    return clipped + (torch.round(clipped) - clipped).detach()
+
+
+class CodeQuant(nn.Module):
+    """Integer codes of the bottleneck, returned scaled to ``[0, 1]`` (``q / qmax``)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmax = code_max(bits)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return quantize_ste(z, self.qmax) / self.qmax
+        return torch.clamp(torch.round(z), 0.0, float(self.qmax)) / self.qmax
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class Bottleneck(nn.Module):
+    """``decoder(quant(encoder(x)))``, cropped back to the cut tensor's spatial size."""
+
+    def __init__(self, encoder: nn.Module, quant: CodeQuant, decoder: nn.Module,
+                 size: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.encoder, self.quant, self.decoder = encoder, quant, decoder
+        self.size = tuple(size)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The transmitted integer codes (float tensor of whole numbers)."""
+        return torch.round(self.quant(self.encoder(x)) * self.quant.qmax)
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """Rebuild the cut tensor from codes ``q`` (whole numbers in ``[0, qmax]``)."""
+        return self._crop(self.decoder(q / self.quant.qmax))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._crop(self.decoder(self.quant(self.encoder(x))))
+
+    def _crop(self, y: torch.Tensor) -> torch.Tensor:
+        if len(self.size) == 2:  # a strided encoder rounds odd sizes up
+            y = y[:, :, : self.size[0], : self.size[1]]
+        return y
+
+
+def _norm_init(bn: nn.Module, qmax: int) -> None:
+    """Start the pre-quantization affine so the codes spread over the grid."""
+    with torch.no_grad():
+        bn.weight.fill_(qmax / 6.0)  # type: ignore[operator]
+        bn.bias.fill_(qmax / 4.0)  # type: ignore[operator]
+
+
+def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
+                     hidden: int | None = None) -> Bottleneck:
+    """A bottleneck for cut tensors of ``shape`` (batch dimension included)."""
+    qmax = code_max(bits)
+    if len(shape) == 4:
+        c, h, w = shape[1], shape[2], shape[3]
+        mid = hidden or c
+        enc_bn: nn.Module = nn.BatchNorm2d(channels)
+        encoder = nn.Sequential(
+            nn.Conv2d(c, mid, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(mid),
+            nn.ReLU(), nn.Conv2d(mid, channels, 1, bias=False), enc_bn)
+        up: nn.Module = (nn.ConvTranspose2d(channels, mid, 2 * stride, stride=stride,
+                                            padding=stride // 2, bias=False)
+                         if stride > 1 else nn.Conv2d(channels, mid, 3, padding=1, bias=False))
+        decoder = nn.Sequential(up, nn.BatchNorm2d(mid), nn.ReLU(),
+                                nn.Conv2d(mid, c, 3, padding=1))
+        size: tuple[int, ...] = (h, w)
+    elif len(shape) in (2, 3):
+        c = shape[-1]
+        mid = hidden or c
+        enc_bn = nn.LayerNorm(channels)
+        encoder = nn.Sequential(nn.Linear(c, mid), nn.ReLU(), nn.Linear(mid, channels), enc_bn)
+        decoder = nn.Sequential(nn.Linear(channels, mid), nn.ReLU(), nn.Linear(mid, c))
+        size = ()
+    else:
+        raise ModelError(f"Split: the tensor at the cut has shape {tuple(shape)}; a bottleneck "
+                         f"needs (N, C), (N, L, C) or (N, C, H, W)")
+    _norm_init(enc_bn, qmax)
+    return Bottleneck(encoder, CodeQuant(bits), decoder, size)

@@ -1,0 +1,174 @@
+"""``Split``: split computing with a learned, quantized bottleneck (BottleFit's two stages).
+
+The model is cut after module ``at`` (:mod:`netpress.split.cut`); a bottleneck encoder and
+decoder (:mod:`netpress.split.bottleneck`) is inserted there, and trained in two stages as in
+BottleFit (Matsubara et al., 2022):
+
+1. **head distillation**: the head (unless ``train_head=False``) and the bottleneck learn to
+   reproduce the *original* head's output at the cut (mean squared error), with the tail
+   untouched;
+2. **output distillation**: the head and encoder are frozen (the device side is final) and
+   the decoder and tail are fine-tuned to the original model's outputs (soft targets at
+   ``temperature``, plus labels with weight ``1 - alpha``).
+
+``rate`` adds an L1 penalty on the codes (the same term as the recoveries'
+``act_sparsity``, on the bottleneck's output) that pushes them towards small values, which
+the entropy coder then sends in fewer bytes. Both stages run the shared recovery loop, so
+pruning masks set before the split stay applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netpress._inputs import call_model, primary_output, take_batch
+from netpress.config import MethodConfig, check_fraction
+from netpress.context import Context
+from netpress.data import first_batch
+from netpress.errors import ModelError, RecipeError
+from netpress.recover.loop import OPTIMIZERS, TrainConfig, train
+from netpress.recover.losses import distillation_loss, feature_mse
+from netpress.registry import register
+from netpress.split.bottleneck import build_bottleneck
+from netpress.split.cut import cut_model, resolve_cut
+from netpress.split.model import SplitModel
+
+__all__ = ["Split"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Split(MethodConfig):
+    """Cut the model after module ``at`` and insert a trained, quantized bottleneck.
+
+    ``at``: a module name, or a ``re:`` pattern (the first matching module, in forward order,
+    where the model can be cut). ``channels``: channels of the transmitted tensor; ``bits``
+    (2..8): bits per transmitted value; ``stride``: spatial downsampling of the encoder for
+    image-like maps; ``hidden``: width of the encoder/decoder (default: the cut tensor's
+    channels). ``stage1_steps`` / ``stage2_steps``: optimizer steps of the two training stages
+    (batches of the ``train`` data), at ``lr`` with ``optimizer`` and a cosine schedule.
+    """
+
+    at: str = "re:.*"
+    channels: int = 8
+    bits: int = 8
+    stride: int = 2
+    hidden: int | None = None
+    stage1_steps: int = 200
+    stage2_steps: int = 200
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    rate: float = 0.0
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        n = self.type_name()
+        if not isinstance(self.at, str) or not self.at:
+            raise RecipeError(f"{n}: at={self.at!r} must name a module or be a 're:' pattern")
+        _positive_ints(self, ("channels", "stride", "stage1_steps", "stage2_steps"))
+        if self.hidden is not None:
+            _positive_ints(self, ("hidden",))
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
+                or not 2 <= self.bits <= 8:
+            raise RecipeError(f"{n}: bits={self.bits!r} must be an int in [2, 8]")
+        for name in ("lr", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise RecipeError(f"{n}: {name}={v!r} must be a number > 0")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
+                or self.rate < 0:
+            raise RecipeError(f"{n}: rate={self.rate!r} must be a number >= 0")
+        check_fraction(n, "alpha", self.alpha, hi_open=False)
+        if self.optimizer not in OPTIMIZERS:
+            raise RecipeError(f"{n}: optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if not isinstance(self.train_head, bool):
+            raise RecipeError(f"{n}: train_head must be true or false")
+
+
+def _positive_ints(cfg: Split, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RecipeError(f"{cfg.type_name()}: {name}={v!r} must be an int >= 1")
+
+
+def _stage_config(cfg: Split, steps: int, rate: float) -> TrainConfig:
+    return TrainConfig(max_steps=steps, lr=cfg.lr, optimizer=cfg.optimizer,
+                       act_sparsity=rate or None,
+                       act_layers=("bottleneck.quant",) if rate else ())
+
+
+@contextlib.contextmanager
+def _freeze(model: SplitModel | nn.Module, parts: list[str]) -> Iterator[None]:
+    """No gradients into ``parts`` and BatchNorm statistics kept, for one training stage."""
+    modules = [model.get_submodule(p) for p in parts]
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    model.frozen = tuple(parts)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        model.frozen = ()  # type: ignore[union-attr]
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _head_loss(out: torch.Tensor, ref: torch.Tensor | None,
+               _labels: torch.Tensor | None) -> torch.Tensor:
+    if ref is None or ref.shape != out.shape:
+        raise ModelError(f"Split: the original model's tensor at the cut has shape "
+                         f"{None if ref is None else tuple(ref.shape)}, the model's has "
+                         f"{tuple(out.shape)}; split before changing the layers at the cut")
+    return feature_mse(out, ref)
+
+
+@register(Split, kind="other", needs=("train",))
+def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
+    if ctx.schedules:
+        raise RecipeError("Split: a pruning ramp (schedule='cubic') is still open; add its "
+                          "recovery step before Split")
+    example = take_batch(first_batch(ctx.require("train", cfg.type_name()), name="train")[0], 2)
+    at = resolve_cut(model, cfg.at)
+    cut, teacher = cut_model(model, at), cut_model(ctx.reference, at)
+    with torch.no_grad():
+        shape = tuple(primary_output(call_model(cut.head.eval(), example)).shape)
+    bottleneck = build_bottleneck(shape, cfg.channels, cfg.bits, stride=cfg.stride,
+                                  hidden=cfg.hidden).to(ctx.device)
+    split = SplitModel(cut.head, bottleneck, cut.tail, at=at)
+    names = {id(p): n for n, p in split.named_parameters()}
+    ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()
+                 if id(model.get_parameter(k)) in names}
+    front = split.front()
+    head_ctx = ctx.fork(reference=teacher.head.eval())
+    head_ctx.masks = {k: m for k, m in ctx.masks.items() if k.startswith("head.")}
+    with _freeze(front, [] if cfg.train_head else ["head"]):
+        stage1 = train(front, head_ctx, _stage_config(cfg, cfg.stage1_steps, cfg.rate),
+                       _head_loss, needs_teacher=True)
+
+    def output_loss(out: torch.Tensor, ref: torch.Tensor | None,
+                    labels: torch.Tensor | None) -> torch.Tensor:
+        assert ref is not None
+        return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
+
+    with _freeze(split, ["head", "bottleneck.encoder"]):
+        stage2 = train(split, ctx, _stage_config(cfg, cfg.stage2_steps, 0.0), output_loss,
+                       needs_teacher=True)
+    split.eval()
+    ctx.record(cfg.type_name(), at=at, cut_shape=list(shape[1:]),
+               code_shape=_code_shape(split, example), bits=cfg.bits,
+               stage1=stage1, stage2=stage2)
+    return split
+
+
+def _code_shape(split: SplitModel, example: Any) -> list[int]:
+    with torch.no_grad():
+        codes = split.device_part().eval()(example)
+    return list(codes.shape[1:])

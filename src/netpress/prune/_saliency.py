@@ -172,8 +172,9 @@ def _obs(model: nn.Module, graph: ChannelGraph, cfg: StructuredPrune,
     """Group-OBS scores (:mod:`netpress.reconstruct.channels`) on the calibration data (else
     ``calibration_batches`` of the training data); L2 where a group has no reader to judge."""
     if ctx is None:
-        raise DataError("importance='obs' needs calibration data")
+        raise DataError(f"{cfg.type_name()}(importance='obs') needs `calibration=` data; "
+                        "pass it to compress()")
     data = ctx.calibration if ctx.calibration is not None \
-        else [b for b in _batches(ctx, cfg.calibration_batches)]
+        else list(_batches(ctx, cfg.calibration_batches, cfg.type_name()))
     fallback = group_scores(model, graph, dataclasses.replace(cfg, importance="l2"), ctx)
     return [f if s is None else s for f, s in zip(fallback, obs_scores(model, graph, data))]

@@ -127,7 +127,9 @@ def _solver(original: nn.Module, fits: dict[str, LayerFit], damp: float,
             w = w[fit.rows]
         if isinstance(bias, torch.Tensor):
             assert stats.mean is not None and stats.orig_mean is not None
-            b_o = ref.bias.detach().double()
+            ref_bias = getattr(ref, "bias", None)
+            assert isinstance(ref_bias, torch.Tensor)
+            b_o = ref_bias.detach().double()
             b_o = b_o if fit.rows is None else b_o[fit.rows]
             h, m = with_bias(h, m, stats.mean[0], stats.orig_mean[0])
             w = torch.cat([w, b_o[:, None]], 1)

@@ -89,7 +89,10 @@ class StructuredPrune(MethodConfig):
     many prune-rescore rounds.
     ``reconstruct``: with ``calibration`` data, refit by least squares every layer that reads
     removed channels so its outputs match the unpruned model's
-    (:mod:`netpress.reconstruct.structured`).
+    (:mod:`netpress.reconstruct.structured`); ``refit_scope``: ``consumers`` (those layers)
+    or ``all`` (every layer the refit handles, downstream ones seeing drifted inputs too).
+    BatchNorm statistics are re-estimated (``recalibrate_bn`` batches) only when no refit
+    ran: after a refit it lowered agreement (BENCHMARKS.md, issue 11).
     """
 
     macs: float | None = None
@@ -110,6 +113,7 @@ class StructuredPrune(MethodConfig):
     hessian_samples: int = 4
     fp16: bool = False
     reconstruct: bool = True
+    refit_scope: str = "consumers"
 
     def __post_init__(self) -> None:
         name = self.type_name()
@@ -125,6 +129,7 @@ class StructuredPrune(MethodConfig):
         _choice(name, "allocation", self.allocation, ALLOCATIONS)
         _choice(name, "on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
         _choice(name, "latency_runtime", self.latency_runtime, RUNTIMES)
+        _choice(name, "refit_scope", self.refit_scope, _refit.SCOPES)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) \
                 or not 0 <= self.floor <= 1:
             raise RecipeError(f"{name}: floor={self.floor!r} must be in [0, 1]")
@@ -360,7 +365,8 @@ def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
     pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx,
                                        inplace=True)
     if original is not None and summary["groups"]:
-        summary["reconstruct"] = _refit.refit_after_pruning(pruned, original, summary, ctx, x)
+        summary["reconstruct"] = _refit.refit_after_pruning(pruned, original, summary, ctx, x,
+                                                                scope=cfg.refit_scope)
     data = ctx.calibration if ctx.calibration is not None else ctx.train
     if data is not None and cfg.recalibrate_bn and summary["groups"] \
             and "reconstruct" not in summary:

@@ -35,6 +35,7 @@ from netpress._inputs import Inputs
 from netpress.context import Context
 from netpress.data import Data
 from netpress.prune._attention import split_attention
+from netpress.reconstruct._measure import measured
 from netpress.reconstruct.engine import LayerStats, Solve, run_sequential
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.lstsq import refit_target, with_bias
@@ -114,44 +115,72 @@ def plan_refit(model: nn.Module, original: nn.Module, kept: KeptRounds,
     return out
 
 
-def _solver(original: nn.Module, fits: dict[str, LayerFit], damp: float,
-            failed: list[str]) -> Solve:
+def _bias(module: nn.Module, rows: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The layer's bias over ``rows`` (float64; zeros for a layer without one)."""
+    b = getattr(module, "bias", None)
+    if not isinstance(b, torch.Tensor):
+        return torch.zeros(count, dtype=torch.float64)
+    b = b.detach().double()
+    return b if rows is None else b[rows]
+
+
+def _solver(original: nn.Module, fits: dict[str, LayerFit], norms: Mapping[str, nn.Module],
+            damp: float, failed: list[str]) -> Solve:
+    """Fit each layer to the original's rows; with an intercept when it has a bias or feeds
+    a BatchNorm alone (``norms``), which then absorbs it: ``BN(y + b)`` is ``BN(y)`` with
+    its running mean lowered by ``b``."""
     def solve(name: str, view: LayerView, stats: LayerStats) -> None:
         assert stats.hessian is not None and stats.cross is not None
         fit, ref = fits[name], original.get_submodule(name)
         w = LayerView(ref, name).matrix()[0]
+        w = w if fit.rows is None else w[fit.rows]
         start = view.matrix()[0]
         h, m = stats.hessian[0], stats.cross[0]
-        bias = getattr(view.module, "bias", None)
-        if fit.rows is not None:
-            w = w[fit.rows]
-        if isinstance(bias, torch.Tensor):
+        bias, norm = getattr(view.module, "bias", None), norms.get(name)
+        intercept = isinstance(bias, torch.Tensor) or norm is not None
+        if intercept:
             assert stats.mean is not None and stats.orig_mean is not None
-            ref_bias = getattr(ref, "bias", None)
-            assert isinstance(ref_bias, torch.Tensor)
-            b_o = ref_bias.detach().double()
-            b_o = b_o if fit.rows is None else b_o[fit.rows]
             h, m = with_bias(h, m, stats.mean[0], stats.orig_mean[0])
-            w = torch.cat([w, b_o[:, None]], 1)
-            start = torch.cat([start, bias.detach().double()[:, None]], 1)
+            w = torch.cat([w, _bias(ref, fit.rows, w.shape[0])[:, None]], 1)
+            start = torch.cat([start, _bias(view.module, None, start.shape[0])[:, None]], 1)
         try:
             new = refit_target(w, h, m, damp, start=start)
         except torch.linalg.LinAlgError:
-            failed.append(name)
-            return
+            new = torch.full_like(start, math.nan)
         if not bool(torch.isfinite(new).all()):
             failed.append(name)
             return
         d = view.shape[2]
         view.set_matrix(new[None, :, :d])
-        if isinstance(bias, torch.Tensor):
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(bias, torch.Tensor):
                 bias.copy_(new[:, d].to(bias.dtype))
+            elif norm is not None:
+                mean = norm.running_mean
+                assert isinstance(mean, torch.Tensor)
+                mean.sub_(new[:, d].to(mean.dtype))
     return solve
 
 
+def _norms_after(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """The BatchNorm each bias-free layer of ``names`` feeds alone (traced; none when the
+    model cannot be traced)."""
+    from netpress.quant.fold import fold_bn_pairs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pairs = fold_bn_pairs(model)
+        except Exception:  # an optional refinement: without it, no intercept
+            return {}
+    wanted = set(names)
+    return {a: model.get_submodule(b) for a, b in pairs
+            if a in wanted and getattr(model.get_submodule(a), "bias", None) is None
+            and getattr(model.get_submodule(b), "running_mean", None) is not None}
+
+
 def refit_pruned(model: nn.Module, original: nn.Module, kept: KeptRounds, data: Data, *,
-                 scope: str = "consumers", damp: float = 0.01,
+                 scope: str = "consumers", damp: float = 0.01, intercept: bool = True,
                  max_batches: int | None = None) -> dict[str, Any]:
     """Refit ``model`` (pruned from ``original``, in place) on the calibration ``data``;
     returns a summary (layers refitted, calibration time).
@@ -159,13 +188,16 @@ def refit_pruned(model: nn.Module, original: nn.Module, kept: KeptRounds, data: 
     ``kept`` holds the kept indices of every pruned parameter per round (as
     ``StructuredPrune`` records them); layer names must be the same in both models. A layer
     whose fit is singular stays as pruned (named in ``not_refitted``, with a warning).
+    ``intercept``: a bias-free layer feeding a BatchNorm alone is fitted with an intercept,
+    folded into that BatchNorm's running mean.
     """
     fits = plan_refit(model, original, kept, scope)
     if not fits:
         return {"refitted_layers": 0}
     failed: list[str] = []
-    info = run_sequential(model, original, list(fits), data, _solver(original, fits, damp,
-                                                                     failed),
+    norms = _norms_after(model, list(fits)) if intercept else {}
+    info = run_sequential(model, original, list(fits), data,
+                          _solver(original, fits, norms, damp, failed),
                           mode="sequential", max_batches=max_batches)
     skipped = failed + info["not_called"]
     if failed:
@@ -186,7 +218,8 @@ def original_of(model: nn.Module, reference: nn.Module) -> nn.Module:
 
 
 def refit_after_pruning(pruned: nn.Module, original: nn.Module, summary: Mapping[str, Any],
-                        ctx: Context, example_inputs: Inputs) -> dict[str, Any]:
+                        ctx: Context, example_inputs: Inputs, *,
+                        scope: str = "consumers") -> dict[str, Any]:
     """``StructuredPrune``'s hook: refit ``pruned`` to ``original`` on the context's
     calibration data, from the pruning ``summary`` (its kept indices, the attention modules
     it split into projections, which the original is split alike for)."""
@@ -194,4 +227,6 @@ def refit_after_pruning(pruned: nn.Module, original: nn.Module, summary: Mapping
         original = copy.deepcopy(original)
         split_attention(original, example_inputs)
     data = ctx.require("calibration", by="StructuredPrune(reconstruct=True)")
-    return refit_pruned(pruned, original, summary["kept"], data)
+    with measured() as cost:
+        out = refit_pruned(pruned, original, summary["kept"], data, scope=scope)
+    return {**out, **cost}

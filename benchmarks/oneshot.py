@@ -67,25 +67,43 @@ BN_AFTER = ("+ BN re-estimation",)
 
 def structured_rows() -> dict[str, list[Any]]:
     """Structured 50% MACs: today's one shot (BN re-estimation, no refit) vs the
-    least-squares refit of the consumers, with the stream cut or the stem protected, L2 or
+    least-squares refit of the consumers, with the stream cut or the stem protected + L2 or
     group-OBS channel choice, and BN re-estimation after the refit (``BN_AFTER``)."""
     sp = npr.StructuredPrune
     stem = ("conv1",)
     return {
         "structured 50% MACs: today (BN re-estimation)": [sp(macs=0.5, reconstruct=False)],
-        "structured 50% MACs: stem protected, today": [sp(macs=0.5, protect=stem,
+        "structured 50% MACs: stem protected (BN re-estimation)": [sp(macs=0.5, protect=stem,
                                                           reconstruct=False)],
         "structured 50% MACs: refit": [sp(macs=0.5)],
         "structured 50% MACs: refit + BN re-estimation": [sp(macs=0.5)],
-        "structured 50% MACs: stem protected, refit": [sp(macs=0.5, protect=stem)],
-        "structured 50% MACs: stem protected, refit + BN re-estimation": [
+        "structured 50% MACs: stem protected + refit": [sp(macs=0.5, protect=stem)],
+        "structured 50% MACs: stem protected + refit + BN re-estimation": [
             sp(macs=0.5, protect=stem)],
         "structured 50% MACs: refit all layers": [sp(macs=0.5, refit_scope="all")],
-        "structured 50% MACs: stem protected, refit all layers": [
+        "structured 50% MACs: stem protected + refit all layers": [
             sp(macs=0.5, protect=stem, refit_scope="all")],
-        "structured 50% MACs: obs, refit": [sp(macs=0.5, importance="obs")],
-        "structured 50% MACs: stem protected, obs, refit": [sp(macs=0.5, protect=stem,
+        "structured 50% MACs: obs + refit": [sp(macs=0.5, importance="obs")],
+        "structured 50% MACs: stem protected + obs + refit": [sp(macs=0.5, protect=stem,
                                                                importance="obs")],
+    }
+
+
+def distill_rows(steps: int) -> dict[str, list[Any]]:
+    """Structured 50% MACs one shot (today's and the refit, each with the stream cut or the
+    stem protected), then ``steps`` of ``Distill`` from the unpruned model (SGD 0.01,
+    momentum 0.9, cosine, T=4, alpha 0.9, batch 64 of the JPEG train images)."""
+    distill = npr.Distill(max_steps=steps, epochs=1000, lr=0.01, optimizer="sgd",
+                          momentum=0.9, temperature=4.0, alpha=0.9)
+    sp = npr.StructuredPrune
+    stem = ("conv1",)
+    return {
+        f"structured + Distill {steps}: today": [sp(macs=0.5, reconstruct=False), distill],
+        f"structured + Distill {steps}: refit": [sp(macs=0.5), distill],
+        f"structured + Distill {steps}: stem protected (BN re-estimation)": [
+            sp(macs=0.5, protect=stem, reconstruct=False), distill],
+        f"structured + Distill {steps}: stem protected + refit": [sp(macs=0.5, protect=stem),
+                                                                   distill],
     }
 
 
@@ -114,7 +132,7 @@ def _step_record(result: Any) -> dict[str, Any]:
 
 def _cifar_model(depth: int, root: Path, sets: dict[str, Any], calib: list[Any],
                  rows: dict[str, list[Any]], out: list[dict[str, Any]],
-                 done: Any) -> None:
+                 done: Any, train: Any = None) -> None:
     ref = load_pretrained_cifar_resnet(depth, find_pretrained(depth, root))
     base = {k: logits(ref, v) for k, v in sets.items()}
     out.append({"model": f"resnet{depth}", "row": "uncompressed",
@@ -122,7 +140,7 @@ def _cifar_model(depth: int, root: Path, sets: dict[str, Any], calib: list[Any],
     for label, recipe in rows.items():
         with Timer() as t:
             res = npr.compress(ref, recipe, calibration=calib, measure=False,
-                               example_inputs=calib[0][0][:1])
+                               example_inputs=calib[0][0][:1], train=train, seed=0)
             if label.endswith(BN_AFTER):
                 recalibrate_batchnorm(res.model, calib, limit=8)
         rec = _step_record(res)
@@ -147,15 +165,18 @@ def run_cifar(args: argparse.Namespace) -> None:
     calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
     sets = {"exact": ds.cifar10_exact_test(root),
             "jpeg": ds.cifar10_jpeg_test(root, limit=args.eval_images)}
-    rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {})}
+    rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {}),
+            **(distill_rows(args.distill_steps) if args.distill_steps else {})}
     rows = _pick(rows, args.rows)
+    train = ds.loader(ds.cifar10_jpeg_train(root, limit=args.train_images), batch_size=64,
+                      shuffle=True) if args.distill_steps else None
     results: list[dict[str, Any]] = []
     cols = ["model", "row", "accuracy", "agreement", "seconds", "peak_rss_mb",
             "peak_rss_increase_mb"]
     for depth in [int(d) for d in args.models.split(",")]:
         _cifar_model(depth, root, sets, calib, rows, results,
                      lambda: _write("oneshot_cifar" + _suffix(args), results, cols, args,
-                                    quiet=True))
+                                    quiet=True), train)
     _write("oneshot_cifar" + _suffix(args), results, cols, args)
 
 
@@ -238,12 +259,8 @@ def run_minilm(args: argparse.Namespace) -> None:
     results = []
     for label, recipe in rows.items():
         with Timer() as t:
-            res = npr.compress(ref, recipe, calibration=calib, measure=False,
-                               example_inputs=calib[0][0][:1])
-            if label.endswith(BN_AFTER):
-                recalibrate_batchnorm(res.model, calib, limit=8)
+            res = npr.compress(ref, recipe, calibration=calib, measure=False)
         rec = _step_record(res)
-        cost = rec if "peak_rss_mb" in rec else rec.get("reconstruct", {})  # the refit's
         cos = torch.nn.functional.cosine_similarity(base.double(),
                                                     _embed(res.model, evals).double(), dim=1)
         row = {"model": "all-MiniLM-L6-v2", "row": label,
@@ -316,6 +333,10 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=None,
                    help="cifar: the first N JPEG test images for agreement (default: all 10k)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="cifar: add structured rows followed by this many Distill steps")
+    p.add_argument("--train-images", type=int, default=10000,
+                   help="cifar: JPEG train images Distill draws from")
     args = p.parse_args()
     if args.calibration is None:
         args.calibration = 512

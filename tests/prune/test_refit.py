@@ -4,6 +4,7 @@ model's outputs much closer to the original's than pruning alone (held-out input
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def _prune(model: nn.Module, calib: list, test: list, **kw) -> tuple[float, floa
     return _error(on.model, model, test), _error(off.model, model, test), record
 
 
-def test_refit_through_a_pruned_residual_stream():
+def test_refit_through_a_pruned_residual_stream(one_thread):
     torch.manual_seed(0)
     model = _randomised_bn(Residual())
     on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1)
@@ -96,7 +97,7 @@ def test_refit_through_a_pruned_residual_stream():
     assert on < 0.1 * off, (on, off)
 
 
-def test_refit_after_removing_attention_heads():
+def test_refit_after_removing_attention_heads(one_thread):
     model = toy_transformer()
     on, off, rec = _prune(model, _tokens(256, 0), _tokens(128, 1), macs=0.6, round_to=1)
     pruned = npr.compress(model, npr.StructuredPrune(macs=0.6, round_to=1),
@@ -106,7 +107,7 @@ def test_refit_after_removing_attention_heads():
     assert on < 0.25 * off, (on, off)
 
 
-def test_refit_after_pruning_a_concatenation():
+def test_refit_after_pruning_a_concatenation(one_thread):
     torch.manual_seed(0)
     model = Concat().eval()
     on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1)
@@ -132,3 +133,73 @@ def test_plan_picks_the_consumers_with_their_original_rows_and_columns():
     assert set(plan_refit(pruned, model, kept, scope="all")) == {"a", "b", "c", "head"}
     with pytest.raises(ValueError, match="scope"):
         plan_refit(pruned, model, kept, scope="some")
+
+
+class ConvBN(nn.Module):
+    """A conv feeding a bias-free conv and its BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.conv = nn.Conv2d(6, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(F.relu(self.a(x))))
+
+
+def test_intercept_of_a_bias_free_conv_goes_into_its_batchnorm():
+    """Brute force: least squares with a ones column on the kept channels; the conv takes the
+    weights and its BatchNorm's running mean drops by the intercept."""
+    from netpress.reconstruct.structured import refit_pruned
+
+    torch.manual_seed(0)
+    model = _randomised_bn(ConvBN())
+    kept = torch.tensor([0, 2, 3, 5])
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.a.weight = nn.Parameter(model.a.weight[kept])
+        pruned.a.bias = nn.Parameter(model.a.bias[kept])
+        pruned.conv.weight = nn.Parameter(model.conv.weight[:, kept])
+    pruned.a.out_channels = pruned.conv.in_channels = 4
+    data = _images(64, 0)
+    rounds = {"a.weight": [{0: kept}], "conv.weight": [{1: kept}]}
+    off = copy.deepcopy(pruned)
+    refit_pruned(pruned, model, rounds, data, damp=0.0)
+    refit_pruned(off, model, rounds, data, damp=0.0, intercept=False)
+    with torch.no_grad():
+        x = torch.cat([b for b, _ in data])
+        feats = F.relu(model.a(x)).permute(0, 2, 3, 1).reshape(-1, 6).double()
+    target = feats @ model.conv.weight[:, :, 0, 0].double().T
+    design = torch.cat([feats[:, kept], torch.ones(len(feats), 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, target).solution.T              # 4 × (4 + 1)
+    assert torch.allclose(pruned.conv.weight[:, :, 0, 0].double(), sol[:, :4], atol=1e-4)
+    shift = model.bn.running_mean.double() - pruned.bn.running_mean.double()
+    assert torch.allclose(shift, sol[:, 4], atol=1e-4)
+    assert torch.equal(off.bn.running_mean, model.bn.running_mean)
+    assert _error(pruned, model, data) < 0.9 * _error(off, model, data)
+
+
+def test_obs_importance_removes_what_its_readers_can_best_compensate(one_thread):
+    """Group OBS: the greedy order's running error, scored per unit; on the concatenation it
+    needs data, and with it the pruned model is closer to the original than with L2."""
+    from netpress.errors import DataError
+    from netpress.graph import analyze
+    from netpress.reconstruct.channels import obs_scores
+
+    torch.manual_seed(0)
+    model = Concat().eval()
+    calib, test = _images(96, 0), _images(64, 1)
+    x = calib[0][0][:1]
+    scores = obs_scores(model, analyze(model, x), calib)
+    for s in scores:
+        assert s is not None and np.all(s >= 0)
+        assert len(np.unique(s)) == len(s)  # a strict order: cumulative errors
+    with pytest.raises(DataError, match="obs"):
+        npr.compress(model, npr.StructuredPrune(macs=0.5, importance="obs"),
+                     example_inputs=x, measure=False)
+    obs = npr.compress(model, npr.StructuredPrune(macs=0.5, round_to=1, importance="obs"),
+                       calibration=calib, example_inputs=x, measure=False).model
+    l2 = npr.compress(model, npr.StructuredPrune(macs=0.5, round_to=1), calibration=calib,
+                      example_inputs=x, measure=False).model
+    assert _error(obs, model, test) < _error(l2, model, test)

@@ -66,44 +66,43 @@ BN_AFTER = ("+ BN re-estimation",)
 
 
 def structured_rows() -> dict[str, list[Any]]:
-    """Structured 50% MACs: today's one shot (BN re-estimation, no refit) vs the
-    least-squares refit of the consumers, with the stream cut or the stem protected + L2 or
-    group-OBS channel choice, and BN re-estimation after the refit (``BN_AFTER``)."""
+    """Structured 50% MACs: today's one shot (the old default: stream cut, BN re-estimation,
+    no refit) vs the least-squares refit (of the consumers, or of every layer), with the
+    residual stream cut or kept whole (``keep_streams``, = ``protect=("conv1",)`` here), L2
+    or group-OBS channel choice, and BN re-estimation after the refit (``BN_AFTER``)."""
     sp = npr.StructuredPrune
-    stem = ("conv1",)
+    cut = {"macs": 0.5, "keep_streams": False}
     return {
-        "structured 50% MACs: today (BN re-estimation)": [sp(macs=0.5, reconstruct=False)],
-        "structured 50% MACs: stem protected (BN re-estimation)": [sp(macs=0.5, protect=stem,
-                                                          reconstruct=False)],
-        "structured 50% MACs: refit": [sp(macs=0.5)],
-        "structured 50% MACs: refit + BN re-estimation": [sp(macs=0.5)],
-        "structured 50% MACs: stem protected + refit": [sp(macs=0.5, protect=stem)],
-        "structured 50% MACs: stem protected + refit + BN re-estimation": [
-            sp(macs=0.5, protect=stem)],
-        "structured 50% MACs: refit all layers": [sp(macs=0.5, refit_scope="all")],
-        "structured 50% MACs: stem protected + refit all layers": [
-            sp(macs=0.5, protect=stem, refit_scope="all")],
-        "structured 50% MACs: obs + refit": [sp(macs=0.5, importance="obs")],
-        "structured 50% MACs: stem protected + obs + refit": [sp(macs=0.5, protect=stem,
-                                                               importance="obs")],
+        "structured 50% MACs: today (stream cut + BN re-estimation)": [
+            sp(**cut, reconstruct=False)],
+        "structured 50% MACs: stem protected + BN re-estimation": [
+            sp(macs=0.5, reconstruct=False)],
+        "structured 50% MACs: stream cut + refit consumers": [
+            sp(**cut, refit_scope="consumers")],
+        "structured 50% MACs: stream cut + refit consumers + BN re-estimation": [
+            sp(**cut, refit_scope="consumers")],
+        "structured 50% MACs: stream cut + refit all": [sp(**cut)],
+        "structured 50% MACs: stem protected + refit consumers": [
+            sp(macs=0.5, refit_scope="consumers")],
+        "structured 50% MACs: stem protected + refit consumers + BN re-estimation": [
+            sp(macs=0.5, refit_scope="consumers")],
+        "structured 50% MACs: new default (stem protected + refit all)": [sp(macs=0.5)],
+        "structured 50% MACs: new default + BN re-estimation": [sp(macs=0.5)],
+        "structured 50% MACs: new default + obs": [sp(macs=0.5, importance="obs")],
     }
 
 
 def distill_rows(steps: int) -> dict[str, list[Any]]:
-    """Structured 50% MACs one shot (today's and the refit, each with the stream cut or the
-    stem protected), then ``steps`` of ``Distill`` from the unpruned model (SGD 0.01,
-    momentum 0.9, cosine, T=4, alpha 0.9, batch 64 of the JPEG train images)."""
+    """Structured 50% MACs one shot, today's and the new default, then ``steps`` of
+    ``Distill`` from the unpruned model (SGD 0.01, momentum 0.9, cosine, T=4, alpha 0.9,
+    batch 64 of the JPEG train images)."""
     distill = npr.Distill(max_steps=steps, epochs=1000, lr=0.01, optimizer="sgd",
                           momentum=0.9, temperature=4.0, alpha=0.9)
     sp = npr.StructuredPrune
-    stem = ("conv1",)
     return {
-        f"structured + Distill {steps}: today": [sp(macs=0.5, reconstruct=False), distill],
-        f"structured + Distill {steps}: refit": [sp(macs=0.5), distill],
-        f"structured + Distill {steps}: stem protected (BN re-estimation)": [
-            sp(macs=0.5, protect=stem, reconstruct=False), distill],
-        f"structured + Distill {steps}: stem protected + refit": [sp(macs=0.5, protect=stem),
-                                                                   distill],
+        f"structured + Distill {steps}: today": [
+            sp(macs=0.5, keep_streams=False, reconstruct=False), distill],
+        f"structured + Distill {steps}: new default": [sp(macs=0.5), distill],
     }
 
 

@@ -90,11 +90,29 @@ def _prune(model: nn.Module, calib: list, test: list, **kw) -> tuple[float, floa
 def test_refit_through_a_pruned_residual_stream(one_thread):
     torch.manual_seed(0)
     model = _randomised_bn(Residual())
-    on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1)
+    on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1,
+                          keep_streams=False)
     assert any("stem" in g for g in rec["groups"])  # the stream itself was cut
     assert rec["reconstruct"]["refitted_layers"] == 5  # 4 block convs and the head
     assert "bn_recalibrated_batches" not in rec
     assert on < 0.1 * off, (on, off)
+
+
+def test_residual_streams_stay_whole_by_default(one_thread):
+    from netpress.graph import analyze
+    from netpress.prune._streams import residual_streams
+
+    model = _randomised_bn(Residual())
+    x = torch.randn(1, 3, 8, 8)
+    assert residual_streams(model, analyze(model, x)) == ["stem.weight[dim 0]"]
+    assert residual_streams(Concat(), analyze(Concat(), x)) == []
+    kept = npr.compress(model, npr.StructuredPrune(macs=0.6, round_to=1), example_inputs=x,
+                        measure=False).model
+    assert kept.stem.out_channels == 16 and kept.blocks[0][0].out_channels < 16
+    with pytest.warns(UserWarning, match="keep_streams"):  # unreachable whole: cut, said so
+        cut = npr.compress(model, npr.StructuredPrune(macs=0.1, round_to=1, floor=0.0),
+                           example_inputs=x, measure=False).model
+    assert cut.stem.out_channels < 16
 
 
 def test_refit_after_removing_attention_heads(one_thread):

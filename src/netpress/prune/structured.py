@@ -48,6 +48,7 @@ from netpress.prune._allocate import (
     what_holds,
 )
 from netpress.prune._attention import split_attention
+from netpress.prune._streams import residual_streams
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
@@ -84,13 +85,18 @@ class StructuredPrune(MethodConfig):
     fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it
     (relaxed, with a warning, for groups too narrow for it when the target needs it).
     ``protect``: module names or ``re:`` patterns that keep all their channels.
+    ``keep_streams``: CNN residual streams (channel groups several convs write into, through
+    identity shortcuts) keep all their channels, unless the target cannot be reached
+    without cutting them (then they are cut, with a warning); measured better on ResNets
+    (:mod:`netpress.prune._streams`). ``False`` prunes them like any group.
     ``on_unsupported``: ``error`` (name the op and module) or ``exclude`` (leave the
     channels that op touches, with a warning). ``iterative_steps``: reach the target in that
     many prune-rescore rounds.
     ``reconstruct``: with ``calibration`` data, refit by least squares every layer that reads
     removed channels so its outputs match the unpruned model's
-    (:mod:`netpress.reconstruct.structured`); ``refit_scope``: ``consumers`` (those layers)
-    or ``all`` (every layer the refit handles, downstream ones seeing drifted inputs too).
+    (:mod:`netpress.reconstruct.structured`); ``refit_scope``: ``all`` (every layer the
+    refit handles, as downstream ones see drifted inputs too; measured best) or
+    ``consumers`` (those layers only).
     BatchNorm statistics are re-estimated (``recalibrate_bn`` batches) only when no refit
     ran: after a refit it lowered agreement (BENCHMARKS.md, issue 11).
     """
@@ -106,6 +112,7 @@ class StructuredPrune(MethodConfig):
     floor: float = 0.1
     round_to: int = 8
     protect: tuple[str, ...] = ()
+    keep_streams: bool = True
     on_unsupported: str = "error"
     iterative_steps: int = 1
     calibration_batches: int = 4
@@ -113,7 +120,7 @@ class StructuredPrune(MethodConfig):
     hessian_samples: int = 4
     fp16: bool = False
     reconstruct: bool = True
-    refit_scope: str = "consumers"
+    refit_scope: str = "all"
 
     def __post_init__(self) -> None:
         name = self.type_name()
@@ -145,7 +152,7 @@ class StructuredPrune(MethodConfig):
         if isinstance(self.protect, str) or not all(isinstance(p, str) for p in self.protect):
             raise RecipeError(f"{name}: protect must be a list of module names or 're:' "
                               f"patterns")
-        for flag in ("fp16", "reconstruct"):
+        for flag in ("fp16", "reconstruct", "keep_streams"):
             if not isinstance(getattr(self, flag), bool):
                 raise RecipeError(f"{name}: {flag} must be true or false")
 
@@ -182,9 +189,10 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
                          f"every channel is fixed. What holds them: {what_holds(r, none)}")
     r.scores = _saliency.group_scores(model, graph, cfg, ctx)
     owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
+    streams = set(residual_streams(model, graph)) if cfg.keep_streams else set()
     for _ in range(len(graph.groups) + 1):
         try:
-            kept, _ = allocate(r, target, set(excluded))
+            kept = _allocate_keeping(r, target, set(excluded), streams)
         except Unreachable as exc:
             raise unreachable(r, target, exc.most, excluded) from None
         pruned = r.mask(kept)
@@ -201,6 +209,21 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
             continue
         return result, round_info(r, kept, excluded)
     raise ModelError("StructuredPrune: no group could be pruned safely")
+
+
+def _allocate_keeping(r: Round, target: float, excluded: set[str],
+                      streams: set[str]) -> list[int]:
+    """Allocate with the residual ``streams`` whole; cut them too (warning) if that cannot
+    reach the target."""
+    if streams - excluded:
+        try:
+            return allocate(r, target, excluded | streams)[0]
+        except Unreachable:
+            warnings.warn(f"StructuredPrune: the target needs the residual stream(s) "
+                          f"{', '.join(sorted(streams))[:200]} cut too (keep_streams)",
+                          stacklevel=5)
+            streams.clear()
+    return allocate(r, target, excluded)[0]
 
 
 def _culprits(graph: ChannelGraph, owner: dict[int, int], pruned: np.ndarray,

@@ -93,7 +93,7 @@ def test_refit_through_a_pruned_residual_stream(one_thread):
     on, off, rec = _prune(model, _images(256, 0), _images(128, 1), macs=0.5, round_to=1,
                           keep_streams=False)
     assert any("stem" in g for g in rec["groups"])  # the stream itself was cut
-    assert rec["reconstruct"]["refitted_layers"] == 5  # 4 block convs and the head
+    assert rec["reconstruct"]["refitted_layers"] == 6  # the stem, 4 block convs, the head
     assert "bn_recalibrated_batches" not in rec
     assert on < 0.1 * off, (on, off)
 

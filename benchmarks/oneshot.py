@@ -58,6 +58,8 @@ def cifar_rows() -> dict[str, list[Any]]:
     rows["4-bit per channel: GPTQ"] = [npr.GPTQ(bits=4, group_size=None)]
     rows["4-bit group 32: RTN"] = [npr.GPTQ(bits=4, group_size=32, rounding="nearest")]
     rows["4-bit group 32: GPTQ"] = [npr.GPTQ(bits=4, group_size=32)]
+    rows["W8A8: Quantize (nearest)"] = [npr.Quantize()]
+    rows["W8A8: Quantize + GPTQ rounding"] = [npr.Quantize(rounding="gptq")]
     return {**rows, **structured_rows()}
 
 

@@ -37,6 +37,7 @@ from _common import Timer, accuracy, agreement, data_dir, logits, markdown_table
 import netpress as npr
 from netpress import datasets as ds
 from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,7 +58,54 @@ def cifar_rows() -> dict[str, list[Any]]:
     rows["4-bit per channel: GPTQ"] = [npr.GPTQ(bits=4, group_size=None)]
     rows["4-bit group 32: RTN"] = [npr.GPTQ(bits=4, group_size=32, rounding="nearest")]
     rows["4-bit group 32: GPTQ"] = [npr.GPTQ(bits=4, group_size=32)]
-    return rows
+    rows["W8A8: Quantize (nearest)"] = [npr.Quantize()]
+    rows["W8A8: Quantize + GPTQ rounding"] = [npr.Quantize(rounding="gptq")]
+    return {**rows, **structured_rows()}
+
+
+#: rows whose pruned model has its BatchNorm statistics re-estimated after the refit
+BN_AFTER = ("+ BN re-estimation",)
+
+
+def structured_rows() -> dict[str, list[Any]]:
+    """Structured 50% MACs: today's one shot (the old default: stream cut, BN re-estimation,
+    no refit) vs the least-squares refit (of the consumers, or of every layer), with the
+    residual stream cut or kept whole (``keep_streams``, = ``protect=("conv1",)`` here), L2
+    or group-OBS channel choice, and BN re-estimation after the refit (``BN_AFTER``)."""
+    sp = npr.StructuredPrune
+    cut = {"macs": 0.5, "keep_streams": False}
+    return {
+        "structured 50% MACs: today (stream cut + BN re-estimation)": [
+            sp(**cut, reconstruct=False)],
+        "structured 50% MACs: stem protected + BN re-estimation": [
+            sp(macs=0.5, reconstruct=False)],
+        "structured 50% MACs: stream cut + refit consumers": [
+            sp(**cut, refit_scope="consumers")],
+        "structured 50% MACs: stream cut + refit consumers + BN re-estimation": [
+            sp(**cut, refit_scope="consumers")],
+        "structured 50% MACs: stream cut + refit all": [sp(**cut)],
+        "structured 50% MACs: stem protected + refit consumers": [
+            sp(macs=0.5, refit_scope="consumers")],
+        "structured 50% MACs: stem protected + refit consumers + BN re-estimation": [
+            sp(macs=0.5, refit_scope="consumers")],
+        "structured 50% MACs: new default (stem protected + refit all)": [sp(macs=0.5)],
+        "structured 50% MACs: new default + BN re-estimation": [sp(macs=0.5)],
+        "structured 50% MACs: new default + obs": [sp(macs=0.5, importance="obs")],
+    }
+
+
+def distill_rows(steps: int) -> dict[str, list[Any]]:
+    """Structured 50% MACs one shot, today's and the new default, then ``steps`` of
+    ``Distill`` from the unpruned model (SGD 0.01, momentum 0.9, cosine, T=4, alpha 0.9,
+    batch 64 of the JPEG train images)."""
+    distill = npr.Distill(max_steps=steps, epochs=1000, lr=0.01, optimizer="sgd",
+                          momentum=0.9, temperature=4.0, alpha=0.9)
+    sp = npr.StructuredPrune
+    return {
+        f"structured + Distill {steps}: today": [
+            sp(macs=0.5, keep_streams=False, reconstruct=False), distill],
+        f"structured + Distill {steps}: new default": [sp(macs=0.5), distill],
+    }
 
 
 def ablation_rows() -> dict[str, list[Any]]:
@@ -85,21 +133,25 @@ def _step_record(result: Any) -> dict[str, Any]:
 
 def _cifar_model(depth: int, root: Path, sets: dict[str, Any], calib: list[Any],
                  rows: dict[str, list[Any]], out: list[dict[str, Any]],
-                 done: Any) -> None:
+                 done: Any, train: Any = None) -> None:
     ref = load_pretrained_cifar_resnet(depth, find_pretrained(depth, root))
     base = {k: logits(ref, v) for k, v in sets.items()}
     out.append({"model": f"resnet{depth}", "row": "uncompressed",
                 "accuracy": accuracy(base["exact"], sets["exact"].tensors[1]), "agreement": 1.0})
     for label, recipe in rows.items():
         with Timer() as t:
-            res = npr.compress(ref, recipe, calibration=calib, measure=False)
+            res = npr.compress(ref, recipe, calibration=calib, measure=False,
+                               example_inputs=calib[0][0][:1], train=train, seed=0)
+            if label.endswith(BN_AFTER):
+                recalibrate_batchnorm(res.model, calib, limit=8)
         rec = _step_record(res)
+        cost = rec if "peak_rss_mb" in rec else rec.get("reconstruct", {})  # the refit's
         got = {k: logits(res.model, v) for k, v in sets.items()}
         row = {"model": f"resnet{depth}", "row": label, "recipe": [c.to_dict() for c in recipe],
                "accuracy": accuracy(got["exact"], sets["exact"].tensors[1]),
                "agreement": agreement(base["jpeg"], got["jpeg"]), "seconds": round(t.seconds, 1),
-               "peak_rss_mb": rec.get("peak_rss_mb"),
-               "peak_rss_increase_mb": rec.get("peak_rss_increase_mb"),
+               "peak_rss_mb": cost.get("peak_rss_mb"),
+               "peak_rss_increase_mb": cost.get("peak_rss_increase_mb"),
                "sparsity": rec.get("sparsity")}
         print(f"resnet{depth} {label:40s} acc {row['accuracy']:.4f} agree "
               f"{row['agreement']:.4f} {row['seconds']:.0f}s", flush=True)
@@ -114,15 +166,18 @@ def run_cifar(args: argparse.Namespace) -> None:
     calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
     sets = {"exact": ds.cifar10_exact_test(root),
             "jpeg": ds.cifar10_jpeg_test(root, limit=args.eval_images)}
-    rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {})}
+    rows = {**cifar_rows(), **(ablation_rows() if args.ablation else {}),
+            **(distill_rows(args.distill_steps) if args.distill_steps else {})}
     rows = _pick(rows, args.rows)
+    train = ds.loader(ds.cifar10_jpeg_train(root, limit=args.train_images), batch_size=64,
+                      shuffle=True) if args.distill_steps else None
     results: list[dict[str, Any]] = []
     cols = ["model", "row", "accuracy", "agreement", "seconds", "peak_rss_mb",
             "peak_rss_increase_mb"]
     for depth in [int(d) for d in args.models.split(",")]:
         _cifar_model(depth, root, sets, calib, rows, results,
                      lambda: _write("oneshot_cifar" + _suffix(args), results, cols, args,
-                                    quiet=True))
+                                    quiet=True), train)
     _write("oneshot_cifar" + _suffix(args), results, cols, args)
 
 
@@ -279,6 +334,10 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=None,
                    help="cifar: the first N JPEG test images for agreement (default: all 10k)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="cifar: add structured rows followed by this many Distill steps")
+    p.add_argument("--train-images", type=int, default=10000,
+                   help="cifar: JPEG train images Distill draws from")
     args = p.parse_args()
     if args.calibration is None:
         args.calibration = 512

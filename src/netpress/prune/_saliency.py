@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from netpress.prune.importance import (
     hutchinson_diagonal,
     unit_scores,
 )
+from netpress.reconstruct.channels import obs_scores
 
 if TYPE_CHECKING:
     from netpress.prune.structured import StructuredPrune
@@ -132,6 +134,8 @@ def group_scores(model: nn.Module, graph: ChannelGraph, cfg: StructuredPrune,
     Weights count, biases and buffers (BN statistics) do not: a bias's size says little
     about what the channel contributes. A group of biases only scores all ones.
     """
+    if cfg.importance == "obs":
+        return _obs(model, graph, cfg, ctx)
     biases = {pid for pid, owners in graph.trace.owners.items()
               if all(attr == "bias" for _, attr in owners)}
     keys = {k for g in graph.groups for k in g.slices
@@ -161,3 +165,16 @@ def group_scores(model: nn.Module, graph: ChannelGraph, cfg: StructuredPrune,
         scores = unit_scores(cfg.importance, rows, extra, is_bn)
         out.append(scores.double().cpu().numpy())
     return out
+
+
+def _obs(model: nn.Module, graph: ChannelGraph, cfg: StructuredPrune,
+         ctx: Context | None) -> list[np.ndarray]:
+    """Group-OBS scores (:mod:`netpress.reconstruct.channels`) on the calibration data (else
+    ``calibration_batches`` of the training data); L2 where a group has no reader to judge."""
+    if ctx is None:
+        raise DataError(f"{cfg.type_name()}(importance='obs') needs `calibration=` data; "
+                        "pass it to compress()")
+    data = ctx.calibration if ctx.calibration is not None \
+        else list(_batches(ctx, cfg.calibration_batches, cfg.type_name()))
+    fallback = group_scores(model, graph, dataclasses.replace(cfg, importance="l2"), ctx)
+    return [f if s is None else s for f, s in zip(fallback, obs_scores(model, graph, data))]

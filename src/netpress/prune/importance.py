@@ -15,7 +15,10 @@ Criteria (``CRITERIA``):
 * ``grad_norm``: gradient-norm preservation (Lubana & Dick, "A Gradient Flow Framework For
   Analyzing Network Pruning", ICLR 2021): removing ``w`` changes the squared gradient norm
   ``||g||^2`` by ``-2 w^T H g`` to first order, so a unit scores ``|sum(w * Hg)|`` over its
-  slice, with ``Hg`` from :func:`hessian_gradient_product`.
+  slice, with ``Hg`` from :func:`hessian_gradient_product`;
+* ``obs``: the output error the layers reading the unit are left with after a least-squares
+  compensation (group OBS, removed greedily; :mod:`netpress.reconstruct.channels`), from
+  their input statistics on the calibration data.
 
 Unstructured pruning scores single weights with the same criteria
 (:func:`weight_scores`): ``magnitude`` ``|w|``, ``taylor`` ``|w * g|`` (loss preservation) and
@@ -51,8 +54,8 @@ __all__ = [
     "weight_scores",
 ]
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "grad_norm")
-DATA_CRITERIA = ("taylor", "hessian", "grad_norm")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "grad_norm", "obs")
+DATA_CRITERIA = ("taylor", "hessian", "grad_norm", "obs")
 #: Per-weight criteria of unstructured pruning (the last two need data).
 WEIGHT_CRITERIA = ("magnitude", "taylor", "grad_norm")
 _EPS = 1e-12

@@ -48,6 +48,7 @@ from netpress.prune._allocate import (
     what_holds,
 )
 from netpress.prune._attention import split_attention
+from netpress.prune._streams import residual_streams
 from netpress.prune.bn_recalibrate import recalibrate_batchnorm
 from netpress.prune.importance import CRITERIA, DATA_CRITERIA
 from netpress.prune.latency_target import RUNTIMES, LatencyRatio, search_latency
@@ -60,6 +61,7 @@ from netpress.prune.surgery import (
     undo,
     verify_pruned,
 )
+from netpress.reconstruct import structured as _refit
 from netpress.registry import register
 from netpress.select import select_names
 
@@ -77,15 +79,26 @@ class StructuredPrune(MethodConfig):
     ``latency_runtime`` (``eager`` PyTorch or ``onnxruntime``) at ``latency_batch`` with
     ``latency_threads`` threads; the MACs fraction that meets it is searched for
     (:mod:`netpress.prune.latency_target`).
-    ``importance``: l1, l2, bn_scale, taylor, hessian or grad_norm (the last three use the
+    ``importance``: l1, l2, bn_scale, taylor, hessian, grad_norm or obs (the last four use the
     ``calibration`` data, else ``train``). ``allocation``: ``uniform`` (every group the same
     fraction) or ``global`` (one threshold over group-normalised scores). ``floor``: minimum
     fraction of units a group keeps; ``round_to``: kept channel counts are multiples of it
     (relaxed, with a warning, for groups too narrow for it when the target needs it).
     ``protect``: module names or ``re:`` patterns that keep all their channels.
+    ``keep_streams``: CNN residual streams (channel groups several convs write into, through
+    identity shortcuts) keep all their channels, unless the target cannot be reached
+    without cutting them (then they are cut, with a warning); measured better on ResNets
+    (:mod:`netpress.prune._streams`). ``False`` prunes them like any group.
     ``on_unsupported``: ``error`` (name the op and module) or ``exclude`` (leave the
     channels that op touches, with a warning). ``iterative_steps``: reach the target in that
     many prune-rescore rounds.
+    ``reconstruct``: with ``calibration`` data, refit by least squares every layer that reads
+    removed channels so its outputs match the unpruned model's
+    (:mod:`netpress.reconstruct.structured`); ``refit_scope``: ``all`` (every layer the
+    refit handles, as downstream ones see drifted inputs too; measured best) or
+    ``consumers`` (those layers only).
+    BatchNorm statistics are re-estimated (``recalibrate_bn`` batches) only when no refit
+    ran: after a refit it lowered agreement (BENCHMARKS.md, issue 11).
     """
 
     macs: float | None = None
@@ -99,12 +112,15 @@ class StructuredPrune(MethodConfig):
     floor: float = 0.1
     round_to: int = 8
     protect: tuple[str, ...] = ()
+    keep_streams: bool = True
     on_unsupported: str = "error"
     iterative_steps: int = 1
     calibration_batches: int = 4
     recalibrate_bn: int = 8
     hessian_samples: int = 4
     fp16: bool = False
+    reconstruct: bool = True
+    refit_scope: str = "all"
 
     def __post_init__(self) -> None:
         name = self.type_name()
@@ -120,6 +136,7 @@ class StructuredPrune(MethodConfig):
         _choice(name, "allocation", self.allocation, ALLOCATIONS)
         _choice(name, "on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
         _choice(name, "latency_runtime", self.latency_runtime, RUNTIMES)
+        _choice(name, "refit_scope", self.refit_scope, _refit.SCOPES)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) \
                 or not 0 <= self.floor <= 1:
             raise RecipeError(f"{name}: floor={self.floor!r} must be in [0, 1]")
@@ -135,8 +152,9 @@ class StructuredPrune(MethodConfig):
         if isinstance(self.protect, str) or not all(isinstance(p, str) for p in self.protect):
             raise RecipeError(f"{name}: protect must be a list of module names or 're:' "
                               f"patterns")
-        if not isinstance(self.fp16, bool):
-            raise RecipeError(f"{name}: fp16 must be true or false")
+        for flag in ("fp16", "reconstruct", "keep_streams"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{name}: {flag} must be true or false")
 
 
 def _choice(owner: str, field_name: str, value: Any, options: tuple[str, ...]) -> None:
@@ -171,9 +189,10 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
                          f"every channel is fixed. What holds them: {what_holds(r, none)}")
     r.scores = _saliency.group_scores(model, graph, cfg, ctx)
     owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
+    streams = set(residual_streams(model, graph)) if cfg.keep_streams else set()
     for _ in range(len(graph.groups) + 1):
         try:
-            kept, _ = allocate(r, target, set(excluded))
+            kept = _allocate_keeping(r, target, set(excluded), streams)
         except Unreachable as exc:
             raise unreachable(r, target, exc.most, excluded) from None
         pruned = r.mask(kept)
@@ -190,6 +209,21 @@ def _one_round(model: nn.Module, cfg: StructuredPrune, x: Inputs, target: float,
             continue
         return result, round_info(r, kept, excluded)
     raise ModelError("StructuredPrune: no group could be pruned safely")
+
+
+def _allocate_keeping(r: Round, target: float, excluded: set[str],
+                      streams: set[str]) -> list[int]:
+    """Allocate with the residual ``streams`` whole; cut them too (warning) if that cannot
+    reach the target."""
+    if streams - excluded:
+        try:
+            return allocate(r, target, excluded | streams)[0]
+        except Unreachable:
+            warnings.warn(f"StructuredPrune: the target needs the residual stream(s) "
+                          f"{', '.join(sorted(streams))[:200]} cut too (keep_streams)",
+                          stacklevel=5)
+            streams.clear()
+    return allocate(r, target, excluded)[0]
 
 
 def _culprits(graph: ChannelGraph, owner: dict[int, int], pruned: np.ndarray,
@@ -347,12 +381,18 @@ def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
                      owner=cfg.type_name(), what="module")
     if cfg.importance in DATA_CRITERIA and ctx.calibration is None and ctx.train is None:
         ctx.require("calibration", by=f"{cfg.type_name()}(importance={cfg.importance!r})")
+    refit = cfg.reconstruct and ctx.calibration is not None
+    original = _refit.original_of(model, ctx.reference) if refit else None
     # compress() hands every step its own working copy and drops it if a step fails, so
     # pruning it in place saves a full model copy (BERT-base: 418 MB) at no risk.
     pruned, summary = prune_structured(model, cfg, x, reference=ctx.reference, ctx=ctx,
                                        inplace=True)
+    if original is not None and summary["groups"]:
+        summary["reconstruct"] = _refit.refit_after_pruning(pruned, original, summary, ctx, x,
+                                                                scope=cfg.refit_scope)
     data = ctx.calibration if ctx.calibration is not None else ctx.train
-    if data is not None and cfg.recalibrate_bn and summary["groups"]:
+    if data is not None and cfg.recalibrate_bn and summary["groups"] \
+            and "reconstruct" not in summary:
         summary["bn_recalibrated_batches"] = recalibrate_batchnorm(pruned, data,
                                                                    limit=cfg.recalibrate_bn)
     _slice_masks(ctx, summary.pop("kept"))

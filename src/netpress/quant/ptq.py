@@ -124,16 +124,23 @@ class Quantize(QuantSettings):
     margins least (:mod:`netpress.quant.ranges`); ``False`` keeps the observer's ranges.
     ``input_grid`` quantizes 8-bit image inputs losslessly and ``equalize`` rescales
     coupled channels before calibration (see their modules).
+    ``rounding``: ``nearest``, or ``gptq`` (needs calibration data): the weights are rounded
+    to the same grid with GPTQ's error compensation
+    (:mod:`netpress.reconstruct.rounding`).
     """
 
     weight_observer: str = "minmax"
     bias_correction: bool = True
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         self._check_quant()
         if self.weight_observer not in _WEIGHT_OBSERVERS:
             raise RecipeError(f"{self.type_name()}: weight_observer={self.weight_observer!r}; "
                               f"choose one of {_WEIGHT_OBSERVERS}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise RecipeError(f"{self.type_name()}: rounding={self.rounding!r}; choose "
+                              f"'nearest' or 'gptq'")
 
 
 def weight_scale(weight: torch.Tensor, bits: int, observer: str = "minmax") -> torch.Tensor:
@@ -351,12 +358,19 @@ def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     floats = {n: target.get_submodule(n) for n in plan}
     cpu = resolve_target(cfg.target)
     integer = set(integer_layers(target, list(plan)))
+    roundings: Mapping[str, WeightRounding] = {}
+    if cfg.rounding == "gptq":
+        from netpress.reconstruct.rounding import gptq_roundings  # reconstruct imports quant
+
+        roundings = gptq_roundings(target, list(plan), ctx.require("calibration", "Quantize"),
+                                   max_batches=cfg.calibration_batches)
     for name, bits in plan.items():
         layer = target.get_submodule(name)
         assert isinstance(layer, (nn.Conv2d, nn.Linear))
         _set_module(target, name, quantize_weights(
             layer, bits, weight_scale(layer.weight, bits, cfg.weight_observer),
-            target=cpu if name in integer else None))
+            target=cpu if name in integer else None,
+            rounding=roundings.get(name, round_to_nearest)))
     corrected = cfg.bias_correction and ctx.calibration is not None
     if corrected:
         _correct_biases(target, floats, ctx, cfg.calibration_batches)
@@ -364,6 +378,7 @@ def quantize_model(model: nn.Module, cfg: Quantize, ctx: Context) -> nn.Module:
     ctx.record(cfg.type_name(), layers=len(plan), **notes,
                activation_quantizers=len(acts), bias_correction=corrected,
                target=cpu, target_requested=cfg.target, integer_layers=len(integer),
+               **({"gptq_rounded": len(roundings)} if cfg.rounding == "gptq" else {}),
                bits={str(b): sum(1 for v in plan.values() if v == b) for b in
                      sorted(set(plan.values()))})
     return target.eval()
@@ -381,7 +396,7 @@ def drop_masks(model: nn.Module, ctx: Context) -> None:
 def quantize_needs(cfg: Quantize) -> tuple[str, ...]:
     """Calibration data is needed for activation ranges; weight-only runs without it
     (bias correction then runs only when calibration data is given)."""
-    return ("calibration",) if cfg.activations is not None else ()
+    return ("calibration",) if cfg.activations is not None or cfg.rounding == "gptq" else ()
 
 
 @register(Quantize, kind="quantize", needs=quantize_needs)

@@ -53,12 +53,16 @@ class LayerStats:
     """Input statistics of one layer, averaged over ``samples`` input rows (im2col columns
     for convs), per conv group: ``hessian`` ``E[x xᵀ]`` (groups × d × d, float64; None when
     only ``sq_norms`` were asked for), ``sq_norms`` ``E[x²]`` (groups × d) and ``cross``
-    ``E[x_orig x_compᵀ]`` (groups × d_orig × d; sequential mode only)."""
+    ``E[x_orig x_compᵀ]`` (groups × d_orig × d; sequential mode only); ``mean`` ``E[x]``
+    (groups × d) and ``orig_mean`` ``E[x_orig]`` (groups × d_orig; sequential mode only), for
+    fits with a bias."""
 
     hessian: torch.Tensor | None
     sq_norms: torch.Tensor
     cross: torch.Tensor | None
     samples: int
+    mean: torch.Tensor | None = None
+    orig_mean: torch.Tensor | None = None
 
 
 #: ``solve(name, layer, stats)``: fit the layer and write its new weights back.
@@ -149,6 +153,8 @@ class _Accumulator:
         self.h: torch.Tensor | None = None
         self.sq: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.orig_sum: torch.Tensor | None = None
         self.n = 0
 
     @staticmethod
@@ -160,17 +166,23 @@ class _Accumulator:
         """``cols`` (groups × n × d) of the compressed inputs, ``orig`` of the original ones."""
         self.n += cols.shape[1]
         self.sq = self._add(self.sq, cols.pow(2).sum(1))
+        self.sum = self._add(self.sum, cols.sum(1))
         if self.full:
             self.h = self._add(self.h, cols.transpose(1, 2) @ cols)
         if orig is not None:
             self.cross = self._add(self.cross, orig.transpose(1, 2) @ cols)
+            self.orig_sum = self._add(self.orig_sum, orig.sum(1))
 
     def stats(self) -> LayerStats:
         if self.sq is None or self.n == 0:
             raise DataError("the calibration data never reached this layer")
         n = float(self.n)
-        return LayerStats(None if self.h is None else self.h / n, self.sq / n,
-                          None if self.cross is None else self.cross / n, self.n)
+
+        def mean(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t / n
+
+        return LayerStats(mean(self.h), self.sq / n, mean(self.cross), self.n, mean(self.sum),
+                          mean(self.orig_sum))
 
 
 def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Sequence[str],

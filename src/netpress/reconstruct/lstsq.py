@@ -18,19 +18,46 @@ import torch
 
 from netpress.reconstruct.obs import damped
 
-__all__ = ["refit_target", "masked_lstsq"]
+__all__ = ["refit_target", "masked_lstsq", "with_bias"]
 
 
 def refit_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
-                 damp: float = 0.01) -> torch.Tensor:
-    """``W + W (M - H)(H + λI)⁻¹`` for ``weight`` W (rows × d), ``hessian`` H, ``cross`` M."""
-    if cross.shape != hessian.shape:
+                 damp: float = 0.01, start: torch.Tensor | None = None) -> torch.Tensor:
+    """``W + W (M - H)(H + λI)⁻¹`` for ``weight`` W (rows × d), ``hessian`` H, ``cross`` M.
+
+    With ``start`` W₀ (rows × d_c, the layer's weights over the ``d_c`` inputs it now
+    reads; ``cross`` is then d_o × d_c and ``weight`` rows × d_o):
+    ``W₀ + (W M - W₀ H)(H + λI)⁻¹``."""
+    d_c = hessian.shape[0]
+    if hessian.shape != (d_c, d_c) or cross.shape[1] != d_c \
+            or cross.shape[0] != weight.shape[1]:
+        raise ValueError(f"cross {tuple(cross.shape)}, hessian {tuple(hessian.shape)} and "
+                         f"weight {tuple(weight.shape)} do not fit together")
+    if start is None and cross.shape[0] != d_c:
         raise ValueError(f"cross {tuple(cross.shape)} and hessian {tuple(hessian.shape)} "
-                         "differ in shape")
+                         "differ in shape: pass the layer's current weights as start=")
+    if start is not None and start.shape != (weight.shape[0], d_c):
+        raise ValueError(f"start {tuple(start.shape)} must be {(weight.shape[0], d_c)}")
     lower = torch.linalg.cholesky(damped(hessian, damp))
-    # (H+λI) is symmetric: solve (H+λI) Δᵀ = (M - H)ᵀ Wᵀ
-    delta_t = torch.cholesky_solve((cross - hessian).T @ weight.T, lower)
-    return weight + delta_t.T
+    # (H+λI) is symmetric: solve (H+λI) Δᵀ = residualᵀ
+    residual_t = (cross - hessian).T @ weight.T if start is None \
+        else cross.T @ weight.T - hessian @ start.T
+    delta_t = torch.cholesky_solve(residual_t, lower)
+    return (weight if start is None else start) + delta_t.T
+
+
+def with_bias(hessian: torch.Tensor, cross: torch.Tensor, mean: torch.Tensor,
+              orig_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of the inputs with a ones column appended: ``H̃`` (d_c+1)² and ``M̃``
+    (d_o+1) × (d_c+1), from ``H``, ``M``, ``mean`` ``E[x_c]`` and ``orig_mean`` ``E[x_o]``.
+
+    A weight matrix with its bias as the last column then maps the augmented inputs."""
+    one = hessian.new_ones(1, 1)
+    h = torch.cat([torch.cat([hessian, mean[:, None]], 1),
+                   torch.cat([mean[None, :], one], 1)], 0)
+    m = torch.cat([torch.cat([cross, orig_mean[:, None]], 1),
+                   torch.cat([mean[None, :], one], 1)], 0)
+    return h, m
 
 
 def masked_lstsq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,

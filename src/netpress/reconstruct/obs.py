@@ -11,15 +11,23 @@ compensate optimally costs ``(w_q - v)² / [H⁻¹]_qq`` and moves the row by
 columns right of it only, and the inverse Hessian of the remaining columns is read from one
 upper Cholesky factor ``U`` of ``H⁻¹`` (row ``j`` of ``U`` is that inverse's first row,
 scaled by ``1/sqrt``). Updates to later blocks of columns are batched ("lazy batch updates").
+
+Group OBS (for structured pruning): removing a whole *unit*, a set ``S`` of columns (a
+channel's kernel positions, a head's dims), and letting the other columns compensate
+optimally costs ``tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ)`` (:func:`unit_removal_costs`) and moves the
+weights by ``-W_S [H⁻¹]_SS⁻¹ H⁻¹[S, :]`` (:func:`remove_unit`). :func:`greedy_unit_order`
+removes the cheapest unit, updates, and repeats, over several layers that read the same
+units (a unit's cost is the sum over its readers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["damped", "hinv_cholesky", "obs_remove", "obs_sweep", "ColumnFn"]
+__all__ = ["damped", "hinv_cholesky", "obs_remove", "obs_sweep", "ColumnFn",
+           "unit_removal_costs", "remove_unit", "greedy_unit_order", "UnitLayer"]
 
 #: ``compress(j, i, block, diag) -> column``: the compressed value of column ``j`` of the
 #: layer (``i`` is its index in ``block``, the current weights of the columns of its block,
@@ -93,3 +101,70 @@ def obs_sweep(weight: torch.Tensor, u: torch.Tensor, compress: ColumnFn,
         w[:, i1:i2] = block
         w[:, i2:] -= errors @ u[i1:i2, i2:]
     return w, losses
+
+
+#: one layer reading a group's units: ``(weight rows × d, inverse Hessian d × d, the matrix
+#: columns of each unit)``
+UnitLayer = tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]]
+
+
+def unit_removal_costs(weight: torch.Tensor, hinv: torch.Tensor,
+                       units: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ)`` for each unit's columns ``S``: the output error of
+    removing that unit alone, the other columns compensating optimally."""
+    out = torch.empty(len(units), dtype=weight.dtype, device=weight.device)
+    by_size: dict[int, list[int]] = {}
+    for i, cols in enumerate(units):
+        by_size.setdefault(len(cols), []).append(i)
+    for k, which in by_size.items():
+        if k == 0:
+            out[which] = 0.0
+            continue
+        idx = torch.stack([units[i].long() for i in which])              # n × k
+        block = hinv[idx[:, :, None], idx[:, None, :]]                    # n × k × k
+        ws = weight[:, idx].permute(1, 0, 2)                              # n × rows × k
+        sol = torch.linalg.solve(block, ws.transpose(1, 2))               # n × k × rows
+        out[which] = (ws * sol.transpose(1, 2)).sum((1, 2))
+    return out
+
+
+def remove_unit(weight: torch.Tensor, hinv: torch.Tensor,
+                cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the columns ``cols`` of ``weight`` and compensate with the others (block OBS);
+    returns the new weights and the inverse Hessian of the remaining columns (the removed
+    rows and columns become zero)."""
+    cols = cols.long()
+    if cols.numel() == 0:
+        return weight, hinv
+    block = hinv[cols][:, cols]
+    rows_s = hinv[cols]                                                   # k × d
+    new_w = weight - weight[:, cols] @ torch.linalg.solve(block, rows_s)
+    new_w[:, cols] = 0.0
+    new_hinv = hinv - rows_s.T @ torch.linalg.solve(block, rows_s)
+    new_hinv[cols] = 0.0
+    new_hinv[:, cols] = 0.0
+    return new_w, new_hinv
+
+
+def greedy_unit_order(layers: Sequence[UnitLayer]) -> tuple[list[int], list[float]]:
+    """Remove every unit, cheapest first (its cost summed over ``layers``), each removal
+    compensated before the next is chosen. Returns the order of removal and the output
+    error each removal added; their running sum is the error of removing that prefix
+    together (the exact least-squares optimum for that set)."""
+    count = len(layers[0][2]) if layers else 0
+    if any(len(units) != count for _, _, units in layers):
+        raise ValueError("every layer must list the columns of the same units")
+    state = [(w.clone(), h.clone()) for w, h, _ in layers]
+    alive = list(range(count))
+    order: list[int] = []
+    added: list[float] = []
+    while alive:
+        total = torch.zeros(len(alive), dtype=torch.float64)
+        for (w, h), (_, _, units) in zip(state, layers):
+            total += unit_removal_costs(w, h, [units[u] for u in alive]).double().cpu()
+        best = int(torch.argmin(total))
+        unit = alive.pop(best)
+        order.append(unit)
+        added.append(max(0.0, float(total[best])))
+        state = [remove_unit(w, h, units[unit]) for (w, h), (_, _, units) in zip(state, layers)]
+    return order, added

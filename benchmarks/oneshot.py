@@ -109,6 +109,7 @@ def distill_rows(steps: int) -> dict[str, list[Any]]:
         f"structured + Distill {steps}: today": [
             sp(macs=0.5, keep_streams=False, reconstruct=False), distill()],
         f"structured + Distill {steps}: new default": [sp(macs=0.5), distill()],
+        f"structured + Distill {steps}: new default lr 1e-3": [sp(macs=0.5), distill(lr=1e-3)],
         f"structured + Distill {steps}: new default + BN frozen": [
             sp(macs=0.5), distill("frozen")],
         f"structured + Distill {steps}: new default + BN frozen lr 1e-3": [

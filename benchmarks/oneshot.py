@@ -97,14 +97,25 @@ def structured_rows() -> dict[str, list[Any]]:
 def distill_rows(steps: int) -> dict[str, list[Any]]:
     """Structured 50% MACs one shot, today's and the new default, then ``steps`` of
     ``Distill`` from the unpruned model (SGD 0.01, momentum 0.9, cosine, T=4, alpha 0.9,
-    batch 64 of the JPEG train images)."""
-    distill = npr.Distill(max_steps=steps, epochs=1000, lr=0.01, optimizer="sgd",
-                          momentum=0.9, temperature=4.0, alpha=0.9)
+    batch 64 of the JPEG train images); the new default and SparseGPT 70% also with the
+    BatchNorm statistics frozen during Distill (``bn="frozen"``, and at lr 1e-3)."""
+    def distill(bn: str = "train", lr: float = 0.01) -> Any:
+        return npr.Distill(max_steps=steps, epochs=1000, lr=lr, optimizer="sgd", momentum=0.9,
+                           temperature=4.0, alpha=0.9, bn=bn)
+
     sp = npr.StructuredPrune
+    sgpt = npr.SparseGPT(sparsity=0.7, allocation="global")
     return {
         f"structured + Distill {steps}: today": [
-            sp(macs=0.5, keep_streams=False, reconstruct=False), distill],
-        f"structured + Distill {steps}: new default": [sp(macs=0.5), distill],
+            sp(macs=0.5, keep_streams=False, reconstruct=False), distill()],
+        f"structured + Distill {steps}: new default": [sp(macs=0.5), distill()],
+        f"structured + Distill {steps}: new default lr 1e-3": [sp(macs=0.5), distill(lr=1e-3)],
+        f"structured + Distill {steps}: new default + BN frozen": [
+            sp(macs=0.5), distill("frozen")],
+        f"structured + Distill {steps}: new default + BN frozen lr 1e-3": [
+            sp(macs=0.5), distill("frozen", 1e-3)],
+        f"SparseGPT 70% + Distill {steps}: BN train": [sgpt, distill()],
+        f"SparseGPT 70% + Distill {steps}: BN frozen": [sgpt, distill("frozen")],
     }
 
 

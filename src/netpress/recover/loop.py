@@ -24,13 +24,14 @@ from netpress.errors import ModelError, RecipeError
 from netpress.recover.distributed import data_parallel, shard
 from netpress.recover.early_stop import AgreementMonitor, split_for_monitor
 
-__all__ = ["TrainConfig", "LossFn", "train"]
+__all__ = ["BN_MODES", "TrainConfig", "LossFn", "train", "train_mode"]
 
 #: ``loss(student_out, teacher_out_or_None, labels_or_None) -> scalar``.
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+BN_MODES = ("train", "frozen")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +55,12 @@ class TrainConfig(MethodConfig):
     activation maps sparse; ``cond_reg`` (a strength) adds a smooth condition-number
     surrogate of the weights of ``cond_layers`` (default: the pruned layers, else every
     Conv/Linear) for robustness. See :func:`netpress.recover.regularizers.training_penalties`.
+
+    ``bn`` says what BatchNorm layers do during the loop: ``"train"`` normalises with batch
+    statistics and re-estimates the running statistics from the recovery batches;
+    ``"frozen"`` keeps every BatchNorm module in eval mode, so the running statistics (and
+    anything folded into them, such as a structured refit's intercepts) stay exactly as they
+    were while the affine weight and bias are still trained.
     """
 
     epochs: float = 1.0
@@ -75,6 +82,7 @@ class TrainConfig(MethodConfig):
     act_layers: tuple[str, ...] = ()
     cond_reg: float | None = None
     cond_layers: tuple[str, ...] = ()
+    bn: str = "train"
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -101,6 +109,8 @@ class TrainConfig(MethodConfig):
         if not (isinstance(self.range_reg_strength, (int, float))
                 and self.range_reg_strength >= 0):
             raise RecipeError(f"{n}: range_reg_strength must be a number >= 0")
+        if self.bn not in BN_MODES:
+            raise RecipeError(f"{n}: bn={self.bn!r}; choose one of {BN_MODES}")
         self._check_penalties()
 
     def _check_penalties(self) -> None:
@@ -203,7 +213,7 @@ def _train(
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     ctx.reference.eval()
-    model.train()
+    train_mode(model, cfg.bn)
     runner = data_parallel(model)  # averages gradients over ranks (itself in one process)
     step, running, stop = 0, float("nan"), False
     with progress_bar(total, name, ctx.progress) as advance:
@@ -240,6 +250,16 @@ def _train(
     if sparsity is not None:
         summary["mask_sparsity"] = round(sparsity, 6)
     return summary
+
+
+def train_mode(model: nn.Module, bn: str = "train") -> None:
+    """Put ``model`` in train mode; with ``bn="frozen"`` its BatchNorm modules stay in eval
+    mode (running statistics used and left unchanged; affine parameters still trainable)."""
+    model.train()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _ramps_done(ctx: Context) -> bool:

@@ -88,3 +88,28 @@ def test_float_head_reads_an_unrounded_pool():
     last = quantizers[-1]
     assert all(u.op != "call_module" or u.target != "fc" for u in last.users)
     assert not any("avg_pool" in str(a) for a in last.args)
+
+
+def test_models_with_dict_outputs_are_equalized_and_range_searched():
+    # equalization and range_search follow the logits of a dict / ModelOutput output
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.c2(self.c1(x).relu()).relu().mean((2, 3))
+            return {"logits": self.fc(h), "embedding": h}
+
+    torch.manual_seed(0)
+    model = DictOut().eval()
+    data = [(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    res = npr.compress(model, npr.Quantize(), calibration=data, example_inputs=data[0][0],
+                       measure=False)
+    step = res.report.to_dict()["steps"][0]
+    assert step["range_search"]["quantizers"] > 0 and "equalization" in step
+    x = torch.randn(64, 3, 16, 16)
+    got, ref = res.model(x), model(x)
+    agree = float((got["logits"].argmax(1) == ref["logits"].argmax(1)).float().mean())
+    assert set(got) == {"logits", "embedding"} and agree >= 0.9

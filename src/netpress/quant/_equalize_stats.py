@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from netpress._inputs import call_model
+from netpress._inputs import _tensors, call_model, primary_output
+from netpress.errors import ModelError
 from netpress.quant._insert import drop_identities, insert_act_quant
 from netpress.quant.equalize import (
     Consumer,
@@ -153,9 +154,10 @@ def _gather(gm: fx.GraphModule, aq_names: list[str], consumers: list[str],
             called.clear()
             x = inputs.detach().requires_grad_(True) if isinstance(inputs, torch.Tensor) \
                 else inputs
-            out = call_model(gm, x)
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                raise TypeError("equalization needs a model with one float tensor output")
+            out = primary_output(call_model(gm, x))  # logits of a dict / ModelOutput too
+            if not out.is_floating_point():
+                raise ModelError(f"Quantize: equalization needs a float output to follow, "
+                                 f"the model returned {out.dtype}; pass equalize=False")
             top2 = out.detach().topk(2, 1).indices if out.dim() == 2 and out.shape[1] > 1 \
                 else None
             proj = None if top2 is not None else torch.randn(
@@ -192,11 +194,16 @@ def _note(table: dict[str, list[torch.Tensor]], kind: str, name: str, t: torch.T
     table[name][0], table[name][1] = lo, hi
 
 
+def _float_outputs(out: Any) -> torch.Tensor:
+    """Every float tensor of a model's output (tensor, tuple, dict, ModelOutput), flattened."""
+    return torch.cat([t.flatten().double() for t in _tensors(out) if t.is_floating_point()])
+
+
 @torch.no_grad()
 def _apply_checked(model: nn.Module, sets: Sequence[ScaleSet], factors: torch.Tensor,
                    probe: Any) -> tuple[int, int]:
     """Scale every set whose scaling keeps the outputs; ``(sets scaled, sets refused)``."""
-    before = call_model(model, probe)
+    before = _float_outputs(call_model(model, probe))
     done = refused = base = 0
     for s in sets:
         f = factors[base:base + s.units]
@@ -204,7 +211,7 @@ def _apply_checked(model: nn.Module, sets: Sequence[ScaleSet], factors: torch.Te
         if bool(((f - 1).abs() < 1e-6).all()):
             continue
         apply_scales(model, s, f)
-        after = call_model(model, probe)
+        after = _float_outputs(call_model(model, probe))
         if float((after - before).abs().max()) > 1e-4 * max(float(before.abs().max()), 1e-6):
             apply_scales(model, s, 1.0 / f)  # a non-homogeneous op couples these channels
             refused += 1

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from netpress._inputs import call_model
+from netpress._inputs import call_model, primary_output
+from netpress.errors import ModelError
 from netpress.quant.modules import ActQuant
 from netpress.quant.observers import MinMaxObserver
 from netpress.quant.primitives import choose_qparams, qrange
@@ -108,9 +109,10 @@ def _costs(gm: fx.GraphModule, names: Sequence[str], batches: Sequence[Any],
             live.clear()
             x = inputs.detach().requires_grad_(True) if isinstance(inputs, torch.Tensor) \
                 and inputs.is_floating_point() else inputs
-            out = call_model(gm, x)
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                raise TypeError("range_search needs a model with one float tensor output")
+            out = primary_output(call_model(gm, x))  # logits of a dict / ModelOutput too
+            if not out.is_floating_point():
+                raise ModelError(f"Quantize: range_search needs a float output to follow, "
+                                 f"the model returned {out.dtype}; pass range_search=False")
             _signal(out, i).backward()
             for name, t in live:
                 aq = quants[name]

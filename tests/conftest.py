@@ -42,3 +42,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def pretrained_resnet20(shared_data: Path):
+    """``load(calib, test) -> (reference, calibration batches of 64, test images)``: the
+    pretrained CIFAR-10 ResNet-20 with ``calib`` JPEG train images (seed 0) and the first
+    ``test`` JPEG test images, for one-shot tests on real weights."""
+    from netpress import datasets as ds
+    from netpress.models import find_pretrained, load_pretrained_cifar_resnet
+
+    def load(calib: int, test: int) -> tuple[torch.nn.Module, list, torch.Tensor]:
+        ref = load_pretrained_cifar_resnet(20, find_pretrained(20, shared_data))
+        x, y = ds.cifar10_jpeg_train(shared_data, limit=calib, seed=0).tensors
+        batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, calib, 64)]
+        return ref, batches, ds.cifar10_jpeg_test(shared_data, limit=test).tensors[0]
+
+    return load

@@ -7,8 +7,6 @@ import torch
 from torch import nn
 
 import netpress as npr
-from netpress import datasets as ds
-from netpress.models import find_pretrained, load_pretrained_cifar_resnet
 
 
 def _output_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -24,15 +22,12 @@ def _output_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_refit_lowers_the_consumers_output_error_on_resnet20(shared_data, one_thread):
-    ref = load_pretrained_cifar_resnet(20, find_pretrained(20, shared_data))
-    x, y = ds.cifar10_jpeg_train(shared_data, limit=256, seed=0).tensors
-    calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
-    test = ds.cifar10_jpeg_test(shared_data, limit=500).tensors[0]
+def test_refit_lowers_the_consumers_output_error_on_resnet20(pretrained_resnet20, one_thread):
+    ref, calib, test = pretrained_resnet20(256, 500)
 
     def prune(**kw: object) -> nn.Module:
         cfg = npr.StructuredPrune(macs=0.5, protect=("conv1",), **kw)  # type: ignore[arg-type]
-        return npr.compress(ref, cfg, calibration=calib, example_inputs=x[:1],
+        return npr.compress(ref, cfg, calibration=calib, example_inputs=test[:1],
                             measure=False).model
 
     on, off = prune(), prune(reconstruct=False)

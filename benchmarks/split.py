@@ -39,6 +39,22 @@ from netpress.split import codes_of, save_split, train_dictionary, transmitted_b
 RESULTS = Path(__file__).parent / "results"
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Random crop (4-pixel zero padding) and horizontal flip of a tensor image data set."""
+
+    def __init__(self, base: torch.utils.data.TensorDataset, seed: int = 0) -> None:
+        self.x, self.y = base.tensors[0], base.tensors[1]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dy, dx, flip = torch.randint(0, 9, (3,), generator=self.gen).tolist()
+        img = torch.nn.functional.pad(self.x[i], (4, 4, 4, 4))[:, dy:dy + 32, dx:dx + 32]
+        return (img.flip(-1) if flip % 2 else img), self.y[i]
+
+
 def _jpeg_test_bytes(root: Path, n: int) -> np.ndarray:
     arrays = np.load(root / "cifar10" / "cifar10_jpeg_bytes.npz")
     return np.diff(arrays["test_offsets"])[:n]
@@ -59,9 +75,12 @@ def _parse(spec: str) -> dict[str, Any]:
 def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, test: Any,
         exact: Any, ref_out: torch.Tensor, jpeg: np.ndarray) -> dict[str, Any]:
     cfg = npr.Split(**_parse(spec), stage1_steps=args.stage1, stage2_steps=args.stage2,
-                    lr=args.lr, train_head=not args.frozen_head)
+                    lr=args.lr, optimizer=args.optimizer, train_head=not args.frozen_head,
+                    alpha=args.alpha, temperature=args.temperature, hidden=args.hidden,
+                    stage2_trains=tuple(args.stage2_trains.split(",")))
+    data = Augmented(train) if args.augment else train
     t0 = time.perf_counter()
-    split = npr.compress(ref, cfg, train=ds.loader(train, 64, shuffle=True),
+    split = npr.compress(ref, cfg, train=ds.loader(data, 64, shuffle=True),
                          measure=False).model
     train_s = time.perf_counter() - t0
     codes = codes_of(split, ds.loader(test, 500))
@@ -72,7 +91,8 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
     dev_t, ref_t = measure_latency_interleaved([device, ref], x1, batch_sizes=(1,),
                                                repeats=30)
     folder = RESULTS / "split_models" / spec.replace(":", "_")
-    paths = save_split(split, folder, x1, recipe=npr.Recipe((cfg,)).to_dict())
+    paths = {} if args.no_save else save_split(split, folder, x1,
+                                               recipe=npr.Recipe((cfg,)).to_dict())
     row = {"config": cfg.to_dict(), "spec": spec, "train_seconds": round(train_s, 1),
            "agreement_jpeg": agreement(logits(split, test), ref_out),
            "accuracy_exact": accuracy(logits(split, exact), exact.tensors[1]),
@@ -97,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1", type=int, default=400)
     p.add_argument("--stage2", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--alpha", type=float, default=0.9, help="stage 2: weight of distillation")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--hidden", type=int, default=None, help="bottleneck width")
+    p.add_argument("--stage2-trains", default="decoder,tail",
+                   help="parts stage 2 trains (head,encoder,decoder,tail)")
+    p.add_argument("--augment", action="store_true", help="random crop + flip of train images")
+    p.add_argument("--no-save", action="store_true", help="skip writing the artefacts")
     p.add_argument("--frozen-head", action="store_true", help="stage 1 trains only the encoder")
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--test-images", type=int, default=10000)

@@ -89,6 +89,16 @@ def test_bottleneck_rebuilds_the_shape(shape):
     assert torch.allclose(bn.decode(codes), bn(x))
 
 
+def test_a_stride_of_four_stacks_two_halvings():
+    bn = build_bottleneck((2, 16, 32, 32), channels=4, bits=3, stride=4).eval()
+    strided = [m.stride for m in bn.encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert strided == [(2, 2), (2, 2), (1, 1)]
+    x = torch.randn(2, 16, 32, 32)
+    assert bn.codes(x).shape == (2, 4, 8, 8) and bn(x).shape == x.shape
+    odd = build_bottleneck((2, 16, 9, 7), channels=4, bits=3, stride=4).eval()
+    assert odd(torch.randn(2, 16, 9, 7)).shape == (2, 16, 9, 7)
+
+
 def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     model = TinyCNN(width=8).eval()
@@ -149,6 +159,26 @@ def test_a_frozen_head_keeps_its_weights_and_batchnorm_statistics(one_thread):
         if name.startswith(("conv1.", "bn1.")):
             assert torch.equal(head[name], value), name
     assert not torch.equal(res.model.tail.conv2.weight, model.conv2.weight)  # the tail trained
+
+
+def test_stage2_trains_only_the_parts_it_names(one_thread):
+    model, data = _task()
+    res = npr.compress(model, npr.Split(at="conv1", channels=4, stride=1, stage1_steps=0,
+                                        stage2_steps=3, stage2_trains=("encoder",), alpha=1.0),
+                       train=data, measure=False)
+    split = res.model
+    assert torch.equal(split.tail.conv2.weight, model.conv2.weight)  # the tail stayed
+    assert torch.equal(split.head.conv1.weight, model.conv1.weight)  # no stage 1: head too
+    enc = split.bottleneck.encoder
+    assert enc[1].num_batches_tracked > 0  # the encoder trained (batch statistics moved)
+    dec_bn = split.bottleneck.decoder[1]
+    assert int(dec_bn.num_batches_tracked) == 0 and torch.all(dec_bn.running_mean == 0)
+    with pytest.raises(RecipeError, match="stage2_trains"):
+        npr.Split(stage2_trains=("server",))
+    with pytest.raises(RecipeError, match="stage2_trains"):
+        npr.Split(stage2_trains="tail")
+    with pytest.raises(RecipeError, match="stage1_steps"):
+        npr.Split(stage1_steps=-1)
 
 
 def test_bytes_per_input_is_zstd_of_each_codes_array():

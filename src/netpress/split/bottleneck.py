@@ -1,7 +1,9 @@
 """The learned bottleneck of split computing: encoder, integer codes, decoder.
 
 The encoder reduces the cut tensor to ``channels`` channels (and, for image-like maps, by
-``stride`` in space), ending in a BatchNorm whose affine maps values onto the code grid.
+``stride`` in space: a stride that is a power of two above 2 is reached by a stack of 3×3
+stride-2 convolutions, each halving the width, and undone by as many transposed ones),
+ending in a BatchNorm whose affine maps values onto the code grid.
 :func:`quantize_ste` turns them into integer codes ``q = clamp(round(z), 0, 2^bits - 1)`` (the
 tensor the device sends) with a straight-through gradient inside the range, and hands the
 decoder ``q / (2^bits - 1)``. The decoder rebuilds a tensor of the cut tensor's shape. The
@@ -83,6 +85,34 @@ def _norm_init(bn: nn.Module, qmax: int) -> None:
         bn.bias.fill_(qmax / 4.0)  # type: ignore[operator]
 
 
+def _halvings(stride: int) -> int:
+    """How many stride-2 stages make ``stride`` (0 when it is not a power of two above 2)."""
+    n = stride.bit_length() - 1
+    return n if stride > 2 and stride == 2 ** n else 0
+
+
+def _down(c: int, mid: int, stride: int) -> list[nn.Module]:
+    """Conv + BN + ReLU stages taking ``c`` channels to ``mid`` and dividing the size."""
+    steps = [2] * _halvings(stride) or [stride]
+    layers: list[nn.Module] = []
+    for i, s in enumerate(steps):
+        layers += [nn.Conv2d(c if i == 0 else mid, mid, 3, stride=s, padding=1, bias=False),
+                   nn.BatchNorm2d(mid), nn.ReLU()]
+    return layers
+
+
+def _up(channels: int, mid: int, stride: int) -> list[nn.Module]:
+    """The decoder's upsampling stages, from the codes' ``channels`` to ``mid`` channels."""
+    steps = [2] * _halvings(stride) or [stride]
+    layers: list[nn.Module] = []
+    for i, s in enumerate(steps):
+        cin = channels if i == 0 else mid
+        layers += [nn.ConvTranspose2d(cin, mid, 2 * s, stride=s, padding=s // 2, bias=False)
+                   if s > 1 else nn.Conv2d(cin, mid, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(mid), nn.ReLU()]
+    return layers
+
+
 def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
                      hidden: int | None = None) -> Bottleneck:
     """A bottleneck for cut tensors of ``shape`` (batch dimension included)."""
@@ -91,14 +121,9 @@ def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride
         c, h, w = shape[1], shape[2], shape[3]
         mid = hidden or c
         enc_bn: nn.Module = nn.BatchNorm2d(channels)
-        encoder = nn.Sequential(
-            nn.Conv2d(c, mid, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(mid),
-            nn.ReLU(), nn.Conv2d(mid, channels, 1, bias=False), enc_bn)
-        up: nn.Module = (nn.ConvTranspose2d(channels, mid, 2 * stride, stride=stride,
-                                            padding=stride // 2, bias=False)
-                         if stride > 1 else nn.Conv2d(channels, mid, 3, padding=1, bias=False))
-        decoder = nn.Sequential(up, nn.BatchNorm2d(mid), nn.ReLU(),
-                                nn.Conv2d(mid, c, 3, padding=1))
+        encoder = nn.Sequential(*_down(c, mid, stride), nn.Conv2d(mid, channels, 1, bias=False),
+                                enc_bn)
+        decoder = nn.Sequential(*_up(channels, mid, stride), nn.Conv2d(mid, c, 3, padding=1))
         size: tuple[int, ...] = (h, w)
     elif len(shape) in (2, 3):
         c = shape[-1]

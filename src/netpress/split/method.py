@@ -7,9 +7,12 @@ BottleFit (Matsubara et al., 2022):
 1. **head distillation**: the head (unless ``train_head=False``) and the bottleneck learn to
    reproduce the *original* head's output at the cut (mean squared error), with the tail
    untouched;
-2. **output distillation**: the head and encoder are frozen (the device side is final) and
-   the decoder and tail are fine-tuned to the original model's outputs (soft targets at
-   ``temperature``, plus labels with weight ``1 - alpha``).
+2. **output distillation**: the parts named in ``stage2_trains`` (by default the decoder and
+   the tail, as in BottleFit: the device side is final) are fine-tuned to the original
+   model's outputs (soft targets at ``temperature``, plus labels with weight ``1 - alpha``;
+   ``alpha=1`` is pure distillation, agreement being the target); the other parts are
+   frozen, BatchNorm statistics included. Adding ``"encoder"`` lets the transmitted codes
+   themselves adapt to the output loss (``rate`` then applies in stage 2 too).
 
 ``rate`` adds an L1 penalty on the codes (the same term as the recoveries'
 ``act_sparsity``, on the bottleneck's output) that pushes them towards small values, which
@@ -51,7 +54,9 @@ class Split(MethodConfig):
     (2..8): bits per transmitted value; ``stride``: spatial downsampling of the encoder for
     image-like maps; ``hidden``: width of the encoder/decoder (default: the cut tensor's
     channels). ``stage1_steps`` / ``stage2_steps``: optimizer steps of the two training stages
-    (batches of the ``train`` data), at ``lr`` with ``optimizer`` and a cosine schedule.
+    (batches of the ``train`` data; ``stage1_steps=0`` skips stage 1), at ``lr`` with
+    ``optimizer`` and a cosine schedule. ``stage2_trains``: the parts stage 2 trains, from
+    ``head``, ``encoder``, ``decoder``, ``tail``.
     """
 
     at: str = "re:.*"
@@ -67,12 +72,16 @@ class Split(MethodConfig):
     alpha: float = 0.9
     rate: float = 0.0
     train_head: bool = True
+    stage2_trains: tuple[str, ...] = ("decoder", "tail")
 
     def __post_init__(self) -> None:
         n = self.type_name()
         if not isinstance(self.at, str) or not self.at:
             raise RecipeError(f"{n}: at={self.at!r} must name a module or be a 're:' pattern")
-        _positive_ints(self, ("channels", "stride", "stage1_steps", "stage2_steps"))
+        _positive_ints(self, ("channels", "stride", "stage2_steps"))
+        if isinstance(self.stage1_steps, bool) or not isinstance(self.stage1_steps, int) \
+                or self.stage1_steps < 0:
+            raise RecipeError(f"{n}: stage1_steps={self.stage1_steps!r} must be an int >= 0")
         if self.hidden is not None:
             _positive_ints(self, ("hidden",))
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
@@ -90,6 +99,15 @@ class Split(MethodConfig):
             raise RecipeError(f"{n}: optimizer={self.optimizer!r}; choose one of {OPTIMIZERS}")
         if not isinstance(self.train_head, bool):
             raise RecipeError(f"{n}: train_head must be true or false")
+        parts = self.stage2_trains
+        if isinstance(parts, str) or not parts or any(p not in PARTS for p in parts):
+            raise RecipeError(f"{n}: stage2_trains={parts!r} must list one or more of "
+                              f"{tuple(PARTS)}")
+
+
+#: The parts of a split model that ``stage2_trains`` names, and their module names.
+PARTS = {"head": "head", "encoder": "bottleneck.encoder", "decoder": "bottleneck.decoder",
+         "tail": "tail"}
 
 
 def _positive_ints(cfg: Split, names: tuple[str, ...]) -> None:
@@ -149,17 +167,21 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
     front = split.front()
     head_ctx = ctx.fork(reference=teacher.head.eval())
     head_ctx.masks = {k: m for k, m in ctx.masks.items() if k.startswith("head.")}
-    with _freeze(front, [] if cfg.train_head else ["head"]):
-        stage1 = train(front, head_ctx, _stage_config(cfg, cfg.stage1_steps, cfg.rate),
-                       _head_loss, needs_teacher=True)
+    stage1: dict[str, Any] = {"steps": 0}
+    if cfg.stage1_steps:
+        with _freeze(front, [] if cfg.train_head else ["head"]):
+            stage1 = train(front, head_ctx, _stage_config(cfg, cfg.stage1_steps, cfg.rate),
+                           _head_loss, needs_teacher=True)
 
     def output_loss(out: torch.Tensor, ref: torch.Tensor | None,
                     labels: torch.Tensor | None) -> torch.Tensor:
         assert ref is not None
         return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
 
-    with _freeze(split, ["head", "bottleneck.encoder"]):
-        stage2 = train(split, ctx, _stage_config(cfg, cfg.stage2_steps, 0.0), output_loss,
+    frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains]
+    rate2 = cfg.rate if "encoder" in cfg.stage2_trains else 0.0
+    with _freeze(split, frozen):
+        stage2 = train(split, ctx, _stage_config(cfg, cfg.stage2_steps, rate2), output_loss,
                        needs_teacher=True)
     split.eval()
     ctx.record(cfg.type_name(), at=at, cut_shape=list(shape[1:]),

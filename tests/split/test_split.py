@@ -181,6 +181,27 @@ def test_stage2_trains_only_the_parts_it_names(one_thread):
         npr.Split(stage1_steps=-1)
 
 
+def test_a_shared_frozen_head_trains_exactly_as_the_full_model(one_thread, monkeypatch):
+    import netpress.split.method as method
+
+    model, data = _task()
+    cfg = npr.Split(at="bn1", channels=4, stride=1, stage1_steps=4, stage2_steps=4,
+                    train_head=False, stage2_trains=("encoder", "decoder", "tail"), rate=0.01)
+    torch.manual_seed(1)
+    fast = npr.compress(model, cfg, train=data, measure=False)
+    record = fast.report["steps"][0]
+    assert record["stage1"]["shared_head"] and record["stage2"]["shared_head"]
+    monkeypatch.setattr(method, "_shared_head", lambda *a: False)
+    torch.manual_seed(1)
+    slow = npr.compress(model, cfg, train=data, measure=False)
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.allclose(fast.model(x), slow.model(x), atol=1e-4)
+    for name, value in slow.model.state_dict().items():
+        assert torch.allclose(fast.model.state_dict()[name].float(), value.float(),
+                              atol=1e-4), name
+
+
 def test_bytes_per_input_is_zstd_of_each_codes_array():
     import zstandard
 

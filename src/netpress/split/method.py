@@ -23,6 +23,7 @@ pruning masks set before the split stay applied.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from netpress.recover.losses import distillation_loss, feature_mse
 from netpress.registry import register
 from netpress.split.bottleneck import build_bottleneck
 from netpress.split.cut import cut_model, resolve_cut
+from netpress.split.frozen_head import Back, HeadOutputs, same_module
 from netpress.split.model import SplitModel
 
 __all__ = ["Split"]
@@ -164,14 +166,44 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
     names = {id(p): n for n, p in split.named_parameters()}
     ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()
                  if id(model.get_parameter(k)) in names}
+    stage1 = _stage1(split, teacher.head.eval(), cfg, ctx)
+    stage2 = _stage2(split, teacher, cfg, ctx)
+    split.eval()
+    ctx.record(cfg.type_name(), at=at, cut_shape=list(shape[1:]),
+               code_shape=_code_shape(split, example), bits=cfg.bits,
+               stage1=stage1, stage2=stage2)
+    return split
+
+
+def _shared_head(split: SplitModel, teacher_head: nn.Module, head_trains: bool) -> bool:
+    """Whether a stage can run on the head's outputs (:mod:`netpress.split.frozen_head`)."""
+    return not head_trains and same_module(split.head, teacher_head)
+
+
+def _stage1(split: SplitModel, teacher_head: nn.Module, cfg: Split, ctx: Context
+            ) -> dict[str, Any]:
+    """Head distillation: the head (if trained) and the bottleneck match the original head."""
+    if not cfg.stage1_steps:
+        return {"steps": 0}
+    train_cfg = _stage_config(cfg, cfg.stage1_steps, cfg.rate)
+    if _shared_head(split, teacher_head, cfg.train_head):
+        data = HeadOutputs(ctx.require("train", cfg.type_name()), split.head, ctx.device)
+        fast = ctx.fork(reference=nn.Identity(), train=data)
+        fast.masks = {}
+        with _freeze(split, ["head"]):  # keeps the head's BatchNorm statistics as they are
+            out = train(split.bottleneck, fast, dataclasses.replace(
+                train_cfg, act_layers=("quant",) if cfg.rate else ()), _head_loss,
+                needs_teacher=True)
+        return {**out, "shared_head": True}
     front = split.front()
-    head_ctx = ctx.fork(reference=teacher.head.eval())
+    head_ctx = ctx.fork(reference=teacher_head)
     head_ctx.masks = {k: m for k, m in ctx.masks.items() if k.startswith("head.")}
-    stage1: dict[str, Any] = {"steps": 0}
-    if cfg.stage1_steps:
-        with _freeze(front, [] if cfg.train_head else ["head"]):
-            stage1 = train(front, head_ctx, _stage_config(cfg, cfg.stage1_steps, cfg.rate),
-                           _head_loss, needs_teacher=True)
+    with _freeze(front, [] if cfg.train_head else ["head"]):
+        return train(front, head_ctx, train_cfg, _head_loss, needs_teacher=True)
+
+
+def _stage2(split: SplitModel, teacher: Any, cfg: Split, ctx: Context) -> dict[str, Any]:
+    """Output distillation of the parts ``cfg.stage2_trains`` names."""
 
     def output_loss(out: torch.Tensor, ref: torch.Tensor | None,
                     labels: torch.Tensor | None) -> torch.Tensor:
@@ -179,15 +211,19 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
         return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
 
     frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains]
-    rate2 = cfg.rate if "encoder" in cfg.stage2_trains else 0.0
+    train_cfg = _stage_config(cfg, cfg.stage2_steps,
+                              cfg.rate if "encoder" in cfg.stage2_trains else 0.0)
+    if _shared_head(split, teacher.head, "head" in cfg.stage2_trains):
+        back = Back(split.bottleneck, split.tail)
+        data = HeadOutputs(ctx.require("train", cfg.type_name()), split.head, ctx.device)
+        fast = ctx.fork(reference=teacher.tail.eval(), train=data)
+        fast.masks = {k: m for k, m in ctx.masks.items() if not k.startswith("head.")}
+        with _freeze(back, [m for m in frozen if m != "head"]):
+            out = train(back, fast, train_cfg, output_loss, needs_teacher=True)
+        ctx.masks.update(fast.masks)
+        return {**out, "shared_head": True}
     with _freeze(split, frozen):
-        stage2 = train(split, ctx, _stage_config(cfg, cfg.stage2_steps, rate2), output_loss,
-                       needs_teacher=True)
-    split.eval()
-    ctx.record(cfg.type_name(), at=at, cut_shape=list(shape[1:]),
-               code_shape=_code_shape(split, example), bits=cfg.bits,
-               stage1=stage1, stage2=stage2)
-    return split
+        return train(split, ctx, train_cfg, output_loss, needs_teacher=True)
 
 
 def _code_shape(split: SplitModel, example: Any) -> list[int]:

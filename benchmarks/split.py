@@ -5,7 +5,9 @@ two stages: head distillation, then output distillation with the device side fro
 JPEG train images, then measures on the JPEG test images:
 
 * bytes the device sends per image: its uint8 codes, one zstd frame per image, without and
-  with a zstd dictionary trained on codes of 2,000 train images (shipped once, not per image);
+  with a zstd dictionary trained on codes of 2,000 train images (shipped once, not per image),
+  and arithmetic-coded with a per-channel frequency model fitted on the same train codes
+  (``netpress.split.arith``; shipped once too; the first 200 test images are decoded back);
 * the image's own JPEG file bytes (the files the data set ships) and PNG bytes of its pixels;
 * agreement of the split model with the original on the JPEG test images, accuracy on the
   1,017 lossless test images;
@@ -34,7 +36,16 @@ from netpress import datasets as ds
 from netpress.measure import count_macs, measure_latency_interleaved
 from netpress.models import find_pretrained, load_pretrained_cifar_resnet
 from netpress.report.html import encode_png
-from netpress.split import codes_of, save_split, train_dictionary, transmitted_bytes
+from netpress.split import (
+    arith_bytes,
+    codes_of,
+    decode_codes,
+    encode_codes,
+    fit_code_model,
+    save_split,
+    train_dictionary,
+    transmitted_bytes,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,8 +95,13 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
                          measure=False).model
     train_s = time.perf_counter() - t0
     codes = codes_of(split, ds.loader(test, 500))
-    dictionary = train_dictionary(codes_of(split, ds.loader(train, 500), 4))
+    train_codes = codes_of(split, ds.loader(train, 500), 4)
+    dictionary = train_dictionary(train_codes)
     plain, with_dict = transmitted_bytes(codes), transmitted_bytes(codes, dictionary)
+    model = fit_code_model(train_codes, cfg.bits)
+    arith = arith_bytes(codes, model)
+    decoded = all(np.array_equal(decode_codes(encode_codes(c, model), model, c.shape), c)
+                  for c in codes[:200])
     x1 = test.tensors[0][:1]
     device = split.device_part().eval()
     dev_t, ref_t = measure_latency_interleaved([device, ref], x1, batch_sizes=(1,),
@@ -100,6 +116,10 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
            "bytes_mean": float(plain.mean()), "bytes_dict_mean": float(with_dict.mean()),
            "bytes_dict_p95": float(np.percentile(with_dict, 95)),
            "dictionary_bytes": len(dictionary), "jpeg_mean": float(jpeg.mean()),
+           "bytes_arith_mean": float(arith.mean()),
+           "bytes_arith_p95": float(np.percentile(arith, 95)),
+           "code_model_bytes": model.nbytes, "arith_round_trip_200": decoded,
+           "reduction_vs_jpeg_arith": float(jpeg.mean() / arith.mean()),
            "reduction_vs_jpeg": float(jpeg.mean() / with_dict.mean()),
            "reduction_vs_jpeg_no_dict": float(jpeg.mean() / plain.mean()),
            "device_macs": count_macs(device, x1), "reference_macs": count_macs(ref, x1),
@@ -144,18 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"model": "resnet56 (akamaster)", "train_images": args.train_images,
                "test_images": len(test), "stage1_steps": args.stage1,
                "stage2_steps": args.stage2, "batch": 64, "lr": args.lr,
-               "train_head": not args.frozen_head, "jpeg_mean_bytes": float(jpeg.mean()),
+               "train_head": not args.frozen_head, "optimizer": args.optimizer,
+               "alpha": args.alpha, "temperature": args.temperature,
+               "stage2_trains": args.stage2_trains, "augment": args.augment,
+               "jpeg_mean_bytes": float(jpeg.mean()),
                "png_mean_bytes": float(png.mean()),
                "reference_accuracy_exact": accuracy(logits(ref, exact), exact.tensors[1]),
                "threads": args.threads, "rows": rows}
     body = [[r["spec"], "×".join(map(str, r["code_shape"])), f"{r['bytes_mean']:.1f}",
-             f"{r['bytes_dict_mean']:.1f}", f"{r['reduction_vs_jpeg']:.1f}×",
+             f"{r['bytes_dict_mean']:.1f}", f"{r['bytes_arith_mean']:.1f}",
+             f"{r['reduction_vs_jpeg']:.1f}× / {r['reduction_vs_jpeg_arith']:.1f}×",
              f"{100 * r['agreement_jpeg']:.2f}", f"{100 * r['accuracy_exact']:.2f}",
              f"{100 * r['device_macs'] / r['reference_macs']:.1f}%",
              f"{r['device_ms']:.2f} / {r['reference_ms']:.2f}", f"{r['train_seconds']:.0f}"]
             for r in rows]
     table = markdown_table(["config (at:ch:stride:bits:rate)", "codes", "bytes/img",
-                            "bytes/img (dict)", "vs JPEG", "agreement % (JPEG)",
+                            "bytes/img (dict)", "bytes/img (arith)",
+                            "fewer than JPEG (dict / arith)", "agreement % (JPEG)",
                             "accuracy % (lossless)", "device MACs", "device / full ms (b1)",
                             "train s"], body)
     payload["table"] = table

@@ -119,6 +119,8 @@ def test_split_trains_a_faithful_bottleneck_and_exports_it(tmp_path, one_thread)
     assert 0 < sec["device_macs"] < sec["reference_macs"]
     assert sec["bytes_per_input"]["mean"] < 4 * 8 * 8  # fewer bytes than the raw codes
     assert "## Split computing" in res.report.to_markdown()
+    assert "arithmetic-coded" in res.report.to_markdown()
+    assert sec["bytes_per_input_arithmetic"]["mean"] <= 4 * 8 * 8 * 6 / 8 + 1
     split = res.model
     paths = save_split(split, tmp_path, x)
     device = npr.load(paths["device"])
@@ -224,6 +226,9 @@ def test_split_section_against_png_and_with_a_dictionary():
     assert sec["input_png_bytes"]["mean"] > 60  # an 8x8 grey PNG
     assert sec["bytes_per_input_with_dictionary"]["mean"] <= sec["bytes_per_input"]["mean"] + 1
     assert sec["reduction_vs_png"] > 1
+    arith = sec["bytes_per_input_arithmetic"]["mean"]
+    assert arith <= 2 * 4 * 4 * 8 / 8 + 1  # at most the raw bits of the codes, plus a byte
+    assert arith < sec["bytes_per_input"]["mean"]  # no headers: fewer bytes than zstd
 
 
 def test_split_settings_are_checked():

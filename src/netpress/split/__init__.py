@@ -10,9 +10,11 @@
 * :mod:`~netpress.split.bottleneck`: encoder, integer codes, decoder;
 * :mod:`~netpress.split.method`: the ``Split`` method (BottleFit's two training stages);
 * :mod:`~netpress.split.measure`: bytes per input after entropy coding, device MACs/latency;
+* :mod:`~netpress.split.arith`: a static arithmetic coder of the codes (per-channel model);
 * :mod:`~netpress.split.export`: the device and server artefacts and ONNX files.
 """
 
+from netpress.split.arith import CodeModel, arith_bytes, decode_codes, encode_codes, fit_code_model
 from netpress.split.bottleneck import Bottleneck, build_bottleneck, quantize_ste
 from netpress.split.cut import Cut, cut_model, resolve_cut
 from netpress.split.export import save_split
@@ -32,6 +34,11 @@ __all__ = [
     "DevicePart",
     "ServerPart",
     "Bottleneck",
+    "CodeModel",
+    "arith_bytes",
+    "decode_codes",
+    "encode_codes",
+    "fit_code_model",
     "Cut",
     "build_bottleneck",
     "codes_of",

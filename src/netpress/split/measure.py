@@ -3,6 +3,8 @@
 * :func:`transmitted_bytes`: the device part's ``uint8`` codes for each input, coded alone
   with zstd (the artefact's entropy coder; bare frames), optionally with a zstd dictionary
   trained on codes of training inputs (:func:`train_dictionary`) that both sides hold;
+  with training inputs the section also gives the bytes of the static arithmetic coder
+  (:mod:`netpress.split.arith`), its per-channel model fitted on the same codes;
 * :func:`image_png_bytes`: the PNG bytes of each raw input image (8-bit, lossless), the
   baseline a device would otherwise send;
 * :func:`split_section`: the report section: bytes per input (mean, median, p95, with and
@@ -22,6 +24,7 @@ from torch import nn
 from netpress._inputs import move_to, take_batch
 from netpress.measure.activations import zstd_codec
 from netpress.measure.collect import evaluating, model_device
+from netpress.split.arith import arith_bytes, fit_code_model
 from netpress.split.model import SplitModel
 
 __all__ = ["codes_of", "transmitted_bytes", "train_dictionary", "image_png_bytes",
@@ -96,12 +99,17 @@ def split_section(reference: nn.Module, split: SplitModel, evaluate: Iterable[An
         "inputs": len(codes), "bytes_per_input": _stats(sent),
     }
     if train is not None:
-        dictionary = train_dictionary(codes_of(split, train, dictionary_batches))
+        train_codes = codes_of(split, train, dictionary_batches)
+        dictionary = train_dictionary(train_codes)
         out["dictionary_bytes"] = len(dictionary)
         out["bytes_per_input_with_dictionary"] = _stats(transmitted_bytes(codes, dictionary))
+        model = fit_code_model(train_codes, out["bits"])
+        out["code_model_bytes"] = model.nbytes
+        out["bytes_per_input_arithmetic"] = _stats(arith_bytes(codes, model))
     png = image_png_bytes(evaluate, max_batches)
     if png is not None and len(png) == len(sent):
-        best = out.get("bytes_per_input_with_dictionary", out["bytes_per_input"])["mean"]
+        best = min(out[k]["mean"] for k in ("bytes_per_input", "bytes_per_input_with_dictionary",
+                                             "bytes_per_input_arithmetic") if k in out)
         out["input_png_bytes"] = _stats(png)
         out["reduction_vs_png"] = float(png.mean()) / best if best else None
     if example_inputs is not None:

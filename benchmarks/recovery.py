@@ -67,6 +67,9 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tens
     return out
 
 
+#: the residual blocks of a CIFAR ResNet (their outputs keep their shape: streams kept whole)
+BLOCKS = ("re:layer\\d\\.\\d+$",)
+
 #: recipe name -> (Distill keyword arguments, augment)
 RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
     "old": ({"optimizer": "sgd", "lr": 0.01, "temperature": 4.0, "alpha": 0.9}, False),
@@ -77,6 +80,12 @@ RECIPES: dict[str, tuple[dict[str, Any], bool]] = {
     "kd_t4_adam": ({"optimizer": "adam", "lr": 1e-3, "temperature": 4.0, "alpha": 1.0}, True),
     "kd_t4_adam_frozen": ({"optimizer": "adam", "lr": 1e-3, "temperature": 4.0, "alpha": 1.0,
                            "bn": "frozen"}, True),
+    "feat_sgd": ({"optimizer": "sgd", "lr": 0.01, "temperature": 4.0, "alpha": 1.0,
+                  "features": BLOCKS}, True),
+    "feat_adam": ({"optimizer": "adam", "lr": 1e-3, "temperature": 4.0, "alpha": 1.0,
+                   "features": BLOCKS}, True),
+    "feat_sgd_frozen": ({"optimizer": "sgd", "lr": 0.01, "temperature": 4.0, "alpha": 1.0,
+                         "features": BLOCKS, "bn": "frozen", "grad_clip": 5.0}, True),
     "kd_t4_sgd_frozen": ({"optimizer": "sgd", "lr": 0.01, "temperature": 4.0, "alpha": 1.0,
                           "bn": "frozen", "grad_clip": 5.0}, True),
 }

@@ -300,9 +300,12 @@ def run_minilm(args: argparse.Namespace) -> None:
         print(f"{label:30s} cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
               f"{row['seconds']:.0f}s", flush=True)
         results.append(row)
-    cols = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
-            "peak_rss_increase_mb"]
-    _write("oneshot_minilm" + _suffix(args), results, cols, args)
+        _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args, quiet=True)
+    _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args)
+
+
+MINILM_COLS = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
+               "peak_rss_increase_mb"]
 
 
 def _pick(rows: dict[str, list[Any]], spec: str) -> dict[str, list[Any]]:

@@ -247,7 +247,11 @@ def run_minilm(args: argparse.Namespace) -> None:
                          "attention_mask": enc["attention_mask"]}, None))
         return out
 
-    calib, evals = batches(text[:args.calibration]), batches(text[args.calibration:])
+    # the evaluation sentences are the same whatever the calibration size: 512 first, then
+    # the evaluation block, then any further calibration sentences
+    first = min(args.calibration, 512)
+    evals = batches(text[first:first + args.eval])
+    calib = batches(text[:first] + text[first + args.eval:])
     base = _embed(ref, evals)
     rows = {
         "50%: magnitude (per row)": [npr.Wanda(sparsity=0.5, score="magnitude")],
@@ -256,6 +260,19 @@ def run_minilm(args: argparse.Namespace) -> None:
         "4-bit g128: RTN": [npr.GPTQ(bits=4, group_size=128, rounding="nearest")],
         "4-bit g128: GPTQ": [npr.GPTQ(bits=4, group_size=128)],
     }
+    sgpt = npr.SparseGPT
+    rows.update({  # issue 11b: towards cosine 0.98 at 50%
+        "50%+: SparseGPT + refit_bias": [sgpt(sparsity=0.5, refit_bias=True)],
+        "50%+: SparseGPT refit + refit_bias": [sgpt(sparsity=0.5, refit=True, refit_bias=True)],
+        "50%+: SparseGPT owl": [sgpt(sparsity=0.5, allocation="owl")],
+        "50%+: SparseGPT owl lambda 0.15": [sgpt(sparsity=0.5, allocation="owl",
+                                                 owl_lambda=0.15)],
+        "50%+: SparseGPT blocksize 32": [sgpt(sparsity=0.5, blocksize=32)],
+        "50%+: SparseGPT blocksize 1024": [sgpt(sparsity=0.5, blocksize=1024)],
+        "50%+: SparseGPT global": [sgpt(sparsity=0.5, allocation="global")],
+        "50%+: SparseGPT owl + refit + refit_bias": [
+            sgpt(sparsity=0.5, allocation="owl", refit=True, refit_bias=True)],
+    })
     if args.ablation:
         rows.update({
             "ablation 50%: SparseGPT sequential-local": [
@@ -283,9 +300,12 @@ def run_minilm(args: argparse.Namespace) -> None:
         print(f"{label:30s} cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
               f"{row['seconds']:.0f}s", flush=True)
         results.append(row)
-    cols = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
-            "peak_rss_increase_mb"]
-    _write("oneshot_minilm" + _suffix(args), results, cols, args)
+        _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args, quiet=True)
+    _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args)
+
+
+MINILM_COLS = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",
+               "peak_rss_increase_mb"]
 
 
 def _pick(rows: dict[str, list[Any]], spec: str) -> dict[str, list[Any]]:

@@ -18,7 +18,7 @@ import torch
 
 from netpress.reconstruct.obs import damped
 
-__all__ = ["refit_target", "masked_lstsq", "with_bias"]
+__all__ = ["refit_target", "masked_lstsq", "with_bias", "corrected_bias"]
 
 
 def refit_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
@@ -58,6 +58,14 @@ def with_bias(hessian: torch.Tensor, cross: torch.Tensor, mean: torch.Tensor,
     m = torch.cat([torch.cat([cross, orig_mean[:, None]], 1),
                    torch.cat([mean[None, :], one], 1)], 0)
     return h, m
+
+
+def corrected_bias(weight: torch.Tensor, new_weight: torch.Tensor, bias: torch.Tensor,
+                   mean: torch.Tensor, orig_mean: torch.Tensor) -> torch.Tensor:
+    """``b + W E[x_o] - W' E[x_c]``: the bias with which the layer's new weights ``W'`` on
+    its current inputs (mean ``mean``) keep the mean output of the original weights ``W`` on
+    the original inputs (mean ``orig_mean``); the least-squares optimal bias for fixed ``W'``."""
+    return bias + weight @ orig_mean - new_weight @ mean
 
 
 def masked_lstsq(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,

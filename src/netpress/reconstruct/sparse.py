@@ -26,16 +26,17 @@ from netpress.errors import RecipeError
 from netpress.prune.masks import floor_keep, global_prune_counts
 from netpress.reconstruct._common import LayerwiseSettings, calibrate
 from netpress.reconstruct._measure import measured
-from netpress.reconstruct.engine import LayerStats
+from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
+from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
-from netpress.reconstruct.lstsq import masked_lstsq, refit_target
+from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
 from netpress.reconstruct.patterns import parse_pattern
-from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask
+from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
 from netpress.registry import register
 
 __all__ = ["SparseGPT", "Wanda", "ALLOCATIONS"]
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "owl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,8 @@ class _SparseSettings(LayerwiseSettings):
     allocation: str = "uniform"
     floor: float = 0.02
     min_weights: int = 0
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def _check_sparse(self) -> None:
         name = self.type_name()
@@ -60,13 +63,19 @@ class _SparseSettings(LayerwiseSettings):
                               f"{ALLOCATIONS}")
         if not isinstance(self.min_weights, int) or self.min_weights < 0:
             raise RecipeError(f"{name}: min_weights must be an int >= 0")
+        for key, lo in (("owl_m", 1.0), ("owl_lambda", 0.0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < 1e6:
+                raise RecipeError(f"{name}: {key}={v!r} must be a number >= {lo}")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
-    def targets(self, layers: dict[str, nn.Module]) -> tuple[dict[str, float], dict[str, str]]:
-        """Sparsity per layer, and the layers left dense with the reason."""
+    def targets(self, layers: dict[str, nn.Module], sq_norms: dict[str, torch.Tensor] | None = None,
+                ) -> tuple[dict[str, float], dict[str, str]]:
+        """Sparsity per layer, and the layers left dense with the reason (``owl`` needs the
+        layers' input ``sq_norms`` from the original model)."""
         views = {n: LayerView(m, n) for n, m in layers.items()}
         skipped: dict[str, str] = {}
         if self.n_m is not None:
@@ -79,6 +88,13 @@ class _SparseSettings(LayerwiseSettings):
             return {n: 1 - self.n_m[0] / m for n in views if n not in skipped}, skipped
         if self.allocation == "uniform":
             return {n: self.sparsity for n in views}, skipped
+        if self.allocation == "owl":
+            assert sq_norms is not None
+            ratios = [outlier_ratio(wanda_scores_grouped(v.matrix(), sq_norms[n]), self.owl_m)
+                      for n, v in views.items()]
+            sizes = [v.weight.numel() for v in views.values()]
+            return dict(zip(views, owl_sparsities(ratios, sizes, self.sparsity,
+                                                  self.owl_lambda))), skipped
         weights = [v.weight.detach() for v in views.values()]
         floors = [floor_keep(w.numel(), self.floor, self.min_weights) for w in weights]
         try:
@@ -94,15 +110,20 @@ class SparseGPT(_SparseSettings):
     """One-shot pruning with OBS weight updates fitted on calibration data (SparseGPT).
 
     ``refit=True`` re-solves the kept weights of each row exactly by least squares after the
-    mask is chosen (slower; helps at high sparsity).
+    mask is chosen (slower; helps at high sparsity). ``refit_bias=True`` also refits the
+    bias of layers that have one: jointly with the kept weights under ``refit``, else so the
+    layer's mean output on the calibration data stays the original's.
     """
 
     refit: bool = False
+    refit_bias: bool = False
 
     def __post_init__(self) -> None:
         self._check_sparse()
-        if not isinstance(self.refit, bool):
-            raise RecipeError(f"SparseGPT: refit={self.refit!r} must be true or false")
+        for key in ("refit", "refit_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"SparseGPT: {key}={getattr(self, key)!r} must be true or "
+                                  "false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,9 +158,35 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
                                      blocksize=_blocksize(cfg), damp=cfg.damp)
             w[g] = masked_lstsq(target, h, keep, cfg.damp) if cfg.refit else pruned
             keeps.append(keep)
+        if cfg.refit_bias:
+            _refit_bias(view, stats, w, torch.stack(keeps), cfg)
         view.set_matrix(w)
         masks[f"{name}.weight"] = view.weight_layout(torch.stack(keeps))
     return solve
+
+
+def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch.Tensor,
+                cfg: SparseGPT) -> None:
+    """Refit the bias of ``view`` (and with ``cfg.refit`` the kept weights ``w``, in place)
+    to the original layer's outputs; no-op for layers without a bias."""
+    bias = getattr(view.module, "bias", None)
+    if not isinstance(bias, torch.Tensor) or stats.mean is None or stats.hessian is None:
+        return
+    old, b = view.matrix(), bias.detach().double().reshape(w.shape[0], w.shape[1]).clone()
+    for g in range(w.shape[0]):
+        orig_mean = stats.orig_mean[g] if stats.orig_mean is not None else stats.mean[g]
+        if cfg.refit:
+            h = stats.hessian[g]
+            m = stats.cross[g] if stats.cross is not None else h
+            h1, m1 = with_bias(h, m, stats.mean[g], orig_mean)
+            target = refit_target(torch.cat([old[g], b[g][:, None]], 1), h1, m1, cfg.damp)
+            full = masked_lstsq(target, h1, torch.cat([keep[g], keep.new_ones(
+                keep.shape[1], 1)], 1), cfg.damp)
+            w[g], b[g] = full[:, :-1], full[:, -1]
+        else:
+            b[g] = corrected_bias(old[g], w[g], b[g], stats.mean[g], orig_mean)
+    with torch.no_grad():
+        bias.copy_(b.reshape(bias.shape).to(bias.dtype))
 
 
 def _wanda_solver(cfg: Wanda, targets: dict[str, float],
@@ -176,14 +223,34 @@ def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context, masks: dict[st
     return model
 
 
+def wanda_scores_grouped(matrix: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda scores of a ``(groups, rows, d)`` matrix view with per-group input norms."""
+    return torch.stack([wanda_scores(matrix[g], sq_norms[g].to(matrix.dtype))
+                        for g in range(matrix.shape[0])])
+
+
+def _targets(cfg: _SparseSettings, ctx: Context, layers: dict[str, nn.Module],
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """Per-layer sparsities; OWL first measures the original model's input norms (one
+    forward over the calibration data)."""
+    norms = None
+    if cfg.allocation == "owl" and cfg.n_m is None:
+        data = ctx.require("calibration", f"{cfg.type_name()}(allocation='owl')")
+        stats = collect_statistics(ctx.reference, ctx.reference, list(layers), data,
+                                   mode="plain", full=False,
+                                   max_batches=cfg.calibration_batches)
+        norms = {n: st.sq_norms for n, st in stats.items()}
+    return cfg.targets(layers, norms)
+
+
 def _needs(cfg: Wanda) -> tuple[str, ...]:
-    return ("calibration",) if cfg.score == "wanda" else ()
+    return ("calibration",) if cfg.score == "wanda" or cfg.allocation == "owl" else ()
 
 
 @register(SparseGPT, kind="prune", needs=("calibration",))
 def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
-    targets, skipped = cfg.targets(layers)
+    targets, skipped = _targets(cfg, ctx, layers)
     masks: dict[str, torch.Tensor] = {}
     with measured() as info:
         info.update(calibrate(model, cfg, ctx, list(targets),
@@ -194,7 +261,7 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
 @register(Wanda, kind="prune", needs=_needs)
 def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
-    targets, skipped = cfg.targets(layers)
+    targets, skipped = _targets(cfg, ctx, layers)
     masks: dict[str, torch.Tensor] = {}
     solve = _wanda_solver(cfg, targets, masks)
     with measured() as info:

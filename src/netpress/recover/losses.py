@@ -17,6 +17,7 @@ __all__ = [
     "reference_label_ce",
     "top1_margin_hinge",
     "label_preserving_loss",
+    "feature_loss",
 ]
 
 
@@ -97,3 +98,13 @@ def label_preserving_loss(
     if margin_weight:
         loss = loss + margin_weight * top1_margin_hinge(student, teacher, margin)
     return loss
+
+
+def feature_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over ``(student, teacher)`` feature pairs of ``‖s - t‖² / ‖t‖²`` (the relative
+    squared error, so blocks of different scale weigh alike); 0 for no pairs."""
+    if not pairs:
+        return torch.zeros(())
+    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+             for s, t in pairs]
+    return torch.stack(terms).mean()

@@ -6,6 +6,7 @@ gradual-pruning ramps advance during them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,11 @@ from torch import nn
 from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import DataError, RecipeError
+from netpress.recover.features import feature_capture
 from netpress.recover.loop import TrainConfig, train
-from netpress.recover.losses import cosine_loss, distillation_loss, feature_mse
+from netpress.recover.losses import cosine_loss, distillation_loss, feature_loss, feature_mse
 from netpress.registry import register
+from netpress.select import check_patterns
 
 __all__ = ["FineTune", "Distill", "DISTILL_LOSSES"]
 
@@ -39,11 +42,18 @@ class Distill(TrainConfig):
     The loss is ``alpha * T^2 * KL(p_ref || p) + (1 - alpha) * CE(labels)`` for ``loss="kl"``
     (pure distillation when the data has no labels); ``"mse"`` and ``"cosine"`` match raw
     outputs instead, for regression and embedding models.
+
+    ``features`` (module names or ``re:`` patterns, e.g. ``("re:layer\\d\\.\\d+$",)``
+    for the blocks of a ResNet) adds ``feature_weight`` times the mean relative squared
+    error between those modules' outputs in the model and in the reference: per-block
+    targets, for compressed models whose block outputs keep their shapes.
     """
 
     temperature: float = 4.0
     alpha: float = 0.9
     loss: str = "kl"
+    features: tuple[str, ...] = ()
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_train()
@@ -52,6 +62,10 @@ class Distill(TrainConfig):
         check_fraction("Distill", "alpha", self.alpha, hi_open=False)
         if self.loss not in DISTILL_LOSSES:
             raise RecipeError(f"Distill: loss={self.loss!r}; choose one of {DISTILL_LOSSES}")
+        check_patterns("Distill", features=self.features)
+        w = self.feature_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+            raise RecipeError(f"Distill: feature_weight={w!r} must be a number >= 0")
 
 
 @register(FineTune, kind="recover", needs=("train",))
@@ -77,5 +91,15 @@ def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
             return cosine_loss(out, teacher)
         return distillation_loss(out, teacher, labels, cfg.temperature, cfg.alpha)
 
-    ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
+    if not cfg.features:
+        ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
+        return model
+    with feature_capture(model, ctx.reference, cfg.features) as store:
+        def with_features(out: torch.Tensor, teacher: torch.Tensor | None,
+                          labels: torch.Tensor | None) -> torch.Tensor:
+            extra = feature_loss(store.pairs()).to(out.device)
+            return loss(out, teacher, labels) + cfg.feature_weight * extra
+
+        ctx.record("Distill", features=len(store.names),
+                   **train(model, ctx, cfg, with_features, needs_teacher=True))
     return model

@@ -57,14 +57,14 @@ def recipes(args: argparse.Namespace) -> dict[str, list[Any]]:
         return npr.Distill(max_steps=args.distill_steps, temperature=1.0, alpha=1.0, lr=3e-4,
                            optimizer="adamw")
 
-    out: dict[str, list[Any]] = {
-        "magnitude50": [npr.LayerwiseMagnitudePrune(sparsity=0.5, layers=(BLOCK_LINEARS,))],
-        "wanda50": [Wanda(sparsity=0.5, layers=(BLOCK_LINEARS,))],
+    out: dict[str, list[Any]] = {  # the goal's rows first: a run cut short still has them
         "sparsegpt50": [SparseGPT(sparsity=0.5, layers=(BLOCK_LINEARS,))],
+        "magnitude50": [npr.LayerwiseMagnitudePrune(sparsity=0.5, layers=(BLOCK_LINEARS,))],
+        "gptq4_g128": [GPTQ(bits=4, group_size=128, layers=(BLOCK_LINEARS,))],
+        "rtn4_g128": [GPTQ(bits=4, group_size=128, rounding="nearest", layers=(BLOCK_LINEARS,))],
+        "wanda50": [Wanda(sparsity=0.5, layers=(BLOCK_LINEARS,))],
         "sparsegpt_2of4": [SparseGPT(sparsity=0.5, pattern="2:4", layers=(BLOCK_LINEARS,))],
         "rtn4": [npr.WeightOnly(bits=4, layers=(BLOCK_LINEARS,), weight_observer="minmax")],
-        "rtn4_g128": [GPTQ(bits=4, group_size=128, rounding="nearest", layers=(BLOCK_LINEARS,))],
-        "gptq4_g128": [GPTQ(bits=4, group_size=128, layers=(BLOCK_LINEARS,))],
         "depth25": [npr.DepthPrune(blocks=0.25)],
         "depth1of6": [npr.DepthPrune(blocks=1 / 6)],
     }

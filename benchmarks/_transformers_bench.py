@@ -108,6 +108,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         except Exception as exc:  # one failing variant must not lose the others' figures
             info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
             print(f"{name} failed: {exc}", flush=True)
+    if args.gptq4:
+        _gptq4(model, calib, x, tmp, files, info)
     if "fisher50" in files:
         files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
     if "fisher50" in files and args.int8:
@@ -141,6 +143,21 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
                                     "steps": args.distill_steps}
         files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
     return res.model
+
+
+def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
+           files: dict[str, Path], info: dict[str, Any]) -> None:
+    """netpress GPTQ 4-bit (group 128) exported as ONNX Runtime MatMulNBits, with float
+    (accuracy_level 0) and int8 (accuracy_level 4) compute of its inputs."""
+    started = time.perf_counter()
+    q = npr.compress(model, [npr.GPTQ(bits=4, group_size=128)], calibration=calib,
+                     example_inputs=x, measure=False).model
+    info["gptq4"] = {"seconds": round(time.perf_counter() - started, 1),
+                     "calibration_sentences": sum(len(b["input_ids"]) for b, _ in calib)}
+    print(f"gptq4: {info['gptq4']}", flush=True)
+    files["gptq4"] = export_onnx(q, tmp / "gptq4.onnx", x, nbits="matmulnbits")
+    files["gptq4_int8_compute"] = export_onnx(q, tmp / "gptq4_acc4.onnx", x,
+                                              nbits="matmulnbits", nbits_accuracy=4)
 
 
 def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespace
@@ -186,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="netpress variants to build (fisher50, fisher50_norefit, structured50)")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="skip netpress DynamicQuantize (INT8 weights, dynamic activations)")
+    p.add_argument("--gptq4", action="store_true",
+                   help="add netpress GPTQ 4-bit exported as ONNX Runtime MatMulNBits")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -82,10 +82,16 @@ def model_config(vocab: int, args: argparse.Namespace) -> Any:
                        pad_token_id=0, attention_dropout=0.0)
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, steps: int, peak: float, warmup: int, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``peak``.
+
+    ``elapsed`` is the fraction of the time budget used: the decay follows whichever of the
+    step count and the time budget runs out first, so a run stopped by the budget still ends
+    with a decayed learning rate instead of being cut mid-schedule.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
+    progress = min(1.0, max((step - warmup) / max(1, steps - warmup), elapsed))
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -123,7 +129,8 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace
             print(f"time budget of {args.max_minutes} min reached after {step} steps", flush=True)
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            elapsed = (time.perf_counter() - started) / (60 * args.max_minutes)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, elapsed)
         starts = torch.randint(0, tokens.numel() - args.seq - 1, (args.batch,), generator=gen)
         chunk = torch.stack([tokens[s:s + args.seq + 1] for s in starts.tolist()]).long()
         out = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1].clone())

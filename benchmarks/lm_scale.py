@@ -71,6 +71,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20, 1),
             "rss_after_build_mb": round(base / 2**20, 1),
             "peak_over_fp32": round(peak / (params * 4), 2),
+            "added_over_fp32": round((peak - base) / (params * 4), 2),
             "params_after": sum(p.numel() for p in res.model.parameters())}
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(HERE / "results" / "lm_scale.json"))
     args = p.parse_args(argv)
@@ -105,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     write_json(out, payload)
     table = markdown_table(
-        ["method", "wall s", "peak RSS MB", "FP32 model MB", "peak / FP32"],
-        [[r["method"], r.get("seconds", "-"), r.get("peak_rss_mb", "-"), r.get("fp32_mb", "-"),
-          r.get("peak_over_fp32", r.get("skipped", r.get("failed", "-")))] for r in rows])
+        ["method", "wall s", "RSS after build MB", "peak RSS MB", "FP32 model MB",
+         "peak / FP32", "added / FP32"],
+        [[r["method"], r.get("seconds", "-"), r.get("rss_after_build_mb", "-"),
+          r.get("peak_rss_mb", "-"), r.get("fp32_mb", "-"),
+          r.get("peak_over_fp32", r.get("skipped", r.get("failed", "-"))),
+          r.get("added_over_fp32", "-")] for r in rows])
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
 

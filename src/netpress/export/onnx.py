@@ -127,7 +127,8 @@ def _warn_if_inexact(meta: dict[str, str], where: str) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
-                opset: int = 17, dynamic_batch: bool = True) -> Path:
+                opset: int = 17, dynamic_batch: bool = True, nbits: str = "auto",
+                nbits_accuracy: int = 0) -> Path:
     """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
 
     ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword inputs as
@@ -135,8 +136,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     shapes; with ``dynamic_batch`` the first dimension of every input and output is left
     free. A model with dict inputs exports its primary output (``logits`` or
     ``last_hidden_state``); inputs it does not read are dropped from the graph.
+
+    Group-quantized Linear layers (``GPTQ``) become ONNX Runtime's ``MatMulNBits`` where the
+    installed ONNX Runtime runs it (``nbits="auto"``; ``"matmulnbits"`` insists,
+    ``"dequantize"`` writes DequantizeLinear + MatMul); ``nbits_accuracy`` is its
+    ``accuracy_level`` (0: float compute; 4: int8-quantized inputs, faster, less faithful).
+    See :mod:`netpress.export.nbits`.
     """
     import onnx
+
+    from netpress.export.nbits import swap_for_export
 
     keyword = isinstance(example_inputs, Mapping)
     if keyword and not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
@@ -150,6 +159,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         prepare = getattr(m, "prepare_export", None)
         if callable(prepare):
             prepare()
+    swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:

@@ -39,6 +39,7 @@ from netpress._inputs import call_model, move_to
 from netpress.data import Data, batches
 from netpress.errors import DataError, ModelError
 from netpress.measure.collect import evaluating, model_device
+from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct._rendezvous import Aborted, Rendezvous
 from netpress.reconstruct.layers import LayerView
 
@@ -263,6 +264,8 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
         for n in names:
             solve(n, views[n], acc[n].stats())
             solved.append(n)
+        del acc
+        trim_heap()
     return action
 
 

@@ -11,7 +11,7 @@ Weights a previous pruning step zeroed stay exactly zero.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -127,9 +127,11 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
 
     def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
         w, mask = view.matrix(), _mask(ctx, name, view)
-        done[name] = [_quantize_group(cfg, w[g], stats, g, None if mask is None else mask[g])
-                      for g in range(w.shape[0])]
-        view.set_matrix(torch.stack([r.weight for r in done[name]]))
+        results = [_quantize_group(cfg, w[g], stats, g, None if mask is None else mask[g])
+                   for g in range(w.shape[0])]
+        view.set_matrix(torch.stack([r.weight for r in results]))
+        # keep the codes only: every layer's float64 weights held to the end were ~2x the model
+        done[name] = [replace(r, weight=r.weight.new_empty(0)) for r in results]
 
     with measured() as info:
         if cfg.rounding == "gptq":

@@ -17,6 +17,7 @@ __all__ = [
     "reference_label_ce",
     "top1_margin_hinge",
     "label_preserving_loss",
+    "real_tokens",
 ]
 
 
@@ -97,3 +98,22 @@ def label_preserving_loss(
     if margin_weight:
         loss = loss + margin_weight * top1_margin_hinge(student, teacher, margin)
     return loss
+
+
+def real_tokens(mask: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor | None,
+                labels: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token outputs reduced to the rows of real tokens, so that losses ignore padding.
+
+    When ``student`` is ``[batch, time, ...]`` with the ``[batch, time]`` of ``mask`` (an
+    attention mask, nonzero at real tokens), it, ``teacher`` and per-token ``labels``
+    (``[batch, time]``) become ``[n, ...]`` (the real tokens, in order); otherwise (pooled
+    outputs, logits per sequence) everything is returned unchanged."""
+    real = mask.bool().to(student.device)
+    if student.dim() < 3 or student.shape[:2] != real.shape:
+        return student, teacher, labels
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[real] if t is not None and t.shape[:2] == real.shape else t
+
+    return student[real], rows(teacher), rows(labels)

@@ -46,7 +46,7 @@ def score(model: torch.nn.Module, ref: torch.Tensor, data: list[Any]) -> dict[st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--calib", type=int, default=512)
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--select", type=int, default=None,
                    help="calibration sentences for the Fisher scores (default: all --calib)")

@@ -90,7 +90,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     for name, step in (("netpress_int8", npr.DynamicQuantize()),
                        ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
-        if args.int8:
+        if args.int8 and (args.int8_ablation or name == "netpress_int8"):
             q = npr.compress(model, [step], calibration=calib, example_inputs=x,
                              measure=False).model
             files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                         "fisher40)")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="skip netpress DynamicQuantize (INT8 weights, dynamic activations)")
+    p.add_argument("--no-int8-ablation", dest="int8_ablation", action="store_false",
+                   help="skip DynamicQuantize(outlier_channels=0)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

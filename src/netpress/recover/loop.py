@@ -268,10 +268,13 @@ def train_mode(model: nn.Module, bn: str = "train", dropout: bool = True) -> Non
     mode (running statistics used and left unchanged; affine parameters still trainable).
     With ``dropout=False`` every other module stays in eval mode (no dropout) and only
     BatchNorm trains, when ``bn="train"``."""
-    model.train(dropout)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train(bn == "train")
+    model.train()  # a model's own train() override (e.g. a frozen part) is respected
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    training = [m.training for m in norms]
+    if not dropout:
+        model.eval()
+    for module, was in zip(norms, training):
+        module.train(was and bn == "train")
 
 
 def _ramps_done(ctx: Context) -> bool:

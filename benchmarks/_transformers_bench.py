@@ -3,9 +3,11 @@ in ONNX Runtime at sequence length 128, every variant side by side in one proces
 
 Variants: the FP32 ONNX export; ONNX Runtime's ``quantize_dynamic`` (QInt8); netpress
 ``DynamicQuantize`` (INT8 weights, dynamic activations; with and without outlier channels);
-netpress ``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs) without and with a
-short cosine distillation; the pruned model then ``quantize_dynamic`` or ``DynamicQuantize``;
-and ``StructuredPrune`` (one-shot L2, 50% MACs) for reference. Metrics on held-out sentences
+netpress ``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs; ``fisher40``: 40%)
+without and with cosine distillation (``Distill(dropout=False)``, padding masked, checkpoints
+at ``--distill-steps``, on sentences disjoint from the held-out ones); the pruned (and
+distilled) model then ``quantize_dynamic`` or ``DynamicQuantize``; and ``StructuredPrune``
+(one-shot L2, 50% MACs) for reference. Metrics on held-out sentences
 (the documentation topics that ship with Python, split into sentences): mean-pooled sentence-
 embedding cosine to the FP32 PyTorch model (mean / min), retrieval agreement (each sentence's
 nearest neighbour among the others is unchanged), ONNX file size, and ONNX Runtime latency at
@@ -80,14 +82,15 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     model = from_pretrained(pkg.get_model_path())
     texts = sentences()
     calib = batches(tok, texts[:args.calib], 32)
-    train = batches(tok, texts[args.calib:args.calib + args.train], 16, pad="longest")
+    # distillation sentences: any but the held-out ones (calibration ones included)
+    train = batches(tok, texts[:len(texts) - args.eval][:args.train], 16, pad="longest")
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
     files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     for name, step in (("netpress_int8", npr.DynamicQuantize()),
                        ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
-        if args.int8:
+        if args.int8 and (args.int8_ablation or name == "netpress_int8"):
             q = npr.compress(model, [step], calibration=calib, example_inputs=x,
                              measure=False).model
             files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
@@ -95,10 +98,12 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
                             "distill_sentences": args.train}
     cal_batches = max(1, args.calib // 32)
     ctx_models: dict[str, torch.nn.Module] = {}
-    recipes = {"fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches)],
-               "fisher50_norefit": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches,
-                                                    refit=False)],
-               "structured50": [npr.StructuredPrune(macs=0.5)]}
+    recipes: dict[str, list[Any]] = {
+        "fisher50": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches)],
+        "fisher50_norefit": [npr.FisherPrune(macs=0.5, calibration_batches=cal_batches,
+                                             refit=False)],
+        "structured50": [npr.StructuredPrune(macs=0.5)],
+        "fisher40": [npr.FisherPrune(macs=0.4, calibration_batches=cal_batches)]}
     for name, recipe in recipes.items():
         if args.variants and name not in args.variants:
             continue
@@ -112,13 +117,11 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         _gptq4(model, calib, x, tmp, files, info)
     if "fisher50" in files:
         files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
-    if "fisher50" in files and args.int8:
-        q = npr.compress(ctx_models["fisher50"], [npr.DynamicQuantize()], calibration=calib,
-                         example_inputs=x, measure=False).model
-        files["fisher50_netpress_int8"] = export_onnx(q, tmp / "fisher50_np_int8.onnx", x)
-    if "fisher50_distill" in files:
-        files["fisher50_distill_ort_int8"] = quantize_dynamic(files["fisher50_distill"],
-                                                              tmp / "fisher50_distill_q.onnx")
+    for name in ("fisher50", "fisher40"):
+        if name in ctx_models and args.int8:
+            q = npr.compress(ctx_models[name], [npr.DynamicQuantize()], calibration=calib,
+                             example_inputs=x, measure=False).model
+            files[f"{name}_netpress_int8"] = export_onnx(q, tmp / f"{name}_np_int8.onnx", x)
     ref = embed(model, evaluate)
     return files, {"info": info, "reference": ref, "evaluate": evaluate, "x": x}, model
 
@@ -133,15 +136,8 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
                                       / npr.measure.count_macs(model, x), 4)}
     print(f"{name}: {info[name]}", flush=True)
     files[name] = export_onnx(res.model, tmp / f"{name}.onnx", x)
-    if name == "fisher50" and args.distill_steps:
-        started = time.perf_counter()
-        step = npr.Distill(max_steps=args.distill_steps, loss="cosine", lr=5e-5,
-                           optimizer="adamw")
-        distilled = npr.compress(res.model, [step], reference=model, train=train,
-                                 example_inputs=x, measure=False).model
-        info["fisher50_distill"] = {"seconds": round(time.perf_counter() - started, 1),
-                                    "steps": args.distill_steps}
-        files["fisher50_distill"] = export_onnx(distilled, tmp / "fisher50_d.onnx", x)
+    if name in ("fisher50", "fisher40") and args.distill_steps:
+        distill(name, res.model, model, calib, train, x, args, tmp, files, info)
     return res.model
 
 
@@ -158,6 +154,35 @@ def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
     files["gptq4"] = export_onnx(q, tmp / "gptq4.onnx", x, nbits="matmulnbits")
     files["gptq4_int8_compute"] = export_onnx(q, tmp / "gptq4_acc4.onnx", x,
                                               nbits="matmulnbits", nbits_accuracy=4)
+
+
+def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: list[Any],
+            train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
+            files: dict[str, Path], info: dict[str, Any]) -> None:
+    """``Distill`` of the pruned model, one run with checkpoints at ``--distill-steps``
+    (constant lr after a warm-up, so each checkpoint is the run stopped there; each chunk
+    continues on the train batches where the last one stopped): ``<name>_distill<N>``, then
+    the last one in INT8 (ORT ``quantize_dynamic`` and netpress ``DynamicQuantize``)."""
+    started, done, student = time.perf_counter(), 0, pruned
+    for steps in sorted(args.distill_steps):
+        k = done % len(train)
+        step = npr.Distill(max_steps=steps - done, loss="cosine", lr=args.distill_lr,
+                           optimizer="adamw", lr_schedule="constant", dropout=False,
+                           warmup_steps=min(20, steps - done) if done == 0 else 0)
+        student = npr.compress(student, [step], reference=model, train=train[k:] + train[:k],
+                               example_inputs=x, measure=False).model
+        done = steps
+        key = f"{name}_distill{steps}"
+        info[key] = {"seconds": round(time.perf_counter() - started, 1), "steps": steps,
+                     "lr": args.distill_lr, "train_sentences": args.train}
+        print(key, info[key], flush=True)
+        files[key] = export_onnx(student, tmp / f"{key}.onnx", x)
+    last = f"{name}_distill{done}"
+    files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
+    if args.int8:
+        q = npr.compress(student, [npr.DynamicQuantize()], calibration=calib,
+                         example_inputs=x, measure=False).model
+        files[f"{last}_netpress_int8"] = export_onnx(q, tmp / f"{last}_np_int8.onnx", x)
 
 
 def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespace
@@ -193,18 +218,23 @@ def measure(files: dict[str, Path], ctx: dict[str, Any], args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--train", type=int, default=1024)
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--train", type=int, default=1606)
     p.add_argument("--eval", type=int, default=512)
-    p.add_argument("--distill-steps", type=int, default=60)
+    p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
+                   help="checkpoints of one distillation run of the pruned model")
+    p.add_argument("--distill-lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,
-                   help="netpress variants to build (fisher50, fisher50_norefit, structured50)")
+                   help="netpress variants to build (fisher50, fisher50_norefit, structured50, "
+                        "fisher40)")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="skip netpress DynamicQuantize (INT8 weights, dynamic activations)")
     p.add_argument("--gptq4", action="store_true",
                    help="add netpress GPTQ 4-bit exported as ONNX Runtime MatMulNBits")
+    p.add_argument("--no-int8-ablation", dest="int8_ablation", action="store_false",
+                   help="skip DynamicQuantize(outlier_channels=0)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

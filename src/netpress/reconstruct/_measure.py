@@ -8,6 +8,7 @@ thread every few milliseconds. Where ``/proc`` is missing the process's lifetime
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -31,20 +32,26 @@ def rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op
-    elsewhere). The layer fits allocate many float64 temporaries of a few MB in the
-    calibration threads; glibc keeps them in per-thread arenas, which held ~0.75 GB more on a
-    3-block BERT-base GPTQ pass than the live tensors needed."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` or None (looked up once: ``find_library`` may run ldconfig)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
     except OSError:
-        return
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). The layer fits allocate many float64 temporaries of a few MB in the
+    calibration threads; glibc keeps them in per-thread arenas, which held ~0.75 GB more on a
+    3-block BERT-base GPTQ pass than the live tensors needed."""
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 

@@ -99,6 +99,7 @@ def pruned_start(root: Path, cache: Path) -> tuple[Any, Any]:
     calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
     res = npr.compress(ref, [npr.StructuredPrune(macs=0.5)], calibration=calib, measure=False,
                        example_inputs=x[:1], seed=0)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(res.model, cache)
     return ref, res.model
 
@@ -112,7 +113,8 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--eval-images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cache", default="/tmp/h11b/pruned56.pt")
+    p.add_argument("--cache", default=str(RESULTS / "cache" / "recovery_pruned56.pt"),
+                   help="where the one-shot pruned start is kept (built on first use)")
     p.add_argument("--tag", default="explore")
     p.add_argument("--extra", default="", help="key=value,... added to every Distill")
     args = p.parse_args()

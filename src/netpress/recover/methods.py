@@ -46,7 +46,9 @@ class Distill(TrainConfig):
     ``features`` (module names or ``re:`` patterns, e.g. ``("re:layer\\d\\.\\d+$",)``
     for the blocks of a ResNet) adds ``feature_weight`` times the mean relative squared
     error between those modules' outputs in the model and in the reference: per-block
-    targets, for compressed models whose block outputs keep their shapes.
+    targets, for compressed models whose block outputs keep their shapes. Unlike the output
+    loss, the feature term is taken over whole tensors: padding tokens of text batches are
+    not masked out of it.
     """
 
     temperature: float = 4.0

@@ -3,8 +3,10 @@
 :func:`export_onnx` writes a model as ONNX. A model quantized by ``npr.Quantize`` exports
 with int8 per-channel weight initializers + ``DequantizeLinear`` and uint8
 ``QuantizeLinear``/``DequantizeLinear`` pairs on activations, which ONNX Runtime fuses into
-integer kernels (QLinearConv, QGemm, QLinearAdd, ...); a float model exports as it is. The
-file is checked with ``onnx.checker`` before it is written, and written atomically.
+integer kernels (QLinearConv, QGemm, QLinearAdd, ...); zero padding between two equal
+quantizers is done on the integer codes (:mod:`netpress.export.int8_graph`). A float model
+exports as it is. The file is checked with ``onnx.checker`` before it is written, and
+written atomically.
 
 ``onnx`` and ``onnxruntime`` are imported only when these functions run.
 """
@@ -145,6 +147,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
+    from netpress.export.int8_graph import integer_pads
     from netpress.export.nbits import swap_for_export
 
     keyword = isinstance(example_inputs, Mapping)
@@ -175,12 +178,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                               input_names=names, output_names=["output"], dynamic_axes=axes,
                               do_constant_folding=True)
         proto = onnx.load(tmp)
+        rewritten = integer_pads(proto)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ModelError(f"the exported ONNX model fails onnx.checker: {exc}") from None
         if meta:
             onnx.helper.set_model_props(proto, meta)
+        if meta or rewritten:
             onnx.save(proto, tmp)
     return target
 

@@ -82,3 +82,28 @@ def test_option_a_resnet_exports_no_float_island(tmp_path):
     out = ort_run(ort_session(path), x)
     assert float((out.argmax(1) == ref.argmax(1)).mean()) >= 0.97
     assert float(np.abs(out - ref).max()) < 0.05 * float(np.abs(ref).max())
+
+
+def test_a_layer_left_in_float_stays_float_in_onnxruntime(tmp_path):
+    """Without its own per-channel DequantizeLinear, ONNX Runtime would quantize the float
+    conv's weights per tensor itself and the export would not compute the fake-quant model."""
+    from netpress.testing import TinyCNN
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    data = [(torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)) for _ in range(4)]
+    q = npr.compress(model, Quantize(ignore=("conv2",), range_search=False), calibration=data,
+                     measure=False).model
+    path = export_onnx(q, tmp_path / "mixed.onnx", data[0][0][:1])
+    ops = optimized_op_types(path)
+    assert ops.count("QLinearConv") == 1 and "Conv" in ops, ops
+    proto = onnx.load(path)
+    float_conv = next(n for n in proto.graph.node if n.op_type == "Conv" and
+                      not n.input[1].endswith("DequantizeLinear_output_0"))
+    dq = next(n for n in proto.graph.node if float_conv.input[0] in n.output)
+    assert dq.op_type == "DequantizeLinear" and dq.attribute[0].i == 1
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        ref = q(x).numpy()
+    out = ort_run(ort_session(path), x)
+    assert float(np.abs(out - ref).max()) < 1e-3 * float(np.abs(ref).max()) + 1e-5

@@ -1,4 +1,4 @@
-"""Fewer conversions in an exported INT8 graph: zero padding done on the integer codes.
+"""INT8 graph tidy-ups after export: integer zero padding, and float layers kept float.
 
 ONNX Runtime fuses ``DequantizeLinear → op → QuantizeLinear`` into an integer kernel only for
 the ops it has QDQ rules for. A constant zero ``Pad`` between two quantizers with the same
@@ -10,6 +10,14 @@ Padding with ``0.0`` and quantizing is the same as padding the codes with the ze
 ``Q(pad(DQ(q), 0)) = pad(q, z)`` exactly, because ``Q(DQ(q)) = q`` and ``Q(0.0) = z``.
 :func:`integer_pads` rewrites each such triple into one ``Pad`` of the uint8/int8 codes. It
 is a pure function of the ONNX graph (``onnx`` is imported by the caller).
+
+A layer left in float (``Quantize(ignore=...)``) whose input is a quantized activation reads
+``DequantizeLinear(codes)``. ONNX Runtime (1.2x's ``WeightBiasQuantization``) then quantizes
+its float weights itself, per tensor, and runs it as an integer kernel: the deployed model no
+longer computes what the fake-quant model computes, and mixed precision silently is not.
+:func:`keep_float_layers` gives each such layer its own ``DequantizeLinear`` with the same
+scale and zero point written per channel (``axis=1``): the same values, which ONNX Runtime
+neither quantizes the weights behind nor fuses into an integer kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["integer_pads"]
+__all__ = ["integer_pads", "keep_float_layers"]
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
@@ -94,5 +102,55 @@ def integer_pads(model: Any) -> int:
             graph.node.remove(dq)
         for info in [v for v in graph.value_info if v.name == old_out]:
             graph.value_info.remove(info)
+        done += 1
+    return done
+
+
+_FLOAT_LAYERS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _input_channels(node: Any, weight: np.ndarray) -> int | None:
+    """How many channels (axis 1) the input of a Conv / ConvTranspose / Gemm ``node`` has."""
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "Gemm":
+        if "transA" in attrs and attrs["transA"].i:
+            return None
+        return int(weight.shape[1] if "transB" in attrs and attrs["transB"].i else
+                   weight.shape[0])
+    group = int(attrs["group"].i) if "group" in attrs else 1
+    return int(weight.shape[0] if node.op_type == "ConvTranspose" else
+               weight.shape[1] * group)
+
+
+def keep_float_layers(model: Any) -> int:
+    """Give each float Conv / ConvTranspose / Gemm read from a per-tensor
+    ``DequantizeLinear`` its own per-channel one (same values), so ONNX Runtime keeps the
+    layer in float; ``model`` (an ``onnx.ModelProto``) changes in place. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    done = 0
+    for node in [n for n in graph.node if n.op_type in _FLOAT_LAYERS]:
+        dq = producer.get(node.input[0])
+        weight = values.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or \
+                weight.dtype.kind != "f" or len(dq.input) < 3 or \
+                values.get(dq.input[1], np.zeros(2)).size != 1 or dq.input[2] not in values:
+            continue
+        channels = _input_channels(node, weight)
+        if channels is None:
+            continue
+        base = f"{node.name or node.output[0]}_float_input"
+        scale, zp = values[dq.input[1]].reshape(()), values[dq.input[2]].reshape(())
+        graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, scale, scale.dtype), f"{base}_scale"),
+            numpy_helper.from_array(np.full(channels, zp, zp.dtype), f"{base}_zero_point")])
+        own = helper.make_node("DequantizeLinear", [dq.input[0], f"{base}_scale",
+                                                    f"{base}_zero_point"], [base],
+                               name=base, axis=1)
+        graph.node.insert(list(graph.node).index(node), own)
+        node.input[0] = base
         done += 1
     return done

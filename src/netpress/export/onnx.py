@@ -4,7 +4,8 @@
 with int8 per-channel weight initializers + ``DequantizeLinear`` and uint8
 ``QuantizeLinear``/``DequantizeLinear`` pairs on activations, which ONNX Runtime fuses into
 integer kernels (QLinearConv, QGemm, QLinearAdd, ...); zero padding between two equal
-quantizers is done on the integer codes (:mod:`netpress.export.int8_graph`). A float model
+quantizers is done on the integer codes, and layers left in float stay float in ONNX Runtime
+(:mod:`netpress.export.int8_graph`). A float model
 exports as it is. The file is checked with ``onnx.checker`` before it is written, and
 written atomically.
 
@@ -147,7 +148,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
-    from netpress.export.int8_graph import integer_pads
+    from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
 
     keyword = isinstance(example_inputs, Mapping)
@@ -178,7 +179,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                               input_names=names, output_names=["output"], dynamic_axes=axes,
                               do_constant_folding=True)
         proto = onnx.load(tmp)
-        rewritten = integer_pads(proto)
+        rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:

@@ -2,7 +2,9 @@
 
 An :class:`~netpress.quant.modules.ActQuant` follows:
 
-* every model input, and every input of a quantized layer that is not already quantized;
+* every model input that reaches a quantized layer (an input read only by layers left in
+  float stays float: rounding it would only add noise), and every input of a quantized layer
+  that is not already quantized;
 * the outputs of quantized layers, additions, concatenations and average pools, unless
   their only users are ReLUs: then it follows the ReLU instead (with an unsigned range
   starting at 0 the ReLU is absorbed by the quantizer, as ONNX Runtime's ReluQuantFusion
@@ -138,7 +140,8 @@ def insert_act_quant(gm: fx.GraphModule, is_layer: Callable[[str], bool], *, bit
             continue
         if users and all(_kind(gm, u, is_layer) == "relu" for u in users):
             continue
-        if _after_compute(gm, node, kind, is_layer) and not _feeds_layer(gm, node, is_layer):
+        if (kind == "input" or _after_compute(gm, node, kind, is_layer)) and \
+                not _feeds_layer(gm, node, is_layer):
             continue
         new(node)
     for node in list(gm.graph.nodes):  # every quantized layer reads a quantized input

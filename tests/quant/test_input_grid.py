@@ -100,3 +100,58 @@ def test_onnx_runtime_runs_the_rewritten_model(tmp_path):
     assert optimized_op_types(path).count("QLinearConv") == 2
     with torch.no_grad():
         np.testing.assert_allclose(ort_run(ort_session(path), x), q(x).numpy(), atol=1e-3)
+
+
+def _grid_model(target="x86-vnni", out=8):
+    torch.manual_seed(0)
+    model = _Net().eval()
+    if out != 8:
+        model.conv1, model.conv2 = nn.Conv2d(3, out, 3, padding=1), nn.Conv2d(out, 8, 3, padding=1)
+    x, _ = _pixels(64)
+    data = [(x[i:i + 32], torch.zeros(32, dtype=torch.long)) for i in range(0, 64, 32)]
+    return npr.compress(model, Quantize(target=target), calibration=data,
+                        measure=False).model, x
+
+
+def test_export_pads_an_rgb_input_to_four_channels_and_computes_the_same(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import netpress.quant.input_grid as input_grid
+    from netpress.export.onnx import export_onnx, ort_run, ort_session
+
+    q, x = _grid_model(out=16)  # 16 output channels: ONNX Runtime's direct kernel applies
+    padded = export_onnx(q, tmp_path / "padded.onnx", x[:1])
+    weights = {i.name: list(i.dims) for i in onnx.load(padded).graph.initializer}
+    assert weights["conv1.weight_q"] == [16, 4, 3, 3]
+    assert q.conv1.weight_q.shape[1] == 3 and q.input_lattice.channel_pad == 0  # a copy
+    monkeypatch.setattr(input_grid, "pad_input_channels", lambda gm, multiple=4: 0)
+    plain = export_onnx(q, tmp_path / "plain.onnx", x[:1])
+    assert {i.name: list(i.dims) for i in onnx.load(plain).graph.initializer}[
+        "conv1.weight_q"] == [16, 3, 3, 3]
+    a, b = ort_run(ort_session(padded), x), ort_run(ort_session(plain), x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(a, q(x).numpy(), atol=1e-3)
+
+
+def test_no_channel_padding_where_it_would_make_avx2_kernels_saturate():
+    import copy
+
+    from netpress.quant.input_grid import pad_input_channels
+    from netpress.quant.target import exact_on
+
+    q, _ = _grid_model(target="x86-avx2")
+    trained = copy.deepcopy(q)
+    pad_input_channels(trained)  # padded or not, the codes stay exact on AVX2
+    assert exact_on("x86-avx2", trained.conv1.weight_q)
+    lone = copy.deepcopy(q)
+    codes = torch.zeros_like(q.conv1.weight_q)
+    codes[0, 0, 0, 1] = 127
+    lone.conv1.weight_q.copy_(codes)
+    assert pad_input_channels(lone) == 1 and lone.conv1.weight_q.shape[1] == 4
+    # channels 0 and 1 of kernel position 1 are adjacent only once a fourth channel exists
+    codes[0, 1, 0, 1] = 127
+    q.conv1.weight_q.copy_(codes)
+    assert exact_on("x86-avx2", codes)
+    assert pad_input_channels(q) == 0 and q.conv1.weight_q.shape[1] == 3

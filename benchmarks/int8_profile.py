@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import data_dir, markdown_table, write_json
-from quantization import ort_logits, ort_quantize_static
+from _common import data_dir, markdown_table
+from quantization import depth_parser, ort_logits, ort_quantize_static, run_depths
 
 import netpress as npr
 import netpress.export.int8_graph as int8_graph
@@ -192,10 +191,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="shared data folder (default: $NETPRESS_DATA)")
-    p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
-    p.add_argument("--calib-images", type=int, default=512)
+    p = depth_parser(__doc__)
     p.add_argument("--check-images", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20)
@@ -212,14 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_flags": " ".join(sorted(cpu_flags())),
             "command": " ".join(["python", "benchmarks/int8_profile.py",
                                  *(argv or sys.argv[1:])])}
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for depth in args.depths:
-            results.append(run_depth(depth, root, args, Path(tmp)))
-            write_json(args.out, {**meta, "results": results})
-            print(render(results[-1:], meta), flush=True)
-    args.out.with_suffix(".md").write_text(render(results, meta))
-    return 0
+    return run_depths(run_depth, render, root, args, meta)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +264,17 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def depth_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every pretrained-ResNet INT8 benchmark takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", help="shared data folder (default: $NETPRESS_DATA)")
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     p.add_argument("--calib-images", type=int, default=512)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = depth_parser(__doc__)
     p.add_argument("--jpeg-limit", type=int, default=None, help="JPEG test images (10k)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
@@ -300,13 +307,21 @@ def main(argv: list[str] | None = None) -> int:
             "emulated_images": args.qemu_images,
             "host_target": host_target(), "cpu_flags": " ".join(sorted(cpu_flags())),
             "command": " ".join(["python", "benchmarks/quantization.py", *(argv or sys.argv[1:])])}
+    return run_depths(run_depth, render, root, args, meta)
+
+
+def run_depths(run: Callable[[int, Path, argparse.Namespace, Path], dict[str, Any]],
+               show: Callable[[list[dict[str, Any]], dict[str, Any]], str], root: Path,
+               args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    """``run`` each of ``args.depths`` in a scratch folder, writing ``args.out`` (JSON) after
+    each and its markdown (``show``) at the end."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for depth in args.depths:
-            results.append(run_depth(depth, root, args, Path(tmp)))
+            results.append(run(depth, root, args, Path(tmp)))
             write_json(args.out, {**meta, "results": results})
-            print(render(results[-1:], meta), flush=True)
-    args.out.with_suffix(".md").write_text(render(results, meta))
+            print(show(results[-1:], meta), flush=True)
+    args.out.with_suffix(".md").write_text(show(results, meta))
     return 0
 
 

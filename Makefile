@@ -56,6 +56,7 @@ bench: $(STAMP)
 		--models benchmarks/results/structured_models --out benchmarks/results/structured_accuracy.json
 	$(BIN)/python benchmarks/structured.py oneshot $(BENCH_DATA) --out benchmarks/results/structured_oneshot.json
 	$(BIN)/python benchmarks/quantization.py $(BENCH_DATA)
+	$(BIN)/python benchmarks/int8_profile.py $(BENCH_DATA) --check-images 10000
 	$(BIN)/python benchmarks/combined.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fidelity.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)

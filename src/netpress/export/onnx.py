@@ -150,7 +150,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
-    from netpress.quant.input_grid import pad_input_channels
 
     keyword = isinstance(example_inputs, Mapping)
     if keyword and not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
@@ -166,7 +165,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
     _integer_biases(work)
-    pad_input_channels(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:
         names = [str(k) for k in example_inputs]

@@ -11,11 +11,6 @@ step_c``) feeds a quantizer with scale 1 and zero point 0, and the first convolu
 the affine map (``W'[:, c] = W[:, c] * step_c``, ``b' = b + sum W[:, c] * offset_c``, no
 padding of its own). The model computes the same function; inputs on the lattice are
 quantized exactly, inputs off it are rounded on the finest grid each channel allows.
-
-For export, :func:`pad_input_channels` (on the export copy) pads an RGB input to four
-channels, a zero channel read by zero weights: ONNX Runtime's direct integer convolution
-(its "ConvSym" kernels) needs a multiple of four input channels; with three the first layer
-falls back to im2col + GEMM, about 15% slower for the CIFAR ResNets' stem.
 """
 
 from __future__ import annotations
@@ -27,9 +22,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from netpress.export.modules import register_module_type
-from netpress.quant.modules import ActQuant, QuantConv2d
+from netpress.quant.modules import ActQuant
 
-__all__ = ["detect_lattice", "InputLattice", "apply_input_grid", "pad_input_channels"]
+__all__ = ["detect_lattice", "InputLattice", "apply_input_grid"]
 
 _LEVELS = 256
 _TOL = 1e-3  # of a step: float32 rounding of normalized pixels stays far below
@@ -74,7 +69,6 @@ class InputLattice(nn.Module):
     def __init__(self, channels: int, padding: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.padding = (int(padding[0]), int(padding[1]))
-        self.channel_pad = 0  # zero channels appended (export copies only: see module doc)
         self.register_buffer("offset", torch.zeros(channels))
         self.register_buffer("step", torch.ones(channels))
 
@@ -83,9 +77,7 @@ class InputLattice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
-        if self.channel_pad:
-            x = F.pad(x, (pw, pw, ph, ph, 0, self.channel_pad))
-        elif ph or pw:
+        if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.offset.reshape(shape)) / self.step.reshape(shape)
@@ -151,53 +143,6 @@ def apply_input_grid(gm: nn.Module, inputs: torch.Tensor) -> bool:
     gm.graph.lint()
     gm.recompile()
     return True
-
-
-def _lattice_conv(gm: fx.GraphModule) -> tuple[InputLattice, QuantConv2d] | None:
-    """The InputLattice of ``gm`` and the quantized conv it feeds through its quantizer."""
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)),
-                                                      InputLattice) or len(node.users) != 1:
-            continue
-        (aq_node,) = node.users
-        if aq_node.op != "call_module" or len(aq_node.users) != 1:
-            return None
-        (conv_node,) = aq_node.users
-        conv = gm.get_submodule(str(conv_node.target)) if conv_node.op == "call_module" \
-            else None
-        lattice = gm.get_submodule(str(node.target))
-        assert isinstance(lattice, InputLattice)
-        return (lattice, conv) if isinstance(conv, QuantConv2d) else None
-    return None
-
-
-@torch.no_grad()
-def pad_input_channels(gm: nn.Module, multiple: int = 4) -> int:
-    """Append zero input channels (read by zero weights) so the lattice-fed first conv of
-    ``gm`` has a multiple of ``multiple`` input channels; how many were added (0: none, or
-    the zero weights would make a CPU kind the layer computes exactly on inexact). Changes
-    ``gm`` in place: meant for the copy :func:`netpress.export.onnx.export_onnx` exports."""
-    from netpress.quant.target import TARGETS, exact_on
-
-    found = _lattice_conv(gm) if isinstance(gm, fx.GraphModule) else None
-    if found is None:
-        return 0
-    lattice, conv = found
-    codes = conv.weight_q
-    channels = int(codes.shape[1])
-    extra = -channels % multiple
-    if extra == 0 or int(conv.groups) != 1 or lattice.channel_pad or lattice.offset.numel() != \
-            channels:
-        return 0
-    padded = F.pad(codes, (0, 0, 0, 0, 0, extra))
-    if any(exact_on(cpu, codes) and not exact_on(cpu, padded) for cpu in TARGETS):
-        return 0
-    conv.weight_q = padded
-    conv.in_channels = channels + extra
-    lattice.offset = torch.cat([lattice.offset, lattice.offset.new_zeros(extra)])
-    lattice.step = torch.cat([lattice.step, lattice.step.new_ones(extra)])
-    lattice.channel_pad = extra
-    return extra
 
 
 def _lattice_spec(m: nn.Module) -> dict[str, Any]:

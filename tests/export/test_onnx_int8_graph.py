@@ -107,3 +107,30 @@ def test_a_layer_left_in_float_stays_float_in_onnxruntime(tmp_path):
         ref = q(x).numpy()
     out = ort_run(ort_session(path), x)
     assert float(np.abs(out - ref).max()) < 1e-3 * float(np.abs(ref).max()) + 1e-5
+
+
+def test_a_float_gemm_read_from_dequantized_codes_stays_float():
+    from netpress.export.int8_graph import keep_float_layers
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 6)).astype(np.float32)
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"),
+             nh.from_array(np.array(128, np.uint8), "z"), nh.from_array(w, "w"),
+             nh.from_array(np.ones(5, np.float32), "b")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             h.make_node("Gemm", ["d", "w", "b"], ["g"], transB=1),
+             h.make_node("QuantizeLinear", ["g", "s", "z"], ["q2"]),
+             h.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", 1, [4, 6])],
+                         [h.make_tensor_value_info("y", 1, [4, 5])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert keep_float_layers(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    own = next(n for n in model.graph.node if n.output[0] == model.graph.node[3].input[0])
+    assert own.op_type == "DequantizeLinear" and own.attribute[0].i == 1
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    d = (np.clip(np.round(x / 0.05) + 128, 0, 255) - 128) * 0.05
+    ref = (np.clip(np.round((d @ w.T + 1) / 0.05) + 128, 0, 255) - 128) * 0.05
+    np.testing.assert_allclose(_run(model, x), ref, atol=1e-6)  # float Gemm, not QGemm

@@ -84,17 +84,19 @@ def profile(paths: list[Path], x: np.ndarray, rounds: int, repeats: int, tmp: Pa
     sessions = [_profiling_session(p, str(tmp / f"prof{i}")) for i, p in enumerate(paths)]
     for s in sessions:
         s.run(None, {s.get_inputs()[0].name: x})
-    for _ in range(rounds):
-        for s in sessions:
-            for _ in range(repeats):
+    for r in range(rounds):  # the order rotates: no model always follows the same one
+        for s in sessions[r % len(sessions):] + sessions[:r % len(sessions)]:
+            for _ in range(repeats + 1):  # the first run of each visit is not counted
                 s.run(None, {s.get_inputs()[0].name: x})
     out = []
     for s in sessions:
         events = json.loads(Path(s.end_profiling()).read_text())
         runs: list[collections.Counter[str]] = []
         stages: list[collections.Counter[str]] = []
+        runs_ms: list[float] = []
         for e in events:
             if e.get("cat") == "Session" and e["name"] == "model_run":
+                runs_ms.append(e["dur"] / 1e3)
                 runs.append(collections.Counter())
                 stages.append(collections.Counter())
             elif e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and runs:
@@ -106,14 +108,34 @@ def profile(paths: list[Path], x: np.ndarray, rounds: int, repeats: int, tmp: Pa
                     first = "stem" if stages[-1]["_seen"] == 0 else _conv_stage(dims)
                     stages[-1]["_seen"] += 1
                     stages[-1][first] += e["dur"]
-        runs, stages = runs[1:], stages[1:]  # the first run is the warm-up
+        counted = [i for i in range(1, len(runs)) if (i - 1) % (repeats + 1) != 0]
+        run_ms = [runs_ms[i] for i in counted]
+        runs, stages = [runs[i] for i in counted], [stages[i] for i in counted]
         ops = {op: statistics.median(r[op] for r in runs) / 1e3
                for op in set().union(*runs)}
         conv = {k: statistics.median(r[k] for r in stages) / 1e3
                 for k in set().union(*stages) if k != "_seen"}
         total = statistics.median(sum(r.values()) for r in runs) / 1e3
-        out.append({"ops_ms": ops, "conv_stage_ms": conv, "total_ms": total})
+        out.append({"ops_ms": ops, "conv_stage_ms": conv, "total_ms": total,
+                    "run_ms": statistics.median(run_ms)})
     return out
+
+
+def _rotated_latency(models: list[Any], example: torch.Tensor, args: argparse.Namespace,
+                     ) -> list[float]:
+    """Median ms per batch of each model: :func:`measure_latency_interleaved` once per
+    rotation of the model order (a model timed right after FP32 runs on caches FP32 left
+    cold), the median over rotations."""
+    k = len(models)
+    per: list[list[float]] = [[] for _ in models]
+    for r in range(k):
+        order = list(range(r, k)) + list(range(r))
+        stats = measure_latency_interleaved(
+            [models[i] for i in order], example, batch_sizes=(args.batch,), threads=1,
+            warmup=3, repeats=max(1, args.repeats // k), rounds=max(1, args.rounds // k + 1))
+        for i, s in zip(order, stats):
+            per[i].append(s[args.batch].median_ms)
+    return [statistics.median(v) for v in per]
 
 
 def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -136,15 +158,13 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
     now, before = (ort_logits(r["path"], xj) for r in rows[1:3])
     identical = {"images": len(xj), "max_abs_logit_diff": float(np.abs(now - before).max()),
                  "same_top1": float((now.argmax(1) == before.argmax(1)).mean())}
-    lat = measure_latency_interleaved([OrtModule(r["path"]) for r in rows], example,
-                                      batch_sizes=(args.batch,), threads=1, warmup=3,
-                                      repeats=args.repeats, rounds=args.rounds)
+    lat = _rotated_latency([OrtModule(r["path"]) for r in rows], example, args)
     x64 = np.ascontiguousarray(np.repeat(example.numpy(), args.batch, axis=0))
     prof = profile([r["path"] for r in rows], x64, args.rounds, max(1, args.repeats //
                                                                    args.rounds), tmp)
-    for row, stats, p in zip(rows, lat, prof):
+    for row, ms, p in zip(rows, lat, prof):
         ops = optimized_op_types(row["path"])
-        row.update(throughput=args.batch * 1e3 / stats[args.batch].median_ms, **p,
+        row.update(throughput=args.batch * 1e3 / ms, **p,
                    optimized_ops={o: ops.count(o) for o in sorted(set(ops))})
         row["path"] = row["path"].name
     return {"model": f"resnet{depth}", "rows": rows, "rewrite_identical": identical}
@@ -157,9 +177,11 @@ def _ratio(a: dict[str, float], b: dict[str, float], key: str) -> float:
 def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [f"CPU flags: {meta['cpu_flags']} (target auto = {meta['host_target']}); ONNX "
            f"Runtime {meta['ort_version']}, 1 thread, default graph optimizations, batch "
-           f"{meta['batch']}; throughput = median of {meta['repeats']} runs in "
-           f"{meta['rounds']} interleaved rounds; profile = median per run over the same "
-           f"interleaved rounds. Command: `{meta['command']}`\n"]
+           f"{meta['batch']}; throughput = median over rotations of the model "
+           f"order of the median of interleaved rounds ({meta['repeats']} runs per model in "
+           f"all); profile = median per run over {meta['rounds']} interleaved rounds in "
+           f"rotating order, the first run of each visit not counted. Command: "
+           f"`{meta['command']}`\n"]
     for res in results:
         rows = res["rows"]
         fp32 = rows[0]
@@ -169,10 +191,11 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                    f"{ident['max_abs_logit_diff']:.3g}, same top-1 "
                    f"{100 * ident['same_top1']:.2f}%.\n")
         out.append(markdown_table(
-            ["method", f"img/s b{meta['batch']}", "× FP32", "profiled ms/run",
+            ["method", f"img/s b{meta['batch']}", "× FP32", "profiled run ms (× FP32)",
              "ops ORT runs"],
             [[r["method"], f"{r['throughput']:.0f}",
-              f"{r['throughput'] / fp32['throughput']:.2f}", f"{r['total_ms']:.2f}",
+              f"{r['throughput'] / fp32['throughput']:.2f}",
+              f"{r['run_ms']:.2f} ({fp32['run_ms'] / r['run_ms']:.2f}×)",
               ", ".join(f"{k} {v}" for k, v in r["optimized_ops"].items())] for r in rows])
             + "\n")
         ops = sorted({o for r in rows for o in r["ops_ms"]},

@@ -5,9 +5,8 @@ with int8 per-channel weight initializers + ``DequantizeLinear`` and uint8
 ``QuantizeLinear``/``DequantizeLinear`` pairs on activations, which ONNX Runtime fuses into
 integer kernels (QLinearConv, QGemm, QLinearAdd, ...); zero padding between two equal
 quantizers is done on the integer codes, and layers left in float stay float in ONNX Runtime
-(:mod:`netpress.export.int8_graph`). A float model
-exports as it is. The file is checked with ``onnx.checker`` before it is written, and
-written atomically.
+(:mod:`netpress.export.int8_graph`). A float model exports as it is. The file is checked
+with ``onnx.checker`` before it is written, and written atomically.
 
 ``onnx`` and ``onnxruntime`` are imported only when these functions run.
 """

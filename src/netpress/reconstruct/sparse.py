@@ -6,15 +6,20 @@ on the calibration inputs move least (in the default sequential mode: so they st
 ``Wanda`` prunes by ``|w| · ‖x‖`` without any update, the cheap baseline; with
 ``score="magnitude"`` it needs no data at all (magnitude pruning with the same patterns).
 Per-layer sparsities are ``uniform`` or come from the ``global`` magnitude allocation with
-its per-layer floor (as :class:`~netpress.GlobalMagnitudePrune`). ``pattern="2:4"`` (or any
-``"N:M"``) keeps N of every M consecutive input weights; layers whose input size is not a
-multiple of M are left dense and listed in the report. Masks go to the context, so a
-recovery step after keeps the zeros.
+its per-layer floor (as :class:`~netpress.GlobalMagnitudePrune`), from OWL's outlier ratios
+(``owl``) or from each weight's measured OBS cost relative to its layer's output energy on
+the calibration data (``sensitivity``: at most ``max_shift`` from the target per layer);
+``per_layer`` pins some layers' sparsities (names or ``re:`` patterns) and the other layers
+share what the total ``sparsity`` leaves.
+``pattern="2:4"`` (or any ``"N:M"``) keeps N of every M consecutive input weights; layers
+whose input size is not a multiple of M are left dense and listed in the report. Masks go to
+the context, so a recovery step after keeps the zeros.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,13 +35,16 @@ from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
 from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
+from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
 from netpress.reconstruct.patterns import parse_pattern
+from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
 from netpress.registry import register
+from netpress.select import resolve_per_layer
 
 __all__ = ["SparseGPT", "Wanda", "ALLOCATIONS"]
 
-ALLOCATIONS = ("uniform", "global", "owl")
+ALLOCATIONS = ("uniform", "global", "owl", "sensitivity")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +56,8 @@ class _SparseSettings(LayerwiseSettings):
     min_weights: int = 0
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    max_shift: float = 0.2
+    per_layer: Mapping[str, float] = field(default_factory=dict)
 
     def _check_sparse(self) -> None:
         name = self.type_name()
@@ -63,19 +73,40 @@ class _SparseSettings(LayerwiseSettings):
                               f"{ALLOCATIONS}")
         if not isinstance(self.min_weights, int) or self.min_weights < 0:
             raise RecipeError(f"{name}: min_weights must be an int >= 0")
+        check_fraction(name, "max_shift", self.max_shift, hi_open=False)
+        for key, value in self.per_layer.items():
+            check_fraction(name, f"per_layer[{key!r}]", value)
+        if self.per_layer and (self.allocation != "uniform" or self.n_m is not None):
+            raise RecipeError(f"{name}: per_layer sparsities need allocation='uniform' and "
+                              "pattern='unstructured'")
         for key, lo in (("owl_m", 1.0), ("owl_lambda", 0.0)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < 1e6:
                 raise RecipeError(f"{name}: {key}={v!r} must be a number >= {lo}")
+
+    def _pinned(self, sizes: dict[str, int]) -> dict[str, float]:
+        """``per_layer`` sparsities where given; every other layer the same sparsity, chosen
+        so the total over all layers stays ``sparsity``."""
+        pins = resolve_per_layer(list(sizes), self.per_layer, -1.0, owner=self.type_name())
+        free = sum(n for k, n in sizes.items() if pins[k] < 0)
+        pinned = sum(pins[k] * n for k, n in sizes.items() if pins[k] >= 0)
+        rest = (self.sparsity * sum(sizes.values()) - pinned) / free if free else 0.0
+        if free and not 0.0 <= rest < 1.0:
+            raise RecipeError(f"{self.type_name()}: the per_layer sparsities leave "
+                              f"{rest:.3f} for the other layers to reach {self.sparsity} in "
+                              "total; change them or the sparsity")
+        return {k: (pins[k] if pins[k] >= 0 else rest) for k in sizes}
 
     @property
     def n_m(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
     def targets(self, layers: dict[str, nn.Module], sq_norms: dict[str, torch.Tensor] | None = None,
+                hessians: dict[str, torch.Tensor] | None = None,
                 ) -> tuple[dict[str, float], dict[str, str]]:
         """Sparsity per layer, and the layers left dense with the reason (``owl`` needs the
-        layers' input ``sq_norms`` from the original model)."""
+        layers' input ``sq_norms`` from the original model, ``sensitivity`` their input
+        ``hessians``)."""
         views = {n: LayerView(m, n) for n, m in layers.items()}
         skipped: dict[str, str] = {}
         if self.n_m is not None:
@@ -87,7 +118,17 @@ class _SparseSettings(LayerwiseSettings):
                                   f"that is a multiple of {m} (pattern {self.pattern!r})")
             return {n: 1 - self.n_m[0] / m for n in views if n not in skipped}, skipped
         if self.allocation == "uniform":
-            return {n: self.sparsity for n in views}, skipped
+            return self._pinned({n: v.weight.numel() for n, v in views.items()}), skipped
+        if self.allocation == "sensitivity":
+            assert hessians is not None
+            scores = [torch.cat([relative_saliency(v.matrix()[g], hessians[n][g], self.damp)
+                                 .flatten() for g in range(v.shape[0])])
+                      for n, v in views.items()]
+            try:
+                counts = sensitivity_counts(scores, self.sparsity, self.max_shift)
+            except ValueError as exc:
+                raise RecipeError(f"{self.type_name()}: {exc}; raise max_shift") from None
+            return {n: k / s.numel() for n, k, s in zip(views, counts, scores)}, skipped
         if self.allocation == "owl":
             assert sq_norms is not None
             ratios = [outlier_ratio(wanda_scores_grouped(v.matrix(), sq_norms[n]), self.owl_m)
@@ -112,15 +153,19 @@ class SparseGPT(_SparseSettings):
     ``refit=True`` re-solves the kept weights of each row exactly by least squares after the
     mask is chosen (slower; helps at high sparsity). ``refit_bias=True`` also refits the
     bias of layers that have one: jointly with the kept weights under ``refit``, else so the
-    layer's mean output on the calibration data stays the original's.
+    layer's mean output on the calibration data stays the original's. ``refit_norms=True``
+    re-fits every LayerNorm's affine parameters to the original model's outputs, each after
+    the layers before it are pruned and before those after it are (one calibration pass per
+    segment between norms: slower; :mod:`netpress.reconstruct.norms`).
     """
 
     refit: bool = False
     refit_bias: bool = False
+    refit_norms: bool = False
 
     def __post_init__(self) -> None:
         self._check_sparse()
-        for key in ("refit", "refit_bias"):
+        for key in ("refit", "refit_bias", "refit_norms"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"SparseGPT: {key}={getattr(self, key)!r} must be true or "
                                   "false")
@@ -231,20 +276,38 @@ def wanda_scores_grouped(matrix: torch.Tensor, sq_norms: torch.Tensor) -> torch.
 
 def _targets(cfg: _SparseSettings, ctx: Context, layers: dict[str, nn.Module],
              ) -> tuple[dict[str, float], dict[str, str]]:
-    """Per-layer sparsities; OWL first measures the original model's input norms (one
-    forward over the calibration data)."""
-    norms = None
-    if cfg.allocation == "owl" and cfg.n_m is None:
-        data = ctx.require("calibration", f"{cfg.type_name()}(allocation='owl')")
+    """Per-layer sparsities; OWL and sensitivity first measure the original model's input
+    norms or Hessians (one forward over the calibration data)."""
+    norms = hessians = None
+    if cfg.allocation in ("owl", "sensitivity") and cfg.n_m is None:
+        data = ctx.require("calibration", f"{cfg.type_name()}(allocation={cfg.allocation!r})")
+        full = cfg.allocation == "sensitivity"
         stats = collect_statistics(ctx.reference, ctx.reference, list(layers), data,
-                                   mode="plain", full=False,
+                                   mode="plain", full=full,
                                    max_batches=cfg.calibration_batches)
         norms = {n: st.sq_norms for n, st in stats.items()}
-    return cfg.targets(layers, norms)
+        hessians = {n: st.hessian for n, st in stats.items() if st.hessian is not None}
+    return cfg.targets(layers, norms, hessians)
 
 
 def _needs(cfg: Wanda) -> tuple[str, ...]:
-    return ("calibration",) if cfg.score == "wanda" or cfg.allocation == "owl" else ()
+    return ("calibration",) if cfg.score == "wanda" or cfg.allocation in (
+        "owl", "sensitivity") else ()
+
+
+def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str],
+                solve: Any) -> dict[str, Any]:
+    """Fit the layers segment by segment, re-fitting the LayerNorms between segments."""
+    ref, data = ctx.reference, ctx.require("calibration", cfg.type_name())
+    assert ref is not None
+    info: dict[str, Any] = {"norms_refit": 0, "not_called": []}
+    for layers, norms in segments(model, names, norm_names(model, ref)):
+        if layers:
+            part = calibrate(model, cfg, ctx, layers, solve)
+            info["not_called"] += part["not_called"]
+        info["norms_refit"] += len(refit_layer_norms(model, ref, data, names=norms,
+                                                     max_batches=cfg.calibration_batches))
+    return info
 
 
 @register(SparseGPT, kind="prune", needs=("calibration",))
@@ -253,8 +316,11 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
     targets, skipped = _targets(cfg, ctx, layers)
     masks: dict[str, torch.Tensor] = {}
     with measured() as info:
-        info.update(calibrate(model, cfg, ctx, list(targets),
-                              _sparsegpt_solver(cfg, targets, masks)))
+        solve = _sparsegpt_solver(cfg, targets, masks)
+        if not cfg.refit_norms:
+            info.update(calibrate(model, cfg, ctx, list(targets), solve))
+        else:
+            info.update(_with_norms(model, cfg, ctx, list(targets), solve))
     return _finish(model, cfg, ctx, masks, skipped, info)
 
 

@@ -37,8 +37,10 @@ class CodeModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes to ship the model: one 16-bit frequency per channel and code."""
-        return 2 * len(self.cum) * (len(self.cum[0]) - 1)
+        """Bytes to ship the model: one frequency per channel and code (2 bytes for the
+        fitted models' 15-bit totals, more for finer ones)."""
+        per = max(2, (max(row[-1] for row in self.cum).bit_length() + 7) // 8)
+        return per * len(self.cum) * (len(self.cum[0]) - 1)
 
     def ideal_bits(self, codes: np.ndarray) -> float:
         """``sum -log2 p(q)`` of one input's codes under the model (the coder's target)."""

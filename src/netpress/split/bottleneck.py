@@ -10,6 +10,11 @@ decoder ``q / (2^bits - 1)``. The decoder rebuilds a tensor of the cut tensor's 
 grid is fixed (unit step), so no scale travels with the codes and the ONNX graph of the head
 ends in ``Round``/``Clip``.
 
+With ``entropy="factorized"`` the bottleneck also holds a learned per-channel density of
+the codes (:class:`~netpress.split.entropy.FactorizedPrior`); in training its forward pass
+records the rate of the noisy codes (``-log2 p`` bits per input, :meth:`Bottleneck.take_rate`)
+for the loss, and the encoder's codes start around the middle of the alphabet (:class:`Gain`).
+
 Maps of rank 4 (N, C, H, W) use convolutions; rank 2 (N, C) and rank 3 (N, L, C) use Linear
 layers on the last dimension.
 """
@@ -20,8 +25,14 @@ import torch
 from torch import nn
 
 from netpress.errors import ModelError
+from netpress.split.entropy import FactorizedPrior
 
-__all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck"]
+__all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck",
+           "ENTROPY_MODELS"]
+
+#: The entropy models a bottleneck can learn: none (a static coder is fitted afterwards) or
+#: a factorized prior trained with the rate term.
+ENTROPY_MODELS = ("none", "factorized")
 
 
 def code_max(bits: int) -> int:
@@ -56,10 +67,18 @@ class Bottleneck(nn.Module):
     """``decoder(quant(encoder(x)))``, cropped back to the cut tensor's spatial size."""
 
     def __init__(self, encoder: nn.Module, quant: CodeQuant, decoder: nn.Module,
-                 size: tuple[int, ...] = ()) -> None:
+                 size: tuple[int, ...] = (), prior: FactorizedPrior | None = None) -> None:
         super().__init__()
         self.encoder, self.quant, self.decoder = encoder, quant, decoder
         self.size = tuple(size)
+        self.prior = prior
+        self._rate: torch.Tensor | None = None
+
+    def take_rate(self) -> torch.Tensor | None:
+        """The rate (bits per input) of the last training forward pass, then forgotten;
+        ``None`` without a prior or outside training."""
+        rate, self._rate = self._rate, None
+        return rate
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The transmitted integer codes (float tensor of whole numbers)."""
@@ -70,7 +89,10 @@ class Bottleneck(nn.Module):
         return self._crop(self.decoder(q / self.quant.qmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._crop(self.decoder(self.quant(self.encoder(x))))
+        z = self.encoder(x)
+        if self.prior is not None and self.training and torch.is_grad_enabled():
+            self._rate = self.prior.noisy_bits(torch.clamp(z, 0.0, float(self.quant.qmax)))
+        return self._crop(self.decoder(self.quant(z)))
 
     def _crop(self, y: torch.Tensor) -> torch.Tensor:
         if len(self.size) == 2:  # a strided encoder rounds odd sizes up
@@ -83,6 +105,28 @@ def _norm_init(bn: nn.Module, qmax: int) -> None:
     with torch.no_grad():
         bn.weight.fill_(qmax / 6.0)  # type: ignore[operator]
         bn.bias.fill_(qmax / 4.0)  # type: ignore[operator]
+
+
+class Gain(nn.Module):
+    """``gain * x + offset`` (constants). After a normalization whose affine starts at
+    ``spread / gain``, it puts codes at ``offset ± spread`` while each optimizer step of
+    the affine moves them ``gain`` times further: the rate term must be able to shrink a
+    channel to a single code within a few hundred Adam steps."""
+
+    def __init__(self, gain: float, offset: float) -> None:
+        super().__init__()
+        self.gain, self.offset = gain, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain + self.offset
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain}, offset={self.offset}"
+
+
+#: The learned-entropy encoder's codes start at the middle of the alphabet ± this spread,
+#: and its normalization affine moves ``ENTROPY_GAIN`` times faster than the other weights.
+ENTROPY_SPREAD, ENTROPY_GAIN = 2.0, 10.0
 
 
 def _halvings(stride: int) -> int:
@@ -114,8 +158,11 @@ def _up(channels: int, mid: int, stride: int) -> list[nn.Module]:
 
 
 def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
-                     hidden: int | None = None) -> Bottleneck:
-    """A bottleneck for cut tensors of ``shape`` (batch dimension included)."""
+                     hidden: int | None = None, entropy: str = "none") -> Bottleneck:
+    """A bottleneck for cut tensors of ``shape`` (batch dimension included); ``entropy``
+    is one of :data:`ENTROPY_MODELS`."""
+    if entropy not in ENTROPY_MODELS:
+        raise ModelError(f"Split: entropy={entropy!r}; choose one of {ENTROPY_MODELS}")
     qmax = code_max(bits)
     if len(shape) == 4:
         c, h, w = shape[1], shape[2], shape[3]
@@ -135,5 +182,13 @@ def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride
     else:
         raise ModelError(f"Split: the tensor at the cut has shape {tuple(shape)}; a bottleneck "
                          f"needs (N, C), (N, L, C) or (N, C, H, W)")
-    _norm_init(enc_bn, qmax)
-    return Bottleneck(encoder, CodeQuant(bits), decoder, size)
+    prior = None
+    if entropy == "factorized":
+        prior = FactorizedPrior(channels, bits, channel_dim=-1 if len(shape) == 3 else 1)
+        with torch.no_grad():
+            enc_bn.weight.fill_(ENTROPY_SPREAD / ENTROPY_GAIN)  # type: ignore[operator]
+            enc_bn.bias.zero_()  # type: ignore[operator]
+        encoder.append(Gain(ENTROPY_GAIN, prior.center))
+    else:
+        _norm_init(enc_bn, qmax)
+    return Bottleneck(encoder, CodeQuant(bits), decoder, size, prior)

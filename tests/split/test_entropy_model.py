@@ -156,3 +156,22 @@ def test_factorized_settings_are_checked():
     assert rate is not None and rate.requires_grad and bn.take_rate() is None
     with pytest.raises(DataError, match="channels"):
         bn.prior.rate(torch.zeros(2, 5, 4))
+
+
+def test_save_split_writes_the_code_model_both_sides_hold(tmp_path, one_thread):
+    from netpress.split import save_split
+    from netpress.split.arith import load_code_model
+
+    model, data = _task()
+    res = npr.compress(model, npr.Split(at="conv1", channels=3, bits=6, stride=2,
+                                        stage1_steps=2, stage2_steps=2, entropy="factorized",
+                                        rate=1e-3), train=data, measure=False)
+    x = data[0][0][:2]
+    paths = save_split(res.model, tmp_path, x, onnx=False)
+    coder = load_code_model(paths["code_model"])
+    assert coder == res.model.bottleneck.prior.code_model()
+    codes = npr.load(paths["device"])(x)[0].numpy()
+    assert np.array_equal(decode_codes(encode_codes(codes, coder), coder, codes.shape), codes)
+    paths["code_model"].write_text('{"bits": 6, "cum": [[0, 5, 3]]}')
+    with pytest.raises(DataError, match="code_model.json"):
+        load_code_model(paths["code_model"])

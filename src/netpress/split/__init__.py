@@ -16,7 +16,15 @@
 * :mod:`~netpress.split.export`: the device and server artefacts and ONNX files.
 """
 
-from netpress.split.arith import CodeModel, arith_bytes, decode_codes, encode_codes, fit_code_model
+from netpress.split.arith import (
+    CodeModel,
+    arith_bytes,
+    decode_codes,
+    encode_codes,
+    fit_code_model,
+    load_code_model,
+    save_code_model,
+)
 from netpress.split.bottleneck import Bottleneck, build_bottleneck, quantize_ste
 from netpress.split.cut import Cut, cut_model, resolve_cut
 from netpress.split.entropy import FactorizedPrior, code_model_from_pmf
@@ -43,6 +51,8 @@ __all__ = [
     "decode_codes",
     "encode_codes",
     "fit_code_model",
+    "load_code_model",
+    "save_code_model",
     "Cut",
     "build_bottleneck",
     "code_model_from_pmf",

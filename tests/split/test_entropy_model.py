@@ -95,10 +95,10 @@ def test_training_the_rate_fits_the_density_to_the_data():
     empirical entropy (brute force over the histogram)."""
     torch.manual_seed(0)
     prior = FactorizedPrior(channels=2, bits=5)
-    y = torch.stack([16 + 1.5 * torch.randn(4000), 10 + 4 * torch.rand(4000)], 0)
+    y = torch.stack([16 + 1.5 * torch.randn(1500), 10 + 4 * torch.rand(1500)], 0)
     y = y.clamp(0, 31).round().T.contiguous()  # (N, C)
-    opt = torch.optim.Adam(prior.parameters(), lr=0.005)
-    for _ in range(300):
+    opt = torch.optim.Adam(prior.parameters(), lr=0.01)
+    for _ in range(200):
         opt.zero_grad()
         loss = prior.noisy_bits(y) / 2
         loss.backward()

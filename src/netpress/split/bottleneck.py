@@ -6,7 +6,7 @@ stride-2 convolutions, each halving the width, and undone by as many transposed 
 ending in a BatchNorm whose affine maps values onto the code grid.
 :func:`quantize_ste` turns them into integer codes ``q = clamp(round(z), 0, 2^bits - 1)`` (the
 tensor the device sends) with a straight-through gradient inside the range, and hands the
-decoder ``q / (2^bits - 1)``. The decoder rebuilds a tensor of the cut tensor's shape. The
+decoder ``q / (2^bits - 1)`` (:class:`CodeQuant`). The decoder rebuilds a tensor of the cut tensor's shape. The
 grid is fixed (unit step), so no scale travels with the codes and the ONNX graph of the head
 ends in ``Round``/``Clip``.
 
@@ -47,20 +47,29 @@ def quantize_ste(z: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 class CodeQuant(nn.Module):
-    """Integer codes of the bottleneck, returned scaled to ``[0, 1]`` (``q / qmax``)."""
+    """Integer codes of the bottleneck, handed to the decoder as ``(q - offset) / scale``:
+    by default ``q / qmax`` in ``[0, 1]``; a learned-entropy bottleneck uses ``q - center``
+    (its codes sit a few steps around the middle of the alphabet: scaled by ``1 / qmax``
+    they would be a constant plus variations 255 times smaller)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, offset: float = 0.0, scale: float | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.qmax = code_max(bits)
+        self.offset = float(offset)
+        self.scale = float(self.qmax if scale is None else scale)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return quantize_ste(z, self.qmax) / self.qmax
-        return torch.clamp(torch.round(z), 0.0, float(self.qmax)) / self.qmax
+            return self.dequantize(quantize_ste(z, self.qmax))
+        return self.dequantize(torch.clamp(torch.round(z), 0.0, float(self.qmax)))
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for codes ``q``."""
+        return (q - self.offset) / self.scale
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, offset={self.offset}, scale={self.scale}"
 
 
 class Bottleneck(nn.Module):
@@ -82,11 +91,11 @@ class Bottleneck(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The transmitted integer codes (float tensor of whole numbers)."""
-        return torch.round(self.quant(self.encoder(x)) * self.quant.qmax)
+        return torch.clamp(torch.round(self.encoder(x)), 0.0, float(self.quant.qmax))
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         """Rebuild the cut tensor from codes ``q`` (whole numbers in ``[0, qmax]``)."""
-        return self._crop(self.decoder(q / self.quant.qmax))
+        return self._crop(self.decoder(self.quant.dequantize(q)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder(x)
@@ -182,13 +191,14 @@ def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride
     else:
         raise ModelError(f"Split: the tensor at the cut has shape {tuple(shape)}; a bottleneck "
                          f"needs (N, C), (N, L, C) or (N, C, H, W)")
-    prior = None
+    prior, quant = None, CodeQuant(bits)
     if entropy == "factorized":
         prior = FactorizedPrior(channels, bits, channel_dim=-1 if len(shape) == 3 else 1)
         with torch.no_grad():
             enc_bn.weight.fill_(ENTROPY_SPREAD / ENTROPY_GAIN)  # type: ignore[operator]
             enc_bn.bias.zero_()  # type: ignore[operator]
         encoder.append(Gain(ENTROPY_GAIN, prior.center))
+        quant = CodeQuant(bits, offset=prior.center, scale=1.0)
     else:
         _norm_init(enc_bn, qmax)
-    return Bottleneck(encoder, CodeQuant(bits), decoder, size, prior)
+    return Bottleneck(encoder, quant, decoder, size, prior)

@@ -175,3 +175,16 @@ def test_save_split_writes_the_code_model_both_sides_hold(tmp_path, one_thread):
     paths["code_model"].write_text('{"bits": 6, "cum": [[0, 5, 3]]}')
     with pytest.raises(DataError, match="code_model.json"):
         load_code_model(paths["code_model"])
+
+
+def test_sequence_codes_are_coded_channel_first():
+    from types import SimpleNamespace
+
+    bn = build_bottleneck((2, 5, 12), channels=3, bits=4, entropy="factorized").eval()
+    with torch.no_grad():
+        codes = [c.numpy().astype(np.uint8) for c in bn.codes(torch.randn(2, 5, 12))]
+    assert codes[0].shape == (5, 3)  # (L, C): channels last
+    coder, sent = coded_codes(SimpleNamespace(bottleneck=bn), codes)  # type: ignore[arg-type]
+    first = np.moveaxis(codes[0], -1, 0)
+    assert sent[0] == len(encode_codes(first, coder))
+    assert np.array_equal(decode_codes(encode_codes(first, coder), coder, first.shape), first)

@@ -6,9 +6,9 @@ stride-2 convolutions, each halving the width, and undone by as many transposed 
 ending in a BatchNorm whose affine maps values onto the code grid.
 :func:`quantize_ste` turns them into integer codes ``q = clamp(round(z), 0, 2^bits - 1)`` (the
 tensor the device sends) with a straight-through gradient inside the range, and hands the
-decoder ``q / (2^bits - 1)`` (:class:`CodeQuant`). The decoder rebuilds a tensor of the cut tensor's shape. The
-grid is fixed (unit step), so no scale travels with the codes and the ONNX graph of the head
-ends in ``Round``/``Clip``.
+decoder ``q / (2^bits - 1)`` (:class:`CodeQuant`). The decoder rebuilds a tensor of the cut
+tensor's shape. The grid is fixed (unit step), so no scale travels with the codes and the ONNX
+graph of the head ends in ``Round``/``Clip``.
 
 With ``entropy="factorized"`` the bottleneck also holds a learned per-channel density of
 the codes (:class:`~netpress.split.entropy.FactorizedPrior`); in training its forward pass

@@ -14,6 +14,11 @@ JPEG train images, then measures on the JPEG test images:
 * MACs of the device part vs the whole original, and their latency at batch 1 (1 thread,
   interleaved rounds; the machine is shared, so timings are noisy).
 
+With ``--entropy factorized`` the bottleneck learns a per-channel density of its codes
+trained with the rate term (``RATE`` in the spec is its weight λ per bit), and the arithmetic
+coder codes with that density (``bytes_arith``; ``bytes_rate`` is its ideal
+``sum -log2 p / 8``; ``bytes_arith_fitted`` the coder with a model fitted on train codes).
+
     python benchmarks/split.py --data ../shared/data
 """
 
@@ -38,6 +43,7 @@ from netpress.models import find_pretrained, load_pretrained_cifar_resnet
 from netpress.report.html import encode_png
 from netpress.split import (
     arith_bytes,
+    coded_codes,
     codes_of,
     decode_codes,
     encode_codes,
@@ -88,7 +94,7 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
     cfg = npr.Split(**_parse(spec), stage1_steps=args.stage1, stage2_steps=args.stage2,
                     lr=args.lr, optimizer=args.optimizer, train_head=not args.frozen_head,
                     alpha=args.alpha, temperature=args.temperature, hidden=args.hidden,
-                    stage2_trains=tuple(args.stage2_trains.split(",")))
+                    stage2_trains=tuple(args.stage2_trains.split(",")), entropy=args.entropy)
     data = Augmented(train) if args.augment else train
     t0 = time.perf_counter()
     split = npr.compress(ref, cfg, train=ds.loader(data, 64, shuffle=True),
@@ -98,8 +104,11 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
     train_codes = codes_of(split, ds.loader(train, 500), 4)
     dictionary = train_dictionary(train_codes)
     plain, with_dict = transmitted_bytes(codes), transmitted_bytes(codes, dictionary)
-    model = fit_code_model(train_codes, cfg.bits)
-    arith = arith_bytes(codes, model)
+    fitted = fit_code_model(train_codes, cfg.bits)
+    fitted_arith = arith_bytes(codes, fitted)
+    model, arith = (coded_codes(split, codes) if cfg.entropy == "factorized"
+                    else (fitted, fitted_arith))
+    rate = np.array([model.ideal_bits(c) / 8 for c in codes])
     decoded = all(np.array_equal(decode_codes(encode_codes(c, model), model, c.shape), c)
                   for c in codes[:200])
     x1 = test.tensors[0][:1]
@@ -116,7 +125,8 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
            "bytes_mean": float(plain.mean()), "bytes_dict_mean": float(with_dict.mean()),
            "bytes_dict_p95": float(np.percentile(with_dict, 95)),
            "dictionary_bytes": len(dictionary), "jpeg_mean": float(jpeg.mean()),
-           "bytes_arith_mean": float(arith.mean()),
+           "bytes_arith_mean": float(arith.mean()), "bytes_rate_mean": float(rate.mean()),
+           "bytes_arith_fitted_mean": float(fitted_arith.mean()),
            "bytes_arith_p95": float(np.percentile(arith, 95)),
            "code_model_bytes": model.nbytes, "arith_round_trip_200": decoded,
            "reduction_vs_jpeg_arith": float(jpeg.mean() / arith.mean()),
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=None, help="bottleneck width")
     p.add_argument("--stage2-trains", default="decoder,tail",
                    help="parts stage 2 trains (head,encoder,decoder,tail)")
+    p.add_argument("--entropy", default="none", choices=("none", "factorized"),
+                   help="learned entropy model of the codes (RATE: its weight per bit)")
     p.add_argument("--augment", action="store_true", help="random crop + flip of train images")
     p.add_argument("--no-save", action="store_true", help="skip writing the artefacts")
     p.add_argument("--frozen-head", action="store_true", help="stage 1 trains only the encoder")
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_head": not args.frozen_head, "optimizer": args.optimizer,
                "alpha": args.alpha, "temperature": args.temperature,
                "stage2_trains": args.stage2_trains, "augment": args.augment,
+               "entropy": args.entropy,
                "jpeg_mean_bytes": float(jpeg.mean()),
                "png_mean_bytes": float(png.mean()),
                "reference_accuracy_exact": accuracy(logits(ref, exact), exact.tensors[1]),

@@ -11,14 +11,26 @@
 * :mod:`~netpress.split.method`: the ``Split`` method (BottleFit's two training stages);
 * :mod:`~netpress.split.measure`: bytes per input after entropy coding, device MACs/latency;
 * :mod:`~netpress.split.arith`: a static arithmetic coder of the codes (per-channel model);
+* :mod:`~netpress.split.entropy`: a learned factorized density of the codes (the rate term
+  of ``Split(entropy="factorized")``) and the coder's model of it;
 * :mod:`~netpress.split.export`: the device and server artefacts and ONNX files.
 """
 
-from netpress.split.arith import CodeModel, arith_bytes, decode_codes, encode_codes, fit_code_model
+from netpress.split.arith import (
+    CodeModel,
+    arith_bytes,
+    decode_codes,
+    encode_codes,
+    fit_code_model,
+    load_code_model,
+    save_code_model,
+)
 from netpress.split.bottleneck import Bottleneck, build_bottleneck, quantize_ste
 from netpress.split.cut import Cut, cut_model, resolve_cut
+from netpress.split.entropy import FactorizedPrior, code_model_from_pmf
 from netpress.split.export import save_split
 from netpress.split.measure import (
+    coded_codes,
     codes_of,
     image_png_bytes,
     split_section,
@@ -39,9 +51,14 @@ __all__ = [
     "decode_codes",
     "encode_codes",
     "fit_code_model",
+    "load_code_model",
+    "save_code_model",
     "Cut",
     "build_bottleneck",
+    "code_model_from_pmf",
+    "coded_codes",
     "codes_of",
+    "FactorizedPrior",
     "cut_model",
     "find_split",
     "image_png_bytes",

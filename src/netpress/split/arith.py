@@ -13,13 +13,16 @@ code value.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from netpress.errors import DataError
 
-__all__ = ["CodeModel", "fit_code_model", "encode_codes", "decode_codes", "arith_bytes"]
+__all__ = ["CodeModel", "fit_code_model", "encode_codes", "decode_codes", "arith_bytes",
+           "save_code_model", "load_code_model"]
 
 _TOP = (1 << 32) - 1
 _HALF = 1 << 31
@@ -37,8 +40,10 @@ class CodeModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes to ship the model: one 16-bit frequency per channel and code."""
-        return 2 * len(self.cum) * (len(self.cum[0]) - 1)
+        """Bytes to ship the model: one frequency per channel and code (2 bytes for the
+        fitted models' 15-bit totals, more for finer ones)."""
+        per = max(2, (max(row[-1] for row in self.cum).bit_length() + 7) // 8)
+        return per * len(self.cum) * (len(self.cum[0]) - 1)
 
     def ideal_bits(self, codes: np.ndarray) -> float:
         """``sum -log2 p(q)`` of one input's codes under the model (the coder's target)."""
@@ -165,3 +170,27 @@ def decode_codes(data: bytes, model: CodeModel, shape: tuple[int, ...]) -> np.nd
 def arith_bytes(codes: list[np.ndarray], model: CodeModel) -> np.ndarray:
     """Bytes of each input's arithmetic-coded codes."""
     return np.array([len(encode_codes(c, model)) for c in codes], dtype=np.int64)
+
+
+def save_code_model(model: CodeModel, path: str | Path) -> Path:
+    """Write ``model`` as JSON (``bits`` and the cumulative frequencies), atomically."""
+    from netpress._atomic import atomic_write
+
+    atomic_write(path, json.dumps({"bits": model.bits, "cum": [list(r) for r in model.cum]}))
+    return Path(path)
+
+
+def load_code_model(path: str | Path) -> CodeModel:
+    """Read a model written by :func:`save_code_model`, checking its tables."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        bits, cum = int(raw["bits"]), tuple(tuple(int(v) for v in r) for r in raw["cum"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"arithmetic coder: '{path}' is not a code model written by "
+                        f"save_code_model ({exc})") from exc
+    if not cum or any(len(r) != 2 ** bits + 1 or r[0] != 0
+                      or any(b <= a for a, b in zip(r, r[1:])) for r in cum):
+        raise DataError(f"arithmetic coder: '{path}' holds frequency tables that are not "
+                        f"increasing over {2 ** bits} codes; write it again with "
+                        f"save_code_model")
+    return CodeModel(bits=bits, cum=cum)

@@ -6,9 +6,14 @@ stride-2 convolutions, each halving the width, and undone by as many transposed 
 ending in a BatchNorm whose affine maps values onto the code grid.
 :func:`quantize_ste` turns them into integer codes ``q = clamp(round(z), 0, 2^bits - 1)`` (the
 tensor the device sends) with a straight-through gradient inside the range, and hands the
-decoder ``q / (2^bits - 1)``. The decoder rebuilds a tensor of the cut tensor's shape. The
-grid is fixed (unit step), so no scale travels with the codes and the ONNX graph of the head
-ends in ``Round``/``Clip``.
+decoder ``q / (2^bits - 1)`` (:class:`CodeQuant`). The decoder rebuilds a tensor of the cut
+tensor's shape. The grid is fixed (unit step), so no scale travels with the codes and the ONNX
+graph of the head ends in ``Round``/``Clip``.
+
+With ``entropy="factorized"`` the bottleneck also holds a learned per-channel density of
+the codes (:class:`~netpress.split.entropy.FactorizedPrior`); in training its forward pass
+records the rate of the noisy codes (``-log2 p`` bits per input, :meth:`Bottleneck.take_rate`)
+for the loss, and the encoder's codes start around the middle of the alphabet (:class:`Gain`).
 
 Maps of rank 4 (N, C, H, W) use convolutions; rank 2 (N, C) and rank 3 (N, L, C) use Linear
 layers on the last dimension.
@@ -20,8 +25,14 @@ import torch
 from torch import nn
 
 from netpress.errors import ModelError
+from netpress.split.entropy import FactorizedPrior
 
-__all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck"]
+__all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck",
+           "ENTROPY_MODELS"]
+
+#: The entropy models a bottleneck can learn: none (a static coder is fitted afterwards) or
+#: a factorized prior trained with the rate term.
+ENTROPY_MODELS = ("none", "factorized")
 
 
 def code_max(bits: int) -> int:
@@ -36,41 +47,61 @@ def quantize_ste(z: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 class CodeQuant(nn.Module):
-    """Integer codes of the bottleneck, returned scaled to ``[0, 1]`` (``q / qmax``)."""
+    """Integer codes of the bottleneck, handed to the decoder as ``(q - offset) / scale``:
+    by default ``q / qmax`` in ``[0, 1]``; a learned-entropy bottleneck uses ``q - center``
+    (its codes sit a few steps around the middle of the alphabet: scaled by ``1 / qmax``
+    they would be a constant plus variations 255 times smaller)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, offset: float = 0.0, scale: float | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.qmax = code_max(bits)
+        self.offset = float(offset)
+        self.scale = float(self.qmax if scale is None else scale)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return quantize_ste(z, self.qmax) / self.qmax
-        return torch.clamp(torch.round(z), 0.0, float(self.qmax)) / self.qmax
+            return self.dequantize(quantize_ste(z, self.qmax))
+        return self.dequantize(torch.clamp(torch.round(z), 0.0, float(self.qmax)))
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for codes ``q``."""
+        return (q - self.offset) / self.scale
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, offset={self.offset}, scale={self.scale}"
 
 
 class Bottleneck(nn.Module):
     """``decoder(quant(encoder(x)))``, cropped back to the cut tensor's spatial size."""
 
     def __init__(self, encoder: nn.Module, quant: CodeQuant, decoder: nn.Module,
-                 size: tuple[int, ...] = ()) -> None:
+                 size: tuple[int, ...] = (), prior: FactorizedPrior | None = None) -> None:
         super().__init__()
         self.encoder, self.quant, self.decoder = encoder, quant, decoder
         self.size = tuple(size)
+        self.prior = prior
+        self._rate: torch.Tensor | None = None
+
+    def take_rate(self) -> torch.Tensor | None:
+        """The rate (bits per input) of the last training forward pass, then forgotten;
+        ``None`` without a prior or outside training."""
+        rate, self._rate = self._rate, None
+        return rate
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The transmitted integer codes (float tensor of whole numbers)."""
-        return torch.round(self.quant(self.encoder(x)) * self.quant.qmax)
+        return torch.clamp(torch.round(self.encoder(x)), 0.0, float(self.quant.qmax))
 
     def decode(self, q: torch.Tensor) -> torch.Tensor:
         """Rebuild the cut tensor from codes ``q`` (whole numbers in ``[0, qmax]``)."""
-        return self._crop(self.decoder(q / self.quant.qmax))
+        return self._crop(self.decoder(self.quant.dequantize(q)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._crop(self.decoder(self.quant(self.encoder(x))))
+        z = self.encoder(x)
+        if self.prior is not None and self.training and torch.is_grad_enabled():
+            self._rate = self.prior.noisy_bits(torch.clamp(z, 0.0, float(self.quant.qmax)))
+        return self._crop(self.decoder(self.quant(z)))
 
     def _crop(self, y: torch.Tensor) -> torch.Tensor:
         if len(self.size) == 2:  # a strided encoder rounds odd sizes up
@@ -83,6 +114,28 @@ def _norm_init(bn: nn.Module, qmax: int) -> None:
     with torch.no_grad():
         bn.weight.fill_(qmax / 6.0)  # type: ignore[operator]
         bn.bias.fill_(qmax / 4.0)  # type: ignore[operator]
+
+
+class Gain(nn.Module):
+    """``gain * x + offset`` (constants). After a normalization whose affine starts at
+    ``spread / gain``, it puts codes at ``offset ± spread`` while each optimizer step of
+    the affine moves them ``gain`` times further: the rate term must be able to shrink a
+    channel to a single code within a few hundred Adam steps."""
+
+    def __init__(self, gain: float, offset: float) -> None:
+        super().__init__()
+        self.gain, self.offset = gain, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain + self.offset
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain}, offset={self.offset}"
+
+
+#: The learned-entropy encoder's codes start at the middle of the alphabet ± this spread,
+#: and its normalization affine moves ``ENTROPY_GAIN`` times faster than the other weights.
+ENTROPY_SPREAD, ENTROPY_GAIN = 2.0, 10.0
 
 
 def _halvings(stride: int) -> int:
@@ -114,8 +167,11 @@ def _up(channels: int, mid: int, stride: int) -> list[nn.Module]:
 
 
 def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
-                     hidden: int | None = None) -> Bottleneck:
-    """A bottleneck for cut tensors of ``shape`` (batch dimension included)."""
+                     hidden: int | None = None, entropy: str = "none") -> Bottleneck:
+    """A bottleneck for cut tensors of ``shape`` (batch dimension included); ``entropy``
+    is one of :data:`ENTROPY_MODELS`."""
+    if entropy not in ENTROPY_MODELS:
+        raise ModelError(f"Split: entropy={entropy!r}; choose one of {ENTROPY_MODELS}")
     qmax = code_max(bits)
     if len(shape) == 4:
         c, h, w = shape[1], shape[2], shape[3]
@@ -135,5 +191,14 @@ def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride
     else:
         raise ModelError(f"Split: the tensor at the cut has shape {tuple(shape)}; a bottleneck "
                          f"needs (N, C), (N, L, C) or (N, C, H, W)")
-    _norm_init(enc_bn, qmax)
-    return Bottleneck(encoder, CodeQuant(bits), decoder, size)
+    prior, quant = None, CodeQuant(bits)
+    if entropy == "factorized":
+        prior = FactorizedPrior(channels, bits, channel_dim=-1 if len(shape) == 3 else 1)
+        with torch.no_grad():
+            enc_bn.weight.fill_(ENTROPY_SPREAD / ENTROPY_GAIN)  # type: ignore[operator]
+            enc_bn.bias.zero_()  # type: ignore[operator]
+        encoder.append(Gain(ENTROPY_GAIN, prior.center))
+        quant = CodeQuant(bits, offset=prior.center, scale=1.0)
+    else:
+        _norm_init(enc_bn, qmax)
+    return Bottleneck(encoder, quant, decoder, size, prior)

@@ -16,7 +16,9 @@ __all__ = ["save_split"]
 
 def save_split(split: SplitModel, directory: str | Path, example_inputs: Any, *,
                onnx: bool = True, recipe: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``device.npress`` / ``server.npress`` (and ``device.onnx`` / ``server.onnx``).
+    """Write ``device.npress`` / ``server.npress`` (and ``device.onnx`` / ``server.onnx``;
+    with a learned entropy model also ``code_model.json``, the arithmetic coder's tables both
+    sides hold, :func:`~netpress.split.arith.load_code_model`).
 
     The device part maps the model's inputs to the ``uint8`` codes, the server part maps
     codes to the model's outputs; each artefact is verified to reproduce its part's outputs
@@ -35,6 +37,12 @@ def save_split(split: SplitModel, directory: str | Path, example_inputs: Any, *,
     meta = {"split": {"at": split.at, "bits": split.bottleneck.quant.bits,
                       "code_shape": list(codes.shape[1:])}}
     paths = {"device": out_dir / "device.npress", "server": out_dir / "server.npress"}
+    prior = split.bottleneck.prior
+    if prior is not None:
+        from netpress.split.arith import save_code_model
+
+        meta["split"]["channel_dim"] = prior.channel_dim
+        paths["code_model"] = save_code_model(prior.code_model(), out_dir / "code_model.json")
     save_artefact(paths["device"], device, recipe=recipe, metadata=meta, example_inputs=one)
     save_artefact(paths["server"], server, recipe=recipe, metadata=meta, example_inputs=codes)
     if onnx:

@@ -4,7 +4,9 @@
   with zstd (the artefact's entropy coder; bare frames), optionally with a zstd dictionary
   trained on codes of training inputs (:func:`train_dictionary`) that both sides hold;
   with training inputs the section also gives the bytes of the static arithmetic coder
-  (:mod:`netpress.split.arith`), its per-channel model fitted on the same codes;
+  (:mod:`netpress.split.arith`), its per-channel model fitted on the same codes, or, when
+  the bottleneck learned an entropy model (``entropy="factorized"``), that model's pmf
+  (:func:`coded_codes`; no training inputs needed);
 * :func:`image_png_bytes`: the PNG bytes of each raw input image (8-bit, lossless), the
   baseline a device would otherwise send;
 * :func:`split_section`: the report section: bytes per input (mean, median, p95, with and
@@ -22,13 +24,14 @@ import torch
 from torch import nn
 
 from netpress._inputs import move_to, take_batch
+from netpress.errors import ModelError
 from netpress.measure.activations import zstd_codec
 from netpress.measure.collect import evaluating, model_device
-from netpress.split.arith import arith_bytes, fit_code_model
+from netpress.split.arith import CodeModel, arith_bytes, fit_code_model
 from netpress.split.model import SplitModel
 
-__all__ = ["codes_of", "transmitted_bytes", "train_dictionary", "image_png_bytes",
-           "split_section"]
+__all__ = ["codes_of", "coded_codes", "transmitted_bytes", "train_dictionary",
+           "image_png_bytes", "split_section"]
 
 
 def codes_of(split: SplitModel, data: Iterable[Any], max_batches: int | None = None
@@ -44,6 +47,18 @@ def codes_of(split: SplitModel, data: Iterable[Any], max_batches: int | None = N
             codes = device(move_to(x, model_device(split))).cpu().numpy()
             out.extend(np.ascontiguousarray(c) for c in codes)
     return out
+
+
+def coded_codes(split: SplitModel, codes: list[np.ndarray]) -> tuple[CodeModel, np.ndarray]:
+    """The learned entropy model's arithmetic-coder model and each input's coded bytes (codes
+    moved to channels first, as the coder reads them)."""
+    prior = split.bottleneck.prior
+    if prior is None:
+        raise ModelError("Split: this bottleneck has no learned entropy model; build it with "
+                         "entropy='factorized' or fit one with fit_code_model")
+    model = prior.code_model()
+    ordered = [np.moveaxis(c, -1, 0) if prior.channel_dim == -1 else c for c in codes]
+    return model, arith_bytes(ordered, model)
 
 
 def train_dictionary(codes: list[np.ndarray], size: int = 4096, level: int = 19) -> bytes:
@@ -103,9 +118,15 @@ def split_section(reference: nn.Module, split: SplitModel, evaluate: Iterable[An
         dictionary = train_dictionary(train_codes)
         out["dictionary_bytes"] = len(dictionary)
         out["bytes_per_input_with_dictionary"] = _stats(transmitted_bytes(codes, dictionary))
-        model = fit_code_model(train_codes, out["bits"])
+        if split.bottleneck.prior is None:
+            model = fit_code_model(train_codes, out["bits"])
+            out["code_model_bytes"] = model.nbytes
+            out["bytes_per_input_arithmetic"] = _stats(arith_bytes(codes, model))
+    if split.bottleneck.prior is not None:
+        model, sizes = coded_codes(split, codes)
+        out["entropy_model"] = "factorized"
         out["code_model_bytes"] = model.nbytes
-        out["bytes_per_input_arithmetic"] = _stats(arith_bytes(codes, model))
+        out["bytes_per_input_arithmetic"] = _stats(sizes)
     png = image_png_bytes(evaluate, max_batches)
     if png is not None and len(png) == len(sent):
         best = min(out[k]["mean"] for k in ("bytes_per_input", "bytes_per_input_with_dictionary",

@@ -16,8 +16,12 @@ BottleFit (Matsubara et al., 2022):
 
 ``rate`` adds an L1 penalty on the codes (the same term as the recoveries'
 ``act_sparsity``, on the bottleneck's output) that pushes them towards small values, which
-the entropy coder then sends in fewer bytes. Both stages run the shared recovery loop, so
-pruning masks set before the split stay applied.
+the entropy coder then sends in fewer bytes. With ``entropy="factorized"`` the bottleneck
+learns a per-channel density of its codes instead (:mod:`netpress.split.entropy`, Ballé et
+al.'s factorized prior, as in Matsubara et al.'s Entropic Student) and ``rate`` is the weight
+λ of its ``-log2 p`` (bits per input) in the loss of every stage that trains the encoder;
+the arithmetic coder then codes with that density, so the trained rate is the sent size.
+Both stages run the shared recovery loop, so pruning masks set before the split stay applied.
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ from netpress.config import MethodConfig, check_fraction
 from netpress.context import Context
 from netpress.data import first_batch
 from netpress.errors import ModelError, RecipeError
-from netpress.recover.loop import OPTIMIZERS, TrainConfig, train
+from netpress.recover.loop import OPTIMIZERS, LossFn, TrainConfig, train
 from netpress.recover.losses import distillation_loss, feature_mse
 from netpress.registry import register
-from netpress.split.bottleneck import build_bottleneck
+from netpress.split.bottleneck import ENTROPY_MODELS, build_bottleneck
 from netpress.split.cut import cut_model, resolve_cut
 from netpress.split.frozen_head import Back, HeadOutputs, same_module
 from netpress.split.model import SplitModel
@@ -58,7 +62,9 @@ class Split(MethodConfig):
     channels). ``stage1_steps`` / ``stage2_steps``: optimizer steps of the two training stages
     (batches of the ``train`` data; ``stage1_steps=0`` skips stage 1), at ``lr`` with
     ``optimizer`` and a cosine schedule. ``stage2_trains``: the parts stage 2 trains, from
-    ``head``, ``encoder``, ``decoder``, ``tail``.
+    ``head``, ``encoder``, ``decoder``, ``tail``. ``entropy``: ``"none"`` (``rate`` is an L1
+    penalty on the codes) or ``"factorized"`` (a learned density of the codes; ``rate`` is
+    the weight of its bits per input in the loss).
     """
 
     at: str = "re:.*"
@@ -75,6 +81,7 @@ class Split(MethodConfig):
     rate: float = 0.0
     train_head: bool = True
     stage2_trains: tuple[str, ...] = ("decoder", "tail")
+    entropy: str = "none"
 
     def __post_init__(self) -> None:
         n = self.type_name()
@@ -105,6 +112,12 @@ class Split(MethodConfig):
         if isinstance(parts, str) or not parts or any(p not in PARTS for p in parts):
             raise RecipeError(f"{n}: stage2_trains={parts!r} must list one or more of "
                               f"{tuple(PARTS)}")
+        if self.entropy not in ENTROPY_MODELS:
+            raise RecipeError(f"{n}: entropy={self.entropy!r}; choose one of {ENTROPY_MODELS}")
+        if self.entropy == "factorized" and not self.rate:
+            raise RecipeError(f"{n}: entropy='factorized' learns its density through the rate "
+                              f"term; give rate > 0 (the weight of the bits per input, e.g. "
+                              f"1e-4)")
 
 
 #: The parts of a split model that ``stage2_trains`` names, and their module names.
@@ -120,6 +133,8 @@ def _positive_ints(cfg: Split, names: tuple[str, ...]) -> None:
 
 
 def _stage_config(cfg: Split, steps: int, rate: float) -> TrainConfig:
+    if cfg.entropy != "none":
+        rate = 0.0  # the rate is the entropy model's, added by :func:`_with_rate`
     return TrainConfig(max_steps=steps, lr=cfg.lr, optimizer=cfg.optimizer,
                        act_sparsity=rate or None,
                        act_layers=("bottleneck.quant",) if rate else ())
@@ -139,6 +154,21 @@ def _freeze(model: SplitModel | nn.Module, parts: list[str]) -> Iterator[None]:
         model.frozen = ()  # type: ignore[union-attr]
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+def _with_rate(loss_fn: LossFn, split: SplitModel, weight: float) -> LossFn:
+    """``loss_fn`` plus ``weight`` times the bits per input the bottleneck's entropy model
+    gave the last training batch (``loss_fn`` itself without an entropy model)."""
+    if split.bottleneck.prior is None:
+        return loss_fn
+
+    def loss(out: torch.Tensor, ref: torch.Tensor | None,
+             labels: torch.Tensor | None) -> torch.Tensor:
+        total = loss_fn(out, ref, labels)
+        rate = split.bottleneck.take_rate()
+        return total if rate is None or not weight else total + weight * rate.to(total)
+
+    return loss
 
 
 def _head_loss(out: torch.Tensor, ref: torch.Tensor | None,
@@ -161,7 +191,7 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
     with torch.no_grad():
         shape = tuple(primary_output(call_model(cut.head.eval(), example)).shape)
     bottleneck = build_bottleneck(shape, cfg.channels, cfg.bits, stride=cfg.stride,
-                                  hidden=cfg.hidden).to(ctx.device)
+                                  hidden=cfg.hidden, entropy=cfg.entropy).to(ctx.device)
     split = SplitModel(cut.head, bottleneck, cut.tail, at=at)
     names = {id(p): n for n, p in split.named_parameters()}
     ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()
@@ -186,33 +216,37 @@ def _stage1(split: SplitModel, teacher_head: nn.Module, cfg: Split, ctx: Context
     if not cfg.stage1_steps:
         return {"steps": 0}
     train_cfg = _stage_config(cfg, cfg.stage1_steps, cfg.rate)
+    head_loss = _with_rate(_head_loss, split, cfg.rate)
     if _shared_head(split, teacher_head, cfg.train_head):
         data = HeadOutputs(ctx.require("train", cfg.type_name()), split.head, ctx.device)
         fast = ctx.fork(reference=nn.Identity(), train=data)
         fast.masks = {}
         with _freeze(split, ["head"]):  # keeps the head's BatchNorm statistics as they are
             out = train(split.bottleneck, fast, dataclasses.replace(
-                train_cfg, act_layers=("quant",) if cfg.rate else ()), _head_loss,
+                train_cfg, act_layers=("quant",) if train_cfg.act_sparsity else ()), head_loss,
                 needs_teacher=True)
         return {**out, "shared_head": True}
     front = split.front()
     head_ctx = ctx.fork(reference=teacher_head)
     head_ctx.masks = {k: m for k, m in ctx.masks.items() if k.startswith("head.")}
     with _freeze(front, [] if cfg.train_head else ["head"]):
-        return train(front, head_ctx, train_cfg, _head_loss, needs_teacher=True)
+        return train(front, head_ctx, train_cfg, head_loss, needs_teacher=True)
 
 
 def _stage2(split: SplitModel, teacher: Any, cfg: Split, ctx: Context) -> dict[str, Any]:
     """Output distillation of the parts ``cfg.stage2_trains`` names."""
 
-    def output_loss(out: torch.Tensor, ref: torch.Tensor | None,
-                    labels: torch.Tensor | None) -> torch.Tensor:
+    def kd_loss(out: torch.Tensor, ref: torch.Tensor | None,
+                labels: torch.Tensor | None) -> torch.Tensor:
         assert ref is not None
         return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
 
     frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains]
-    train_cfg = _stage_config(cfg, cfg.stage2_steps,
-                              cfg.rate if "encoder" in cfg.stage2_trains else 0.0)
+    encoder_trains = "encoder" in cfg.stage2_trains
+    if split.bottleneck.prior is not None and not encoder_trains:
+        frozen.append("bottleneck.prior")  # the codes stay, so their density stays too
+    output_loss = _with_rate(kd_loss, split, cfg.rate if encoder_trains else 0.0)
+    train_cfg = _stage_config(cfg, cfg.stage2_steps, cfg.rate if encoder_trains else 0.0)
     if _shared_head(split, teacher.head, "head" in cfg.stage2_trains):
         back = Back(split.bottleneck, split.tail)
         data = HeadOutputs(ctx.require("train", cfg.type_name()), split.head, ctx.device)

@@ -161,19 +161,30 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
     current: dict[str, Any] = {}
 
-    def pre_hook(name: str) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+    def pre_hook(name: str) -> Callable[..., Any]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            x, out = args[0], None
+            if isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
+                # no reader before this one: the gradient starts here (the parameters take
+                # none, see below); the same values as from a graph through the weights
+                x = x.detach().requires_grad_()
+                out = (x, *args[1:])
 
             def on_grad(g: torch.Tensor) -> None:
                 grads[name].append(column_mask_grads(x.detach(), g, current.get("real")))
             if x.requires_grad:
                 x.register_hook(on_grad)
+            return out
         return fn
 
     modules = dict(model.named_modules())
     handles = [modules[r].register_forward_pre_hook(pre_hook(r)) for r in readers]
     gen = torch.Generator().manual_seed(seed)
+    # only the readers' inputs need gradients: no weight gradients (one model size) and no
+    # activations kept for them
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with evaluating(model), torch.enable_grad():
             for x in data:
@@ -181,10 +192,15 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
                 y = primary_output(out)
                 current["real"] = _real(x, y)
                 model.zero_grad(set_to_none=True)
-                _sample_loss(model, out, x, gen).backward()
+                loss = _sample_loss(model, out, x, gen)
+                if loss.requires_grad:  # else no reader is on the path: reported below
+                    loss.backward()
+                del out, y, loss
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
     scores = {}
     for g in groups:
@@ -267,11 +283,16 @@ class FisherCut:
 
 
 def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-               reference_macs: int | None = None) -> FisherCut:
-    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs)."""
-    work = copy.deepcopy(model)
+               reference_macs: int | None = None, *, inplace: bool = False) -> FisherCut:
+    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs).
+
+    ``inplace=True`` cuts ``model`` itself, and the unpruned ``original`` shares the tensors
+    the cut leaves alone with it instead of being a full copy (two model copies fewer; the
+    Linear layers are never shared, so refits can write them): for a caller that owns
+    ``model`` and drops ``original`` before changing the pruned model further."""
+    work = model if inplace else copy.deepcopy(model)
     split_attention(work, example_inputs)
-    original = copy.deepcopy(work)
+    original = _shared_copy(work) if inplace else copy.deepcopy(work)
     graph = analyze(work, example_inputs)
     groups = _readers(work, graph)
     if not groups:
@@ -309,6 +330,7 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
+    _own_linears(work, original)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
@@ -320,10 +342,31 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                      {n: d[0] for n, d in weights.items() if 0 in d}, summary)
 
 
+def _shared_copy(model: nn.Module) -> nn.Module:
+    from netpress.api import _shared_copy as shared  # api imports the methods
+
+    return shared(model)
+
+
+def _own_linears(model: nn.Module, other: nn.Module) -> None:
+    """Give every Linear of ``model`` its own copy of a weight or bias it still shares with
+    ``other`` (the refits write Linear weights in place)."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*other.parameters(), *other.buffers()]}
+    for m in model.modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        for key, p in list(m._parameters.items()):
+            if p is not None and p.untyped_storage().data_ptr() in theirs:
+                m._parameters[key] = nn.Parameter(p.detach().clone(),
+                                                  requires_grad=p.requires_grad)
+
+
 def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
-    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs)
+                 reference_macs: int | None = None, *,
+                 inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (``model`` itself with ``inplace``, see :func:`fisher_cut`;
+    see the module docs); returns it and a summary."""
+    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs, inplace=inplace)
     refitted = 0
     if cfg.refit and cfg.refit_scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
@@ -331,7 +374,9 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp))
-    return cut.model, {**cut.summary, "refitted_layers": refitted}
+    pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
+    del cut  # the unpruned original; with inplace it shares tensors with the pruned model
+    return pruned, summary
 
 
 @register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))
@@ -341,7 +386,9 @@ def _apply(model: nn.Module, cfg: FisherPrune, ctx: Context) -> nn.Module:
     device = model_device(model)
     data = [move_to(b, device) for i, (b, _) in enumerate(batches(source, name="calibration"))
             if i < cfg.calibration_batches]
+    # compress() hands every step its own working copy (and drops it if the step fails):
+    # cutting it in place saves two full model copies (BERT-base: 2 x 418 MB)
     pruned, summary = fisher_prune(model, cfg, x, data,
-                                   reference_macs=count_macs(ctx.reference, x))
+                                   reference_macs=count_macs(ctx.reference, x), inplace=True)
     ctx.record(cfg.type_name(), **summary)
     return pruned

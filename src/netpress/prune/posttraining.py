@@ -52,6 +52,7 @@ from netpress.prune.fisher import (
 )
 from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.reconstruct._measure import trim_heap
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
@@ -196,6 +197,7 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
                 if loss.requires_grad:  # else no reader is on the path: reported below
                     loss.backward()
                 del out, y, loss
+                trim_heap()  # the backward's freed activations, held by glibc otherwise
     finally:
         for h in handles:
             h.remove()

@@ -254,6 +254,7 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             by_batch.setdefault(runners[tid].batch, {})[runners[tid].compressed] = x
         if not by_batch:
             return
+        trim_heap()  # what the forwards since the last group freed into the threads' arenas
         views = {n: LayerView(model.get_submodule(n), n) for n in names}
         refs = {n: LayerView(reference.get_submodule(n), n) for n in names} \
             if reference is not None else views

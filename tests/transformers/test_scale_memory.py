@@ -167,3 +167,18 @@ def test_compress_fisherprune_leaves_the_users_model_alone_and_owns_its_weights(
                                for m in linears)
     with torch.no_grad():
         assert np.isfinite(float(res.model(**data[0]).last_hidden_state.abs().max()))
+
+
+def test_hinv_cholesky_permuted_inside_is_bit_identical():
+    from netpress.reconstruct.obs import hinv_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    h = x.T @ x / 40
+    perm = torch.randperm(9, generator=g)
+    kept = h.clone()
+    assert torch.equal(hinv_cholesky(h, 0.01, perm=perm), hinv_cholesky(h[perm][:, perm], 0.01))
+    assert torch.equal(h, kept)  # the caller's Hessian is not damped in place
+    u = hinv_cholesky(h, 0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(9, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)

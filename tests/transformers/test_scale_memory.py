@@ -99,7 +99,7 @@ def test_sparsegpt_on_a_group_matches_per_layer_fits():
 def _fisher_brute(model: nn.Module, groups: list, data: list[dict],
                   seed: int) -> dict[int, torch.Tensor]:
     """The scores as before the cut: every parameter takes a gradient too."""
-    from netpress._inputs import call_model
+    from netpress._inputs import call_model, primary_output
     from netpress.prune.posttraining import _real, _sample_loss
 
     grads: dict[str, list[torch.Tensor]] = {g.reader: [] for g in groups}
@@ -116,20 +116,40 @@ def _fisher_brute(model: nn.Module, groups: list, data: list[dict],
     gen = torch.Generator().manual_seed(seed)
     for x in data:
         out = call_model(model, x)
-        current["real"] = _real(x, out.last_hidden_state)
+        current["real"] = _real(x, primary_output(out))
         _sample_loss(model, out, x, gen).backward()
     for h in handles:
         h.remove()
     return {g.index: unit_fisher(torch.cat(grads[g.reader]), g.columns) for g in groups}
 
 
-def test_fisher_scores_without_weight_gradients_are_unchanged():
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32, num_labels=5)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _causal_lm() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [_bert, _classifier, _causal_lm],
+                         ids=["gaussian", "sampled-labels", "next-token"])
+def test_fisher_scores_without_weight_gradients_are_unchanged(make):
+    """One sample per backward, no weight gradients: the scores of whole batches with every
+    weight taking a gradient (the projections and labels drawn as before)."""
     from netpress.graph import analyze
 
-    model, data = _bert(), _text()
+    model, data = make(), _text()
     graph = analyze(model, data[0])
     groups = _readers(model, graph)
-    assert len(groups) == 4  # heads and FFN neurons of both blocks
+    assert len(groups) >= 4  # heads and FFN neurons of both blocks (+ the pooler)
     fast = _fisher(model, groups, data, seed=3)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     brute = _fisher_brute(copy.deepcopy(model), groups, data, seed=3)

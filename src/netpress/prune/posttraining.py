@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netpress._inputs import Inputs, call_model, move_to, primary_output
+from netpress._inputs import (
+    Inputs,
+    _map_tensors,
+    batch_size_of,
+    call_model,
+    move_to,
+    primary_output,
+)
 from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
@@ -130,8 +137,11 @@ def _real(inputs: Any, like: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generator) -> torch.Tensor:
-    """A sum of per-sample losses whose gradients give the (empirical) Fisher."""
+def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generator,
+                 noise: _Noise | None = None) -> torch.Tensor:
+    """A sum of per-sample losses whose gradients give the (empirical) Fisher. With
+    ``noise``, ``output`` is a slice of a batch and the Gaussian case's projection is that
+    slice of one drawn for the whole batch (the draws of the unsliced batch)."""
     y = primary_output(output).float()
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -151,8 +161,38 @@ def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generato
     if y.dim() == 3:
         m = torch.ones(y.shape[:2], device=y.device) if real is None else real.float()
         pooled = (y * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
-    u = torch.randn(pooled.shape, generator=gen).to(pooled.device)
+    if noise is None:
+        u = torch.randn(pooled.shape, generator=gen)
+    else:
+        if noise.u is None:
+            noise.u = torch.randn((noise.batch, *pooled.shape[1:]), generator=gen)
+        u = noise.u[noise.start:noise.start + pooled.shape[0]]
+    u = u.to(pooled.device)
     return (pooled.reshape(pooled.shape[0], -1) * u.reshape(u.shape[0], -1)).sum()
+
+
+@dataclass
+class _Noise:
+    """The slice ``start:`` of a batch of ``batch`` samples, and its Gaussian projection."""
+
+    batch: int
+    start: int = 0
+    u: torch.Tensor | None = None
+
+
+#: samples per forward + backward in the Fisher pass: the activations kept for the gradients
+#: of BERT-base at 8 x 128 tokens were ~90 MB per block (1.1 GB in all); sample losses are
+#: independent, so slices give the same per-sample gradients
+_FISHER_SLICE = 1
+
+
+def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
+    """The classifier case of :func:`_sample_loss` (labels drawn from the whole batch)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    lm = y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
+        and y.shape[-1] == vocab
+    return not lm and y.dim() == 2 and y.shape[-1] > 1
 
 
 def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
@@ -189,15 +229,7 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
     try:
         with evaluating(model), torch.enable_grad():
             for x in data:
-                out = call_model(model, x)
-                y = primary_output(out)
-                current["real"] = _real(x, y)
-                model.zero_grad(set_to_none=True)
-                loss = _sample_loss(model, out, x, gen)
-                if loss.requires_grad:  # else no reader is on the path: reported below
-                    loss.backward()
-                del out, y, loss
-                trim_heap()  # the backward's freed activations, held by glibc otherwise
+                _fisher_batch(model, x, gen, current)
     finally:
         for h in handles:
             h.remove()
@@ -211,6 +243,38 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
                              f"model's output depend on it?")
         scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
     return scores
+
+
+def _fisher_batch(model: nn.Module, x: Any, gen: torch.Generator,
+                  current: dict[str, Any]) -> None:
+    """Forward and backward of one batch, in slices of :data:`_FISHER_SLICE` samples (the
+    whole batch where labels are sampled from it)."""
+    size = batch_size_of(x)
+    noise = _Noise(size)
+    for start in range(0, size, _FISHER_SLICE):
+        part = _slice(x, start, start + _FISHER_SLICE) if size > _FISHER_SLICE else x
+        noise.start = start
+        out = call_model(model, part)
+        y = primary_output(out)
+        if part is not x and _is_sampled(model, y, part):
+            del out, y  # nothing was recorded yet: no backward ran
+            part, noise, out = x, None, call_model(model, x)  # type: ignore[assignment]
+            y = primary_output(out)
+        current["real"] = _real(part, y)
+        loss = _sample_loss(model, out, part, gen, noise)
+        if loss.requires_grad:  # else no reader is on the path: reported by the caller
+            loss.backward()
+        del out, y, loss
+        trim_heap()  # the backward's freed activations, held by glibc otherwise
+        if part is x:
+            return
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every batched tensor in ``inputs``."""
+    size = batch_size_of(inputs)
+    return _map_tensors(inputs, lambda t: t[start:stop]
+                        if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def _inputs_of(model: nn.Module, names: list[str], data: list[Any],

@@ -202,3 +202,22 @@ def test_hinv_cholesky_permuted_inside_is_bit_identical():
     u = hinv_cholesky(h, 0.01)
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(9, dtype=torch.float64)
     torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_pass_keeps_no_reader_input_alive():
+    """The gradient hooks once held their tensor in a cycle through its autograd node."""
+    import gc
+    import weakref
+
+    from netpress.graph import analyze
+
+    model, data = _bert(), _text()
+    groups = _readers(model, analyze(model, data[0]))
+    refs: list = []
+    handles = [model.get_submodule(g.reader).register_forward_pre_hook(
+        lambda m, args: refs.append(weakref.ref(args[0]))) for g in groups]
+    _fisher(model, groups, data, seed=0)
+    for h in handles:
+        h.remove()
+    gc.collect()
+    assert len(refs) == len(groups) * 12 and all(r() is None for r in refs)

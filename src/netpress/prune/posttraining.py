@@ -211,8 +211,13 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
                 x = x.detach().requires_grad_()
                 out = (x, *args[1:])
 
+            # the hook holds a detached view: holding x itself made a cycle through x's
+            # autograd node that the garbage collector cannot see, and every reader input of
+            # every batch stayed alive (0.7 GB after BERT-base's Fisher pass)
+            seen = x.detach()
+
             def on_grad(g: torch.Tensor) -> None:
-                grads[name].append(column_mask_grads(x.detach(), g, current.get("real")))
+                grads[name].append(column_mask_grads(seen, g, current.get("real")))
             if x.requires_grad:
                 x.register_hook(on_grad)
             return out

@@ -18,12 +18,12 @@ from netpress.prune.posttraining import FisherPrune, _fisher, _readers, fisher_p
 from netpress.reconstruct.engine import LayerStats, _Accumulator, run_sequential
 
 
-def _bert(seed: int = 0) -> nn.Module:
+def _bert(seed: int = 0, kind: type = transformers.BertModel, **extra: int) -> nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=32)
-    return transformers.BertModel(cfg).eval()
+                                  max_position_embeddings=32, **extra)
+    return kind(cfg).eval()
 
 
 def _text(n: int = 3, batch: int = 4, seq: int = 12, seed: int = 0) -> list[dict]:
@@ -124,11 +124,7 @@ def _fisher_brute(model: nn.Module, groups: list, data: list[dict],
 
 
 def _classifier() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=32, num_labels=5)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return _bert(0, transformers.BertForSequenceClassification, num_labels=5)
 
 
 def _causal_lm() -> nn.Module:

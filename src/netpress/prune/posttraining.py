@@ -144,9 +144,8 @@ def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generato
     slice of one drawn for the whole batch (the draws of the unsliced batch)."""
     y = primary_output(output).float()
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
-            and y.shape[-1] == vocab:
+    if _is_lm(model, y, inputs):
+        assert isinstance(ids, torch.Tensor)
         real = _real(inputs, y)
         keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if real is None else \
             real[:, :-1] & real[:, 1:]
@@ -186,13 +185,17 @@ class _Noise:
 _FISHER_SLICE = 1
 
 
-def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
-    """The classifier case of :func:`_sample_loss` (labels drawn from the whole batch)."""
+def _is_lm(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
+    """The next-token case of :func:`_sample_loss`: logits over the vocabulary per token."""
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    lm = y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
+    return y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
         and y.shape[-1] == vocab
-    return not lm and y.dim() == 2 and y.shape[-1] > 1
+
+
+def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
+    """The classifier case of :func:`_sample_loss` (labels drawn from the whole batch)."""
+    return not _is_lm(model, y, inputs) and y.dim() == 2 and y.shape[-1] > 1
 
 
 def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],

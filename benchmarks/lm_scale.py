@@ -48,6 +48,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import netpress as npr
+    from netpress._inputs import take_batch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,7 +64,9 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     except (ImportError, AttributeError) as exc:
         return {"method": name, "skipped": f"not available in this netpress ({exc})"}
     started = time.perf_counter()
-    res = npr.compress(model, recipe, calibration=data, example_inputs=data[0][0],
+    # example_inputs: one row (1 x seq), as compress() takes by default from evaluation data;
+    # the traced forward of StructuredPrune / FisherPrune keeps every activation of the example
+    res = npr.compress(model, recipe, calibration=data, example_inputs=take_batch(data[0][0], 1),
                        measure=False)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

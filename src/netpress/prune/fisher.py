@@ -29,11 +29,19 @@ __all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
 def column_mask_grads(x: torch.Tensor, grad: torch.Tensor,
                       real: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample gradient of a column mask: ``[B, C]`` from input ``x`` and its gradient
-    ``grad`` (both ``[B, ..., C]``); positions where ``real`` ([B, T]) is False count 0."""
-    prod = (x.double() * grad.double())
-    if real is not None and prod.dim() == 3:
-        prod = prod * real.to(prod.dtype).unsqueeze(-1)
-    return prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1)
+    ``grad`` (both ``[B, ..., C]``); positions where ``real`` ([B, T]) is False count 0.
+
+    Computed one sample at a time: the float64 products of a whole batch were 4 temporaries
+    the size of a BERT FFN activation, in float64."""
+    def one(b: int) -> torch.Tensor:
+        prod = x[b].double() * grad[b].double()
+        if real is not None and x.dim() == 3:
+            prod = prod * real[b].to(prod.dtype).unsqueeze(-1)
+        return prod.reshape(-1, prod.shape[-1]).sum(0)
+
+    if x.shape[0] == 0:
+        return torch.zeros(0, x.shape[-1], dtype=torch.float64, device=x.device)
+    return torch.stack([one(b) for b in range(x.shape[0])])
 
 
 def unit_fisher(col_grads: torch.Tensor, columns: Sequence[np.ndarray]) -> torch.Tensor:

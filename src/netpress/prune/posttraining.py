@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netpress._inputs import Inputs, call_model, move_to, primary_output
+from netpress._inputs import (
+    Inputs,
+    _map_tensors,
+    batch_size_of,
+    call_model,
+    move_to,
+    primary_output,
+)
 from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
@@ -52,6 +59,7 @@ from netpress.prune.fisher import (
 )
 from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.reconstruct._measure import trim_heap
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
@@ -129,13 +137,15 @@ def _real(inputs: Any, like: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generator) -> torch.Tensor:
-    """A sum of per-sample losses whose gradients give the (empirical) Fisher."""
+def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generator,
+                 noise: _Noise | None = None) -> torch.Tensor:
+    """A sum of per-sample losses whose gradients give the (empirical) Fisher. With
+    ``noise``, ``output`` is a slice of a batch and the Gaussian case's projection is that
+    slice of one drawn for the whole batch (the draws of the unsliced batch)."""
     y = primary_output(output).float()
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
-            and y.shape[-1] == vocab:
+    if _is_lm(model, y, inputs):
+        assert isinstance(ids, torch.Tensor)
         real = _real(inputs, y)
         keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if real is None else \
             real[:, :-1] & real[:, 1:]
@@ -150,8 +160,42 @@ def _sample_loss(model: nn.Module, output: Any, inputs: Any, gen: torch.Generato
     if y.dim() == 3:
         m = torch.ones(y.shape[:2], device=y.device) if real is None else real.float()
         pooled = (y * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
-    u = torch.randn(pooled.shape, generator=gen).to(pooled.device)
+    if noise is None:
+        u = torch.randn(pooled.shape, generator=gen)
+    else:
+        if noise.u is None:
+            noise.u = torch.randn((noise.batch, *pooled.shape[1:]), generator=gen)
+        u = noise.u[noise.start:noise.start + pooled.shape[0]]
+    u = u.to(pooled.device)
     return (pooled.reshape(pooled.shape[0], -1) * u.reshape(u.shape[0], -1)).sum()
+
+
+@dataclass
+class _Noise:
+    """The slice ``start:`` of a batch of ``batch`` samples, and its Gaussian projection."""
+
+    batch: int
+    start: int = 0
+    u: torch.Tensor | None = None
+
+
+#: samples per forward + backward in the Fisher pass: the activations kept for the gradients
+#: of BERT-base at 8 x 128 tokens were ~90 MB per block (1.1 GB in all); sample losses are
+#: independent, so slices give the same per-sample gradients
+_FISHER_SLICE = 1
+
+
+def _is_lm(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
+    """The next-token case of :func:`_sample_loss`: logits over the vocabulary per token."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return y.dim() == 3 and isinstance(ids, torch.Tensor) and ids.shape == y.shape[:2] \
+        and y.shape[-1] == vocab
+
+
+def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
+    """The classifier case of :func:`_sample_loss` (labels drawn from the whole batch)."""
+    return not _is_lm(model, y, inputs) and y.dim() == 2 and y.shape[-1] > 1
 
 
 def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
@@ -161,30 +205,44 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
     current: dict[str, Any] = {}
 
-    def pre_hook(name: str) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+    def pre_hook(name: str) -> Callable[..., Any]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            x, out = args[0], None
+            if isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
+                # no reader before this one: the gradient starts here (the parameters take
+                # none, see below); the same values as from a graph through the weights
+                x = x.detach().requires_grad_()
+                out = (x, *args[1:])
+
+            # the hook holds a detached view: holding x itself made a cycle through x's
+            # autograd node that the garbage collector cannot see, and every reader input of
+            # every batch stayed alive (0.7 GB after BERT-base's Fisher pass)
+            seen = x.detach()
 
             def on_grad(g: torch.Tensor) -> None:
-                grads[name].append(column_mask_grads(x.detach(), g, current.get("real")))
+                grads[name].append(column_mask_grads(seen, g, current.get("real")))
             if x.requires_grad:
                 x.register_hook(on_grad)
+            return out
         return fn
 
     modules = dict(model.named_modules())
     handles = [modules[r].register_forward_pre_hook(pre_hook(r)) for r in readers]
     gen = torch.Generator().manual_seed(seed)
+    # only the readers' inputs need gradients: no weight gradients (one model size) and no
+    # activations kept for them
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with evaluating(model), torch.enable_grad():
             for x in data:
-                out = call_model(model, x)
-                y = primary_output(out)
-                current["real"] = _real(x, y)
-                model.zero_grad(set_to_none=True)
-                _sample_loss(model, out, x, gen).backward()
+                _fisher_batch(model, x, gen, current)
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
     scores = {}
     for g in groups:
@@ -193,6 +251,38 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
                              f"model's output depend on it?")
         scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
     return scores
+
+
+def _fisher_batch(model: nn.Module, x: Any, gen: torch.Generator,
+                  current: dict[str, Any]) -> None:
+    """Forward and backward of one batch, in slices of :data:`_FISHER_SLICE` samples (the
+    whole batch where labels are sampled from it)."""
+    size = batch_size_of(x)
+    noise = _Noise(size)
+    for start in range(0, size, _FISHER_SLICE):
+        part = _slice(x, start, start + _FISHER_SLICE) if size > _FISHER_SLICE else x
+        noise.start = start
+        out = call_model(model, part)
+        y = primary_output(out)
+        if part is not x and _is_sampled(model, y, part):
+            del out, y  # nothing was recorded yet: no backward ran
+            part, noise, out = x, None, call_model(model, x)  # type: ignore[assignment]
+            y = primary_output(out)
+        current["real"] = _real(part, y)
+        loss = _sample_loss(model, out, part, gen, noise)
+        if loss.requires_grad:  # else no reader is on the path: reported by the caller
+            loss.backward()
+        del out, y, loss
+        trim_heap()  # the backward's freed activations, held by glibc otherwise
+        if part is x:
+            return
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every batched tensor in ``inputs``."""
+    size = batch_size_of(inputs)
+    return _map_tensors(inputs, lambda t: t[start:stop]
+                        if t.dim() > 0 and t.shape[0] == size else t)
 
 
 def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
@@ -267,11 +357,16 @@ class FisherCut:
 
 
 def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-               reference_macs: int | None = None) -> FisherCut:
-    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs)."""
-    work = copy.deepcopy(model)
+               reference_macs: int | None = None, *, inplace: bool = False) -> FisherCut:
+    """Score, select and cut out units of a copy of ``model`` (steps 1-3 of the module docs).
+
+    ``inplace=True`` cuts ``model`` itself, and the unpruned ``original`` shares the tensors
+    the cut leaves alone with it instead of being a full copy (two model copies fewer; the
+    Linear layers are never shared, so refits can write them): for a caller that owns
+    ``model`` and drops ``original`` before changing the pruned model further."""
+    work = model if inplace else copy.deepcopy(model)
     split_attention(work, example_inputs)
-    original = copy.deepcopy(work)
+    original = _shared_copy(work) if inplace else copy.deepcopy(work)
     graph = analyze(work, example_inputs)
     groups = _readers(work, graph)
     if not groups:
@@ -309,6 +404,7 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
+    _own_linears(work, original)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
@@ -320,10 +416,31 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                      {n: d[0] for n, d in weights.items() if 0 in d}, summary)
 
 
+def _shared_copy(model: nn.Module) -> nn.Module:
+    from netpress.api import _shared_copy as shared  # api imports the methods
+
+    return shared(model)
+
+
+def _own_linears(model: nn.Module, other: nn.Module) -> None:
+    """Give every Linear of ``model`` its own copy of a weight or bias it still shares with
+    ``other`` (the refits write Linear weights in place)."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*other.parameters(), *other.buffers()]}
+    for m in model.modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        for key, p in list(m._parameters.items()):
+            if p is not None and p.untyped_storage().data_ptr() in theirs:
+                m._parameters[key] = nn.Parameter(p.detach().clone(),
+                                                  requires_grad=p.requires_grad)
+
+
 def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
-                 reference_macs: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Prune a copy of ``model`` (see the module docs); returns it and a summary."""
-    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs)
+                 reference_macs: int | None = None, *,
+                 inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (``model`` itself with ``inplace``, see :func:`fisher_cut`;
+    see the module docs); returns it and a summary."""
+    cut = fisher_cut(model, cfg, example_inputs, data, reference_macs, inplace=inplace)
     refitted = 0
     if cfg.refit and cfg.refit_scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
@@ -331,7 +448,9 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp))
-    return cut.model, {**cut.summary, "refitted_layers": refitted}
+    pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
+    del cut  # the unpruned original; with inplace it shares tensors with the pruned model
+    return pruned, summary
 
 
 @register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))
@@ -341,7 +460,9 @@ def _apply(model: nn.Module, cfg: FisherPrune, ctx: Context) -> nn.Module:
     device = model_device(model)
     data = [move_to(b, device) for i, (b, _) in enumerate(batches(source, name="calibration"))
             if i < cfg.calibration_batches]
+    # compress() hands every step its own working copy (and drops it if the step fails):
+    # cutting it in place saves two full model copies (BERT-base: 2 x 418 MB)
     pruned, summary = fisher_prune(model, cfg, x, data,
-                                   reference_macs=count_macs(ctx.reference, x))
+                                   reference_macs=count_macs(ctx.reference, x), inplace=True)
     ctx.record(cfg.type_name(), **summary)
     return pruned

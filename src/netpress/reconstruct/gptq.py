@@ -125,7 +125,8 @@ def _sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: _Rounder, *, ac
     rounder.groups = rounder.groups[perm]
     if rounder.mask is not None:
         rounder.mask = rounder.mask[:, perm]
-    u = hinv_cholesky(hessian[perm][:, perm], damp)
+    # permuted inside: one d x d copy fewer at the peak
+    u = hinv_cholesky(hessian, damp, perm=perm if act_order else None)
     out, loss = obs_sweep(weight[:, perm], u, rounder, blocksize)
     return out[:, torch.argsort(perm)], loss
 

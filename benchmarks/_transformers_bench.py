@@ -54,6 +54,31 @@ def sentences() -> list[str]:
     return out
 
 
+def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Sentences of the docstrings of the standard library's top-level modules (deterministic
+    order; ~7,400), minus ``exclude``: more unlabeled distillation text, disjoint from the
+    held-out documentation sentences."""
+    import ast
+    import sysconfig
+
+    found: set[str] = set()
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) and ast.get_docstring(node):
+                text = re.sub(r"\s+", " ", ast.get_docstring(node) or "")
+                found.update(s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                             if 6 <= len(s.split()) <= 40
+                             and not s.strip().startswith(("*", "|", "+", ">>>")))
+    out = sorted(found - set(exclude))
+    random.Random(1).shuffle(out)
+    return out
+
+
 def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
     return [(dict(tok(texts[i:i + size], padding=pad, truncation=True, max_length=128,
                       return_tensors="pt")), None) for i in range(0, len(texts), size)]

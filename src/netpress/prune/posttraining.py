@@ -71,13 +71,16 @@ class FisherPrune(MethodConfig):
     input energy): ``refit_scope="blocks"`` refits every Linear layer of the block stack,
     block by block, to the original model's layer outputs and residual sums
     (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
-    each to its own original outputs. ``min_units``: units every group keeps.
+    each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
+    LayerNorm gains and shifts are refitted too, per channel, towards the original's
+    LayerNorm outputs. ``min_units``: units every group keeps.
     """
 
     macs: float = 0.5
     calibration_batches: int = 16
     refit: bool = True
     refit_scope: str = "blocks"
+    refit_norms: bool = False
     damp: float = 0.01
     min_units: int = 1
     seed: int = 0
@@ -94,8 +97,9 @@ class FisherPrune(MethodConfig):
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or self.damp <= 0:
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
-        if not isinstance(self.refit, bool):
-            raise RecipeError(f"{name}: refit must be true or false")
+        for flag in ("refit", "refit_norms"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{name}: {flag} must be true or false")
         if self.refit_scope not in REFIT_SCOPES:
             raise RecipeError(f"{name}: refit_scope={self.refit_scope!r}; choose one of "
                               f"{REFIT_SCOPES}")
@@ -330,7 +334,7 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
                           cfg.damp)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
-                                    damp=cfg.damp))
+                                    damp=cfg.damp, norms=cfg.refit_norms))
     return cut.model, {**cut.summary, "refitted_layers": refitted}
 
 

@@ -70,3 +70,17 @@ def test_refit_norms_option():
     assert npr.FisherPrune.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(RecipeError, match="refit_norms"):
         npr.FisherPrune(refit_norms="yes")  # type: ignore[arg-type]
+
+
+def test_min_fraction_keeps_a_share_of_every_group():
+    model = toy_transformer()
+    data = _data()
+    plain = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3), data[0], data)
+    capped = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3,
+                                           min_fraction=0.3), data[0], data)
+    assert any(k < 0.3 * t for t, k in plain.summary["groups"].values())
+    for total, kept in capped.summary["groups"].values():
+        assert kept >= 0.3 * total
+    assert capped.summary["macs_after"] <= plain.summary["macs_after"] * 1.1
+    with pytest.raises(RecipeError, match="min_fraction"):
+        npr.FisherPrune(min_fraction=1.0)

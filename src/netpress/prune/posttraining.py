@@ -24,6 +24,7 @@ for Transformers"): on a few calibration batches it
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,10 @@ class FisherPrune(MethodConfig):
     (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
     each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
     LayerNorm gains and shifts are refitted too, per channel, towards the original's
-    LayerNorm outputs. ``min_units``: units every group keeps.
+    LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the
+    fraction of each group's units it keeps at least (the global ranking by Fisher per MAC
+    otherwise empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept 1-2 of 12 heads
+    in layers 0-2).
     """
 
     macs: float = 0.5
@@ -83,6 +87,7 @@ class FisherPrune(MethodConfig):
     refit_norms: bool = False
     damp: float = 0.01
     min_units: int = 1
+    min_fraction: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +99,9 @@ class FisherPrune(MethodConfig):
             v = getattr(self, field_name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RecipeError(f"{name}: {field_name}={v!r} must be an int >= {low}")
+        f = self.min_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise RecipeError(f"{name}: min_fraction={f!r} must be a fraction in [0, 1)")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or self.damp <= 0:
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
@@ -256,6 +264,11 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
     return len(order)
 
 
+def _minimum(cfg: FisherPrune, units: int) -> int:
+    """Units a group of ``units`` keeps at least."""
+    return min(units, max(cfg.min_units, math.ceil(cfg.min_fraction * units)))
+
+
 @dataclass
 class FisherCut:
     """The pruned copy before any refit, with what the refits need: the unpruned copy
@@ -306,10 +319,11 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
 
     try:
         parts = select_by_ratio([scores[g.index].numpy() for g in groups], costs,
-                                [min(cfg.min_units, len(graph.groups[g.index])) for g in groups],
+                                [_minimum(cfg, len(graph.groups[g.index])) for g in groups],
                                 over)
     except ValueError as exc:
-        raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units") from None
+        raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units / "
+                          "min_fraction") from None
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)

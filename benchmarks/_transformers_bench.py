@@ -138,6 +138,10 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         except Exception as exc:  # one failing variant must not lose the others' figures
             info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
             print(f"{name} failed: {exc}", flush=True)
+    for spec in args.load:
+        name, path = spec.split("=", 1)
+        loaded(name, torch.load(path, weights_only=False), model, calib, x, args, tmp, files,
+               info)
     if args.gptq4:
         _gptq4(model, calib, x, tmp, files, info)
     if "fisher50" in files:
@@ -164,6 +168,21 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
     if name in ("fisher50", "fisher40") and args.distill_steps:
         distill(name, res.model, model, calib, train, x, args, tmp, files, info)
     return res.model
+
+
+def loaded(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: list[Any],
+           x: Any, args: argparse.Namespace, tmp: Path, files: dict[str, Path],
+           info: dict[str, Any]) -> None:
+    """A compressed model saved earlier (``--load NAME=PATH``, ``torch.save``), exported as
+    it is and then in INT8 (ORT ``quantize_dynamic``, netpress ``DynamicQuantize``)."""
+    info[name] = {"macs_ratio": round(npr.measure.count_macs(pruned, x)
+                                      / npr.measure.count_macs(model, x), 4)}
+    files[name] = export_onnx(pruned.eval(), tmp / f"{name}.onnx", x)
+    files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+    if args.int8:
+        q = npr.compress(pruned, [npr.DynamicQuantize()], calibration=calib,
+                         example_inputs=x, measure=False).model
+        files[f"{name}_netpress_int8"] = export_onnx(q, tmp / f"{name}_np_int8.onnx", x)
 
 
 def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
@@ -260,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="add netpress GPTQ 4-bit exported as ONNX Runtime MatMulNBits")
     p.add_argument("--no-int8-ablation", dest="int8_ablation", action="store_false",
                    help="skip DynamicQuantize(outlier_channels=0)")
+    p.add_argument("--load", action="append", default=[], metavar="NAME=PATH",
+                   help="also measure a model saved with torch.save (e.g. a pruned and "
+                        "distilled one), as it is and in INT8")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

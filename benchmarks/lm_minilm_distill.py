@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,25 +29,12 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _transformers_bench import batches, docstring_sentences
+from _transformers_bench import train_batches
 from lm_minilm_refit import score, setup
 
 import netpress as npr
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def train_batches(tok: Any, texts: list[str], data: str, size: int) -> list[Any]:
-    """Distillation batches: the documentation sentences but the 512 held out, with
-    ``data="topics+docstrings"`` the standard library's docstring sentences too (shuffled
-    together)."""
-    train = texts[:-512]
-    if data == "topics+docstrings":
-        train = train + docstring_sentences(exclude=set(texts[-512:]))
-        random.Random(0).shuffle(train)
-    elif data != "topics":
-        raise SystemExit(f"data={data!r}: choose topics or topics+docstrings")
-    return batches(tok, train, size, pad="longest")
 
 
 def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,

@@ -53,7 +53,8 @@ def test_norm_refit_brings_the_cut_closer_and_is_a_no_op_on_itself():
     assert sum(n.endswith(("norm1", "norm2")) for n in done) == 2 * len(model.blocks)
     for a, b in zip(work.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
-    cut = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3), data[0], data)
+    cut = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3, min_fraction=0.0),
+                     data[0], data)
     plain = copy.deepcopy(cut.model)
     refit_blocks(plain, cut.original, data, kept_rows=cut.kept_rows)
     refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows, norms=True)
@@ -66,8 +67,9 @@ def test_norm_refit_brings_the_cut_closer_and_is_a_no_op_on_itself():
 
 
 def test_refit_norms_option():
-    cfg = npr.FisherPrune(macs=0.6, calibration_batches=2, refit_norms=True)
+    cfg = npr.FisherPrune(macs=0.6, calibration_batches=2, refit_norms=False)
     assert npr.FisherPrune.from_dict(cfg.to_dict()) == cfg
+    assert npr.FisherPrune().refit_norms and npr.FisherPrune().min_fraction == 0.3
     with pytest.raises(RecipeError, match="refit_norms"):
         npr.FisherPrune(refit_norms="yes")  # type: ignore[arg-type]
 
@@ -75,7 +77,8 @@ def test_refit_norms_option():
 def test_min_fraction_keeps_a_share_of_every_group():
     model = toy_transformer()
     data = _data()
-    plain = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3), data[0], data)
+    plain = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3, min_fraction=0.0),
+                       data[0], data)
     capped = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3,
                                            min_fraction=0.3), data[0], data)
     assert any(k < 0.3 * t for t, k in plain.summary["groups"].values())

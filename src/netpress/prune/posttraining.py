@@ -12,13 +12,15 @@ for Transformers"): on a few calibration batches it
    (:mod:`netpress.prune.fisher`), from per-sample gradients of the model's own loss: next
    token cross-entropy for language models, cross-entropy on labels sampled from the model
    for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
-3. removes the units of least Fisher per MAC until the MACs target is met;
+3. removes the units of least Fisher per MAC until the MACs target is met, every layer
+   keeping at least ``min_fraction`` of its heads and of its neurons;
 4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
    by ridge least squares: by default every Linear of every block, block after block, on
    the pruned model's own inputs towards the unpruned model's layer outputs and residual
    sums (:mod:`netpress.prune.refit`; on all-MiniLM-L6-v2 at 50% MACs this takes the
    embedding cosine from 0.70 uncorrected to 0.81, where refitting only the layers that
-   read the pruned units, each towards its own original outputs, gives 0.65).
+   read the pruned units, each towards its own original outputs, gives 0.65), and the
+   LayerNorm gains and shifts per channel (``refit_norms``).
 """
 
 from __future__ import annotations
@@ -75,19 +77,20 @@ class FisherPrune(MethodConfig):
     each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
     LayerNorm gains and shifts are refitted too, per channel, towards the original's
     LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the
-    fraction of each group's units it keeps at least (the global ranking by Fisher per MAC
-    otherwise empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept 1-2 of 12 heads
-    in layers 0-2).
+    fraction of each group's units it keeps at least (0 = the purely global ranking by
+    Fisher per MAC, which empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept
+    1-2 of 12 heads in layers 0-2). The defaults (``min_fraction=0.3``,
+    ``refit_norms=True``) took that model from cosine 0.884 to 0.909 without training.
     """
 
     macs: float = 0.5
     calibration_batches: int = 16
     refit: bool = True
     refit_scope: str = "blocks"
-    refit_norms: bool = False
+    refit_norms: bool = True
     damp: float = 0.01
     min_units: int = 1
-    min_fraction: float = 0.0
+    min_fraction: float = 0.3
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -210,6 +210,18 @@ class _Tap:
             h.remove()
 
 
+def _run_taps(taps: tuple[_Tap, _Tap], blocks: tuple[nn.Module, nn.Module],
+              calls: tuple[BlockCalls, BlockCalls], index: int, batch: int) -> None:
+    """Block ``index`` of the pruned and of the original model on ``batch``, each with its
+    tap; the taps' hooks are removed afterwards."""
+    try:
+        for tap, block, call in zip(taps, blocks, calls):
+            tap.run(call, block, index, batch)
+    finally:
+        for tap in taps:
+            tap.close()
+
+
 def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
                index: int, kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
@@ -223,12 +235,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
         ot = _Tap(ob, sink_ins, [n for n in names if n not in use])
-        try:
-            ct.run(calls[0], cb, index, b)
-            ot.run(calls[1], ob, index, b)
-        finally:
-            ct.close()
-            ot.close()
+        _run_taps((ct, ot), blocks, calls, index, b)
         targets = {}
         for n in names:
             if n in use:
@@ -265,12 +272,7 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     ns, ys = [], []
     for b in range(len(calls[0].hidden)):
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
-        try:
-            ct.run(calls[0], cb, index, b)
-            ot.run(calls[1], ob, index, b)
-        finally:
-            ct.close()
-            ot.close()
+        _run_taps((ct, ot), blocks, calls, index, b)
         z = ct.got[(name, "in")]
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())

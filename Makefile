@@ -68,6 +68,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/transformers.py --calib 512 --eval 512 --distill-steps 100 250 500
 	$(BIN)/python benchmarks/lm_minilm_refit.py --calib 512 --eval 512 \
 		--out benchmarks/results/lm_minilm_refit_c512.json
+	$(BIN)/python benchmarks/lm_minilm_allocation.py --calib 512 --eval 512 --variant 0.3:1 \
+		--variant 0:1 --variant 0.3:0
 	$(BIN)/python benchmarks/lm_scale.py
 	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
 	$(BIN)/python benchmarks/oneshot.py minilm

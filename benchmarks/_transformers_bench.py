@@ -4,8 +4,9 @@ in ONNX Runtime at sequence length 128, every variant side by side in one proces
 Variants: the FP32 ONNX export; ONNX Runtime's ``quantize_dynamic`` (QInt8); netpress
 ``DynamicQuantize`` (INT8 weights, dynamic activations; with and without outlier channels);
 netpress ``FisherPrune`` (heads + FFN neurons, post-training, 50% MACs; ``fisher40``: 40%)
-without and with cosine distillation (``Distill(dropout=False)``, padding masked, checkpoints
-at ``--distill-steps``, on sentences disjoint from the held-out ones); the pruned (and
+without and with distillation (``Distill(dropout=False, pooled_weight=1)``, padding masked,
+one run per budget in ``--distill-steps``, on documentation and docstring sentences
+disjoint from the held-out ones); the pruned (and
 distilled) model then ``quantize_dynamic`` or ``DynamicQuantize``; and ``StructuredPrune``
 (one-shot L2, 50% MACs) for reference. Metrics on held-out sentences
 (the documentation topics that ship with Python, split into sentences): mean-pooled sentence-
@@ -54,6 +55,45 @@ def sentences() -> list[str]:
     return out
 
 
+def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Sentences of the docstrings of the standard library's top-level modules (deterministic
+    order; ~7,400), minus ``exclude``: more unlabeled distillation text, disjoint from the
+    held-out documentation sentences."""
+    import ast
+    import sysconfig
+
+    found: set[str] = set()
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) and ast.get_docstring(node):
+                text = re.sub(r"\s+", " ", ast.get_docstring(node) or "")
+                found.update(s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                             if 6 <= len(s.split()) <= 40
+                             and not s.strip().startswith(("*", "|", "+", ">>>")))
+    out = sorted(found - set(exclude))
+    random.Random(1).shuffle(out)
+    return out
+
+
+def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
+                  limit: int | None = None) -> list[Any]:
+    """Distillation batches (padded to the longest): the documentation sentences but the last
+    ``held_out`` (the first ``limit`` of them), with ``data="topics+docstrings"`` the
+    standard library's docstring sentences too, shuffled together."""
+    train = texts[:len(texts) - held_out][:limit]
+    if data == "topics+docstrings":
+        train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]))
+        random.Random(0).shuffle(train)
+    elif data != "topics":
+        raise SystemExit(f"data={data!r}: choose topics or topics+docstrings")
+    return batches(tok, train, size, pad="longest")
+
+
 def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
     return [(dict(tok(texts[i:i + size], padding=pad, truncation=True, max_length=128,
                       return_tensors="pt")), None) for i in range(0, len(texts), size)]
@@ -83,7 +123,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     texts = sentences()
     calib = batches(tok, texts[:args.calib], 32)
     # distillation sentences: any but the held-out ones (calibration ones included)
-    train = batches(tok, texts[:len(texts) - args.eval][:args.train], 16, pad="longest")
+    train = train_batches(tok, texts, args.distill_data, 16, args.eval, args.train)
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
@@ -113,6 +153,10 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         except Exception as exc:  # one failing variant must not lose the others' figures
             info[name] = {"failed": f"{type(exc).__name__}: {exc}"}
             print(f"{name} failed: {exc}", flush=True)
+    for spec in args.load:
+        name, path = spec.split("=", 1)
+        loaded(name, torch.load(path, weights_only=False), model, calib, x, args, tmp, files,
+               info)
     if args.gptq4:
         _gptq4(model, calib, x, tmp, files, info)
     if "fisher50" in files:
@@ -141,6 +185,21 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
     return res.model
 
 
+def loaded(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: list[Any],
+           x: Any, args: argparse.Namespace, tmp: Path, files: dict[str, Path],
+           info: dict[str, Any]) -> None:
+    """A compressed model saved earlier (``--load NAME=PATH``, ``torch.save``), exported as
+    it is and then in INT8 (ORT ``quantize_dynamic``, netpress ``DynamicQuantize``)."""
+    info[name] = {"macs_ratio": round(npr.measure.count_macs(pruned, x)
+                                      / npr.measure.count_macs(model, x), 4)}
+    files[name] = export_onnx(pruned.eval(), tmp / f"{name}.onnx", x)
+    files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+    if args.int8:
+        q = npr.compress(pruned, [npr.DynamicQuantize()], calibration=calib,
+                         example_inputs=x, measure=False).model
+        files[f"{name}_netpress_int8"] = export_onnx(q, tmp / f"{name}_np_int8.onnx", x)
+
+
 def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
            files: dict[str, Path], info: dict[str, Any]) -> None:
     """netpress GPTQ 4-bit (group 128) exported as ONNX Runtime MatMulNBits, with float
@@ -159,25 +218,26 @@ def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
 def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: list[Any],
             train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
             files: dict[str, Path], info: dict[str, Any]) -> None:
-    """``Distill`` of the pruned model, one run with checkpoints at ``--distill-steps``
-    (constant lr after a warm-up, so each checkpoint is the run stopped there; each chunk
-    continues on the train batches where the last one stopped): ``<name>_distill<N>``, then
-    the last one in INT8 (ORT ``quantize_dynamic`` and netpress ``DynamicQuantize``)."""
-    started, done, student = time.perf_counter(), 0, pruned
-    for steps in sorted(args.distill_steps):
-        k = done % len(train)
-        step = npr.Distill(max_steps=steps - done, loss="cosine", lr=args.distill_lr,
-                           optimizer="adamw", lr_schedule="constant", dropout=False,
-                           warmup_steps=min(20, steps - done) if done == 0 else 0)
-        student = npr.compress(student, [step], reference=model, train=train[k:] + train[:k],
-                               example_inputs=x, measure=False).model
-        done = steps
+    """``Distill`` of the pruned model, one run per budget in ``--distill-steps`` (each from
+    the pruned model: AdamW, 10 warm-up steps, cosine decay over the budget, dropout off,
+    per-token cosine plus the mean-pooled embedding cosine): ``<name>_distill<N>``, then the
+    largest budget in INT8 (ORT ``quantize_dynamic`` and netpress ``DynamicQuantize``)."""
+    student = pruned
+    for steps in sorted(args.distill_steps, reverse=True):
+        started = time.perf_counter()
+        step = npr.Distill(max_steps=steps, loss="cosine", lr=args.distill_lr,
+                           optimizer="adamw", lr_schedule="cosine", dropout=False,
+                           warmup_steps=min(10, steps), pooled_weight=1.0)
+        out = npr.compress(pruned, [step], reference=model, train=train, example_inputs=x,
+                           measure=False).model
+        student = out if steps == max(args.distill_steps) else student
         key = f"{name}_distill{steps}"
         info[key] = {"seconds": round(time.perf_counter() - started, 1), "steps": steps,
-                     "lr": args.distill_lr, "train_sentences": args.train}
+                     "lr": args.distill_lr, "train_batches": len(train),
+                     "data": args.distill_data}
         print(key, info[key], flush=True)
-        files[key] = export_onnx(student, tmp / f"{key}.onnx", x)
-    last = f"{name}_distill{done}"
+        files[key] = export_onnx(out, tmp / f"{key}.onnx", x)
+    last = f"{name}_distill{max(args.distill_steps)}"
     files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
     if args.int8:
         q = npr.compress(student, [npr.DynamicQuantize()], calibration=calib,
@@ -222,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=1606)
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
-                   help="checkpoints of one distillation run of the pruned model")
-    p.add_argument("--distill-lr", type=float, default=5e-5)
+                   help="distillation budgets of the pruned model (one run each)")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-data", default="topics+docstrings",
+                   choices=("topics", "topics+docstrings"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,
@@ -235,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="add netpress GPTQ 4-bit exported as ONNX Runtime MatMulNBits")
     p.add_argument("--no-int8-ablation", dest="int8_ablation", action="store_false",
                    help="skip DynamicQuantize(outlier_channels=0)")
+    p.add_argument("--load", action="append", default=[], metavar="NAME=PATH",
+                   help="also measure a model saved with torch.save (e.g. a pruned and "
+                        "distilled one), as it is and in INT8")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

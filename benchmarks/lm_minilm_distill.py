@@ -4,8 +4,12 @@ Starts from a pruned model saved with ``torch.save`` (``--pruned``; e.g. FisherP
 with the blocks refit on 512 calibration sentences) and runs ``Distill(loss="cosine")`` from
 the unpruned model for each setting given (JSON objects of ``Distill`` fields plus
 ``checkpoints``: one run, constant lr, measured at each checkpoint; each chunk continues on
-the train batches where the last one stopped). Distillation sentences: Python's
-documentation topics minus the 512 held-out ones (batches of 16, padded to the longest);
+the train batches where the last one stopped; with ``"budgets": true`` each checkpoint is
+instead its own run from the pruned model, its lr schedule (default cosine) spanning that
+budget, and ``"save": PATH`` keeps the largest budget's model; ``"data":
+"topics+docstrings"`` adds the standard library's docstring sentences to the training
+text; ``"batch"``: sentences per step, default 16). Distillation sentences:
+Python's documentation topics minus the 512 held-out ones (padded to the longest);
 evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
 original, retrieval agreement; PyTorch).
 
@@ -25,7 +29,7 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _transformers_bench import batches
+from _transformers_bench import train_batches
 from lm_minilm_refit import score, setup
 
 import netpress as npr
@@ -33,11 +37,38 @@ import netpress as npr
 RESULTS = Path(__file__).parent / "results"
 
 
+def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
+            model: torch.nn.Module, train: list[Any], evaluate: list[Any], ref: torch.Tensor,
+            setting: str, save: str | None = None) -> list[dict[str, Any]]:
+    """One run per budget, each from the pruned model with its own lr schedule; the
+    student of the largest budget is saved to ``save`` (``torch.save``) when given."""
+    x = {k: v[:1] for k, v in train[0][0].items()}
+    kw.setdefault("lr_schedule", "cosine")
+    rows = []
+    for c in sorted(checkpoints, reverse=True):
+        started = time.perf_counter()
+        step = npr.Distill(max_steps=c, optimizer="adamw", **kw)
+        student = npr.compress(pruned, [step], reference=model, train=train,
+                               example_inputs=x, measure=False).model
+        if c == max(checkpoints) and save:
+            torch.save(student, save)
+        rows.append({"setting": setting, "steps": c,
+                     "seconds": round(time.perf_counter() - started), **score(student, ref,
+                                                                               evaluate)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module,
-        train: list[Any], evaluate: list[Any], ref: torch.Tensor) -> list[dict[str, Any]]:
+        tok: Any, texts: list[str], evaluate: list[Any], ref: torch.Tensor
+        ) -> list[dict[str, Any]]:
     kw = dict(setting)
     checkpoints = sorted(kw.pop("checkpoints"))
+    train = train_batches(tok, texts, kw.pop("data", "topics"), kw.pop("batch", 16))
     kw.setdefault("loss", "cosine")
+    if kw.pop("budgets", False):
+        return budgets(kw, checkpoints, pruned, model, train, evaluate, ref,
+                       json.dumps(setting), kw.pop("save", None))
     x = {k: v[:1] for k, v in train[0][0].items()}
     student, done, started, rows = pruned, 0, time.perf_counter(), []
     for c in checkpoints:
@@ -62,15 +93,14 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     tok, model, texts, evaluate, ref = setup(args.eval)
-    train = batches(tok, texts[:-512], 16, pad="longest")
     pruned = torch.load(args.pruned, weights_only=False)
     rows = [{"setting": "none", "steps": 0, "seconds": 0, **score(pruned, ref, evaluate)}]
     for s in args.setting:
-        rows += run(json.loads(s), pruned, model, train, evaluate, ref)
+        rows += run(json.loads(s), pruned, model, tok, texts, evaluate, ref)
     write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_distill.py "
                                 + " ".join(sys.argv[1:]), "cpu_flags": cpu_flags(),
                                 "eval_sentences": args.eval,
-                                "train_sentences": len(texts) - 512, "rows": rows})
+                                "topics_train_sentences": len(texts) - 512, "rows": rows})
     table = markdown_table(["setting", "steps", "cosine mean / min", "retrieval agr.", "s"],
                            [[r["setting"], r["steps"], f"{r['cosine_mean']} / {r['cosine_min']}",
                              r["retrieval_agreement"], r["seconds"]] for r in rows])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
-           "ridge_solve", "RefitStats"]
+           "ridge_solve", "RefitStats", "ridge_affine"]
 
 
 def column_mask_grads(x: torch.Tensor, grad: torch.Tensor,
@@ -135,3 +135,20 @@ def ridge_solve(hessian: torch.Tensor, xty: torch.Tensor, theta0: torch.Tensor,
     lam = damp * mean if mean > 0 else damp
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return torch.linalg.solve(h + lam * eye, xty.double() + lam * theta0.double())
+
+
+def ridge_affine(n: torch.Tensor, y: torch.Tensor, gain0: torch.Tensor, shift0: torch.Tensor,
+                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(gain, shift)`` of a normalisation layer refitted to targets:
+    ``argmin Σ_t (g_c n_tc + b_c - y_tc)² + λ((g_c - g0_c)² + (b_c - b0_c)²)`` for every
+    channel ``c`` of ``n`` / ``y`` ([rows, C]: the normalised inputs and the targets), with
+    ``λ = damp * mean_c Σ_t n_tc²``. Float64; a 2x2 solve per channel."""
+    n, y = n.double(), y.double()
+    s1, s2, count = n.sum(0), (n * n).sum(0), float(n.shape[0])
+    lam = damp * float(s2.mean()) if float(s2.mean()) > 0 else damp
+    a = torch.stack([torch.stack([s2 + lam, s1], -1),
+                     torch.stack([s1, torch.full_like(s1, count + lam)], -1)], -2)
+    rhs = torch.stack([(n * y).sum(0) + lam * gain0.double(),
+                       y.sum(0) + lam * shift0.double()], -1)
+    sol = torch.linalg.solve(a, rhs)
+    return sol[:, 0], sol[:, 1]

@@ -12,18 +12,21 @@ for Transformers"): on a few calibration batches it
    (:mod:`netpress.prune.fisher`), from per-sample gradients of the model's own loss: next
    token cross-entropy for language models, cross-entropy on labels sampled from the model
    for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
-3. removes the units of least Fisher per MAC until the MACs target is met;
+3. removes the units of least Fisher per MAC until the MACs target is met, every layer
+   keeping at least ``min_fraction`` of its heads and of its neurons;
 4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
    by ridge least squares: by default every Linear of every block, block after block, on
    the pruned model's own inputs towards the unpruned model's layer outputs and residual
    sums (:mod:`netpress.prune.refit`; on all-MiniLM-L6-v2 at 50% MACs this takes the
    embedding cosine from 0.70 uncorrected to 0.81, where refitting only the layers that
-   read the pruned units, each towards its own original outputs, gives 0.65).
+   read the pruned units, each towards its own original outputs, gives 0.65), and the
+   LayerNorm gains and shifts per channel (``refit_norms``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,15 +82,23 @@ class FisherPrune(MethodConfig):
     input energy): ``refit_scope="blocks"`` refits every Linear layer of the block stack,
     block by block, to the original model's layer outputs and residual sums
     (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
-    each to its own original outputs. ``min_units``: units every group keeps.
+    each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
+    LayerNorm gains and shifts are refitted too, per channel, towards the original's
+    LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the
+    fraction of each group's units it keeps at least (0 = the purely global ranking by
+    Fisher per MAC, which empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept
+    1-2 of 12 heads in layers 0-2). The defaults (``min_fraction=0.3``,
+    ``refit_norms=True``) took that model from cosine 0.884 to 0.909 without training.
     """
 
     macs: float = 0.5
     calibration_batches: int = 16
     refit: bool = True
     refit_scope: str = "blocks"
+    refit_norms: bool = True
     damp: float = 0.01
     min_units: int = 1
+    min_fraction: float = 0.3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,11 +110,15 @@ class FisherPrune(MethodConfig):
             v = getattr(self, field_name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RecipeError(f"{name}: {field_name}={v!r} must be an int >= {low}")
+        f = self.min_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+            raise RecipeError(f"{name}: min_fraction={f!r} must be a fraction in [0, 1)")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or self.damp <= 0:
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
-        if not isinstance(self.refit, bool):
-            raise RecipeError(f"{name}: refit must be true or false")
+        for flag in ("refit", "refit_norms"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{name}: {flag} must be true or false")
         if self.refit_scope not in REFIT_SCOPES:
             raise RecipeError(f"{name}: refit_scope={self.refit_scope!r}; choose one of "
                               f"{REFIT_SCOPES}")
@@ -342,6 +357,11 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
     return len(order)
 
 
+def _minimum(cfg: FisherPrune, units: int) -> int:
+    """Units a group of ``units`` keeps at least."""
+    return min(units, max(cfg.min_units, math.ceil(cfg.min_fraction * units)))
+
+
 @dataclass
 class FisherCut:
     """The pruned copy before any refit, with what the refits need: the unpruned copy
@@ -397,14 +417,15 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
 
     try:
         parts = select_by_ratio([scores[g.index].numpy() for g in groups], costs,
-                                [min(cfg.min_units, len(graph.groups[g.index])) for g in groups],
+                                [_minimum(cfg, len(graph.groups[g.index])) for g in groups],
                                 over)
     except ValueError as exc:
-        raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units") from None
+        raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units / "
+                          "min_fraction") from None
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
-    _own_linears(work, original)
+    _own_refitted(work, original)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
@@ -422,12 +443,12 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return shared(model)
 
 
-def _own_linears(model: nn.Module, other: nn.Module) -> None:
-    """Give every Linear of ``model`` its own copy of a weight or bias it still shares with
-    ``other`` (the refits write Linear weights in place)."""
+def _own_refitted(model: nn.Module, other: nn.Module) -> None:
+    """Give every Linear and LayerNorm of ``model`` its own copy of a weight or bias it still
+    shares with ``other`` (the refits write those in place; ``other`` is their reference)."""
     theirs = {t.untyped_storage().data_ptr() for t in [*other.parameters(), *other.buffers()]}
     for m in model.modules():
-        if not isinstance(m, nn.Linear):
+        if not isinstance(m, (nn.Linear, nn.LayerNorm)):
             continue
         for key, p in list(m._parameters.items()):
             if p is not None and p.untyped_storage().data_ptr() in theirs:
@@ -447,7 +468,7 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
                           cfg.damp)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
-                                    damp=cfg.damp))
+                                    damp=cfg.damp, norms=cfg.refit_norms))
     pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
     del cut  # the unpruned original; with inplace it shares tensors with the pruned model
     return pruned, summary

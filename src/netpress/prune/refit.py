@@ -17,8 +17,13 @@ Linear layers are refitted in the order the block calls them, layers that read o
   residual stream carries from the earlier blocks, and the sum it feeds (the next
   LayerNorm's input, or the block's output) matches the original's.
 
-Only Linear layers inside the block stack are refitted; layers called more than once per
-block call are left as they are.
+Optionally (``norms=True``) the blocks' LayerNorm layers are refitted too, in call order
+between the Linear layers: per channel, gain and shift by ridge least squares so that the
+LayerNorm's output on the pruned model's inputs matches the original's output
+(:func:`netpress.prune.fisher.ridge_affine`).
+
+Only Linear (and LayerNorm) layers inside the block stack are refitted; layers called more
+than once per block call are left as they are.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
-from netpress.prune.fisher import ridge_solve
+from netpress.prune.fisher import ridge_affine, ridge_solve
 
 __all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
 
@@ -50,10 +56,13 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return x if isinstance(x, torch.Tensor) else None
 
 
-def plan_linear_groups(block: nn.Module, run: Callable[[], Any]) -> list[list[str]]:
+def plan_linear_groups(block: nn.Module, run: Callable[[], Any],
+                       norms: bool = False) -> list[list[str]]:
     """The block's Linear layers (names inside ``block``) in call order, consecutive layers
-    reading the same tensor grouped; layers not called exactly once are left out."""
-    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    reading the same tensor grouped; layers not called exactly once are left out. With
+    ``norms``, its LayerNorm layers too, each a group of its own, in call order."""
+    kinds = (nn.Linear, nn.LayerNorm) if norms else (nn.Linear,)
+    names = [n for n, m in block.named_modules() if isinstance(m, kinds)]
     calls: dict[str, int] = {}
     order: list[tuple[str, torch.Tensor]] = []
 
@@ -77,11 +86,15 @@ def plan_linear_groups(block: nn.Module, run: Callable[[], Any]) -> list[list[st
     for name, x in order:
         if calls[name] != 1:
             continue
-        if groups and last is x:
-            groups[-1].append(name)
-        else:
+        if isinstance(block.get_submodule(name), nn.LayerNorm):
             groups.append([name])
-        last = x
+            last = None
+        else:
+            if groups and last is x:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last = x
     return groups
 
 
@@ -197,6 +210,18 @@ class _Tap:
             h.remove()
 
 
+def _run_taps(taps: tuple[_Tap, _Tap], blocks: tuple[nn.Module, nn.Module],
+              calls: tuple[BlockCalls, BlockCalls], index: int, batch: int) -> None:
+    """Block ``index`` of the pruned and of the original model on ``batch``, each with its
+    tap; the taps' hooks are removed afterwards."""
+    try:
+        for tap, block, call in zip(taps, blocks, calls):
+            tap.run(call, block, index, batch)
+    finally:
+        for tap in taps:
+            tap.close()
+
+
 def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
                index: int, kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
@@ -210,12 +235,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
         ot = _Tap(ob, sink_ins, [n for n in names if n not in use])
-        try:
-            ct.run(calls[0], cb, index, b)
-            ot.run(calls[1], ob, index, b)
-        finally:
-            ct.close()
-            ot.close()
+        _run_taps((ct, ot), blocks, calls, index, b)
         targets = {}
         for n in names:
             if n in use:
@@ -240,15 +260,42 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                 layer.bias.copy_(theta[-1].to(layer.bias.dtype))
 
 
+def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
+              calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
+    """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
+    on the pruned model's inputs match the original's outputs (:func:`ridge_affine`)."""
+    cb, ob = blocks
+    norm = cb.get_submodule(name)
+    assert isinstance(norm, nn.LayerNorm)
+    if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
+        return False
+    ns, ys = [], []
+    for b in range(len(calls[0].hidden)):
+        ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
+        _run_taps((ct, ot), blocks, calls, index, b)
+        z = ct.got[(name, "in")]
+        n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
+        ns.append(calls[0].rows(n, b).cpu())
+        ys.append(calls[0].rows(ot.got[(name, "out")], b).cpu())
+    gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
+                               norm.bias.detach().cpu(), damp)
+    with torch.no_grad():
+        norm.weight.copy_(gain.to(norm.weight))
+        norm.bias.copy_(shift.to(norm.bias))
+    return True
+
+
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                  kept_rows: Mapping[str, torch.Tensor] | None = None, damp: float = 0.01,
                  residual: bool = True, stack: str | None = None,
-                 only: Collection[str] | None = None) -> list[str]:
+                 only: Collection[str] | None = None, norms: bool = False) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
     ``kept_rows`` maps a layer's full name to the output rows of the original it kept (all
-    when absent); ``only`` limits the refit to these full layer names. Returns the refitted
+    when absent); ``only`` limits the refit to these full layer names. ``norms``: the
+    LayerNorm layers of the blocks too, in call order between the Linear layers, their gain
+    and shift refitted per channel towards the original's outputs. Returns the refitted
     layers' full names."""
     path, cstack = find_block_stack(model, stack)
     ostack = original.get_submodule(path)
@@ -262,16 +309,21 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
             def first_batch(cb: nn.Module = cb, i: int = i) -> torch.Tensor:
                 return calls[0].run(cb, i, 0)
 
-            groups = plan_linear_groups(cb, first_batch)
+            groups = plan_linear_groups(cb, first_batch, norms=norms)
             local = {n.removeprefix(f"{i}."): r for n, r in rows.items()
                      if n.startswith(f"{i}.")}
             sinks = {n: residual_sink(cb, n, first_batch) if residual else None
-                     for g in groups for n in g}
+                     for g in groups for n in g
+                     if isinstance(cb.get_submodule(n), nn.Linear)}
             for names in groups:
                 if only is not None:
                     names = [n for n in names if f"{path}.{i}.{n}" in only]
                     if not names:
                         continue
+                if isinstance(cb.get_submodule(names[0]), nn.LayerNorm):
+                    if _fit_norm(names[0], (cb, ob), calls, i, damp):
+                        done.append(f"{path}.{i}.{names[0]}")
+                    continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp)
                 done += [f"{path}.{i}.{n}" for n in names]
             calls[0].advance(cb, i)

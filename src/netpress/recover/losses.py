@@ -19,6 +19,7 @@ __all__ = [
     "label_preserving_loss",
     "feature_loss",
     "real_tokens",
+    "mean_pool",
 ]
 
 
@@ -128,3 +129,10 @@ def real_tokens(mask: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor
         return t[real] if t is not None and t.shape[:2] == real.shape else t
 
     return student[real], rows(teacher), rows(labels)
+
+
+def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, time, ...]`` averaged over the time steps where ``mask`` ([batch, time]) is
+    nonzero: mean pooling of token states into sentence embeddings, padding left out."""
+    m = mask.to(device=x.device, dtype=x.dtype).reshape(*mask.shape, *[1] * (x.dim() - 2))
+    return (x * m).sum(1) / m.sum(1).clamp_min(1)

@@ -46,9 +46,12 @@ class Distill(TrainConfig):
     ``features`` (module names or ``re:`` patterns, e.g. ``("re:layer\\d\\.\\d+$",)``
     for the blocks of a ResNet) adds ``feature_weight`` times the mean relative squared
     error between those modules' outputs in the model and in the reference: per-block
-    targets, for compressed models whose block outputs keep their shapes. Unlike the output
-    loss, the feature term is taken over whole tensors: padding tokens of text batches are
-    not masked out of it.
+    targets, for compressed models whose block outputs keep their shapes. Like the output
+    loss, it sees only the real tokens of text batches with an ``attention_mask``.
+
+    ``pooled_weight`` adds that weight times ``1 - cos`` between the two models' outputs
+    mean-pooled over the real tokens: the sentence embedding of an encoder such as
+    all-MiniLM-L6-v2, which per-token losses only approximate.
     """
 
     temperature: float = 4.0
@@ -56,6 +59,7 @@ class Distill(TrainConfig):
     loss: str = "kl"
     features: tuple[str, ...] = ()
     feature_weight: float = 1.0
+    pooled_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_train()
@@ -65,9 +69,10 @@ class Distill(TrainConfig):
         if self.loss not in DISTILL_LOSSES:
             raise RecipeError(f"Distill: loss={self.loss!r}; choose one of {DISTILL_LOSSES}")
         check_patterns("Distill", features=self.features)
-        w = self.feature_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
-            raise RecipeError(f"Distill: feature_weight={w!r} must be a number >= 0")
+        for name in ("feature_weight", "pooled_weight"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+                raise RecipeError(f"Distill: {name}={w!r} must be a number >= 0")
 
 
 @register(FineTune, kind="recover", needs=("train",))
@@ -93,14 +98,20 @@ def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
             return cosine_loss(out, teacher)
         return distillation_loss(out, teacher, labels, cfg.temperature, cfg.alpha)
 
-    if not cfg.features:
+    if not cfg.features and not cfg.pooled_weight:
         ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
         return model
-    with feature_capture(model, ctx.reference, cfg.features) as store:
+    with feature_capture(model, ctx.reference, cfg.features,
+                         outputs=bool(cfg.pooled_weight)) as store:
         def with_features(out: torch.Tensor, teacher: torch.Tensor | None,
                           labels: torch.Tensor | None) -> torch.Tensor:
-            extra = feature_loss(store.pairs()).to(out.device)
-            return loss(out, teacher, labels) + cfg.feature_weight * extra
+            total = loss(out, teacher, labels)
+            if cfg.features:
+                total = total + cfg.feature_weight * feature_loss(store.pairs()).to(out.device)
+            pooled = store.pooled_output()
+            if cfg.pooled_weight and pooled is not None:
+                total = total + cfg.pooled_weight * cosine_loss(*pooled)
+            return total
 
         ctx.record("Distill", features=len(store.names),
                    **train(model, ctx, cfg, with_features, needs_teacher=True))

@@ -100,7 +100,7 @@ def _fisher_brute(model: nn.Module, groups: list, data: list[dict],
                   seed: int) -> dict[int, torch.Tensor]:
     """The scores as before the cut: every parameter takes a gradient too."""
     from netpress._inputs import call_model, primary_output
-    from netpress.prune.posttraining import _real, _sample_loss
+    from netpress.prune._fisher_pass import _real, _sample_loss
 
     grads: dict[str, list[torch.Tensor]] = {g.reader: [] for g in groups}
     current: dict = {}

@@ -32,6 +32,7 @@ WORKER = textwrap.dedent('''
     dist.all_gather_object(gathered, state)
     if is_main():
         torch.save(gathered, sys.argv[1])
+    dist.barrier()  # no rank tears gloo down while another still uses it (an abort seen once)
     dist.destroy_process_group()
 ''')
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from netpress.reconstruct.obs import damped
+from netpress.reconstruct.obs import _damp_, damped
 
 __all__ = ["refit_target", "masked_lstsq", "with_bias", "corrected_bias"]
 
@@ -38,12 +38,29 @@ def refit_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tenso
                          "differ in shape: pass the layer's current weights as start=")
     if start is not None and start.shape != (weight.shape[0], d_c):
         raise ValueError(f"start {tuple(start.shape)} must be {(weight.shape[0], d_c)}")
-    lower = torch.linalg.cholesky(damped(hessian, damp))
-    # (H+λI) is symmetric: solve (H+λI) Δᵀ = residualᵀ
+    # the residual first, then the factor: one d x d temporary alive at a time besides H
+    # and M (75 MB each for a 3072-wide layer)
     residual_t = (cross - hessian).T @ weight.T if start is None \
         else cross.T @ weight.T - hessian @ start.T
-    delta_t = torch.cholesky_solve(residual_t, lower)
+    lower = _damped_cholesky(hessian, damp)
+    # (H+λI) is symmetric: solve (H+λI) Δᵀ = residualᵀ, as L Y = R then Lᵀ Δᵀ = Y (what
+    # cholesky_solve computes, without its column-major copy of L: one d x d matrix fewer)
+    y = torch.linalg.solve_triangular(lower, residual_t, upper=False)
+    del residual_t
+    delta_t = torch.linalg.solve_triangular(lower.mT, y, upper=True)
     return (weight if start is None else start) + delta_t.T
+
+
+def _damped_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``cholesky(damped(hessian, damp))`` without the damped copy: the damping is added to
+    ``hessian``'s diagonal in place and the saved diagonal written back afterwards, so the
+    factor and ``hessian`` are bit-identical to the copying version."""
+    diag = torch.diagonal(hessian)
+    saved = diag.clone()
+    try:
+        return torch.linalg.cholesky(_damp_(hessian, damp))
+    finally:
+        diag.copy_(saved)
 
 
 def with_bias(hessian: torch.Tensor, cross: torch.Tensor, mean: torch.Tensor,

@@ -213,6 +213,13 @@ def _gptq4(model: torch.nn.Module, calib: list[Any], x: Any, tmp: Path,
     files["gptq4"] = export_onnx(q, tmp / "gptq4.onnx", x, nbits="matmulnbits")
     files["gptq4_int8_compute"] = export_onnx(q, tmp / "gptq4_acc4.onnx", x,
                                               nbits="matmulnbits", nbits_accuracy=4)
+    # the same 4-bit Linear layers, embedding tables as int8 rows + a scale per row
+    # (DynamicQuantize after GPTQ: only the embeddings are still float)
+    q8 = npr.compress(q, [npr.DynamicQuantize(layers=("re:.*embeddings.*",),
+                                              outlier_channels=0)],
+                      example_inputs=x, measure=False).model
+    files["gptq4_int8_embeddings"] = export_onnx(q8, tmp / "gptq4_emb8.onnx", x,
+                                                 nbits="matmulnbits")
 
 
 def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: list[Any],

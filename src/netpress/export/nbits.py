@@ -17,6 +17,12 @@ shifted by 2^(bits-1) and use the default zero point. Where the installed ONNX R
 run ``MatMulNBits`` for a layer, the layer is written as ``DequantizeLinear`` (uint8/int8 codes,
 one scale per group) + ``MatMul`` — one byte per weight, every runtime — with a warning.
 
+GPTQ quantizes Linear layers only: an encoder's embedding tables stay float (on
+all-MiniLM-L6-v2 the word table is 47 of the file's 54 MB). ``DynamicQuantize`` after
+``GPTQ`` swaps just them (the Linear layers are group-quantized by then) for int8 rows with
+a scale per row, exported as int8 ``Gather`` + ``Mul``: ``[GPTQ(bits=4),
+DynamicQuantize(layers=("re:.*embeddings.*",), outlier_channels=0)]``.
+
 The packing maths are pure functions (:func:`pack_codes`, :func:`unpack_codes`,
 :func:`nbits_weights`); :func:`swap_for_export` replaces the layers of a model copy before
 ``torch.onnx.export``. ``onnxruntime`` is imported only to probe the op.

@@ -21,7 +21,7 @@ from netpress.errors import RecipeError
 from netpress.quant.primitives import MAX_BITS, MIN_BITS
 from netpress.quant.ptq import drop_masks
 from netpress.reconstruct._common import LayerwiseSettings, _check_int, calibrate
-from netpress.reconstruct._measure import measured
+from netpress.reconstruct._measure import measured, trim_heap
 from netpress.reconstruct.engine import LayerStats
 from netpress.reconstruct.gptq import OBSERVERS, GPTQResult, gptq_quantize, rtn_quantize
 from netpress.reconstruct.layers import LayerView
@@ -140,6 +140,7 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
     def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
         w, mask = view.matrix(), _mask(ctx, name, view)
         _refit(cfg, w, stats)
+        trim_heap()  # the refit's freed temporaries, before the sweep's d x d matrices
         results = [_quantize_group(cfg, w[g], stats, g, None if mask is None else mask[g])
                    for g in range(w.shape[0])]
         del w

@@ -5,6 +5,7 @@ gradients without weight gradients, and its in-place cut with a shared original.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import netpress as npr
 from netpress.prune.fisher import column_mask_grads, unit_fisher
 from netpress.prune.posttraining import FisherPrune, _fisher, _readers, fisher_prune
 from netpress.reconstruct.engine import LayerStats, _Accumulator, run_sequential
+from netpress.reconstruct.layers import LayerView
 
 
 def _bert(seed: int = 0, kind: type = transformers.BertModel, **extra: int) -> nn.Module:
@@ -82,6 +84,25 @@ def test_a_group_shares_statistics_equal_to_brute_force_second_moments():
     torch.testing.assert_close(got["q"].hessian[0], x.T @ x / 18, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["q"].cross[0], x.T @ x / 18, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["q"].mean[0], x.mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_each_fit_gets_its_own_stats_and_the_last_one_frees_a_dropped_tensor():
+    model, data = _Fan(), [(torch.randn(6, 5), None) for _ in range(3)]
+    seen: dict[str, LayerStats] = {}
+    first: list[weakref.ref] = []
+
+    def solve(name: str, view: LayerView, stats: LayerStats) -> None:
+        assert stats.cross is not None  # not dropped by the group's earlier fits
+        if not first:
+            first.append(weakref.ref(stats.cross))
+        seen[name] = stats
+        stats.cross = None  # what GPTQ does once its refit has used it
+        if name == "v":  # the group's last fit: nothing else holds the shared cross term
+            assert first[0]() is None
+
+    run_sequential(copy.deepcopy(model), model, ["q", "k", "v", "out"], data, solve)
+    assert len({id(s) for s in seen.values()}) == 4
+    assert seen["q"].hessian is seen["k"].hessian is seen["v"].hessian  # still computed once
 
 
 def test_sparsegpt_on_a_group_matches_per_layer_fits():
@@ -203,7 +224,6 @@ def test_hinv_cholesky_permuted_inside_is_bit_identical():
 def test_fisher_pass_keeps_no_reader_input_alive():
     """The gradient hooks once held their tensor in a cycle through its autograd node."""
     import gc
-    import weakref
 
     from netpress.graph import analyze
 

@@ -60,7 +60,7 @@ class LayerStats:
 
     :func:`run_sequential` hands each fit its own object: a solver may set a field to None
     once it has used it, which frees that tensor as early as possible. The tensors may be
-    shared with the other layers of a group: never change them in place."""
+    shared with the other layers of a group: leave their values as they were."""
 
     hessian: torch.Tensor | None
     sq_norms: torch.Tensor

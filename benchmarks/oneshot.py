@@ -344,6 +344,17 @@ def run_minilm(args: argparse.Namespace) -> None:
                                                     allocation="sensitivity")],
         "50%s: SparseGPT refit + sensitivity + refit_norms": [
             sgpt(sparsity=0.5, refit=True, allocation="sensitivity", refit_norms=True)],
+        # issue 11 (third MiniLM follow-up): ALPS-style ADMM mask refinement; the pooler
+        # (unused by the mean-pooled embedding) left out of the count
+        "50%r: SparseGPT admm damp 0.1 roles A": [sgpt(sparsity=0.5, damp=0.1,
+                                                      mask_refine="admm", per_layer=ROLES_A)],
+        "50%r: SparseGPT refit damp 0.1 roles A no pooler": [
+            sgpt(sparsity=0.5, refit=True, damp=0.1, per_layer=ROLES_A, ignore=(POOLER,))],
+        "50%r: SparseGPT admm damp 0.1 roles A no pooler": [
+            sgpt(sparsity=0.5, damp=0.1, mask_refine="admm", per_layer=ROLES_A,
+                 ignore=(POOLER,))],
+        "50%r: SparseGPT admm damp 0.1 no pooler": [
+            sgpt(sparsity=0.5, damp=0.1, mask_refine="admm", ignore=(POOLER,))],
     })
     rows.update(group_rows())
     if args.ablation:
@@ -395,6 +406,10 @@ ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
 ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
 ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
            MINILM_GROUPS["qkv"]: 0.45}
+
+
+#: the pooler of all-MiniLM-L6-v2: computed by the encoder, unused by the mean-pooled embedding
+POOLER = r"re:.*pooler\..*"
 
 
 def group_rows() -> dict[str, list[Any]]:

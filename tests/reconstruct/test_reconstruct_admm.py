@@ -100,6 +100,10 @@ def test_sparsegpt_mask_refine_keeps_the_sparsity_and_fits_better():
         with torch.no_grad():
             errors[refine] = float(((res.model(test) - model(test)) ** 2).mean())
     assert errors["admm"] < errors["none"], errors
+    # with the bias refitted jointly, the count holds too
+    res = npr.compress(model, [npr.SparseGPT(sparsity=0.6, mask_refine="admm",
+                                             refit_bias=True)], calibration=data, measure=False)
+    assert int((res.model[0].weight == 0).sum()) == round(0.6 * 24 * 32)
 
 
 def test_mask_refine_is_checked():

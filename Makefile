@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_scale.py
 	$(BIN)/python benchmarks/oneshot.py cifar $(BENCH_DATA)
 	$(BIN)/python benchmarks/oneshot.py minilm
+	$(BIN)/python benchmarks/refine_layers.py
 	$(BIN)/python benchmarks/recovery.py $(BENCH_DATA) --recipes old,kd_t4_sgd,feat_sgd,feat_adam \
 		--steps 200,500,1000 --eval-images 10000 --tag bench
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA) --trials 30 --reference-trials 0 --seeds 2 \

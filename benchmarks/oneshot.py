@@ -275,10 +275,15 @@ def load_minilm() -> tuple[Any, nn.Module]:
     return AutoTokenizer.from_pretrained(path), MeanPooled(AutoModel.from_pretrained(path)).eval()
 
 
+def by_length(tok: Any, lines: list[str]) -> list[str]:
+    """The sentences in the order :func:`minilm_batches` puts them (by token count)."""
+    return sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
+
+
 def minilm_batches(tok: Any, lines: list[str]) -> list[Any]:
     """Batches of 32 sentences sorted by length, so a batch holds little padding (padded
     positions would enter the layers' input statistics)."""
-    lines = sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
+    lines = by_length(tok, lines)
     out = []
     for i in range(0, len(lines), 32):
         enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
@@ -299,6 +304,7 @@ def run_minilm(args: argparse.Namespace) -> None:
     # the evaluation block, then any further calibration sentences
     first = min(args.calibration, 512)
     evals = batches(text[first:first + args.eval])
+    eval_lines = by_length(tok, text[first:first + args.eval])
     calib = batches(text[:first] + text[first + args.eval:])
     base = _embed(ref, evals)
     rows = {
@@ -344,6 +350,20 @@ def run_minilm(args: argparse.Namespace) -> None:
                                                     allocation="sensitivity")],
         "50%s: SparseGPT refit + sensitivity + refit_norms": [
             sgpt(sparsity=0.5, refit=True, allocation="sensitivity", refit_norms=True)],
+        # issue 11 (third MiniLM follow-up): ALPS-style ADMM mask refinement; the pooler
+        # (unused by the mean-pooled embedding) left out of the count
+        "50%r: SparseGPT admm damp 0.1 roles A": [sgpt(sparsity=0.5, damp=0.1,
+                                                      mask_refine="admm", per_layer=ROLES_A)],
+        "50%r: SparseGPT refit damp 0.1 roles A no pooler": [
+            sgpt(sparsity=0.5, refit=True, damp=0.1, per_layer=ROLES_A, ignore=(POOLER,))],
+        "50%r: SparseGPT admm damp 0.1 roles A no pooler": [
+            sgpt(sparsity=0.5, damp=0.1, mask_refine="admm", per_layer=ROLES_A,
+                 ignore=(POOLER,))],
+        "50%r: SparseGPT admm damp 0.1 roles A no pooler + refit_norms": [
+            sgpt(sparsity=0.5, damp=0.1, mask_refine="admm", per_layer=ROLES_A,
+                 ignore=(POOLER,), refit_norms=True)],
+        "50%r: SparseGPT admm damp 0.1 no pooler": [
+            sgpt(sparsity=0.5, damp=0.1, mask_refine="admm", ignore=(POOLER,))],
     })
     rows.update(group_rows())
     if args.ablation:
@@ -369,7 +389,10 @@ def run_minilm(args: argparse.Namespace) -> None:
                "recipe": [c.to_dict() for c in recipe], "cosine_mean": float(cos.mean()),
                "cosine_min": float(cos.min()), "seconds": round(t.seconds, 1),
                "peak_rss_mb": rec.get("peak_rss_mb"),
-               "peak_rss_increase_mb": rec.get("peak_rss_increase_mb")}
+               "peak_rss_increase_mb": rec.get("peak_rss_increase_mb"),
+               "worst": [{"cosine": round(float(cos[i]), 4), "sentence": eval_lines[i],
+                          "tokens": len(tok(eval_lines[i])["input_ids"])}
+                         for i in torch.argsort(cos)[:8].tolist()]}
         print(f"{label:30s} cos mean {row['cosine_mean']:.4f} min {row['cosine_min']:.4f} "
               f"{row['seconds']:.0f}s", flush=True)
         results.append(row)
@@ -395,6 +418,10 @@ ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
 ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
 ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
            MINILM_GROUPS["qkv"]: 0.45}
+
+
+#: the pooler of all-MiniLM-L6-v2: computed by the encoder, unused by the mean-pooled embedding
+POOLER = r"re:.*pooler\..*"
 
 
 def group_rows() -> dict[str, list[Any]]:

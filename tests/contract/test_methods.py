@@ -36,6 +36,8 @@ EXAMPLES = {
     "Distill(act_sparsity, cond_reg)": npr.Distill(max_steps=3, lr=1e-2, act_sparsity=1e-3,
                                                    act_layers=("re:fc1|conv1|stem",),
                                                    cond_reg=1e-3),
+    # issue 11: SparseGPT's ALPS-style ADMM mask refinement
+    "SparseGPT(mask_refine)": npr.SparseGPT(sparsity=0.5, mask_refine="admm"),
 }
 
 #: Methods for transformer stacks only: checked on netpress.testing.toy_transformer().

@@ -37,14 +37,16 @@ from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
 from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
 from netpress.reconstruct.patterns import parse_pattern
+from netpress.reconstruct.refine import admm_prune
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
 from netpress.registry import register
 from netpress.select import resolve_per_layer
 
-__all__ = ["SparseGPT", "Wanda", "ALLOCATIONS"]
+__all__ = ["SparseGPT", "Wanda", "ALLOCATIONS", "MASK_REFINES"]
 
 ALLOCATIONS = ("uniform", "global", "owl", "sensitivity")
+MASK_REFINES = ("none", "admm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,11 +159,16 @@ class SparseGPT(_SparseSettings):
     re-fits every LayerNorm's affine parameters to the original model's outputs, each after
     the layers before it are pruned and before those after it are (one calibration pass per
     segment between norms: slower; :mod:`netpress.reconstruct.norms`).
+    ``mask_refine="admm"`` revisits SparseGPT's mask of each layer by ALPS-style ADMM
+    (the same number of kept weights, now chosen over the whole layer) and refits the kept
+    weights by least squares (implies ``refit``; unstructured only; slower:
+    :mod:`netpress.reconstruct.refine`).
     """
 
     refit: bool = False
     refit_bias: bool = False
     refit_norms: bool = False
+    mask_refine: str = "none"
 
     def __post_init__(self) -> None:
         self._check_sparse()
@@ -169,6 +176,12 @@ class SparseGPT(_SparseSettings):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"SparseGPT: {key}={getattr(self, key)!r} must be true or "
                                   "false")
+        if self.mask_refine not in MASK_REFINES:
+            raise RecipeError(f"SparseGPT: mask_refine={self.mask_refine!r}; choose one of "
+                              f"{MASK_REFINES}")
+        if self.mask_refine != "none" and self.n_m is not None:
+            raise RecipeError(f"SparseGPT: mask_refine={self.mask_refine!r} needs "
+                              f"pattern='unstructured', not {self.pattern!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,7 +214,10 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
                                                                    cfg.damp)
             pruned, keep = sparsegpt(target, h, sparsity=targets[name], n_m=cfg.n_m,
                                      blocksize=_blocksize(cfg), damp=cfg.damp)
-            w[g] = masked_lstsq(target, h, keep, cfg.damp) if cfg.refit else pruned
+            if cfg.mask_refine == "admm":
+                keep = admm_prune(target, h, pruned, keep=int(keep.sum()), damp=cfg.damp)
+            refit = cfg.refit or cfg.mask_refine != "none"
+            w[g] = masked_lstsq(target, h, keep, cfg.damp) if refit else pruned
             keeps.append(keep)
         if cfg.refit_bias:
             _refit_bias(view, stats, w, torch.stack(keeps), cfg)
@@ -220,7 +236,7 @@ def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch
     old, b = view.matrix(), bias.detach().double().reshape(w.shape[0], w.shape[1]).clone()
     for g in range(w.shape[0]):
         orig_mean = stats.orig_mean[g] if stats.orig_mean is not None else stats.mean[g]
-        if cfg.refit:
+        if cfg.refit or cfg.mask_refine != "none":
             h = stats.hessian[g]
             m = stats.cross[g] if stats.cross is not None else h
             h1, m1 = with_bias(h, m, stats.mean[g], orig_mean)

@@ -212,6 +212,8 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
             h = stats.hessian[g]
             target = w[g] if stats.cross is None else refit_target(w[g], h, stats.cross[g],
                                                                    cfg.damp)
+            if g == w.shape[0] - 1 and not cfg.refit_bias:
+                stats.cross = None  # not needed any more: free it before the sweep
             pruned, keep = sparsegpt(target, h, sparsity=targets[name], n_m=cfg.n_m,
                                      blocksize=_blocksize(cfg), damp=cfg.damp)
             if cfg.mask_refine == "admm":

@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/structured.py oneshot $(BENCH_DATA) --out benchmarks/results/structured_oneshot.json
 	$(BIN)/python benchmarks/quantization.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/int8_profile.py $(BENCH_DATA) --check-images 10000
+	$(BIN)/python benchmarks/int8_kernel_paths.py
 	$(BIN)/python benchmarks/combined.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/fidelity.py $(BENCH_DATA)
 	$(BIN)/python benchmarks/search.py $(BENCH_DATA)

@@ -12,7 +12,14 @@ For each depth (default ResNet-20 and ResNet-56), with the same 512 calibration 
   float (mixed precision at the cheapest place: the pooled input of the last Linear carries
   a tenth of ResNet-20's activation noise);
 * ONNX Runtime's own ``quantize_static`` (QDQ, U8 activations, S8 per-channel weights,
-  MinMax), plain and with ``reduce_range=True`` (7-bit weights).
+  MinMax), plain and with ``reduce_range=True`` (7-bit weights);
+* with ``--variants ... qat``: ``Quantize()``'s ranges, then a short quantization-aware
+  distillation (:class:`netpress.quant.qat.QAT`, pure KL to the FP32 logits, the PTQ scales
+  kept: ``learn_scales=False`` had the lower held-out KL) on
+  the 50k JPEG train images with random crop + flip (``--qat-steps`` batches of 128).
+
+For each netpress row, "fake-quant vs ORT" is the top-1 agreement of the PyTorch fake-quant
+model with its exported ONNX model run by ONNX Runtime on the 10k JPEG test images.
 
 Reports accuracy on the lossless CIFAR-10 test subset (1,017 images), agreement with the
 PyTorch FP32 model on the 10k JPEG test set, ONNX Runtime throughput at batch 1 and 64 (all
@@ -29,6 +36,7 @@ VNNI, the agreement of every INT8 model run by ONNX Runtime under ``qemu-x86_64 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -53,11 +61,14 @@ from netpress.measure import measure_latency_interleaved
 from netpress.models.cifar_resnet import find_pretrained, load_pretrained_cifar_resnet
 from netpress.quant import Quantize
 from netpress.quant.emulate import emulated_kernels
+from netpress.quant.qat import QAT
 from netpress.quant.target import TargetMismatchWarning, cpu_flags, host_target
 
 QEMU_CPU = "Haswell"
 HEAD = "linear"  # the classifier of the CIFAR ResNets
-VARIANTS: dict[str, tuple[str, Quantize]] = {
+#: the QAT recipe chosen on held-out train JPEGs (BENCHMARKS.md, issue 10 third follow-up)
+QAT_STEPS, QAT_LR, QAT_T = 200, 1e-5, 1.0
+VARIANTS: dict[str, tuple[str, Quantize | QAT]] = {
     "auto": ("netpress INT8, target auto (= {auto})", Quantize()),
     "x86-avx2": ("netpress INT8, target x86-avx2", Quantize(target="x86-avx2")),
     "before": ("netpress INT8 before this issue (x86-vnni, no input grid, no equalization)",
@@ -66,6 +77,10 @@ VARIANTS: dict[str, tuple[str, Quantize]] = {
     "minmax": ("netpress INT8 auto, min-max ranges (range_search=False)",
                Quantize(range_search=False)),
     "head": (f"netpress INT8 auto, classifier {HEAD!r} float", Quantize(ignore=(HEAD,))),
+    "qat": ("netpress INT8 auto + QAT distill {steps} steps (Adam {lr:g}, T={t:g}, PTQ scales "
+            "fixed, crop+flip)",
+            QAT(max_steps=QAT_STEPS, lr=QAT_LR, temperature=QAT_T, alpha=1.0,
+                learn_scales=False)),
 }
 
 
@@ -140,9 +155,26 @@ def run_qemu(paths: list[Path], x: np.ndarray, tmp: Path) -> dict[str, Any] | No
 
 
 # -- one depth ---------------------------------------------------------------------------------
+def _train_batches(root: Path, seed: int = 0) -> Any:
+    """The 50k JPEG train images in shuffled batches of 128 with random crop + flip."""
+    from recovery import Batches
+
+    x, y = ds.cifar10_jpeg_train(root).tensors
+    return Batches(x, y, 128, augment=True, seed=seed)
+
+
+def _variant(key: str, args: argparse.Namespace) -> tuple[str, Quantize | QAT]:
+    label, cfg = VARIANTS[key]
+    if isinstance(cfg, QAT):
+        cfg = dataclasses.replace(cfg, max_steps=args.qat_steps)
+        label = label.format(steps=cfg.max_steps, lr=cfg.lr, t=cfg.temperature, auto="{auto}")
+    return label, cfg
+
+
 def _models(ref: torch.nn.Module, calib: list[Any], example: torch.Tensor, depth: int,
-            tmp: Path, calib_x: np.ndarray, keys: list[str],
+            tmp: Path, calib_x: np.ndarray, args: argparse.Namespace, root: Path,
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    keys = list(args.variants)
     auto = host_target()
     if auto == "x86-avx2":
         keys = [k for k in keys if k != "x86-avx2"]
@@ -150,9 +182,10 @@ def _models(ref: torch.nn.Module, calib: list[Any], example: torch.Tensor, depth
         ref, tmp / f"r{depth}_fp32.onnx", example)}]
     torch_models = {}
     for key in keys:
-        label, cfg = VARIANTS[key]
+        label, cfg = _variant(key, args)
+        train = _train_batches(root) if isinstance(cfg, QAT) else None
         with Timer() as t:
-            q = npr.compress(ref, cfg, calibration=calib, measure=False).model
+            q = npr.compress(ref, cfg, calibration=calib, train=train, measure=False).model
         rows.append({"method": label.format(auto=auto), "netpress": key,
                      "quantize_seconds": round(t.seconds, 1),
                      "path": export_onnx(q, tmp / f"r{depth}_netpress_{key}.onnx", example)})
@@ -175,7 +208,7 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
     ref_jpeg, ref_exact = logits(ref, jpeg), logits(ref, exact)
     example = exact.tensors[0][:1]
     rows, torch_models = _models(ref, calib, example, depth, tmp, calib_set.tensors[0].numpy(),
-                                 args.variants)
+                                 args, root)
     xj, xe = jpeg.tensors[0].numpy(), exact.tensors[0].numpy()
     for row in rows:
         out_jpeg = torch.from_numpy(ort_logits(row["path"], xj))
@@ -186,6 +219,9 @@ def run_depth(depth: int, root: Path, args: argparse.Namespace, tmp: Path) -> di
         ops = optimized_op_types(row["path"])
         row["optimized_ops"] = {op: ops.count(op) for op in sorted(set(ops))}
         row["_jpeg"] = out_jpeg
+        if row.get("netpress") in torch_models:  # the exported model computes the fake-quant's
+            row["fake_quant_vs_ort"] = agreement(logits(torch_models[row["netpress"]], jpeg),
+                                                 out_jpeg)
     mods = [OrtModule(r["path"]) for r in rows]
     lat = measure_latency_interleaved(mods, example, batch_sizes=(1, 64), threads=1,
                                       warmup=args.warmup, repeats=args.repeats,
@@ -252,13 +288,14 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  f"{r['throughput_b1']:.0f} ({r['throughput_b1'] / fp32['throughput_b1']:.2f}×)",
                  f"{r['throughput_b64']:.0f} "
                  f"({r['throughput_b64'] / fp32['throughput_b64']:.2f}×)",
-                 f"{r['file_bytes']:,}", _pct(r, "native_agreement_subset"),
+                 f"{r['file_bytes']:,}", _pct(r, "fake_quant_vs_ort"),
+                 _pct(r, "native_agreement_subset"),
                  _pct(r, "qemu_avx2_agreement"), _pct(r, "emulated_avx2_agreement"),
                  ("yes" if r.get("qemu_warned") else "no") if "qemu_warned" in r else "-"]
                 for r in res["rows"]]
         out.append(markdown_table(
             ["method", "accuracy % (lossless)", "agreement % (JPEG test)", "img/s b1",
-             "img/s b64", "file bytes", "agreement % here (subset)",
+             "img/s b64", "file bytes", "fake-quant vs ORT %", "agreement % here (subset)",
              "agreement % AVX2 (qemu)", "AVX2 predicted by emulator", "warned on AVX2"],
             rows) + "\n")
     return "\n".join(out)
@@ -284,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no qemu column (the emulator's prediction is still computed)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS),
                    help=f"netpress rows among {list(VARIANTS)}")
+    p.add_argument("--qat-steps", type=int, default=QAT_STEPS,
+                   help="training steps (batches of 128) of the 'qat' variant")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results/quantization.json")

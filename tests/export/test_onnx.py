@@ -57,6 +57,25 @@ def test_fake_quant_and_onnxruntime_agree(digits_cnn, tmp_path):
     assert float((float_out.argmax(1).numpy() == ort_out.argmax(1)).mean()) > 0.98
 
 
+def test_qat_model_and_onnxruntime_agree(digits_cnn, tmp_path):
+    """A QAT-trained model (input grid kept lossless) exports to what its fake-quant computes."""
+    from netpress.quant.input_grid import lattice_quantizers
+    from netpress.quant.qat import QAT
+
+    model, x, _, calib = digits_cnn
+    q = npr.compress(model, QAT(max_steps=10, lr=1e-5, alpha=1.0), calibration=calib,
+                     train=calib, measure=False).model
+    path = export_onnx(q, tmp_path / "qat.onnx", x[:1])
+    ort_out = ort_run(ort_session(path), x)
+    with torch.no_grad():
+        torch_out = q(x).numpy()
+    agree = float((ort_out.argmax(1) == torch_out.argmax(1)).mean())
+    assert agree >= 0.995, f"fake-quant vs ONNX Runtime agreement {agree:.4f}"
+    assert float(np.abs(ort_out - torch_out).max()) < 0.02 * np.abs(torch_out).max()
+    (grid,) = lattice_quantizers(q)  # the digits are 8-bit: the input grid applies
+    assert float(q.get_submodule(grid).scale) == 1.0
+
+
 def test_onnxruntime_runs_integer_kernels(digits_cnn, tmp_path):
     model, x, _, calib = digits_cnn
     q = npr.compress(model, Quantize(), calibration=calib, measure=False).model

@@ -100,3 +100,25 @@ def test_onnx_runtime_runs_the_rewritten_model(tmp_path):
     assert optimized_op_types(path).count("QLinearConv") == 2
     with torch.no_grad():
         np.testing.assert_allclose(ort_run(ort_session(path), x), q(x).numpy(), atol=1e-3)
+
+
+def test_qat_keeps_the_lossless_input_grid():
+    """QAT learns every activation scale but the pixel-index quantizer's (scale 1, zp 0)."""
+    from netpress.quant.input_grid import lattice_quantizers
+    from netpress.quant.qat import QAT
+
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x, p = _pixels(128)
+    data = [(x[i:i + 32], torch.zeros(32, dtype=torch.long)) for i in range(0, 128, 32)]
+    q = npr.compress(model, QAT(max_steps=8, lr=1e-2, alpha=1.0), calibration=data,
+                     train=data, measure=False).model
+    (name,) = lattice_quantizers(q)
+    aq = q.get_submodule(name)
+    assert float(aq.scale) == 1.0 and int(aq.zero_point) == 0
+    before = npr.compress(model, Quantize(), calibration=data, measure=False).model
+    others = [n for n, m in q.named_modules() if type(m).__name__ == "ActQuant" and n != name]
+    assert others and any(float(q.get_submodule(n).scale)
+                          != float(before.get_submodule(n).scale) for n in others)
+    with torch.no_grad():  # the input still reaches the first conv as the pixels themselves
+        assert torch.allclose(aq(q.input_lattice(x))[:, :, 1:-1, 1:-1], p, atol=1e-3)

@@ -24,7 +24,7 @@ from torch import fx, nn
 from netpress.export.modules import register_module_type
 from netpress.quant.modules import ActQuant
 
-__all__ = ["detect_lattice", "InputLattice", "apply_input_grid"]
+__all__ = ["detect_lattice", "InputLattice", "apply_input_grid", "lattice_quantizers"]
 
 _LEVELS = 256
 _TOL = 1e-3  # of a step: float32 rounding of normalized pixels stays far below
@@ -143,6 +143,20 @@ def apply_input_grid(gm: nn.Module, inputs: torch.Tensor) -> bool:
     gm.graph.lint()
     gm.recompile()
     return True
+
+
+def lattice_quantizers(gm: nn.Module) -> set[str]:
+    """Names of the quantizers that read an :class:`InputLattice` (their grid is the pixel
+    index itself: scale 1, zero point 0, which training must leave as it is)."""
+    if not isinstance(gm, fx.GraphModule):
+        return set()
+    out = set()
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(
+                gm.get_submodule(str(src.target)), InputLattice):
+            out.add(str(node.target))
+    return out
 
 
 def _lattice_spec(m: nn.Module) -> dict[str, Any]:

@@ -129,10 +129,11 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
-    files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
+    if not args.lean:
+        files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     for name, step in (("netpress_int8", npr.DynamicQuantize()),
                        ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
-        if args.int8 and (args.int8_ablation or name == "netpress_int8"):
+        if args.int8 and not args.lean and (args.int8_ablation or name == "netpress_int8"):
             q = npr.compress(model, [step], calibration=calib, example_inputs=x,
                              measure=False).model
             files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
@@ -168,7 +169,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     for name in ctx_models:
         if not name.startswith("fisher") or name == "fisher50_norefit":
             continue
-        files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+        if not args.lean:
+            files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
         if args.int8:
             q = npr.compress(ctx_models[name], [npr.DynamicQuantize()], calibration=calib,
                              example_inputs=x, measure=False).model
@@ -200,7 +202,8 @@ def loaded(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: li
     info[name] = {"macs_ratio": round(npr.measure.count_macs(pruned, x)
                                       / npr.measure.count_macs(model, x), 4)}
     files[name] = export_onnx(pruned.eval(), tmp / f"{name}.onnx", x)
-    files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+    if not args.lean:
+        files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
     if args.int8:
         q = npr.compress(pruned, [npr.DynamicQuantize()], calibration=calib,
                          example_inputs=x, measure=False).model
@@ -252,7 +255,8 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
         print(key, info[key], flush=True)
         files[key] = export_onnx(out, tmp / f"{key}.onnx", x)
     last = f"{name}_distill{max(args.distill_steps)}"
-    files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
+    if not args.lean:
+        files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
     if args.int8:
         q = npr.compress(student, [npr.DynamicQuantize()], calibration=calib,
                          example_inputs=x, measure=False).model
@@ -319,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load", action="append", default=[], metavar="NAME=PATH",
                    help="also measure a model saved with torch.save (e.g. a pruned and "
                         "distilled one), as it is and in INT8")
+    p.add_argument("--lean", action="store_true",
+                   help="only FP32 and netpress INT8 of the pruned/loaded models: no ORT "
+                        "quantize_dynamic, no INT8 of the unpruned model (a shorter run)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

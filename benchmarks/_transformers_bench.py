@@ -42,6 +42,7 @@ from netpress.measure.text import SentenceEmbeddingTask, retrieval_agreement
 from netpress.models.hf import from_pretrained
 
 RESULTS = Path(__file__).parent / "results"
+BLOCKS = ("re:encoder\\.layer\\.\\d+$",)  # the six encoder blocks, for Distill(local=True)
 
 
 def sentences() -> list[str]:
@@ -123,14 +124,16 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     texts = sentences()
     calib = batches(tok, texts[:args.calib], 32)
     # distillation sentences: any but the held-out ones (calibration ones included)
-    train = train_batches(tok, texts, args.distill_data, 16, args.eval, args.train)
+    train = train_batches(tok, texts, args.distill_data, args.distill_batch, args.eval,
+                          args.train)
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
-    files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
+    if not args.lean:
+        files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     for name, step in (("netpress_int8", npr.DynamicQuantize()),
                        ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
-        if args.int8 and (args.int8_ablation or name == "netpress_int8"):
+        if args.int8 and not args.lean and (args.int8_ablation or name == "netpress_int8"):
             q = npr.compress(model, [step], calibration=calib, example_inputs=x,
                              measure=False).model
             files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
@@ -144,6 +147,10 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
                                              refit=False)],
         "structured50": [npr.StructuredPrune(macs=0.5)],
         "fisher40": [npr.FisherPrune(macs=0.4, calibration_batches=cal_batches)]}
+    for name in args.variants or ():  # fisherNN: FisherPrune(macs=NN/100), e.g. fisher65
+        if re.fullmatch(r"fisher\d\d", name) and name not in recipes:
+            recipes[name] = [npr.FisherPrune(macs=int(name[6:]) / 100,
+                                             calibration_batches=cal_batches)]
     for name, recipe in recipes.items():
         if args.variants and name not in args.variants:
             continue
@@ -159,10 +166,12 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
                info)
     if args.gptq4:
         _gptq4(model, calib, x, tmp, files, info)
-    if "fisher50" in files:
-        files["fisher50_ort_int8"] = quantize_dynamic(files["fisher50"], tmp / "fisher50_q.onnx")
-    for name in ("fisher50", "fisher40"):
-        if name in ctx_models and args.int8:
+    for name in ctx_models:
+        if not name.startswith("fisher") or name == "fisher50_norefit":
+            continue
+        if not args.lean:
+            files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+        if args.int8:
             q = npr.compress(ctx_models[name], [npr.DynamicQuantize()], calibration=calib,
                              example_inputs=x, measure=False).model
             files[f"{name}_netpress_int8"] = export_onnx(q, tmp / f"{name}_np_int8.onnx", x)
@@ -180,7 +189,7 @@ def _variant(name: str, recipe: list[Any], model: torch.nn.Module, calib: list[A
                                       / npr.measure.count_macs(model, x), 4)}
     print(f"{name}: {info[name]}", flush=True)
     files[name] = export_onnx(res.model, tmp / f"{name}.onnx", x)
-    if name in ("fisher50", "fisher40") and args.distill_steps:
+    if name in args.distill_variants and args.distill_steps:
         distill(name, res.model, model, calib, train, x, args, tmp, files, info)
     return res.model
 
@@ -193,7 +202,8 @@ def loaded(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: li
     info[name] = {"macs_ratio": round(npr.measure.count_macs(pruned, x)
                                       / npr.measure.count_macs(model, x), 4)}
     files[name] = export_onnx(pruned.eval(), tmp / f"{name}.onnx", x)
-    files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
+    if not args.lean:
+        files[f"{name}_ort_int8"] = quantize_dynamic(files[name], tmp / f"{name}_q.onnx")
     if args.int8:
         q = npr.compress(pruned, [npr.DynamicQuantize()], calibration=calib,
                          example_inputs=x, measure=False).model
@@ -227,25 +237,33 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
             files: dict[str, Path], info: dict[str, Any]) -> None:
     """``Distill`` of the pruned model, one run per budget in ``--distill-steps`` (each from
     the pruned model: AdamW, 10 warm-up steps, cosine decay over the budget, dropout off,
-    per-token cosine plus the mean-pooled embedding cosine): ``<name>_distill<N>``, then the
-    largest budget in INT8 (ORT ``quantize_dynamic`` and netpress ``DynamicQuantize``)."""
+    per-token cosine plus the mean-pooled embedding cosine; with ``--distill-local-steps N``
+    the first N steps of each budget are block-local, ``Distill(local=True)`` on the encoder
+    blocks): ``<name>_distill<N>``, then the largest budget in INT8 (ORT ``quantize_dynamic``
+    and netpress ``DynamicQuantize``)."""
     student = pruned
     for steps in sorted(args.distill_steps, reverse=True):
         started = time.perf_counter()
-        step = npr.Distill(max_steps=steps, loss="cosine", lr=args.distill_lr,
-                           optimizer="adamw", lr_schedule="cosine", dropout=False,
-                           warmup_steps=min(10, steps), pooled_weight=1.0)
-        out = npr.compress(pruned, [step], reference=model, train=train, example_inputs=x,
+        local = min(args.distill_local_steps, steps - 1)
+        recipe = [npr.Distill(max_steps=steps - local, loss="cosine", lr=args.distill_lr,
+                              optimizer="adamw", lr_schedule="cosine", dropout=False,
+                              warmup_steps=min(10, steps - local), pooled_weight=1.0)]
+        if local:
+            recipe.insert(0, npr.Distill(max_steps=local, loss="mse", lr=args.distill_lr,
+                                         optimizer="adamw", dropout=False, local=True,
+                                         features=BLOCKS, warmup_steps=min(10, local)))
+        out = npr.compress(pruned, recipe, reference=model, train=train, example_inputs=x,
                            measure=False).model
         student = out if steps == max(args.distill_steps) else student
         key = f"{name}_distill{steps}"
         info[key] = {"seconds": round(time.perf_counter() - started, 1), "steps": steps,
-                     "lr": args.distill_lr, "train_batches": len(train),
-                     "data": args.distill_data}
+                     "local_steps": local, "lr": args.distill_lr, "batch": args.distill_batch,
+                     "train_batches": len(train), "data": args.distill_data}
         print(key, info[key], flush=True)
         files[key] = export_onnx(out, tmp / f"{key}.onnx", x)
     last = f"{name}_distill{max(args.distill_steps)}"
-    files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
+    if not args.lean:
+        files[f"{last}_ort_int8"] = quantize_dynamic(files[last], tmp / f"{last}_q.onnx")
     if args.int8:
         q = npr.compress(student, [npr.DynamicQuantize()], calibration=calib,
                          example_inputs=x, measure=False).model
@@ -291,13 +309,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
                    help="distillation budgets of the pruned model (one run each)")
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-batch", type=int, default=16, help="sentences per step")
+    p.add_argument("--distill-local-steps", type=int, default=0,
+                   help="block-local steps at the start of each budget (counted in it)")
+    p.add_argument("--distill-variants", nargs="*", default=["fisher50", "fisher40"],
+                   help="pruned variants to distill")
     p.add_argument("--distill-data", default="topics+docstrings",
                    choices=("topics", "topics+docstrings"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,
                    help="netpress variants to build (fisher50, fisher50_norefit, structured50, "
-                        "fisher40)")
+                        "fisher40, any fisherNN: FisherPrune(macs=NN/100))")
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="skip netpress DynamicQuantize (INT8 weights, dynamic activations)")
     p.add_argument("--gptq4", action="store_true",
@@ -307,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load", action="append", default=[], metavar="NAME=PATH",
                    help="also measure a model saved with torch.save (e.g. a pruned and "
                         "distilled one), as it is and in INT8")
+    p.add_argument("--lean", action="store_true",
+                   help="only FP32 and netpress INT8 of the pruned/loaded models: no ORT "
+                        "quantize_dynamic, no INT8 of the unpruned model (a shorter run)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -8,8 +8,11 @@ the train batches where the last one stopped; with ``"budgets": true`` each chec
 instead its own run from the pruned model, its lr schedule (default cosine) spanning that
 budget, and ``"save": PATH`` keeps the largest budget's model; ``"data":
 "topics+docstrings"`` adds the standard library's docstring sentences to the training
-text; ``"batch"``: sentences per step, default 16). Distillation sentences:
-Python's documentation topics minus the 512 held-out ones (padded to the longest);
+text; ``"batch"``: sentences per step, default 16; ``"local_steps": N`` (budgets only) spends
+the first N steps of each budget on block-local distillation, ``Distill(local=True,
+features=<the 6 encoder blocks>, loss="mse")`` at ``"local_lr"`` (default: lr), and the rest
+on the ordinary distillation: every optimizer step is counted in the budget). Distillation
+sentences: Python's documentation topics minus the 512 held-out ones (padded to the longest);
 evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
 original, retrieval agreement; PyTorch).
 
@@ -35,6 +38,7 @@ from lm_minilm_refit import score, setup
 import netpress as npr
 
 RESULTS = Path(__file__).parent / "results"
+BLOCKS = ("re:encoder\\.layer\\.\\d+$",)
 
 
 def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
@@ -44,17 +48,23 @@ def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
     student of the largest budget is saved to ``save`` (``torch.save``) when given."""
     x = {k: v[:1] for k, v in train[0][0].items()}
     kw.setdefault("lr_schedule", "cosine")
+    local, local_lr = kw.pop("local_steps", 0), kw.pop("local_lr", kw.get("lr", 1e-3))
     rows = []
     for c in sorted(checkpoints, reverse=True):
         started = time.perf_counter()
-        step = npr.Distill(max_steps=c, optimizer="adamw", **kw)
-        student = npr.compress(pruned, [step], reference=model, train=train,
+        recipe = [npr.Distill(max_steps=c - local, optimizer="adamw", **kw)]
+        if local:
+            recipe.insert(0, npr.Distill(**{**kw, "max_steps": local, "optimizer": "adamw",
+                                            "lr": local_lr, "local": True, "loss": "mse",
+                                            "features": BLOCKS, "pooled_weight": 0.0}))
+        student = npr.compress(pruned, recipe, reference=model, train=train,
                                example_inputs=x, measure=False).model
         if c == max(checkpoints) and save:
             torch.save(student, save)
-        rows.append({"setting": setting, "steps": c,
-                     "seconds": round(time.perf_counter() - started), **score(student, ref,
-                                                                               evaluate)})
+        seconds = time.perf_counter() - started
+        rows.append({"setting": setting, "steps": c, "seconds": round(seconds),
+                     "seconds_per_step": round(seconds / c, 2),
+                     **score(student, ref, evaluate)})
         print(rows[-1], flush=True)
     return rows
 

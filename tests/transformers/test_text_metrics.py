@@ -138,3 +138,17 @@ def test_sentence_embeddings_ignore_padding():
     metrics, n, _ = task.compare_models(model, model, _batches(64, padded=True))
     assert n == 12 and metrics["cosine_mean"] == pytest.approx(1.0)
     assert metrics["retrieval_agreement"] == 1.0
+
+
+def test_neighbour_margin_matches_brute_force():
+    from netpress.measure.text import neighbour_margin
+
+    emb = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = neighbour_margin(emb)
+    for i in range(7):
+        sims = sorted((float(torch.cosine_similarity(emb[i], emb[j], dim=0))
+                       for j in range(7) if j != i), reverse=True)
+        assert abs(float(got[i]) - (sims[0] - sims[1])) < 1e-9
+    assert (got >= 0).all()
+    with pytest.raises(DataError):
+        neighbour_margin(emb[:2])

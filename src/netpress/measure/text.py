@@ -41,6 +41,7 @@ __all__ = [
     "mean_pool",
     "retrieval_agreement",
     "nearest_neighbours",
+    "neighbour_margin",
     "text_batches",
 ]
 
@@ -117,6 +118,19 @@ def nearest_neighbours(emb: torch.Tensor) -> torch.Tensor:
     sim = x @ x.T
     sim.fill_diagonal_(-math.inf)
     return sim.argmax(-1)
+
+
+def neighbour_margin(emb: torch.Tensor) -> torch.Tensor:
+    """For each row, how much more cosine-similar its nearest other row is than its second
+    nearest (``>= 0``): rows with a small margin change neighbour (and so retrieval
+    agreement) under a small perturbation of the embeddings."""
+    if emb.shape[0] < 3:
+        raise DataError("neighbour margins need at least three embeddings")
+    x = torch.nn.functional.normalize(emb.double(), dim=-1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-math.inf)
+    top = sim.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
 
 
 def retrieval_agreement(ref_emb: torch.Tensor, cmp_emb: torch.Tensor) -> float:

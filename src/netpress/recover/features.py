@@ -11,6 +11,11 @@ For text batches (dict inputs with an ``attention_mask``) the student's mask is 
 per-token features ``[batch, time, ...]`` then enter the loss at real tokens only, and the
 models' own outputs can be compared mean-pooled over the real tokens (sentence embeddings,
 :meth:`FeaturePairs.pooled_output`).
+
+With ``local=True`` (block-local distillation) each hooked student module is called on the
+reference's input to the same module instead of its own: every block then learns to reproduce
+the original block from the original's input, independently of the (compressed) blocks before
+it, and no gradient crosses from one block into another.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class FeaturePairs:
         self.student: dict[str, torch.Tensor] = {}
         self.reference: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
+        self.inputs: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def _pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         s, t = self.student.get(name), self.reference.get(name)
@@ -99,12 +105,39 @@ def _mask_hook(store: FeaturePairs) -> Callable[..., None]:
     return fn
 
 
+def _keep_input(store: FeaturePairs, name: str) -> Callable[..., None]:
+    def fn(_module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        store.inputs[name] = (args, kwargs)
+    return fn
+
+
+def _shapes(args: Any) -> list[tuple[int, ...]]:
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+
+
+def _reference_input(store: FeaturePairs, name: str) -> Callable[..., Any]:
+    """A pre-hook that swaps the student module's input for the reference's (once: a student
+    call without a reference call before it, e.g. an evaluation, keeps its own input)."""
+    def fn(_module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        ref = store.inputs.pop(name, None)
+        if ref is None:
+            return None
+        if _shapes(ref[0]) != _shapes(args):
+            raise ModelError(f"Distill(local=True): the input of {name!r} differs in shape "
+                             f"({_shapes(args)} in the model, {_shapes(ref[0])} in the "
+                             "reference); choose modules whose inputs keep their shape")
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in ref[0]), \
+            {**kwargs, **ref[1]}
+    return fn
+
+
 @contextmanager
 def feature_capture(student: nn.Module, reference: nn.Module, patterns: Sequence[str],
-                    outputs: bool = False) -> Iterator[FeaturePairs]:
+                    outputs: bool = False, local: bool = False) -> Iterator[FeaturePairs]:
     """Hook the modules of ``student`` named by ``patterns`` (names or ``re:`` patterns) and
     the same names in ``reference`` (with ``outputs``, the two models' own outputs too);
-    yields the :class:`FeaturePairs` they fill."""
+    yields the :class:`FeaturePairs` they fill. With ``local`` each of those student modules
+    computes on the reference module's input (block-local distillation)."""
     names = select_names([n for n, _ in student.named_modules() if n], patterns,
                          owner="Distill", what="feature module") if patterns else []
     ref_names = dict(reference.named_modules())
@@ -117,6 +150,11 @@ def feature_capture(student: nn.Module, reference: nn.Module, patterns: Sequence
                for n in names]
     handles += [ref_names[n].register_forward_hook(_hook(store.reference, n)) for n in names]
     handles.append(student.register_forward_pre_hook(_mask_hook(store), with_kwargs=True))
+    if local:
+        handles += [ref_names[n].register_forward_pre_hook(_keep_input(store, n),
+                                                           with_kwargs=True) for n in names]
+        handles += [student.get_submodule(n).register_forward_pre_hook(
+            _reference_input(store, n), with_kwargs=True) for n in names]
     if outputs:
         handles.append(student.register_forward_hook(_hook(store.student, _OUTPUT)))
         handles.append(reference.register_forward_hook(_hook(store.reference, _OUTPUT)))

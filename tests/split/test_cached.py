@@ -10,15 +10,8 @@ import netpress as npr
 from netpress.errors import ModelError, RecipeError
 from netpress.split.cached import build_cache, fit_cached
 from netpress.split.cut import cut_model
-from netpress.testing import TinyCNN, toy_batches
 
-
-def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    torch.manual_seed(0)
-    model = TinyCNN(width=8).eval()
-    with torch.no_grad():
-        model.fc.weight.mul_(8)  # predictions that vary across classes
-    return model, toy_batches(n=256, batch=32, model=model)
+from .test_split import _task
 
 
 def _agreement(a: nn.Module, b: nn.Module, data: list) -> float:

@@ -22,6 +22,14 @@ al.'s factorized prior, as in Matsubara et al.'s Entropic Student) and ``rate`` 
 λ of its ``-log2 p`` (bits per input) in the loss of every stage that trains the encoder;
 the arithmetic coder then codes with that density, so the trained rate is the sent size.
 Both stages run the shared recovery loop, so pruning masks set before the split stay applied.
+
+``cache_head=True`` (head frozen in both stages and still the original's) computes the head's
+outputs and the original model's outputs once for the training inputs
+(:mod:`netpress.split.cached`) and trains both stages from that cache: stage 1 then costs only
+the bottleneck, so it can run for thousands of steps, and stage 2 the bottleneck and the tail.
+There the pretrained tail can also train at its own learning rate, ``tail_lr`` (the new
+bottleneck keeps ``lr``): Adam at the bottleneck's rate moves a pretrained tail far from what
+it computed.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ from netpress.data import first_batch
 from netpress.errors import ModelError, RecipeError
 from netpress.recover.loop import OPTIMIZERS, LossFn, TrainConfig, train
 from netpress.recover.losses import distillation_loss, feature_mse
+from netpress.recover.regularizers import training_penalties
 from netpress.registry import register
 from netpress.split.bottleneck import ENTROPY_MODELS, build_bottleneck
+from netpress.split.cached import build_cache, fit_cached
 from netpress.split.cut import cut_model, resolve_cut
 from netpress.split.frozen_head import Back, HeadOutputs, same_module
 from netpress.split.model import SplitModel
@@ -82,6 +92,8 @@ class Split(MethodConfig):
     train_head: bool = True
     stage2_trains: tuple[str, ...] = ("decoder", "tail")
     entropy: str = "none"
+    cache_head: bool = False
+    tail_lr: float | None = None
 
     def __post_init__(self) -> None:
         n = self.type_name()
@@ -114,10 +126,29 @@ class Split(MethodConfig):
                               f"{tuple(PARTS)}")
         if self.entropy not in ENTROPY_MODELS:
             raise RecipeError(f"{n}: entropy={self.entropy!r}; choose one of {ENTROPY_MODELS}")
+        self._check_cache()
         if self.entropy == "factorized" and not self.rate:
             raise RecipeError(f"{n}: entropy='factorized' learns its density through the rate "
                               f"term; give rate > 0 (the weight of the bits per input, e.g. "
                               f"1e-4)")
+
+
+    def _check_cache(self) -> None:
+        n = self.type_name()
+        if not isinstance(self.cache_head, bool):
+            raise RecipeError(f"{n}: cache_head must be true or false")
+        if self.cache_head and (self.train_head or "head" in self.stage2_trains):
+            raise RecipeError(f"{n}: cache_head=True computes the head's outputs once, so the "
+                              f"head must stay frozen: set train_head=False and leave 'head' "
+                              f"out of stage2_trains")
+        if self.tail_lr is not None:
+            v = self.tail_lr
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise RecipeError(f"{n}: tail_lr={v!r} must be a number > 0 or null")
+            if not self.cache_head:
+                raise RecipeError(f"{n}: tail_lr (a learning rate of its own for the tail) "
+                                  f"needs cache_head=True, which trains in netpress.split's "
+                                  f"own loop")
 
 
 #: The parts of a split model that ``stage2_trains`` names, and their module names.
@@ -196,8 +227,11 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
     names = {id(p): n for n, p in split.named_parameters()}
     ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()
                  if id(model.get_parameter(k)) in names}
-    stage1 = _stage1(split, teacher.head.eval(), cfg, ctx)
-    stage2 = _stage2(split, teacher, cfg, ctx)
+    if cfg.cache_head:
+        stage1, stage2 = _cached_stages(split, teacher, cfg, ctx)
+    else:
+        stage1 = _stage1(split, teacher.head.eval(), cfg, ctx)
+        stage2 = _stage2(split, teacher, cfg, ctx)
     split.eval()
     ctx.record(cfg.type_name(), at=at, cut_shape=list(shape[1:]),
                code_shape=_code_shape(split, example), bits=cfg.bits,
@@ -233,19 +267,24 @@ def _stage1(split: SplitModel, teacher_head: nn.Module, cfg: Split, ctx: Context
         return train(front, head_ctx, train_cfg, head_loss, needs_teacher=True)
 
 
-def _stage2(split: SplitModel, teacher: Any, cfg: Split, ctx: Context) -> dict[str, Any]:
-    """Output distillation of the parts ``cfg.stage2_trains`` names."""
+def _kd_loss(cfg: Split) -> LossFn:
+    """Stage 2's loss: distillation of the original model's outputs (and the labels)."""
 
     def kd_loss(out: torch.Tensor, ref: torch.Tensor | None,
                 labels: torch.Tensor | None) -> torch.Tensor:
         assert ref is not None
         return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
 
+    return kd_loss
+
+
+def _stage2(split: SplitModel, teacher: Any, cfg: Split, ctx: Context) -> dict[str, Any]:
+    """Output distillation of the parts ``cfg.stage2_trains`` names."""
     frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains]
     encoder_trains = "encoder" in cfg.stage2_trains
     if split.bottleneck.prior is not None and not encoder_trains:
         frozen.append("bottleneck.prior")  # the codes stay, so their density stays too
-    output_loss = _with_rate(kd_loss, split, cfg.rate if encoder_trains else 0.0)
+    output_loss = _with_rate(_kd_loss(cfg), split, cfg.rate if encoder_trains else 0.0)
     train_cfg = _stage_config(cfg, cfg.stage2_steps, cfg.rate if encoder_trains else 0.0)
     if _shared_head(split, teacher.head, "head" in cfg.stage2_trains):
         back = Back(split.bottleneck, split.tail)
@@ -264,3 +303,41 @@ def _code_shape(split: SplitModel, example: Any) -> list[int]:
     with torch.no_grad():
         codes = split.device_part().eval()(example)
     return list(codes.shape[1:])
+
+
+def _cached_stages(split: SplitModel, teacher: Any, cfg: Split, ctx: Context
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both stages from one pass of the head and the teacher (:mod:`netpress.split.cached`)."""
+    if not same_module(split.head, teacher.head):
+        raise ModelError("Split(cache_head=True): the head is no longer the original model's "
+                         "(a step before Split changed it), so the original's outputs cannot "
+                         "be computed from the head's; use cache_head=False")
+    cache = build_cache(ctx.require("train", cfg.type_name()), split.head, teacher.tail,
+                        ctx.device)
+    masks = {k: m for k, m in ctx.masks.items() if not k.startswith("head.")}
+    fork = ctx.fork()
+    fork.masks = masks
+    stage1: dict[str, Any] = {"steps": 0}
+    if cfg.stage1_steps:
+        train_cfg = _stage_config(cfg, cfg.stage1_steps, cfg.rate)
+        train_cfg = dataclasses.replace(
+            train_cfg, act_layers=("quant",) if train_cfg.act_sparsity else ())
+        with training_penalties(split.bottleneck, train_cfg, {},
+                                _with_rate(_head_loss, split, cfg.rate)) as loss:
+            stage1 = fit_cached(split.bottleneck, cache, loss, "head", steps=cfg.stage1_steps,
+                                groups=[(list(split.bottleneck.parameters()), cfg.lr)],
+                                optimizer=cfg.optimizer)
+    back = Back(split.bottleneck, split.tail)
+    frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains and p != "head"]
+    encoder_trains = "encoder" in cfg.stage2_trains
+    if split.bottleneck.prior is not None and not encoder_trains:
+        frozen.append("bottleneck.prior")
+    rate = cfg.rate if encoder_trains else 0.0
+    train_cfg = _stage_config(cfg, cfg.stage2_steps, rate)
+    with _freeze(back, frozen), training_penalties(
+            back, train_cfg, masks, _with_rate(_kd_loss(cfg), split, rate)) as loss:
+        stage2 = fit_cached(back, cache, loss, "output", steps=cfg.stage2_steps,
+                            groups=[(list(split.bottleneck.parameters()), cfg.lr),
+                                    (list(split.tail.parameters()), cfg.tail_lr or cfg.lr)],
+                            optimizer=cfg.optimizer, after_step=fork.apply_masks, seed=1)
+    return stage1, {**stage2, "tail_lr": cfg.tail_lr or cfg.lr}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from oneshot import load_minilm, minilm_batches, sentences
+from _minilm_text import load_minilm, minilm_batches, sentences
 
 from netpress.reconstruct.engine import collect_statistics
 from netpress.reconstruct.sparsegpt import sparsegpt

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from _common import write_json
-from oneshot import load_minilm, minilm_batches, sentences
+from _minilm_text import load_minilm, minilm_batches, sentences
 
 from netpress.reconstruct.engine import collect_statistics
 from netpress.reconstruct.layers import LayerView

@@ -34,6 +34,7 @@ from _minilm_text import (
 )
 
 import netpress as npr
+from netpress.reconstruct.allocation import depth_tilt
 from netpress.select import matches
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,21 +55,20 @@ def split(count: int, holdout: int, evals: int = 512) -> tuple[list[str], list[s
             [s for i, s in enumerate(rest) if i in held], text[first:first + evals])
 
 
-def depth_roles(names: list[str], tilt: float) -> dict[str, float]:
-    """Roles A with a depth tilt: block ``b``'s layers get ``tilt * (2.5 - b) / 2.5`` more
-    sparsity (early blocks more, late blocks less); the FFN output takes what roles A leave
-    (58.75% without the pooler). The blocks are alike in size, so the total stays 50%."""
+def depth_roles(sizes: dict[str, int], tilt: float) -> dict[str, float]:
+    """Roles A with a depth tilt (:func:`netpress.reconstruct.allocation.depth_tilt`) over
+    the Linear layers ``sizes`` (name: weights): block ``b``'s layers get
+    ``tilt * (2.5 - b) / 2.5`` more sparsity (early blocks more, late blocks less); the FFN
+    output takes what roles A leave (58.75% without the pooler). The total stays 50%."""
     role = dict(ROLES_A)
     role[MINILM_GROUPS["ffn-out"]] = 0.5875
-    out = {}
-    for n in names:
-        b = int(n.split(".layer.")[1].split(".")[0])
-        base = next(v for k, v in role.items() if matches(k, n))
-        out[n] = base + tilt * (2.5 - b) / 2.5
-    return out
+    names = list(sizes)
+    base = [next(v for k, v in role.items() if matches(k, n)) for n in names]
+    depths = [int(n.split(".layer.")[1].split(".")[0]) for n in names]
+    return dict(zip(names, depth_tilt(base, [sizes[n] for n in names], depths, tilt)))
 
 
-def rows(names: list[str]) -> dict[str, list[Any]]:
+def rows(sizes: dict[str, int]) -> dict[str, list[Any]]:
     sgpt = npr.SparseGPT
     admm: dict[str, Any] = {"sparsity": 0.5, "damp": 0.1, "mask_refine": "admm",
                             "ignore": (POOLER,)}
@@ -77,7 +77,7 @@ def rows(names: list[str]) -> dict[str, list[Any]]:
         "refit_bias": [sgpt(per_layer=ROLES_A, refit_bias=True, **admm)],
     }
     for tilt in (0.03, 0.05, 0.1, -0.05):
-        out[f"depth {tilt}"] = [sgpt(per_layer=depth_roles(names, tilt), **admm)]
+        out[f"depth {tilt}"] = [sgpt(per_layer=depth_roles(sizes, tilt), **admm)]
     for damp in (0.03, 0.05, 0.2):
         out[f"damp {damp}"] = [sgpt(per_layer=ROLES_A, **{**admm, "damp": damp})]
     return out
@@ -104,9 +104,8 @@ def main() -> None:
     if held_lines:
         sets["holdout"] = minilm_batches(tok, held_lines)
     base = {k: _embed(ref, b) for k, b in sets.items()}
-    names = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)
-             and ".layer." in n]
-    table = rows(names)
+    table = rows({n: m.weight.numel() for n, m in ref.named_modules()
+                  if isinstance(m, torch.nn.Linear) and ".layer." in n})
     unknown = [r for r in args.rows.split(",") if r not in table]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(table)}")

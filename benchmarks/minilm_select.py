@@ -80,6 +80,10 @@ def rows(sizes: dict[str, int]) -> dict[str, list[Any]]:
         out[f"depth {tilt}"] = [sgpt(per_layer=depth_roles(sizes, tilt), **admm)]
     for damp in (0.03, 0.05, 0.2):
         out[f"damp {damp}"] = [sgpt(per_layer=ROLES_A, **{**admm, "damp": damp})]
+    for tilt in (0.05, 0.1):  # the two levers together
+        for damp in (0.01, 0.03, 0.05):
+            out[f"depth {tilt} damp {damp}"] = [
+                sgpt(per_layer=depth_roles(sizes, tilt), **{**admm, "damp": damp})]
     return out
 
 

@@ -127,7 +127,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-@register(GPTQ, kind="quantize",
+@register(GPTQ, kind="quantize", copy_on_write=True,
           needs=lambda cfg: ("calibration",) if cfg.rounding == "gptq" else ())
 def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
     if ctx.schedules:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import assign_, own_
 from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import RecipeError
@@ -249,7 +250,7 @@ def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch
         else:
             b[g] = corrected_bias(old[g], w[g], b[g], stats.mean[g], orig_mean)
     with torch.no_grad():
-        bias.copy_(b.reshape(bias.shape).to(bias.dtype))
+        assign_(bias, b)
 
 
 def _wanda_solver(cfg: Wanda, targets: dict[str, float],
@@ -272,7 +273,7 @@ def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context, masks: dict[st
     def project(m: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             for key, keep in fixed.items():
-                m.get_parameter(key).masked_fill_(~keep, 0.0)
+                own_(m.get_parameter(key)).masked_fill_(~keep, 0.0)
         return fixed
 
     ctx.add_projection(cfg.type_name(), project)
@@ -328,7 +329,7 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
     return info
 
 
-@register(SparseGPT, kind="prune", needs=("calibration",))
+@register(SparseGPT, kind="prune", needs=("calibration",), copy_on_write=True)
 def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)
@@ -342,7 +343,7 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
     return _finish(model, cfg, ctx, masks, skipped, info)
 
 
-@register(Wanda, kind="prune", needs=_needs)
+@register(Wanda, kind="prune", needs=_needs, copy_on_write=True)
 def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)

@@ -2,8 +2,8 @@
 
 Every method, built-in or registered by a user, must pass :func:`check_method_contract`:
 its config round-trips through JSON and YAML, it applies to the toy models, the input model
-is left untouched (bit for bit, and the result shares none of its tensors), the result saves and loads back bit for bit, and a seed makes it
-deterministic.
+is left untouched (bit for bit, and the result shares none of its tensors), the result
+saves and loads back bit for bit, and a seed makes it deterministic.
 """
 
 from __future__ import annotations

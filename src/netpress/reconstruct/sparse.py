@@ -37,6 +37,7 @@ from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
 from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
+from netpress.reconstruct.obs import Handover
 from netpress.reconstruct.patterns import parse_pattern
 from netpress.reconstruct.refine import admm_prune
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
@@ -209,18 +210,35 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
         assert stats.hessian is not None
         w = view.matrix()
         keeps = []
+        refit = cfg.refit or cfg.mask_refine != "none"
+        # the statistics' last use is here: hand the cross term to the refit and the Hessian
+        # to the sweep (one d x d float64 matrix fewer at each; the same result)
+        consume = stats.owned and w.shape[0] == 1 and not cfg.refit_bias
         for g in range(w.shape[0]):
-            h = stats.hessian[g]
-            target = w[g] if stats.cross is None else refit_target(w[g], h, stats.cross[g],
-                                                                   cfg.damp)
+            assert stats.hessian is not None  # handed over only in the last (sole) group
+            if stats.cross is None:
+                target = w[g]
+            elif consume:
+                cross, stats.cross = Handover(stats.cross[0]), None
+                target = refit_target(w[0], stats.hessian[0], cross, cfg.damp)
+            else:
+                target = refit_target(w[g], stats.hessian[g], stats.cross[g], cfg.damp)
             if g == w.shape[0] - 1 and not cfg.refit_bias:
                 stats.cross = None  # not needed any more: free it before the sweep
+            h: torch.Tensor | Handover = stats.hessian[g]
+            if consume and not refit:
+                h, stats.hessian = Handover(stats.hessian[0]), None
             pruned, keep = sparsegpt(target, h, sparsity=targets[name], n_m=cfg.n_m,
                                      blocksize=_blocksize(cfg), damp=cfg.damp)
-            if cfg.mask_refine == "admm":
-                keep = admm_prune(target, h, pruned, keep=int(keep.sum()), damp=cfg.damp)
-            refit = cfg.refit or cfg.mask_refine != "none"
-            w[g] = masked_lstsq(target, h, keep, cfg.damp) if refit else pruned
+            del h
+            if refit:
+                hessian = stats.hessian
+                assert hessian is not None
+                if cfg.mask_refine == "admm":
+                    keep = admm_prune(target, hessian[g], pruned, keep=int(keep.sum()),
+                                      damp=cfg.damp)
+                pruned = masked_lstsq(target, hessian[g], keep, cfg.damp)
+            w[g] = pruned
             keeps.append(keep)
         if cfg.refit_bias:
             _refit_bias(view, stats, w, torch.stack(keeps), cfg)

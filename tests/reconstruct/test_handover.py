@@ -143,3 +143,18 @@ def test_handing_over_in_the_pass_gives_bit_identical_models(recipe, monkeypatch
     kept = npr.compress(model, recipe, calibration=data, measure=False).model
     assert not taken
     assert state_digest(handed) == state_digest(kept)
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 7), (2, 3, 8), (4, 0, 2), (16, 16)])
+def test_packed_masks_round_trip_bit_for_bit(shape):
+    from netpress.reconstruct.patterns import pack_mask, unpack_mask
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) > 0.5
+    packed = pack_mask(mask)
+    n = mask.numel()
+    assert packed.bits.dtype == torch.uint8 and packed.bits.numel() == -(-n // 8)
+    flat = mask.reshape(-1).tolist()
+    for i, byte in enumerate(packed.bits.tolist()):  # brute force: first entry, highest bit
+        assert byte == sum(128 >> j for j in range(8) if 8 * i + j < n and flat[8 * i + j])
+    back = unpack_mask(packed)
+    assert back.dtype == torch.bool and back.shape == mask.shape and torch.equal(back, mask)

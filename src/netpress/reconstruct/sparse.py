@@ -38,7 +38,7 @@ from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
 from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
 from netpress.reconstruct.obs import Handover
-from netpress.reconstruct.patterns import parse_pattern
+from netpress.reconstruct.patterns import PackedMask, pack_mask, parse_pattern, unpack_mask
 from netpress.reconstruct.refine import admm_prune
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
@@ -205,7 +205,7 @@ def _blocksize(cfg: _SparseSettings) -> int:
 
 
 def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
-                      masks: dict[str, torch.Tensor]) -> Any:
+                      masks: dict[str, PackedMask]) -> Any:
     def solve(name: str, view: LayerView, stats: LayerStats) -> None:
         assert stats.hessian is not None
         w = view.matrix()
@@ -243,7 +243,7 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
         if cfg.refit_bias:
             _refit_bias(view, stats, w, torch.stack(keeps), cfg)
         view.set_matrix(w)
-        masks[f"{name}.weight"] = view.weight_layout(torch.stack(keeps))
+        masks[f"{name}.weight"] = pack_mask(view.weight_layout(torch.stack(keeps)))
     return solve
 
 
@@ -272,19 +272,23 @@ def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch
 
 
 def _wanda_solver(cfg: Wanda, targets: dict[str, float],
-                  masks: dict[str, torch.Tensor]) -> Any:
+                  masks: dict[str, PackedMask]) -> Any:
     def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
         w = view.matrix()
         norms = stats.sq_norms if stats is not None else torch.ones(w.shape[0], w.shape[2])
         keep = torch.stack([wanda_mask(w[g], norms[g], sparsity=targets[name], n_m=cfg.n_m)
                             for g in range(w.shape[0])])
         view.set_matrix(w.masked_fill(~keep, 0.0))
-        masks[f"{name}.weight"] = view.weight_layout(keep)
+        masks[f"{name}.weight"] = pack_mask(view.weight_layout(keep))
     return solve
 
 
-def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context, masks: dict[str, torch.Tensor],
-            skipped: dict[str, str], info: dict[str, Any]) -> nn.Module:
+def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context,
+            packed: dict[str, PackedMask], skipped: dict[str, str],
+            info: dict[str, Any]) -> nn.Module:
+    # the masks are held packed while the pass runs (an eighth of their bool size)
+    masks = {k: unpack_mask(v) for k, v in packed.items()}
+    del packed
     ctx.set_masks(model, masks)
     fixed = {k: v.clone() for k, v in masks.items()}
 
@@ -351,7 +355,7 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
 def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, PackedMask] = {}
     with measured() as info:
         solve = _sparsegpt_solver(cfg, targets, masks)
         if not cfg.refit_norms:
@@ -365,7 +369,7 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
 def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, PackedMask] = {}
     solve = _wanda_solver(cfg, targets, masks)
     with measured() as info:
         if cfg.score == "wanda":

@@ -25,6 +25,7 @@ from netpress.context import Context
 from netpress.data import Data, check_data, first_batch
 from netpress.errors import DataError, ModelError, RecipeError
 from netpress.measure.sections import wanted_sections
+from netpress.reconstruct._measure import trim_heap
 from netpress.registry import get_method
 from netpress.report import Report
 
@@ -229,8 +230,10 @@ def _run_steps(model: nn.Module, recipe: Recipe, ctx: Context) -> nn.Module:
         for step in recipe:
             info = get_method(step)
             if not info.copy_on_write:
+                trim_heap()  # the copy below lands in memory the finished steps freed
                 materialize(model)  # a real copy of whatever the model still shares
             model = info.apply(model, step, ctx)
+        trim_heap()
         materialize(model)  # the result never aliases the caller's model
         ctx.finish_schedules(model)
         ctx.apply_masks(model)

@@ -53,7 +53,11 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the model
-    model = transformers.BertModel(transformers.BertConfig()).eval()
+    # transformers imports its BERT code lazily, on first use of the class: ~128 MiB of
+    # modules that the model's own size does not include (a fourth basis, `_code`)
+    bert = transformers.BertModel
+    code = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = bert(transformers.BertConfig()).eval()
     params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     data = [({"input_ids": torch.randint(0, 30522, (args.batch, args.seq), generator=gen),
@@ -75,8 +79,11 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20, 1),
             "rss_after_build_mb": round(base / 2**20, 1),
             "rss_before_model_mb": round(runtime / 2**20, 1),
+            "rss_with_bert_code_mb": round(code / 2**20, 1),
             # the model and everything compression adds: peak less Python + torch + netpress
             "model_and_added_over_fp32": round((peak - runtime) / (params * 4), 2),
+            # the same, counting transformers' BERT modules (imported at first use) as runtime
+            "model_and_added_over_fp32_code": round((peak - code) / (params * 4), 2),
             "peak_over_fp32": round(peak / (params * 4), 2),
             "added_over_fp32": round((peak - base) / (params * 4), 2),
             "params_after": sum(p.numel() for p in res.model.parameters())}
@@ -114,11 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out, payload)
     table = markdown_table(
         ["method", "wall s", "RSS after build MB", "peak RSS MB", "FP32 model MB",
-         "peak / FP32", "added / FP32", "(peak - runtime) / FP32"],
+         "peak / FP32", "added / FP32", "(peak - runtime) / FP32",
+         "(peak - runtime with BERT code) / FP32"],
         [[r["method"], r.get("seconds", "-"), r.get("rss_after_build_mb", "-"),
           r.get("peak_rss_mb", "-"), r.get("fp32_mb", "-"),
           r.get("peak_over_fp32", r.get("skipped", r.get("failed", "-"))),
-          r.get("added_over_fp32", "-"), r.get("model_and_added_over_fp32", "-")]
+          r.get("added_over_fp32", "-"), r.get("model_and_added_over_fp32", "-"),
+          r.get("model_and_added_over_fp32_code", "-")]
          for r in rows])
     out.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import materialize, protected
 from netpress._inputs import Inputs, take_batch
 from netpress._progress import progress_enabled
 from netpress.config import MethodConfig, Recipe
@@ -24,6 +25,7 @@ from netpress.context import Context
 from netpress.data import Data, check_data, first_batch
 from netpress.errors import DataError, ModelError, RecipeError
 from netpress.measure.sections import wanted_sections
+from netpress.reconstruct._measure import trim_heap
 from netpress.registry import get_method
 from netpress.report import Report
 
@@ -178,7 +180,9 @@ def compress(
     report's baseline); it defaults to ``model`` itself, and differs when ``model`` was
     already compressed elsewhere. ``result.reference`` shares its weights with the model it
     was made from (netpress only reads it: no second copy of the weights in memory); the
-    compressed model is a copy. Runs are deterministic for a given ``seed``.
+    compressed model is a copy. While the steps run it shares the tensors of ``model`` that
+    the methods have not replaced (copy-on-write, :mod:`netpress._cow`); the result owns all
+    of its tensors. Runs are deterministic for a given ``seed``.
     ``sections`` asks for optional report sections (``"activations"``, ``"robustness"``;
     :mod:`netpress.measure.sections`), which a recipe's ``act_sparsity``/``cond_reg`` and a
     ``Split`` step also switch on.
@@ -201,13 +205,16 @@ def compress(
         source = next((v for v in (evaluate, calibration, train) if v is not None), None)
         if source is not None:
             example_inputs = take_batch(first_batch(source, name="data")[0], 1)
-    work = model if inplace else _copy(model)
+    # copy-on-write: the working copy shares the caller's tensors, which stay protected while
+    # the steps run (netpress._cow); what a step may not replace is copied before it runs
+    work = model if inplace else _shared_copy(model)
     work.to(dev)
     ctx = Context(reference=reference, device=dev, example_inputs=example_inputs,
                   calibration=calibration, train=train, evaluate=evaluate, seed=seed,
                   progress=progress_enabled(progress))
     started = time.perf_counter()
-    work = _run_steps(work, recipe, ctx)
+    with protected(None if inplace else model):
+        work = _run_steps(work, recipe, ctx)
     elapsed = time.perf_counter() - started
     report = Report.build(reference, work, recipe=recipe, ctx=ctx, task=task, measure=measure,
                           latency_batch_size=latency_batch_size, threads=threads,
@@ -221,7 +228,13 @@ def _run_steps(model: nn.Module, recipe: Recipe, ctx: Context) -> nn.Module:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(ctx.seed)
         for step in recipe:
-            model = get_method(step).apply(model, step, ctx)
+            info = get_method(step)
+            if not info.copy_on_write:
+                trim_heap()  # the copy below lands in memory the finished steps freed
+                materialize(model)  # a real copy of whatever the model still shares
+            model = info.apply(model, step, ctx)
+        trim_heap()
+        materialize(model)  # the result never aliases the caller's model
         ctx.finish_schedules(model)
         ctx.apply_masks(model)
     model.eval()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import own_
 from netpress.data import Data
 from netpress.errors import DataError, ModelError
 from netpress.prune.masks import cubic_sparsity
@@ -112,7 +113,8 @@ class Context:
                                  f"parameter now has {tuple(param.shape)}")
             # masked_fill_ writes +0.0 (mul_ would leave -0.0 on negative weights, which costs
             # a sign bit per zero in the artefact).
-            param.masked_fill_(~mask.to(device=param.device), 0.0)
+            # (own_: a weight still shared with the caller's model is copied first)
+            own_(param).masked_fill_(~mask.to(device=param.device), 0.0)
 
     def mask_sparsity(self) -> float | None:
         """Fraction of masked-out weights over all masked tensors (None without masks)."""

@@ -39,6 +39,7 @@ class MethodInfo:
     needs: tuple[str, ...]
     summary: str
     needs_fn: Callable[[Any], tuple[str, ...]] | None = None
+    copy_on_write: bool = False
 
     @property
     def is_recovery(self) -> bool:
@@ -52,7 +53,8 @@ class MethodInfo:
 _METHODS: dict[str, MethodInfo] = {}
 
 
-def register(config: type[MethodConfig], *, kind: str, needs: Needs = ()) -> Callable[[F], F]:
+def register(config: type[MethodConfig], *, kind: str, needs: Needs = (),
+             copy_on_write: bool = False) -> Callable[[F], F]:
     """Register ``fn(model, config, ctx) -> model`` as the transform for ``config``.
 
     ``kind`` is one of ``prune``, ``quantize``, ``recover``, ``other``; ``needs`` names the
@@ -60,6 +62,12 @@ def register(config: type[MethodConfig], *, kind: str, needs: Needs = ()) -> Cal
     or is a function ``config -> names`` when that depends on the settings (weight-only
     ``Quantize(activations=None)`` needs no calibration data). ``MethodInfo.needs`` then
     lists what the default config needs.
+
+    ``copy_on_write=True`` declares that the transform never writes into a tensor of the model
+    it is given that it did not create: it replaces tensors (``netpress._cow.assign_``, new
+    modules or Parameters) or gives one its own storage first (``netpress._cow.own_``).
+    ``compress()`` then lets it work on a copy that shares the caller's tensors (one model
+    copy less at the peak); other methods get a working copy of their own first.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -75,7 +83,7 @@ def register(config: type[MethodConfig], *, kind: str, needs: Needs = ()) -> Cal
         else:
             needs_fn, listed = None, tuple(needs)
         _METHODS[name] = MethodInfo(name, kind, config, fn, listed, doc[0] if doc else "",
-                                    needs_fn)
+                                    needs_fn, copy_on_write)
         return fn
 
     return deco

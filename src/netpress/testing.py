@@ -2,13 +2,14 @@
 
 Every method, built-in or registered by a user, must pass :func:`check_method_contract`:
 its config round-trips through JSON and YAML, it applies to the toy models, the input model
-is left untouched, the result saves and loads back bit for bit, and a seed makes it
-deterministic.
+is left untouched (bit for bit, and the result shares none of its tensors), the result
+saves and loads back bit for bit, and a seed makes it deterministic.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "toy_models",
     "toy_transformer",
     "state_equal",
+    "state_digest",
     "check_method_contract",
     "prune_zeroed_units",
 ]
@@ -169,6 +171,17 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict: names, dtypes, shapes and the raw bytes of every
+    tensor (-0.0 and NaN payloads included, which ``torch.equal`` does not tell apart)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: int = 0,
                           before: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Assert the method contract for ``config`` on ``model``; returns the compress result.
@@ -182,11 +195,16 @@ def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: 
     recipe = Recipe((*before, config))
     assert Recipe.from_json(recipe.to_json()) == recipe, "config does not round-trip via JSON"
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe, "config does not round-trip via YAML"
-    original = copy.deepcopy(model)
+    original, digest = copy.deepcopy(model), state_digest(model)
     kwargs = dict(train=data, calibration=data, evaluate=data, example_inputs=data[0][0][:1],
                   seed=seed, measure=False)
     first = npr.compress(model, recipe, **kwargs)
     assert state_equal(model, original), "the input model was modified"
+    assert state_digest(model) == digest, "the input model's bytes were modified"
+    theirs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()} - {0}
+    assert not any(t.untyped_storage().data_ptr() in theirs
+                   for t in first.model.state_dict().values()), \
+        "the compressed model shares a tensor with the input model"
     second = npr.compress(model, recipe, **kwargs)
     assert state_equal(first.model, second.model), "not deterministic under a fixed seed"
     buf = io.BytesIO()

@@ -7,6 +7,7 @@ inputs follow :mod:`netpress._inputs` (tensor, tuple or dict) and labels may be 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,14 +32,19 @@ __all__ = [
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore every submodule's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
+    """Put ``model`` in eval mode for the block, then restore every submodule's own flag.
+
+    The submodules are held by weak reference: a module the block replaces (GPTQ swaps each
+    fitted layer for its codes) is freed at once, not kept with its weights to the end."""
+    flags = [(weakref.ref(m), m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        for module, flag in flags:
-            module.training = flag
+        for ref, flag in flags:
+            module = ref()
+            if module is not None:
+                module.training = flag
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import own_
 from netpress._inputs import call_model, move_to
 from netpress.measure.collect import model_device
 
@@ -45,6 +46,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, limit: in
     try:
         model.eval()
         for m in norms:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    own_(buf)  # updated in place below: never a tensor shared with the caller
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches seen
             m.train()

@@ -235,7 +235,7 @@ def _plan_drops(model: nn.Module, cfg: DepthPrune, path: str, data: list[Any],
     return dropped, rounds
 
 
-@register(DepthPrune, kind="prune", needs=("calibration",))
+@register(DepthPrune, kind="prune", needs=("calibration",), copy_on_write=True)
 def _apply(model: nn.Module, cfg: DepthPrune, ctx: Context) -> nn.Module:
     data_arg = ctx.require("calibration", by=cfg.type_name())
     path, stack = find_block_stack(model, cfg.stack)

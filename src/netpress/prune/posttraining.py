@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netpress._cow import assign_
 from netpress._inputs import (
     Inputs,
     move_to,
@@ -165,10 +166,10 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
         cols = kept.get(name, torch.arange(old.in_features))
         w, b = ridge_refit(old.weight.detach().cpu(), None if old.bias is None else
                            old.bias.detach().cpu(), cols, stats, damp)
-        with torch.no_grad():
-            layer.weight.copy_(w.to(layer.weight.device))
+        with torch.no_grad():  # new tensors (assign_): the old ones may be shared
+            assign_(layer.weight, w)
             if layer.bias is not None:
-                layer.bias.copy_(b.to(layer.bias.device))
+                assign_(layer.bias, b)
             elif bool(b.abs().max() > 0):
                 layer.bias = nn.Parameter(b.to(layer.weight.device))
     return len(order)
@@ -199,8 +200,9 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
 
     ``inplace=True`` cuts ``model`` itself, and the unpruned ``original`` shares the tensors
     the cut leaves alone with it instead of being a full copy (two model copies fewer; the
-    Linear layers are never shared, so refits can write them): for a caller that owns
-    ``model`` and drops ``original`` before changing the pruned model further."""
+    refits give the layers they fit new tensors, :func:`netpress._cow.assign_`, and never
+    write into shared ones): for a caller that owns ``model`` and drops ``original`` before
+    changing the pruned model further."""
     work = model if inplace else copy.deepcopy(model)
     split_attention(work, example_inputs)
     original = _shared_copy(work) if inplace else copy.deepcopy(work)
@@ -242,7 +244,6 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
-    _own_refitted(work, original)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
@@ -258,19 +259,6 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     from netpress.api import _shared_copy as shared  # api imports the methods
 
     return shared(model)
-
-
-def _own_refitted(model: nn.Module, other: nn.Module) -> None:
-    """Give every Linear and LayerNorm of ``model`` its own copy of a weight or bias it still
-    shares with ``other`` (the refits write those in place; ``other`` is their reference)."""
-    theirs = {t.untyped_storage().data_ptr() for t in [*other.parameters(), *other.buffers()]}
-    for m in model.modules():
-        if not isinstance(m, (nn.Linear, nn.LayerNorm)):
-            continue
-        for key, p in list(m._parameters.items()):
-            if p is not None and p.untyped_storage().data_ptr() in theirs:
-                m._parameters[key] = nn.Parameter(p.detach().clone(),
-                                                  requires_grad=p.requires_grad)
 
 
 def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
@@ -291,7 +279,8 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     return pruned, summary
 
 
-@register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"))
+@register(FisherPrune, kind="prune", needs=("calibration", "example_inputs"),
+          copy_on_write=True)
 def _apply(model: nn.Module, cfg: FisherPrune, ctx: Context) -> nn.Module:
     x = ctx.require("example_inputs", by=cfg.type_name())
     source = ctx.require("calibration", by=cfg.type_name())

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netpress._cow import assign_
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
@@ -254,10 +255,10 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         w = layer.weight.detach().double()
         theta0 = torch.cat([w, layer.bias.detach().double()[:, None]], 1) if bias else w
         theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp)
-        with torch.no_grad():
-            layer.weight.copy_(theta[:w.shape[1]].T.to(layer.weight.dtype))
+        with torch.no_grad():  # new tensors (assign_): the old ones may be shared
+            assign_(layer.weight, theta[:w.shape[1]].T)
             if bias:
-                layer.bias.copy_(theta[-1].to(layer.bias.dtype))
+                assign_(layer.bias, theta[-1])
 
 
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
@@ -280,8 +281,8 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():
-        norm.weight.copy_(gain.to(norm.weight))
-        norm.bias.copy_(shift.to(norm.bias))
+        assign_(norm.weight, gain)
+        assign_(norm.bias, shift)
     return True
 
 

@@ -373,7 +373,7 @@ def _slice_masks(ctx: Context, kept: dict[str, list[dict[int, torch.Tensor]]]) -
         ctx.masks[name] = mask
 
 
-@register(StructuredPrune, kind="prune", needs=("example_inputs",))
+@register(StructuredPrune, kind="prune", needs=("example_inputs",), copy_on_write=True)
 def _apply(model: nn.Module, cfg: StructuredPrune, ctx: Context) -> nn.Module:
     x = ctx.require("example_inputs", by=cfg.type_name())
     if cfg.protect:

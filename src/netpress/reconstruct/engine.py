@@ -60,7 +60,9 @@ class LayerStats:
 
     :func:`run_sequential` hands each fit its own object: a solver may set a field to None
     once it has used it, which frees that tensor as early as possible. The tensors may be
-    shared with the other layers of a group: leave their values as they were."""
+    shared with the other layers of a group: leave their values as they were, unless
+    ``owned`` (this fit is their last reader: the solver may consume them, changing them
+    in place, e.g. through :class:`~netpress.reconstruct.obs.Handover`)."""
 
     hessian: torch.Tensor | None
     sq_norms: torch.Tensor
@@ -68,6 +70,7 @@ class LayerStats:
     samples: int
     mean: torch.Tensor | None = None
     orig_mean: torch.Tensor | None = None
+    owned: bool = False
 
 
 #: ``solve(name, layer, stats)``: fit the layer and write its new weights back.
@@ -285,6 +288,7 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
                 else stats if last else replace(stats)
             if last:
                 stats = None
+            own.owned = stats is None  # no later fit of the group reads these tensors
             solve(n, views[n], own)
             del own
             solved.append(n)

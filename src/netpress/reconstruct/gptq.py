@@ -26,7 +26,7 @@ import torch
 
 from netpress.quant.observers import mse_range
 from netpress.quant.primitives import choose_qparams, code_dtype, minmax, qrange
-from netpress.reconstruct.obs import hinv_cholesky, obs_sweep
+from netpress.reconstruct.obs import Handover, hinv_cholesky, obs_sweep, read
 
 __all__ = ["GPTQResult", "group_qparams", "gptq_quantize", "gptq_round", "rtn_quantize",
            "OBSERVERS"]
@@ -116,11 +116,12 @@ def _codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, groups
     return q.to(code_dtype(qmin))
 
 
-def _sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: _Rounder, *, act_order: bool,
-           blocksize: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the sweep (in act order when asked); weights and losses in the original order."""
+def _sweep(weight: torch.Tensor, hessian: torch.Tensor | Handover, rounder: _Rounder, *,
+           act_order: bool, blocksize: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the sweep (in act order when asked); weights and losses in the original order.
+    A :class:`~netpress.reconstruct.obs.Handover` Hessian is consumed by the factorization."""
     cols = weight.shape[1]
-    perm = torch.sort(-torch.diagonal(hessian), stable=True).indices if act_order \
+    perm = torch.sort(-torch.diagonal(read(hessian)), stable=True).indices if act_order \
         else torch.arange(cols)
     rounder.groups = rounder.groups[perm]
     if rounder.mask is not None:
@@ -131,7 +132,7 @@ def _sweep(weight: torch.Tensor, hessian: torch.Tensor, rounder: _Rounder, *, ac
     return out[:, torch.argsort(perm)], loss
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *,
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | Handover, bits: int, *,
                   group_size: int | None = None, symmetric: bool = False,
                   act_order: bool = True, observer: str = "minmax",
                   mask: torch.Tensor | None = None, blocksize: int = 128,
@@ -139,6 +140,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *,
     """GPTQ of ``weight`` (rows × d) for inputs of Hessian ``hessian`` (d × d).
 
     ``mask`` (True = keep) pins pruned weights at exactly 0 while the others compensate.
+    A :class:`~netpress.reconstruct.obs.Handover` Hessian is consumed (freed before the
+    sweep's factorization: one d x d float64 matrix fewer at the peak, the same codes).
     """
     g, groups = _layout(weight.shape[1], group_size)
     dynamic = group_size is not None and not act_order

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netpress._cow import assign_
 from netpress.errors import ModelError
 
 __all__ = ["LayerView", "is_hf_conv1d", "supported", "SUPPORTED_TYPES"]
@@ -77,8 +78,9 @@ class LayerView:
 
     @torch.no_grad()
     def set_matrix(self, matrix: torch.Tensor) -> None:
-        """Write ``(groups, rows, d)`` back into the layer's weight (in its dtype)."""
-        self.weight.copy_(self.weight_layout(matrix).to(self.weight.dtype))
+        """Give the layer's weight the values ``(groups, rows, d)`` (in its dtype) in a new
+        storage (copy-on-write: the old one may be the caller's, :func:`netpress._cow.assign_`)."""
+        assign_(self.weight, self.weight_layout(matrix))
 
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input ``x`` as ``(groups, samples, d)`` columns (float32)."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import assign_
 from netpress._inputs import call_model, move_to
 from netpress.data import Data, batches
 from netpress.errors import ModelError
@@ -142,7 +143,7 @@ def refit_layer_norms(model: nn.Module, reference: nn.Module, data: Data, *,
                           _collect(reference, name, x)[1])
             gamma, beta = affine_fit(stats, norm.weight, norm.bias)
             with torch.no_grad():
-                norm.weight.copy_(gamma.reshape(norm.weight.shape))
-                norm.bias.copy_(beta.reshape(norm.bias.shape))
+                assign_(norm.weight, gamma)  # new tensors: copy-on-write (netpress._cow)
+                assign_(norm.bias, beta)
             done.append(name)
     return done

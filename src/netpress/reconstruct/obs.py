@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["damped", "hinv_cholesky", "obs_remove", "obs_sweep", "ColumnFn",
+__all__ = ["Handover", "read", "damped", "hinv_cholesky", "obs_remove", "obs_sweep", "ColumnFn",
            "unit_removal_costs", "remove_unit", "greedy_unit_order", "UnitLayer"]
 
 #: ``compress(j, i, block, diag) -> column``: the compressed value of column ``j`` of the
@@ -49,14 +49,50 @@ def _damp_(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def hinv_cholesky(hessian: torch.Tensor, damp: float = 0.01, *,
+class Handover:
+    """A matrix handed to a function that may consume it: change it in place and free it
+    as soon as it has used it. The giver keeps no reference of its own (only the handover
+    holds it), so the matrix's memory goes when the function drops it, not when the
+    giver's frame ends. :meth:`peek` reads it; :meth:`take` moves it out (once)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._t: torch.Tensor | None = t
+
+    def peek(self) -> torch.Tensor:
+        if self._t is None:
+            raise RuntimeError("this handed-over matrix was already taken")
+        return self._t
+
+    def take(self) -> torch.Tensor:
+        t = self.peek()
+        self._t = None
+        return t
+
+
+def read(m: torch.Tensor | Handover) -> torch.Tensor:
+    """The matrix itself, whether given plainly or handed over (not taken)."""
+    return m.peek() if isinstance(m, Handover) else m
+
+
+def hinv_cholesky(hessian: torch.Tensor | Handover, damp: float = 0.01, *,
                   perm: torch.Tensor | None = None) -> torch.Tensor:
     """The upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``H⁻¹ = Uᵀ U``); with ``perm``, of
     ``H`` with its rows and columns permuted (``H[perm][:, perm]``, damped in that copy).
 
-    Raises ``torch.linalg.LinAlgError`` when the damped Hessian is not positive definite.
+    A :class:`Handover` Hessian is consumed (damped in place, or freed once permuted): one
+    d x d float64 matrix fewer at the peak, the same factor bit for bit. Raises
+    ``torch.linalg.LinAlgError`` when the damped Hessian is not positive definite.
     """
-    h = damped(hessian, damp) if perm is None else _damp_(hessian[perm][:, perm], damp)
+    if isinstance(hessian, Handover):
+        h = hessian.take()
+        if perm is not None:
+            h = h[perm]  # the Hessian itself goes here (its last reference)
+            h = h[:, perm]
+        h = _damp_(h, damp)
+    else:
+        h = damped(hessian, damp) if perm is None else _damp_(hessian[perm][:, perm], damp)
     lower = torch.linalg.cholesky(h)
     del h
     inverse = torch.cholesky_inverse(lower)

@@ -6,11 +6,47 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from netpress.prune.masks import smallest_mask
 
-__all__ = ["parse_pattern", "nm_keep_mask", "holds_nm", "split_count", "row_mask"]
+__all__ = ["parse_pattern", "nm_keep_mask", "holds_nm", "split_count", "row_mask",
+           "PackedMask", "pack_mask", "unpack_mask"]
+
+
+class PackedMask(NamedTuple):
+    """A bool mask stored 8 entries to a byte, first entry in the highest bit."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: torch.Tensor) -> PackedMask:
+    """``mask`` (bool, any shape) as bits: a keep-mask held while a pass goes on costs an
+    eighth of its bool size (BERT-base's Linear layers: 10 MB instead of 81 MB)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = (flat.reshape(-1, 8) * _bit_values(flat.device)).sum(1, dtype=torch.uint8)
+    return PackedMask(bits, tuple(mask.shape))
+
+
+def unpack_mask(packed: PackedMask) -> torch.Tensor:
+    """The bool mask :func:`pack_mask` packed, bit for bit."""
+    bits, shape = packed
+    n = 1
+    for s in shape:
+        n *= s
+    values = _bit_values(bits.device)
+    flat = (bits[:, None] & values).ne(0).reshape(-1)
+    return flat[:n].reshape(shape).clone()
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

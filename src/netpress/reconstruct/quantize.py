@@ -27,6 +27,7 @@ from netpress.reconstruct.gptq import OBSERVERS, GPTQResult, gptq_quantize, rtn_
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import refit_target
 from netpress.reconstruct.modules import GroupQuantConv, GroupQuantLinear, GroupQuantWeight
+from netpress.reconstruct.obs import Handover
 from netpress.registry import register
 
 __all__ = ["GPTQ", "ROUNDINGS"]
@@ -84,6 +85,10 @@ def _refit(cfg: GPTQ, w: torch.Tensor, stats: LayerStats | None) -> None:
     if stats is None or stats.cross is None:
         return
     assert stats.hessian is not None
+    if stats.owned and w.shape[0] == 1:  # the cross term handed over: M - H formed in it
+        cross, stats.cross = Handover(stats.cross[0]), None
+        w[0] = refit_target(w[0], stats.hessian[0], cross, cfg.damp)
+        return
     for g in range(w.shape[0]):
         w[g] = refit_target(w[g], stats.hessian[g], stats.cross[g], cfg.damp)
     stats.cross = None
@@ -95,7 +100,12 @@ def _quantize_group(cfg: GPTQ, w: torch.Tensor, stats: LayerStats | None, g: int
         return rtn_quantize(w, cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
                             observer=cfg.observer, mask=mask)
     assert stats.hessian is not None
-    return gptq_quantize(w, stats.hessian[g], cfg.bits, group_size=cfg.group_size,
+    hessian: torch.Tensor | Handover
+    if stats.owned and stats.hessian.shape[0] == 1:  # its last use: hand it over
+        hessian, stats.hessian = Handover(stats.hessian[0]), None
+    else:
+        hessian = stats.hessian[g]
+    return gptq_quantize(w, hessian, cfg.bits, group_size=cfg.group_size,
                          symmetric=cfg.symmetric, act_order=cfg.act_order,
                          observer=cfg.observer, mask=mask, blocksize=cfg.blocksize,
                          damp=cfg.damp)
@@ -127,7 +137,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-@register(GPTQ, kind="quantize",
+@register(GPTQ, kind="quantize", copy_on_write=True,
           needs=lambda cfg: ("calibration",) if cfg.rounding == "gptq" else ())
 def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
     if ctx.schedules:

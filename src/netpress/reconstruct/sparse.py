@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import assign_, own_
 from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import RecipeError
@@ -36,7 +37,8 @@ from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
 from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
-from netpress.reconstruct.patterns import parse_pattern
+from netpress.reconstruct.obs import Handover
+from netpress.reconstruct.patterns import PackedMask, pack_mask, parse_pattern, unpack_mask
 from netpress.reconstruct.refine import admm_prune
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask, wanda_scores
@@ -203,28 +205,45 @@ def _blocksize(cfg: _SparseSettings) -> int:
 
 
 def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
-                      masks: dict[str, torch.Tensor]) -> Any:
+                      masks: dict[str, PackedMask]) -> Any:
     def solve(name: str, view: LayerView, stats: LayerStats) -> None:
         assert stats.hessian is not None
         w = view.matrix()
         keeps = []
+        refit = cfg.refit or cfg.mask_refine != "none"
+        # the statistics' last use is here: hand the cross term to the refit and the Hessian
+        # to the sweep (one d x d float64 matrix fewer at each; the same result)
+        consume = stats.owned and w.shape[0] == 1 and not cfg.refit_bias
         for g in range(w.shape[0]):
-            h = stats.hessian[g]
-            target = w[g] if stats.cross is None else refit_target(w[g], h, stats.cross[g],
-                                                                   cfg.damp)
+            assert stats.hessian is not None  # handed over only in the last (sole) group
+            if stats.cross is None:
+                target = w[g]
+            elif consume:
+                cross, stats.cross = Handover(stats.cross[0]), None
+                target = refit_target(w[0], stats.hessian[0], cross, cfg.damp)
+            else:
+                target = refit_target(w[g], stats.hessian[g], stats.cross[g], cfg.damp)
             if g == w.shape[0] - 1 and not cfg.refit_bias:
                 stats.cross = None  # not needed any more: free it before the sweep
+            h: torch.Tensor | Handover = stats.hessian[g]
+            if consume and not refit:
+                h, stats.hessian = Handover(stats.hessian[0]), None
             pruned, keep = sparsegpt(target, h, sparsity=targets[name], n_m=cfg.n_m,
                                      blocksize=_blocksize(cfg), damp=cfg.damp)
-            if cfg.mask_refine == "admm":
-                keep = admm_prune(target, h, pruned, keep=int(keep.sum()), damp=cfg.damp)
-            refit = cfg.refit or cfg.mask_refine != "none"
-            w[g] = masked_lstsq(target, h, keep, cfg.damp) if refit else pruned
+            del h
+            if refit:
+                hessian = stats.hessian
+                assert hessian is not None
+                if cfg.mask_refine == "admm":
+                    keep = admm_prune(target, hessian[g], pruned, keep=int(keep.sum()),
+                                      damp=cfg.damp)
+                pruned = masked_lstsq(target, hessian[g], keep, cfg.damp)
+            w[g] = pruned
             keeps.append(keep)
         if cfg.refit_bias:
             _refit_bias(view, stats, w, torch.stack(keeps), cfg)
         view.set_matrix(w)
-        masks[f"{name}.weight"] = view.weight_layout(torch.stack(keeps))
+        masks[f"{name}.weight"] = pack_mask(view.weight_layout(torch.stack(keeps)))
     return solve
 
 
@@ -249,30 +268,34 @@ def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch
         else:
             b[g] = corrected_bias(old[g], w[g], b[g], stats.mean[g], orig_mean)
     with torch.no_grad():
-        bias.copy_(b.reshape(bias.shape).to(bias.dtype))
+        assign_(bias, b)
 
 
 def _wanda_solver(cfg: Wanda, targets: dict[str, float],
-                  masks: dict[str, torch.Tensor]) -> Any:
+                  masks: dict[str, PackedMask]) -> Any:
     def solve(name: str, view: LayerView, stats: LayerStats | None) -> None:
         w = view.matrix()
         norms = stats.sq_norms if stats is not None else torch.ones(w.shape[0], w.shape[2])
         keep = torch.stack([wanda_mask(w[g], norms[g], sparsity=targets[name], n_m=cfg.n_m)
                             for g in range(w.shape[0])])
         view.set_matrix(w.masked_fill(~keep, 0.0))
-        masks[f"{name}.weight"] = view.weight_layout(keep)
+        masks[f"{name}.weight"] = pack_mask(view.weight_layout(keep))
     return solve
 
 
-def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context, masks: dict[str, torch.Tensor],
-            skipped: dict[str, str], info: dict[str, Any]) -> nn.Module:
+def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context,
+            packed: dict[str, PackedMask], skipped: dict[str, str],
+            info: dict[str, Any]) -> nn.Module:
+    # the masks are held packed while the pass runs (an eighth of their bool size)
+    masks = {k: unpack_mask(v) for k, v in packed.items()}
+    del packed
     ctx.set_masks(model, masks)
     fixed = {k: v.clone() for k, v in masks.items()}
 
     def project(m: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             for key, keep in fixed.items():
-                m.get_parameter(key).masked_fill_(~keep, 0.0)
+                own_(m.get_parameter(key)).masked_fill_(~keep, 0.0)
         return fixed
 
     ctx.add_projection(cfg.type_name(), project)
@@ -328,11 +351,11 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
     return info
 
 
-@register(SparseGPT, kind="prune", needs=("calibration",))
+@register(SparseGPT, kind="prune", needs=("calibration",), copy_on_write=True)
 def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, PackedMask] = {}
     with measured() as info:
         solve = _sparsegpt_solver(cfg, targets, masks)
         if not cfg.refit_norms:
@@ -342,11 +365,11 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
     return _finish(model, cfg, ctx, masks, skipped, info)
 
 
-@register(Wanda, kind="prune", needs=_needs)
+@register(Wanda, kind="prune", needs=_needs, copy_on_write=True)
 def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
     targets, skipped = _targets(cfg, ctx, layers)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, PackedMask] = {}
     solve = _wanda_solver(cfg, targets, masks)
     with measured() as info:
         if cfg.score == "wanda":

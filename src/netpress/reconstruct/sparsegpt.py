@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from netpress.prune.masks import prune_count, smallest_mask
-from netpress.reconstruct.obs import hinv_cholesky, obs_sweep
+from netpress.reconstruct.obs import Handover, hinv_cholesky, obs_sweep
 from netpress.reconstruct.patterns import nm_keep_mask, row_mask, split_count
 
 __all__ = ["sparsegpt", "wanda_scores", "wanda_mask", "pattern_mask"]
@@ -46,7 +46,7 @@ class _MaskChooser:
         return torch.where(self.keep[:, j], block[:, i], torch.zeros_like(block[:, i]))
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5,
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover, *, sparsity: float = 0.5,
               n_m: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
               blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (rows × d) so its outputs on inputs of Hessian ``hessian`` (d × d)
@@ -56,7 +56,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 
     column blocks in proportion to their size and chosen per block. ``n_m=(N, M)`` keeps
     ``N`` of every ``M`` consecutive weights of each row instead (``d`` and ``blocksize``
     must be multiples of ``M``). A given ``mask`` (True = keep) is used as it is: only the
-    compensating update is computed.
+    compensating update is computed. A :class:`~netpress.reconstruct.obs.Handover` Hessian
+    is consumed (:func:`~netpress.reconstruct.obs.hinv_cholesky`).
     """
     rows, cols = weight.shape
     if n_m is not None and (cols % n_m[1] or blocksize % n_m[1]):

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netpress._cow import assign_
 from netpress._inputs import Inputs
 from netpress.context import Context
 from netpress.data import Data
@@ -154,11 +155,11 @@ def _solver(original: nn.Module, fits: dict[str, LayerFit], norms: Mapping[str, 
         view.set_matrix(new[None, :, :d])
         with torch.no_grad():
             if isinstance(bias, torch.Tensor):
-                bias.copy_(new[:, d].to(bias.dtype))
+                assign_(bias, new[:, d])
             elif norm is not None:
                 mean = norm.running_mean
                 assert isinstance(mean, torch.Tensor)
-                mean.sub_(new[:, d].to(mean.dtype))
+                assign_(mean, mean - new[:, d].to(mean.dtype))
     return solve
 
 

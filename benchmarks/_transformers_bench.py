@@ -82,17 +82,27 @@ def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset()) -> lis
 
 
 def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
-                  limit: int | None = None) -> list[Any]:
+                  limit: int | None = None, bucket: bool = False) -> list[Any]:
     """Distillation batches (padded to the longest): the documentation sentences but the last
     ``held_out`` (the first ``limit`` of them), with ``data="topics+docstrings"`` the
-    standard library's docstring sentences too, shuffled together."""
+    standard library's docstring sentences too, shuffled together. ``bucket``: within each
+    run of 16 batches the sentences are sorted by token count before batching (less padding
+    to compute on), and the batches are then shuffled."""
     train = texts[:len(texts) - held_out][:limit]
     if data == "topics+docstrings":
         train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]))
         random.Random(0).shuffle(train)
     elif data != "topics":
         raise SystemExit(f"data={data!r}: choose topics or topics+docstrings")
-    return batches(tok, train, size, pad="longest")
+    if not bucket:
+        return batches(tok, train, size, pad="longest")
+    lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]
+    order: list[int] = []
+    for i in range(0, len(train), 16 * size):
+        order += sorted(range(i, min(i + 16 * size, len(train))), key=lambda j: lengths[j])
+    out = batches(tok, [train[j] for j in order], size, pad="longest")
+    random.Random(2).shuffle(out)
+    return out
 
 
 def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:

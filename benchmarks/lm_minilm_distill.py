@@ -14,8 +14,8 @@ sentences of similar length (``train_batches(bucket=True)``); ``"freeze"``: a li
 training batches computed once (``CachedTeacher``; not with ``features``);
 ``"local_steps": N`` (budgets only) spends the first N steps of each budget on block-local
 distillation, ``Distill(local=True, features=<the 6 encoder blocks>, loss="mse")`` at
-``"local_lr"`` (default: lr), and the rest on the ordinary distillation: every optimizer step is counted in the budget). Distillation
-sentences: Python's documentation topics minus the 512 held-out ones (padded to the longest);
+``"local_lr"`` (default: lr), and the rest on the ordinary distillation: every optimizer
+step is counted in the budget). Distillation sentences: Python's documentation topics minus the 512 held-out ones (padded to the longest);
 evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
 original, retrieval agreement; PyTorch).
 

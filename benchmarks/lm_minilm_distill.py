@@ -3,21 +3,21 @@
 Starts from a pruned model saved with ``torch.save`` (``--pruned``; e.g. FisherPrune 50% MACs
 with the blocks refit on 512 calibration sentences) and runs ``Distill(loss="cosine")`` from
 the unpruned model for each setting given (JSON objects of ``Distill`` fields plus
-``checkpoints``: one run, constant lr, measured at each checkpoint; each chunk continues on
-the train batches where the last one stopped; with ``"budgets": true`` each checkpoint is
-instead its own run from the pruned model, its lr schedule (default cosine) spanning that
-budget, and ``"save": PATH`` keeps the largest budget's model; ``"data":
-"topics+docstrings"`` adds the standard library's docstring sentences to the training
-text; ``"batch"``: sentences per step, default 16; ``"bucket": true``: batches of
-sentences of similar length (``train_batches(bucket=True)``); ``"freeze"``: a list, the
-``Distill(freeze=...)`` patterns; ``"cache_teacher": true``: the reference's outputs on the
-training batches computed once (``CachedTeacher``; not with ``features``);
-``"local_steps": N`` (budgets only) spends the first N steps of each budget on block-local
-distillation, ``Distill(local=True, features=<the 6 encoder blocks>, loss="mse")`` at
-``"local_lr"`` (default: lr), and the rest on the ordinary distillation: every optimizer
-step is counted in the budget). Distillation sentences: Python's documentation topics minus the 512 held-out ones (padded to the longest);
-evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
-original, retrieval agreement; PyTorch).
+``checkpoints``: one run, constant lr, measured at each checkpoint; each chunk continues on the
+train batches where the last one stopped; with ``"budgets": true`` each checkpoint is instead
+its own run from the pruned model, its lr schedule (default cosine) spanning that budget, and
+``"save": PATH`` keeps the largest budget's model; ``"data": "topics+docstrings"`` adds the
+standard library's docstring sentences to the training text; ``"batch"``: sentences per step,
+default 16; ``"bucket": true``: batches of sentences of similar length
+(``train_batches(bucket=True)``); ``"freeze"``: a list, the ``Distill(freeze=...)`` patterns;
+``"cache_teacher": true``: the reference's outputs on the training batches computed once
+(``CachedTeacher``; not with ``features``); ``"local_steps": N`` (budgets only) spends the
+first N steps of each budget on block-local distillation, ``Distill(local=True, features=<the 6
+encoder blocks>, loss="mse")`` at ``"local_lr"`` (default: lr), and the rest on the ordinary
+distillation: every optimizer step is counted in the budget). Distillation sentences: Python's
+documentation topics minus the 512 held-out ones (padded to the longest); evaluation on the
+last ``--eval`` held-out sentences (mean-pooled embedding cosine to the original, retrieval
+agreement; PyTorch).
 
     .venv/bin/python benchmarks/lm_minilm_distill.py --pruned pruned.pt \\
         --setting '{"lr": 5e-5, "dropout": true, "checkpoints": [60]}' \\

@@ -56,15 +56,22 @@ def sentences() -> list[str]:
     return out
 
 
-def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
+                        packages: bool = False) -> list[str]:
     """Sentences of the docstrings of the standard library's top-level modules (deterministic
     order; ~7,400), minus ``exclude``: more unlabeled distillation text, disjoint from the
-    held-out documentation sentences."""
+    held-out documentation sentences. ``packages``: the standard library's packages too
+    (``email``, ``asyncio``, ...; not ``test``, ``idlelib`` or ``site-packages``)."""
     import ast
     import sysconfig
 
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.rglob("*.py") if packages else root.glob("*.py"))
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3")
     found: set[str] = set()
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for f in files:
+        if any(part in skip for part in f.relative_to(root).parts[:-1]):
+            continue
         try:
             tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
         except (SyntaxError, ValueError):
@@ -82,17 +89,29 @@ def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset()) -> lis
 
 
 def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
-                  limit: int | None = None) -> list[Any]:
+                  limit: int | None = None, bucket: bool = False) -> list[Any]:
     """Distillation batches (padded to the longest): the documentation sentences but the last
     ``held_out`` (the first ``limit`` of them), with ``data="topics+docstrings"`` the
-    standard library's docstring sentences too, shuffled together."""
+    standard library's docstring sentences too (``"topics+stdlib"``: those of its packages
+    as well), shuffled together. ``bucket``: within each
+    run of 16 batches the sentences are sorted by token count before batching (less padding
+    to compute on), and the batches are then shuffled."""
     train = texts[:len(texts) - held_out][:limit]
-    if data == "topics+docstrings":
-        train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]))
+    if data in ("topics+docstrings", "topics+stdlib"):
+        train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]),
+                                            packages=data == "topics+stdlib")
         random.Random(0).shuffle(train)
     elif data != "topics":
-        raise SystemExit(f"data={data!r}: choose topics or topics+docstrings")
-    return batches(tok, train, size, pad="longest")
+        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings or topics+stdlib")
+    if not bucket:
+        return batches(tok, train, size, pad="longest")
+    lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]
+    order: list[int] = []
+    for i in range(0, len(train), 16 * size):
+        order += sorted(range(i, min(i + 16 * size, len(train))), key=lambda j: lengths[j])
+    out = batches(tok, [train[j] for j in order], size, pad="longest")
+    random.Random(2).shuffle(out)
+    return out
 
 
 def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
@@ -315,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distill-variants", nargs="*", default=["fisher50", "fisher40"],
                    help="pruned variants to distill")
     p.add_argument("--distill-data", default="topics+docstrings",
-                   choices=("topics", "topics+docstrings"))
+                   choices=("topics", "topics+docstrings", "topics+stdlib"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,

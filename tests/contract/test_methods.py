@@ -39,6 +39,8 @@ EXAMPLES = {
     "Distill(act_sparsity, cond_reg)": npr.Distill(max_steps=3, lr=1e-2, act_sparsity=1e-3,
                                                    act_layers=("re:fc1|conv1|stem",),
                                                    cond_reg=1e-3),
+    # issue 13: recovery with some parameters frozen (e.g. an encoder's input embeddings)
+    "Distill(freeze)": npr.Distill(max_steps=3, lr=1e-2, freeze=("re:fc1|conv1|stem",)),
     # issue 11: SparseGPT's ALPS-style ADMM mask refinement
     "SparseGPT(mask_refine)": npr.SparseGPT(sparsity=0.5, mask_refine="admm"),
 }

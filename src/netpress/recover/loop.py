@@ -69,6 +69,11 @@ class TrainConfig(MethodConfig):
 
     Per-token outputs (``[batch, time, ...]``) of dict batches with an ``attention_mask``
     enter the loss only at real tokens: padding never pulls on the weights.
+
+    ``freeze`` (module or parameter names, or ``re:`` patterns matched in full) keeps those
+    parameters out of the optimizer and out of the backward pass for the loop (a module
+    freezes every parameter under it, e.g. ``("embeddings",)`` for a BERT encoder's input
+    embeddings); their ``requires_grad`` is restored afterwards. See :mod:`netpress.recover.freeze`.
     """
 
     epochs: float = 1.0
@@ -92,6 +97,7 @@ class TrainConfig(MethodConfig):
     cond_layers: tuple[str, ...] = ()
     bn: str = "train"
     dropout: bool = True
+    freeze: tuple[str, ...] = ()
 
     def _check_train(self) -> None:
         n = self.type_name()
@@ -133,7 +139,8 @@ class TrainConfig(MethodConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(
                     value, (int, float)) or not math.isfinite(value) or value < 0):
                 raise RecipeError(f"{n}: {name}={value!r} must be a number >= 0 or null")
-        check_patterns(n, act_layers=self.act_layers, cond_layers=self.cond_layers)
+        check_patterns(n, act_layers=self.act_layers, cond_layers=self.cond_layers,
+                       freeze=self.freeze)
 
     def _check_early_stop(self) -> None:
         from netpress.recover.early_stop import EARLY_STOP_SOURCES
@@ -193,9 +200,11 @@ def train(
     model: nn.Module, ctx: Context, cfg: TrainConfig, loss_fn: LossFn, *, needs_teacher: bool
 ) -> dict[str, Any]:
     """Run ``cfg``'s optimisation of ``model`` on ``ctx.train``; returns a summary."""
+    from netpress.recover.freeze import frozen
     from netpress.recover.regularizers import training_penalties
 
-    with training_penalties(model, cfg, ctx.masks, loss_fn) as penalised:
+    with frozen(model, cfg.freeze, cfg.type_name()), \
+            training_penalties(model, cfg, ctx.masks, loss_fn) as penalised:
         return _train(model, ctx, cfg, penalised, needs_teacher=needs_teacher)
 
 

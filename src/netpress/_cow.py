@@ -21,15 +21,18 @@ storage twice only ever costs a copy, never correctness.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["protected", "is_protected", "own_", "assign_", "materialize", "shared_bytes"]
+__all__ = ["protected", "is_protected", "own_", "assign_", "materialize", "shared_bytes",
+           "shared_copy"]
 
 _LOCK = threading.Lock()
 _PROTECTED: Counter[int] = Counter()
@@ -58,6 +61,18 @@ def protected(model: nn.Module | None) -> Iterator[frozenset[int]]:
             for k in keys:
                 if _PROTECTED[k] <= 0:
                     del _PROTECTED[k]
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules whose parameters and buffers share ``model``'s storage
+    (new Parameter objects, no weights copied). Raises ``RuntimeError`` where
+    ``copy.deepcopy`` cannot copy the model (computed weights)."""
+    memo: dict[int, Any] = {}
+    for t in _tensors(model):
+        if id(t) not in memo:
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) \
+                if isinstance(t, nn.Parameter) else t.detach()
+    return copy.deepcopy(model, memo)
 
 
 def is_protected(t: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netpress._cow import materialize, protected
+from netpress._cow import materialize, protected, shared_copy
 from netpress._inputs import Inputs, take_batch
 from netpress._progress import progress_enabled
 from netpress.config import MethodConfig, Recipe
@@ -120,13 +120,8 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s modules whose parameters and buffers share ``model``'s storage
     (new Parameter objects, no weights copied): the reference netpress only ever reads. It
     saves one full model copy of memory in every compress() (418 MB on BERT-base)."""
-    memo: dict[int, Any] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in memo:
-            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=t.requires_grad) \
-                if isinstance(t, nn.Parameter) else t.detach()
     try:
-        return copy.deepcopy(model, memo)
+        return shared_copy(model)
     except RuntimeError:
         return _copy(model)  # the same errors as a full copy, named by _copy
 

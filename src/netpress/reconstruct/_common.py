@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from netpress._cow import protected, shared_copy
 from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.errors import ModelError, RecipeError
 from netpress.reconstruct.engine import MODES, Solve, run_sequential
-from netpress.reconstruct.layers import SUPPORTED_TYPES, supported
+from netpress.reconstruct.layers import SUPPORTED_TYPES, LayerView, supported
 from netpress.select import check_patterns, select_names
 
-__all__ = ["LayerwiseSettings", "calibrate"]
+__all__ = ["LayerwiseSettings", "calibrate", "fitting_reference", "fitted_to",
+           "shape_mismatch"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,3 +80,55 @@ def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: lis
     return run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
                           max_batches=cfg.calibration_batches)
 
+
+
+def shape_mismatch(model: nn.Module, reference: nn.Module, names: Iterable[str]) -> str | None:
+    """Why ``reference``'s layers cannot stand in for ``model``'s (the first layer that is
+    missing there or whose matrix view differs in shape), or None when all of them match."""
+    for name in names:
+        try:
+            ref = reference.get_submodule(name)
+        except AttributeError:
+            return f"layer {name!r} is not in the original model"
+        if not supported(ref):
+            return f"layer {name!r} is a {type(ref).__name__} in the original model"
+        here, there = LayerView(model.get_submodule(name), name).shape, LayerView(ref).shape
+        if here != there:
+            return (f"layer {name!r} is (groups, rows, inputs) {here} here and {there} in the "
+                    "original model")
+    return None
+
+
+@contextmanager
+def fitting_reference(model: nn.Module, ctx: Context, names: Iterable[str],
+                      ) -> Iterator[str | None]:
+    """Within the block, ``ctx.reference`` is the model this step fits its layers to.
+
+    That is the original model, so a layer reproduces the original's outputs, wherever the
+    original's layers still have the shapes of ``model``'s. After a step that changed them
+    (structured pruning before SparseGPT or GPTQ) the original's outputs are no target for
+    the thinner layers, and the step fits to the model *it was given* instead: a copy that
+    shares ``model``'s tensors (no weights copied; the step replaces tensors rather than
+    writing into them, and they are protected while it runs). Yields the reason for the
+    change (None when the original is used), which the step records.
+    """
+    original = ctx.reference
+    why = shape_mismatch(model, original, names) if original is not None else None
+    if why is None:
+        yield None
+        return
+    given = shared_copy(model).eval()
+    for p in given.parameters():
+        p.requires_grad_(False)
+    ctx.reference = given
+    try:
+        with protected(given):
+            yield why
+    finally:
+        ctx.reference = original
+
+
+def fitted_to(changed: str | None) -> str:
+    """What a step's report says it fitted its layers to (see :func:`fitting_reference`)."""
+    return "the original model" if changed is None else \
+        f"the model this step was given ({changed})"

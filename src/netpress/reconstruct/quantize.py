@@ -20,7 +20,13 @@ from netpress.context import Context
 from netpress.errors import RecipeError
 from netpress.quant.primitives import MAX_BITS, MIN_BITS
 from netpress.quant.ptq import drop_masks
-from netpress.reconstruct._common import LayerwiseSettings, _check_int, calibrate
+from netpress.reconstruct._common import (
+    LayerwiseSettings,
+    _check_int,
+    calibrate,
+    fitted_to,
+    fitting_reference,
+)
 from netpress.reconstruct._measure import measured, trim_heap
 from netpress.reconstruct.engine import LayerStats
 from netpress.reconstruct.gptq import OBSERVERS, GPTQResult, gptq_quantize, rtn_quantize
@@ -167,7 +173,7 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
             _set_module(model, name, _quantized_layer(cfg, view, codes))
         done.append(name)
 
-    with measured() as info:
+    with fitting_reference(model, ctx, names) as changed, measured() as info:
         if cfg.rounding == "gptq":
             info.update(calibrate(model, cfg, ctx, names, solve))
         else:
@@ -176,6 +182,7 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
         for name, codes in pending.items():
             view = LayerView(model.get_submodule(name), name)
             _set_module(model, name, _quantized_layer(cfg, view, codes))
+    info["fitted_to"] = fitted_to(changed)
     drop_masks(model, ctx)
     ctx.record(cfg.type_name(), layers=len(done), bits=cfg.bits, group_size=cfg.group_size,
                symmetric=cfg.symmetric, act_order=cfg.act_order, rounding=cfg.rounding,

@@ -30,7 +30,7 @@ from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import RecipeError
 from netpress.prune.masks import floor_keep, global_prune_counts
-from netpress.reconstruct._common import LayerwiseSettings, calibrate
+from netpress.reconstruct._common import LayerwiseSettings, calibrate, fitted_to, fitting_reference
 from netpress.reconstruct._measure import measured
 from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
 from netpress.reconstruct.engine import LayerStats, collect_statistics
@@ -354,29 +354,33 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
 @register(SparseGPT, kind="prune", needs=("calibration",), copy_on_write=True)
 def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
-    targets, skipped = _targets(cfg, ctx, layers)
     masks: dict[str, PackedMask] = {}
-    with measured() as info:
-        solve = _sparsegpt_solver(cfg, targets, masks)
-        if not cfg.refit_norms:
-            info.update(calibrate(model, cfg, ctx, list(targets), solve))
-        else:
-            info.update(_with_norms(model, cfg, ctx, list(targets), solve))
+    with fitting_reference(model, ctx, layers) as changed:
+        targets, skipped = _targets(cfg, ctx, layers)
+        with measured() as info:
+            solve = _sparsegpt_solver(cfg, targets, masks)
+            if not cfg.refit_norms:
+                info.update(calibrate(model, cfg, ctx, list(targets), solve))
+            else:
+                info.update(_with_norms(model, cfg, ctx, list(targets), solve))
+    info["fitted_to"] = fitted_to(changed)
     return _finish(model, cfg, ctx, masks, skipped, info)
 
 
 @register(Wanda, kind="prune", needs=_needs, copy_on_write=True)
 def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
     layers = cfg.selected(model)
-    targets, skipped = _targets(cfg, ctx, layers)
     masks: dict[str, PackedMask] = {}
-    solve = _wanda_solver(cfg, targets, masks)
-    with measured() as info:
-        if cfg.score == "wanda":
-            info.update(calibrate(model, cfg, ctx, list(targets), solve, full=False,
+    with fitting_reference(model, ctx, layers) as changed:
+        targets, skipped = _targets(cfg, ctx, layers)
+        solve = _wanda_solver(cfg, targets, masks)
+        with measured() as info:
+            if cfg.score == "wanda":
+                info.update(calibrate(model, cfg, ctx, list(targets), solve, full=False,
                                       fit_original=False))
-        else:
-            for name in targets:
-                solve(name, LayerView(layers[name], name), None)
+            else:
+                for name in targets:
+                    solve(name, LayerView(layers[name], name), None)
+    info["fitted_to"] = fitted_to(changed)
     return _finish(model, cfg, ctx, masks, skipped, info)
 

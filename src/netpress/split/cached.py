@@ -35,6 +35,7 @@ from netpress._inputs import call_model, move_to, primary_output
 from netpress.data import batches
 from netpress.errors import DataError, ModelError
 from netpress.recover.loop import LossFn
+from netpress.split.bottleneck import Bottleneck
 
 __all__ = ["HeadCache", "build_cache", "fit_cached", "fit_prior", "TARGETS"]
 
@@ -145,13 +146,13 @@ def fit_cached(module: nn.Module, cache: HeadCache, loss_fn: LossFn, target: str
             "cache_inputs": len(cache)}
 
 
-def fit_prior(bottleneck: nn.Module, cache: HeadCache, *, steps: int, lr: float,
+def fit_prior(bottleneck: Bottleneck, cache: HeadCache, *, steps: int, lr: float,
               seed: int = 2) -> dict[str, Any]:
     """``steps`` Adam steps (cosine schedule) of the bottleneck's entropy model alone on the
     codes its encoder gives the cached head outputs: minimise their noisy rate (bits per
     input) with the encoder fixed (eval mode, no gradients). Returns the steps and the last
     rate, in bits per input."""
-    prior = getattr(bottleneck, "prior", None)
+    prior = bottleneck.prior
     if prior is None:
         raise ModelError("Split: fit_prior needs a bottleneck with a learned entropy model "
                          "(entropy='factorized')")

@@ -8,7 +8,10 @@ a ``CH``-channel stride-``S`` 8-bit bottleneck with a learned factorized entropy
    input), bottleneck only; shared by every operating point (saved to ``--work``);
 2. per ``λ`` in ``--rates``: the entropy model fitted alone to the stage-1 codes
    (``fit_prior``, ``--prior-steps``), then ``--stage2`` steps of pure logit distillation
-   (T=2) + ``λ`` · rate of encoder, decoder, entropy model and tail (tail at ``--tail-lr``).
+   (T=2) + ``λ`` · rate of encoder, decoder, entropy model and tail (tail at ``--tail-lr``);
+3. optionally, per ``λ`` in ``--rates1b``, a stage 1b from the rate-free state: feature MSE +
+   ``λ`` · rate, bottleneck only (``--stage1b`` steps); with ``--chain`` stage 2 starts from
+   the last stage-1b state instead.
 
 Measured on all ``--test-images`` JPEG test images (head outputs cached in float32, so the
 codes are those the device part sends): agreement with the original, the arithmetic-coded
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1b", type=int, default=0, help="steps of MSE + rate (per λ)")
     p.add_argument("--rates1b", type=float, nargs="*", default=[],
                    help="λ of stage 1b runs (bottleneck only, original tail)")
+    p.add_argument("--chain", action="store_true",
+                   help="stage 2 starts from the last stage-1b state, not the rate-free one")
     p.add_argument("--stage1", type=int, default=6000)
     p.add_argument("--prior-steps", type=int, default=300)
     p.add_argument("--stage2", type=int, default=1200)
@@ -201,16 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = [{"rate": 0.0, "after": "stage 1", "prior_fit": fitted,
                                    **_measure(b1, cut.tail, test, exact, jpeg, code=False)}]
     print(rows[0], flush=True)
+    start = b
     for rate in args.rates1b:
         t1 = time.perf_counter()
         bb, info = _stage1b(b, train, rate, args)
+        start = bb if args.chain else b
         rows.append({"rate": rate, "after": "stage 1b", **info,
                      "seconds": round(time.perf_counter() - t1),
                      **_measure(bb, cut.tail, test, exact, jpeg)})
         print(rows[-1], flush=True)
     for rate in args.rates:
         t1 = time.perf_counter()
-        bb, tail, info = _stage2(b, cut.tail, train, rate, args)
+        bb, tail, info = _stage2(start, cut.tail, train, rate, args)
         rows.append({"rate": rate, "after": "stage 2", **info,
                      "seconds": round(time.perf_counter() - t1),
                      **_measure(bb, tail, test, exact, jpeg)})

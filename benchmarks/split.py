@@ -95,7 +95,8 @@ def run(spec: str, args: argparse.Namespace, ref: torch.nn.Module, train: Any, t
                     lr=args.lr, optimizer=args.optimizer, train_head=not args.frozen_head,
                     alpha=args.alpha, temperature=args.temperature, hidden=args.hidden,
                     stage2_trains=tuple(args.stage2_trains.split(",")), entropy=args.entropy,
-                    cache_head=args.cache_head, tail_lr=args.tail_lr)
+                    cache_head=args.cache_head, tail_lr=args.tail_lr,
+                    stage1_rate=args.stage1_rate)
     data = Augmented(train) if args.augment else train
     t0 = time.perf_counter()
     split = npr.compress(ref, cfg, train=ds.loader(data, 64, shuffle=True),
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train both stages from cached head/original outputs (frozen head)")
     p.add_argument("--tail-lr", type=float, default=None,
                    help="stage 2: the tail's own learning rate (needs --cache-head)")
+    p.add_argument("--stage1-rate", type=float, default=None,
+                   help="stage 1's own rate weight (0: rate-free; needs --cache-head)")
     p.add_argument("--augment", action="store_true", help="random crop + flip of train images")
     p.add_argument("--no-save", action="store_true", help="skip writing the artefacts")
     p.add_argument("--frozen-head", action="store_true", help="stage 1 trains only the encoder")
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                "alpha": args.alpha, "temperature": args.temperature,
                "stage2_trains": args.stage2_trains, "augment": args.augment,
                "entropy": args.entropy, "cache_head": args.cache_head,
-               "tail_lr": args.tail_lr,
+               "tail_lr": args.tail_lr, "stage1_rate": args.stage1_rate,
                "jpeg_mean_bytes": float(jpeg.mean()),
                "png_mean_bytes": float(png.mean()),
                "reference_accuracy_exact": accuracy(logits(ref, exact), exact.tensors[1]),

@@ -32,6 +32,10 @@ EXAMPLES = {
     "Split(cache_head)": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=4, stage1_steps=2,
                                    stage2_steps=2, train_head=False, cache_head=True,
                                    tail_lr=1e-4),
+    "Split(stage1_rate=0)": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=4,
+                                      stage1_steps=2, stage2_steps=2, train_head=False,
+                                      cache_head=True, entropy="factorized", rate=1e-3,
+                                      stage1_rate=0.0, prior_steps=2),
     # options of existing methods (issue 15): data-driven unstructured importance and the
     # activation-sparsity / condition-number recovery terms
     "GlobalMagnitudePrune(grad_norm)": npr.GlobalMagnitudePrune(sparsity=0.5,

@@ -1,4 +1,5 @@
-"""Split(cache_head=True): both stages from one pass of the head and the teacher; tail_lr."""
+"""Split(cache_head=True): both stages from one pass of the head and the teacher; tail_lr;
+a rate-free stage 1 (stage1_rate=0) and the entropy model fitted to its codes (fit_prior)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from torch import nn
 
 import netpress as npr
 from netpress.errors import ModelError, RecipeError
-from netpress.split.cached import build_cache, fit_cached
+from netpress.split.bottleneck import build_bottleneck
+from netpress.split.cached import build_cache, fit_cached, fit_prior
 from netpress.split.cut import cut_model
 
 from .test_split import _task
@@ -97,3 +99,55 @@ def test_cache_settings_are_checked(one_thread):
     with pytest.raises(ModelError, match="no longer the original"):
         npr.compress(model, [npr.GlobalMagnitudePrune(sparsity=0.5), cfg], train=data,
                      measure=False)
+
+
+def test_fit_prior_prices_the_codes_and_leaves_the_encoder():
+    torch.manual_seed(0)
+    b = build_bottleneck((2, 4, 6, 6), 3, 8, stride=1, entropy="factorized")
+    with torch.no_grad():  # codes spread far wider than the untrained density's
+        b.encoder[-2].weight.fill_(2.0)
+    b.eval()  # the codes the device sends: BatchNorm at its running statistics
+    cache = build_cache([(torch.randn(32, 4, 6, 6), torch.zeros(32))] * 4, nn.Identity(),
+                        nn.Flatten(), torch.device("cpu"))
+    h = cache.h.float()
+    encoder0 = {k: v.clone() for k, v in b.encoder.state_dict().items()}
+    with torch.no_grad():
+        before = float(b.prior.rate(b.codes(h)))
+    out = fit_prior(b, cache, steps=150, lr=3e-3)
+    with torch.no_grad():
+        after = float(b.prior.rate(b.codes(h)))
+    assert out["steps"] == 150
+    assert after < 0.8 * before
+    # brute force: the fitted model costs at most a bit per value more than the codes'
+    # empirical per-channel entropy
+    q = b.codes(h).transpose(0, 1).reshape(3, -1)
+    entropy = sum(float(-(p * p.log2()).sum()) for p in
+                  (torch.unique(row, return_counts=True)[1].double() / row.numel() for row in q))
+    per_channel = q.shape[1] // len(h)  # values of one channel per input
+    assert after <= (entropy + 3 * 1.0) * per_channel  # within a bit per value
+    assert after >= entropy * per_channel - 1e-3  # no model beats the empirical entropy
+    for k, v in b.encoder.state_dict().items():
+        assert torch.equal(v, encoder0[k]), k
+    with pytest.raises(ModelError, match="entropy='factorized'"):
+        fit_prior(build_bottleneck((2, 4, 6, 6), 3, 8, stride=1), cache, steps=1, lr=1e-3)
+
+
+def test_a_rate_free_stage1_leaves_the_rate_to_stage2(one_thread):
+    model, data = _task()
+    cfg = npr.Split(at="bn1", channels=4, bits=8, stride=1, stage1_steps=60, stage2_steps=60,
+                    lr=3e-3, train_head=False, stage2_trains=("encoder", "decoder", "tail"),
+                    cache_head=True, tail_lr=3e-4, alpha=1.0, entropy="factorized",
+                    rate=1e-4, stage1_rate=0.0, prior_steps=40)
+    res = npr.compress(model, cfg, train=data, measure=False)
+    record = res.report["steps"][0]
+    assert record["stage1"]["steps"] == 60 and record["stage1"]["prior_fit"]["steps"] == 40
+    assert _agreement(res.model, model, data) >= 0.85
+
+
+def test_stage1_rate_settings_are_checked():
+    with pytest.raises(RecipeError, match="cache_head=True"):
+        npr.Split(stage1_rate=0.0, train_head=False)
+    with pytest.raises(RecipeError, match="stage1_rate"):
+        npr.Split(stage1_rate=-1.0, cache_head=True, train_head=False)
+    with pytest.raises(RecipeError, match="prior_steps"):
+        npr.Split(prior_steps=-1)

@@ -14,6 +14,11 @@ augmenting training loader is sampled once (one augmented copy per image).
 The loop is the recovery loop's (optimizer, cosine schedule, masks re-applied after each
 step) with one difference: parameter groups, so the pretrained tail can train at its own
 learning rate (``Split(tail_lr=...)``) while the new bottleneck trains at ``lr``.
+
+After a rate-free stage 1 (``Split(stage1_rate=0)``) the learned entropy model has not seen
+the codes; :func:`fit_prior` fits it to them (rate only, the encoder fixed) before stage 2
+weighs the rate against the output loss, so the rate term starts from the codes' actual
+cost instead of an untrained density's.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from netpress._inputs import call_model, move_to, primary_output
 from netpress.data import batches
 from netpress.errors import DataError, ModelError
 from netpress.recover.loop import LossFn
+from netpress.split.bottleneck import Bottleneck
 
-__all__ = ["HeadCache", "build_cache", "fit_cached", "TARGETS"]
+__all__ = ["HeadCache", "build_cache", "fit_cached", "fit_prior", "TARGETS"]
 
 #: What a cached stage's loss compares the module's output with: the head's output itself
 #: (stage 1, the bottleneck rebuilding it) or the original model's output (stage 2).
@@ -138,3 +144,37 @@ def fit_cached(module: nn.Module, cache: HeadCache, loss_fn: LossFn, target: str
     module.eval()
     return {"steps": step, "final_loss": round(running, 6), "cached": True,
             "cache_inputs": len(cache)}
+
+
+def fit_prior(bottleneck: Bottleneck, cache: HeadCache, *, steps: int, lr: float,
+              seed: int = 2) -> dict[str, Any]:
+    """``steps`` Adam steps (cosine schedule) of the bottleneck's entropy model alone on the
+    codes its encoder gives the cached head outputs: minimise their noisy rate (bits per
+    input) with the encoder fixed (eval mode, no gradients). Returns the steps and the last
+    rate, in bits per input."""
+    prior = bottleneck.prior
+    if prior is None:
+        raise ModelError("Split: fit_prior needs a bottleneck with a learned entropy model "
+                         "(entropy='factorized')")
+    encoder, qmax = bottleneck.encoder, float(bottleneck.quant.qmax)
+    was_training = encoder.training
+    encoder.eval()
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    gen = torch.Generator().manual_seed(seed)
+    step, bits = 0, float("nan")
+    while step < steps:
+        for h, _, _ in cache.batches(gen):
+            with torch.no_grad():
+                z = torch.clamp(encoder(h), 0.0, qmax)
+            loss = prior.noisy_bits(z)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bits, step = float(loss.detach()), step + 1
+            if step >= steps:
+                break
+    encoder.train(was_training)
+    return {"steps": step, "final_bits": round(bits, 3)}

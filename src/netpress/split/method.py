@@ -29,7 +29,11 @@ outputs and the original model's outputs once for the training inputs
 the bottleneck, so it can run for thousands of steps, and stage 2 the bottleneck and the tail.
 There the pretrained tail can also train at its own learning rate, ``tail_lr`` (the new
 bottleneck keeps ``lr``): Adam at the bottleneck's rate moves a pretrained tail far from what
-it computed.
+it computed. ``stage1_rate`` (cached stages only) is stage 1's own rate weight: ``0`` makes
+stage 1 a rate-free feature distillation, which can then run long enough to rebuild the
+tail's input closely, and leaves the rate to stage 2 against the output loss; a learned
+entropy model is first fitted alone to the stage-1 codes
+(:func:`~netpress.split.cached.fit_prior`, ``prior_steps``).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from netpress.recover.losses import distillation_loss, feature_mse
 from netpress.recover.regularizers import training_penalties
 from netpress.registry import register
 from netpress.split.bottleneck import ENTROPY_MODELS, build_bottleneck
-from netpress.split.cached import build_cache, fit_cached
+from netpress.split.cached import build_cache, fit_cached, fit_prior
 from netpress.split.cut import cut_model, resolve_cut
 from netpress.split.frozen_head import Back, HeadOutputs, same_module
 from netpress.split.model import SplitModel
@@ -94,6 +98,8 @@ class Split(MethodConfig):
     entropy: str = "none"
     cache_head: bool = False
     tail_lr: float | None = None
+    stage1_rate: float | None = None
+    prior_steps: int = 300
 
     def __post_init__(self) -> None:
         n = self.type_name()
@@ -149,6 +155,17 @@ class Split(MethodConfig):
                 raise RecipeError(f"{n}: tail_lr (a learning rate of its own for the tail) "
                                   f"needs cache_head=True, which trains in netpress.split's "
                                   f"own loop")
+        if self.stage1_rate is not None:
+            v = self.stage1_rate
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise RecipeError(f"{n}: stage1_rate={v!r} must be a number >= 0 or null "
+                                  f"(null: stage 1 uses rate)")
+            if not self.cache_head:
+                raise RecipeError(f"{n}: stage1_rate (stage 1's own rate weight) needs "
+                                  f"cache_head=True")
+        v = self.prior_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise RecipeError(f"{n}: prior_steps={v!r} must be an int >= 0")
 
 
 #: The parts of a split model that ``stage2_trains`` names, and their module names.
@@ -305,6 +322,13 @@ def _code_shape(split: SplitModel, example: Any) -> list[int]:
     return list(codes.shape[1:])
 
 
+def _stage1_params(bottleneck: nn.Module, rate: float) -> list[nn.Parameter]:
+    """Stage 1's parameters: without a rate term, not the entropy model's (no gradient)."""
+    prior = getattr(bottleneck, "prior", None)
+    skip = set() if rate or prior is None else {id(p) for p in prior.parameters()}
+    return [p for p in bottleneck.parameters() if id(p) not in skip]
+
+
 def _cached_stages(split: SplitModel, teacher: Any, cfg: Split, ctx: Context
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both stages from one pass of the head and the teacher (:mod:`netpress.split.cached`)."""
@@ -318,15 +342,19 @@ def _cached_stages(split: SplitModel, teacher: Any, cfg: Split, ctx: Context
     fork = ctx.fork()
     fork.masks = masks
     stage1: dict[str, Any] = {"steps": 0}
+    rate1 = cfg.rate if cfg.stage1_rate is None else cfg.stage1_rate
     if cfg.stage1_steps:
-        train_cfg = _stage_config(cfg, cfg.stage1_steps, cfg.rate)
+        train_cfg = _stage_config(cfg, cfg.stage1_steps, rate1)
         train_cfg = dataclasses.replace(
             train_cfg, act_layers=("quant",) if train_cfg.act_sparsity else ())
         with training_penalties(split.bottleneck, train_cfg, {},
-                                _with_rate(_head_loss, split, cfg.rate)) as loss:
+                                _with_rate(_head_loss, split, rate1)) as loss:
             stage1 = fit_cached(split.bottleneck, cache, loss, "head", steps=cfg.stage1_steps,
-                                groups=[(list(split.bottleneck.parameters()), cfg.lr)],
+                                groups=[(_stage1_params(split.bottleneck, rate1), cfg.lr)],
                                 optimizer=cfg.optimizer)
+    if split.bottleneck.prior is not None and not rate1 and cfg.prior_steps:
+        stage1["prior_fit"] = fit_prior(split.bottleneck, cache, steps=cfg.prior_steps,
+                                        lr=cfg.lr)
     back = Back(split.bottleneck, split.tail)
     frozen = [m for p, m in PARTS.items() if p not in cfg.stage2_trains and p != "head"]
     encoder_trains = "encoder" in cfg.stage2_trains

@@ -5,6 +5,7 @@ module-name patterns of its Linear layers by role (``oneshot.py minilm``,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,21 @@ ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
 
 #: the pooler of all-MiniLM-L6-v2: computed by the encoder, unused by the mean-pooled embedding
 POOLER = r"re:.*pooler\..*"
+
+
+def layer_problems(tok: Any, ref: nn.Module, layers: list[str], calib: list[str],
+                   held: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor]]:
+    """For each of ``layers``: its name, its weight matrix (float64) and the input Hessians
+    ``XᵀX`` of the original model on the ``calib`` and on the ``held`` sentences (the
+    per-layer problems the layer-wise benchmarks solve and score)."""
+    from netpress.reconstruct.engine import collect_statistics
+    from netpress.reconstruct.layers import LayerView
+
+    stats = [collect_statistics(ref, ref, layers, minilm_batches(tok, part), mode="plain")
+             for part in (calib, held)]
+    for name in layers:
+        w = LayerView(ref.get_submodule(name), name).matrix()[0]
+        h, hh = stats[0][name].hessian, stats[1][name].hessian
+        assert h is not None and hh is not None
+        yield name, w, h[0], hh[0]

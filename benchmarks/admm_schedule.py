@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _minilm_text import load_minilm, minilm_batches
+from _minilm_text import layer_problems, load_minilm
 from minilm_select import split
 
-from netpress.reconstruct.engine import collect_statistics
-from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import masked_lstsq
 from netpress.reconstruct.refine import admm_prune, masked_error
 from netpress.reconstruct.sparsegpt import sparsegpt
@@ -42,14 +40,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tok, ref = load_minilm()
     calib, held, _ = split(1500, 512)
-    stats = [collect_statistics(ref, ref, LAYERS, minilm_batches(tok, part), mode="plain")
-             for part in (calib, held)]
     rows = []
-    for name in LAYERS:
-        w = LayerView(ref.get_submodule(name), name).matrix()[0]
-        h, hh = stats[0][name].hessian, stats[1][name].hessian
-        assert h is not None and hh is not None
-        h, hh = h[0], hh[0]
+    for name, w, h, hh in layer_problems(tok, ref, LAYERS, calib, held):
         pruned, keep = sparsegpt(w, h, sparsity=0.5, damp=DAMP)
         for iters, rho, growth in SCHEDULES:
             t0 = time.perf_counter()

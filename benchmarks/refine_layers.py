@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 from _common import write_json
-from _minilm_text import load_minilm, minilm_batches, sentences
+from _minilm_text import layer_problems, load_minilm, sentences
 
-from netpress.reconstruct.engine import collect_statistics
-from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import masked_lstsq
 from netpress.reconstruct.refine import admm_prune, masked_error
 from netpress.reconstruct.sparsegpt import sparsegpt
@@ -45,14 +43,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tok, ref = load_minilm()
     text = sentences(1024)  # calibration block first, then the evaluation block
-    stats = [collect_statistics(ref, ref, LAYERS, minilm_batches(tok, part), mode="plain")
-             for part in (text[:512], text[512:])]
     rows = []
-    for name in LAYERS:
-        w = LayerView(ref.get_submodule(name), name).matrix()[0]
-        h, held = stats[0][name].hessian, stats[1][name].hessian
-        assert h is not None and held is not None
-        h, held = h[0], held[0]
+    for name, w, h, held in layer_problems(tok, ref, LAYERS, text[:512], text[512:]):
         t0 = time.perf_counter()
         pruned, keep = sparsegpt(w, h, sparsity=args.sparsity, damp=args.damp)
         refit = masked_lstsq(w, h, keep, args.damp)

@@ -16,8 +16,9 @@ from torch import nn
 import netpress as npr
 from netpress.prune.fisher import column_mask_grads, unit_fisher
 from netpress.prune.posttraining import FisherPrune, _fisher, _readers, fisher_prune
-from netpress.reconstruct.engine import LayerStats, _Accumulator, run_sequential
+from netpress.reconstruct.engine import LayerStats, run_sequential
 from netpress.reconstruct.layers import LayerView
+from netpress.reconstruct.stats import Accumulator
 
 
 def _bert(seed: int = 0, kind: type = transformers.BertModel, **extra: int) -> nn.Module:
@@ -43,7 +44,7 @@ def test_accumulator_in_place_sums_are_bit_identical_to_fresh_float64_sums():
     g = torch.Generator().manual_seed(0)
     parts = [(torch.randn(1, 50, 7, generator=g), torch.randn(1, 50, 9, generator=g))
              for _ in range(3)]
-    acc = _Accumulator(full=True)
+    acc = Accumulator(full=True)
     for cols, orig in parts:
         acc.add(cols, orig)
     got = acc.stats()

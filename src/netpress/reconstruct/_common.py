@@ -70,15 +70,18 @@ def _check_int(owner: str, key: str, value: Any) -> None:
 
 
 def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: list[str],
-              solve: Solve, *, full: bool = True, fit_original: bool = True) -> dict[str, Any]:
+              solve: Solve, *, full: bool = True, fit_original: bool = True,
+              residual: bool = False) -> dict[str, Any]:
     """Run the sequential engine over ``names`` with the context's calibration data.
 
     ``fit_original=False`` (a method that makes no weight update) drops the original model's
-    inputs from the sequential mode: only the compressed model's inputs matter then."""
+    inputs from the sequential mode: only the compressed model's inputs matter then.
+    ``residual``: the fits get the residual statistic instead of the cross term
+    (:attr:`~netpress.reconstruct.engine.LayerStats.residual`)."""
     data = ctx.require("calibration", cfg.type_name())
     mode = "sequential-local" if cfg.mode == "sequential" and not fit_original else cfg.mode
     return run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
-                          max_batches=cfg.calibration_batches)
+                          max_batches=cfg.calibration_batches, residual=residual)
 
 
 

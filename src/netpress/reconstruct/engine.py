@@ -37,40 +37,17 @@ from torch import nn
 
 from netpress._inputs import call_model, move_to
 from netpress.data import Data, batches
-from netpress.errors import DataError, ModelError
+from netpress.errors import ModelError
 from netpress.measure.collect import evaluating, model_device
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct._rendezvous import Aborted, Rendezvous
 from netpress.reconstruct.layers import LayerView
+from netpress.reconstruct.stats import Accumulator, LayerStats, Residual
 
 __all__ = ["MODES", "LayerStats", "Solve", "plan_groups", "collect_statistics",
            "run_sequential"]
 
 MODES = ("sequential", "sequential-local", "plain")
-
-
-@dataclass
-class LayerStats:
-    """Input statistics of one layer, averaged over ``samples`` input rows (im2col columns
-    for convs), per conv group: ``hessian`` ``E[x xᵀ]`` (groups × d × d, float64; None when
-    only ``sq_norms`` were asked for), ``sq_norms`` ``E[x²]`` (groups × d) and ``cross``
-    ``E[x_orig x_compᵀ]`` (groups × d_orig × d; sequential mode only); ``mean`` ``E[x]``
-    (groups × d) and ``orig_mean`` ``E[x_orig]`` (groups × d_orig; sequential mode only), for
-    fits with a bias.
-
-    :func:`run_sequential` hands each fit its own object: a solver may set a field to None
-    once it has used it, which frees that tensor as early as possible. The tensors may be
-    shared with the other layers of a group: leave their values as they were, unless
-    ``owned`` (this fit is their last reader: the solver may consume them, changing them
-    in place, e.g. through :class:`~netpress.reconstruct.obs.Handover`)."""
-
-    hessian: torch.Tensor | None
-    sq_norms: torch.Tensor
-    cross: torch.Tensor | None
-    samples: int
-    mean: torch.Tensor | None = None
-    orig_mean: torch.Tensor | None = None
-    owned: bool = False
 
 
 #: ``solve(name, layer, stats)``: fit the layer and write its new weights back.
@@ -155,50 +132,6 @@ def plan_groups(model: nn.Module, names: Sequence[str],
     return groups, calls, [n for n in names if n not in calls]
 
 
-class _Accumulator:
-    def __init__(self, full: bool) -> None:
-        self.full = full
-        self.h: torch.Tensor | None = None
-        self.sq: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
-        self.orig_sum: torch.Tensor | None = None
-        self.n = 0
-
-    @staticmethod
-    def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-        # in place, float32 parts promoted inside the add: the same sums as ``total +
-        # part.double()`` without a float64 temporary or a second total (75 MB each for a
-        # 3072-wide layer)
-        return part.double() if total is None else total.add_(part)
-
-    def add(self, cols: torch.Tensor, orig: torch.Tensor | None) -> None:
-        """``cols`` (groups × n × d) of the compressed inputs, ``orig`` of the original ones."""
-        self.n += cols.shape[1]
-        self.sq = self._add(self.sq, cols.pow(2).sum(1))
-        self.sum = self._add(self.sum, cols.sum(1))
-        if self.full:
-            self.h = self._add(self.h, cols.transpose(1, 2) @ cols)
-        if orig is not None:
-            self.cross = self._add(self.cross, orig.transpose(1, 2) @ cols)
-            self.orig_sum = self._add(self.orig_sum, orig.sum(1))
-
-    def stats(self) -> LayerStats:
-        """The averages, computed in place: the accumulator hands its sums over and is
-        empty afterwards (no second copy of a Hessian)."""
-        if self.sq is None or self.n == 0:
-            raise DataError("the calibration data never reached this layer")
-        n = float(self.n)
-
-        def mean(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.div_(n)
-
-        out = LayerStats(mean(self.h), self.sq.div_(n), mean(self.cross), self.n,
-                         mean(self.sum), mean(self.orig_sum))
-        self.h = self.sq = self.cross = self.sum = self.orig_sum = None
-        return out
-
-
 def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
                        data: Data, *, mode: str = "sequential", full: bool = True,
                        calls: dict[str, int] | None = None, max_batches: int | None = None,
@@ -217,7 +150,7 @@ def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Seq
     views = {n: LayerView(model.get_submodule(n), n) for n in names}
     ref_views = {n: LayerView(reference.get_submodule(n), n) for n in names} \
         if reference is not None else {}
-    acc = {n: _Accumulator(full) for n in names}
+    acc = {n: Accumulator(full) for n in names}
     device = model_device(model)
     with evaluating(model), evaluating(reference or model):
         for i, (inputs, _) in enumerate(batches(data, name="calibration")):
@@ -252,7 +185,8 @@ class _Runner:
 
 def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
                   reference: nn.Module | None, solve: Solve, mode: str, full: bool,
-                  solved: list[str]) -> Callable[[int, list[tuple[int, Any]]], None]:
+                  solved: list[str], residual: bool = False,
+                  ) -> Callable[[int, list[tuple[int, Any]]], None]:
     """What runs when every forward pass has reached group ``k``: statistics, then fits."""
     def action(k: int, items: list[tuple[int, Any]]) -> None:
         names = groups[k]
@@ -267,7 +201,11 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             if reference is not None else views
         # layers that read one tensor as plain rows (not im2col) share one set of statistics
         shared = not any(views[n].conv or refs[n].conv for n in names)
-        acc = {n: _Accumulator(full) for n in (names[:1] if shared else names)}
+        acc = {n: Accumulator(full) for n in (names[:1] if shared else names)}
+        # the residual statistic (per layer: it holds the layer's weights) replaces the cross
+        # term where asked for
+        resid = {n: Residual(views[n]) for n in names} if residual \
+            and mode == "sequential" else {}
         for b in sorted(by_batch):  # a fixed order: sums are deterministic
             comp, orig = by_batch[b].get(True), by_batch[b].get(False)
             for c, o in _chunks(comp, orig):  # bounded im2col memory per step
@@ -276,8 +214,11 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
                         else refs[n].columns(o)  # type: ignore[arg-type]
                     cross = refs[n].columns(o) if mode == "sequential" and o is not None \
                         else None
-                    acc[n].add(cols, cross)
+                    acc[n].add(cols, cross, cross=not resid)
                     del cols, cross
+                for n, r in resid.items():
+                    if c is not None and o is not None:
+                        r.add(views[n].columns(c), refs[n].columns(o))
         stats = acc[names[0]].stats() if shared else None
         for i, n in enumerate(names):
             last = i == len(names) - 1
@@ -289,6 +230,8 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             if last:
                 stats = None
             own.owned = stats is None  # no later fit of the group reads these tensors
+            if n in resid:
+                own.residual = resid.pop(n).mean(own.samples)
             solve(n, views[n], own)
             del own
             solved.append(n)
@@ -300,7 +243,7 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
 
 def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
                    data: Data, solve: Solve, *, mode: str = "sequential", full: bool = True,
-                   max_batches: int | None = None) -> dict[str, Any]:
+                   max_batches: int | None = None, residual: bool = False) -> dict[str, Any]:
     """Fit the layers ``names`` of ``model`` group by group in call order (see the module
     docstring); ``solve`` writes each layer's new weights. Returns a summary.
 
@@ -308,7 +251,10 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     and pauses at each group until all batches are there (:mod:`._rendezvous`): the model
     runs over the data once, and the inputs of one group for all batches are held at a
     time. Batches of equal shapes run as one. A layer called more than once per forward is
-    fitted on its first call's inputs.
+    fitted on its first call's inputs. ``residual=True`` (sequential mode) gives each fit
+    :attr:`LayerStats.residual` instead of ``cross`` (for solvers that only refit to the
+    original outputs: a smaller matrix than the cross term where a layer has fewer outputs
+    than inputs).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
@@ -326,7 +272,7 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     solved: list[str] = []
     meet = Rendezvous(len(runners), len(groups),
                       _group_action(groups, runners, model, reference, solve, mode, full,
-                                    solved))
+                                    solved, residual))
     local = threading.local()
     handles = []
     for m in {id(r.model): r.model for r in runners}.values():

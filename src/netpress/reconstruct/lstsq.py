@@ -18,7 +18,8 @@ import torch
 
 from netpress.reconstruct.obs import Handover, _damp_, damped, read
 
-__all__ = ["refit_target", "masked_lstsq", "with_bias", "corrected_bias"]
+__all__ = ["refit_target", "refit_with_lower", "refit_from_residual", "masked_lstsq",
+           "with_bias", "corrected_bias"]
 
 
 def refit_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | Handover,
@@ -62,10 +63,31 @@ def _refit_consuming(weight: torch.Tensor, hessian: torch.Tensor, cross: Handove
     m = cross.take()
     residual_t = m.sub_(hessian).T @ weight.T  # (M - H) in M's storage: no d x d temporary
     del m
-    lower = _damped_cholesky(hessian, damp)
+    return refit_with_lower(weight, residual_t, _damped_cholesky(hessian, damp))
+
+
+def refit_with_lower(weight: torch.Tensor, residual_t: torch.Tensor,
+                     lower: torch.Tensor) -> torch.Tensor:
+    """``W + R (H + λI)⁻¹`` from the residual ``Rᵀ`` (d × rows: ``((M - H) Wᵀ)`` of
+    :func:`refit_target`, or the residual statistic ``E[W (x_o - x_c) x_cᵀ]`` transposed)
+    and the lower Cholesky factor of ``H + λI`` (e.g.
+    :func:`~netpress.reconstruct.obs.damped_lower_`, which may then go on to the sweep)."""
+    if residual_t.shape != (lower.shape[0], weight.shape[0]) \
+            or weight.shape[1] != lower.shape[0]:
+        raise ValueError(f"residual {tuple(residual_t.shape)}, factor {tuple(lower.shape)} "
+                         f"and weight {tuple(weight.shape)} do not fit together")
+    # (H+λI) Δᵀ = Rᵀ as L Y = Rᵀ then Lᵀ Δᵀ = Y (cholesky_solve without its copy of L)
     y = torch.linalg.solve_triangular(lower, residual_t, upper=False)
-    del residual_t
     return weight + torch.linalg.solve_triangular(lower.mT, y, upper=True).T
+
+
+def refit_from_residual(weight: torch.Tensor, hessian: torch.Tensor, residual: torch.Tensor,
+                        damp: float = 0.01) -> torch.Tensor:
+    """:func:`refit_target` from the residual statistic ``R = E[W (x_o - x_c) x_cᵀ]``
+    (rows × d, :attr:`~netpress.reconstruct.engine.LayerStats.residual`, which is
+    ``W (M - H)``) instead of the cross term: ``W + R (H + λI)⁻¹``; ``hessian`` is left as
+    it was."""
+    return refit_with_lower(weight, residual.T, _damped_cholesky(hessian, damp))
 
 
 def _check(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> None:

@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Handover", "read", "damped", "hinv_cholesky", "obs_remove", "obs_sweep", "ColumnFn",
-           "unit_removal_costs", "remove_unit", "greedy_unit_order", "UnitLayer"]
+__all__ = ["Handover", "read", "damped", "hinv_cholesky", "damped_lower_", "inverse_upper_",
+           "obs_remove", "obs_sweep", "ColumnFn", "unit_removal_costs", "remove_unit",
+           "greedy_unit_order", "UnitLayer"]
 
 #: ``compress(j, i, block, diag) -> column``: the compressed value of column ``j`` of the
 #: layer (``i`` is its index in ``block``, the current weights of the columns of its block,
@@ -81,23 +82,76 @@ def hinv_cholesky(hessian: torch.Tensor | Handover, damp: float = 0.01, *,
     """The upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``H⁻¹ = Uᵀ U``); with ``perm``, of
     ``H`` with its rows and columns permuted (``H[perm][:, perm]``, damped in that copy).
 
-    A :class:`Handover` Hessian is consumed (damped in place, or freed once permuted): one
-    d x d float64 matrix fewer at the peak, the same factor bit for bit. Raises
+    A :class:`Handover` Hessian is consumed (damped and factored in its own storage, or freed
+    once permuted). Either way the factorizations run in one d x d buffer
+    (:func:`damped_lower_`, :func:`inverse_upper_`): besides a given Hessian, one d x d
+    float64 matrix at the peak instead of two, the same factor bit for bit. Raises
     ``torch.linalg.LinAlgError`` when the damped Hessian is not positive definite.
     """
     if isinstance(hessian, Handover):
-        h = hessian.take()
         if perm is not None:
-            h = h[perm]  # the Hessian itself goes here (its last reference)
+            h = hessian.take()[perm]  # the Hessian itself goes here (its last reference)
             h = h[:, perm]
-        h = _damp_(h, damp)
-    else:
-        h = damped(hessian, damp) if perm is None else _damp_(hessian[perm][:, perm], damp)
-    lower = torch.linalg.cholesky(h)
-    del h
-    inverse = torch.cholesky_inverse(lower)
-    del lower  # one d x d float64 matrix fewer at the peak (75 MB for a 3072-wide layer)
-    return torch.linalg.cholesky(inverse, upper=True)
+            hessian = Handover(h)
+            del h
+        return inverse_upper_(damped_lower_(hessian, damp))
+    return inverse_upper_(_lower_(hessian.clone() if perm is None else hessian[perm][:, perm],
+                                  damp))
+
+
+def _mirror_lower_(h: torch.Tensor, block: int = 256) -> None:
+    """Copy the strict lower triangle of ``h`` onto its upper one, in place (row blocks: no
+    d x d temporary). The factorizations below read the lower triangle through a transposed
+    view, which is then the upper one: mirrored, they read what the copying versions read."""
+    d = h.shape[0]
+    for r0 in range(0, d, block):
+        r1 = min(r0 + block, d)
+        h[r0:r1, r1:] = h[r1:, r0:r1].T
+        diag = h[r0:r1, r0:r1]
+        diag.copy_(diag.tril() + diag.tril(-1).T)
+
+
+def _check_info(info: torch.Tensor, what: str) -> None:
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            f"{what}: the factorization could not be completed because the input is not "
+            f"positive-definite (the leading minor of order {int(info)} is not "
+            "positive-definite).")
+
+
+def damped_lower_(hessian: Handover, damp: float = 0.01) -> torch.Tensor:
+    """The lower Cholesky factor of ``H + damp · mean(diag H) · I`` in the handed-over
+    Hessian's own storage (returned as a column-major view of it, the layout
+    ``torch.linalg.cholesky`` returns): bit for bit ``cholesky(damped(H, damp))``, without a
+    second d x d matrix. Raises ``torch.linalg.LinAlgError`` when not positive definite."""
+    return _lower_(hessian.take(), damp)
+
+
+def _lower_(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """:func:`damped_lower_` of a matrix this module owns."""
+    if h.dim() != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"a square Hessian is needed, got {tuple(h.shape)}")
+    h = h.contiguous()  # (a view of another layout is copied once)
+    _damp_(h, damp)
+    _mirror_lower_(h)
+    a = h.mT  # column-major: LAPACK factors it where it is
+    info = torch.empty(0, dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))
+    _check_info(info, "damped_lower_")
+    return a
+
+
+def inverse_upper_(lower: torch.Tensor) -> torch.Tensor:
+    """``U`` with ``(L Lᵀ)⁻¹ = Uᵀ U`` (upper), computed in ``lower``'s own storage (a
+    column-major view, as :func:`damped_lower_` returns): bit for bit
+    ``cholesky(cholesky_inverse(lower), upper=True)``, without two more d x d matrices."""
+    if not lower.mT.is_contiguous():
+        raise ValueError("inverse_upper_ needs a column-major factor (damped_lower_'s)")
+    torch.cholesky_inverse(lower, out=lower)
+    info = torch.empty(0, dtype=torch.int32, device=lower.device)
+    torch.linalg.cholesky_ex(lower, upper=True, out=(lower, info))
+    _check_info(info, "inverse_upper_")
+    return lower
 
 
 def obs_remove(w: torch.Tensor, hinv: torch.Tensor, q: int,

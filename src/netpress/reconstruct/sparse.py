@@ -35,9 +35,16 @@ from netpress.reconstruct._measure import measured
 from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
 from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
-from netpress.reconstruct.lstsq import corrected_bias, masked_lstsq, refit_target, with_bias
+from netpress.reconstruct.lstsq import (
+    corrected_bias,
+    masked_lstsq,
+    refit_from_residual,
+    refit_target,
+    refit_with_lower,
+    with_bias,
+)
 from netpress.reconstruct.norms import norm_names, refit_layer_norms, segments
-from netpress.reconstruct.obs import Handover
+from netpress.reconstruct.obs import Handover, damped_lower_, inverse_upper_
 from netpress.reconstruct.patterns import PackedMask, pack_mask, parse_pattern, unpack_mask
 from netpress.reconstruct.refine import admm_prune
 from netpress.reconstruct.sensitivity import relative_saliency, sensitivity_counts
@@ -214,9 +221,16 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
         # the statistics' last use is here: hand the cross term to the refit and the Hessian
         # to the sweep (one d x d float64 matrix fewer at each; the same result)
         consume = stats.owned and w.shape[0] == 1 and not cfg.refit_bias
-        for g in range(w.shape[0]):
+        if consume and not refit:  # the whole fit in the Hessian's own storage
+            pruned, keep = _fit_consuming(w[0], stats, targets[name], cfg)
+            w[0] = pruned
+            keeps.append(keep)
+        for g in range(w.shape[0] if not keeps else 0):
             assert stats.hessian is not None  # handed over only in the last (sole) group
-            if stats.cross is None:
+            if stats.residual is not None:
+                target = refit_from_residual(w[g], stats.hessian[g], stats.residual[g],
+                                             cfg.damp)
+            elif stats.cross is None:
                 target = w[g]
             elif consume:
                 cross, stats.cross = Handover(stats.cross[0]), None
@@ -224,7 +238,7 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
             else:
                 target = refit_target(w[g], stats.hessian[g], stats.cross[g], cfg.damp)
             if g == w.shape[0] - 1 and not cfg.refit_bias:
-                stats.cross = None  # not needed any more: free it before the sweep
+                stats.cross = stats.residual = None  # not needed any more: free it first
             h: torch.Tensor | Handover = stats.hessian[g]
             if consume and not refit:
                 h, stats.hessian = Handover(stats.hessian[0]), None
@@ -245,6 +259,31 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
         view.set_matrix(w)
         masks[f"{name}.weight"] = pack_mask(view.weight_layout(torch.stack(keeps)))
     return solve
+
+
+def _fit_consuming(weight: torch.Tensor, stats: LayerStats, sparsity: float,
+                   cfg: SparseGPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT of a one-group layer whose statistics are used here for the last time: the
+    damped Hessian is factored in its own storage, the factor serves the refit to the
+    original outputs (from the residual statistic, or the cross term consumed as
+    ``M - H``) and is then turned into the sweep's inverse factor in the same storage: one
+    d x d float64 matrix for the whole fit (75 MB for a 3072-wide layer), the same values
+    as refitting and sweeping from the Hessian separately."""
+    assert stats.hessian is not None
+    h = Handover(stats.hessian[0])
+    stats.hessian = None
+    residual_t = None
+    if stats.residual is not None:
+        residual_t, stats.residual = stats.residual[0].T, None
+    elif stats.cross is not None:
+        m, stats.cross = stats.cross[0], None
+        residual_t = m.sub_(h.peek()).T @ weight.T  # (M - H) in M's storage
+        del m
+    lower = damped_lower_(h, cfg.damp)
+    target = weight if residual_t is None else refit_with_lower(weight, residual_t, lower)
+    del residual_t
+    return sparsegpt(target, None, sparsity=sparsity, n_m=cfg.n_m, blocksize=_blocksize(cfg),
+                     damp=cfg.damp, u=inverse_upper_(lower))
 
 
 def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch.Tensor,
@@ -286,15 +325,16 @@ def _wanda_solver(cfg: Wanda, targets: dict[str, float],
 def _finish(model: nn.Module, cfg: _SparseSettings, ctx: Context,
             packed: dict[str, PackedMask], skipped: dict[str, str],
             info: dict[str, Any]) -> nn.Module:
-    # the masks are held packed while the pass runs (an eighth of their bool size)
+    # the masks are held packed while the pass runs (an eighth of their bool size), and by
+    # the projection afterwards (its own copy, unpacked a layer at a time when it runs)
     masks = {k: unpack_mask(v) for k, v in packed.items()}
-    del packed
     ctx.set_masks(model, masks)
-    fixed = {k: v.clone() for k, v in masks.items()}
 
     def project(m: nn.Module) -> dict[str, torch.Tensor]:
+        fixed = {}
         with torch.no_grad():
-            for key, keep in fixed.items():
+            for key, bits in packed.items():
+                keep = fixed[key] = unpack_mask(bits)
                 own_(m.get_parameter(key)).masked_fill_(~keep, 0.0)
         return fixed
 
@@ -344,7 +384,7 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
     info: dict[str, Any] = {"norms_refit": 0, "not_called": []}
     for layers, norms in segments(model, names, norm_names(model, ref)):
         if layers:
-            part = calibrate(model, cfg, ctx, layers, solve)
+            part = calibrate(model, cfg, ctx, layers, solve, residual=not cfg.refit_bias)
             info["not_called"] += part["not_called"]
         info["norms_refit"] += len(refit_layer_norms(model, ref, data, names=norms,
                                                      max_batches=cfg.calibration_batches))
@@ -360,7 +400,8 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
         with measured() as info:
             solve = _sparsegpt_solver(cfg, targets, masks)
             if not cfg.refit_norms:
-                info.update(calibrate(model, cfg, ctx, list(targets), solve))
+                info.update(calibrate(model, cfg, ctx, list(targets), solve,
+                                      residual=not cfg.refit_bias))
             else:
                 info.update(_with_norms(model, cfg, ctx, list(targets), solve))
     info["fitted_to"] = fitted_to(changed)

@@ -46,9 +46,10 @@ class _MaskChooser:
         return torch.where(self.keep[:, j], block[:, i], torch.zeros_like(block[:, i]))
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover, *, sparsity: float = 0.5,
-              n_m: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
-              blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover | None, *,
+              sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
+              mask: torch.Tensor | None = None, blocksize: int = 128, damp: float = 0.01,
+              u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (rows × d) so its outputs on inputs of Hessian ``hessian`` (d × d)
     change as little as possible; returns ``(pruned weights, keep mask)``.
 
@@ -57,8 +58,11 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover, *, sparsit
     ``N`` of every ``M`` consecutive weights of each row instead (``d`` and ``blocksize``
     must be multiples of ``M``). A given ``mask`` (True = keep) is used as it is: only the
     compensating update is computed. A :class:`~netpress.reconstruct.obs.Handover` Hessian
-    is consumed (:func:`~netpress.reconstruct.obs.hinv_cholesky`).
+    is consumed (:func:`~netpress.reconstruct.obs.hinv_cholesky`). ``u`` instead of the
+    Hessian (None then) is that factor already computed (``hinv_cholesky(hessian, damp)``).
     """
+    if (hessian is None) == (u is None):
+        raise ValueError("give either the Hessian or its factor u, not both")
     rows, cols = weight.shape
     if n_m is not None and (cols % n_m[1] or blocksize % n_m[1]):
         raise ValueError(f"{cols} columns (blocksize {blocksize}) are not a multiple of "
@@ -67,7 +71,10 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover, *, sparsit
         raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
     chooser = _MaskChooser(rows, cols, blocksize, count=prune_count(weight.numel(), sparsity),
                            n_m=n_m, mask=mask, device=weight.device)
-    pruned, _ = obs_sweep(weight, hinv_cholesky(hessian, damp), chooser, blocksize)
+    if u is None:
+        assert hessian is not None
+        u = hinv_cholesky(hessian, damp)
+    pruned, _ = obs_sweep(weight, u, chooser, blocksize)
     return pruned, chooser.keep
 
 

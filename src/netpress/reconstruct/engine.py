@@ -220,6 +220,7 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
                     if c is not None and o is not None:
                         r.add(views[n].columns(c), refs[n].columns(o))
         stats = acc[names[0]].stats() if shared else None
+        trim_heap()  # the statistics' float32 parts, before the fits' temporaries
         for i, n in enumerate(names):
             last = i == len(names) - 1
             # each fit gets its own LayerStats object; the last of a shared group gets the

@@ -66,19 +66,24 @@ def _refit_consuming(weight: torch.Tensor, hessian: torch.Tensor, cross: Handove
     return refit_with_lower(weight, residual_t, _damped_cholesky(hessian, damp))
 
 
-def refit_with_lower(weight: torch.Tensor, residual_t: torch.Tensor,
+def refit_with_lower(weight: torch.Tensor, residual_t: torch.Tensor | Handover,
                      lower: torch.Tensor) -> torch.Tensor:
     """``W + R (H + λI)⁻¹`` from the residual ``Rᵀ`` (d × rows: ``((M - H) Wᵀ)`` of
     :func:`refit_target`, or the residual statistic ``E[W (x_o - x_c) x_cᵀ]`` transposed)
     and the lower Cholesky factor of ``H + λI`` (e.g.
-    :func:`~netpress.reconstruct.obs.damped_lower_`, which may then go on to the sweep)."""
-    if residual_t.shape != (lower.shape[0], weight.shape[0]) \
-            or weight.shape[1] != lower.shape[0]:
-        raise ValueError(f"residual {tuple(residual_t.shape)}, factor {tuple(lower.shape)} "
+    :func:`~netpress.reconstruct.obs.damped_lower_`, which may then go on to the sweep).
+    A :class:`~netpress.reconstruct.obs.Handover` residual is freed once solved for."""
+    r = read(residual_t)
+    if r.shape != (lower.shape[0], weight.shape[0]) or weight.shape[1] != lower.shape[0]:
+        raise ValueError(f"residual {tuple(r.shape)}, factor {tuple(lower.shape)} "
                          f"and weight {tuple(weight.shape)} do not fit together")
+    del r
     # (H+λI) Δᵀ = Rᵀ as L Y = Rᵀ then Lᵀ Δᵀ = Y (cholesky_solve without its copy of L)
-    y = torch.linalg.solve_triangular(lower, residual_t, upper=False)
-    return weight + torch.linalg.solve_triangular(lower.mT, y, upper=True).T
+    y = torch.linalg.solve_triangular(lower, residual_t.take() if isinstance(
+        residual_t, Handover) else residual_t, upper=False)
+    delta = torch.linalg.solve_triangular(lower.mT, y, upper=True).T
+    del y
+    return delta.add_(weight)  # W + Δ, in Δ's storage (the same sums)
 
 
 def refit_from_residual(weight: torch.Tensor, hessian: torch.Tensor, residual: torch.Tensor,

@@ -171,17 +171,19 @@ def obs_remove(w: torch.Tensor, hinv: torch.Tensor, q: int,
 
 
 def obs_sweep(weight: torch.Tensor, u: torch.Tensor, compress: ColumnFn,
-              blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+              blocksize: int = 128, *, inplace: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress the columns of ``weight`` (rows × d) left to right with OBS compensation.
 
     ``u`` is :func:`hinv_cholesky` of the layer's Hessian; ``compress`` returns each
     column's compressed values (see :data:`ColumnFn`). Returns the compressed weights
     (each column exactly what ``compress`` returned) and the per-row output error
-    ``Σ_j (w_j - q_j)² / U_jj²`` the sweep accounted for.
+    ``Σ_j (w_j - q_j)² / U_jj²`` the sweep accounted for. ``inplace=True`` compresses
+    ``weight`` itself (returned), for a caller that has no further use of it.
     """
     if blocksize < 1:
         raise ValueError(f"blocksize={blocksize} must be >= 1")
-    w = weight.clone()
+    w = weight if inplace else weight.clone()
     rows, cols = w.shape
     losses = torch.zeros(rows, dtype=w.dtype, device=w.device)
     for i1 in range(0, cols, blocksize):

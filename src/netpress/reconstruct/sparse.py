@@ -31,7 +31,7 @@ from netpress.context import Context
 from netpress.errors import RecipeError
 from netpress.prune.masks import floor_keep, global_prune_counts
 from netpress.reconstruct._common import LayerwiseSettings, calibrate, fitted_to, fitting_reference
-from netpress.reconstruct._measure import measured
+from netpress.reconstruct._measure import measured, trim_heap
 from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
 from netpress.reconstruct.engine import LayerStats, collect_statistics
 from netpress.reconstruct.layers import LayerView
@@ -215,17 +215,19 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
                       masks: dict[str, PackedMask]) -> Any:
     def solve(name: str, view: LayerView, stats: LayerStats) -> None:
         assert stats.hessian is not None
-        w = view.matrix()
-        keeps = []
         refit = cfg.refit or cfg.mask_refine != "none"
         # the statistics' last use is here: hand the cross term to the refit and the Hessian
         # to the sweep (one d x d float64 matrix fewer at each; the same result)
-        consume = stats.owned and w.shape[0] == 1 and not cfg.refit_bias
+        consume = stats.owned and view.shape[0] == 1 and not cfg.refit_bias
         if consume and not refit:  # the whole fit in the Hessian's own storage
-            pruned, keep = _fit_consuming(w[0], stats, targets[name], cfg)
-            w[0] = pruned
-            keeps.append(keep)
-        for g in range(w.shape[0] if not keeps else 0):
+            pruned, keep = _fit_consuming(view, stats, targets[name], cfg)
+            view.set_matrix(pruned[None])
+            del pruned
+            masks[f"{name}.weight"] = pack_mask(view.weight_layout(keep[None]))
+            return
+        w = view.matrix()
+        keeps = []
+        for g in range(w.shape[0]):
             assert stats.hessian is not None  # handed over only in the last (sole) group
             if stats.residual is not None:
                 target = refit_from_residual(w[g], stats.hessian[g], stats.residual[g],
@@ -261,29 +263,32 @@ def _sparsegpt_solver(cfg: SparseGPT, targets: dict[str, float],
     return solve
 
 
-def _fit_consuming(weight: torch.Tensor, stats: LayerStats, sparsity: float,
+def _fit_consuming(view: LayerView, stats: LayerStats, sparsity: float,
                    cfg: SparseGPT) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT of a one-group layer whose statistics are used here for the last time: the
     damped Hessian is factored in its own storage, the factor serves the refit to the
     original outputs (from the residual statistic, or the cross term consumed as
     ``M - H``) and is then turned into the sweep's inverse factor in the same storage: one
     d x d float64 matrix for the whole fit (75 MB for a 3072-wide layer), the same values
-    as refitting and sweeping from the Hessian separately."""
+    as refitting and sweeping from the Hessian separately. The target is pruned in place."""
     assert stats.hessian is not None
     h = Handover(stats.hessian[0])
     stats.hessian = None
-    residual_t = None
+    weight = view.matrix()[0]
+    residual_t: Handover | None = None
     if stats.residual is not None:
-        residual_t, stats.residual = stats.residual[0].T, None
+        residual_t, stats.residual = Handover(stats.residual[0].T), None
     elif stats.cross is not None:
         m, stats.cross = stats.cross[0], None
-        residual_t = m.sub_(h.peek()).T @ weight.T  # (M - H) in M's storage
+        residual_t = Handover(m.sub_(h.peek()).T @ weight.T)  # (M - H) in M's storage
         del m
+    trim_heap()  # the statistics' temporaries, before the fit's own
     lower = damped_lower_(h, cfg.damp)
-    target = weight if residual_t is None else refit_with_lower(weight, residual_t, lower)
-    del residual_t
-    return sparsegpt(target, None, sparsity=sparsity, n_m=cfg.n_m, blocksize=_blocksize(cfg),
-                     damp=cfg.damp, u=inverse_upper_(lower))
+    if residual_t is not None:
+        weight = refit_with_lower(weight, residual_t, lower)
+    trim_heap()
+    return sparsegpt(weight, None, sparsity=sparsity, n_m=cfg.n_m, blocksize=_blocksize(cfg),
+                     damp=cfg.damp, u=inverse_upper_(lower), inplace=True)
 
 
 def _refit_bias(view: LayerView, stats: LayerStats, w: torch.Tensor, keep: torch.Tensor,

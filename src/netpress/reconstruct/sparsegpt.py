@@ -49,7 +49,8 @@ class _MaskChooser:
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover | None, *,
               sparsity: float = 0.5, n_m: tuple[int, int] | None = None,
               mask: torch.Tensor | None = None, blocksize: int = 128, damp: float = 0.01,
-              u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              u: torch.Tensor | None = None, inplace: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (rows × d) so its outputs on inputs of Hessian ``hessian`` (d × d)
     change as little as possible; returns ``(pruned weights, keep mask)``.
 
@@ -60,6 +61,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover | None, *,
     compensating update is computed. A :class:`~netpress.reconstruct.obs.Handover` Hessian
     is consumed (:func:`~netpress.reconstruct.obs.hinv_cholesky`). ``u`` instead of the
     Hessian (None then) is that factor already computed (``hinv_cholesky(hessian, damp)``).
+    ``inplace=True`` prunes ``weight`` itself (returned as the pruned weights).
     """
     if (hessian is None) == (u is None):
         raise ValueError("give either the Hessian or its factor u, not both")
@@ -74,7 +76,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | Handover | None, *,
     if u is None:
         assert hessian is not None
         u = hinv_cholesky(hessian, damp)
-    pruned, _ = obs_sweep(weight, u, chooser, blocksize)
+    pruned, _ = obs_sweep(weight, u, chooser, blocksize, inplace=inplace)
     return pruned, chooser.keep
 
 

@@ -8,7 +8,9 @@ until all have arrived, the group's statistics are computed from the inputs they
 its layers are fitted and written back, then the threads go on through the updated layers.
 The model thus runs over the calibration data once, and only the current group's inputs
 and statistics are held: peak memory is the model (plus the reference), one group's
-inputs for all calibration batches, and one group's Hessians.
+inputs for all calibration batches, and one group's Hessians. The pruned weights of layers
+every forward has gone past are held compactly until the pass ends
+(:mod:`._parking`, lossless).
 
 Where the inputs come from (``mode``):
 
@@ -29,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from netpress.data import Data, batches
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating, model_device
 from netpress.reconstruct._measure import trim_heap
+from netpress.reconstruct._parking import Parked, park, unpark
 from netpress.reconstruct._rendezvous import Aborted, Rendezvous
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.stats import Accumulator, LayerStats, Residual
@@ -183,11 +186,38 @@ class _Runner:
     batch: int
 
 
+@dataclass
+class _Pass:
+    """What a pass keeps across its groups: the layers fitted, and the weights parked."""
+
+    calls: dict[str, int]
+    solved: list[str] = field(default_factory=list)
+    parked: list[Parked] = field(default_factory=list)
+    tried: set[str] = field(default_factory=set)
+
+    def park_passed(self, model: nn.Module, before: int, groups: list[list[str]]) -> None:
+        """Park the fitted weights of the layers of groups before ``before``: every forward
+        has gone past them (each is called once), so nothing reads them until the end."""
+        done = set(self.solved)
+        for n in (n for g in groups[:before] for n in g):
+            if n in done and n not in self.tried and self.calls.get(n) == 1:
+                self.tried.add(n)
+                got = park(model, model.get_submodule(n))
+                if got is not None:
+                    self.parked.append(got)
+
+    def unpark_all(self) -> None:
+        while self.parked:
+            unpark(self.parked.pop())
+
+
 def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
                   reference: nn.Module | None, solve: Solve, mode: str, full: bool,
-                  solved: list[str], residual: bool = False,
+                  state: _Pass, residual: bool = False,
                   ) -> Callable[[int, list[tuple[int, Any]]], None]:
     """What runs when every forward pass has reached group ``k``: statistics, then fits."""
+    solved = state.solved
+
     def action(k: int, items: list[tuple[int, Any]]) -> None:
         names = groups[k]
         by_batch: dict[int, dict[bool, torch.Tensor]] = {}
@@ -195,6 +225,7 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             by_batch.setdefault(runners[tid].batch, {})[runners[tid].compressed] = x
         if not by_batch:
             return
+        state.park_passed(model, k, groups)
         trim_heap()  # what the forwards since the last group freed into the threads' arenas
         views = {n: LayerView(model.get_submodule(n), n) for n in names}
         refs = {n: LayerView(reference.get_submodule(n), n) for n in names} \
@@ -266,14 +297,14 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     inputs = _merged([move_to(x, device) for i, (x, _) in
                       enumerate(batches(data, name="calibration"))
                       if max_batches is None or i < max_batches])
-    groups, _, unused = plan_groups(model, names, inputs[0])
+    groups, calls, unused = plan_groups(model, names, inputs[0])
     runners = [_Runner(m, m is model, b) for m, use in
                ((model, mode != "plain"), (reference, mode != "sequential-local"))
                if use and m is not None for b in range(len(inputs))]
-    solved: list[str] = []
+    state = _Pass(calls)
     meet = Rendezvous(len(runners), len(groups),
                       _group_action(groups, runners, model, reference, solve, mode, full,
-                                    solved, residual))
+                                    state, residual))
     local = threading.local()
     handles = []
     for m in {id(r.model): r.model for r in runners}.values():
@@ -291,10 +322,11 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     finally:
         for h in handles:
             h.remove()
+        state.unpark_all()  # every parked weight back, bit for bit (also after an error)
     if meet.error is not None:
         raise meet.error
     return {"layer_groups": len(groups), "calibration_batches": len(inputs),
-            "not_called": unused + [n for g in groups for n in g if n not in solved],
+            "not_called": unused + [n for g in groups for n in g if n not in state.solved],
             "calibration_seconds": round(time.perf_counter() - started, 3)}
 
 

@@ -207,8 +207,13 @@ class _Pass:
                     self.parked.append(got)
 
     def unpark_all(self) -> None:
+        # the parked values were allocated in the calibration threads' arenas and are freed
+        # there: trimmed as they go, the dense weights take their place instead of adding
+        trim_heap()
         while self.parked:
             unpark(self.parked.pop())
+            if len(self.parked) % 8 == 0:
+                trim_heap()
 
 
 def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,

@@ -223,3 +223,28 @@ def test_sparsegpt_on_the_residual_stays_within_tight_thresholds_of_the_cross_te
     assert float((y_new - y_old).norm() / y_old.norm()) < 2e-3  # (here: 2e-7)
     err_new, err_old = float((y_new - ref).norm()), float((y_old - ref).norm())
     assert abs(err_new - err_old) <= 0.01 * err_old  # the error to the original
+
+
+def test_original_forwards_running_a_group_ahead_give_the_same_model(monkeypatch):
+    """With the residual statistic the original model's forwards keep W x_o and go on to
+    the next group instead of waiting with their inputs: the same sums, the same model."""
+    model, data = _bert(), _data()
+    recipe = [npr.SparseGPT(sparsity=0.5)]
+    reduced: list[str] = []
+    real = engine._ahead
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        hook = real(*args, **kwargs)
+
+        def fn(*a, **k):  # type: ignore[no-untyped-def]
+            reduced.append(args[4])
+            return hook(*a, **k)
+        return fn
+
+    monkeypatch.setattr(engine, "_ahead", counting)
+    ahead = npr.compress(model, recipe, calibration=data, measure=False).model
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert len(set(reduced)) == linears  # every layer's original input was reduced ahead
+    monkeypatch.setattr(engine, "AHEAD", False)
+    waiting = npr.compress(model, recipe, calibration=data, measure=False).model
+    assert state_digest(ahead) == state_digest(waiting)

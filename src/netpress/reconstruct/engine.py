@@ -244,6 +244,11 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             and mode == "sequential" else {}
         for b in sorted(by_batch):  # a fixed order: sums are deterministic
             comp, orig = by_batch[b].get(True), by_batch[b].get(False)
+            if isinstance(orig, dict):  # the original forwards ran ahead: W x_o per layer
+                assert comp is not None
+                for n, r in resid.items():
+                    r.add_outputs(views[n].columns(comp), orig[n])
+                orig = None
             for c, o in _chunks(comp, orig):  # bounded im2col memory per step
                 for n in acc:
                     cols = views[n].columns(c) if c is not None \
@@ -307,6 +312,12 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
                ((model, mode != "plain"), (reference, mode != "sequential-local"))
                if use and m is not None for b in range(len(inputs))]
     state = _Pass(calls)
+    # with the residual statistic, the original model's forwards need not wait at a group
+    # holding its inputs: they keep the layers' outputs W x_o and go on to the next group
+    # (the inputs of an FFN output layer are 4x wider than its outputs)
+    ahead = AHEAD and residual and mode == "sequential" and reference is not None \
+        and reference is not model \
+        and not any(LayerView(model.get_submodule(n), n).conv for g in groups for n in g)
     meet = Rendezvous(len(runners), len(groups),
                       _group_action(groups, runners, model, reference, solve, mode, full,
                                     state, residual))
@@ -314,8 +325,13 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     handles = []
     for m in {id(r.model): r.model for r in runners}.values():
         for k, group in enumerate(groups):
-            handles.append(m.get_submodule(group[0]).register_forward_pre_hook(
-                _arrival(meet, local, k), with_kwargs=True))
+            if ahead and m is not model:
+                handles += [m.get_submodule(n).register_forward_pre_hook(
+                    _ahead(meet, local, model, k, n, i == 0), with_kwargs=True)
+                    for i, n in enumerate(group)]
+            else:
+                handles.append(m.get_submodule(group[0]).register_forward_pre_hook(
+                    _arrival(meet, local, k), with_kwargs=True))
     try:
         with evaluating(model), evaluating(reference or model):
             threads = [threading.Thread(target=_forward, args=(meet, local, t, r, inputs),
@@ -336,6 +352,8 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
 
 
 _CHUNK = 64
+#: let the original model's forwards run a group ahead with the residual statistic
+AHEAD = True
 
 
 def _chunks(comp: torch.Tensor | None, orig: torch.Tensor | None,
@@ -380,12 +398,32 @@ def _arrival(meet: Rendezvous, local: threading.local, k: int) -> Callable[..., 
     return hook
 
 
+def _ahead(meet: Rendezvous, local: threading.local, model: nn.Module, k: int, name: str,
+           first: bool) -> Callable[..., None]:
+    """The original model's hook at layer ``name`` of group ``k`` when its forwards run a
+    group ahead: at a group's first layer it hands over the previous group's outputs (and
+    waits for that group's fits); at every layer it keeps ``W x_o`` (the compressed model's
+    layer weights W, :meth:`Residual.outputs`) instead of its input, and goes on."""
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if name in local.reduced:  # later calls of a reused layer
+            return
+        local.reduced.add(name)
+        if first and k - 1 in local.pending:
+            meet.arrive(local.tid, k - 1, local.pending.pop(k - 1))
+        x = LayerView(module, name).columns(_first_input(args, kwargs))
+        outputs = Residual(LayerView(model.get_submodule(name), name)).outputs(x)
+        local.pending.setdefault(k, {})[name] = outputs
+    return hook
+
+
 def _forward(meet: Rendezvous, local: threading.local, tid: int, runner: _Runner,
              inputs: list[Any]) -> None:
-    local.tid, local.seen = tid, set()
+    local.tid, local.seen, local.reduced, local.pending = tid, set(), set(), {}
     try:
         with torch.no_grad():
             call_model(runner.model, inputs[runner.batch])
+        for k in sorted(local.pending):  # the last groups' outputs, once the forward is done
+            meet.arrive(tid, k, local.pending.pop(k))
     except Aborted:
         return
     except BaseException as exc:  # re-raised in the calling thread

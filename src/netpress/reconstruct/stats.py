@@ -136,11 +136,27 @@ class Residual:
         self.wt = view.matrix(torch.float32).transpose(1, 2)  # groups × d × rows
         self.total: torch.Tensor | None = None
 
+    def _step(self) -> int:
+        return max(1, _BLOCK // max(1, self.wt.shape[2]))
+
+    def outputs(self, orig: torch.Tensor) -> list[torch.Tensor]:
+        """``W x_o`` of the original inputs' columns, in the slices :meth:`add_outputs`
+        takes: what the sums need of them (rows wide instead of d)."""
+        step = self._step()
+        return [orig[:, s:s + step] @ self.wt for s in range(0, orig.shape[1], step)]
+
     def add(self, cols: torch.Tensor, orig: torch.Tensor) -> None:
-        step = max(1, _BLOCK // max(1, self.wt.shape[2]))
-        for s in range(0, cols.shape[1], step):
+        """Add the compressed inputs' columns ``cols`` with the original ones ``orig``."""
+        self.add_outputs(cols, self.outputs(orig))
+
+    def add_outputs(self, cols: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Add ``cols`` with the original inputs' :meth:`outputs` (consumed)."""
+        step = self._step()
+        if len(outputs) != -(-cols.shape[1] // step):
+            raise ValueError("the original outputs do not match the inputs' samples")
+        for i, s in enumerate(range(0, cols.shape[1], step)):
             c = cols[:, s:s + step]
-            diff = orig[:, s:s + step] @ self.wt
+            diff, outputs[i] = outputs[i], c.new_empty(0)
             diff.sub_(c @ self.wt)
             self.total = _add_product(self.total, diff, c)
             del diff

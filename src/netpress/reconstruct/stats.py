@@ -26,7 +26,12 @@ class LayerStats:
     only ``sq_norms`` were asked for), ``sq_norms`` ``E[x²]`` (groups × d) and ``cross``
     ``E[x_orig x_compᵀ]`` (groups × d_orig × d; sequential mode only); ``mean`` ``E[x]``
     (groups × d) and ``orig_mean`` ``E[x_orig]`` (groups × d_orig; sequential mode only), for
-    fits with a bias.
+    fits with a bias. ``residual`` ``E[W (x_orig - x_comp) x_compᵀ]`` (groups × rows × d, W
+    the layer's weights when the statistics are taken) is what a refit to the original
+    outputs needs of the cross term (``W (M - H)``), given instead of ``cross`` (and of
+    ``orig_mean``, where the original model's forwards run ahead) when
+    :func:`~netpress.reconstruct.engine.run_sequential` is asked for it: rows × d instead
+    of d × d (a quarter for an FFN output layer).
 
     :func:`run_sequential` hands each fit its own object: a solver may set a field to None
     once it has used it, which frees that tensor as early as possible. The tensors may be
@@ -42,7 +47,6 @@ class LayerStats:
     orig_mean: torch.Tensor | None = None
     owned: bool = False
     residual: torch.Tensor | None = None
-
 
 
 #: float32 elements of a product's part (16 MiB): the d x d products are formed in column

@@ -238,3 +238,24 @@ def test_fisher_pass_keeps_no_reader_input_alive():
         h.remove()
     gc.collect()
     assert len(refs) == len(groups) * 12 and all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_ridge_solve_without_an_identity_matrix_is_bit_identical(overwrite):
+    """H + λI formed in one copy (or in H itself) instead of through eye and λ·eye: the same
+    values bit for bit, -0.0 off the diagonal included."""
+    from netpress.prune.fisher import ridge_solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 9, dtype=torch.float64, generator=g)
+    h = x.T @ x
+    h[0, 3] = h[3, 0] = -0.0
+    xty = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    theta0 = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    lam = 0.01 * float(h.diagonal().mean())
+    expected = torch.linalg.solve(h + lam * torch.eye(9, dtype=torch.float64),
+                                  xty + lam * theta0)
+    given = h.clone()
+    got = ridge_solve(given, xty, theta0, 0.01, overwrite=overwrite)
+    assert torch.equal(got, expected)
+    assert torch.equal(given, h) != overwrite  # damped in place only when allowed

@@ -162,7 +162,8 @@ class _Fit:
         if bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         h = x.T @ x
-        self.hessian = h if self.hessian is None else self.hessian + h
+        self.hessian = h if self.hessian is None else self.hessian.add_(h)  # in place
+        del h
         parts = {n: x.T @ y.double() for n, y in targets.items()}
         self.xty = parts if self.xty is None else {n: self.xty[n] + parts[n] for n in parts}
 
@@ -250,11 +251,13 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             targets[n] = calls[0].rows(y, b)
         fit.add(calls[0].rows(ct.got[(names[0], "in")], b), targets, bias)
     assert fit.hessian is not None and fit.xty is not None
-    for n, layer in zip(names, layers):
+    for i, (n, layer) in enumerate(zip(names, layers)):
         assert isinstance(layer, nn.Linear)
         w = layer.weight.detach().double()
         theta0 = torch.cat([w, layer.bias.detach().double()[:, None]], 1) if bias else w
-        theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp)
+        # the group's last fit damps the Hessian in place: no copy of it
+        theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp,
+                            overwrite=i == len(names) - 1)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
             assign_(layer.weight, theta[:w.shape[1]].T)
             if bias:

@@ -42,6 +42,7 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import ridge_affine, ridge_solve
+from netpress.reconstruct._measure import trim_heap
 
 __all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
 
@@ -330,6 +331,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                     continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp)
                 done += [f"{path}.{i}.{n}" for n in names]
+                trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
             calls[0].advance(cb, i)
             calls[1].advance(ob, i)
     return done

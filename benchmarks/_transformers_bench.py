@@ -88,21 +88,40 @@ def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
     return out
 
 
-def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
-                  limit: int | None = None, bucket: bool = False) -> list[Any]:
-    """Distillation batches (padded to the longest): the documentation sentences but the last
-    ``held_out`` (the first ``limit`` of them), with ``data="topics+docstrings"`` the
-    standard library's docstring sentences too (``"topics+stdlib"``: those of its packages
-    as well), shuffled together. ``bucket``: within each
-    run of 16 batches the sentences are sorted by token count before batching (less padding
-    to compute on), and the batches are then shuffled."""
+def train_pool(texts: list[str], data: str, held_out: int = 512,
+               limit: int | None = None) -> list[str]:
+    """The distillation sentences of :func:`train_batches` (before batching): the
+    documentation sentences but the last ``held_out`` (the first ``limit`` of them), plus, by
+    ``data``, the standard library's docstring sentences (``"topics+docstrings"``; its
+    packages' too: ``"topics+stdlib"``) and, with ``"machine"``, every other text that ships
+    on this machine (``_distill_text.machine_sentences``: installed packages' docstrings,
+    ``/usr/share/doc``, manual pages, licences), nothing near the last ``held_out``
+    documentation sentences, shuffled together."""
     train = texts[:len(texts) - held_out][:limit]
-    if data in ("topics+docstrings", "topics+stdlib"):
-        train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]),
-                                            packages=data == "topics+stdlib")
+    held = texts[len(texts) - held_out:]
+    if data in ("topics+docstrings", "topics+stdlib", "machine"):
+        train = train + docstring_sentences(exclude=set(held),
+                                            packages=data != "topics+docstrings")
+        if data == "machine":
+            from _distill_text import machine_sentences, words
+
+            have = {tuple(words(t)) for t in train} | {tuple(words(t)) for t in held}
+            train += [t for t in machine_sentences(held) if tuple(words(t)) not in have]
         random.Random(0).shuffle(train)
     elif data != "topics":
-        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings or topics+stdlib")
+        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings, topics+stdlib "
+                         "or machine")
+    return train
+
+
+def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
+                  limit: int | None = None, bucket: bool = False,
+                  count: int | None = None) -> list[Any]:
+    """Distillation batches (padded to the longest) of :func:`train_pool`'s sentences (the
+    first ``count`` of them when given: a large pool need not be tokenized whole).
+    ``bucket``: within each run of 16 batches the sentences are sorted by token count before
+    batching (less padding to compute on), and the batches are then shuffled."""
+    train = train_pool(texts, data, held_out, limit)[:count]
     if not bucket:
         return batches(tok, train, size, pad="longest")
     lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]

@@ -151,7 +151,8 @@ def main() -> None:
     write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_distill.py "
                                 + " ".join(sys.argv[1:]), "cpu_flags": cpu_flags(),
                                 "eval_sentences": args.eval, "select_sentences": args.select,
-                                "topics_train_sentences": len(texts) - 512, "rows": rows})
+                                "topics_train_sentences": len(texts) - 512 - args.select,
+                                "rows": rows})
     prefixes = [p for p, _, _ in sets] + ["train_"]
     cols = [p for p in prefixes if any(f"{p}cosine_mean" in r for r in rows)]
     table = markdown_table(

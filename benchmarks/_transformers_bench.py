@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
                    help="distillation budgets of the pruned model (one run each)")
-    p.add_argument("--distill-lr", type=float, default=3e-4)
+    p.add_argument("--distill-lr", type=float, default=6e-4)
     p.add_argument("--distill-batch", type=int, default=128, help="sentences per step")
     p.add_argument("--distill-warmup", type=int, default=25, help="linear warm-up steps")
     p.add_argument("--distill-relation", type=float, default=0.0,

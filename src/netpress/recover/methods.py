@@ -72,9 +72,10 @@ class Distill(TrainConfig):
     For a pruned sentence encoder (all-MiniLM-L6-v2, BENCHMARKS.md issue 13) the most faithful
     recipe per optimizer step measured so far is ``loss="cosine", pooled_weight=1.0,
     dropout=False, optimizer="adamw"`` with batches of 64-128 sentences padded to the longest
-    and ``lr=3e-4``, ``warmup_steps=25``: the step budget is spent best on large batches (batch
+    and ``lr=6e-4``, ``warmup_steps=25``: the step budget is spent best on large batches (batch
     64: +0.011 cosine in 50 steps; batch 16: +0.024 in 500; 500 steps at batch 64: +0.036 at lr
-    2e-4, +0.038 at lr 3e-4; batch 128 at lr 3e-4: +0.040). Batching sentences of similar
+    2e-4, +0.038 at lr 3e-4; batch 128: +0.040 at lr 3e-4, +0.043 at lr 6e-4; more varied
+    text and ``relation_weight`` did not help in 150-step screens). Batching sentences of similar
     length makes a step ~4x cheaper there (a random batch of 64 is ~3.5x padding), and
     ``freeze=("embeddings",)`` skips the 11.7M word-embedding parameters that a heads/FFN
     pruning leaves unchanged.

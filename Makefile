@@ -66,8 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_build.py
 	$(BIN)/python benchmarks/lm.py --eval-windows 128 --calib-windows 32 --train-windows 256 \
 		--distill-steps 40
-	$(BIN)/python benchmarks/transformers.py --calib 512 --eval 512 --distill-steps 100 250 500 \
-		--distill-batch 64 --distill-lr 2e-4
+	$(BIN)/python benchmarks/transformers.py --calib 512 --eval 512 --distill-steps 100 250 500
 	$(BIN)/python benchmarks/lm_minilm_retrieval.py --eval 512
 	$(BIN)/python benchmarks/lm_minilm_refit.py --calib 512 --eval 512 \
 		--out benchmarks/results/lm_minilm_refit_c512.json

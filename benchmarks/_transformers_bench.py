@@ -88,21 +88,40 @@ def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
     return out
 
 
-def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
-                  limit: int | None = None, bucket: bool = False) -> list[Any]:
-    """Distillation batches (padded to the longest): the documentation sentences but the last
-    ``held_out`` (the first ``limit`` of them), with ``data="topics+docstrings"`` the
-    standard library's docstring sentences too (``"topics+stdlib"``: those of its packages
-    as well), shuffled together. ``bucket``: within each
-    run of 16 batches the sentences are sorted by token count before batching (less padding
-    to compute on), and the batches are then shuffled."""
+def train_pool(texts: list[str], data: str, held_out: int = 512,
+               limit: int | None = None) -> list[str]:
+    """The distillation sentences of :func:`train_batches` (before batching): the
+    documentation sentences but the last ``held_out`` (the first ``limit`` of them), plus, by
+    ``data``, the standard library's docstring sentences (``"topics+docstrings"``; its
+    packages' too: ``"topics+stdlib"``) and, with ``"machine"``, every other text that ships
+    on this machine (``_distill_text.machine_sentences``: installed packages' docstrings,
+    ``/usr/share/doc``, manual pages, licences), nothing near the last ``held_out``
+    documentation sentences, shuffled together."""
     train = texts[:len(texts) - held_out][:limit]
-    if data in ("topics+docstrings", "topics+stdlib"):
-        train = train + docstring_sentences(exclude=set(texts[len(texts) - held_out:]),
-                                            packages=data == "topics+stdlib")
+    held = texts[len(texts) - held_out:]
+    if data in ("topics+docstrings", "topics+stdlib", "machine"):
+        train = train + docstring_sentences(exclude=set(held),
+                                            packages=data != "topics+docstrings")
+        if data == "machine":
+            from _distill_text import machine_sentences, words
+
+            have = {tuple(words(t)) for t in train} | {tuple(words(t)) for t in held}
+            train += [t for t in machine_sentences(held) if tuple(words(t)) not in have]
         random.Random(0).shuffle(train)
     elif data != "topics":
-        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings or topics+stdlib")
+        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings, topics+stdlib "
+                         "or machine")
+    return train
+
+
+def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
+                  limit: int | None = None, bucket: bool = False,
+                  count: int | None = None) -> list[Any]:
+    """Distillation batches (padded to the longest) of :func:`train_pool`'s sentences (the
+    first ``count`` of them when given: a large pool need not be tokenized whole).
+    ``bucket``: within each run of 16 batches the sentences are sorted by token count before
+    batching (less padding to compute on), and the batches are then shuffled."""
+    train = train_pool(texts, data, held_out, limit)[:count]
     if not bucket:
         return batches(tok, train, size, pad="longest")
     lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]
@@ -144,7 +163,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     calib = batches(tok, texts[:args.calib], 32)
     # distillation sentences: any but the held-out ones (calibration ones included)
     train = train_batches(tok, texts, args.distill_data, args.distill_batch, args.eval,
-                          args.train)
+                          args.train, bucket=args.distill_bucket,
+                          count=max(args.distill_steps or [1]) * args.distill_batch)
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
@@ -255,29 +275,45 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
             train: list[Any], x: Any, args: argparse.Namespace, tmp: Path,
             files: dict[str, Path], info: dict[str, Any]) -> None:
     """``Distill`` of the pruned model, one run per budget in ``--distill-steps`` (each from
-    the pruned model: AdamW, 10 warm-up steps, cosine decay over the budget, dropout off,
-    per-token cosine plus the mean-pooled embedding cosine; with ``--distill-local-steps N``
-    the first N steps of each budget are block-local, ``Distill(local=True)`` on the encoder
-    blocks): ``<name>_distill<N>``, then the largest budget in INT8 (ORT ``quantize_dynamic``
-    and netpress ``DynamicQuantize``)."""
+    the pruned model: AdamW, ``--distill-warmup`` linear warm-up steps, cosine decay over the
+    budget, dropout off, per-token cosine plus the mean-pooled embedding cosine, plus
+    ``--distill-relation`` times the batch similarity-matrix term, the ``--distill-freeze``
+    parameters frozen; the reference's outputs cached when the budget goes over the training
+    batches more than once; with ``--distill-local-steps N`` the first N steps of each budget
+    are block-local, ``Distill(local=True)`` on the encoder blocks): ``<name>_distill<N>``,
+    then the largest budget in INT8 (ORT ``quantize_dynamic`` and netpress
+    ``DynamicQuantize``)."""
+    from _cached_teacher import CachedTeacher
+
     student = pruned
+    teacher = model
+    if args.distill_cache_teacher and not args.distill_local_steps \
+            and max(args.distill_steps) > len(train):
+        teacher = CachedTeacher(model, train)
+    freeze = tuple(args.distill_freeze)
     for steps in sorted(args.distill_steps, reverse=True):
         started = time.perf_counter()
         local = min(args.distill_local_steps, steps - 1)
         recipe = [npr.Distill(max_steps=steps - local, loss="cosine", lr=args.distill_lr,
                               optimizer="adamw", lr_schedule="cosine", dropout=False,
-                              warmup_steps=min(10, steps - local), pooled_weight=1.0)]
+                              warmup_steps=min(args.distill_warmup, steps - local),
+                              pooled_weight=1.0, relation_weight=args.distill_relation,
+                              freeze=freeze)]
         if local:
             recipe.insert(0, npr.Distill(max_steps=local, loss="mse", lr=args.distill_lr,
                                          optimizer="adamw", dropout=False, local=True,
-                                         features=BLOCKS, warmup_steps=min(10, local)))
-        out = npr.compress(pruned, recipe, reference=model, train=train, example_inputs=x,
+                                         features=BLOCKS, warmup_steps=min(10, local),
+                                         freeze=freeze))
+        out = npr.compress(pruned, recipe, reference=teacher, train=train, example_inputs=x,
                            measure=False).model
         student = out if steps == max(args.distill_steps) else student
         key = f"{name}_distill{steps}"
         info[key] = {"seconds": round(time.perf_counter() - started, 1), "steps": steps,
                      "local_steps": local, "lr": args.distill_lr, "batch": args.distill_batch,
-                     "train_batches": len(train), "data": args.distill_data}
+                     "train_batches": len(train), "data": args.distill_data,
+                     "warmup": args.distill_warmup, "relation": args.distill_relation,
+                     "freeze": list(freeze), "bucket": args.distill_bucket,
+                     "cached_teacher": teacher is not model}
         print(key, info[key], flush=True)
         files[key] = export_onnx(out, tmp / f"{key}.onnx", x)
     last = f"{name}_distill{max(args.distill_steps)}"
@@ -327,14 +363,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
                    help="distillation budgets of the pruned model (one run each)")
-    p.add_argument("--distill-lr", type=float, default=1e-4)
-    p.add_argument("--distill-batch", type=int, default=16, help="sentences per step")
+    p.add_argument("--distill-lr", type=float, default=6e-4)
+    p.add_argument("--distill-batch", type=int, default=128, help="sentences per step")
+    p.add_argument("--distill-warmup", type=int, default=25, help="linear warm-up steps")
+    p.add_argument("--distill-relation", type=float, default=0.0,
+                   help="Distill(relation_weight): the batch similarity-matrix term")
+    p.add_argument("--distill-freeze", nargs="*", default=["embeddings"],
+                   help="Distill(freeze) patterns (default: the unpruned embeddings)")
+    p.add_argument("--no-distill-bucket", dest="distill_bucket", action="store_false",
+                   help="random batches instead of batches of sentences of similar length")
+    p.add_argument("--no-distill-cache-teacher", dest="distill_cache_teacher",
+                   action="store_false", help="run the reference at every step")
     p.add_argument("--distill-local-steps", type=int, default=0,
                    help="block-local steps at the start of each budget (counted in it)")
     p.add_argument("--distill-variants", nargs="*", default=["fisher50", "fisher40"],
                    help="pruned variants to distill")
     p.add_argument("--distill-data", default="topics+docstrings",
-                   choices=("topics", "topics+docstrings", "topics+stdlib"))
+                   choices=("topics", "topics+docstrings", "topics+stdlib", "machine"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=None,

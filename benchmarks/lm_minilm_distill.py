@@ -11,13 +11,18 @@ standard library's docstring sentences to the training text; ``"batch"``: senten
 default 16; ``"bucket": true``: batches of sentences of similar length
 (``train_batches(bucket=True)``); ``"freeze"``: a list, the ``Distill(freeze=...)`` patterns;
 ``"cache_teacher": true``: the reference's outputs on the training batches computed once
-(``CachedTeacher``; not with ``features``); ``"local_steps": N`` (budgets only) spends the
+(``CachedTeacher``; not with ``features``); ``"data": "machine"``: every text that ships on
+this machine as well (``_distill_text``); ``"relation_weight"``: the ``Distill`` batch
+similarity-matrix term; ``"score_train": true``: also score 512 of the sentences trained on
+(fitting the training text vs the teacher); ``"local_steps": N`` (budgets only) spends the
 first N steps of each budget on block-local distillation, ``Distill(local=True, features=<the 6
 encoder blocks>, loss="mse")`` at ``"local_lr"`` (default: lr), and the rest on the ordinary
 distillation: every optimizer step is counted in the budget). Distillation sentences: Python's
 documentation topics minus the 512 held-out ones (padded to the longest); evaluation on the
 last ``--eval`` held-out sentences (mean-pooled embedding cosine to the original, retrieval
-agreement; PyTorch).
+agreement; PyTorch). ``--select N``: the N documentation sentences just before those are
+held out of training too (a held-out slice of the training text, on which settings are
+chosen) and every run is scored on them; ``--eval 0`` then scores on them only.
 
     .venv/bin/python benchmarks/lm_minilm_distill.py --pruned pruned.pt \\
         --setting '{"lr": 5e-5, "dropout": true, "checkpoints": [60]}' \\
@@ -34,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _cached_teacher import CachedTeacher
 from _common import cpu_flags, markdown_table, write_json
-from _transformers_bench import train_batches
+from _transformers_bench import batches, embed, train_batches
 from lm_minilm_refit import score, setup
 
 import netpress as npr
@@ -44,38 +50,15 @@ RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("re:encoder\\.layer\\.\\d+$",)
 
 
-class _Shared(dict):  # type: ignore[type-arg]
-    """A dict that compress()'s copy of the reference shares instead of copying."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
-        return self
+Scored = list[tuple[str, list[Any], torch.Tensor]]  # (prefix, batches, reference embeddings)
 
 
-class CachedTeacher(torch.nn.Module):
-    """The reference with its outputs on the training batches computed once: a distillation
-    step then costs only the student's forward and backward (~35% less at 50% MACs). Any
-    other input goes through the model. Only for output (and pooled) losses: the model's
-    inner modules are not run on cached batches, so per-layer ``features`` cannot use it."""
-
-    def __init__(self, model: torch.nn.Module, train: list[Any]) -> None:
-        super().__init__()
-        self.model = model.eval()
-        self.cache = _Shared()
-        with torch.no_grad():
-            for x, _ in train:
-                self.cache[self.key(x["input_ids"])] = model(**x).last_hidden_state
-
-    @staticmethod
-    def key(ids: torch.Tensor) -> tuple[tuple[int, ...], int]:
-        return tuple(ids.shape), hash(ids.numpy().tobytes())
-
-    def forward(self, input_ids: torch.Tensor, **kw: Any) -> Any:
-        hit = self.cache.get(self.key(input_ids))
-        return hit if hit is not None else self.model(input_ids=input_ids, **kw)
+def scores(student: torch.nn.Module, sets: Scored) -> dict[str, float]:
+    return {f"{p}{k}": v for p, data, ref in sets for k, v in score(student, ref, data).items()}
 
 
 def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
-            model: torch.nn.Module, train: list[Any], evaluate: list[Any], ref: torch.Tensor,
+            model: torch.nn.Module, train: list[Any], sets: Scored,
             setting: str, save: str | None = None) -> list[dict[str, Any]]:
     """One run per budget, each from the pruned model with its own lr schedule; the
     student of the largest budget is saved to ``save`` (``torch.save``) when given."""
@@ -96,19 +79,31 @@ def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
             torch.save(student, save)
         seconds = time.perf_counter() - started
         rows.append({"setting": setting, "steps": c, "seconds": round(seconds),
-                     "seconds_per_step": round(seconds / c, 2),
-                     **score(student, ref, evaluate)})
+                     "seconds_per_step": round(seconds / c, 2), **scores(student, sets)})
         print(rows[-1], flush=True)
     return rows
 
 
+def seen(model: torch.nn.Module, train: list[Any], n: int = 512) -> Scored:
+    """The first ``n`` training sentences (those of the first batches), re-batched by 32 with
+    the reference's embeddings: what the student fits when it fits its training text."""
+    out: list[Any] = []
+    for x, _ in train:
+        for i in range(0, x["input_ids"].shape[0], 32):
+            if len(out) * 32 < n:
+                out.append(({k: v[i:i + 32] for k, v in x.items()}, None))
+    return [("train_", out, embed(model, out))]
+
+
 def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module,
-        tok: Any, texts: list[str], evaluate: list[Any], ref: torch.Tensor
-        ) -> list[dict[str, Any]]:
+        tok: Any, texts: list[str], sets: Scored, held_out: int) -> list[dict[str, Any]]:
     kw = dict(setting)
     checkpoints = sorted(kw.pop("checkpoints"))
-    train = train_batches(tok, texts, kw.pop("data", "topics"), kw.pop("batch", 16),
-                          bucket=kw.pop("bucket", False))
+    size = kw.pop("batch", 16)
+    train = train_batches(tok, texts, kw.pop("data", "topics"), size, held_out=held_out,
+                          bucket=kw.pop("bucket", False), count=max(checkpoints) * size)
+    if kw.pop("score_train", False):
+        sets = sets + seen(model, train)
     if "freeze" in kw:
         kw["freeze"] = tuple(kw["freeze"])
     kw.setdefault("loss", "cosine")
@@ -117,7 +112,7 @@ def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module
         model = CachedTeacher(model, train)
         print(f"teacher outputs cached in {time.perf_counter() - started:.0f} s", flush=True)
     if kw.pop("budgets", False):
-        return budgets(kw, checkpoints, pruned, model, train, evaluate, ref,
+        return budgets(kw, checkpoints, pruned, model, train, sets,
                        json.dumps(setting), kw.pop("save", None))
     x = {k: v[:1] for k, v in train[0][0].items()}
     student, done, started, rows = pruned, 0, time.perf_counter(), []
@@ -129,7 +124,7 @@ def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module
         done = c
         rows.append({"setting": json.dumps(setting), "steps": c,
                      "seconds": round(time.perf_counter() - started),
-                     **score(student, ref, evaluate)})
+                     **scores(student, sets)})
         print(rows[-1], flush=True)
     return rows
 
@@ -139,21 +134,33 @@ def main() -> None:
     p.add_argument("--pruned", required=True, help="a pruned model saved with torch.save")
     p.add_argument("--setting", action="append", required=True)
     p.add_argument("--eval", type=int, default=256)
+    p.add_argument("--select", type=int, default=0,
+                   help="held-out slice of the training text (sentences), scored as select_")
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_distill.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    tok, model, texts, evaluate, ref = setup(args.eval)
+    tok, model, texts, evaluate, ref = setup(max(args.eval, 1))
+    sets: Scored = [("", evaluate, ref)] if args.eval else []
+    if args.select:
+        part = batches(tok, texts[-512 - args.select:-512], 32)
+        sets.append(("select_", part, embed(model, part)))
     pruned = torch.load(args.pruned, weights_only=False)
-    rows = [{"setting": "none", "steps": 0, "seconds": 0, **score(pruned, ref, evaluate)}]
+    rows = [{"setting": "none", "steps": 0, "seconds": 0, **scores(pruned, sets)}]
     for s in args.setting:
-        rows += run(json.loads(s), pruned, model, tok, texts, evaluate, ref)
+        rows += run(json.loads(s), pruned, model, tok, texts, sets, 512 + args.select)
     write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_distill.py "
                                 + " ".join(sys.argv[1:]), "cpu_flags": cpu_flags(),
-                                "eval_sentences": args.eval,
-                                "topics_train_sentences": len(texts) - 512, "rows": rows})
-    table = markdown_table(["setting", "steps", "cosine mean / min", "retrieval agr.", "s"],
-                           [[r["setting"], r["steps"], f"{r['cosine_mean']} / {r['cosine_min']}",
-                             r["retrieval_agreement"], r["seconds"]] for r in rows])
+                                "eval_sentences": args.eval, "select_sentences": args.select,
+                                "topics_train_sentences": len(texts) - 512 - args.select,
+                                "rows": rows})
+    prefixes = [p for p, _, _ in sets] + ["train_"]
+    cols = [p for p in prefixes if any(f"{p}cosine_mean" in r for r in rows)]
+    table = markdown_table(
+        ["setting", "steps"] + [f"{p or 'eval_'}cosine mean / min, retrieval" for p in cols]
+        + ["s"],
+        [[r["setting"], r["steps"]] + [
+            f"{r[p + 'cosine_mean']} / {r[p + 'cosine_min']}, {r[p + 'retrieval_agreement']}"
+            if f"{p}cosine_mean" in r else "-" for p in cols] + [r["seconds"]] for r in rows])
     Path(args.out).with_suffix(".md").write_text(table + "\n")
     print(table)
 

@@ -45,6 +45,9 @@ EXAMPLES = {
                                                    cond_reg=1e-3),
     # issue 13: recovery with some parameters frozen (e.g. an encoder's input embeddings)
     "Distill(freeze)": npr.Distill(max_steps=3, lr=1e-2, freeze=("re:fc1|conv1|stem",)),
+    # issue 13: the relational term (the batch's output similarity matrix vs the reference's)
+    "Distill(relation_weight)": npr.Distill(max_steps=3, lr=1e-2, loss="mse",
+                                            relation_weight=1.0),
     # issue 11: SparseGPT's ALPS-style ADMM mask refinement
     "SparseGPT(mask_refine)": npr.SparseGPT(sparsity=0.5, mask_refine="admm"),
 }

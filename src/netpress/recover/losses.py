@@ -20,6 +20,7 @@ __all__ = [
     "feature_loss",
     "real_tokens",
     "mean_pool",
+    "similarity_loss",
 ]
 
 
@@ -136,3 +137,19 @@ def mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     nonzero: mean pooling of token states into sentence embeddings, padding left out."""
     m = mask.to(device=x.device, dtype=x.dtype).reshape(*mask.shape, *[1] * (x.dim() - 2))
     return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation over a batch of embeddings (rows, ``[batch, dim]``): the mean
+    over the ordered pairs ``i != j`` of ``(cos(s_i, s_j) - cos(t_i, t_j))^2``, i.e. the
+    student's matrix of cosine similarities between the batch's rows against the
+    reference's. It targets what nearest-neighbour retrieval reads (which row is closest to
+    which), which a per-row ``1 - cos`` only bounds. 0 for fewer than two rows."""
+    n = student.shape[0]
+    if n < 2:
+        return student.new_zeros((), dtype=torch.float32)
+    s = F.normalize(student.reshape(n, -1).float(), dim=-1)
+    t = F.normalize(teacher.reshape(n, -1).float(), dim=-1)
+    diff = s @ s.T - t @ t.T
+    off = ~torch.eye(n, dtype=torch.bool, device=diff.device)
+    return (diff[off] ** 2).mean()

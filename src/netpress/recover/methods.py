@@ -18,7 +18,13 @@ from netpress.context import Context
 from netpress.errors import DataError, RecipeError
 from netpress.recover.features import feature_capture
 from netpress.recover.loop import TrainConfig, train
-from netpress.recover.losses import cosine_loss, distillation_loss, feature_loss, feature_mse
+from netpress.recover.losses import (
+    cosine_loss,
+    distillation_loss,
+    feature_loss,
+    feature_mse,
+    similarity_loss,
+)
 from netpress.registry import register
 from netpress.select import check_patterns
 
@@ -51,7 +57,10 @@ class Distill(TrainConfig):
 
     ``pooled_weight`` adds that weight times ``1 - cos`` between the two models' outputs
     mean-pooled over the real tokens: the sentence embedding of an encoder such as
-    all-MiniLM-L6-v2, which per-token losses only approximate.
+    all-MiniLM-L6-v2, which per-token losses only approximate. ``relation_weight`` adds
+    that weight times :func:`~netpress.recover.losses.similarity_loss` of those pooled
+    outputs: the batch's matrix of cosine similarities between sentences against the
+    reference's (a relational term: it targets nearest-neighbour agreement directly).
 
     ``local=True`` (block-local distillation; needs ``features``, typically the blocks, e.g.
     ``("re:encoder\\.layer\\.\\d+$",)``): each of those modules computes on the
@@ -63,9 +72,10 @@ class Distill(TrainConfig):
     For a pruned sentence encoder (all-MiniLM-L6-v2, BENCHMARKS.md issue 13) the most faithful
     recipe per optimizer step measured so far is ``loss="cosine", pooled_weight=1.0,
     dropout=False, optimizer="adamw"`` with batches of 64-128 sentences padded to the longest
-    and ``lr=3e-4``, ``warmup_steps=25``: the step budget is spent best on large batches (batch
+    and ``lr=6e-4``, ``warmup_steps=25``: the step budget is spent best on large batches (batch
     64: +0.011 cosine in 50 steps; batch 16: +0.024 in 500; 500 steps at batch 64: +0.036 at lr
-    2e-4, +0.038 at lr 3e-4; batch 128 at lr 3e-4: +0.040). Batching sentences of similar
+    2e-4, +0.038 at lr 3e-4; batch 128: +0.040 at lr 3e-4, +0.043 at lr 6e-4; more varied
+    text and ``relation_weight`` did not help in 150-step screens). Batching sentences of similar
     length makes a step ~4x cheaper there (a random batch of 64 is ~3.5x padding), and
     ``freeze=("embeddings",)`` skips the 11.7M word-embedding parameters that a heads/FFN
     pruning leaves unchanged.
@@ -77,6 +87,7 @@ class Distill(TrainConfig):
     features: tuple[str, ...] = ()
     feature_weight: float = 1.0
     pooled_weight: float = 0.0
+    relation_weight: float = 0.0
     local: bool = False
 
     def __post_init__(self) -> None:
@@ -87,7 +98,7 @@ class Distill(TrainConfig):
         if self.loss not in DISTILL_LOSSES:
             raise RecipeError(f"Distill: loss={self.loss!r}; choose one of {DISTILL_LOSSES}")
         check_patterns("Distill", features=self.features)
-        for name in ("feature_weight", "pooled_weight"):
+        for name in ("feature_weight", "pooled_weight", "relation_weight"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise RecipeError(f"Distill: {name}={w!r} must be a number >= 0")
@@ -121,11 +132,12 @@ def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
             return cosine_loss(out, teacher)
         return distillation_loss(out, teacher, labels, cfg.temperature, cfg.alpha)
 
-    if not cfg.features and not cfg.pooled_weight:
+    pooled_terms = bool(cfg.pooled_weight or cfg.relation_weight)
+    if not cfg.features and not pooled_terms:
         ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
         return model
     with feature_capture(model, ctx.reference, cfg.features,
-                         outputs=bool(cfg.pooled_weight), local=cfg.local) as store:
+                         outputs=pooled_terms, local=cfg.local) as store:
         def with_features(out: torch.Tensor, teacher: torch.Tensor | None,
                           labels: torch.Tensor | None) -> torch.Tensor:
             total = loss(out, teacher, labels)
@@ -134,6 +146,8 @@ def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
             pooled = store.pooled_output()
             if cfg.pooled_weight and pooled is not None:
                 total = total + cfg.pooled_weight * cosine_loss(*pooled)
+            if cfg.relation_weight and pooled is not None:
+                total = total + cfg.relation_weight * similarity_loss(*pooled)
             return total
 
         ctx.record("Distill", features=len(store.names),

@@ -73,6 +73,29 @@ def _measure(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
         "code_shape": list(codes[0].shape)}
 
 
+def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
+            exact: HeadCache, jpeg: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Logit distillation of bottleneck and tail; the row of its measurements."""
+
+    def kd(o: torch.Tensor, r: torch.Tensor | None, _l: Any) -> torch.Tensor:
+        assert r is not None
+        return (distillation_loss(o, r, None, args.temperature, 1.0)
+                + args.logit_mse * feature_mse(o, r))
+
+    t2 = time.perf_counter()
+    s2 = fit_cached(Back(b, tail), train, kd, "output", steps=args.stage2,
+                    groups=[(list(b.parameters()), args.lr),
+                            (list(tail.parameters()), args.tail_lr)],
+                    optimizer="adam", seed=1)
+    seen = train.h[:2000].float()
+    row = {"after": "stage 2", "steps": args.stage2, "seconds": round(time.perf_counter() - t2),
+           **s2, **_measure(b, tail, train, test, exact, jpeg, args.bits),
+           "agreement_train_2000": float((_outputs(b, tail, seen).argmax(1)
+                                          == train.logits[:2000].argmax(1)).float().mean())}
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data")
@@ -109,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     b = build_bottleneck(tuple(train.h[:2].shape), args.channels, args.bits,
                          stride=args.stride, hidden=args.hidden, depth=args.depth)
     x = torch.zeros(1, 3, 32, 32)
-    macs = {"full": count_macs(ref, x), "head": count_macs(cut.head, x),
-            "encoder": count_macs(b.encoder, test.h[:1])}
+    macs: dict[str, float] = {"full": count_macs(ref, x), "head": count_macs(cut.head, x),
+                              "encoder": count_macs(b.encoder, test.h[:1])}
     macs["device_fraction"] = (macs["head"] + macs["encoder"]) / macs["full"]
     print(f"cache {t_cache:.0f} s; MACs {macs}", flush=True)
 
@@ -128,21 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                                               args.bits)}]
     print(rows[-1], flush=True)
     tail = copy.deepcopy(cut.tail)
-
-    def kd(o: torch.Tensor, r: torch.Tensor | None, _l: Any) -> torch.Tensor:
-        assert r is not None
-        return (distillation_loss(o, r, None, args.temperature, 1.0)
-                + args.logit_mse * feature_mse(o, r))
-
-    t2 = time.perf_counter()
-    s2 = fit_cached(Back(b, tail), train, kd, "output", steps=args.stage2,
-                    groups=[(list(b.parameters()), args.lr),
-                            (list(tail.parameters()), args.tail_lr)],
-                    optimizer="adam", seed=1)
-    t_s2 = time.perf_counter() - t2
-    rows.append({"after": "stage 2", "steps": args.stage2, "seconds": round(t_s2), **s2,
-                 **_measure(b, tail, train, test, exact, jpeg, args.bits)})
-    print(rows[-1], flush=True)
+    if args.stage2:
+        rows.append(_stage2(b, tail, train, test, exact, jpeg, args))
+        torch.save({"bottleneck": b.state_dict(), "tail": tail.state_dict()},
+                   args.work / f"{args.out.stem}.pt")
     payload = {"model": "resnet56 (akamaster)", **{k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
                "jpeg_mean_bytes": float(jpeg.mean()), "macs": macs, "rows": rows}

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-curve"),
                    help="the head-output cache (split_curve.py's), reused")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="a saved stage-2 state (bottleneck and tail): no stage 1, stage 2 "
+                        "continues from it")
     p.add_argument("--out", type=Path, default=RESULTS / "split_small.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,18 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         assert r is not None
         return feature_mse(o, r)
 
-    t1 = time.perf_counter()
-    s1 = fit_cached(b, train, mse, "head", steps=args.stage1,
-                    groups=[(list(b.parameters()), args.lr)], optimizer="adam")
-    t_s1 = time.perf_counter() - t1
-    rows: list[dict[str, Any]] = [{"after": "stage 1", "steps": args.stage1,
-                                   "seconds": round(t_s1), **s1,
-                                   **_measure(b, cut.tail, train, test, exact, jpeg,
-                                              args.bits)}]
-    print(rows[-1], flush=True)
     tail = copy.deepcopy(cut.tail)
+    rows: list[dict[str, Any]] = []
+    if args.resume is not None:  # a saved stage-2 state: stage 2 again, a new cosine cycle
+        state = torch.load(args.resume)
+        b.load_state_dict(state["bottleneck"])
+        tail.load_state_dict(state["tail"])
+    else:
+        t1 = time.perf_counter()
+        s1 = fit_cached(b, train, mse, "head", steps=args.stage1,
+                        groups=[(list(b.parameters()), args.lr)], optimizer="adam")
+        rows.append({"after": "stage 1", "steps": args.stage1,
+                     "seconds": round(time.perf_counter() - t1), **s1,
+                     **_measure(b, cut.tail, train, test, exact, jpeg, args.bits)})
+        print(rows[-1], flush=True)
     if args.stage2:
         rows.append(_stage2(b, tail, train, test, exact, jpeg, args))
+        if args.resume is not None:
+            rows[-1].update(after="stage 2, resumed", resumed_from=str(args.resume))
         torch.save({"bottleneck": b.state_dict(), "tail": tail.state_dict()},
                    args.work / f"{args.out.stem}.pt")
     payload = {"model": "resnet56 (akamaster)", **{k: (str(v) if isinstance(v, Path) else v)

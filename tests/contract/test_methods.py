@@ -36,6 +36,10 @@ EXAMPLES = {
                                       stage1_steps=2, stage2_steps=2, train_head=False,
                                       cache_head=True, entropy="factorized", rate=1e-3,
                                       stage1_rate=0.0, prior_steps=2),
+    "Split(small latent)": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=3, stride=4,
+                                     hidden=8, depth=2, stage1_steps=2, stage2_steps=2,
+                                     train_head=False, cache_head=True, tail_lr=1e-4,
+                                     alpha=1.0, temperature=2.0, logit_mse=0.1),
     # options of existing methods (issue 15): data-driven unstructured importance and the
     # activation-sparsity / condition-number recovery terms
     "GlobalMagnitudePrune(grad_norm)": npr.GlobalMagnitudePrune(sparsity=0.5,

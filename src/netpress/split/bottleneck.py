@@ -144,18 +144,26 @@ def _halvings(stride: int) -> int:
     return n if stride > 2 and stride == 2 ** n else 0
 
 
-def _down(c: int, mid: int, stride: int) -> list[nn.Module]:
-    """Conv + BN + ReLU stages taking ``c`` channels to ``mid`` and dividing the size."""
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def _down(c: int, mid: int, stride: int, depth: int = 1) -> list[nn.Module]:
+    """Conv + BN + ReLU stages taking ``c`` channels to ``mid`` and dividing the size; each
+    stage is its strided conv then ``depth - 1`` stride-1 ones."""
     steps = [2] * _halvings(stride) or [stride]
     layers: list[nn.Module] = []
     for i, s in enumerate(steps):
-        layers += [nn.Conv2d(c if i == 0 else mid, mid, 3, stride=s, padding=1, bias=False),
-                   nn.BatchNorm2d(mid), nn.ReLU()]
+        layers += _conv_bn(c if i == 0 else mid, mid, s)
+        for _ in range(depth - 1):
+            layers += _conv_bn(mid, mid)
     return layers
 
 
-def _up(channels: int, mid: int, stride: int) -> list[nn.Module]:
-    """The decoder's upsampling stages, from the codes' ``channels`` to ``mid`` channels."""
+def _up(channels: int, mid: int, stride: int, depth: int = 1) -> list[nn.Module]:
+    """The decoder's upsampling stages, from the codes' ``channels`` to ``mid`` channels;
+    each stage is its transposed conv then ``depth - 1`` stride-1 convs."""
     steps = [2] * _halvings(stride) or [stride]
     layers: list[nn.Module] = []
     for i, s in enumerate(steps):
@@ -163,23 +171,30 @@ def _up(channels: int, mid: int, stride: int) -> list[nn.Module]:
         layers += [nn.ConvTranspose2d(cin, mid, 2 * s, stride=s, padding=s // 2, bias=False)
                    if s > 1 else nn.Conv2d(cin, mid, 3, padding=1, bias=False),
                    nn.BatchNorm2d(mid), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += _conv_bn(mid, mid)
     return layers
 
 
 def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
-                     hidden: int | None = None, entropy: str = "none") -> Bottleneck:
+                     hidden: int | None = None, entropy: str = "none",
+                     depth: int = 1) -> Bottleneck:
     """A bottleneck for cut tensors of ``shape`` (batch dimension included); ``entropy``
-    is one of :data:`ENTROPY_MODELS`."""
+    is one of :data:`ENTROPY_MODELS`; ``depth``: 3×3 convolutions per resolution stage of
+    the encoder and of the decoder (image-like maps; 1: one strided conv per stage)."""
     if entropy not in ENTROPY_MODELS:
         raise ModelError(f"Split: entropy={entropy!r}; choose one of {ENTROPY_MODELS}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ModelError(f"Split: depth={depth!r} must be an int >= 1")
     qmax = code_max(bits)
     if len(shape) == 4:
         c, h, w = shape[1], shape[2], shape[3]
         mid = hidden or c
         enc_bn: nn.Module = nn.BatchNorm2d(channels)
-        encoder = nn.Sequential(*_down(c, mid, stride), nn.Conv2d(mid, channels, 1, bias=False),
-                                enc_bn)
-        decoder = nn.Sequential(*_up(channels, mid, stride), nn.Conv2d(mid, c, 3, padding=1))
+        encoder = nn.Sequential(*_down(c, mid, stride, depth),
+                                nn.Conv2d(mid, channels, 1, bias=False), enc_bn)
+        decoder = nn.Sequential(*_up(channels, mid, stride, depth),
+                                nn.Conv2d(mid, c, 3, padding=1))
         size: tuple[int, ...] = (h, w)
     elif len(shape) in (2, 3):
         c = shape[-1]

@@ -78,7 +78,10 @@ class Split(MethodConfig):
     ``optimizer`` and a cosine schedule. ``stage2_trains``: the parts stage 2 trains, from
     ``head``, ``encoder``, ``decoder``, ``tail``. ``entropy``: ``"none"`` (``rate`` is an L1
     penalty on the codes) or ``"factorized"`` (a learned density of the codes; ``rate`` is
-    the weight of its bits per input in the loss).
+    the weight of its bits per input in the loss). ``depth``: 3×3 convolutions per resolution
+    stage of the encoder and the decoder (a small latent, e.g. ``stride=4``, is reached
+    through more layers). ``logit_mse``: weight of the squared error of the logits added to
+    stage 2's distillation (:func:`netpress.split.losses.logit_kd_loss`).
     """
 
     at: str = "re:.*"
@@ -100,12 +103,17 @@ class Split(MethodConfig):
     tail_lr: float | None = None
     stage1_rate: float | None = None
     prior_steps: int = 300
+    depth: int = 1
+    logit_mse: float = 0.0
 
     def __post_init__(self) -> None:
         n = self.type_name()
         if not isinstance(self.at, str) or not self.at:
             raise RecipeError(f"{n}: at={self.at!r} must name a module or be a 're:' pattern")
-        _positive_ints(self, ("channels", "stride", "stage2_steps"))
+        _positive_ints(self, ("channels", "stride", "stage2_steps", "depth"))
+        v = self.logit_mse
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise RecipeError(f"{n}: logit_mse={v!r} must be a number >= 0")
         if isinstance(self.stage1_steps, bool) or not isinstance(self.stage1_steps, int) \
                 or self.stage1_steps < 0:
             raise RecipeError(f"{n}: stage1_steps={self.stage1_steps!r} must be an int >= 0")
@@ -239,7 +247,8 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
     with torch.no_grad():
         shape = tuple(primary_output(call_model(cut.head.eval(), example)).shape)
     bottleneck = build_bottleneck(shape, cfg.channels, cfg.bits, stride=cfg.stride,
-                                  hidden=cfg.hidden, entropy=cfg.entropy).to(ctx.device)
+                                  hidden=cfg.hidden, entropy=cfg.entropy,
+                                  depth=cfg.depth).to(ctx.device)
     split = SplitModel(cut.head, bottleneck, cut.tail, at=at)
     names = {id(p): n for n, p in split.named_parameters()}
     ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()
@@ -290,7 +299,8 @@ def _kd_loss(cfg: Split) -> LossFn:
     def kd_loss(out: torch.Tensor, ref: torch.Tensor | None,
                 labels: torch.Tensor | None) -> torch.Tensor:
         assert ref is not None
-        return distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
+        loss = distillation_loss(out, ref, labels, cfg.temperature, cfg.alpha)
+        return loss + cfg.logit_mse * feature_mse(out, ref) if cfg.logit_mse else loss
 
     return kd_loss
 

@@ -150,8 +150,12 @@ class Residual:
         return [orig[:, s:s + step] @ self.wt for s in range(0, orig.shape[1], step)]
 
     def add(self, cols: torch.Tensor, orig: torch.Tensor) -> None:
-        """Add the compressed inputs' columns ``cols`` with the original ones ``orig``."""
-        self.add_outputs(cols, self.outputs(orig))
+        """Add the compressed inputs' columns ``cols`` with the original ones ``orig``,
+        one slice of samples at a time (``W x_o`` of every sample at once would be rows wide:
+        4x the inputs at an FFN input layer)."""
+        step = self._step()
+        for s in range(0, cols.shape[1], step):
+            self.add_outputs(cols[:, s:s + step], self.outputs(orig[:, s:s + step]))
 
     def add_outputs(self, cols: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         """Add ``cols`` with the original inputs' :meth:`outputs` (consumed)."""

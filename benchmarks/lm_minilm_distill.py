@@ -13,16 +13,19 @@ default 16; ``"bucket": true``: batches of sentences of similar length
 ``"cache_teacher": true``: the reference's outputs on the training batches computed once
 (``CachedTeacher``; not with ``features``); ``"data": "machine"``: every text that ships on
 this machine as well (``_distill_text``); ``"relation_weight"``: the ``Distill`` batch
-similarity-matrix term; ``"score_train": true``: also score 512 of the sentences trained on
-(fitting the training text vs the teacher); ``"local_steps": N`` (budgets only) spends the
-first N steps of each budget on block-local distillation, ``Distill(local=True, features=<the 6
-encoder blocks>, loss="mse")`` at ``"local_lr"`` (default: lr), and the rest on the ordinary
-distillation: every optimizer step is counted in the budget). Distillation sentences: Python's
-documentation topics minus the 512 held-out ones (padded to the longest); evaluation on the
-last ``--eval`` held-out sentences (mean-pooled embedding cosine to the original, retrieval
-agreement; PyTorch). ``--select N``: the N documentation sentences just before those are
-held out of training too (a held-out slice of the training text, on which settings are
-chosen) and every run is scored on them; ``--eval 0`` then scores on them only.
+similarity-matrix term; ``"self_relation": {"weight": W, "layers": [5], "most_heads": 12}``
+(budgets only, not with ``cache_teacher``): MiniLMv2's query/key/value relation KL of those
+encoder layers added (``_self_relation``); ``"score_train": true``: also score 512 of the
+sentences trained on (fitting the training text vs the teacher); ``"local_steps": N`` (budgets
+only) spends the first N steps of each budget on block-local distillation,
+``Distill(local=True, features=<the 6 encoder blocks>, loss="mse")`` at ``"local_lr"``
+(default: lr), and the rest on the ordinary distillation: every optimizer step is counted in
+the budget). Distillation sentences: Python's documentation topics minus the 512 held-out ones
+(padded to the longest); evaluation on the last ``--eval`` held-out sentences (mean-pooled
+embedding cosine to the original, retrieval agreement; PyTorch). ``--select N``: the N
+documentation sentences just before those are held out of training too (a held-out slice of the
+training text, on which settings are chosen) and every run is scored on them; ``--eval 0`` then
+scores on them only.
 
     .venv/bin/python benchmarks/lm_minilm_distill.py --pruned pruned.pt \\
         --setting '{"lr": 5e-5, "dropout": true, "checkpoints": [60]}' \\
@@ -35,12 +38,14 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from _cached_teacher import CachedTeacher
 from _common import cpu_flags, markdown_table, write_json
+from _self_relation import self_relation, strip
 from _transformers_bench import batches, embed, train_batches
 from lm_minilm_refit import score, setup
 
@@ -65,6 +70,7 @@ def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
     x = {k: v[:1] for k, v in train[0][0].items()}
     kw.setdefault("lr_schedule", "cosine")
     local, local_lr = kw.pop("local_steps", 0), kw.pop("local_lr", kw.get("lr", 1e-3))
+    rel = kw.pop("self_relation", None)
     rows = []
     for c in sorted(checkpoints, reverse=True):
         started = time.perf_counter()
@@ -73,8 +79,12 @@ def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
             recipe.insert(0, npr.Distill(**{**kw, "max_steps": local, "optimizer": "adamw",
                                             "lr": local_lr, "local": True, "loss": "mse",
                                             "features": BLOCKS, "pooled_weight": 0.0}))
-        student = npr.compress(pruned, recipe, reference=model, train=train,
-                               example_inputs=x, measure=False).model
+        with self_relation(pruned, model, **rel) if rel else nullcontext([]) as values:
+            student = strip(npr.compress(pruned, recipe, reference=model, train=train,
+                                         example_inputs=x, measure=False).model)
+        if values:
+            print(f"self-relation term: first 10 steps {sum(values[:10]) / 10:.4f}, last 10 "
+                  f"{sum(values[-10:]) / 10:.4f}", flush=True)
         if c == max(checkpoints) and save:
             torch.save(student, save)
         seconds = time.perf_counter() - started

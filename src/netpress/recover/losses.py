@@ -6,6 +6,8 @@ outputs and labels to a scalar loss, and is tested on tiny tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,7 @@ __all__ = [
     "real_tokens",
     "mean_pool",
     "similarity_loss",
+    "self_relation_kl",
 ]
 
 
@@ -153,3 +156,41 @@ def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     diff = s @ s.T - t @ t.T
     off = ~torch.eye(n, dtype=torch.bool, device=diff.device)
     return (diff[off] ** 2).mean()
+
+
+def self_relation_kl(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """MiniLMv2's self-attention relation distillation (Wang et al. 2021) for one layer.
+
+    ``student`` and ``teacher`` are matching tuples of per-token vectors ``[batch, time,
+    width]`` (e.g. the layer's queries, keys and values; the widths may differ between the
+    two models, e.g. after head pruning). Each vector is split into ``heads`` relation heads
+    of ``width / heads`` dims; per head the relation ``softmax(x x^T / sqrt(width / heads))``
+    over the real tokens (``mask`` ``[batch, time]``, nonzero at real tokens) is a
+    distribution per query token. Returns the sum over the tuple of ``KL(teacher || student)``
+    averaged over batch, relation heads and real query tokens."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError("self_relation_kl: give the same number (>= 1) of student and "
+                         f"teacher tensors (got {len(student)} and {len(teacher)})")
+    real = mask.bool().to(student[0].device)
+    keys = real[:, None, None, :]  # [b, 1, 1, time]: which tokens may be attended to
+    total = student[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher):
+        for x in (s, t):
+            if x.shape[-1] % heads:
+                raise ValueError(f"self_relation_kl: width {x.shape[-1]} is not divisible "
+                                 f"by {heads} relation heads; choose heads dividing both")
+        log_s, log_t = (_relation(x.float(), keys, heads) for x in (s, t))
+        kl = (log_t.exp() * (log_t - log_s)).masked_fill(~keys, 0.0).sum(-1)  # [b, h, time]
+        rows = real[:, None, :].expand_as(kl)
+        total = total + kl[rows].mean()
+    return total
+
+
+def _relation(x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """Log-softmax relation ``[batch, heads, time, time]`` of ``x`` ``[batch, time, width]``."""
+    b, n, w = x.shape
+    h = x.reshape(b, n, heads, w // heads).transpose(1, 2)
+    scores = h @ h.transpose(-1, -2) / math.sqrt(w // heads)
+    # a finite fill: padded keys get probability 0 without NaN gradients (0 * inf)
+    return torch.log_softmax(scores.masked_fill(~keys, -1e30), dim=-1)

@@ -65,6 +65,23 @@ def _caches(args: argparse.Namespace, root: Path, cut: Any) -> tuple[HeadCache, 
     return caches
 
 
+def prepare(args: argparse.Namespace) -> tuple[nn.Module, Any, np.ndarray,
+                                               tuple[HeadCache, ...], float, float]:
+    """What every split benchmark run starts from: the pretrained ResNet-56 and its cut at
+    ``args.at``, the JPEG bytes of the test images, and the head-output caches (built or
+    reused in ``args.work``); with the start time and the caches' seconds."""
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    root = data_dir(args.data)
+    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root)).eval()
+    cut = cut_model(ref, args.at)
+    jpeg = np.diff(np.load(root / "cifar10" / "cifar10_jpeg_bytes.npz")["test_offsets"])
+    jpeg = jpeg[:args.test_images]
+    t0 = time.perf_counter()
+    caches = _caches(args, root, cut)
+    return ref, cut, jpeg, caches, t0, time.perf_counter() - t0
+
+
 def _outputs(b: nn.Module, tail: nn.Module, h: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         b.eval()
@@ -188,16 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="cache and stage-1 checkpoint, reused by later runs")
     p.add_argument("--out", type=Path, default=RESULTS / "split_curve.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    root = data_dir(args.data)
-    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root)).eval()
-    cut = cut_model(ref, args.at)
-    jpeg = np.diff(np.load(root / "cifar10" / "cifar10_jpeg_bytes.npz")["test_offsets"])
-    jpeg = jpeg[:args.test_images]
-    t0 = time.perf_counter()
-    train, test, exact = _caches(args, root, cut)
-    t_cache = time.perf_counter() - t0
+    ref, cut, jpeg, (train, test, exact), t0, t_cache = prepare(args)
     b = _stage1(args, train)
     t_s1 = time.perf_counter() - t0 - t_cache
     print(f"cache {t_cache:.0f} s, stage 1 {t_s1:.0f} s", flush=True)

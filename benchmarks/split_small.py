@@ -35,16 +35,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import data_dir, markdown_table, write_json
-from split_curve import _caches, _codes, _outputs
+from _common import markdown_table, write_json
+from split_curve import _codes, _outputs, prepare
 
 from netpress.measure.macs import count_macs
-from netpress.models import find_pretrained, load_pretrained_cifar_resnet
 from netpress.recover.losses import distillation_loss, feature_mse
 from netpress.split import arith_bytes, decode_codes, encode_codes, fit_code_model
 from netpress.split.bottleneck import Bottleneck, build_bottleneck
 from netpress.split.cached import HeadCache, fit_cached
-from netpress.split.cut import cut_model
 from netpress.split.frozen_head import Back
 
 RESULTS = Path(__file__).parent / "results"
@@ -121,16 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         "continues from it")
     p.add_argument("--out", type=Path, default=RESULTS / "split_small.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    root = data_dir(args.data)
-    ref = load_pretrained_cifar_resnet(56, find_pretrained(56, root)).eval()
-    cut = cut_model(ref, args.at)
-    jpeg = np.diff(np.load(root / "cifar10" / "cifar10_jpeg_bytes.npz")["test_offsets"])
-    jpeg = jpeg[:args.test_images]
-    t0 = time.perf_counter()
-    train, test, exact = _caches(args, root, cut)
-    t_cache = time.perf_counter() - t0
+    ref, cut, jpeg, (train, test, exact), t0, t_cache = prepare(args)
     torch.manual_seed(0)
     b = build_bottleneck(tuple(train.h[:2].shape), args.channels, args.bits,
                          stride=args.stride, hidden=args.hidden, depth=args.depth)

@@ -180,10 +180,20 @@ def _stage1b(b0: Bottleneck, train: HeadCache, rate: float, args: argparse.Names
     return b, {"prior_fit": prior, "stage1b": out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_options(p: argparse.ArgumentParser) -> None:
+    """The options every split benchmark takes: data, cut, learning rate, distillation
+    temperature, test images and threads."""
     p.add_argument("--data")
     p.add_argument("--at", default="layer2")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--test-images", type=int, default=10000)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_options(p)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--stride", type=int, default=2)
     p.add_argument("--rates", type=float, nargs="*", default=[1e-3])
@@ -195,12 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1", type=int, default=6000)
     p.add_argument("--prior-steps", type=int, default=300)
     p.add_argument("--stage2", type=int, default=1200)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tail-lr", type=float, default=1e-4)
-    p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--train-images", type=int, default=50000)
-    p.add_argument("--test-images", type=int, default=10000)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-curve"),
                    help="cache and stage-1 checkpoint, reused by later runs")
     p.add_argument("--out", type=Path, default=RESULTS / "split_curve.json")

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, write_json
-from split_curve import _codes, _outputs, prepare
+from split_curve import _codes, _outputs, common_options, prepare
 
 from netpress.measure.macs import count_macs
 from netpress.recover.losses import distillation_loss, feature_mse
@@ -96,8 +96,7 @@ def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data")
-    p.add_argument("--at", default="layer2")
+    common_options(p)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
@@ -105,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--stage1", type=int, default=1000)
     p.add_argument("--stage2", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tail-lr", type=float, default=2e-4)
-    p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--logit-mse", type=float, default=0.1)
     p.add_argument("--train-images", type=int, default=12000)
-    p.add_argument("--test-images", type=int, default=10000)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-curve"),
                    help="the head-output cache (split_curve.py's), reused")
     p.add_argument("--resume", type=Path, default=None,

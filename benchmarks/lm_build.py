@@ -139,7 +139,7 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if step % 50 == 0 or step == args.steps - 1:
             rate = (step + 1) * args.batch * args.seq / (time.perf_counter() - started)
             print(f"step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  "

@@ -20,9 +20,17 @@ sentences trained on (fitting the training text vs the teacher); ``"local_steps"
 only) spends the first N steps of each budget on block-local distillation,
 ``Distill(local=True, features=<the 6 encoder blocks>, loss="mse")`` at ``"local_lr"``
 (default: lr), and the rest on the ordinary distillation: every optimizer step is counted in
-the budget). Distillation sentences: Python's documentation topics minus the 512 held-out ones
-(padded to the longest); evaluation on the last ``--eval`` held-out sentences (mean-pooled
-embedding cosine to the original, retrieval agreement; PyTorch). ``--select N``: the N
+the budget); ``"stages": [[MACS, STEPS], ...]`` (with ``"budgets": true``) starts from the
+unpruned model instead of ``--pruned`` and alternates ``FisherPrune(macs=MACS)`` (MACs a
+fraction of the unpruned model's; Fisher scores on the current student, ``"calib"``
+calibration sentences, default 512) with ``STEPS`` distillation steps (own warm-up and
+cosine schedule per stage, each stage continuing on the training batches where the last
+stopped; the steps of all stages are the budget), ``"refit_to": "current"`` refitting each
+cut towards the student before it (what ``FisherPrune`` does in ``npr.compress``) or
+``"original"`` towards the unpruned model (its kept output rows composed over the stages),
+every stage scored). Distillation sentences: Python's documentation topics minus the 512
+held-out ones (padded to the longest); evaluation on the last ``--eval`` held-out sentences
+(mean-pooled embedding cosine to the original, retrieval agreement; PyTorch). ``--select N``: the N
 documentation sentences just before those are held out of training too (a held-out slice of the
 training text, on which settings are chosen) and every run is scored on them; ``--eval 0`` then
 scores on them only.
@@ -50,6 +58,9 @@ from _transformers_bench import batches, embed, train_batches
 from lm_minilm_refit import score, setup
 
 import netpress as npr
+from netpress.measure.macs import count_macs
+from netpress.prune import posttraining
+from netpress.prune.refit import refit_blocks
 
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("re:encoder\\.layer\\.\\d+$",)
@@ -94,6 +105,56 @@ def budgets(kw: dict[str, Any], checkpoints: list[int], pruned: torch.nn.Module,
     return rows
 
 
+def compose_rows(before: dict[str, torch.Tensor],
+                 cut: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kept output rows relative to the unpruned model after one more cut: ``before`` maps a
+    layer to its rows of the unpruned layer, ``cut`` to the rows this cut kept of it now."""
+    return {**before, **{n: before[n][r] if n in before else r for n, r in cut.items()}}
+
+
+def staged(kw: dict[str, Any], stages: list[list[float]], original: torch.nn.Module,
+           teacher: torch.nn.Module, train: list[Any], calib: list[Any], sets: Scored,
+           setting: str, refit_to: str, save: str | None = None) -> list[dict[str, Any]]:
+    """FisherPrune and distillation in turn from the unpruned ``original`` (see the module
+    docs, ``"stages"``); a row after every cut and every distillation."""
+    if refit_to not in ("current", "original"):
+        raise ValueError(f"refit_to={refit_to!r}: choose 'current' or 'original'")
+    x = {k: v[:1] for k, v in calib[0].items()}
+    base = count_macs(original, x)
+    kw.setdefault("lr_schedule", "cosine")
+    student, rows_kept, done, rows = original, {}, 0, []
+    started = time.perf_counter()
+    for macs, steps in stages:
+        cfg = npr.FisherPrune(macs=float(macs), calibration_batches=len(calib))
+        if refit_to == "current":
+            student, _ = posttraining.fisher_prune(student, cfg, x, calib, reference_macs=base)
+        else:
+            cut = posttraining.fisher_cut(student, cfg, x, calib, reference_macs=base)
+            rows_kept = compose_rows(rows_kept, cut.kept_rows)
+            refit_blocks(cut.model, original, calib, kept_rows=rows_kept, damp=cfg.damp,
+                         norms=cfg.refit_norms)
+            student = cut.model
+        ratio = round(count_macs(student, x) / base, 4)
+        rows.append({"setting": setting, "stage": f"FisherPrune(macs={macs})", "steps": done,
+                     "macs_ratio": ratio, "seconds": round(time.perf_counter() - started),
+                     **scores(student, sets)})
+        print(rows[-1], flush=True)
+        if steps:
+            k = done % len(train)
+            step = npr.Distill(max_steps=int(steps), optimizer="adamw", **kw)
+            student = npr.compress(student, [step], reference=teacher,
+                                   train=train[k:] + train[:k], example_inputs=x,
+                                   measure=False).model
+            done += int(steps)
+            rows.append({"setting": setting, "stage": f"Distill({int(steps)})", "steps": done,
+                         "macs_ratio": ratio, "seconds": round(time.perf_counter() - started),
+                         **scores(student, sets)})
+            print(rows[-1], flush=True)
+    if save:
+        torch.save(student, save)
+    return rows
+
+
 def seen(model: torch.nn.Module, train: list[Any], n: int = 512) -> Scored:
     """The first ``n`` training sentences (those of the first batches), re-batched by 32 with
     the reference's embeddings: what the student fits when it fits its training text."""
@@ -105,10 +166,10 @@ def seen(model: torch.nn.Module, train: list[Any], n: int = 512) -> Scored:
     return [("train_", out, embed(model, out))]
 
 
-def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module,
+def run(setting: dict[str, Any], pruned: torch.nn.Module | None, model: torch.nn.Module,
         tok: Any, texts: list[str], sets: Scored, held_out: int) -> list[dict[str, Any]]:
     kw = dict(setting)
-    checkpoints = sorted(kw.pop("checkpoints"))
+    checkpoints = sorted(kw.pop("checkpoints", [sum(int(n) for _, n in kw.get("stages", []))]))
     size = kw.pop("batch", 16)
     train = train_batches(tok, texts, kw.pop("data", "topics"), size, held_out=held_out,
                           bucket=kw.pop("bucket", False), count=max(checkpoints) * size)
@@ -117,10 +178,18 @@ def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module
     if "freeze" in kw:
         kw["freeze"] = tuple(kw["freeze"])
     kw.setdefault("loss", "cosine")
+    original = model
     if kw.pop("cache_teacher", False):
         started = time.perf_counter()
         model = CachedTeacher(model, train)
         print(f"teacher outputs cached in {time.perf_counter() - started:.0f} s", flush=True)
+    if "stages" in kw:
+        calib = [x for x, _ in batches(tok, texts[:kw.pop("calib", 512)], 32, pad="longest")]
+        kw.pop("budgets", None)
+        return staged(kw, kw.pop("stages"), original, model, train, calib, sets,
+                      json.dumps(setting), kw.pop("refit_to", "current"), kw.pop("save", None))
+    if pruned is None:
+        raise SystemExit(f"setting {json.dumps(setting)}: --pruned is needed without stages")
     if kw.pop("budgets", False):
         return budgets(kw, checkpoints, pruned, model, train, sets,
                        json.dumps(setting), kw.pop("save", None))
@@ -141,8 +210,10 @@ def run(setting: dict[str, Any], pruned: torch.nn.Module, model: torch.nn.Module
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pruned", required=True, help="a pruned model saved with torch.save")
-    p.add_argument("--setting", action="append", required=True)
+    p.add_argument("--pruned", default=None,
+                   help="a pruned model saved with torch.save (settings without stages)")
+    p.add_argument("--setting", action="append", default=[],
+                   help="none: only score the --pruned model")
     p.add_argument("--eval", type=int, default=256)
     p.add_argument("--select", type=int, default=0,
                    help="held-out slice of the training text (sentences), scored as select_")
@@ -154,8 +225,9 @@ def main() -> None:
     if args.select:
         part = batches(tok, texts[-512 - args.select:-512], 32)
         sets.append(("select_", part, embed(model, part)))
-    pruned = torch.load(args.pruned, weights_only=False)
-    rows = [{"setting": "none", "steps": 0, "seconds": 0, **scores(pruned, sets)}]
+    pruned = torch.load(args.pruned, weights_only=False) if args.pruned else None
+    rows = [{"setting": "none", "steps": 0, "seconds": 0, **scores(pruned, sets)}] \
+        if pruned is not None else []
     for s in args.setting:
         rows += run(json.loads(s), pruned, model, tok, texts, sets, 512 + args.select)
     write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_distill.py "
@@ -168,7 +240,7 @@ def main() -> None:
     table = markdown_table(
         ["setting", "steps"] + [f"{p or 'eval_'}cosine mean / min, retrieval" for p in cols]
         + ["s"],
-        [[r["setting"], r["steps"]] + [
+        [[r["setting"] + (f" {r['stage']}" if "stage" in r else ""), r["steps"]] + [
             f"{r[p + 'cosine_mean']} / {r[p + 'cosine_min']}, {r[p + 'retrieval_agreement']}"
             if f"{p}cosine_mean" in r else "-" for p in cols] + [r["seconds"]] for r in rows])
     Path(args.out).with_suffix(".md").write_text(table + "\n")

@@ -136,3 +136,29 @@ def test_grouped_query_attention_keeps_whole_kv_groups():
         assert q % 8 == 0 and k % 8 == 0 and (q // 8) == 4 * (k // 8)
     metrics, _, _ = npr.measure.LanguageModelTask().compare_models(model, res.model, data)
     assert metrics["agreement"] > 0.5
+
+
+def test_staged_recipe_counts_macs_against_the_reference():
+    """``[FisherPrune(0.8), Distill, FisherPrune(0.6), Distill]`` (pruning in stages with
+    recovery between them) ends at 60% of the reference's MACs, not 0.8 x 0.6 = 48%: every
+    FisherPrune's target is a fraction of the model given to ``compress``."""
+    from netpress.measure import count_macs
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [({"input_ids": torch.randint(0, 64, (4, 12), generator=gen),
+              "attention_mask": torch.ones(4, 12, dtype=torch.long)}, None) for _ in range(3)]
+    x = data[0][0]
+    distill = npr.Distill(max_steps=2, lr=1e-3, loss="cosine", dropout=False)
+    recipe = [FisherPrune(macs=0.8, calibration_batches=3), distill,
+              FisherPrune(macs=0.6, calibration_batches=3), distill]
+    res = npr.compress(model, recipe, calibration=data, train=data, example_inputs=x,
+                       measure=False)
+    base = count_macs(model, x)
+    first = npr.compress(model, recipe[:1], calibration=data, example_inputs=x, measure=False)
+    assert 0.6 * base < count_macs(first.model, x) <= 0.8 * base
+    assert 0.5 * base < count_macs(res.model, x) <= 0.6 * base

@@ -172,7 +172,9 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
         files["ort_dynamic_int8"] = quantize_dynamic(files["fp32"], tmp / "fp32_q.onnx")
     for name, step in (("netpress_int8", npr.DynamicQuantize()),
                        ("netpress_int8_no_outliers", npr.DynamicQuantize(outlier_channels=0))):
-        if args.int8 and not args.lean and (args.int8_ablation or name == "netpress_int8"):
+        anchor = name == "netpress_int8" and args.int8_anchor  # kept by --lean too
+        if args.int8 and (not args.lean or anchor) \
+                and (args.int8_ablation or name == "netpress_int8"):
             q = npr.compress(model, [step], calibration=calib, example_inputs=x,
                              measure=False).model
             files[name] = export_onnx(q, tmp / f"{name}.onnx", x)
@@ -396,7 +398,11 @@ def main(argv: list[str] | None = None) -> None:
                         "distilled one), as it is and in INT8")
     p.add_argument("--lean", action="store_true",
                    help="only FP32 and netpress INT8 of the pruned/loaded models: no ORT "
-                        "quantize_dynamic, no INT8 of the unpruned model (a shorter run)")
+                        "quantize_dynamic, no INT8 of the unpruned model unless --int8-anchor (a "
+                        "shorter run)")
+    p.add_argument("--int8-anchor", action="store_true",
+                   help="with --lean, keep netpress DynamicQuantize of the unpruned model "
+                        "(the fidelity/speed anchor of the pruned + INT8 rows)")
     p.add_argument("--out", default=str(RESULTS / "transformers.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -128,7 +128,7 @@ def _held_bytes(b: Bottleneck, train: HeadCache, held: HeadCache, bits: int) -> 
     """Mean arithmetic-coded bytes of the held-out images' codes (model fitted on the codes
     of 2,000 train images, as ``split_small._measure`` does for the test images)."""
     model = fit_code_model(_codes(b, train.h[:2000].float()), bits)
-    return float(arith_bytes(_codes(b, held.h), model).mean())
+    return float(arith_bytes(_codes(b, held.h.float()), model).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ref, cut, jpeg, (cache, test, exact), _, t_cache = prepare(args)
     # the images in the cache's order (the same seeded shuffle), checked against the cache
     images = ds.cifar10_jpeg_train(data_dir(args.data), limit=50000)
-    order = torch.tensor(list(ds.loader(images, 64, shuffle=True).sampler))
+    index = torch.utils.data.TensorDataset(torch.arange(len(images)))
+    order = torch.cat([i for (i,) in ds.loader(index, 64, shuffle=True)])
     x, y = images.tensors[0][order], images.tensors[1][order]
     with torch.no_grad():
         drift = float((cut.head.eval()(x[:8]) - cache.h[:8].float()).abs().max())
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         tail.load_state_dict(state["tail"])
     elif s1_path.exists():
         b.load_state_dict(torch.load(s1_path))
+        rows.append({"after": "stage 1 (loaded)", "steps": args.stage1,
+                     "agreement_held": _agreement(b, cut.tail, held),
+                     "bytes_held": _held_bytes(b, train, held, args.bits)})
+        print(rows[-1], flush=True)
     else:
         t1, c1 = time.perf_counter(), time.process_time()
         s1 = fit_stage1(b, train, args)

@@ -27,6 +27,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +72,45 @@ def _measure(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
         "code_shape": list(codes[0].shape)}
 
 
-def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
-            exact: HeadCache, jpeg: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """Logit distillation of bottleneck and tail; the row of its measurements."""
+def fit_stage1(b: Bottleneck, train: HeadCache, args: argparse.Namespace) -> dict[str, Any]:
+    """``--stage1`` steps of feature MSE to the cached head outputs, bottleneck only."""
+
+    def mse(o: torch.Tensor, r: torch.Tensor | None, _l: Any) -> torch.Tensor:
+        assert r is not None
+        return feature_mse(o, r)
+
+    return fit_cached(b, train, mse, "head", steps=args.stage1,
+                      groups=[(list(b.parameters()), args.lr)], optimizer="adam")
+
+
+def stage2_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """Stage 2's loss on (student logits, teacher logits, labels): KL at ``--temperature``
+    plus ``--logit-mse`` × the logits' squared error."""
 
     def kd(o: torch.Tensor, r: torch.Tensor | None, _l: Any) -> torch.Tensor:
         assert r is not None
         return (distillation_loss(o, r, None, args.temperature, 1.0)
                 + args.logit_mse * feature_mse(o, r))
 
+    return kd
+
+
+def fit_stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, args: argparse.Namespace,
+               steps: int, after_step: Callable[[nn.Module], None] | None = None
+               ) -> dict[str, Any]:
+    """``steps`` of stage 2 on ``train`` (a cache, or a subclass with its own ``batches``):
+    bottleneck at ``--lr``, tail at ``--tail-lr``, Adam, one cosine cycle."""
+    return fit_cached(Back(b, tail), train, stage2_loss(args), "output", steps=steps,
+                      groups=[(list(b.parameters()), args.lr),
+                              (list(tail.parameters()), args.tail_lr)],
+                      optimizer="adam", after_step=after_step, seed=1)
+
+
+def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
+            exact: HeadCache, jpeg: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Logit distillation of bottleneck and tail; the row of its measurements."""
     t2 = time.perf_counter()
-    s2 = fit_cached(Back(b, tail), train, kd, "output", steps=args.stage2,
-                    groups=[(list(b.parameters()), args.lr),
-                            (list(tail.parameters()), args.tail_lr)],
-                    optimizer="adam", seed=1)
+    s2 = fit_stage2(b, tail, train, args, args.stage2)
     seen = train.h[:2000].float()
     row = {"after": "stage 2", "steps": args.stage2, "seconds": round(time.perf_counter() - t2),
            **s2, **_measure(b, tail, train, test, exact, jpeg, args.bits),
@@ -124,10 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     macs["device_fraction"] = (macs["head"] + macs["encoder"]) / macs["full"]
     print(f"cache {t_cache:.0f} s; MACs {macs}", flush=True)
 
-    def mse(o: torch.Tensor, r: torch.Tensor | None, _l: Any) -> torch.Tensor:
-        assert r is not None
-        return feature_mse(o, r)
-
     tail = copy.deepcopy(cut.tail)
     rows: list[dict[str, Any]] = []
     if args.resume is not None:  # a saved stage-2 state: stage 2 again, a new cosine cycle
@@ -136,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         tail.load_state_dict(state["tail"])
     else:
         t1 = time.perf_counter()
-        s1 = fit_cached(b, train, mse, "head", steps=args.stage1,
-                        groups=[(list(b.parameters()), args.lr)], optimizer="adam")
+        s1 = fit_stage1(b, train, args)
         rows.append({"after": "stage 1", "steps": args.stage1,
                      "seconds": round(time.perf_counter() - t1), **s1,
                      **_measure(b, cut.tail, train, test, exact, jpeg, args.bits)})

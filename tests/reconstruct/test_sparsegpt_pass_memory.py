@@ -192,7 +192,11 @@ def test_column_block_products_equal_whole_products(monkeypatch):
     a, b = whole.stats(), blocks.stats()
     for key in ("hessian", "cross", "sq_norms", "mean", "orig_mean"):
         x, y = getattr(a, key), getattr(b, key)
-        assert torch.allclose(x, y, rtol=1e-6, atol=0), key
+        # the products are float32 before they are summed in float64: a column block may round
+        # differently from the whole (which BLAS kernel runs depends on the CPU), so the bound
+        # is float32 rounding at the statistic's scale, not a relative error of each entry
+        scale = float(x.abs().max())
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * scale), key
 
 
 def test_sparsegpt_on_the_residual_stays_within_tight_thresholds_of_the_cross_term(

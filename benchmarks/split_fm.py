@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import data_dir, write_json
 from recovery import crop_flip
 from split_curve import _codes, _outputs, common_options, prepare
-from split_small import _measure, fit_stage1, fit_stage2
+from split_small import _measure, fit_stage1, fit_stage2, latent_options
 
 from netpress import datasets as ds
 from netpress.split import arith_bytes, fit_code_model
@@ -134,15 +134,7 @@ def _held_bytes(b: Bottleneck, train: HeadCache, held: HeadCache, bits: int) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_options(p)
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--stride", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--stage1", type=int, default=800)
-    p.add_argument("--stage2", type=int, default=1000)
-    p.add_argument("--tail-lr", type=float, default=2e-4)
-    p.add_argument("--logit-mse", type=float, default=0.1)
+    latent_options(p, channels=4, stride=2, depth=2, stage1=800, stage2=1000)
     p.add_argument("--views", choices=VIEWS, default="fm",
                    help="cached: no augmentation (the existing recipe); hmix: cached, "
                         "mixup/cutmix of the head outputs, teacher tail on them; crop: live random "
@@ -152,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=0,
                    help="held-out agreement every N stage-2 steps (a curve; 0: none)")
     p.add_argument("--resume", type=Path, default=None, help="a saved stage-2 state")
-    p.add_argument("--work", type=Path, default=Path("/tmp/hc/work"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-fm"),
+                   help="the 50k head-output cache, stage-1 and stage-2 states")
     p.add_argument("--out", type=Path, default=RESULTS / "fm.json")
     args = p.parse_args(argv)
     args.train_images = 50000

@@ -120,18 +120,25 @@ def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
     return row
 
 
+def latent_options(p: argparse.ArgumentParser, *, channels: int, stride: int, depth: int,
+                   stage1: int, stage2: int) -> None:
+    """The small latent's and the two stages' options (shared with ``split_fm.py``, each
+    script with its own defaults for the shape and the step counts)."""
+    p.add_argument("--channels", type=int, default=channels)
+    p.add_argument("--stride", type=int, default=stride)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--stage1", type=int, default=stage1)
+    p.add_argument("--stage2", type=int, default=stage2)
+    p.add_argument("--tail-lr", type=float, default=2e-4)
+    p.add_argument("--logit-mse", type=float, default=0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_options(p)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--stride", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--stage1", type=int, default=1000)
-    p.add_argument("--stage2", type=int, default=3000)
-    p.add_argument("--tail-lr", type=float, default=2e-4)
-    p.add_argument("--logit-mse", type=float, default=0.1)
+    latent_options(p, channels=16, stride=4, depth=1, stage1=1000, stage2=3000)
     p.add_argument("--train-images", type=int, default=12000)
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-curve"),
                    help="the head-output cache (split_curve.py's), reused")

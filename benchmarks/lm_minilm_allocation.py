@@ -2,7 +2,8 @@
 
 Every variant reuses one set of Fisher scores (calibration sentences padded to the longest)
 and differs in the selection (``min_fraction``: each layer keeps at least that fraction of
-its heads and of its FFN neurons; 0 = the global ranking by Fisher per MAC) and in whether
+its heads and of its FFN neurons; 0 = the global ranking by Fisher per MAC; `auto` = the
+library default, a floor set from the target) and in whether
 the LayerNorm gains/shifts are refitted after the Linear layers (``refit_norms``). Measured
 in PyTorch on the held-out sentences (mean-pooled embedding cosine to the original,
 retrieval agreement), sequence length 128.
@@ -36,7 +37,8 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--variant", action="append", required=True,
-                   help="MIN_FRACTION:REFIT_NORMS, e.g. 0.25:1")
+                   help="MIN_FRACTION:REFIT_NORMS, e.g. 0.25:1; MIN_FRACTION 'auto' (the default "
+                   "floor set from the target) or 'auto@SHARE' (min_share=SHARE)")
     p.add_argument("--save", default=None, help="torch.save the best variant's model here")
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_allocation.json"))
     args = p.parse_args()
@@ -57,13 +59,17 @@ def main() -> None:
     best: tuple[float, torch.nn.Module | None] = (-1.0, None)
     for v in args.variant:
         frac, norms = v.split(":")
+        auto, _, share = frac.partition("@")
+        floor = {"min_fraction": None, "min_share": float(share or 0.9)} if auto == "auto" \
+            else {"min_fraction": float(frac)}
         cfg = npr.FisherPrune(macs=args.macs, calibration_batches=len(calib),
-                              min_fraction=float(frac), refit_norms=norms == "1")
+                              refit_norms=norms == "1", **floor)
         started = time.perf_counter()
         pruned, summary = posttraining.fisher_prune(model, cfg, x, calib)
         seconds = round(time.perf_counter() - started)
         kept = {k.split(".weight")[0]: v[1] for k, v in summary["groups"].items()}
-        rows.append({"min_fraction": float(frac), "refit_norms": norms == "1",
+        rows.append({"min_fraction": summary["min_fraction"], "floor": frac,
+                     "refit_norms": norms == "1",
                      "macs_ratio": round(summary["macs_after"] / summary["macs_before"], 4),
                      "seconds": seconds, "kept": kept, **score(pruned, ref, evaluate)})
         print(rows[-1], flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import netpress as npr
 from netpress.errors import RecipeError
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.fisher import ridge_affine
-from netpress.prune.posttraining import FisherPrune, fisher_cut
+from netpress.prune.posttraining import FisherPrune, fisher_cut, target_floor
 from netpress.prune.refit import plan_linear_groups, refit_blocks
 from netpress.testing import toy_batches, toy_transformer
 
@@ -69,7 +70,8 @@ def test_norm_refit_brings_the_cut_closer_and_is_a_no_op_on_itself():
 def test_refit_norms_option():
     cfg = npr.FisherPrune(macs=0.6, calibration_batches=2, refit_norms=False)
     assert npr.FisherPrune.from_dict(cfg.to_dict()) == cfg
-    assert npr.FisherPrune().refit_norms and npr.FisherPrune().min_fraction == 0.3
+    default = npr.FisherPrune()
+    assert default.refit_norms and default.min_fraction is None and default.min_share == 0.9
     with pytest.raises(RecipeError, match="refit_norms"):
         npr.FisherPrune(refit_norms="yes")  # type: ignore[arg-type]
 
@@ -87,3 +89,34 @@ def test_min_fraction_keeps_a_share_of_every_group():
     assert capped.summary["macs_after"] <= plain.summary["macs_after"] * 1.1
     with pytest.raises(RecipeError, match="min_fraction"):
         npr.FisherPrune(min_fraction=1.0)
+
+
+def test_target_floor_is_the_share_of_the_removable_macs_left():
+    # 1000 MACs, 200 of them fixed: a goal of 600 leaves (600-200)/800 = 0.5 on average
+    assert target_floor(600, 1000, 200, 0.9) == pytest.approx(0.45)
+    assert target_floor(600, 1000, 0, 1.0) == pytest.approx(0.6)
+    assert target_floor(100, 1000, 200, 0.9) == 0.0  # the goal is below the fixed part
+    assert target_floor(600, 200, 200, 0.9) == 0.0  # nothing removable
+    assert target_floor(2000, 1000, 0, 0.9) == 1.0
+
+
+def test_default_floor_follows_the_target():
+    model = toy_transformer()
+    data = _data()
+    for macs in (0.4, 0.6):
+        cut = fisher_cut(model, FisherPrune(macs=macs, calibration_batches=3), data[0], data)
+        floor = cut.summary["min_fraction"]
+        # nearly every MAC of the toy is removable: the floor is a bit under 0.9 * macs,
+        # and every group keeps it (rounded down where rounding up would miss the target:
+        # 4 heads at macs=0.4)
+        assert 0.75 * macs < floor <= 0.9 * macs + 1e-9, (macs, floor)
+        for total, kept in cut.summary["groups"].values():
+            assert kept >= math.floor(floor * total + 1e-9)
+        assert cut.summary["macs_after"] <= cut.summary["macs_target"] * 1.02
+    nearly_uniform = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=3,
+                                                   min_share=1.0), data[0], data)
+    shares = [k / t for t, k in nearly_uniform.summary["groups"].values()]
+    # the whole average share as the floor (0.58): 2 of 4 heads and 9 of 16 neurons at least
+    assert nearly_uniform.summary["min_fraction"] > 0.55 and min(shares) >= 0.5, shares
+    with pytest.raises(RecipeError, match="min_share"):
+        npr.FisherPrune(min_share=1.5)

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      limit=args.test_images).tensors[0], test)
             exact = rehead(head, ds.cifar10_exact_test(data_dir(args.data)).tensors[0], exact)
             row["head_max_weight_change"] = max(
-                float((p1 - p0).abs().max()) for p1, p0 in
+                float((p1 - p0).detach().abs().max()) for p1, p0 in
                 zip(head.parameters(), cut.head.parameters(), strict=True))
             row["head_max_buffer_change"] = max(
                 float((b1.float() - b0.float()).abs().max()) for b1, b0 in

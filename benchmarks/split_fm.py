@@ -58,7 +58,8 @@ from netpress.split.bottleneck import Bottleneck, build_bottleneck
 from netpress.split.cached import HeadCache, fit_cached
 
 RESULTS = Path(__file__).parent / "results" / "split_fm"
-VIEWS = ("cached", "hmix", "crop", "fm")
+VIEWS = ("cached", "hmix", "plain", "crop", "fm")
+LIVE = ("plain", "crop", "fm")
 
 
 def mix_views(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -84,14 +85,15 @@ class LiveViews(HeadCache):
     """Batches of ``(head(view), teacher_tail(head(view)), labels)`` for ``fit_cached``: each
     step draws a batch of ``images``, augments it (random crop from the 4-pixel zero-padded
     image + flip; with ``mix``, then mixup/cutmix) and runs the frozen head and the original
-    tail on that same view (no grad, eval mode). With ``pixels`` the batch's first element is
+    tail on that same view (no grad, eval mode); ``augment = False``: the images as they are.
+    With ``pixels`` the batch's first element is
     the view itself (a student that runs its own, trainable head), the target unchanged."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                  teacher_tail: nn.Module, batch: int, mix: bool, pixels: bool = False) -> None:
         super().__init__(torch.empty(0), torch.empty(0), labels, batch)
         self.images, self.head, self.teacher_tail, self.mix = images, head, teacher_tail, mix
-        self.pixels = pixels
+        self.pixels, self.augment = pixels, True
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -102,7 +104,7 @@ class LiveViews(HeadCache):
         self.teacher_tail.eval()
         for i in range(0, len(self) - self.batch + 1, self.batch):
             idx = order[i:i + self.batch]
-            view = crop_flip(self.images[idx], generator)
+            view = crop_flip(self.images[idx], generator) if self.augment else self.images[idx]
             if self.mix:
                 view = mix_views(view, generator)
             with torch.no_grad():  # left before the yield: the caller's step needs grad
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     latent_options(p, channels=4, stride=2, depth=2, stage1=800, stage2=1000)
     p.add_argument("--views", choices=VIEWS, default="fm",
                    help="cached: no augmentation (the existing recipe); hmix: cached, "
-                        "mixup/cutmix of the head outputs, teacher tail on them; crop: live random "
+                        "mixup/cutmix of the head outputs, teacher tail on them; plain: live, "
+                        "no augmentation (for --train-head); crop: live random "
                         "crop + flip; fm: crop + flip + mixup/cutmix (function matching)")
     p.add_argument("--held-out", type=int, default=2000)
     p.add_argument("--eval", choices=("held", "test"), default="held")
@@ -193,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "fm.json")
     args = p.parse_args(argv)
     args.train_images = 50000
-    if args.train_head and args.views not in ("crop", "fm"):
-        p.error("--train-head needs live views: --views crop or fm")
+    if args.train_head and args.views not in LIVE:
+        p.error("--train-head needs live views: --views plain, crop or fm")
     cpu0 = time.process_time()
     ref, cut, jpeg, (cache, test, exact), _, t_cache = prepare(args)
     # the images in the cache's order (the same seeded shuffle), checked against the cache
@@ -252,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         data: HeadCache = train
         if args.views == "hmix":
             data = MixedCache(train, cut.tail)
-        elif args.views in ("crop", "fm"):
+        elif args.views in LIVE:
             data = LiveViews(x[k:], y[k:], cut.head, cut.tail, 64, mix=args.views == "fm",
                              pixels=args.train_head)
+            data.augment = args.views != "plain"
         curve: list[tuple[int, float]] = []
         after_fn = None
         if args.eval_every:

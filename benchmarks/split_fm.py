@@ -304,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             row["head_max_weight_change"] = max(
                 float((p1 - p0).detach().abs().max()) for p1, p0 in
                 zip(head.parameters(), cut.head.parameters(), strict=True))
-            row["head_max_buffer_change"] = max(
-                float((b1.float() - b0.float()).abs().max()) for b1, b0 in
-                zip(head.buffers(), cut.head.buffers(), strict=True))
+            row["head_max_bn_stat_change"] = max(  # running means and variances
+                float((b1 - b0).abs().max()) for (n, b1), b0 in
+                zip(head.named_buffers(), cut.head.buffers(), strict=True)
+                if not n.endswith("num_batches_tracked"))
         held_s = held_now()
         row.update(agreement_held=_agreement(b, tail, held_s),
                    bytes_held=_held_bytes(b, first, held_s, args.bits),

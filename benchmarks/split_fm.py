@@ -28,7 +28,7 @@ the head at ``--head-lr``, its BatchNorm layers in eval mode (``--head-bn eval``
 statistics, the weights still train) or train mode; the target is still the original model's
 output on that view. Every score is then recomputed through the trained head
 (:func:`rehead`): held-out, train, test and lossless images' head outputs, and the codes the
-arithmetic coder is fitted on and codes.
+arithmetic coder is fitted on and sends.
 
     python benchmarks/split_fm.py --data ../shared/data --views fm --stage2 1000
 """
@@ -86,8 +86,8 @@ class LiveViews(HeadCache):
     step draws a batch of ``images``, augments it (random crop from the 4-pixel zero-padded
     image + flip; with ``mix``, then mixup/cutmix) and runs the frozen head and the original
     tail on that same view (no grad, eval mode); ``augment = False``: the images as they are.
-    With ``pixels`` the batch's first element is
-    the view itself (a student that runs its own, trainable head), the target unchanged."""
+    With ``pixels`` the batch's first element is the view itself (a student that runs its
+    own, trainable head), the target unchanged."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                  teacher_tail: nn.Module, batch: int, mix: bool, pixels: bool = False) -> None:
@@ -146,9 +146,9 @@ def fit_stage2_head(split: SplitModel, data: HeadCache, args: argparse.Namespace
                     after_step: Any = None) -> dict[str, Any]:
     """``steps`` of stage 2 end to end on pixel batches (``LiveViews(pixels=True)``): head at
     ``--head-lr``, bottleneck at ``--lr``, tail at ``--tail-lr``, Adam, one cosine cycle;
-    ``split_small.stage2_loss``. ``--head-bn eval`` keeps the head's BatchNorm statistics
-    (``SplitModel.frozen``: eval mode while the rest trains)."""
-    split.frozen = ("head",) if args.head_bn == "eval" else ()
+    ``split_small.stage2_loss``. ``--head-bn eval`` keeps the head's BatchNorm layers in eval
+    mode while everything trains (``SplitModel.frozen_bn``, as ``Split(head_bn="frozen")``)."""
+    split.frozen_bn = ("head",) if args.head_bn == "eval" else ()
     try:
         return fit_cached(split, data, stage2_loss(args), "output", steps=steps,
                           groups=[(list(split.head.parameters()), args.head_lr),
@@ -156,7 +156,7 @@ def fit_stage2_head(split: SplitModel, data: HeadCache, args: argparse.Namespace
                                   (list(split.tail.parameters()), args.tail_lr)],
                           optimizer="adam", after_step=after_step, seed=1)
     finally:
-        split.frozen = ()
+        split.frozen_bn = ()
 
 
 def _agreement(b: nn.Module, tail: nn.Module, cache: HeadCache) -> float:
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", type=Path, default=None,
                    help="a saved stage-2 state (with --stage2 0: scored, not trained)")
     p.add_argument("--train-head", action="store_true",
-                   help="stage 2 trains the head too, end to end on live views (crop or fm)")
+                   help="stage 2 trains the head too, end to end on live views "
+                        "(plain, crop or fm)")
     p.add_argument("--head-lr", type=float, default=1e-4)
     p.add_argument("--head-bn", choices=("eval", "train"), default="eval",
                    help="the trained head's BatchNorm: frozen statistics, or batch statistics")

@@ -21,6 +21,15 @@ cached) is run once and saved in ``--work``; every stage-2 run starts from it (o
 (agreement, arithmetic-coded bytes, decode-back check) and the lossless ones
 (``split_small._measure``).
 
+With ``--train-head`` (live views only) stage 2 trains the device's head too: the student
+is a :class:`~netpress.split.SplitModel` of a copy of the original head, the bottleneck and
+the tail, run end to end on each augmented view (:class:`LiveViews` with ``pixels=True``),
+the head at ``--head-lr``, its BatchNorm layers in eval mode (``--head-bn eval``: frozen
+statistics, the weights still train) or train mode; the target is still the original model's
+output on that view. Every score is then recomputed through the trained head
+(:func:`rehead`): held-out, train, test and lossless images' head outputs, and the codes the
+arithmetic coder is fitted on and sends.
+
     python benchmarks/split_fm.py --data ../shared/data --views fm --stage2 1000
 """
 
@@ -41,15 +50,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import data_dir, write_json
 from recovery import crop_flip
 from split_curve import _codes, _outputs, common_options, prepare
-from split_small import _measure, fit_stage1, fit_stage2, latent_options
+from split_small import _measure, fit_stage1, fit_stage2, latent_options, stage2_loss
 
 from netpress import datasets as ds
-from netpress.split import arith_bytes, fit_code_model
+from netpress.split import SplitModel, arith_bytes, fit_code_model
 from netpress.split.bottleneck import Bottleneck, build_bottleneck
-from netpress.split.cached import HeadCache
+from netpress.split.cached import HeadCache, fit_cached
 
 RESULTS = Path(__file__).parent / "results" / "split_fm"
-VIEWS = ("cached", "hmix", "crop", "fm")
+VIEWS = ("cached", "hmix", "plain", "crop", "fm")
+LIVE = ("plain", "crop", "fm")
 
 
 def mix_views(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -75,12 +85,15 @@ class LiveViews(HeadCache):
     """Batches of ``(head(view), teacher_tail(head(view)), labels)`` for ``fit_cached``: each
     step draws a batch of ``images``, augments it (random crop from the 4-pixel zero-padded
     image + flip; with ``mix``, then mixup/cutmix) and runs the frozen head and the original
-    tail on that same view (no grad, eval mode)."""
+    tail on that same view (no grad, eval mode); ``augment = False``: the images as they are.
+    With ``pixels`` the batch's first element is the view itself (a student that runs its
+    own, trainable head), the target unchanged."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                 teacher_tail: nn.Module, batch: int, mix: bool) -> None:
+                 teacher_tail: nn.Module, batch: int, mix: bool, pixels: bool = False) -> None:
         super().__init__(torch.empty(0), torch.empty(0), labels, batch)
         self.images, self.head, self.teacher_tail, self.mix = images, head, teacher_tail, mix
+        self.pixels, self.augment = pixels, True
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -91,13 +104,13 @@ class LiveViews(HeadCache):
         self.teacher_tail.eval()
         for i in range(0, len(self) - self.batch + 1, self.batch):
             idx = order[i:i + self.batch]
-            view = crop_flip(self.images[idx], generator)
+            view = crop_flip(self.images[idx], generator) if self.augment else self.images[idx]
             if self.mix:
                 view = mix_views(view, generator)
             with torch.no_grad():  # left before the yield: the caller's step needs grad
                 h = self.head(view)
                 target = self.teacher_tail(h)
-            yield h, target, torch.empty(0)
+            yield (view if self.pixels else h), target, torch.empty(0)
 
 
 class MixedCache(HeadCache):
@@ -119,6 +132,33 @@ class MixedCache(HeadCache):
             yield mixed, target, labels
 
 
+def rehead(head: nn.Module, images: torch.Tensor, cache: HeadCache) -> HeadCache:
+    """``cache`` with its head outputs recomputed by ``head`` (eval mode, no grad) on
+    ``images`` (the same images in the same order; float32): the original model's outputs
+    and the labels are kept."""
+    head.eval()
+    with torch.no_grad():
+        h = torch.cat([head(images[i:i + 250]) for i in range(0, len(images), 250)])
+    return HeadCache(h, cache.logits, cache.labels, cache.batch)
+
+
+def fit_stage2_head(split: SplitModel, data: HeadCache, args: argparse.Namespace, steps: int,
+                    after_step: Any = None) -> dict[str, Any]:
+    """``steps`` of stage 2 end to end on pixel batches (``LiveViews(pixels=True)``): head at
+    ``--head-lr``, bottleneck at ``--lr``, tail at ``--tail-lr``, Adam, one cosine cycle;
+    ``split_small.stage2_loss``. ``--head-bn eval`` keeps the head's BatchNorm layers in eval
+    mode while everything trains (``SplitModel.frozen_bn``, as ``Split(head_bn="frozen")``)."""
+    split.frozen_bn = ("head",) if args.head_bn == "eval" else ()
+    try:
+        return fit_cached(split, data, stage2_loss(args), "output", steps=steps,
+                          groups=[(list(split.head.parameters()), args.head_lr),
+                                  (list(split.bottleneck.parameters()), args.lr),
+                                  (list(split.tail.parameters()), args.tail_lr)],
+                          optimizer="adam", after_step=after_step, seed=1)
+    finally:
+        split.frozen_bn = ()
+
+
 def _agreement(b: nn.Module, tail: nn.Module, cache: HeadCache) -> float:
     return float((_outputs(b, tail, cache.h).argmax(1) == cache.logits.argmax(1))
                  .float().mean())
@@ -137,18 +177,28 @@ def main(argv: list[str] | None = None) -> int:
     latent_options(p, channels=4, stride=2, depth=2, stage1=800, stage2=1000)
     p.add_argument("--views", choices=VIEWS, default="fm",
                    help="cached: no augmentation (the existing recipe); hmix: cached, "
-                        "mixup/cutmix of the head outputs, teacher tail on them; crop: live random "
+                        "mixup/cutmix of the head outputs, teacher tail on them; plain: live, "
+                        "no augmentation (for --train-head); crop: live random "
                         "crop + flip; fm: crop + flip + mixup/cutmix (function matching)")
     p.add_argument("--held-out", type=int, default=2000)
     p.add_argument("--eval", choices=("held", "test"), default="held")
     p.add_argument("--eval-every", type=int, default=0,
                    help="held-out agreement every N stage-2 steps (a curve; 0: none)")
-    p.add_argument("--resume", type=Path, default=None, help="a saved stage-2 state")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="a saved stage-2 state (with --stage2 0: scored, not trained)")
+    p.add_argument("--train-head", action="store_true",
+                   help="stage 2 trains the head too, end to end on live views "
+                        "(plain, crop or fm)")
+    p.add_argument("--head-lr", type=float, default=1e-4)
+    p.add_argument("--head-bn", choices=("eval", "train"), default="eval",
+                   help="the trained head's BatchNorm: frozen statistics, or batch statistics")
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-fm"),
                    help="the 50k head-output cache, stage-1 and stage-2 states")
     p.add_argument("--out", type=Path, default=RESULTS / "fm.json")
     args = p.parse_args(argv)
     args.train_images = 50000
+    if args.train_head and args.views not in LIVE:
+        p.error("--train-head needs live views: --views plain, crop or fm")
     cpu0 = time.process_time()
     ref, cut, jpeg, (cache, test, exact), _, t_cache = prepare(args)
     # the images in the cache's order (the same seeded shuffle), checked against the cache
@@ -169,13 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     b = build_bottleneck(tuple(train.h[:2].shape), args.channels, args.bits,
                          stride=args.stride, hidden=args.hidden, depth=args.depth)
     tail = copy.deepcopy(cut.tail)
+    head = copy.deepcopy(cut.head)  # trained only with --train-head
     s1_path = args.work / (f"stage1_{args.at}_c{args.channels}_s{args.stride}_d{args.depth}_"
                            f"b{args.bits}_{args.stage1}_held{k}.pt")
     rows: list[dict[str, Any]] = []
+    head_trained = args.train_head  # or loaded from --resume: scores go through rehead()
     if args.resume is not None:
         state = torch.load(args.resume)
         b.load_state_dict(state["bottleneck"])
         tail.load_state_dict(state["tail"])
+        if "head" in state:
+            head.load_state_dict(state["head"])
+            head_trained = True
     elif s1_path.exists():
         b.load_state_dict(torch.load(s1_path))
         rows.append({"after": "stage 1 (loaded)", "steps": args.stage1,
@@ -192,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
                      "agreement_held": _agreement(b, cut.tail, held),
                      "bytes_held": _held_bytes(b, train, held, args.bits)})
         print(rows[-1], flush=True)
+    first = HeadCache(train.h[:2000], train.logits[:2000], None, 250)
+
+    def held_now() -> HeadCache:  # the held-out images through the student's head
+        return rehead(head, x[:k], held) if head_trained else held
+
     if args.stage2:
         data: HeadCache = train
         if args.views == "hmix":
             data = MixedCache(train, cut.tail)
-        elif args.views in ("crop", "fm"):
-            data = LiveViews(x[k:], y[k:], cut.head, cut.tail, 64, mix=args.views == "fm")
+        elif args.views in LIVE:
+            data = LiveViews(x[k:], y[k:], cut.head, cut.tail, 64, mix=args.views == "fm",
+                             pixels=args.train_head)
+            data.augment = args.views != "plain"
         curve: list[tuple[int, float]] = []
         after_fn = None
         if args.eval_every:
@@ -206,28 +268,54 @@ def main(argv: list[str] | None = None) -> int:
             def after(module: nn.Module) -> None:
                 step[0] += 1
                 if step[0] % args.eval_every == 0:
-                    curve.append((step[0], _agreement(b, tail, held)))
+                    curve.append((step[0], _agreement(b, tail, held_now())))
                     print(f"step {step[0]}: held-out agreement {curve[-1][1]:.4f}", flush=True)
                     module.train()
 
             after_fn = after
+        start: dict[str, Any] = {}
+        if args.train_head:
+            start["agreement_held_start"] = _agreement(b, tail, held_now())
+            print(start, flush=True)
         t2, c2 = time.perf_counter(), time.process_time()
-        s2 = fit_stage2(b, tail, data, args, args.stage2, after_step=after_fn)
+        if args.train_head:
+            split = SplitModel(head, b, tail, at=args.at)
+            s2 = fit_stage2_head(split, data, args, args.stage2, after_step=after_fn)
+        else:
+            s2 = fit_stage2(b, tail, data, args, args.stage2, after_step=after_fn)
         sec, cpu = time.perf_counter() - t2, time.process_time() - c2
-        row: dict[str, Any] = {
-            "after": "stage 2", "views": args.views, "steps": args.stage2, **s2,
-            "seconds": round(sec), "cpu_seconds": round(cpu),
-            "cpu_s_per_step": round(cpu / max(1, args.stage2), 3), "held_curve": curve,
-            "agreement_held": _agreement(b, tail, held),
-            "bytes_held": _held_bytes(b, train, held, args.bits),
-            "agreement_train_2000": _agreement(b, tail, HeadCache(
-                train.h[:2000], train.logits[:2000], None, 250))}
+        rows.append({"after": "stage 2", "views": args.views, "train_head": args.train_head,
+                     "steps": args.stage2, **s2, **start,
+                     "seconds": round(sec), "cpu_seconds": round(cpu),
+                     "cpu_s_per_step": round(cpu / max(1, args.stage2), 3),
+                     "held_curve": curve})
+        saved = {"bottleneck": b.state_dict(), "tail": tail.state_dict()}
+        if head_trained:
+            saved["head"] = head.state_dict()
+        torch.save(saved, args.work / f"{args.out.stem}.pt")
+    elif args.resume is not None:
+        rows.append({"after": "resumed state, scored", "resumed_from": str(args.resume)})
+    if args.stage2 or args.resume is not None:
+        row = rows[-1]
+        if head_trained:
+            first = rehead(head, x[k:k + 2000], first)
+            test = rehead(head, ds.cifar10_jpeg_test(data_dir(args.data),
+                                                     limit=args.test_images).tensors[0], test)
+            exact = rehead(head, ds.cifar10_exact_test(data_dir(args.data)).tensors[0], exact)
+            row["head_max_weight_change"] = max(
+                float((p1 - p0).detach().abs().max()) for p1, p0 in
+                zip(head.parameters(), cut.head.parameters(), strict=True))
+            row["head_max_bn_stat_change"] = max(  # running means and variances
+                float((b1 - b0).abs().max()) for (n, b1), b0 in
+                zip(head.named_buffers(), cut.head.buffers(), strict=True)
+                if not n.endswith("num_batches_tracked"))
+        held_s = held_now()
+        row.update(agreement_held=_agreement(b, tail, held_s),
+                   bytes_held=_held_bytes(b, first, held_s, args.bits),
+                   agreement_train_2000=_agreement(b, tail, first))
         if args.eval == "test":
-            row.update(_measure(b, tail, train, test, exact, jpeg, args.bits))
-        rows.append(row)
+            row.update(_measure(b, tail, first, test, exact, jpeg, args.bits))
         print(row, flush=True)
-        torch.save({"bottleneck": b.state_dict(), "tail": tail.state_dict()},
-                   args.work / f"{args.out.stem}.pt")
     payload = {"model": "resnet56 (akamaster)", **{k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
                "jpeg_mean_bytes": float(jpeg.mean()), "cache_seconds": round(t_cache),

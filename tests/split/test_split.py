@@ -183,6 +183,28 @@ def test_stage2_trains_only_the_parts_it_names(one_thread):
         npr.Split(stage1_steps=-1)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("head_bn", ["train", "frozen"])
+def test_a_trained_head_keeps_its_batchnorm_statistics_only_when_asked(one_thread, stage,
+                                                                       head_bn):
+    model, data = _task()
+    steps = {"stage1_steps": 3, "train_head": True} if stage == 1 else {
+        "stage1_steps": 0, "stage2_trains": ("head", "decoder", "tail")}
+    res = npr.compress(model, npr.Split(at="bn1", channels=4, stride=1, stage2_steps=3,
+                                        alpha=1.0, head_bn=head_bn, **steps),
+                       train=data, measure=False)
+    head, bn = res.model.head, model.bn1
+    assert float((head.conv1.weight - model.conv1.weight).detach().abs().max()) > 1e-4
+    assert float((head.bn1.weight - bn.weight).detach().abs().max()) > 1e-4  # BN affine too
+    kept = torch.equal(head.bn1.running_mean, bn.running_mean) and torch.equal(
+        head.bn1.running_var, bn.running_var)
+    assert kept == (head_bn == "frozen")
+    moved = int(head.bn1.num_batches_tracked) - int(bn.num_batches_tracked)
+    assert moved == (0 if head_bn == "frozen" else 3)  # three training batches, none more
+    with pytest.raises(RecipeError, match="head_bn"):
+        npr.Split(head_bn="eval")
+
+
 def test_a_shared_frozen_head_trains_exactly_as_the_full_model(one_thread, monkeypatch):
     import netpress.split.method as method
 

@@ -23,6 +23,12 @@ al.'s factorized prior, as in Matsubara et al.'s Entropic Student) and ``rate`` 
 the arithmetic coder then codes with that density, so the trained rate is the sent size.
 Both stages run the shared recovery loop, so pruning masks set before the split stay applied.
 
+A stage that trains the head (``train_head`` in stage 1, ``"head"`` in ``stage2_trains``)
+normalises its BatchNorm layers with batch statistics by default (``head_bn="train"``);
+``head_bn="frozen"`` keeps them in eval mode, so the head's running statistics stay the
+original's while its weights (BatchNorm's affine ones included) train, e.g. when stage 2
+fine-tunes the device's whole part end to end from the original head.
+
 ``cache_head=True`` (head frozen in both stages and still the original's) computes the head's
 outputs and the original model's outputs once for the training inputs
 (:mod:`netpress.split.cached`) and trains both stages from that cache: stage 1 then costs only
@@ -81,7 +87,9 @@ class Split(MethodConfig):
     the weight of its bits per input in the loss). ``depth``: 3×3 convolutions per resolution
     stage of the encoder and the decoder (a small latent, e.g. ``stride=4``, is reached
     through more layers). ``logit_mse``: weight of the squared error of the logits added to
-    stage 2's distillation (:func:`netpress.split.losses.logit_kd_loss`).
+    stage 2's distillation (:func:`netpress.split.losses.logit_kd_loss`). ``head_bn``:
+    ``"train"`` (batch statistics) or ``"frozen"`` (eval mode, running statistics kept) for
+    the head's BatchNorm layers in the stages that train the head.
     """
 
     at: str = "re:.*"
@@ -98,6 +106,7 @@ class Split(MethodConfig):
     rate: float = 0.0
     train_head: bool = True
     stage2_trains: tuple[str, ...] = ("decoder", "tail")
+    head_bn: str = "train"
     entropy: str = "none"
     cache_head: bool = False
     tail_lr: float | None = None
@@ -138,6 +147,8 @@ class Split(MethodConfig):
         if isinstance(parts, str) or not parts or any(p not in PARTS for p in parts):
             raise RecipeError(f"{n}: stage2_trains={parts!r} must list one or more of "
                               f"{tuple(PARTS)}")
+        if self.head_bn not in HEAD_BN:
+            raise RecipeError(f"{n}: head_bn={self.head_bn!r}; choose one of {HEAD_BN}")
         if self.entropy not in ENTROPY_MODELS:
             raise RecipeError(f"{n}: entropy={self.entropy!r}; choose one of {ENTROPY_MODELS}")
         self._check_cache()
@@ -176,6 +187,9 @@ class Split(MethodConfig):
             raise RecipeError(f"{n}: prior_steps={v!r} must be an int >= 0")
 
 
+#: What the head's BatchNorm layers do in a stage that trains the head.
+HEAD_BN = ("train", "frozen")
+
 #: The parts of a split model that ``stage2_trains`` names, and their module names.
 PARTS = {"head": "head", "encoder": "bottleneck.encoder", "decoder": "bottleneck.decoder",
          "tail": "tail"}
@@ -197,17 +211,21 @@ def _stage_config(cfg: Split, steps: int, rate: float) -> TrainConfig:
 
 
 @contextlib.contextmanager
-def _freeze(model: SplitModel | nn.Module, parts: list[str]) -> Iterator[None]:
-    """No gradients into ``parts`` and BatchNorm statistics kept, for one training stage."""
+def _freeze(model: SplitModel | nn.Module, parts: list[str],
+            frozen_bn: tuple[str, ...] = ()) -> Iterator[None]:
+    """No gradients into ``parts`` and BatchNorm statistics kept, for one training stage;
+    ``frozen_bn``: parts that train with their BatchNorm layers in eval mode."""
     modules = [model.get_submodule(p) for p in parts]
     saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)
     model.frozen = tuple(parts)  # type: ignore[union-attr]
+    model.frozen_bn = frozen_bn  # type: ignore[union-attr]
     try:
         yield
     finally:
         model.frozen = ()  # type: ignore[union-attr]
+        model.frozen_bn = ()  # type: ignore[union-attr]
         for p, flag in saved:
             p.requires_grad_(flag)
 
@@ -289,8 +307,13 @@ def _stage1(split: SplitModel, teacher_head: nn.Module, cfg: Split, ctx: Context
     front = split.front()
     head_ctx = ctx.fork(reference=teacher_head)
     head_ctx.masks = {k: m for k, m in ctx.masks.items() if k.startswith("head.")}
-    with _freeze(front, [] if cfg.train_head else ["head"]):
+    with _freeze(front, [] if cfg.train_head else ["head"], _head_bn(cfg, cfg.train_head)):
         return train(front, head_ctx, train_cfg, head_loss, needs_teacher=True)
+
+
+def _head_bn(cfg: Split, head_trains: bool) -> tuple[str, ...]:
+    """The parts whose BatchNorm stays in eval mode in a stage that trains them."""
+    return ("head",) if head_trains and cfg.head_bn == "frozen" else ()
 
 
 def _kd_loss(cfg: Split) -> LossFn:
@@ -322,7 +345,7 @@ def _stage2(split: SplitModel, teacher: Any, cfg: Split, ctx: Context) -> dict[s
             out = train(back, fast, train_cfg, output_loss, needs_teacher=True)
         ctx.masks.update(fast.masks)
         return {**out, "shared_head": True}
-    with _freeze(split, frozen):
+    with _freeze(split, frozen, _head_bn(cfg, "head" in cfg.stage2_trains)):
         return train(split, ctx, train_cfg, output_loss, needs_teacher=True)
 
 

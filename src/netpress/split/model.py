@@ -22,14 +22,21 @@ __all__ = ["SplitModel", "DevicePart", "ServerPart", "find_split"]
 
 class _Stages(nn.Module):
     """``frozen`` names submodules that stay in eval mode when the module trains (a training
-    stage that keeps them fixed must not move their BatchNorm statistics either)."""
+    stage that keeps them fixed must not move their BatchNorm statistics either);
+    ``frozen_bn`` names submodules whose BatchNorm layers alone stay in eval mode (their
+    weights train, their running statistics stay: ``Split(head_bn="frozen")``)."""
 
     frozen: tuple[str, ...] = ()
+    frozen_bn: tuple[str, ...] = ()
 
     def train(self, mode: bool = True) -> _Stages:
         super().train(mode)
         for name in self.frozen:
             self.get_submodule(name).eval()
+        for name in self.frozen_bn:
+            for m in self.get_submodule(name).modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 

@@ -76,9 +76,9 @@ class Distill(TrainConfig):
     64: +0.011 cosine in 50 steps; batch 16: +0.024 in 500; 500 steps at batch 64: +0.036 at lr
     2e-4, +0.038 at lr 3e-4; batch 128: +0.040 at lr 3e-4, +0.043 at lr 6e-4; more varied
     text and ``relation_weight`` did not help in 150-step screens; from ``FisherPrune()``'s
-    target-following floor, lr 1e-3 reached 0.957 in 500 steps, the best measured). Batching sentences of similar
-    length makes a step ~4x cheaper there (a random batch of 64 is ~3.5x padding), and
-    ``freeze=("embeddings",)`` skips the 11.7M word-embedding parameters that a heads/FFN
+    target-following floor, lr 1e-3 reached 0.957 in 500 steps, the best measured).
+    Batching sentences of similar length makes a step ~4x cheaper there (a random batch of
+    64 is ~3.5x padding), and ``freeze=("embeddings",)`` skips the 11.7M word-embedding parameters that a heads/FFN
     pruning leaves unchanged.
     """
 

@@ -78,8 +78,8 @@ class Distill(TrainConfig):
     text and ``relation_weight`` did not help in 150-step screens; from ``FisherPrune()``'s
     target-following floor, lr 1e-3 reached 0.957 in 500 steps, the best measured).
     Batching sentences of similar length makes a step ~4x cheaper there (a random batch of
-    64 is ~3.5x padding), and ``freeze=("embeddings",)`` skips the 11.7M word-embedding parameters that a heads/FFN
-    pruning leaves unchanged.
+    64 is ~3.5x padding), and ``freeze=("embeddings",)`` skips the 11.7M word-embedding
+    parameters that a heads/FFN pruning leaves unchanged.
     """
 
     temperature: float = 4.0

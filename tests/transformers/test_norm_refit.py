@@ -120,3 +120,11 @@ def test_default_floor_follows_the_target():
     assert nearly_uniform.summary["min_fraction"] > 0.55 and min(shares) >= 0.5, shares
     with pytest.raises(RecipeError, match="min_share"):
         npr.FisherPrune(min_share=1.5)
+
+
+def test_an_explicit_floor_the_target_cannot_meet_is_a_clear_error():
+    model = toy_transformer()
+    data = _data()
+    with pytest.raises(RecipeError, match=r"min_fraction \(the floor in force: 0\.900\)"):
+        fisher_cut(model, FisherPrune(macs=0.3, calibration_batches=3, min_fraction=0.9),
+                   data[0], data)

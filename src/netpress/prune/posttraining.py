@@ -255,9 +255,7 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     offsets = np.cumsum([0, *[len(graph.groups[g.index]) for g in groups]])
     floor = cfg.min_fraction
     if floor is None:  # the target's average share of the removable MACs (graph estimate)
-        every = np.zeros(graph.blocked.size, dtype=bool)
-        for g in groups:
-            every[graph.groups[g.index].units] = True
+        every = removal([np.ones(len(graph.groups[g.index]), dtype=bool) for g in groups])
         floor = target_floor(goal * base / now, base, graph.macs(every), cfg.min_share)
 
     def over(flat: np.ndarray) -> bool:  # the graph's estimate, scaled to the measured count
@@ -269,17 +267,18 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                                [_minimum(cfg, len(graph.groups[g.index]), floor, up)
                                 for g in groups], over)
 
-    try:
-        parts = select(True)
-    except ValueError as exc:
-        try:  # a floor set from the target, rounded up in small groups, can overshoot it
-            if cfg.min_fraction is not None:
-                raise
-            parts = select(False)
-        except ValueError:
-            raise RecipeError(f"FisherPrune: {exc}; raise macs or lower min_units / "
-                              f"min_fraction (the floor in force: {floor:.3f}) / "
-                              "min_share") from None
+    # a floor set from the target, rounded up in small groups, can overshoot the target:
+    # then it is rounded down
+    for up in (True, False) if cfg.min_fraction is None else (True,):
+        try:
+            parts = select(up)
+            break
+        except ValueError as exc:
+            error = exc
+    else:
+        raise RecipeError(f"FisherPrune: {error}; raise macs or lower min_units / "
+                          f"min_fraction (the floor in force: {floor:.3f}) / "
+                          "min_share") from None
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)

@@ -90,10 +90,11 @@ class LiveViews(HeadCache):
     own, trainable head), the target unchanged."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                 teacher_tail: nn.Module, batch: int, mix: bool, pixels: bool = False) -> None:
+                 teacher_tail: nn.Module, batch: int, mix: bool, pixels: bool = False,
+                 augment: bool = True) -> None:
         super().__init__(torch.empty(0), torch.empty(0), labels, batch)
         self.images, self.head, self.teacher_tail, self.mix = images, head, teacher_tail, mix
-        self.pixels, self.augment = pixels, True
+        self.pixels, self.augment = pixels, augment
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -258,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             data = MixedCache(train, cut.tail)
         elif args.views in LIVE:
             data = LiveViews(x[k:], y[k:], cut.head, cut.tail, 64, mix=args.views == "fm",
-                             pixels=args.train_head)
-            data.augment = args.views != "plain"
+                             pixels=args.train_head, augment=args.views != "plain")
         curve: list[tuple[int, float]] = []
         after_fn = None
         if args.eval_every:

@@ -116,12 +116,22 @@ def train_pool(texts: list[str], data: str, held_out: int = 512,
 
 def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
                   limit: int | None = None, bucket: bool = False,
-                  count: int | None = None) -> list[Any]:
+                  count: int | None = None,
+                  augment: dict[str, Any] | None = None) -> list[Any]:
     """Distillation batches (padded to the longest) of :func:`train_pool`'s sentences (the
     first ``count`` of them when given: a large pool need not be tokenized whole).
+    ``augment`` (with ``count``): the pool repeated to ``count`` sentences, repeats varied by
+    ``_text_augment.augmented_pool(**augment)``: no batch is seen twice.
     ``bucket``: within each run of 16 batches the sentences are sorted by token count before
     batching (less padding to compute on), and the batches are then shuffled."""
-    train = train_pool(texts, data, held_out, limit)[:count]
+    train = train_pool(texts, data, held_out, limit)
+    if augment is not None:
+        from _text_augment import augmented_pool
+
+        if count is None:
+            raise ValueError("augment needs count (the sentences of the whole budget)")
+        train = augmented_pool(train, count, **augment)
+    train = train[:count]
     if not bucket:
         return batches(tok, train, size, pad="longest")
     lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]

@@ -1,39 +1,38 @@
 """Distillation of the FisherPrune'd all-MiniLM-L6-v2: which training settings recover it.
 
-Starts from a pruned model saved with ``torch.save`` (``--pruned``; e.g. FisherPrune 50% MACs
-with the blocks refit on 512 calibration sentences) and runs ``Distill(loss="cosine")`` from
-the unpruned model for each setting given (JSON objects of ``Distill`` fields plus
-``checkpoints``: one run, constant lr, measured at each checkpoint; each chunk continues on the
-train batches where the last one stopped; with ``"budgets": true`` each checkpoint is instead
-its own run from the pruned model, its lr schedule (default cosine) spanning that budget, and
-``"save": PATH`` keeps the largest budget's model; ``"data": "topics+docstrings"`` adds the
-standard library's docstring sentences to the training text; ``"batch"``: sentences per step,
-default 16; ``"bucket": true``: batches of sentences of similar length
-(``train_batches(bucket=True)``); ``"freeze"``: a list, the ``Distill(freeze=...)`` patterns;
-``"cache_teacher": true``: the reference's outputs on the training batches computed once
-(``CachedTeacher``; not with ``features``); ``"data": "machine"``: every text that ships on
-this machine as well (``_distill_text``); ``"relation_weight"``: the ``Distill`` batch
-similarity-matrix term; ``"self_relation": {"weight": W, "layers": [5], "most_heads": 12}``
-(budgets only, not with ``cache_teacher``): MiniLMv2's query/key/value relation KL of those
-encoder layers added (``_self_relation``); ``"score_train": true``: also score 512 of the
-sentences trained on (fitting the training text vs the teacher); ``"local_steps": N`` (budgets
-only) spends the first N steps of each budget on block-local distillation,
-``Distill(local=True, features=<the 6 encoder blocks>, loss="mse")`` at ``"local_lr"``
-(default: lr), and the rest on the ordinary distillation: every optimizer step is counted in
-the budget); ``"stages": [[MACS, STEPS], ...]`` (with ``"budgets": true``) starts from the
-unpruned model instead of ``--pruned`` and alternates ``FisherPrune(macs=MACS)`` (MACs a
-fraction of the unpruned model's; Fisher scores on the current student, ``"calib"``
-calibration sentences, default 512) with ``STEPS`` distillation steps (own warm-up and
-cosine schedule per stage, each stage continuing on the training batches where the last
-stopped; the steps of all stages are the budget), ``"refit_to": "current"`` refitting each
-cut towards the student before it (what ``FisherPrune`` does in ``npr.compress``) or
-``"original"`` towards the unpruned model (its kept output rows composed over the stages),
-every stage scored). Distillation sentences: Python's documentation topics minus the 512
-held-out ones (padded to the longest); evaluation on the last ``--eval`` held-out sentences
-(mean-pooled embedding cosine to the original, retrieval agreement; PyTorch). ``--select N``: the N
-documentation sentences just before those are held out of training too (a held-out slice of the
-training text, on which settings are chosen) and every run is scored on them; ``--eval 0`` then
-scores on them only.
+Starts from a pruned model saved with ``torch.save`` (``--pruned``; e.g. FisherPrune 50% MACs with
+the blocks refit on 512 calibration sentences) and runs ``Distill(loss="cosine")`` from the
+unpruned model for each setting given (JSON objects of ``Distill`` fields plus ``checkpoints``: one
+run, constant lr, measured at each checkpoint; each chunk continues on the train batches where the
+last one stopped; with ``"budgets": true`` each checkpoint is instead its own run from the pruned
+model, its lr schedule (default cosine) spanning that budget, and ``"save": PATH`` keeps the
+largest budget's model; ``"data": "topics+docstrings"`` adds the standard library's docstring
+sentences to the training text; ``"batch"``: sentences per step, default 16; ``"bucket": true``:
+batches of sentences of similar length (``train_batches(bucket=True)``); ``"freeze"``: a list, the
+``Distill(freeze=...)`` patterns; ``"cache_teacher": true``: the reference's outputs on the
+training batches computed once (``CachedTeacher``; not with ``features``); ``"data": "machine"``:
+every text that ships on this machine as well (``_distill_text``); ``"augment": {"share": 0.5,
+"kinds": [...]}``: the training sentences repeated to the budget, repeats varied word by word
+(``_text_augment``); ``"relation_weight"``: the ``Distill`` batch similarity-matrix term;
+``"self_relation": {"weight": W, "layers": [5], "most_heads": 12}`` (budgets only, not with
+``cache_teacher``): MiniLMv2's query/key/value relation KL of those encoder layers added
+(``_self_relation``); ``"score_train": true``: also score 512 of the sentences trained on (fitting
+the training text vs the teacher); ``"local_steps": N`` (budgets only) spends the first N steps of
+each budget on block-local distillation, ``Distill(local=True, features=<the 6 encoder blocks>,
+loss="mse")`` at ``"local_lr"`` (default: lr), and the rest on the ordinary distillation: every
+optimizer step is counted in the budget); ``"stages": [[MACS, STEPS], ...]`` (with ``"budgets":
+true``) starts from the unpruned model instead of ``--pruned`` and alternates
+``FisherPrune(macs=MACS)`` (MACs a fraction of the unpruned model's; Fisher scores on the current
+student, ``"calib"`` calibration sentences, default 512) with ``STEPS`` distillation steps (own
+warm-up and cosine schedule per stage, each stage continuing on the training batches where the last
+stopped; the steps of all stages are the budget), ``"refit_to": "current"`` refitting each cut
+towards the student before it (what ``FisherPrune`` does in ``npr.compress``) or ``"original"``
+towards the unpruned model (its kept output rows composed over the stages), every stage scored).
+Distillation sentences: Python's documentation topics minus the 512 held-out ones (padded to the
+longest); evaluation on the last ``--eval`` held-out sentences (mean-pooled embedding cosine to the
+original, retrieval agreement; PyTorch). ``--select N``: the N documentation sentences just before
+those are held out of training too (a held-out slice of the training text, on which settings are
+chosen) and every run is scored on them; ``--eval 0`` then scores on them only.
 
     .venv/bin/python benchmarks/lm_minilm_distill.py --pruned pruned.pt \\
         --setting '{"lr": 5e-5, "dropout": true, "checkpoints": [60]}' \\
@@ -172,7 +171,8 @@ def run(setting: dict[str, Any], pruned: torch.nn.Module | None, model: torch.nn
     checkpoints = sorted(kw.pop("checkpoints", [sum(int(n) for _, n in kw.get("stages", []))]))
     size = kw.pop("batch", 16)
     train = train_batches(tok, texts, kw.pop("data", "topics"), size, held_out=held_out,
-                          bucket=kw.pop("bucket", False), count=max(checkpoints) * size)
+                          bucket=kw.pop("bucket", False), count=max(checkpoints) * size,
+                          augment=kw.pop("augment", None))
     if kw.pop("score_train", False):
         sets = sets + seen(model, train)
     if "freeze" in kw:

@@ -174,7 +174,9 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], dict[st
     # distillation sentences: any but the held-out ones (calibration ones included)
     train = train_batches(tok, texts, args.distill_data, args.distill_batch, args.eval,
                           args.train, bucket=args.distill_bucket,
-                          count=max(args.distill_steps or [1]) * args.distill_batch)
+                          count=max(args.distill_steps or [1]) * args.distill_batch,
+                          augment={"share": args.distill_augment} if args.distill_augment
+                          else None)
     evaluate = batches(tok, texts[-args.eval:], 32)
     x = {k: v[:1] for k, v in calib[0][0].items()}
     files: dict[str, Path] = {"fp32": export_onnx(model, tmp / "fp32.onnx", x)}
@@ -288,19 +290,20 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
             files: dict[str, Path], info: dict[str, Any]) -> None:
     """``Distill`` of the pruned model, one run per budget in ``--distill-steps`` (each from
     the pruned model: AdamW, ``--distill-warmup`` linear warm-up steps, cosine decay over the
-    budget, dropout off, per-token cosine plus the mean-pooled embedding cosine, plus
+    budget, dropout off, per-token cosine plus the mean-pooled embedding cosine, plus the
+    encoder blocks' hidden-state MSE (unless ``--no-distill-features``), plus
     ``--distill-relation`` times the batch similarity-matrix term, the ``--distill-freeze``
     parameters frozen; the reference's outputs cached when the budget goes over the training
-    batches more than once; with ``--distill-local-steps N`` the first N steps of each budget
-    are block-local, ``Distill(local=True)`` on the encoder blocks): ``<name>_distill<N>``,
-    then the largest budget in INT8 (ORT ``quantize_dynamic`` and netpress
-    ``DynamicQuantize``)."""
+    batches more than once, which needs ``--no-distill-features``; with
+    ``--distill-local-steps N`` the first N steps of each budget are block-local,
+    ``Distill(local=True)`` on the encoder blocks): ``<name>_distill<N>``, then the largest
+    budget in INT8 (ORT ``quantize_dynamic`` and netpress ``DynamicQuantize``)."""
     from _cached_teacher import CachedTeacher
 
     student = pruned
     teacher = model
     if args.distill_cache_teacher and not args.distill_local_steps \
-            and max(args.distill_steps) > len(train):
+            and not args.distill_features and max(args.distill_steps) > len(train):
         teacher = CachedTeacher(model, train)
     freeze = tuple(args.distill_freeze)
     for steps in sorted(args.distill_steps, reverse=True):
@@ -310,7 +313,7 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
                               optimizer="adamw", lr_schedule="cosine", dropout=False,
                               warmup_steps=min(args.distill_warmup, steps - local),
                               pooled_weight=1.0, relation_weight=args.distill_relation,
-                              freeze=freeze)]
+                              freeze=freeze, features=BLOCKS if args.distill_features else ())]
         if local:
             recipe.insert(0, npr.Distill(max_steps=local, loss="mse", lr=args.distill_lr,
                                          optimizer="adamw", dropout=False, local=True,
@@ -325,6 +328,7 @@ def distill(name: str, pruned: torch.nn.Module, model: torch.nn.Module, calib: l
                      "train_batches": len(train), "data": args.distill_data,
                      "warmup": args.distill_warmup, "relation": args.distill_relation,
                      "freeze": list(freeze), "bucket": args.distill_bucket,
+                     "features": args.distill_features, "augment": args.distill_augment,
                      "cached_teacher": teacher is not model}
         print(key, info[key], flush=True)
         files[key] = export_onnx(out, tmp / f"{key}.onnx", x)
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--distill-steps", type=int, nargs="*", default=[100, 250, 500],
                    help="distillation budgets of the pruned model (one run each)")
-    p.add_argument("--distill-lr", type=float, default=6e-4)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=128, help="sentences per step")
     p.add_argument("--distill-warmup", type=int, default=25, help="linear warm-up steps")
     p.add_argument("--distill-relation", type=float, default=0.0,
@@ -386,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="random batches instead of batches of sentences of similar length")
     p.add_argument("--no-distill-cache-teacher", dest="distill_cache_teacher",
                    action="store_false", help="run the reference at every step")
+    p.add_argument("--no-distill-features", dest="distill_features", action="store_false",
+                   help="without the encoder blocks' hidden-state MSE (default: with it, "
+                        "Distill(features=...), weight 1; the reference runs at every step)")
+    p.add_argument("--distill-augment", type=float, default=0.5, metavar="SHARE",
+                   help="the training sentences repeated to the budget, this share of the "
+                        "repeats varied word by word (benchmarks/_text_augment.py; 0: off)")
     p.add_argument("--distill-local-steps", type=int, default=0,
                    help="block-local steps at the start of each budget (counted in it)")
     p.add_argument("--distill-variants", nargs="*", default=["fisher50", "fisher40"],

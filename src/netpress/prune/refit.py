@@ -268,7 +268,9 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
               calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
     """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
-    on the pruned model's inputs match the original's outputs (:func:`ridge_affine`)."""
+    on the pruned model's inputs match the original's outputs (:func:`ridge_affine`).
+    False (left as it is) for a LayerNorm without affine parameters or whose input's last
+    dimension is not the normalized one (a subclass with its own layout)."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
@@ -279,6 +281,8 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
         _run_taps((ct, ot), blocks, calls, index, b)
         z = ct.got[(name, "in")]
+        if z.shape[-1] != norm.normalized_shape[0]:
+            return False  # a subclass normalizing another dim (ConvNeXt's channels_first)
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())
         ys.append(calls[0].rows(ot.got[(name, "out")], b).cpu())

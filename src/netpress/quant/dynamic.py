@@ -160,6 +160,14 @@ class DynamicQuantLinear(nn.Module):
                 q.bias.copy_(linear.bias.detach())
         return q.to(linear.weight.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the layer stands for, out × in (codes times scales, divided
+        back by ``in_scale``), read-only: model code that reads ``layer.weight`` (its dtype
+        or device) keeps working. The forward pass does not use it."""
+        w = self.weight_q.float() * self.weight_scale.float()[:, None]
+        return w * self.in_scale.float()[None, :] if self.smoothed else w
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in _linear_spec(self).items())
 

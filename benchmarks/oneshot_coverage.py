@@ -65,6 +65,7 @@ SAMPLE = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralFo
           "BeitForImageClassification", "EfficientNetForImageClassification",
           "Dinov2ForImageClassification", "RegNetForImageClassification")
 FISHER_TARGET, FISHER_PASS, SPARSITY = 0.5, 0.55, 0.5
+KINDS = ("decoder", "encoder", "image")
 
 
 def random_like(x: Any, batch: int, seed: int, vocab: int) -> Any:
@@ -182,11 +183,17 @@ def run_model(entry: Entry, method: str, limit: int) -> dict[str, Any]:
     return {"kind": entry.kind, method: run_case(method, model, x, calib, held, limit)}
 
 
-def sweep(cache: Path, methods: tuple[str, ...], only: set[str] | None,
-          limit: int) -> dict[str, Any]:
+def sweep(cache: Path, methods: tuple[str, ...], only: set[str] | None, limit: int,
+          kinds: tuple[str, ...], cached_only: bool = False) -> dict[str, Any]:
+    """The rows of the classes of ``kinds`` (in that order), computed or from the cache;
+    ``cached_only`` leaves out the classes the cache does not hold for every method."""
     rows: dict[str, Any] = {}
-    for entry in entries():
-        if only and entry.name not in only:
+    todo = sorted(entries(), key=lambda e: kinds.index(e.kind) if e.kind in kinds else -1)
+    for entry in todo:
+        if (only and entry.name not in only) or entry.kind not in kinds:
+            continue
+        stored = [cache / m / f"{entry.name}.json" for m in methods]
+        if cached_only and not all(p.exists() for p in stored):
             continue
         row: dict[str, Any] = {}
         for method in methods:
@@ -247,13 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", action="store_true", help="only the ~30-class sample")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--limit", type=int, default=120, help="seconds per case")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS,
+                        help="kinds of class to sweep, in this order")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="only summarize the classes the cache holds")
     parser.add_argument("--memory-gb", type=int, default=8, help="address-space limit")
     args = parser.parse_args(argv)
     resource.setrlimit(resource.RLIMIT_AS, (args.memory_gb << 30, args.memory_gb << 30))
     torch.set_num_threads(1)
     only = set(args.only or ()) | (set(SAMPLE) if args.sample else set())
     methods = tuple(args.methods)
-    rows = sweep(args.cache, methods, only or None, args.limit)
+    rows = sweep(args.cache, methods, only or None, args.limit, tuple(args.kinds),
+                 args.cached_only)
     text = table(rows, methods)
     print(text)
     if args.out:

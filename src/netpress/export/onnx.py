@@ -205,11 +205,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                                   input_names=names, output_names=["output"],
                                   dynamic_axes=axes, do_constant_folding=True)
             except torch.onnx.errors.UnsupportedOperatorError as exc:
-                raise ModelError(f"export_onnx: {exc} (PyTorch's TorchScript ONNX exporter "
-                                 "has no ONNX form for it; in transformers models torch.histc "
-                                 "comes from mixture-of-experts routing, whose data-dependent "
-                                 "expert loop a traced graph could not follow anyway). This "
-                                 "model cannot be exported to ONNX by netpress") from None
+                moe = " (in transformers models torch.histc comes from mixture-of-experts " \
+                    "routing, whose data-dependent expert loop a traced graph could not " \
+                    "follow anyway)" if "histc" in str(exc) else ""
+                raise ModelError(f"export_onnx: {exc}: PyTorch's TorchScript ONNX exporter "
+                                 f"has no ONNX form for this op{moe}, so this model cannot be "
+                                 "exported to ONNX by netpress") from None
         proto = onnx.load(tmp)
         rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:

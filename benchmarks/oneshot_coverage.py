@@ -12,12 +12,13 @@ measured on a held-out random batch of 4.
 A case *passes* when the method completes within the time limit, the forward runs, the
 output shape is unchanged, the outputs are finite and the method did what it says:
 FisherPrune at most 55% of the MACs; SparseGPT/Wanda at least 45% zeros over the layers they
-support; GPTQ and DynamicQuantize at least one layer swapped for its quantized module; an
-ONNX export whose ONNX Runtime outputs match the PyTorch model's (relative error at most
-1e-3 for float, 1e-2 for the INT8 model). A netpress error (``ModelError``/``RecipeError``,
-a refusal with a message) is *refused*; anything else is *failed*. Every row carries the
-relative output error ``‖y' - y‖ / ‖y‖`` against the original and the top-1 agreement of
-the last dimension (logits).
+support and fitted (layers never called on the calibration data are left dense, reported and
+warned about, and counted in ``not_called``); GPTQ and DynamicQuantize at least one layer
+swapped for its quantized module; an ONNX export whose ONNX Runtime outputs match the
+PyTorch model's (relative error at most 1e-3 for float, 1e-2 for the INT8 model). A netpress
+error (``ModelError``/``RecipeError``, a refusal with a message) is *refused*; anything else
+is *failed*. Every row carries the relative output error ``‖y' - y‖ / ‖y‖`` against the
+original and the top-1 agreement of the last dimension (logits).
 
 Results are cached per method and class under ``--cache`` (resumable, as in
 ``structured_coverage.py``)::
@@ -88,10 +89,11 @@ def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     return {"rel_error": round(rel, 4), "agreement": round(agree, 4)}
 
 
-def _zero_share(model: nn.Module) -> float:
+def _zero_share(model: nn.Module, leave: set[str]) -> float:
+    """Share of zeros over the weights of the layers the method supports, but ``leave``."""
     from netpress.reconstruct.layers import supported
 
-    ws = [m.weight for m in model.modules() if supported(m)]
+    ws = [m.weight for n, m in model.named_modules() if supported(m) and n not in leave]
     return sum(int((w == 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
 
 
@@ -108,8 +110,11 @@ def _method(name: str) -> Any:
             "dynamic": npr.DynamicQuantize(), "onnx_dynamic": npr.DynamicQuantize()}[name]
 
 
-def did_it(method: str, model: nn.Module, result: nn.Module, x: Any) -> dict[str, Any]:
-    """What the method did, and why it is a failure if it did not (``error``)."""
+def did_it(method: str, model: nn.Module, result: nn.Module, x: Any,
+           unused: list[str]) -> dict[str, Any]:
+    """What the method did, and why it is a failure if it did not (``error``); ``unused``:
+    the layers the step reported as never called on the calibration data (left dense, with
+    a warning)."""
     from netpress.quant.dynamic import DynamicQuantLinear
     from netpress.reconstruct.modules import GroupQuantWeight
 
@@ -118,8 +123,8 @@ def did_it(method: str, model: nn.Module, result: nn.Module, x: Any) -> dict[str
         err = f"MACs {ratio:.1%} > {FISHER_PASS:.0%}" if ratio > FISHER_PASS + 1e-9 else None
         return {"macs": round(ratio, 4), "error": err}
     if method in ("sparsegpt", "wanda"):
-        share = _zero_share(result)
-        return {"zeros": round(share, 4),
+        share = _zero_share(result, set(unused))
+        return {"zeros": round(share, 4), "not_called": len(unused),
                 "error": f"only {share:.1%} zeros" if share < 0.9 * SPARSITY else None}
     kind = GroupQuantWeight if method == "gptq" else DynamicQuantLinear
     n = _count(result, kind)
@@ -148,12 +153,13 @@ def run_case(method: str, model: nn.Module, x: Any, calib: list[Any], held: Any,
     try:
         with time_limit(limit), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = model
+            result, unused = model, []
             if method != "onnx":
-                result = npr.compress(model, [_method(method)], calibration=calib,
-                                      example_inputs=x, measure=False).model
+                res = npr.compress(model, [_method(method)], calibration=calib,
+                                   example_inputs=x, measure=False)
+                result, unused = res.model, res.report["steps"][0].get("not_called", [])
             extra = _onnx(result, x, held, 1e-2 if method == "onnx_dynamic" else 1e-3) \
-                if method.startswith("onnx") else did_it(method, model, result, x)
+                if method.startswith("onnx") else did_it(method, model, result, x, unused)
             out = _out(result, held)
     except _Timeout:
         return {"outcome": "failed", "error": f"no result within {limit} s"}

@@ -87,3 +87,28 @@ def test_a_hessian_that_cannot_be_factored_is_refused_naming_the_layer():
         with pytest.raises(ModelError, match=r"layer '0'.*not positive definite.*ignore="):
             npr.compress(model, [method], calibration=data, example_inputs=data[0][0],
                          measure=False)
+
+
+def test_layers_the_calibration_never_calls_are_named_in_a_warning():
+    """MobileBERT's output layers are read as weights (a matmul with their concatenation),
+    never called: Wanda/SparseGPT/GPTQ left them dense without a word but the report's
+    ``not_called``, so the model was less sparse than asked."""
+    cfg = transformers.MobileBertConfig(vocab_size=512, hidden_size=64, embedding_size=32,
+                                        true_hidden_size=32, intra_bottleneck_size=32,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.MobileBertForMaskedLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [({"input_ids": torch.randint(3, 512, (4, 16), generator=gen)}, None)
+            for _ in range(4)]
+    for method in (npr.Wanda(sparsity=0.5), SparseGPT(sparsity=0.5)):
+        with pytest.warns(UserWarning, match=r"2 of the \d+ selected layers were never called"
+                                             r".*cls\.predictions\.dense"):
+            res = npr.compress(model, [method], calibration=data, example_inputs=data[0][0],
+                               measure=False)
+        step = res.report["steps"][0]
+        assert sorted(step["not_called"]) == ["cls.predictions.decoder", "cls.predictions.dense"]
+        assert step["sparsity"] == pytest.approx(0.5, abs=1e-3)  # over the layers fitted
+        dense = res.model.cls.predictions.dense.weight
+        assert torch.equal(dense, model.cls.predictions.dense.weight)

@@ -126,3 +126,27 @@ def test_an_unreachable_target_says_how_far_fisherprune_can_go():
     with pytest.raises(RecipeError, match=r"min_units=1, \d+\.\d% of the MACs would stay.*"
                                           r"StructuredPrune"):
         _prune(model, _ids(1, 0), _text_data()[:2], macs=0.1)
+
+
+@pytest.mark.parametrize("name,text_type,ffn", [("ModernVBert", "modernbert", 96),
+                                                ("UltraVBert", "ultrabert", 176)])
+def test_text_input_to_a_vision_language_encoder_refits_the_readers(name, text_type, ffn):
+    """The longest stack of these models is their vision tower, which text never reaches:
+    the block refit refused ("not each called once per forward"). The readers are refitted
+    instead; UltraVBERT's readers also lose output rows (its refit had the wrong shape)."""
+    text = dict(model_type=text_type, vocab_size=512, hidden_size=64, intermediate_size=ffn,
+                num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=64, patch_size=16)
+    cfg = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision,
+                                                 image_token_id=231)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForMaskedLM")(cfg).eval()
+    x, data, held = _ids(1, 0), _text_data(), _ids(4, 99)
+    with pytest.warns(UserWarning, match="not each called once.*refit_scope='readers'"):
+        res = _prune(model, x, data, macs=0.5)
+    assert res.report["steps"][0]["refit_scope"] == "readers"
+    assert count_macs(res.model, x) <= 0.5 * count_macs(model, x)
+    plain = _prune(model, x, data, macs=0.5, refit=False).model
+    assert _rel(res.model, model, held) < 0.55 < 0.62 < _rel(plain, model, held)

@@ -50,7 +50,7 @@ from netpress.graph import analyze
 from netpress.measure.collect import model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
-from netpress.prune._blocks import forward_each
+from netpress.prune._blocks import BlockCalls, forward_each
 from netpress.prune._fisher_pass import _fisher, _readers
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import (
@@ -165,10 +165,13 @@ def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
 
 
 def _refit(model: nn.Module, original: nn.Module, readers: list[str],
-           kept: dict[str, torch.Tensor], data: list[Any], damp: float) -> int:
+           kept: dict[str, torch.Tensor], data: list[Any], damp: float,
+           rows: dict[str, torch.Tensor] | None = None) -> int:
     """Refit every reader in forward order; returns how many were refitted. A reader the
     forward calls more than once (a layer shared across depths, as ALBERT's) is fitted on
-    all its calls at once, each call's inputs paired with the original's at the same call."""
+    all its calls at once, each call's inputs paired with the original's at the same call.
+    ``rows``: the output rows a reader kept where its outputs were cut too (its fit
+    targets the original's outputs of those rows)."""
     order = [n for n, _ in model.named_modules() if n in set(readers)]
     targets = _inputs_of(original, order, data)
     modules = dict(model.named_modules())
@@ -186,8 +189,9 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
         layer, old = modules[name], originals[name]
         assert isinstance(layer, nn.Linear) and isinstance(old, nn.Linear)
         cols = kept.get(name, torch.arange(old.in_features))
-        w, b = ridge_refit(old.weight.detach().cpu(), None if old.bias is None else
-                           old.bias.detach().cpu(), cols, stats, damp)
+        out = (rows or {}).get(name, torch.arange(old.out_features)).cpu()
+        w, b = ridge_refit(old.weight.detach().cpu()[out], None if old.bias is None else
+                           old.bias.detach().cpu()[out], cols, stats, damp)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
             assign_(layer.weight, w)
             if layer.bias is not None:
@@ -337,18 +341,19 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return shared(model)
 
 
-def _refit_scope(model: nn.Module, cfg: FisherPrune) -> str:
+def _refit_scope(model: nn.Module, cfg: FisherPrune, data: list[Any]) -> str:
     """``cfg.refit_scope``, or ``"readers"`` (with a warning) where ``"blocks"`` finds no
-    stack of blocks to walk (ALBERT: one layer, shared, called once per depth)."""
+    stack of blocks that each run once per forward (ALBERT: one layer, shared, called once
+    per depth; ModernVBERT: the longest stack is a vision tower that text never reaches)."""
     if cfg.refit_scope != "blocks" or not cfg.refit:
         return cfg.refit_scope
     try:
-        find_block_stack(model)
-    except ModelError:
-        warnings.warn(f"FisherPrune: {type(model).__name__} has no stack of repeated blocks (an "
-                      "nn.ModuleList of two or more modules of one type) for "
-                      "refit_scope='blocks'; the layers reading the pruned units are refitted "
-                      "instead (refit_scope='readers')", stacklevel=3)
+        _, stack = find_block_stack(model)
+        BlockCalls.record(model, stack, data[:1])
+    except ModelError as exc:
+        warnings.warn(f"FisherPrune: {type(model).__name__}: {exc}; for refit_scope='blocks' "
+                      "the layers reading the pruned units are refitted instead "
+                      "(refit_scope='readers')", stacklevel=3)
         return "readers"
     return "blocks"
 
@@ -359,10 +364,10 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     """Prune a copy of ``model`` (``model`` itself with ``inplace``, see :func:`fisher_cut`;
     see the module docs); returns it and a summary."""
     cut = fisher_cut(model, cfg, example_inputs, data, reference_macs, inplace=inplace)
-    refitted, scope = 0, _refit_scope(cut.model, cfg)
+    refitted, scope = 0, _refit_scope(cut.model, cfg, data)
     if cfg.refit and scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
-                          cfg.damp)
+                          cfg.damp, cut.kept_rows)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp, norms=cfg.refit_norms))

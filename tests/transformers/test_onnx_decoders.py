@@ -81,3 +81,17 @@ class _Routing(nn.Module):
 def test_an_op_without_onnx_form_is_refused_naming_it(tmp_path):
     with pytest.raises(ModelError, match=r"aten::histc.*no ONNX form.*mixture-of-experts"):
         npr.export_onnx(_Routing(), tmp_path / "moe.onnx", torch.rand(8) * 3)
+
+
+class _ScatterMax(nn.Module):
+    """TAPAS's segment reduction: scatter_reduce with include_self=False."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor([0, 1, 0, 1])
+        return x.new_zeros(x.shape[0], 2).scatter_reduce(1, index.expand(x.shape[0], 4), x,
+                                                         "amax", include_self=False)
+
+
+def test_an_exporter_limitation_is_refused_with_its_reason(tmp_path):
+    with pytest.raises(ModelError, match="include_self=False.*no ONNX form"):
+        npr.export_onnx(_ScatterMax(), tmp_path / "tapas.onnx", torch.randn(2, 4))

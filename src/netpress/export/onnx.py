@@ -204,7 +204,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                 torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
                                   input_names=names, output_names=["output"],
                                   dynamic_axes=axes, do_constant_folding=True)
-            except torch.onnx.errors.UnsupportedOperatorError as exc:
+            except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
                 moe = " (in transformers models torch.histc comes from mixture-of-experts " \
                     "routing, whose data-dependent expert loop a traced graph could not " \
                     "follow anyway)" if "histc" in str(exc) else ""

@@ -45,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _common import cpu_flags
 from _hf_zoo import SEQ, BuildError, Entry, build, entries
 from structured_coverage import _cached, _msg, _Timeout, time_limit
 
@@ -192,17 +193,18 @@ def run_model(entry: Entry, method: str, limit: int) -> dict[str, Any]:
 def sweep(cache: Path, methods: tuple[str, ...], only: set[str] | None, limit: int,
           kinds: tuple[str, ...], cached_only: bool = False) -> dict[str, Any]:
     """The rows of the classes of ``kinds`` (in that order), computed or from the cache;
-    ``cached_only`` leaves out the classes the cache does not hold for every method."""
+    ``cached_only`` keeps to what the cache holds (nothing is computed)."""
     rows: dict[str, Any] = {}
     todo = sorted(entries(), key=lambda e: kinds.index(e.kind) if e.kind in kinds else -1)
     for entry in todo:
         if (only and entry.name not in only) or entry.kind not in kinds:
             continue
-        stored = [cache / m / f"{entry.name}.json" for m in methods]
-        if cached_only and not all(p.exists() for p in stored):
+        if cached_only and not (cache / methods[0] / f"{entry.name}.json").exists():
             continue
         row: dict[str, Any] = {}
         for method in methods:
+            if cached_only and not (cache / method / f"{entry.name}.json").exists():
+                continue
             res = _cached(cache, method, entry.name, partial(run_model, entry, method, limit))
             if "skipped" in res:
                 row = {"skipped": res["skipped"]}
@@ -276,7 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"summary": summary(rows, methods), "rows": rows}
+        import transformers
+
+        payload = {"summary": summary(rows, methods), "cpu_flags": cpu_flags(),
+                   "versions": {"torch": torch.__version__,
+                                "transformers": transformers.__version__},
+                   "command": "python benchmarks/oneshot_coverage.py "
+                              + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "rows": rows}
         args.out.write_text(json.dumps(payload, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(text + "\n")
 

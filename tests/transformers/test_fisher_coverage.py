@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import netpress as npr
-from netpress.errors import ModelError, RecipeError
+from netpress.errors import RecipeError
 from netpress.measure.macs import count_macs
 
 transformers = pytest.importorskip("transformers")
@@ -61,17 +61,28 @@ def test_small_grouped_query_model_reaches_a_target_the_auto_floor_made_unreacha
         _prune(model, x, data, macs=0.5, min_fraction=0.32)
 
 
-def test_gpt2_is_refused_and_its_residual_stream_never_cut():
+def test_gpt2_conv1d_heads_and_ffn_are_pruned_and_refitted_and_the_stream_kept():
     """GPT-2's Conv1D layers were not counted as readers, so its residual stream, read by
     lm_head alone among the nn.Linear layers, was taken for a prunable group: the hidden
-    size was cut (the refit then crashed on a 31-wide LayerNorm; refit=False returned it)."""
+    size was cut (the refit then crashed on a 31-wide LayerNorm; refit=False returned it).
+    Conv1D layers now read and are refitted like Linear ones."""
     cfg = transformers.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4,
                                   n_positions=64)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    for refit in (True, False):
-        with pytest.raises(ModelError, match=r"Conv1D.*StructuredPrune"):
-            _prune(model, _ids(1, 0), _text_data()[:2], refit=refit)
+    x, data, held = _ids(1, 0), _text_data(), _ids(4, 99)
+    res = _prune(model, x, data, macs=0.5)
+    assert count_macs(res.model, x) <= 0.51 * count_macs(model, x)
+    blocks = res.model.transformer.h
+    assert all(b.ln_1.weight.shape == (64,) and b.attn.c_proj.weight.shape[1] == 64
+               for b in blocks)  # the residual stream is whole
+    assert blocks[0].mlp.c_fc.weight.shape[1] < 256  # FFN neurons went (Conv1D: in x out)
+    step = res.report["steps"][0]
+    assert step["refitted_layers"] >= 8  # the four Conv1D layers of each block, and norms
+    plain = _prune(model, x, data, macs=0.5, refit=False).model
+    readers = _prune(model, x, data, macs=0.5, refit_scope="readers").model
+    assert _rel(res.model, model, held) < 0.2 < 0.3 < _rel(plain, model, held)  # .18, .42
+    assert _rel(readers, model, held) < 0.2  # .18
 
 
 def test_albert_shared_layer_is_refitted_on_all_its_calls():

@@ -44,10 +44,11 @@ def _input_dim(module: nn.Module) -> int | None:
 
 
 def _readers(model: nn.Module, graph: ChannelGraph) -> list[_Group]:
-    """The groups whose units are read by exactly one layer, an ``nn.Linear``. A group that
-    other layers (convolutions, ``Conv1D``, further Linear layers) read too is not a set of
-    heads or FFN neurons: GPT-2's residual stream, read by its ``Conv1D`` layers and by
-    ``lm_head`` alone among the Linear layers, must stay whole."""
+    """The groups whose units are read by exactly one layer, an ``nn.Linear`` or a
+    ``transformers`` ``Conv1D``. A group that other layers (convolutions, further Linear or
+    Conv1D layers) read too is not a set of heads or FFN neurons: GPT-2's residual stream,
+    read by its ``Conv1D`` layers and by ``lm_head`` alone among the ``nn.Linear`` layers,
+    must stay whole."""
     reading = {id(m.weight): (name, m) for name, m in model.named_modules()
                if isinstance(getattr(m, "weight", None), nn.Parameter)
                and _input_dim(m) is not None}
@@ -56,7 +57,8 @@ def _readers(model: nn.Module, graph: ChannelGraph) -> list[_Group]:
         reads = [(reading[pid][0], reading[pid][1], cols) for (pid, dim), cols in g.slices.items()
                  if pid in reading and id(graph.param(pid)) == pid
                  and dim == _input_dim(reading[pid][1])]
-        if len(reads) == 1 and isinstance(reads[0][1], nn.Linear):
+        if len(reads) == 1 and (isinstance(reads[0][1], nn.Linear)
+                                or is_hf_conv1d(reads[0][1])):
             out.append(_Group(i, reads[0][0], reads[0][2]))
     return out
 

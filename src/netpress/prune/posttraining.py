@@ -60,7 +60,7 @@ from netpress.prune.fisher import (
 )
 from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
-from netpress.reconstruct.layers import is_hf_conv1d
+from netpress.reconstruct.layers import LayerView, is_hf_conv1d
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
@@ -187,13 +187,14 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
         for xc, xo in zip(now, targets[name]):
             stats.add(xc, xo)
         layer, old = modules[name], originals[name]
-        assert isinstance(layer, nn.Linear) and isinstance(old, nn.Linear)
-        cols = kept.get(name, torch.arange(old.in_features))
-        out = (rows or {}).get(name, torch.arange(old.out_features)).cpu()
-        w, b = ridge_refit(old.weight.detach().cpu()[out], None if old.bias is None else
-                           old.bias.detach().cpu()[out], cols, stats, damp)
+        before = LayerView(old, name).matrix(torch.float32)[0].cpu()  # out x in (Conv1D too)
+        cols = kept.get(name, torch.arange(before.shape[1]))
+        out = (rows or {}).get(name, torch.arange(before.shape[0])).cpu()
+        bias = getattr(old, "bias", None)
+        w, b = ridge_refit(before[out], None if bias is None else bias.detach().cpu()[out],
+                           cols, stats, damp)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
-            assign_(layer.weight, w)
+            LayerView(layer, name).set_matrix(w[None])
             if layer.bias is not None:
                 assign_(layer.bias, b)
             elif bool(b.abs().max() > 0):
@@ -265,11 +266,9 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     graph = analyze(work, example_inputs)
     groups = _readers(work, graph)
     if not groups:
-        conv1d = [n for n, m in work.named_modules() if is_hf_conv1d(m)]
-        why = f" (its layers {conv1d[:3]} are transformers Conv1D, GPT-2 style, which " \
-            "FisherPrune does not refit)" if conv1d else ""
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
-                         f"nn.Linear layer was found{why}; use StructuredPrune for this model")
+                         "Linear (or transformers Conv1D) layer was found; use StructuredPrune "
+                         "for this model")
     scores = _fisher(work, groups, data, cfg.seed)
     none = np.zeros(graph.blocked.size, dtype=bool)
     base = max(1, graph.macs(none))
@@ -326,13 +325,18 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     verify_pruned(work, graph, pruned, example_inputs)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
+    modules = dict(work.named_modules())
+    # the weight dims of a layer's outputs and inputs: (1, 0) for transformers' Conv1D
+    out_in = {n: (1, 0) if n in modules and is_hf_conv1d(modules[n]) else (0, 1)
+              for n in weights}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
                "macs_target": int(goal), "min_fraction": round(float(floor), 4),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
     return FisherCut(work, original, [g.reader for g in groups],
-                     {n: d[1] for n, d in weights.items() if 1 in d},
-                     {n: d[0] for n, d in weights.items() if 0 in d}, summary)
+                     {n: d[out_in[n][1]] for n, d in weights.items() if out_in[n][1] in d},
+                     {n: d[out_in[n][0]] for n, d in weights.items() if out_in[n][0] in d},
+                     summary)
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:

@@ -112,3 +112,23 @@ def test_layers_the_calibration_never_calls_are_named_in_a_warning():
         assert step["sparsity"] == pytest.approx(0.5, abs=1e-3)  # over the layers fitted
         dense = res.model.cls.predictions.dense.weight
         assert torch.equal(dense, model.cls.predictions.dense.weight)
+
+
+def test_dynamic_quantize_prophetnet_whose_ngram_stream_reads_the_embedding_weight():
+    cfg = transformers.ProphetNetConfig(
+        vocab_size=512, hidden_size=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=4,
+        num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2, num_buckets=8,
+        relative_max_distance=32)
+    torch.manual_seed(0)
+    model = transformers.ProphetNetForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [({"input_ids": torch.randint(3, 512, (4, 12), generator=gen)}, None)
+            for _ in range(3)]
+    x = {"input_ids": torch.randint(3, 512, (2, 12), generator=gen)}
+    q = npr.compress(model, [npr.DynamicQuantize()], calibration=data, example_inputs=x,
+                     measure=False).model  # before: QuantEmbedding has no attribute 'weight'
+    table = q.prophetnet.word_embeddings
+    assert _sqnr(model.prophetnet.word_embeddings.weight, table.weight) > 35
+    with torch.no_grad():
+        assert _sqnr(model(**x).logits, q(**x).logits) > 30  # 40 dB

@@ -209,6 +209,13 @@ class QuantEmbedding(nn.Module):
             q.weight_scale.copy_(scale)
         return q.to(emb.weight.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float table the codes stand for (codes times row scales), read-only: model
+        code that reads ``embedding.weight`` (ProphetNet's n-gram stream, Llama 4) keeps
+        working. The forward pass does not use it."""
+        return self.weight_q.float() * self.weight_scale.float()[:, None]
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 

@@ -161,3 +161,37 @@ def test_text_input_to_a_vision_language_encoder_refits_the_readers(name, text_t
     assert count_macs(res.model, x) <= 0.5 * count_macs(model, x)
     plain = _prune(model, x, data, macs=0.5, refit=False).model
     assert _rel(res.model, model, held) < 0.55 < 0.62 < _rel(plain, model, held)
+
+
+def test_persimmon_per_head_norms_are_left_out_of_the_norm_refit():
+    """Persimmon's q/k LayerNorms normalize each head: with heads cut they see fewer
+    vectors than the original's, and the norm refit crashed pairing them."""
+    cfg = transformers.PersimmonConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       qk_layernorm=True, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.PersimmonForCausalLM(cfg).eval()
+    x, data, held = _ids(1, 0), _text_data(), _ids(4, 99)
+    res = _prune(model, x, data, macs=0.5)
+    assert count_macs(res.model, x) <= 0.5 * count_macs(model, x)
+    q_norm = "model.layers.0.self_attn.q_layernorm.weight"
+    assert torch.equal(dict(res.model.named_parameters())[q_norm],
+                       dict(model.named_parameters())[q_norm])
+    plain = _prune(model, x, data, macs=0.5, refit=False).model
+    assert _rel(res.model, model, held) < 0.68 < 0.7 < _rel(plain, model, held)  # .64, .72
+
+
+def test_swinv2_sum_at_another_width_is_not_a_residual_target():
+    """A Swin-V2 layer's output sum was taken for a residual stream whose width differs
+    between the pruned and the original block: the refit crashed on the shapes."""
+    cfg = transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                                    num_heads=[2, 4], window_size=4, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.Swinv2ForImageClassification(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), None) for _ in range(8)]
+    x, held = data[0][0][:1], torch.randn(8, 3, 32, 32, generator=gen)
+    res = _prune(model, x, data, macs=0.6)
+    assert count_macs(res.model, x) <= 0.6 * count_macs(model, x)
+    plain = _prune(model, x, data, macs=0.6, refit=False).model
+    assert _rel(res.model, model, held) < 0.9 < 1.1 < _rel(plain, model, held)  # .82, 1.17

@@ -239,11 +239,13 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     fit = _Fit()
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
-        ot = _Tap(ob, sink_ins, [n for n in names if n not in use])
+        ot = _Tap(ob, sink_ins, list(names))
         _run_taps((ct, ot), blocks, calls, index, b)
         targets = {}
         for n in names:
-            if n in use:
+            # a sum the pruned model forms at another width than the original (Swin-V2: a
+            # sink that is not the residual stream) is no target: the layer's own output is
+            if n in use and ot.got[(use[n], "in")].shape == ct.got[(use[n], "in")].shape:
                 z_o, z_c = ot.got[(use[n], "in")], ct.got[(use[n], "in")]
                 y = z_o - z_c + ct.got[(n, "out")]
             else:
@@ -273,8 +275,9 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
               calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
     """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
     on the pruned model's inputs match the original's outputs (:func:`ridge_affine`).
-    False (left as it is) for a LayerNorm without affine parameters or whose input's last
-    dimension is not the normalized one (a subclass with its own layout)."""
+    False (left as it is) for a LayerNorm without affine parameters, whose input's last
+    dimension is not the normalized one (a subclass with its own layout), or that normalizes
+    a different number of vectors than the original (a per-head norm after heads were cut)."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
@@ -284,12 +287,14 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     for b in range(len(calls[0].hidden)):
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
         _run_taps((ct, ot), blocks, calls, index, b)
-        z = ct.got[(name, "in")]
+        z, y = ct.got[(name, "in")], ot.got[(name, "out")]
         if z.shape[-1] != norm.normalized_shape[0]:
             return False  # a subclass normalizing another dim (ConvNeXt's channels_first)
+        if z.shape[:-1] != y.shape[:-1]:
+            return False  # per-head norms (Persimmon's q/k LayerNorm) after heads were cut
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())
-        ys.append(calls[0].rows(ot.got[(name, "out")], b).cpu())
+        ys.append(calls[0].rows(y, b).cpu())
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():

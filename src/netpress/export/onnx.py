@@ -36,16 +36,38 @@ __all__ = ["export_onnx", "export_artefact", "ort_session", "ort_run", "ort_late
 
 class _KeywordInputs(nn.Module):
     """A model called with keyword inputs, taking them positionally (in ``names`` order) and
-    returning its primary output, so the ONNX inputs keep the dict's names."""
+    returning its primary output, so the ONNX inputs keep the dict's names.
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    ``ones_mask``: the model also gets ``attention_mask=ones_like(input_ids)`` (see
+    :func:`_implicit_mask`)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], ones_mask: bool = False) -> None:
         super().__init__()
-        self.model, self.names = model, tuple(names)
+        self.model, self.names, self.ones_mask = model, tuple(names), ones_mask
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         from netpress._inputs import primary_output
 
-        return primary_output(self.model(**dict(zip(self.names, inputs))))
+        kwargs = dict(zip(self.names, inputs))
+        if self.ones_mask:
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        return primary_output(self.model(**kwargs))
+
+
+def _implicit_mask(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether the export passes an all-ones ``attention_mask`` built from ``input_ids``: for a
+    ``transformers`` model given ``input_ids`` but no mask (a missing mask means "attend to
+    every token", so outputs are the same). Without a mask its decoders look for packed
+    sequences in the position ids, and the traced graph of that search is fixed to the
+    example's batch size (ONNX Runtime fails at any other batch size)."""
+    import inspect
+
+    from netpress.models.hf import is_transformers_model
+
+    if "input_ids" not in names or "attention_mask" in names \
+            or not is_transformers_model(model):
+        return False
+    return "attention_mask" in inspect.signature(model.forward).parameters
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -137,7 +159,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     ``transformers`` models take, whose keys become the ONNX input names) fixes the input
     shapes; with ``dynamic_batch`` the first dimension of every input and output is left
     free. A model with dict inputs exports its primary output (``logits`` or
-    ``last_hidden_state``); inputs it does not read are dropped from the graph.
+    ``last_hidden_state``); inputs it does not read are dropped from the graph. A
+    ``transformers`` model given ``input_ids`` without ``attention_mask`` is exported with an
+    all-ones mask computed from ``input_ids`` in the graph (what no mask means), so its graph
+    holds at every batch size (:func:`_implicit_mask`).
 
     Group-quantized Linear layers (``GPTQ``) become ONNX Runtime's ``MatMulNBits`` where the
     installed ONNX Runtime runs it (``nbits="auto"``; ``"matmulnbits"`` insists,
@@ -147,6 +172,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
+    from netpress.export._symbolics import extra_symbolics
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
 
@@ -167,16 +193,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:
         names = [str(k) for k in example_inputs]
-        work = _KeywordInputs(work, names)
+        work = _KeywordInputs(work, names, _implicit_mask(work, names))
     axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
-                              input_names=names, output_names=["output"], dynamic_axes=axes,
-                              do_constant_folding=True)
+            try:
+                torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
+                                  input_names=names, output_names=["output"],
+                                  dynamic_axes=axes, do_constant_folding=True)
+            except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
+                moe = " (in transformers models torch.histc comes from mixture-of-experts " \
+                    "routing, whose data-dependent expert loop a traced graph could not " \
+                    "follow anyway)" if "histc" in str(exc) else ""
+                raise ModelError(f"export_onnx: {exc}: PyTorch's TorchScript ONNX exporter "
+                                 f"has no ONNX form for this op{moe}, so this model cannot be "
+                                 "exported to ONNX by netpress") from None
         proto = onnx.load(tmp)
         rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:

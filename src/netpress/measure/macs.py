@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from netpress._inputs import Inputs, move_to
 from netpress.measure.collect import evaluating, model_device, run_checked
-from netpress.measure.size import effective_weight
+from netpress.measure.size import effective_weight, is_coded
 from netpress.select import DEFAULT_PRUNABLE
 
 __all__ = [
@@ -194,8 +194,6 @@ def macs_breakdown(model: nn.Module, example_inputs: Inputs) -> dict[str, int]:
     weights are stored as integer codes), from one forward pass."""
     total, per_layer = _count(model, example_inputs)
     modules = dict(model.named_modules())
-    coded = sum(flops for name, flops in per_layer.items()
-                if not isinstance(getattr(modules[name], "weight", None), torch.Tensor)
-                and effective_weight(modules[name]) is not None)
+    coded = sum(flops for name, flops in per_layer.items() if is_coded(modules[name]))
     return {"dense": total // 2, "nonzero": _nonzero_flops(model, total, per_layer) // 2,
             "coded": coded // 2}

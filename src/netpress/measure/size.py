@@ -26,6 +26,7 @@ __all__ = [
     "CodedWeight",
     "coded_weights",
     "effective_weight",
+    "is_coded",
     "file_bytes",
     "nonzero_parameter_count",
     "parameter_count",
@@ -49,14 +50,14 @@ class CodedWeight:
 
 def _decoded(module: nn.Module) -> torch.Tensor | None:
     """The float value of a coded layer's weight, or ``None`` for any other module."""
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return None  # a float weight: counted among the parameters
-    for name in _DECODERS:
+    for name in _DECODERS:  # first: a coded layer may also show its value as ``weight``
         decode = getattr(module, name, None)
         if callable(decode):
             value = decode()
             return value if isinstance(value, torch.Tensor) else None
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return None  # a float weight: counted among the parameters
     if callable(weight):  # torch.ao quantized Linear/Conv: weight() -> a quantized tensor
         try:
             value = weight()
@@ -65,6 +66,13 @@ def _decoded(module: nn.Module) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor) and value.is_quantized:
             return value.dequantize()
     return None
+
+
+def is_coded(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is stored as integer codes or codebook indices (a
+    ``weight`` attribute it may also have is then its decoded value)."""
+    with torch.no_grad():
+        return _decoded(module) is not None
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor | None:

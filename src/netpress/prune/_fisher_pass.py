@@ -20,6 +20,7 @@ from netpress.graph import ChannelGraph
 from netpress.measure.collect import evaluating
 from netpress.prune.fisher import column_mask_grads, unit_fisher
 from netpress.reconstruct._measure import trim_heap
+from netpress.reconstruct.layers import is_hf_conv1d
 
 
 @dataclass
@@ -31,15 +32,34 @@ class _Group:
     columns: list[np.ndarray]
 
 
+def _input_dim(module: nn.Module) -> int | None:
+    """The dimension of ``module.weight`` that indexes the layer's input channels: 1 for
+    ``nn.Linear`` and convolutions, 0 for ``transformers``' ``Conv1D`` (weight stored
+    in × out); None for a module that does not read channels through its weight."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return 1
+    if is_hf_conv1d(module):
+        return 0
+    return None
+
+
 def _readers(model: nn.Module, graph: ChannelGraph) -> list[_Group]:
-    owners = {id(m.weight): name for name, m in model.named_modules()
-              if isinstance(m, nn.Linear)}
+    """The groups whose units are read by exactly one layer, an ``nn.Linear`` or a
+    ``transformers`` ``Conv1D``. A group that other layers (convolutions, further Linear or
+    Conv1D layers) read too is not a set of heads or FFN neurons: GPT-2's residual stream,
+    read by its ``Conv1D`` layers and by ``lm_head`` alone among the ``nn.Linear`` layers,
+    must stay whole."""
+    reading = {id(m.weight): (name, m) for name, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), nn.Parameter)
+               and _input_dim(m) is not None}
     out = []
     for i, g in enumerate(graph.groups):
-        reads = [(owners[pid], cols) for (pid, dim), cols in g.slices.items()
-                 if dim == 1 and pid in owners and id(graph.param(pid)) == pid]
-        if len(reads) == 1:
-            out.append(_Group(i, reads[0][0], reads[0][1]))
+        reads = [(reading[pid][0], reading[pid][1], cols) for (pid, dim), cols in g.slices.items()
+                 if pid in reading and id(graph.param(pid)) == pid
+                 and dim == _input_dim(reading[pid][1])]
+        if len(reads) == 1 and (isinstance(reads[0][1], nn.Linear)
+                                or is_hf_conv1d(reads[0][1])):
+            out.append(_Group(i, reads[0][0], reads[0][2]))
     return out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,9 @@ from netpress.graph import analyze
 from netpress.measure.collect import model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
-from netpress.prune._blocks import forward_each
+from netpress.prune._blocks import BlockCalls, forward_each
 from netpress.prune._fisher_pass import _fisher, _readers
+from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import (
     RefitStats,
     ridge_refit,
@@ -58,6 +60,7 @@ from netpress.prune.fisher import (
 )
 from netpress.prune.refit import refit_blocks
 from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.reconstruct.layers import LayerView, is_hf_conv1d
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
@@ -162,24 +165,36 @@ def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
 
 
 def _refit(model: nn.Module, original: nn.Module, readers: list[str],
-           kept: dict[str, torch.Tensor], data: list[Any], damp: float) -> int:
-    """Refit every reader in forward order; returns how many were refitted."""
+           kept: dict[str, torch.Tensor], data: list[Any], damp: float,
+           rows: dict[str, torch.Tensor] | None = None) -> int:
+    """Refit every reader in forward order; returns how many were refitted. A reader the
+    forward calls more than once (a layer shared across depths, as ALBERT's) is fitted on
+    all its calls at once, each call's inputs paired with the original's at the same call.
+    ``rows``: the output rows a reader kept where its outputs were cut too (its fit
+    targets the original's outputs of those rows)."""
     order = [n for n, _ in model.named_modules() if n in set(readers)]
     targets = _inputs_of(original, order, data)
     modules = dict(model.named_modules())
     originals = dict(original.named_modules())
     for name in order:
-        now = _inputs_of(model, [name], data, stop_after=name)[name]
+        shared = len(targets[name]) != len(data)  # called more than once per forward
+        now = _inputs_of(model, [name], data, stop_after=None if shared else name)[name]
+        if len(now) != len(targets[name]):
+            raise ModelError(f"FisherPrune: {name!r} is called {len(now)} times on the "
+                             f"calibration data after pruning and {len(targets[name])} times "
+                             "before; use refit=False")
         stats = RefitStats()
         for xc, xo in zip(now, targets[name]):
             stats.add(xc, xo)
         layer, old = modules[name], originals[name]
-        assert isinstance(layer, nn.Linear) and isinstance(old, nn.Linear)
-        cols = kept.get(name, torch.arange(old.in_features))
-        w, b = ridge_refit(old.weight.detach().cpu(), None if old.bias is None else
-                           old.bias.detach().cpu(), cols, stats, damp)
+        before = LayerView(old, name).matrix(torch.float32)[0].cpu()  # out x in (Conv1D too)
+        cols = kept.get(name, torch.arange(before.shape[1]))
+        out = (rows or {}).get(name, torch.arange(before.shape[0])).cpu()
+        bias = getattr(old, "bias", None)
+        w, b = ridge_refit(before[out], None if bias is None else bias.detach().cpu()[out],
+                           cols, stats, damp)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
-            assign_(layer.weight, w)
+            LayerView(layer, name).set_matrix(w[None])
             if layer.bias is not None:
                 assign_(layer.bias, b)
             elif bool(b.abs().max() > 0):
@@ -202,6 +217,24 @@ def _minimum(cfg: FisherPrune, units: int, floor: float, up: bool = True) -> int
     up, or down with ``up=False``)."""
     kept = math.ceil(floor * units - 1e-9) if up else math.floor(floor * units + 1e-9)
     return min(units, max(cfg.min_units, kept))
+
+
+def _first(names: Any, n: int = 3) -> list[str]:
+    """The first ``n`` names, then ``"..."`` if there are more."""
+    names = list(names)
+    return names[:n] + (["..."] if len(names) > n else [])
+
+
+def _floors(floor: float, auto: bool) -> list[tuple[float, bool]]:
+    """The (floor, round up) pairs tried in turn. An explicit floor is kept as given. A floor
+    set from the target is rounded up in each group, then down (rounded up in small groups it
+    can overshoot the target), then halved twice and dropped: it assumes every group can be
+    cut to about the same share, which groups of a few units cannot (a layer with two
+    key/value groups keeps one, half of its attention, however low the floor), so on a small
+    grouped-query model it could make a reachable target unreachable."""
+    if not auto:
+        return [(floor, True)]
+    return [(floor, True), (floor, False), (floor / 2, False), (floor / 4, False), (0.0, False)]
 
 
 @dataclass
@@ -234,7 +267,8 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     groups = _readers(work, graph)
     if not groups:
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
-                         "Linear layer was found; use StructuredPrune for this model")
+                         "Linear (or transformers Conv1D) layer was found; use StructuredPrune "
+                         "for this model")
     scores = _fisher(work, groups, data, cfg.seed)
     none = np.zeros(graph.blocked.size, dtype=bool)
     base = max(1, graph.macs(none))
@@ -262,35 +296,47 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
         parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(groups))]
         return now * graph.macs(removal(parts)) / base > goal
 
-    def select(up: bool) -> list[np.ndarray]:
+    def select(fraction: float, up: bool) -> list[np.ndarray]:
         return select_by_ratio([scores[g.index].numpy() for g in groups], costs,
-                               [_minimum(cfg, len(graph.groups[g.index]), floor, up)
+                               [_minimum(cfg, len(graph.groups[g.index]), fraction, up)
                                 for g in groups], over)
 
-    # a floor set from the target, rounded up in small groups, can overshoot the target:
-    # then it is rounded down
-    for up in (True, False) if cfg.min_fraction is None else (True,):
+    for fraction, up in _floors(floor, auto=cfg.min_fraction is None):
         try:
-            parts = select(up)
+            parts = select(fraction, up)
+            floor = fraction
             break
         except ValueError as exc:
             error = exc
     else:
-        raise RecipeError(f"FisherPrune: {error}; raise macs or lower min_units / "
-                          f"min_fraction (the floor in force: {floor:.3f}) / "
-                          "min_share") from None
+        least = removal([np.arange(len(graph.groups[g.index])) >= cfg.min_units
+                         for g in groups])
+        lowest = graph.macs(least) / base * now / (goal / cfg.macs)
+        raise RecipeError(
+            f"FisherPrune: {error}; raise macs or lower min_units / min_fraction (the floor "
+            f"in force: {floor:.3f}) / min_share. Even with every group of heads and FFN "
+            f"neurons cut to min_units={cfg.min_units}, {lowest:.1%} of the MACs would stay: "
+            "the rest is in layers FisherPrune does not prune (embeddings, the output "
+            "layer, convolutions, layers outside the attention/FFN groups it found, "
+            f"{len(groups)} groups read by {', '.join(_first(g.reader for g in groups))}); "
+            "StructuredPrune can cut those") from None
     pruned = removal(parts)
     result = remove_units(work, graph, pruned)
     verify_pruned(work, graph, pruned, example_inputs)
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
+    modules = dict(work.named_modules())
+    # the weight dims of a layer's outputs and inputs: (1, 0) for transformers' Conv1D
+    out_in = {n: (1, 0) if n in modules and is_hf_conv1d(modules[n]) else (0, 1)
+              for n in weights}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
                "macs_target": int(goal), "min_fraction": round(float(floor), 4),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
     return FisherCut(work, original, [g.reader for g in groups],
-                     {n: d[1] for n, d in weights.items() if 1 in d},
-                     {n: d[0] for n, d in weights.items() if 0 in d}, summary)
+                     {n: d[out_in[n][1]] for n, d in weights.items() if out_in[n][1] in d},
+                     {n: d[out_in[n][0]] for n, d in weights.items() if out_in[n][0] in d},
+                     summary)
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:
@@ -299,20 +345,39 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return shared(model)
 
 
+def _refit_scope(model: nn.Module, cfg: FisherPrune, data: list[Any]) -> str:
+    """``cfg.refit_scope``, or ``"readers"`` (with a warning) where ``"blocks"`` finds no
+    stack of blocks that each run once per forward (ALBERT: one layer, shared, called once
+    per depth; ModernVBERT: the longest stack is a vision tower that text never reaches)."""
+    if cfg.refit_scope != "blocks" or not cfg.refit:
+        return cfg.refit_scope
+    try:
+        _, stack = find_block_stack(model)
+        BlockCalls.record(model, stack, data[:1])
+    except ModelError as exc:
+        warnings.warn(f"FisherPrune: {type(model).__name__}: {exc}; for refit_scope='blocks' "
+                      "the layers reading the pruned units are refitted instead "
+                      "(refit_scope='readers')", stacklevel=3)
+        return "readers"
+    return "blocks"
+
+
 def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data: list[Any],
                  reference_macs: int | None = None, *,
                  inplace: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a copy of ``model`` (``model`` itself with ``inplace``, see :func:`fisher_cut`;
     see the module docs); returns it and a summary."""
     cut = fisher_cut(model, cfg, example_inputs, data, reference_macs, inplace=inplace)
-    refitted = 0
-    if cfg.refit and cfg.refit_scope == "readers":
+    refitted, scope = 0, _refit_scope(cut.model, cfg, data)
+    if cfg.refit and scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
-                          cfg.damp)
+                          cfg.damp, cut.kept_rows)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp, norms=cfg.refit_norms))
     pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
+    if cfg.refit:
+        summary["refit_scope"] = scope
     del cut  # the unpruned original; with inplace it shares tensors with the pruned model
     return pruned, summary
 

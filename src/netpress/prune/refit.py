@@ -22,8 +22,9 @@ between the Linear layers: per channel, gain and shift by ridge least squares so
 LayerNorm's output on the pruned model's inputs matches the original's output
 (:func:`netpress.prune.fisher.ridge_affine`).
 
-Only Linear (and LayerNorm) layers inside the block stack are refitted; layers called more
-than once per block call are left as they are.
+Only Linear (``transformers``' GPT-2 style ``Conv1D`` included) and LayerNorm layers inside
+the block stack are refitted; layers called more than once per block call are left as they
+are.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import ridge_affine, ridge_solve
 from netpress.reconstruct._measure import trim_heap
+from netpress.reconstruct.layers import LayerView, is_hf_conv1d
 
 __all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
 
@@ -64,7 +66,7 @@ def plan_linear_groups(block: nn.Module, run: Callable[[], Any],
     reading the same tensor grouped; layers not called exactly once are left out. With
     ``norms``, its LayerNorm layers too, each a group of its own, in call order."""
     kinds = (nn.Linear, nn.LayerNorm) if norms else (nn.Linear,)
-    names = [n for n, m in block.named_modules() if isinstance(m, kinds)]
+    names = [n for n, m in block.named_modules() if isinstance(m, kinds) or is_hf_conv1d(m)]
     calls: dict[str, int] = {}
     order: list[tuple[str, torch.Tensor]] = []
 
@@ -231,17 +233,19 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     """Refit the layers ``names`` (one shared input) of block ``index``."""
     cb, ob = blocks
     layers = [cb.get_submodule(n) for n in names]
-    bias = all(isinstance(m, nn.Linear) and m.bias is not None for m in layers)
+    bias = all(m.bias is not None for m in layers)
     use = {n: s for n, s in sinks.items() if n in names and s is not None}
     sink_ins = sorted(set(use.values()))
     fit = _Fit()
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
-        ot = _Tap(ob, sink_ins, [n for n in names if n not in use])
+        ot = _Tap(ob, sink_ins, list(names))
         _run_taps((ct, ot), blocks, calls, index, b)
         targets = {}
         for n in names:
-            if n in use:
+            # a sum the pruned model forms at another width than the original (Swin-V2: a
+            # sink that is not the residual stream) is no target: the layer's own output is
+            if n in use and ot.got[(use[n], "in")].shape == ct.got[(use[n], "in")].shape:
                 z_o, z_c = ot.got[(use[n], "in")], ct.got[(use[n], "in")]
                 y = z_o - z_c + ct.got[(n, "out")]
             else:
@@ -253,22 +257,27 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         fit.add(calls[0].rows(ct.got[(names[0], "in")], b), targets, bias)
     assert fit.hessian is not None and fit.xty is not None
     for i, (n, layer) in enumerate(zip(names, layers)):
-        assert isinstance(layer, nn.Linear)
-        w = layer.weight.detach().double()
-        theta0 = torch.cat([w, layer.bias.detach().double()[:, None]], 1) if bias else w
+        view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
+        w = view.matrix()[0]
+        b0 = layer.bias if bias else None
+        assert b0 is None or isinstance(b0, torch.Tensor)
+        theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
         # the group's last fit damps the Hessian in place: no copy of it
         theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp,
                             overwrite=i == len(names) - 1)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
-            assign_(layer.weight, theta[:w.shape[1]].T)
-            if bias:
-                assign_(layer.bias, theta[-1])
+            view.set_matrix(theta[:w.shape[1]].T[None])
+            if b0 is not None:
+                assign_(b0, theta[-1])
 
 
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
               calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
     """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
-    on the pruned model's inputs match the original's outputs (:func:`ridge_affine`)."""
+    on the pruned model's inputs match the original's outputs (:func:`ridge_affine`).
+    False (left as it is) for a LayerNorm without affine parameters, whose input's last
+    dimension is not the normalized one (a subclass with its own layout), or that normalizes
+    a different number of vectors than the original (a per-head norm after heads were cut)."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
@@ -278,10 +287,14 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     for b in range(len(calls[0].hidden)):
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
         _run_taps((ct, ot), blocks, calls, index, b)
-        z = ct.got[(name, "in")]
+        z, y = ct.got[(name, "in")], ot.got[(name, "out")]
+        if z.shape[-1] != norm.normalized_shape[0]:
+            return False  # a subclass normalizing another dim (ConvNeXt's channels_first)
+        if z.shape[:-1] != y.shape[:-1]:
+            return False  # per-head norms (Persimmon's q/k LayerNorm) after heads were cut
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())
-        ys.append(calls[0].rows(ot.got[(name, "out")], b).cpu())
+        ys.append(calls[0].rows(y, b).cpu())
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():
@@ -319,7 +332,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                      if n.startswith(f"{i}.")}
             sinks = {n: residual_sink(cb, n, first_batch) if residual else None
                      for g in groups for n in g
-                     if isinstance(cb.get_submodule(n), nn.Linear)}
+                     if not isinstance(cb.get_submodule(n), nn.LayerNorm)}
             for names in groups:
                 if only is not None:
                     names = [n for n in names if f"{path}.{i}.{n}" in only]

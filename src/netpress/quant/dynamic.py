@@ -160,6 +160,14 @@ class DynamicQuantLinear(nn.Module):
                 q.bias.copy_(linear.bias.detach())
         return q.to(linear.weight.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the layer stands for, out × in (codes times scales, divided
+        back by ``in_scale``), read-only: model code that reads ``layer.weight`` (its dtype
+        or device) keeps working. The forward pass does not use it."""
+        w = self.weight_q.float() * self.weight_scale.float()[:, None]
+        return w * self.in_scale.float()[None, :] if self.smoothed else w
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in _linear_spec(self).items())
 
@@ -200,6 +208,13 @@ class QuantEmbedding(nn.Module):
             q.weight_q.copy_(codes)
             q.weight_scale.copy_(scale)
         return q.to(emb.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float table the codes stand for (codes times row scales), read-only: model
+        code that reads ``embedding.weight`` (ProphetNet's n-gram stream, Llama 4) keeps
+        working. The forward pass does not use it."""
+        return self.weight_q.float() * self.weight_scale.float()[:, None]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,8 +81,18 @@ def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: lis
     (:attr:`~netpress.reconstruct.engine.LayerStats.residual`)."""
     data = ctx.require("calibration", cfg.type_name())
     mode = "sequential-local" if cfg.mode == "sequential" and not fit_original else cfg.mode
-    return run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
+    info = run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
                           max_batches=cfg.calibration_batches, residual=residual)
+    unused = info["not_called"]
+    if unused:  # the report lists them too; the total the user asked for is not reached
+        more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
+        warnings.warn(f"{cfg.type_name()}: {len(unused)} of the {len(names)} selected layers "
+                      f"were never called on the calibration data and are left as they are: "
+                      f"{unused[:4]}{more} (branches these inputs do not take, or weights "
+                      "the model's code reads directly, e.g. MobileBERT's tied output layer); "
+                      "leave them out with ignore= or give inputs that reach them",
+                      stacklevel=3)
+    return info
 
 
 

@@ -274,13 +274,29 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             own.owned = stats is None  # no later fit of the group reads these tensors
             if n in resid:
                 own.residual = resid.pop(n).mean(own.samples)
-            solve(n, views[n], own)
+            _solve_one(solve, n, views[n], own)
             del own
             solved.append(n)
             trim_heap()  # each fit's float64 temporaries
         del acc, stats
         trim_heap()
     return action
+
+
+def _solve_one(solve: Solve, name: str, view: LayerView, stats: LayerStats) -> None:
+    """``solve`` one layer; a Hessian that cannot be factored becomes a :class:`ModelError`
+    naming the layer (float32 sums of inputs whose squares are below float32's range,
+    around 1e-23 and smaller, are not positive definite at any damping)."""
+    energy = float(stats.sq_norms.mean()) if stats.sq_norms.numel() else 0.0
+    try:
+        solve(name, view, stats)
+    except torch.linalg.LinAlgError as exc:
+        raise ModelError(
+            f"layer {name!r}: its input Hessian is not positive definite after damping "
+            f"({exc}); its inputs' mean squared value is {energy:.3g}, so they are (near) "
+            f"zero or degenerate on the calibration data. Leave it out with "
+            f"ignore=({name!r},), or give calibration data on which it sees real inputs"
+        ) from None
 
 
 def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequence[str],

@@ -63,6 +63,16 @@ class GroupQuantWeight(nn.Module):
             q = q - self.weight_zero.float()[:, idx]
         return q * self.weight_scale.float()[:, idx]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the float layer's own shape (out × in, or the conv's
+        out × in/groups × kernel), read-only: model code that reads ``layer.weight`` (its
+        dtype or device, e.g. ``transformers``' ViT patch embedding) keeps working."""
+        return self.dequantized_weight().reshape(self._weight_shape())
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight_q.shape)
+
     def _spec(self) -> dict[str, Any]:
         return {"bias": self.bias is not None, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric}
@@ -128,9 +138,11 @@ class GroupQuantConv(GroupQuantWeight):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items())
 
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        w = self.dequantized_weight().reshape(shape)
+        w = self.weight
         conv = F.conv1d if len(self.kernel_size) == 1 else F.conv2d
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)

@@ -1,0 +1,75 @@
+"""ONNX symbolics for ATen ops the TorchScript exporter lacks, registered only while
+:func:`netpress.export.onnx.export_onnx` runs.
+
+``aten::diff``: every ``transformers`` decoder called without an ``attention_mask`` (the
+usual export, ``{"input_ids": ...}``) looks for packed sequences in its position ids with
+``torch.diff(position_ids, prepend=...)`` (``masking_utils.find_packed_sequence_indices``),
+and the exporter refused the whole model with ``UnsupportedOperatorError``. ``diff`` is a
+concatenation of ``prepend``/``append`` and ``n`` differences of neighbouring slices.
+``aten::cumsum`` of the bool tensor that follows (``(diff != 1).cumsum(-1)``) is cast to
+int64 first, as PyTorch counts it (ONNX ``CumSum`` takes no bool). ``aten::expm1`` (the
+xIELU activation of Apertus) is ``Exp(x) - 1``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["extra_symbolics"]
+
+
+def _diff(g: Any, x: Any, n: Any, dim: Any, prepend: Any, append: Any) -> Any:
+    """``torch.diff(x, n, dim, prepend, append)`` as ONNX Concat + Slice + Sub."""
+    from torch.onnx import symbolic_helper as sh
+
+    steps = sh._parse_arg(n, "i")
+    axis = sh._parse_arg(dim, "i")
+    parts = [t for t in (prepend, x, append) if not sh._is_none(t)]
+    out = g.op("Concat", *parts, axis_i=axis) if len(parts) > 1 else x
+    for _ in range(steps):
+        after = sh._slice_helper(g, out, axes=[axis], starts=[1], ends=[sys.maxsize])
+        before = sh._slice_helper(g, out, axes=[axis], starts=[0], ends=[-1])
+        out = g.op("Sub", after, before)
+    return out
+
+
+def _cumsum(g: Any, x: Any, dim: Any, dtype: Any = None) -> Any:
+    """``torch.cumsum``, counting a bool tensor in int64 as PyTorch does (ONNX CumSum takes
+    no bool)."""
+    from torch.onnx import symbolic_opset11
+
+    scalar = getattr(x.type(), "scalarType", lambda: None)()
+    if scalar == "Bool":
+        x = g.op("Cast", x, to_i=7)  # onnx.TensorProto.INT64
+    return symbolic_opset11.cumsum(g, x, dim, dtype)
+
+
+def _expm1(g: Any, x: Any) -> Any:
+    """``torch.expm1`` as ``Exp(x) - 1`` (xIELU activations, e.g. Apertus)."""
+    import torch
+
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    return g.op("Sub", g.op("Exp", x), g.op("CastLike", one, x))
+
+
+_SYMBOLICS: dict[str, Callable[..., Any]] = {
+    "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1}
+
+
+@contextmanager
+def extra_symbolics(opset: int) -> Iterator[None]:
+    """Register the symbolics above for ``opset`` (15 or newer: Slice with inputs,
+    CastLike), and unregister them on leaving."""
+    import torch.onnx
+
+    names = list(_SYMBOLICS) if opset >= 15 else []
+    for name in names:
+        torch.onnx.register_custom_op_symbolic(name, _SYMBOLICS[name], opset)
+    try:
+        yield
+    finally:
+        for name in names:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)

@@ -1,0 +1,97 @@
+"""ONNX export of transformers decoders given only ``input_ids`` (issue 13's one-shot sweep:
+every decoder failed on ``aten::diff``), the ONNX forms netpress adds, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netpress as npr
+from netpress.errors import ModelError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+
+def _ids(batch: int, seed: int, vocab: int = 128) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, vocab, (batch, 12), generator=gen)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _out(model: nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return npr._inputs.primary_output(model(**x))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_llama_without_attention_mask_exports_and_holds_at_other_batch_sizes(tmp_path, dynamic):
+    from netpress.export.onnx import OrtModule
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if dynamic:
+        calib = [(_ids(2, s), None) for s in range(3)]
+        model = npr.compress(model, [npr.DynamicQuantize()], calibration=calib,
+                             example_inputs=_ids(1, 0), measure=False).model
+    path = npr.export_onnx(model, tmp_path / "llama.onnx", _ids(1, 0))
+    ort = OrtModule(path)
+    assert [i.name for i in ort.session.get_inputs()] == ["input_ids"]
+    for batch in (1, 3):  # before: the packed-sequence search fixed the graph to batch 1
+        x = _ids(batch, 5 + batch)
+        assert _rel(ort(**x), _out(model, x)) < (1e-3 if dynamic else 1e-5)
+
+
+class _Ops(nn.Module):
+    """torch.diff with prepend, a bool cumsum and expm1: the ops the exporter lacked."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = torch.diff(x, prepend=x[:, :1] - 1, dim=-1)
+        runs = (steps > 0.5).cumsum(-1)
+        return torch.expm1(x) + runs + torch.diff(x, n=2, dim=1).sum(-1, keepdim=True)
+
+
+def test_added_onnx_forms_compute_what_torch_does(tmp_path):
+    from netpress.export.onnx import OrtModule
+
+    x = torch.randn(2, 7)
+    path = npr.export_onnx(_Ops(), tmp_path / "ops.onnx", x)
+    for batch in (2, 5):
+        y = torch.randn(batch, 7, generator=torch.Generator().manual_seed(batch))
+        torch.testing.assert_close(OrtModule(path)(y), _Ops()(y), atol=1e-5, rtol=1e-5)
+    # registered only while export_onnx runs: torch's own exporter still has no aten::diff
+    # (its registry, emptied, answers ValueError rather than UnsupportedOperatorError)
+    with pytest.raises((torch.onnx.errors.UnsupportedOperatorError, ValueError)):
+        torch.onnx.export(_Ops(), (x,), str(tmp_path / "plain.onnx"), dynamo=False)
+
+
+class _Routing(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.histc(x, bins=4, min=0, max=3)
+
+
+def test_an_op_without_onnx_form_is_refused_naming_it(tmp_path):
+    with pytest.raises(ModelError, match=r"aten::histc.*no ONNX form.*mixture-of-experts"):
+        npr.export_onnx(_Routing(), tmp_path / "moe.onnx", torch.rand(8) * 3)
+
+
+class _ScatterMax(nn.Module):
+    """TAPAS's segment reduction: scatter_reduce with include_self=False."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor([0, 1, 0, 1])
+        return x.new_zeros(x.shape[0], 2).scatter_reduce(1, index.expand(x.shape[0], 4), x,
+                                                         "amax", include_self=False)
+
+
+def test_an_exporter_limitation_is_refused_with_its_reason(tmp_path):
+    with pytest.raises(ModelError, match="include_self=False.*no ONNX form"):
+        npr.export_onnx(_ScatterMax(), tmp_path / "tapas.onnx", torch.randn(2, 4))

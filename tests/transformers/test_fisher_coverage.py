@@ -24,6 +24,14 @@ def _text_data() -> list[tuple[dict[str, torch.Tensor], None]]:
     return [(_ids(8, s, seq=32), None) for s in range(16)]
 
 
+def _image_data(batches: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """``batches`` calibration batches of four random 32x32 images, the example input (one
+    image of the first batch) and eight held-out images."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), None) for _ in range(batches)]
+    return data, data[0][0][:1], torch.randn(8, 3, 32, 32, generator=gen)
+
+
 def _rel(model: torch.nn.Module, ref: torch.nn.Module, x: object) -> float:
     def out(m: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
@@ -113,9 +121,7 @@ def test_convnext_channels_first_norms_are_left_out_of_the_norm_refit():
                                       image_size=32, num_labels=10, layer_scale_init_value=1.0)
     torch.manual_seed(0)
     model = transformers.ConvNextForImageClassification(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 3, 32, 32, generator=gen), None) for _ in range(4)]
-    x, held = data[0][0][:1], torch.randn(8, 3, 32, 32, generator=gen)
+    data, x, held = _image_data(4)
     res = _prune(model, x, data, macs=0.6)
     assert count_macs(res.model, x) <= 0.6 * count_macs(model, x)
     first = "convnext.encoder.stages.1.downsampling_layer.0"  # channels_first
@@ -188,9 +194,7 @@ def test_swinv2_sum_at_another_width_is_not_a_residual_target():
                                     num_heads=[2, 4], window_size=4, num_labels=10)
     torch.manual_seed(0)
     model = transformers.Swinv2ForImageClassification(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 3, 32, 32, generator=gen), None) for _ in range(8)]
-    x, held = data[0][0][:1], torch.randn(8, 3, 32, 32, generator=gen)
+    data, x, held = _image_data(8)
     res = _prune(model, x, data, macs=0.6)
     assert count_macs(res.model, x) <= 0.6 * count_macs(model, x)
     plain = _prune(model, x, data, macs=0.6, refit=False).model

@@ -162,9 +162,10 @@ class DynamicQuantLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The float weight the layer stands for, out × in (codes times scales, divided
-        back by ``in_scale``), read-only: model code that reads ``layer.weight`` (its dtype
-        or device) keeps working. The forward pass does not use it."""
+        """The float weight the layer stands for, out × in (codes times scales, times
+        ``in_scale`` where the codes hold the smoothed weight ``W / in_scale``), read-only:
+        model code that reads ``layer.weight`` (its dtype or device) keeps working. The
+        forward pass does not use it."""
         w = self.weight_q.float() * self.weight_scale.float()[:, None]
         return w * self.in_scale.float()[None, :] if self.smoothed else w
 

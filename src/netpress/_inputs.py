@@ -12,7 +12,7 @@ These helpers are the single place that knows this convention.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union, overload
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ __all__ = [
     "repeat_to_batch",
     "primary_output",
     "input_spec",
+    "token_mask",
+    "real_tokens",
 ]
 
 Inputs = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]  # noqa: UP007 (runtime alias)
@@ -138,3 +140,36 @@ def input_spec(inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return [input_spec(v) for v in inputs]
     return None
+
+
+def token_mask(inputs: Any) -> torch.Tensor | None:
+    """The real-token positions of a batch of text: its ``attention_mask`` (batch × tokens)
+    as bools, or None (no mask, or not a 2-D mask: every input row counts)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+@overload
+def real_tokens(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor: ...
+@overload
+def real_tokens(x: None, keep: torch.Tensor | None) -> None: ...
+@overload
+def real_tokens(x: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+def real_tokens(x: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of a layer input ``x`` at real tokens: a token-major input (batch × tokens
+    × d, or the same flattened to (batch · tokens) × d) loses the padding positions ``keep``
+    marks False (:func:`token_mask`); any other shape (attention scores, pooled rows, conv
+    maps) is returned as it is. Padding tokens are computed but never read by the model's
+    output, so their inputs do not belong in a layer's statistics (with batches padded to a
+    fixed length they can be most of them)."""
+    if x is None or keep is None:
+        return x
+    if x.dim() == 3 and tuple(x.shape[:2]) == tuple(keep.shape):
+        return x[keep]
+    if x.dim() == 2 and x.shape[0] == keep.numel() and keep.shape[1] > 1:
+        return x[keep.reshape(-1)]
+    return x

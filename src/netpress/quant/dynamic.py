@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netpress._inputs import call_model, move_to
+from netpress._inputs import call_model, move_to, real_tokens, token_mask
 from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
@@ -301,12 +301,14 @@ def outlier_scale(amax: torch.Tensor, channels: int, min_gain: float) -> torch.T
 
 
 def input_amax(model: nn.Module, names: list[str], data: list[Any]) -> dict[str, torch.Tensor]:
-    """Per input channel, the largest ``|x|`` each named layer reads over ``data``."""
+    """Per input channel, the largest ``|x|`` each named layer reads over ``data`` (at the
+    real tokens of text batches: padding positions are left out)."""
     amax: dict[str, torch.Tensor] = {}
+    keep: list[torch.Tensor | None] = [None]  # the current batch's real tokens
 
     def hook(name: str) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().abs().float()
+            x = real_tokens(args[0].detach(), keep[0]).abs().float()
             a = x.reshape(-1, x.shape[-1]).amax(0).cpu()
             amax[name] = a if name not in amax else torch.maximum(amax[name], a)
         return fn
@@ -315,6 +317,7 @@ def input_amax(model: nn.Module, names: list[str], data: list[Any]) -> dict[str,
     try:
         with evaluating(model), torch.no_grad():
             for x in data:
+                keep[0] = token_mask(x)
                 call_model(model, x)
     finally:
         for h in handles:

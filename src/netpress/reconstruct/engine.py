@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netpress._inputs import call_model, move_to
+from netpress._inputs import call_model, move_to, real_tokens, token_mask
 from netpress.data import Data, batches
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating, model_device
@@ -160,6 +160,7 @@ def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Seq
             if max_batches is not None and i >= max_batches:
                 break
             x = move_to(inputs, device)
+            keep = token_mask(x)
             orig = comp = None
             if mode != "plain":
                 with _capture(model, names, calls) as comp:
@@ -171,11 +172,14 @@ def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Seq
             for n in names:
                 source = comp if comp is not None else orig
                 assert source is not None
+                view = views[n] if comp is not None else ref_views[n]
+                plain = not (view.conv or (n in ref_views and ref_views[n].conv))
                 for k, inp in enumerate(source[n]):
-                    o = ref_views[n].columns(orig[n][k]) if mode == "sequential" and orig \
-                        else None
-                    view = views[n] if comp is not None else ref_views[n]
-                    acc[n].add(view.columns(inp), o)
+                    o = orig[n][k] if mode == "sequential" and orig else None
+                    if plain:  # padding positions out of the rows (not of im2col columns)
+                        inp, o = real_tokens(inp, keep), real_tokens(o, keep)
+                    acc[n].add(view.columns(inp),
+                               ref_views[n].columns(o) if o is not None else None)
     return {n: a.stats() for n, a in acc.items()}
 
 
@@ -219,8 +223,10 @@ class _Pass:
 def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
                   reference: nn.Module | None, solve: Solve, mode: str, full: bool,
                   state: _Pass, residual: bool = False,
+                  masks: Sequence[torch.Tensor | None] = (),
                   ) -> Callable[[int, list[tuple[int, Any]]], None]:
-    """What runs when every forward pass has reached group ``k``: statistics, then fits."""
+    """What runs when every forward pass has reached group ``k``: statistics, then fits.
+    ``masks``: each calibration batch's real tokens (:func:`token_mask`), or None."""
     solved = state.solved
 
     def action(k: int, items: list[tuple[int, Any]]) -> None:
@@ -244,11 +250,14 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             and mode == "sequential" else {}
         for b in sorted(by_batch):  # a fixed order: sums are deterministic
             comp, orig = by_batch[b].get(True), by_batch[b].get(False)
+            keep = masks[b] if b < len(masks) and shared else None
             if isinstance(orig, dict):  # the original forwards ran ahead: W x_o per layer
                 assert comp is not None
+                keep = None  # their rows are the whole batch's: keep the inputs' too
                 for n, r in resid.items():
                     r.add_outputs(views[n].columns(comp), orig[n])
                 orig = None
+            comp, orig = real_tokens(comp, keep), real_tokens(orig, keep)
             for c, o in _chunks(comp, orig):  # bounded im2col memory per step
                 for n in acc:
                     cols = views[n].columns(c) if c is not None \
@@ -339,7 +348,7 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     ahead_at = {k for k, g in enumerate(groups) if ahead and _outputs_narrower(model, g)}
     meet = Rendezvous(len(runners), len(groups),
                       _group_action(groups, runners, model, reference, solve, mode, full,
-                                    state, residual))
+                                    state, residual, [token_mask(x) for x in inputs]))
     local = threading.local()
     handles = []
     for m in {id(r.model): r.model for r in runners}.values():

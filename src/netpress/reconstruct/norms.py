@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from netpress._cow import assign_
-from netpress._inputs import call_model, move_to
+from netpress._inputs import call_model, move_to, real_tokens, token_mask
 from netpress.data import Data, batches
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating, model_device
@@ -126,7 +126,7 @@ def refit_layer_norms(model: nn.Module, reference: nn.Module, data: Data, *,
                       max_batches: int | None = None) -> list[str]:
     """Re-fit the affine parameters of ``model``'s LayerNorms (those named, default all with
     affine parameters that ``reference`` also has) to ``reference``'s outputs on ``data``,
-    in module order. Returns the names re-fitted."""
+    in module order, on the real tokens of text batches. Returns the names re-fitted."""
     if names is None:
         names = norm_names(model, reference)
     device = model_device(model)
@@ -139,8 +139,9 @@ def refit_layer_norms(model: nn.Module, reference: nn.Module, data: Data, *,
             assert isinstance(norm, nn.LayerNorm)
             stats = NormStats(norm.weight.numel())
             for x in inputs:
-                stats.add(_normalised(norm, _collect(model, name, x)[0]),
-                          _collect(reference, name, x)[1])
+                keep = token_mask(x)  # padding positions out of the fit
+                stats.add(_normalised(norm, real_tokens(_collect(model, name, x)[0], keep)),
+                          real_tokens(_collect(reference, name, x)[1], keep))
             gamma, beta = affine_fit(stats, norm.weight, norm.bias)
             with torch.no_grad():
                 assign_(norm.weight, gamma)  # new tensors: copy-on-write (netpress._cow)

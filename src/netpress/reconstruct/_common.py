@@ -20,7 +20,7 @@ from netpress.reconstruct.layers import SUPPORTED_TYPES, LayerView, supported
 from netpress.select import check_patterns, select_names
 
 __all__ = ["LayerwiseSettings", "calibrate", "fitting_reference", "fitted_to",
-           "shape_mismatch"]
+           "shape_mismatch", "tied_weights", "warn_tied"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +94,35 @@ def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: lis
                       stacklevel=3)
     return info
 
+
+
+def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """The layers of ``names`` whose weight another module holds too (a language model's
+    output layer tied to its input embedding table): name -> the other modules."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for leaf, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append(f"{name}.{leaf}" if name else leaf)
+    out = {}
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        others = [h for h in holders.get(id(weight), []) if h != f"{name}.weight"]
+        if isinstance(weight, nn.Parameter) and others:
+            out[name] = others
+    return out
+
+
+def warn_tied(model: nn.Module, owner: str, names: Iterable[str]) -> dict[str, list[str]]:
+    """Warn about the layers of ``names`` whose pruned weight another module shares (their
+    zeros reach it unfitted, e.g. the input embeddings of a tied output layer); returns
+    them for the report."""
+    tied = tied_weights(model, names)
+    for name, others in tied.items():
+        warnings.warn(f"{owner}: layer {name!r} shares its weight with {others}: pruning it "
+                      "prunes that too, fitted for this layer only (a tied output layer "
+                      "zeroes rows of the input embedding table). Leave it out with "
+                      f"ignore=({name!r},) to keep them dense", stacklevel=3)
+    return tied
 
 
 def shape_mismatch(model: nn.Module, reference: nn.Module, names: Iterable[str]) -> str | None:

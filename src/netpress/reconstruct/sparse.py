@@ -30,7 +30,13 @@ from netpress.config import check_fraction
 from netpress.context import Context
 from netpress.errors import RecipeError
 from netpress.prune.masks import floor_keep, global_prune_counts
-from netpress.reconstruct._common import LayerwiseSettings, calibrate, fitted_to, fitting_reference
+from netpress.reconstruct._common import (
+    LayerwiseSettings,
+    calibrate,
+    fitted_to,
+    fitting_reference,
+    warn_tied,
+)
 from netpress.reconstruct._measure import measured, trim_heap
 from netpress.reconstruct.allocation import outlier_ratio, owl_sparsities
 from netpress.reconstruct.engine import LayerStats, collect_statistics
@@ -410,6 +416,8 @@ def _apply_sparsegpt(model: nn.Module, cfg: SparseGPT, ctx: Context) -> nn.Modul
             else:
                 info.update(_with_norms(model, cfg, ctx, list(targets), solve))
     info["fitted_to"] = fitted_to(changed)
+    if tied := warn_tied(model, cfg.type_name(), targets):
+        info["tied"] = tied
     return _finish(model, cfg, ctx, masks, skipped, info)
 
 
@@ -428,5 +436,7 @@ def _apply_wanda(model: nn.Module, cfg: Wanda, ctx: Context) -> nn.Module:
                 for name in targets:
                     solve(name, LayerView(layers[name], name), None)
     info["fitted_to"] = fitted_to(changed)
+    if tied := warn_tied(model, cfg.type_name(), targets):
+        info["tied"] = tied
     return _finish(model, cfg, ctx, masks, skipped, info)
 

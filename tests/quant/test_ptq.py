@@ -158,6 +158,21 @@ def test_untraceable_model_weight_only_works_activations_explain():
         npr.compress(model, Quantize(), calibration=data, measure=False)
 
 
+def test_an_untraceable_transformer_is_pointed_to_dynamic_quantize():
+    """Equalization traces first: its failure gets the same advice as the quantizer's own."""
+    import transformers
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32)).eval()
+    x = {"input_ids": torch.randint(0, 60, (2, 12)),
+         "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    with pytest.raises(ModelError, match=r"cannot trace BertModel.*DynamicQuantize\(\)"):
+        npr.compress(bert, Quantize(weights=8, activations=8), calibration=[(x, None)],
+                     example_inputs=x, measure=False)
+
+
 def test_weight_only_needs_no_calibration_data():
     from netpress.errors import DataError
     from netpress.registry import get_method

@@ -307,15 +307,19 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
     from netpress.export.graph import trace
 
     calib_ctx = _calibration_data(ctx, cfg.type_name())
-    if cfg.equalize:
-        inputs = _calibration_inputs(calib_ctx, cfg.calibration_batches)
-        notes["equalization"] = _rounded(equalize(model, inputs, list(plan)))
-
     try:
+        if cfg.equalize:
+            inputs = _calibration_inputs(calib_ctx, cfg.calibration_batches)
+            notes["equalization"] = _rounded(equalize(model, inputs, list(plan)))
         target = trace(model)
     except ModelError as exc:
-        raise ModelError(f"{cfg.type_name()}: activation quantization needs a traceable "
-                         f"model ({exc}); use activations=None for weights only") from None
+        if "cannot trace" not in str(exc):
+            raise
+        raise ModelError(f"{cfg.type_name()}: static activation quantization needs a model "
+                         f"torch.fx can trace ({exc}). Use npr.DynamicQuantize() for INT8 "
+                         "activations without tracing (quantized at run time, layer by "
+                         "layer: transformers models), or activations=None for weights "
+                         "only") from None
     drop_identities(target)
     acts = insert_act_quant(target, lambda n: n in plan, bits=cfg.activations)
     for name in acts:

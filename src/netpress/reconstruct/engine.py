@@ -144,7 +144,8 @@ def collect_statistics(model: nn.Module, reference: nn.Module | None, names: Seq
     ``model`` is the model being compressed and ``reference`` the original (needed unless
     ``mode="sequential-local"``); a layer's name must exist in both (its shape may differ,
     which shows in ``cross``). ``full=False`` keeps only ``sq_norms``. ``calls`` (from
-    :func:`plan_groups`) lets each pass stop early.
+    :func:`plan_groups`) lets each pass stop early. Padding positions of text batches are
+    left out, as in :func:`run_sequential`.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
@@ -318,7 +319,9 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     and pauses at each group until all batches are there (:mod:`._rendezvous`): the model
     runs over the data once, and the inputs of one group for all batches are held at a
     time. Batches of equal shapes run as one. A layer called more than once per forward is
-    fitted on its first call's inputs. ``residual=True`` (sequential mode) gives each fit
+    fitted on its first call's inputs. Text batches with an ``attention_mask`` contribute
+    their real tokens only (:func:`netpress._inputs.real_tokens`: the padding positions'
+    rows stay out of every statistic). ``residual=True`` (sequential mode) gives each fit
     :attr:`LayerStats.residual` instead of ``cross`` (for solvers that only refit to the
     original outputs: a smaller matrix than the cross term where a layer has fewer outputs
     than inputs).

@@ -52,6 +52,7 @@ from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
 from netpress.prune._blocks import BlockCalls, forward_each
 from netpress.prune._fisher_pass import _fisher, _readers
+from netpress.prune._macs_estimate import estimator
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import (
     RefitStats,
@@ -64,6 +65,10 @@ from netpress.reconstruct.layers import LayerView, is_hf_conv1d
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
+#: the share of the target the refill of the selection (units put back after the last,
+#: large, removal) leaves unused, for what the MACs estimate (:mod:`._macs_estimate`) and the
+#: measured count still disagree on
+REFILL_MARGIN = 0.005
 
 __all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut", "target_floor"]
 
@@ -292,14 +297,20 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
         every = removal([np.ones(len(graph.groups[g.index]), dtype=bool) for g in groups])
         floor = target_floor(goal * base / now, base, graph.macs(every), cfg.min_share)
 
-    def over(flat: np.ndarray) -> bool:  # the graph's estimate, scaled to the measured count
+    measured = estimator(graph, now)  # the graph's estimate, made to agree with count_macs
+
+    def spare(flat: np.ndarray) -> float:  # graph MACs the refill may put back
         parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(groups))]
-        return now * graph.macs(removal(parts)) / base > goal
+        return (goal * (1 - REFILL_MARGIN) - measured(removal(parts))) * base / now
+
+    def over(flat: np.ndarray) -> bool:
+        parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(groups))]
+        return measured(removal(parts)) > goal
 
     def select(fraction: float, up: bool) -> list[np.ndarray]:
         return select_by_ratio([scores[g.index].numpy() for g in groups], costs,
                                [_minimum(cfg, len(graph.groups[g.index]), fraction, up)
-                                for g in groups], over)
+                                for g in groups], over, spare)
 
     for fraction, up in _floors(floor, auto=cfg.min_fraction is None):
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,3 +93,42 @@ def test_sdpa_encoder_no_longer_lands_over_the_target():
     plain = _prune(model, x, data, macs=0.5, refit=False)
     assert _check(res, model, x, held, 0.49, 0.5) < 0.012 < 0.02 < _rel(plain.model, model, held)
     # 0.0063 refitted, 0.028 not
+
+
+# --- 1: readers no gradient reaches ----------------------------------------------------
+
+
+def test_siglip_unused_pooling_head_is_left_whole_and_the_rest_pruned():
+    """SiglipForImageClassification averages the encoder's tokens: the vision model's
+    attention-pooling head runs but the logits do not depend on it, so no gradient reached
+    its readers and the whole prune was refused. Their units are now left whole, with a
+    warning naming them."""
+    cfg = transformers.SiglipConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=512), num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.SiglipForImageClassification(cfg).eval()
+    data, x, held = _images(4)
+    with pytest.warns(UserWarning, match=r"left whole.*vision_model\.head\.attention"):
+        res = npr.compress(model, [npr.FisherPrune(macs=0.5)], calibration=data,
+                           example_inputs=x, measure=False)
+    step = res.report["steps"][0]
+    assert "vision_model.head.mlp.fc2" in step["unscored"]
+    assert not any("head" in g for g in step["groups"])
+    plain = _prune(model, x, data, macs=0.5, refit=False)
+    # 0.68 refitted, 0.84 not (random weights, 10 labels)
+    assert _check(res, model, x, held, 0.48, 0.5) < 0.75 < 0.8 < _rel(plain.model, model, held)
+
+
+def test_mamba_dt_proj_read_by_its_weight_is_named_in_the_refusal():
+    """Mamba computes ``dt_proj.weight @ x`` without calling dt_proj, its only single-reader
+    group: no score is possible and the refusal names it and points to StructuredPrune."""
+    cfg = transformers.MambaConfig(vocab_size=512, hidden_size=64, state_size=8,
+                                   num_hidden_layers=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    with pytest.raises(NetpressError, match=r"(?s)mixer\.dt_proj.*never called as a module"
+                                            r".*StructuredPrune"):
+        _prune(model, _ids(1, 0), _text_data(2), macs=0.5)

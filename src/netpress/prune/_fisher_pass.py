@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from netpress._inputs import _map_tensors, batch_size_of, call_model, primary_output
-from netpress.errors import ModelError
 from netpress.graph import ChannelGraph
 from netpress.measure.collect import evaluating
 from netpress.prune.fisher import column_mask_grads, unit_fisher
@@ -132,14 +131,17 @@ def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
 
 
 def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
-            seed: int) -> dict[int, torch.Tensor]:
-    """Unit Fisher scores per group index."""
+            seed: int) -> tuple[dict[int, torch.Tensor], dict[str, str]]:
+    """Unit Fisher scores per group index, and the readers no score could be had for, with
+    why (see :func:`_unscored`): their groups are left whole."""
     readers = {g.reader for g in groups}
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
     current: dict[str, Any] = {}
+    called: set[str] = set()
 
     def pre_hook(name: str) -> Callable[..., Any]:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            called.add(name)
             x, out = args[0], None
             if isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
                 # no reader before this one: the gradient starts here (the parameters take
@@ -177,13 +179,25 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
         for p in frozen:
             p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-    scores = {}
+    scores, unscored = {}, {}
     for g in groups:
         if not grads[g.reader]:
-            raise ModelError(f"FisherPrune: no gradient reached {g.reader!r}; does the "
-                             f"model's output depend on it?")
+            unscored[g.reader] = _unscored(g.reader in called)
+            continue
         scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
-    return scores
+    return scores, unscored
+
+
+def _unscored(called: bool) -> str:
+    """Why a reader got no gradient at its input: it was called but the loss does not
+    depend on its output (a pooling head a classifier does not use, a layer run under
+    no_grad inside a custom autograd function), or it was never called as a module (the
+    model reads its weight directly, as Mamba's ``dt_proj.weight @ x``)."""
+    if called:
+        return ("called, but no gradient reached its input: the model's output does not "
+                "depend on it, or it runs where autograd cannot follow")
+    return ("never called as a module on the calibration data (the model may read its "
+            "weight directly)")
 
 
 def _fisher_batch(model: nn.Module, x: Any, gen: torch.Generator,

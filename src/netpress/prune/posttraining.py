@@ -51,7 +51,7 @@ from netpress.measure.collect import model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
 from netpress.prune._blocks import BlockCalls, forward_each
-from netpress.prune._fisher_pass import _fisher, _readers
+from netpress.prune._fisher_pass import _fisher, _Group, _readers
 from netpress.prune._macs_estimate import estimator
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import (
@@ -274,7 +274,8 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
                          "Linear (or transformers Conv1D) layer was found; use StructuredPrune "
                          "for this model")
-    scores = _fisher(work, groups, data, cfg.seed)
+    scores, unscored = _fisher(work, groups, data, cfg.seed)
+    groups = _scored(groups, unscored)
     none = np.zeros(graph.blocked.size, dtype=bool)
     base = max(1, graph.macs(none))
     now = count_macs(work, example_inputs)
@@ -344,10 +345,28 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                "macs_target": int(goal), "min_fraction": round(float(floor), 4),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
+    if unscored:
+        summary["unscored"] = dict(unscored)
     return FisherCut(work, original, [g.reader for g in groups],
                      {n: d[out_in[n][1]] for n, d in weights.items() if out_in[n][1] in d},
                      {n: d[out_in[n][0]] for n, d in weights.items() if out_in[n][0] in d},
                      summary)
+
+
+def _scored(groups: list[_Group], unscored: dict[str, str]) -> list[_Group]:
+    """The groups that got Fisher scores; those read by an ``unscored`` layer are left
+    whole, with a warning naming the layers (an error if that leaves none)."""
+    if not unscored:
+        return groups
+    what = "; ".join(f"{name!r}: {why}" for name, why in list(unscored.items())[:3]) \
+        + (f"; and {len(unscored) - 3} more" if len(unscored) > 3 else "")
+    left = [g for g in groups if g.reader not in unscored]
+    if not left:
+        raise ModelError(f"FisherPrune: no unit group could be scored: {what}. Use "
+                         "StructuredPrune for this model")
+    warnings.warn(f"FisherPrune: the units read by {len(unscored)} layer(s) are left whole, "
+                  f"no Fisher score reached them: {what}", stacklevel=3)
+    return left
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:

@@ -132,3 +132,56 @@ def test_mamba_dt_proj_read_by_its_weight_is_named_in_the_refusal():
     with pytest.raises(NetpressError, match=r"(?s)mixer\.dt_proj.*never called as a module"
                                             r".*StructuredPrune"):
         _prune(model, _ids(1, 0), _text_data(2), macs=0.5)
+
+
+# --- 2 and 4: sizes the model's code builds, stacks that are not chained ----------------
+
+
+def _segformer_like(cls: Any, config: Any, **kw: Any) -> torch.nn.Module:
+    """Two stages, one attention head in the first (as in every Segformer / PvtV2)."""
+    cfg = config(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[8, 4], hidden_sizes=[32, 64],
+                 patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                 mlp_ratios=[4, 4], num_labels=10, image_size=64, **kw)
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def test_segformer_single_head_attention_is_left_whole_and_the_rest_pruned():
+    """Segformer's first stage has one head: its units are single channels, and cutting
+    them changes ``head_dim``, which the code also scales the scores by (no value fits both
+    uses). The plan-sizes refusal stopped the whole prune; the groups it names are now left
+    whole (warning) and the selection is made again without them."""
+    model = _segformer_like(transformers.SegformerForImageClassification,
+                            transformers.SegformerConfig, decoder_hidden_size=32)
+    data, x, held = _images(4, 64)
+    with pytest.warns(UserWarning, match=r"leaving segformer\.stages\.0\.blocks\.0\.attention"
+                                         r".*head_dim"):
+        res = npr.compress(model, [npr.FisherPrune(macs=0.5)], calibration=data,
+                           example_inputs=x, measure=False)
+    step = res.report["steps"][0]
+    assert list(step["left_whole"]) == ["segformer.stages.0.blocks.0.attention.v_proj.weight"
+                                        "[dim 0]"]
+    stage0 = res.model.segformer.stages[0].blocks[0]
+    assert stage0.attention.v_proj.weight.shape[0] == 32  # whole
+    assert stage0.mlp.fc1.weight.shape[0] < 128  # its FFN was cut
+    plain = _prune(model, x, data, macs=0.5, refit=False)
+    # 0.073 refitted, 0.066 not: here the block refit does not help
+    assert _check(res, model, x, held, 0.48, 0.5) < 0.09
+    assert _rel(plain.model, model, held) < 0.09
+
+
+def test_pvt_v2_stage_stack_that_is_not_chained_falls_back_to_the_readers_refit():
+    """PvtV2's longest stack of blocks is its stages, which return tuples and reshape in
+    between: the block refit ran stage 1 on stage 0's tuple and refused. Stacks whose blocks
+    do not take the previous block's output shape are now found out when recorded, and the
+    layers reading the pruned units are refitted instead (warning)."""
+    model = _segformer_like(transformers.PvtV2ForImageClassification, transformers.PvtV2Config)
+    data, x, held = _images(4, 64)
+    with pytest.warns(UserWarning, match="not chained.*refit_scope='readers'"):
+        res = npr.compress(model, [npr.FisherPrune(macs=0.5)], calibration=data,
+                           example_inputs=x, measure=False)
+    step = res.report["steps"][0]
+    assert step["refit_scope"] == "readers" and step["refitted_layers"] >= 2
+    plain = _prune(model, x, data, macs=0.5, refit=False)
+    # 0.032 refitted, 0.054 not
+    assert _check(res, model, x, held, 0.48, 0.5) < 0.04 < 0.045 < _rel(plain.model, model, held)

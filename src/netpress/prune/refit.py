@@ -44,7 +44,7 @@ from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import ridge_affine, ridge_solve
 from netpress.reconstruct._measure import trim_heap
-from netpress.reconstruct.layers import LayerView, is_hf_conv1d
+from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 
 __all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
 
@@ -60,13 +60,20 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return x if isinstance(x, torch.Tensor) else None
 
 
+def _fittable(m: nn.Module) -> bool:
+    """A Linear or ``transformers`` Conv1D the refit can fit: a subclass of ``nn.Linear``
+    (Falcon's ``FalconLinear``, whose forward is its own) is left as it is, as the
+    layer-wise reconstruction leaves it (:func:`netpress.reconstruct.layers.supported`)."""
+    return (isinstance(m, nn.Linear) and supported(m)) or is_hf_conv1d(m)
+
+
 def plan_linear_groups(block: nn.Module, run: Callable[[], Any],
                        norms: bool = False) -> list[list[str]]:
     """The block's Linear layers (names inside ``block``) in call order, consecutive layers
     reading the same tensor grouped; layers not called exactly once are left out. With
     ``norms``, its LayerNorm layers too, each a group of its own, in call order."""
-    kinds = (nn.Linear, nn.LayerNorm) if norms else (nn.Linear,)
-    names = [n for n, m in block.named_modules() if isinstance(m, kinds) or is_hf_conv1d(m)]
+    names = [n for n, m in block.named_modules()
+             if (norms and isinstance(m, nn.LayerNorm)) or _fittable(m)]
     calls: dict[str, int] = {}
     order: list[tuple[str, torch.Tensor]] = []
 

@@ -93,25 +93,26 @@ def select_by_ratio(scores: Sequence[np.ndarray], costs: Sequence[float],
             hi = mid
     final = removed_of(lo)
     if slack is not None:
-        back = [int(offsets[g] + u) for _, g, u in reversed(order[:lo])]
-        final = _refill(final, back, [costs[int(np.searchsorted(offsets, i, "right")) - 1]
-                                      for i in back], over_budget, slack)
+        flat = [int(offsets[g] + u) for _, g, u in order]
+        unit_cost = np.repeat(np.asarray(costs, dtype=np.float64), np.diff(offsets))
+        final = _refill(final, [i for i in reversed(flat) if final[i]], unit_cost,
+                        over_budget, slack)
     return [final[offsets[g]:offsets[g + 1]] for g in range(len(scores))]
 
 
-def _refill(removed: np.ndarray, candidates: list[int], costs: list[float],
+def _refill(removed: np.ndarray, candidates: list[int], costs: np.ndarray,
             over_budget: Callable[[np.ndarray], bool],
             slack: Callable[[np.ndarray], float]) -> np.ndarray:
     """``removed`` with some of ``candidates`` (flat unit indices it removes, most valuable
-    first) kept after all: each whose ``costs`` entry fits in what is left of
+    first) kept after all: each whose ``costs`` entry (per flat unit) fits in what is left of
     ``slack(removed)`` (a linear estimate), then the longest prefix of those the exact
     ``over_budget`` accepts (putting units back only adds cost: binary search)."""
     left = slack(removed)
     chosen = []
-    for i, cost in zip(candidates, costs):
-        if cost <= left:
+    for i in candidates:
+        if costs[i] <= left:
             chosen.append(i)
-            left -= cost
+            left -= float(costs[i])
 
     def with_back(n: int) -> np.ndarray:
         mask = removed.copy()

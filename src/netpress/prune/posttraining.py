@@ -272,9 +272,13 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     graph = analyze(work, example_inputs)
     groups = _readers(work, graph)
     if not groups:
+        found = [g.name for g in graph.groups if g.exact]
+        what = (f"; the removable groups found ({len(found)}: {', '.join(_first(found))}) are "
+                "read by several layers, a convolution or a parameter holding every expert of "
+                "a mixture of experts") if found else ""
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
-                         "Linear (or transformers Conv1D) layer was found; use StructuredPrune "
-                         "for this model")
+                         f"Linear (or transformers Conv1D) layer was found{what}; use "
+                         "StructuredPrune for this model")
     scores, unscored = _fisher(work, groups, data, cfg.seed)
     groups = _scored(groups, unscored)
     none = np.zeros(graph.blocked.size, dtype=bool)

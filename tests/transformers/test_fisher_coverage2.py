@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import netpress as npr
-from netpress.errors import NetpressError
+from netpress.errors import NetpressError, RecipeError
 from netpress.measure.macs import count_macs
 
 transformers = pytest.importorskip("transformers")
@@ -234,3 +234,26 @@ def test_block_refit_of_a_mixed_bias_group_keeps_an_exact_model_exact():
     assert _rel(model, original, held) < 1e-4
     gate0, gate1 = model.layers[0].gate, original.layers[0].gate
     assert float((gate0.bias - gate1.bias).detach().abs().max()) < 0.05  # stays near 3.0
+
+
+def test_mra_refusal_names_the_head_groups_left_whole():
+    """Mra builds shapes from ``num_attention_heads`` where no value fits a head cut: its
+    head groups are left whole, and 50% cannot then be met; the refusal says which groups
+    were left whole and why the rest is out of reach (a PruneCheckError stopped it before);
+    75% is met with the FFN neurons alone."""
+    cfg = transformers.MraConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=256,
+                                 max_position_embeddings=128, block_per_row=4)
+    torch.manual_seed(0)
+    model = transformers.MraForMaskedLM(cfg).eval()
+    x, data, held = _ids(1, 0), _text_data(), _ids(4, 99)
+    with pytest.raises(RecipeError, match=r"(?s)cannot be met.*Left whole because their sizes "
+                                          r"could not follow \(mra\.encoder\.layer\.0\.attention"):
+        _prune(model, x, data, macs=0.5)
+    res = _prune(model, x, data, macs=0.75)
+    assert "mra.encoder.layer.0.attention.self.query.weight[dim 0]" in \
+        res.report["steps"][0]["left_whole"]
+    plain = _prune(model, x, data, macs=0.75, refit=False)
+    # 0.0040 refitted, 0.022 not
+    assert _check(res, model, x, held, 0.73, 0.75) < 0.008 < 0.015 < _rel(plain.model, model,
+                                                                          held)

@@ -378,8 +378,8 @@ def _select(graph: ChannelGraph, groups: list[_Group], scores: dict[int, torch.T
             error = exc
     least = _removal(graph, groups, [np.arange(n) >= cfg.min_units for n in sizes])
     lowest = graph.macs(least) / base * now / (goal / cfg.macs)
-    left = "" if not whole else (f" Left whole because their sizes could not follow: "
-                                 f"{', '.join(_first(whole))}.")
+    left = "" if not whole else (f" Left whole because their sizes could not follow "
+                                 f"({', '.join(_first(whole))}).")
     raise RecipeError(
         f"FisherPrune: {error}; raise macs or lower min_units / min_fraction (the floor "
         f"in force: {floor:.3f}) / min_share. Even with every group of heads and FFN "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netpress._inputs import _map_tensors, batch_size_of, call_model, primary_output
+from netpress.errors import ModelError
 from netpress.graph import ChannelGraph
 from netpress.measure.collect import evaluating
 from netpress.prune.fisher import column_mask_grads, unit_fisher
@@ -130,10 +131,11 @@ def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
     return not _is_lm(model, y, inputs) and y.dim() == 2 and y.shape[-1] > 1
 
 
-def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
-            seed: int) -> tuple[dict[int, torch.Tensor], dict[str, str]]:
-    """Unit Fisher scores per group index, and the readers no score could be had for, with
-    why (see :func:`_unscored`): their groups are left whole."""
+def _fisher(model: nn.Module, groups: list[_Group], data: list[Any], seed: int,
+            unscored: dict[str, str] | None = None) -> dict[int, torch.Tensor]:
+    """Unit Fisher scores per group index. The readers no score could be had for are put
+    in ``unscored`` with why (see :func:`_unscored`; their groups have no score); without
+    it, such a reader is an error."""
     readers = {g.reader for g in groups}
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
     current: dict[str, Any] = {}
@@ -179,13 +181,16 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
         for p in frozen:
             p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-    scores, unscored = {}, {}
+    scores = {}
     for g in groups:
         if not grads[g.reader]:
-            unscored[g.reader] = _unscored(g.reader in called)
+            why = _unscored(g.reader in called)
+            if unscored is None:
+                raise ModelError(f"FisherPrune: no score for {g.reader!r}: {why}")
+            unscored[g.reader] = why
             continue
         scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
-    return scores, unscored
+    return scores
 
 
 def _unscored(called: bool) -> str:

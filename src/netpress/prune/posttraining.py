@@ -279,7 +279,8 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
                          f"Linear (or transformers Conv1D) layer was found{what}; use "
                          "StructuredPrune for this model")
-    scores, unscored = _fisher(work, groups, data, cfg.seed)
+    unscored: dict[str, str] = {}
+    scores = _fisher(work, groups, data, cfg.seed, unscored)
     groups = _scored(groups, unscored)
     none = np.zeros(graph.blocked.size, dtype=bool)
     base = max(1, graph.macs(none))

@@ -68,6 +68,26 @@ def test_greedy_selection_meets_the_budget_with_fewest_removals():
         select_by_ratio(scores, costs, [3, 2], over)
 
 
+def test_selection_refill_puts_back_what_fits_under_the_budget():
+    """The prefix above lands at 3 for a budget of 4.5: with the slack known, the removed
+    unit of cost 1 (g1 u0, the first removed) is put back (4 <= 4.5); the cost-2 ones
+    do not fit."""
+    scores = [np.array([5.0, 1.0, 3.0]), np.array([0.5, 4.0])]
+    weight = np.array([2.0, 2.0, 2.0, 1.0, 1.0])
+
+    def over(removed):
+        return 8.0 - float(weight[removed].sum()) > 4.5
+
+    def slack(removed):
+        return 4.5 - (8.0 - float(weight[removed].sum()))
+
+    parts = select_by_ratio(scores, [2.0, 1.0], [1, 1], over, slack)
+    assert np.concatenate(parts).tolist() == [False, True, True, False, False]
+    # a linear cost that is too low: the exact check keeps only what fits
+    parts = select_by_ratio(scores, [2.0, 0.1], [1, 1], over, lambda r: slack(r) + 10)
+    assert not over(np.concatenate(parts))
+
+
 def test_ridge_refit_is_least_squares_and_keeps_an_unpruned_layer():
     torch.manual_seed(1)
     xo = torch.randn(200, 3) @ torch.randn(3, 5) + 0.05 * torch.randn(200, 5)  # correlated

@@ -74,6 +74,20 @@ def _without_caches(value: Any) -> Any:
     return None if "cache" in type(value).__name__.lower() else value
 
 
+def _check_chained(shapes: dict[tuple[str, int], Any], blocks: int) -> None:
+    """Each block's hidden-state input must have the shape of the previous block's output
+    (its first item): layer-wise refits feed one block's outputs to the next. Pvt's longest
+    stack, its per-stage patch embeddings, takes images first and token maps after, with
+    blocks of other stacks in between."""
+    for i in range(1, blocks):
+        before, now = shapes.get(("out", i - 1)), shapes.get(("in", i))
+        if before != now:
+            raise ModelError(f"block {i} of the stack takes hidden states shaped {now} where "
+                             f"block {i - 1} returns {before}: the blocks are not chained "
+                             "(something runs between them); layer-wise refits need a plain "
+                             "stack of blocks")
+
+
 @dataclass
 class _Call:
     args: tuple[Any, ...]
@@ -99,6 +113,7 @@ class BlockCalls:
         the stack, e.g. a language-model head, does not run)."""
         calls: list[list[_Call]] = [[] for _ in stack]
         hidden: list[torch.Tensor] = []
+        shapes: dict[tuple[str, int], Any] = {}  # ("in" / "out", block): of the first call
 
         def hook(i: int) -> Callable[..., Any]:
             def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -106,9 +121,19 @@ class BlockCalls:
                 key = None if args else next(k for k in _HIDDEN_KEYS if k in kwargs)
                 rest = {k: _without_caches(v) for k, v in kwargs.items() if k != key}
                 calls[i].append(_Call(tuple(args[1:]), rest, key))
+                shapes.setdefault(("in", i), tuple(x.shape))
                 if i == 0:
                     hidden.append(x.detach())
                 return None
+            return fn
+
+        def output(i: int) -> Callable[..., Any]:
+            def fn(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out
+                                                     and isinstance(out[0], torch.Tensor)):
+                    shapes.setdefault(("out", i), tuple(block_output(out).shape))
+                else:
+                    shapes.setdefault(("out", i), type(out).__name__)
             return fn
 
         def skip(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -119,11 +144,13 @@ class BlockCalls:
 
         handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
                    for i, b in enumerate(stack)]
+        handles += [b.register_forward_hook(output(i)) for i, b in enumerate(stack)]
         handles.append(stack[len(stack) - 1].register_forward_hook(skip, with_kwargs=True))
         forward_each(model, data, handles, _Stop)
         if any(len(c) != len(data) for c in calls):
             raise ModelError("the blocks of the stack were not each called once per forward; "
                              "layer-wise refits need a plain stack of blocks")
+        _check_chained(shapes, len(stack))
         mask = [x.get("attention_mask") if isinstance(x, dict) else None for x in data]
         real = [m.bool() if isinstance(m, torch.Tensor) and m.shape == h.shape[:2] else None
                 for m, h in zip(mask, hidden)]

@@ -131,15 +131,19 @@ def _is_sampled(model: nn.Module, y: torch.Tensor, inputs: Any) -> bool:
     return not _is_lm(model, y, inputs) and y.dim() == 2 and y.shape[-1] > 1
 
 
-def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
-            seed: int) -> dict[int, torch.Tensor]:
-    """Unit Fisher scores per group index."""
+def _fisher(model: nn.Module, groups: list[_Group], data: list[Any], seed: int,
+            unscored: dict[str, str] | None = None) -> dict[int, torch.Tensor]:
+    """Unit Fisher scores per group index. The readers no score could be had for are put
+    in ``unscored`` with why (see :func:`_unscored`; their groups have no score); without
+    it, such a reader is an error."""
     readers = {g.reader for g in groups}
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in readers}
     current: dict[str, Any] = {}
+    called: set[str] = set()
 
     def pre_hook(name: str) -> Callable[..., Any]:
         def fn(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            called.add(name)
             x, out = args[0], None
             if isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
                 # no reader before this one: the gradient starts here (the parameters take
@@ -180,10 +184,25 @@ def _fisher(model: nn.Module, groups: list[_Group], data: list[Any],
     scores = {}
     for g in groups:
         if not grads[g.reader]:
-            raise ModelError(f"FisherPrune: no gradient reached {g.reader!r}; does the "
-                             f"model's output depend on it?")
+            why = _unscored(g.reader in called)
+            if unscored is None:
+                raise ModelError(f"FisherPrune: no score for {g.reader!r}: {why}")
+            unscored[g.reader] = why
+            continue
         scores[g.index] = unit_fisher(torch.cat(grads[g.reader]), g.columns)
     return scores
+
+
+def _unscored(called: bool) -> str:
+    """Why a reader got no gradient at its input: it was called but the loss does not
+    depend on its output (a pooling head a classifier does not use, a layer run under
+    no_grad inside a custom autograd function), or it was never called as a module (the
+    model reads its weight directly, as Mamba's ``dt_proj.weight @ x``)."""
+    if called:
+        return ("called, but no gradient reached its input: the model's output does not "
+                "depend on it, or it runs where autograd cannot follow")
+    return ("never called as a module on the calibration data (the model may read its "
+            "weight directly)")
 
 
 def _fisher_batch(model: nn.Module, x: Any, gen: torch.Generator,

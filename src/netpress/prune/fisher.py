@@ -7,7 +7,8 @@
   ``F_u = Σ_b (∂ℓ_b/∂m_u)²`` (:func:`column_mask_grads`, :func:`unit_fisher`). Removing unit
   ``u`` costs about ``F_u / 2`` in loss (second order, at a minimum).
 * :func:`select_by_ratio` removes the units of least Fisher per MAC first until a cost
-  budget is met, keeping a minimum per group (a greedy knapsack).
+  budget is met, keeping a minimum per group (a greedy knapsack), then puts back the most
+  valuable removed units that still fit under the budget.
 * :func:`ridge_refit` refits the reading layer on calibration data: with the compressed
   model's inputs ``X_c`` (kept columns, plus a ones column for the bias) and the original
   model's outputs ``Y = X_o Wᵀ + b``, it solves
@@ -53,11 +54,18 @@ def unit_fisher(col_grads: torch.Tensor, columns: Sequence[np.ndarray]) -> torch
 
 def select_by_ratio(scores: Sequence[np.ndarray], costs: Sequence[float],
                     minimum: Sequence[int], over_budget: Callable[[np.ndarray], bool],
+                    slack: Callable[[np.ndarray], float] | None = None,
                     ) -> list[np.ndarray]:
     """Boolean removal masks per group: units leave in order of ``score / cost`` (lowest
     first) while a group keeps at least ``minimum`` units, until ``over_budget(removed)``
     (removed: a concatenated mask over all groups) turns False. Binary search on the number
-    removed; ``over_budget`` must be monotone in it."""
+    removed; ``over_budget`` must be monotone in it.
+
+    ``slack(removed)``: how far under the budget a removal lands (in the units of
+    ``costs``). With it, units the prefix removed are put back (:func:`_refill`) while
+    their costs fit in that slack: the last unit of the prefix can be a large one (a
+    key/value group of heads) that takes the model well under the target, and smaller units
+    (FFN neurons) removed before it then need not go."""
     order: list[tuple[float, int, int]] = []
     for g, (s, cost) in enumerate(zip(scores, costs)):
         ranked = np.argsort(s, kind="stable")
@@ -84,7 +92,41 @@ def select_by_ratio(scores: Sequence[np.ndarray], costs: Sequence[float],
         else:
             hi = mid
     final = removed_of(lo)
+    if slack is not None:
+        flat = [int(offsets[g] + u) for _, g, u in order]
+        unit_cost = np.repeat(np.asarray(costs, dtype=np.float64), np.diff(offsets))
+        final = _refill(final, [i for i in reversed(flat) if final[i]], unit_cost,
+                        over_budget, slack)
     return [final[offsets[g]:offsets[g + 1]] for g in range(len(scores))]
+
+
+def _refill(removed: np.ndarray, candidates: list[int], costs: np.ndarray,
+            over_budget: Callable[[np.ndarray], bool],
+            slack: Callable[[np.ndarray], float]) -> np.ndarray:
+    """``removed`` with some of ``candidates`` (flat unit indices it removes, most valuable
+    first) kept after all: each whose ``costs`` entry (per flat unit) fits in what is left of
+    ``slack(removed)`` (a linear estimate), then the longest prefix of those the exact
+    ``over_budget`` accepts (putting units back only adds cost: binary search)."""
+    left = slack(removed)
+    chosen = []
+    for i in candidates:
+        if costs[i] <= left:
+            chosen.append(i)
+            left -= float(costs[i])
+
+    def with_back(n: int) -> np.ndarray:
+        mask = removed.copy()
+        mask[chosen[:n]] = False
+        return mask
+
+    lo, hi = 0, len(chosen)
+    while lo < hi:  # the largest n that stays within the budget
+        mid = (lo + hi + 1) // 2
+        if over_budget(with_back(mid)):
+            hi = mid - 1
+        else:
+            lo = mid
+    return with_back(lo)
 
 
 class RefitStats:

@@ -46,12 +46,13 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
-from netpress.graph import analyze
+from netpress.graph import ChannelGraph, analyze
 from netpress.measure.collect import model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
 from netpress.prune._blocks import BlockCalls, forward_each
-from netpress.prune._fisher_pass import _fisher, _readers
+from netpress.prune._fisher_pass import _fisher, _Group, _readers
+from netpress.prune._macs_estimate import estimator
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import (
     RefitStats,
@@ -59,11 +60,16 @@ from netpress.prune.fisher import (
     select_by_ratio,
 )
 from netpress.prune.refit import refit_blocks
-from netpress.prune.surgery import remove_units, verify_pruned
+from netpress.prune.structured import _culprits, _cut
+from netpress.prune.surgery import PruneCheckError
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
+#: the share of the target the refill of the selection (units put back after the last,
+#: large, removal) leaves unused, for what the MACs estimate (:mod:`._macs_estimate`) and the
+#: measured count still disagree on
+REFILL_MARGIN = 0.005
 
 __all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut", "target_floor"]
 
@@ -266,63 +272,42 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     graph = analyze(work, example_inputs)
     groups = _readers(work, graph)
     if not groups:
+        found = [g.name for g in graph.groups if g.exact]
+        what = (f"; the removable groups found ({len(found)}: {', '.join(_first(found))}) are "
+                "read by several layers, a convolution or a parameter holding every expert of "
+                "a mixture of experts") if found else ""
         raise ModelError("FisherPrune: no attention head or FFN neuron group read by a single "
-                         "Linear (or transformers Conv1D) layer was found; use StructuredPrune "
-                         "for this model")
-    scores = _fisher(work, groups, data, cfg.seed)
+                         f"Linear (or transformers Conv1D) layer was found{what}; use "
+                         "StructuredPrune for this model")
+    unscored: dict[str, str] = {}
+    scores = _fisher(work, groups, data, cfg.seed, unscored)
+    groups = _scored(groups, unscored)
     none = np.zeros(graph.blocked.size, dtype=bool)
     base = max(1, graph.macs(none))
     now = count_macs(work, example_inputs)
     goal = cfg.macs * (reference_macs if reference_macs is not None else now)
-
-    def removal(parts: list[np.ndarray]) -> np.ndarray:
-        mask = np.zeros(graph.blocked.size, dtype=bool)
-        for g, part in zip(groups, parts):
-            mask[graph.groups[g.index].units[part]] = True
-        return mask
-
-    costs = []
-    for g in groups:
-        everything = np.zeros(graph.blocked.size, dtype=bool)
-        everything[graph.groups[g.index].units] = True
-        costs.append((base - graph.macs(everything)) / len(graph.groups[g.index]))
-    offsets = np.cumsum([0, *[len(graph.groups[g.index]) for g in groups]])
-    floor = cfg.min_fraction
-    if floor is None:  # the target's average share of the removable MACs (graph estimate)
-        every = removal([np.ones(len(graph.groups[g.index]), dtype=bool) for g in groups])
-        floor = target_floor(goal * base / now, base, graph.macs(every), cfg.min_share)
-
-    def over(flat: np.ndarray) -> bool:  # the graph's estimate, scaled to the measured count
-        parts = [flat[offsets[i]:offsets[i + 1]] for i in range(len(groups))]
-        return now * graph.macs(removal(parts)) / base > goal
-
-    def select(fraction: float, up: bool) -> list[np.ndarray]:
-        return select_by_ratio([scores[g.index].numpy() for g in groups], costs,
-                               [_minimum(cfg, len(graph.groups[g.index]), fraction, up)
-                                for g in groups], over)
-
-    for fraction, up in _floors(floor, auto=cfg.min_fraction is None):
+    owner = {int(u): i for i, g in enumerate(graph.groups) for u in g.units}
+    whole: dict[str, str] = {}  # group name: why its sizes could not follow
+    for _ in range(len(groups) + 1):
+        parts, floor = _select(graph, groups, scores, cfg, goal, now, base, whole)
+        pruned = _removal(graph, groups, parts)
         try:
-            parts = select(fraction, up)
-            floor = fraction
+            result = _cut(work, graph, pruned, example_inputs)
             break
-        except ValueError as exc:
-            error = exc
+        except PruneCheckError as exc:
+            bad = _culprits(graph, owner, pruned, exc, set(whole))
+            if not bad:
+                raise
+            whole.update({name: str(exc) for name in bad})
+            groups, parts = _without(graph, groups, set(bad)), []
+            if not groups:
+                raise ModelError(f"FisherPrune: no head or FFN neuron group could be cut "
+                                 f"without breaking a size the model's code builds: {exc}. "
+                                 "Use StructuredPrune for this model") from None
+            warnings.warn(f"FisherPrune: leaving {', '.join(_first(bad, 4))} whole: {exc}",
+                          stacklevel=3)
     else:
-        least = removal([np.arange(len(graph.groups[g.index])) >= cfg.min_units
-                         for g in groups])
-        lowest = graph.macs(least) / base * now / (goal / cfg.macs)
-        raise RecipeError(
-            f"FisherPrune: {error}; raise macs or lower min_units / min_fraction (the floor "
-            f"in force: {floor:.3f}) / min_share. Even with every group of heads and FFN "
-            f"neurons cut to min_units={cfg.min_units}, {lowest:.1%} of the MACs would stay: "
-            "the rest is in layers FisherPrune does not prune (embeddings, the output "
-            "layer, convolutions, layers outside the attention/FFN groups it found, "
-            f"{len(groups)} groups read by {', '.join(_first(g.reader for g in groups))}); "
-            "StructuredPrune can cut those") from None
-    pruned = removal(parts)
-    result = remove_units(work, graph, pruned)
-    verify_pruned(work, graph, pruned, example_inputs)
+        raise ModelError("FisherPrune: no group could be pruned safely")
     weights = {name.removesuffix(".weight"): dims for name, dims in result.kept.items()
                if name.endswith(".weight")}
     modules = dict(work.named_modules())
@@ -333,10 +318,93 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                "macs_target": int(goal), "min_fraction": round(float(floor), 4),
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
+    if unscored:
+        summary["unscored"] = dict(unscored)
+    if whole:
+        summary["left_whole"] = dict(whole)
     return FisherCut(work, original, [g.reader for g in groups],
                      {n: d[out_in[n][1]] for n, d in weights.items() if out_in[n][1] in d},
                      {n: d[out_in[n][0]] for n, d in weights.items() if out_in[n][0] in d},
                      summary)
+
+
+def _removal(graph: ChannelGraph, groups: list[_Group], parts: list[np.ndarray]) -> np.ndarray:
+    """The label mask removing, in each group, the units its ``parts`` entry marks."""
+    mask = np.zeros(graph.blocked.size, dtype=bool)
+    for g, part in zip(groups, parts):
+        mask[graph.groups[g.index].units[part]] = True
+    return mask
+
+
+def _without(graph: ChannelGraph, groups: list[_Group], names: set[str]) -> list[_Group]:
+    return [g for g in groups if graph.groups[g.index].name not in names]
+
+
+def _select(graph: ChannelGraph, groups: list[_Group], scores: dict[int, torch.Tensor],
+            cfg: FisherPrune, goal: float, now: float, base: float,
+            whole: dict[str, str]) -> tuple[list[np.ndarray], float]:
+    """Removal masks per group (step 3 of the module docs) for ``goal`` measured MACs
+    (``now``: the measured count of the model, ``base``: the graph's estimate of it), and
+    the floor in force. ``whole``: groups left whole, for the refusal."""
+    sizes = [len(graph.groups[g.index]) for g in groups]
+    costs = []
+    for g, n in zip(groups, sizes):
+        everything = np.zeros(graph.blocked.size, dtype=bool)
+        everything[graph.groups[g.index].units] = True
+        costs.append((base - graph.macs(everything)) / n)
+    offsets = np.cumsum([0, *sizes])
+    floor = cfg.min_fraction
+    if floor is None:  # the target's average share of the removable MACs (graph estimate)
+        every = _removal(graph, groups, [np.ones(n, dtype=bool) for n in sizes])
+        floor = target_floor(goal * base / now, base, graph.macs(every), cfg.min_share)
+    measured = estimator(graph, now)  # the graph's estimate, made to agree with count_macs
+
+    def split(flat: np.ndarray) -> np.ndarray:
+        return _removal(graph, groups, [flat[offsets[i]:offsets[i + 1]]
+                                        for i in range(len(groups))])
+
+    def spare(flat: np.ndarray) -> float:  # graph MACs the refill may put back
+        return (goal * (1 - REFILL_MARGIN) - measured(split(flat))) * base / now
+
+    def over(flat: np.ndarray) -> bool:
+        return measured(split(flat)) > goal
+
+    error: Exception | None = None
+    for fraction, up in _floors(floor, auto=cfg.min_fraction is None):
+        try:
+            return select_by_ratio([scores[g.index].numpy() for g in groups], costs,
+                                   [_minimum(cfg, n, fraction, up) for n in sizes],
+                                   over, spare), fraction
+        except ValueError as exc:
+            error = exc
+    least = _removal(graph, groups, [np.arange(n) >= cfg.min_units for n in sizes])
+    lowest = graph.macs(least) / base * now / (goal / cfg.macs)
+    left = "" if not whole else (f" Left whole because their sizes could not follow "
+                                 f"({', '.join(_first(whole))}).")
+    raise RecipeError(
+        f"FisherPrune: {error}; raise macs or lower min_units / min_fraction (the floor "
+        f"in force: {floor:.3f}) / min_share. Even with every group of heads and FFN "
+        f"neurons cut to min_units={cfg.min_units}, {lowest:.1%} of the MACs would stay: "
+        "the rest is in layers FisherPrune does not prune (embeddings, the output "
+        "layer, convolutions, layers outside the attention/FFN groups it found, "
+        f"{len(groups)} groups read by {', '.join(_first(g.reader for g in groups))});"
+        f"{left} StructuredPrune can cut those") from None
+
+
+def _scored(groups: list[_Group], unscored: dict[str, str]) -> list[_Group]:
+    """The groups that got Fisher scores; those read by an ``unscored`` layer are left
+    whole, with a warning naming the layers (an error if that leaves none)."""
+    if not unscored:
+        return groups
+    what = "; ".join(f"{name!r}: {why}" for name, why in list(unscored.items())[:3]) \
+        + (f"; and {len(unscored) - 3} more" if len(unscored) > 3 else "")
+    left = [g for g in groups if g.reader not in unscored]
+    if not left:
+        raise ModelError(f"FisherPrune: no unit group could be scored: {what}. Use "
+                         "StructuredPrune for this model")
+    warnings.warn(f"FisherPrune: the units read by {len(unscored)} layer(s) are left whole, "
+                  f"no Fisher score reached them: {what}", stacklevel=3)
+    return left
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:

@@ -44,7 +44,7 @@ from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import ridge_affine, ridge_solve
 from netpress.reconstruct._measure import trim_heap
-from netpress.reconstruct.layers import LayerView, is_hf_conv1d
+from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 
 __all__ = ["refit_blocks", "residual_sink", "plan_linear_groups"]
 
@@ -60,13 +60,20 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return x if isinstance(x, torch.Tensor) else None
 
 
+def _fittable(m: nn.Module) -> bool:
+    """A Linear or ``transformers`` Conv1D the refit can fit: a subclass of ``nn.Linear``
+    (Falcon's ``FalconLinear``, whose forward is its own) is left as it is, as the
+    layer-wise reconstruction leaves it (:func:`netpress.reconstruct.layers.supported`)."""
+    return (isinstance(m, nn.Linear) and supported(m)) or is_hf_conv1d(m)
+
+
 def plan_linear_groups(block: nn.Module, run: Callable[[], Any],
                        norms: bool = False) -> list[list[str]]:
     """The block's Linear layers (names inside ``block``) in call order, consecutive layers
     reading the same tensor grouped; layers not called exactly once are left out. With
     ``norms``, its LayerNorm layers too, each a group of its own, in call order."""
-    kinds = (nn.Linear, nn.LayerNorm) if norms else (nn.Linear,)
-    names = [n for n, m in block.named_modules() if isinstance(m, kinds) or is_hf_conv1d(m)]
+    names = [n for n, m in block.named_modules()
+             if (norms and isinstance(m, nn.LayerNorm)) or _fittable(m)]
     calls: dict[str, int] = {}
     order: list[tuple[str, torch.Tensor]] = []
 
@@ -230,10 +237,16 @@ def _run_taps(taps: tuple[_Tap, _Tap], blocks: tuple[nn.Module, nn.Module],
 def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
                index: int, kept_rows: Mapping[str, torch.Tensor], damp: float) -> None:
-    """Refit the layers ``names`` (one shared input) of block ``index``."""
+    """Refit the layers ``names`` (one shared input) of block ``index``.
+
+    The sums carry a ones column when any layer of the group has a bias; a layer without
+    one is fitted on the sums without it (a group fitted without it when only some layers
+    had a bias fitted those layers' outputs, bias included, by their weights alone, and
+    their bias was added again: xLSTM's gate pre-activations, read with q/k/v, went from
+    their exact outputs to a relative output error of 1.2)."""
     cb, ob = blocks
     layers = [cb.get_submodule(n) for n in names]
-    bias = all(m.bias is not None for m in layers)
+    bias = any(m.bias is not None for m in layers)
     use = {n: s for n, s in sinks.items() if n in names and s is not None}
     sink_ins = sorted(set(use.values()))
     fit = _Fit()
@@ -259,11 +272,16 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     for i, (n, layer) in enumerate(zip(names, layers)):
         view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
         w = view.matrix()[0]
-        b0 = layer.bias if bias else None
+        b0 = layer.bias
         assert b0 is None or isinstance(b0, torch.Tensor)
         theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
+        # without a bias of its own: the sums without the ones column (a view: the in-place
+        # damping below touches only its diagonal, which no later layer reads)
+        cut = bias and b0 is None
+        hessian = fit.hessian[:-1, :-1] if cut else fit.hessian
+        xty = fit.xty[n][:-1] if cut else fit.xty[n]
         # the group's last fit damps the Hessian in place: no copy of it
-        theta = ridge_solve(fit.hessian, fit.xty[n], theta0.T.cpu(), damp,
+        theta = ridge_solve(hessian, xty, theta0.T.cpu(), damp,
                             overwrite=i == len(names) - 1)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
             view.set_matrix(theta[:w.shape[1]].T[None])

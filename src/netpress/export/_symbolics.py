@@ -9,6 +9,14 @@ concatenation of ``prepend``/``append`` and ``n`` differences of neighbouring sl
 ``aten::cumsum`` of the bool tensor that follows (``(diff != 1).cumsum(-1)``) is cast to
 int64 first, as PyTorch counts it (ONNX ``CumSum`` takes no bool). ``aten::expm1`` (the
 xIELU activation of Apertus) is ``Exp(x) - 1``.
+
+``aten::repeat_interleave`` by a constant count along one axis (the interleaved rotary
+embeddings of Cohere, Glm, Glm4, Ernie 4.5, Helium, DeepSeek-V4:
+``cos[..., :d // 2].repeat_interleave(2, dim=-1)``): torch's own form (Tile + a flatten)
+records a wrong rank for its output, so a later ``cat`` refused the model ("All tensors
+must have the same rank") or a later ``Reshape`` failed in ONNX Runtime. Here it is
+``Unsqueeze`` + ``Expand`` + ``Reshape`` to a shape computed in the graph, so batch and
+sequence stay free; other forms (a tensor of counts, no ``dim``) go to torch's symbolic.
 """
 
 from __future__ import annotations
@@ -55,8 +63,37 @@ def _expm1(g: Any, x: Any) -> Any:
     return g.op("Sub", g.op("Exp", x), g.op("CastLike", one, x))
 
 
+def _repeat_interleave(g: Any, x: Any, repeats: Any, dim: Any = None,
+                       output_size: Any = None) -> Any:
+    """``x.repeat_interleave(r, dim)`` for a constant int ``r``: each slice along ``dim``
+    repeated ``r`` times in a row, as ``Unsqueeze(dim + 1)``, ``Expand`` by ``r`` there, and
+    ``Reshape`` to ``x``'s shape (read in the graph) with ``dim`` times ``r``."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset13
+
+    rank = sh._get_tensor_rank(x)
+    count = sh._maybe_get_const(repeats, "i") if sh._is_constant(repeats) else None
+    if isinstance(count, torch.Tensor):
+        count = int(count) if count.numel() == 1 else None
+    if rank is None or not isinstance(count, int) or sh._is_none(dim):
+        return symbolic_opset13.repeat_interleave(g, x, repeats, dim, output_size)
+    axis = sh._get_const(dim, "i", "dim")
+    axis = axis + rank if axis < 0 else axis
+    shape = g.op("Shape", x)
+    before = sh._slice_helper(g, shape, axes=[0], starts=[0], ends=[axis])
+    size = sh._slice_helper(g, shape, axes=[0], starts=[axis], ends=[axis + 1])
+    after = sh._slice_helper(g, shape, axes=[0], starts=[axis + 1], ends=[sys.maxsize])
+    times = g.op("Constant", value_t=torch.tensor([count], dtype=torch.int64))
+    grown = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([axis + 1])))
+    wide = g.op("Expand", grown, g.op("Concat", before, size, times, after, axis_i=0))
+    out_shape = g.op("Concat", before, g.op("Mul", size, times), after, axis_i=0)
+    return g.op("Reshape", wide, out_shape)
+
+
 _SYMBOLICS: dict[str, Callable[..., Any]] = {
-    "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1}
+    "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
+    "aten::repeat_interleave": _repeat_interleave}
 
 
 @contextmanager

@@ -150,15 +150,39 @@ def _warn_if_inexact(meta: dict[str, str], where: str) -> None:
         "everywhere).", TargetMismatchWarning, stacklevel=3)
 
 
+def _dynamic_axes(work: nn.Module, names: Sequence[str], inputs: tuple[torch.Tensor, ...],
+                  batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
+    """The ONNX inputs' and output's free dimensions: the first (``batch``) of every one, and
+    with ``sequence`` the second of every 2-D input (token ids, masks: ``(batch,
+    sequence)``) and of the output when it runs along the sequence (``(batch, sequence,
+    ...)`` logits or hidden states, seen on one forward of the example)."""
+    if not batch:
+        return None
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in [*names, "output"]}
+    lengths = {int(t.shape[1]) for t in inputs if t.dim() == 2}
+    if not sequence or len(lengths) != 1:
+        return axes
+    for name, t in zip(names, inputs):
+        if t.dim() == 2:
+            axes[name][1] = "sequence"
+    with torch.no_grad():
+        out = work(*inputs)
+    if isinstance(out, torch.Tensor) and out.dim() >= 3 and int(out.shape[1]) in lengths:
+        axes["output"][1] = "sequence"
+    return axes
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
-                opset: int = 17, dynamic_batch: bool = True, nbits: str = "auto",
-                nbits_accuracy: int = 0) -> Path:
+                opset: int = 17, dynamic_batch: bool = True, dynamic_sequence: bool = True,
+                nbits: str = "auto", nbits_accuracy: int = 0) -> Path:
     """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
 
     ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword inputs as
     ``transformers`` models take, whose keys become the ONNX input names) fixes the input
     shapes; with ``dynamic_batch`` the first dimension of every input and output is left
-    free. A model with dict inputs exports its primary output (``logits`` or
+    free, and with ``dynamic_sequence`` too (dict inputs only) the second dimension of 2-D
+    inputs such as ``input_ids`` and of an output running along them (any sequence length
+    then runs; :func:`_dynamic_axes`). A model with dict inputs exports its primary output (``logits`` or
     ``last_hidden_state``); inputs it does not read are dropped from the graph. A
     ``transformers`` model given ``input_ids`` without ``attention_mask`` is exported with an
     all-ones mask computed from ``input_ids`` in the graph (what no mask means), so its graph
@@ -194,7 +218,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     if keyword:
         names = [str(k) for k in example_inputs]
         work = _KeywordInputs(work, names, _implicit_mask(work, names))
-    axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
+    axes = _dynamic_axes(work, names, inputs, dynamic_batch, keyword and dynamic_sequence)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:

@@ -196,6 +196,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
+    from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
@@ -213,6 +214,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         if callable(prepare):
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
+    traceable_experts(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:

@@ -17,6 +17,10 @@ records a wrong rank for its output, so a later ``cat`` refused the model ("All 
 must have the same rank") or a later ``Reshape`` failed in ONNX Runtime. Here it is
 ``Unsqueeze`` + ``Expand`` + ``Reshape`` to a shape computed in the graph, so batch and
 sequence stay free; other forms (a tensor of counts, no ``dim``) go to torch's symbolic.
+``aten::permute`` with negative dims (Falcon-H1's Mamba mixer, ``permute(0, -2, -1, 1)``)
+is a ``Transpose`` whose ``perm`` is counted from the front, as ONNX requires. ``aten::rms_norm``
+(``F.rms_norm``, DiffLlama) is ``x / sqrt(mean(x², normalized dims) + eps) * weight``,
+with torch's default ``eps`` (the dtype's machine epsilon) when none is given.
 """
 
 from __future__ import annotations
@@ -91,9 +95,45 @@ def _repeat_interleave(g: Any, x: Any, repeats: Any, dim: Any = None,
     return g.op("Reshape", wide, out_shape)
 
 
+def _permute(g: Any, x: Any, dims: Any) -> Any:
+    """``x.permute(dims)`` with negative dims counted from the front (``Transpose``)."""
+    from torch.onnx import symbolic_helper as sh
+
+    perm = [int(d) for d in sh._get_const(dims, "is", "dims")]
+    rank = len(perm)
+    perm = [d + rank if d < 0 else d for d in perm]
+    if perm == list(range(rank)):
+        return x
+    return g.op("Transpose", x, perm_i=perm)
+
+
+def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
+    """``F.rms_norm(x, shape, weight, eps)``: ``x * rsqrt(mean(x², last len(shape) dims) +
+    eps)``, times ``weight`` when given; ``eps`` defaults to the dtype's epsilon as in torch."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+
+    dims = len(sh._get_const(shape, "is", "normalized_shape"))
+    if sh._is_none(eps):
+        scalar = getattr(x.type(), "scalarType", lambda: None)()
+        dtype = {"Half": torch.float16, "BFloat16": torch.bfloat16,
+                 "Double": torch.float64}.get(str(scalar), torch.float32)
+        value = torch.finfo(dtype).eps
+    else:
+        value = float(sh._get_const(eps, "f", "eps"))
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-dims, 0)), dtype=torch.int64))
+    square = g.op("Mul", x, x)
+    mean = g.op("ReduceMean", square, axes, keepdims_i=1) if g.opset >= 18 else \
+        g.op("ReduceMean", square, axes_i=list(range(-dims, 0)), keepdims_i=1)
+    shift = g.op("CastLike", g.op("Constant", value_t=torch.tensor(value)), x)
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, shift)))
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
 _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
-    "aten::repeat_interleave": _repeat_interleave}
+    "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
+    "aten::rms_norm": _rms_norm}
 
 
 @contextmanager

@@ -198,6 +198,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
     from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
+    from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
 
@@ -224,7 +225,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset):
+        with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset), \
+                TracingRewrites():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             try:
                 torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,

@@ -11,9 +11,10 @@ wrong on other tokens).
 
 :func:`traceable_experts` gives each such experts module of the copy being exported a
 forward that visits every expert in a fixed order and picks that expert's tokens in the
-graph: ``torch.where(top_k_index == e)`` (ONNX ``NonZero``, a data-dependent length that
-ONNX Runtime handles, zero included), the expert's projections on those rows only, and an
-``index_add`` of the routing-weighted rows. It computes what the other implementations
+graph: the tokens listing expert ``e`` (``torch.where``: ONNX ``NonZero``, a data-dependent
+length that ONNX Runtime handles, zero included), their routing weights for it summed over
+the top-k slots (a hash router may list an expert twice), the expert's projections on those
+rows only, and an ``index_add`` of the weighted rows (each token once per expert). It computes what the other implementations
 compute (the same per-row products, only summed in another order), touches only routed
 rows (no dense all-experts compute), and the exported graph holds at any batch size,
 sequence length and routing.
@@ -56,7 +57,10 @@ def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: 
     expert ids; ``top_k_weights``: their routing weights), summed per token."""
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     for expert in range(int(self.num_experts)):
-        token, slot = torch.where(top_k_index == expert)
+        picked = top_k_index == expert
+        # a token listing an expert twice (hash routing) gets it once, with both weights
+        weight = (top_k_weights * picked).sum(-1)
+        token = torch.where(picked.any(-1))[0]
         rows = hidden_states[token]
         if self.has_gate:
             mid = self._apply_gate(_project(self, rows, "gate_up_proj", expert))
@@ -65,8 +69,7 @@ def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: 
         rows = _project(self, mid, "down_proj", expert)
         if self.has_post_expert_norm:
             rows = self.post_expert_norm(rows)
-        weight = top_k_weights[token, slot].unsqueeze(-1)
-        out = out.index_add(0, token, (rows * weight).to(torch.float32))
+        out = out.index_add(0, token, (rows * weight[token].unsqueeze(-1)).to(torch.float32))
     return out.to(hidden_states.dtype)
 
 

@@ -21,6 +21,13 @@ sequence stay free; other forms (a tensor of counts, no ``dim``) go to torch's s
 is a ``Transpose`` whose ``perm`` is counted from the front, as ONNX requires. ``aten::rms_norm``
 (``F.rms_norm``, DiffLlama) is ``x / sqrt(mean(x², normalized dims) + eps) * weight``,
 with torch's default ``eps`` (the dtype's machine epsilon) when none is given.
+``aten::linalg_solve_triangular`` for a lower-triangular system solved from the left (the
+chunked gated-delta-rule attention of Qwen3-Next, Qwen3.5, LaraMini:
+``solve_triangular(L, B, upper=False, unitriangular=True)``) of a size ``n`` fixed in the
+graph: with ``L = D (I - N)`` (``D`` its diagonal, ``N`` strictly lower, so ``N^n = 0``),
+``L⁻¹ = (I + N)(I + N²)(I + N⁴)…(I + N^(2^(m-1))) D⁻¹`` for ``2^m >= n``: ``2·m``
+matrix products instead of ``n`` dependent steps (``n`` at most 65536 where the graph leaves
+it free: powers past ``n`` are exactly zero).
 """
 
 from __future__ import annotations
@@ -130,10 +137,52 @@ def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     return out if sh._is_none(weight) else g.op("Mul", out, weight)
 
 
+_SOLVE_MAX = 1 << 16  # a solve of a size the graph leaves free: at most 65536 unknowns
+
+
+def _solve_triangular(g: Any, a: Any, b: Any, upper: Any, left: Any,
+                      unitriangular: Any) -> Any:
+    """``torch.linalg.solve_triangular(a, b, upper=False, left=True, unitriangular=...)``
+    for ``a`` of a known size ``n``: the product of ``I + N^(2^k)`` (see the module docs)."""
+    import torch
+    from torch.onnx import errors
+    from torch.onnx import symbolic_helper as sh
+
+    is_upper, is_left = sh._parse_arg(upper, "b"), sh._parse_arg(left, "b")
+    unit = sh._parse_arg(unitriangular, "b")
+    rank = sh._get_tensor_rank(a)
+    if is_upper or not is_left or rank is None:
+        raise errors.SymbolicValueError(
+            "netpress exports linalg_solve_triangular only for a lower-triangular system "
+            "solved from the left (upper=False, left=True)", a)
+    # n: fixed in the graph, else (a size left free) the most it can be: N^(2^k) is then
+    # exactly zero (a strictly lower matrix's power keeps its structural zeros) and the
+    # extra factors are I.
+    n = sh._get_tensor_dim_size(a, -1) or _SOLVE_MAX
+    size = g.op("Slice", g.op("Shape", a), g.op("Constant", value_t=torch.tensor([-1])),
+                g.op("Constant", value_t=torch.tensor([sys.maxsize])))
+    eye = g.op("CastLike", g.op("EyeLike", g.op("ConstantOfShape", g.op(
+        "Concat", size, size, axis_i=0), value_t=torch.tensor([0.0]))), a)
+    below = g.op("Trilu", a, g.op("Constant", value_t=torch.tensor(-1)), upper_i=0)
+    if not unit:
+        diag = g.op("ReduceSum", g.op("Mul", a, eye),
+                    g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=1)
+        below = g.op("Div", below, diag)
+        b = g.op("Div", b, diag)
+    power = g.op("Neg", below)  # N, then N², N⁴, ...
+    out = g.op("MatMul", g.op("Add", eye, power), b)
+    reach = 2
+    while reach < n:
+        power = g.op("MatMul", power, power)
+        out = g.op("MatMul", g.op("Add", eye, power), out)
+        reach *= 2
+    return out
+
+
 _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
     "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
-    "aten::rms_norm": _rms_norm}
+    "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular}
 
 
 @contextmanager

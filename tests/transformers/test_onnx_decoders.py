@@ -78,9 +78,20 @@ class _Routing(nn.Module):
         return torch.histc(x, bins=4, min=0, max=3)
 
 
-def test_an_op_without_onnx_form_is_refused_naming_it(tmp_path):
-    with pytest.raises(ModelError, match=r"aten::histc.*no ONNX form.*mixture-of-experts"):
-        npr.export_onnx(_Routing(), tmp_path / "moe.onnx", torch.rand(8) * 3)
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.counts = _Routing()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.counts(self.proj(x).flatten())
+
+
+def test_an_op_without_onnx_form_is_refused_naming_it_and_its_module(tmp_path):
+    with pytest.raises(ModelError, match=r"aten::histc.*no ONNX form for aten::histc \(in "
+                                         r"module 'counts', a _Routing\).*replace that module"):
+        npr.export_onnx(_Block(), tmp_path / "moe.onnx", torch.rand(2, 8) * 3)
 
 
 class _ScatterMax(nn.Module):
@@ -93,5 +104,6 @@ class _ScatterMax(nn.Module):
 
 
 def test_an_exporter_limitation_is_refused_with_its_reason(tmp_path):
-    with pytest.raises(ModelError, match="include_self=False.*no ONNX form"):
+    with pytest.raises(ModelError, match="include_self=False.*cannot convert this model.*"
+                                         "run it in PyTorch"):
         npr.export_onnx(_ScatterMax(), tmp_path / "tapas.onnx", torch.randn(2, 4))

@@ -169,3 +169,59 @@ def test_dynamic_sequence_frees_the_token_axis_only_for_dict_inputs(tmp_path):
                             dynamic_sequence=False)
     assert dims(free) == [["batch", "sequence"], ["batch", "sequence", 128]]
     assert dims(fixed)[0] == ["batch", 12]
+
+
+def test_gated_delta_rule_decoder_exports_and_matches(tmp_path):
+    """Qwen3.5's linear-attention layers solve a unit lower-triangular system per chunk
+    (``linalg_solve_triangular``, refused before)."""
+    cfg = transformers.Qwen3_5TextConfig(
+        **{**SMALL, "head_dim": 16}, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    errors = _exported_matches(model, tmp_path / "qwen3_5.onnx")
+    assert max(errors) < 1e-4, errors
+    ops = {n.op_type for n in onnx.load(tmp_path / "qwen3_5.onnx").graph.node}
+    assert "Trilu" in ops  # the solve's strictly lower part, in the linear-attention layer
+
+
+class _Solve(nn.Module):
+    def __init__(self, unit: bool) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(a, b, upper=False, unitriangular=self.unit)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_lower_triangular_solve_matches_torch(tmp_path, unit):
+    from netpress.export.onnx import OrtModule
+
+    gen = torch.Generator().manual_seed(0)
+
+    def system(batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(batch, 2, n, n, generator=gen) * 0.3
+        if not unit:
+            a = a + torch.diag_embed(1 + torch.rand(batch, 2, n, generator=gen))
+        return a.tril(), torch.randn(batch, 2, n, 5, generator=gen)
+
+    for n in (5, 64):  # 64: the chunk size of the gated delta rule
+        path = npr.export_onnx(_Solve(unit), tmp_path / f"solve{n}.onnx", system(1, n))
+        for batch in (1, 3):
+            a, b = system(batch, n)
+            assert _rel(OrtModule(path)(a, b), _Solve(unit)(a, b)) < 1e-5
+
+
+def test_an_op_of_a_newer_opset_is_refused_saying_which_opset(tmp_path):
+    from netpress.errors import ModelError
+    from netpress.export.onnx import OrtModule
+
+    fold = nn.Sequential(nn.Fold(output_size=(4, 4), kernel_size=2, stride=2))
+    with pytest.raises(ModelError, match=r"aten::col2im \(in module '0', a Fold\).*"
+                                         r"export_onnx\(\.\.\., opset=18\)"):
+        npr.export_onnx(fold, tmp_path / "fold.onnx", torch.randn(1, 12, 4))
+    path = npr.export_onnx(fold, tmp_path / "fold.onnx", torch.randn(1, 12, 4), opset=18)
+    x = torch.randn(3, 12, 4)
+    torch.testing.assert_close(OrtModule(path)(x), fold(x))

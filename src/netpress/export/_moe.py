@@ -14,15 +14,17 @@ forward that visits every expert in a fixed order and picks that expert's tokens
 graph: the tokens listing expert ``e`` (``torch.where``: ONNX ``NonZero``, a data-dependent
 length that ONNX Runtime handles, zero included), their routing weights for it summed over
 the top-k slots (a hash router may list an expert twice), the expert's projections on those
-rows only, and an ``index_add`` of the weighted rows (each token once per expert). It computes what the other implementations
-compute (the same per-row products, only summed in another order), touches only routed
-rows (no dense all-experts compute), and the exported graph holds at any batch size,
-sequence length and routing.
+rows only, and an ``index_add`` of the weighted rows (each token once per expert). It
+computes what the other implementations compute (the same per-row products, only summed in
+another order), touches only routed rows (no dense all-experts compute), and the exported
+graph holds at any batch size, sequence length and routing.
 """
 
 from __future__ import annotations
 
 import types
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,7 +43,7 @@ def is_hf_experts(module: nn.Module) -> bool:
         hasattr(config, "_experts_implementation")
 
 
-def _project(module: nn.Module, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+def _project(module: Any, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
     """Rows ``x`` through expert ``expert``'s projection ``name`` (``gate_up_proj``,
     ``up_proj`` or ``down_proj``), with its bias where the module has biases."""
     weight = getattr(module, name)[expert]
@@ -51,7 +53,7 @@ def _project(module: nn.Module, x: torch.Tensor, name: str, expert: int) -> torc
     return out
 
 
-def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+def _experts_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor) -> torch.Tensor:
     """Every expert in turn on the rows routed to it (``top_k_index``: ``(tokens, k)``
     expert ids; ``top_k_weights``: their routing weights), summed per token."""

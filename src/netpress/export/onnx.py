@@ -172,6 +172,48 @@ def _dynamic_axes(work: nn.Module, names: Sequence[str], inputs: tuple[torch.Ten
     return axes
 
 
+def _export_or_refuse(run_export: Any, work: nn.Module, opset: int, skip: int) -> None:
+    """Run ``run_export``; an exporter failure becomes a :class:`ModelError` naming the op
+    and the module it is in (:mod:`netpress.export._refusal`) and saying what to do."""
+    from netpress.export._refusal import (
+        ModuleStack,
+        op_module,
+        refusal_message,
+        scope_module,
+        unsupported_op,
+    )
+
+    stack = ModuleStack(work, skip)
+    try:
+        with stack:
+            run_export()
+    except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
+        reason, op = str(exc), unsupported_op(str(exc))
+        module = scope_module(reason, skip) or (
+            op_module(run_export, op, opset, skip) if op else None)
+        raise ModelError(refusal_message(reason, op, module, _type_of(work, module, skip))
+                         ) from None
+    except RuntimeError as exc:  # the tracer's own failures (custom autograd Functions, ...)
+        module = stack.innermost()
+        if module is None:
+            raise
+        reason = f"tracing the model failed ({type(exc).__name__}: {exc})"
+        raise ModelError(refusal_message(reason, None, module, _type_of(work, module, skip))
+                         ) from None
+
+
+def _type_of(work: nn.Module, module: str | None, skip: int) -> str | None:
+    """The class name of the user's module ``module`` inside ``work``."""
+    if module is None:
+        return None
+    prefix = ["model"] if skip else []
+    path = ".".join(prefix + ([] if module == "the model itself" else [module]))
+    try:
+        return type(work.get_submodule(path)).__name__
+    except AttributeError:
+        return None
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
                 opset: int = 17, dynamic_batch: bool = True, dynamic_sequence: bool = True,
                 nbits: str = "auto", nbits_accuracy: int = 0) -> Path:
@@ -182,8 +224,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     shapes; with ``dynamic_batch`` the first dimension of every input and output is left
     free, and with ``dynamic_sequence`` too (dict inputs only) the second dimension of 2-D
     inputs such as ``input_ids`` and of an output running along them (any sequence length
-    then runs; :func:`_dynamic_axes`). A model with dict inputs exports its primary output (``logits`` or
-    ``last_hidden_state``); inputs it does not read are dropped from the graph. A
+    then runs; :func:`_dynamic_axes`). A model with dict inputs exports its primary output
+    (``logits`` or ``last_hidden_state``); inputs it does not read are dropped from the graph. A
     ``transformers`` model given ``input_ids`` without ``attention_mask`` is exported with an
     all-ones mask computed from ``input_ids`` in the graph (what no mask means), so its graph
     holds at every batch size (:func:`_implicit_mask`).
@@ -225,20 +267,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset), \
-                TracingRewrites():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            try:
+        def run_export() -> None:
+            with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset), \
+                    TracingRewrites():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
                                   input_names=names, output_names=["output"],
                                   dynamic_axes=axes, do_constant_folding=True)
-            except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
-                moe = " (in transformers models torch.histc comes from mixture-of-experts " \
-                    "routing, whose data-dependent expert loop a traced graph could not " \
-                    "follow anyway)" if "histc" in str(exc) else ""
-                raise ModelError(f"export_onnx: {exc}: PyTorch's TorchScript ONNX exporter "
-                                 f"has no ONNX form for this op{moe}, so this model cannot be "
-                                 "exported to ONNX by netpress") from None
+
+        _export_or_refuse(run_export, work, opset, skip=1 if keyword else 0)
         proto = onnx.load(tmp)
         rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:

@@ -99,11 +99,15 @@ def _raising_symbolic(op: str) -> Callable[..., Any]:
 
 @contextmanager
 def _registered(op: str, opset: int) -> Iterator[None]:
+    from netpress.export._symbolics import forget_new_ops, known_ops
+
+    before = known_ops()
     torch.onnx.register_custom_op_symbolic(op, _raising_symbolic(op), opset)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic(op, opset)
+        forget_new_ops([op], before)
 
 
 def op_module(export: Callable[[], None], op: str, opset: int, skip: int = 0) -> str | None:

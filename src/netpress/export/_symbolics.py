@@ -185,6 +185,35 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular}
 
 
+def forget_new_ops(names: list[str], before: set[str]) -> None:
+    """Drop the exporter registry's entries for those of ``names`` (ops netpress registered
+    and has unregistered) that had none in ``before``: unregistering leaves an empty entry
+    behind, on which the exporter's next look-up of that op fails with ``ValueError: min()
+    arg is an empty sequence`` instead of naming the op as unsupported (the registry is
+    private to torch; skipped where it is absent)."""
+    table = _registry_table()
+    if table is None:
+        return
+    for name in names:
+        if name not in before and name in table:
+            del table[name]
+
+
+def known_ops() -> set[str]:
+    """The op names the exporter's registry has entries for (empty where it is absent)."""
+    table = _registry_table()
+    return set(table) if table is not None else set()
+
+
+def _registry_table() -> dict[str, Any] | None:
+    try:
+        from torch.onnx._internal.torchscript_exporter import registration
+    except ImportError:  # pragma: no cover - another torch layout
+        return None
+    table = getattr(registration.registry, "_registry", None)
+    return table if isinstance(table, dict) else None
+
+
 @contextmanager
 def extra_symbolics(opset: int) -> Iterator[None]:
     """Register the symbolics above for ``opset`` (15 or newer: Slice with inputs,
@@ -192,6 +221,7 @@ def extra_symbolics(opset: int) -> Iterator[None]:
     import torch.onnx
 
     names = list(_SYMBOLICS) if opset >= 15 else []
+    before = known_ops()
     for name in names:
         torch.onnx.register_custom_op_symbolic(name, _SYMBOLICS[name], opset)
     try:
@@ -199,3 +229,4 @@ def extra_symbolics(opset: int) -> Iterator[None]:
     finally:
         for name in names:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
+        forget_new_ops(names, before)

@@ -172,9 +172,11 @@ def _dynamic_axes(work: nn.Module, names: Sequence[str], inputs: tuple[torch.Ten
     return axes
 
 
-def _export_or_refuse(run_export: Any, work: nn.Module, opset: int, skip: int) -> None:
+def _export_or_refuse(run_export: Any, work: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      opset: int, skip: int) -> None:
     """Run ``run_export``; an exporter failure becomes a :class:`ModelError` naming the op
-    and the module it is in (:mod:`netpress.export._refusal`) and saying what to do."""
+    and the module it is in (:mod:`netpress.export._refusal`) and saying what to do. A
+    ``RuntimeError`` the model raises in PyTorch too is the model's own and is re-raised."""
     from netpress.export._refusal import (
         ModuleStack,
         op_module,
@@ -195,11 +197,23 @@ def _export_or_refuse(run_export: Any, work: nn.Module, opset: int, skip: int) -
                          ) from None
     except RuntimeError as exc:  # the tracer's own failures (custom autograd Functions, ...)
         module = stack.innermost()
-        if module is None:
+        if module is None or not _runs_eagerly(work, inputs):
             raise
         reason = f"tracing the model failed ({type(exc).__name__}: {exc})"
         raise ModelError(refusal_message(reason, None, module, _type_of(work, module, skip))
                          ) from None
+
+
+def _runs_eagerly(work: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``work`` runs on ``inputs`` in PyTorch (so a failure was the tracer's), in
+    eval mode as exported (a failed export can leave it in training mode)."""
+    work.eval()
+    try:
+        with torch.no_grad():
+            work(*inputs)
+    except Exception:
+        return False
+    return True
 
 
 def _type_of(work: nn.Module, module: str | None, skip: int) -> str | None:
@@ -275,7 +289,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
                                   input_names=names, output_names=["output"],
                                   dynamic_axes=axes, do_constant_folding=True)
 
-        _export_or_refuse(run_export, work, opset, skip=1 if keyword else 0)
+        _export_or_refuse(run_export, work, inputs, opset, skip=1 if keyword else 0)
         proto = onnx.load(tmp)
         rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:

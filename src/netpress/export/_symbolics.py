@@ -9,6 +9,25 @@ concatenation of ``prepend``/``append`` and ``n`` differences of neighbouring sl
 ``aten::cumsum`` of the bool tensor that follows (``(diff != 1).cumsum(-1)``) is cast to
 int64 first, as PyTorch counts it (ONNX ``CumSum`` takes no bool). ``aten::expm1`` (the
 xIELU activation of Apertus) is ``Exp(x) - 1``.
+
+``aten::repeat_interleave`` by a constant count along one axis (the interleaved rotary
+embeddings of Cohere, Glm, Glm4, Ernie 4.5, Helium, DeepSeek-V4:
+``cos[..., :d // 2].repeat_interleave(2, dim=-1)``): torch's own form (Tile + a flatten)
+records a wrong rank for its output, so a later ``cat`` refused the model ("All tensors
+must have the same rank") or a later ``Reshape`` failed in ONNX Runtime. Here it is
+``Unsqueeze`` + ``Expand`` + ``Reshape`` to a shape computed in the graph, so batch and
+sequence stay free; other forms (a tensor of counts, no ``dim``) go to torch's symbolic.
+``aten::permute`` with negative dims (Falcon-H1's Mamba mixer, ``permute(0, -2, -1, 1)``)
+is a ``Transpose`` whose ``perm`` is counted from the front, as ONNX requires. ``aten::rms_norm``
+(``F.rms_norm``, DiffLlama) is ``x / sqrt(mean(x², normalized dims) + eps) * weight``,
+with torch's default ``eps`` (the dtype's machine epsilon) when none is given.
+``aten::linalg_solve_triangular`` for a lower-triangular system solved from the left (the
+chunked gated-delta-rule attention of Qwen3-Next, Qwen3.5, LaraMini:
+``solve_triangular(L, B, upper=False, unitriangular=True)``) of a size ``n`` fixed in the
+graph: with ``L = D (I - N)`` (``D`` its diagonal, ``N`` strictly lower, so ``N^n = 0``),
+``L⁻¹ = (I + N)(I + N²)(I + N⁴)…(I + N^(2^(m-1))) D⁻¹`` for ``2^m >= n``: ``2·m``
+matrix products instead of ``n`` dependent steps (``n`` at most 65536 where the graph leaves
+it free: powers past ``n`` are exactly zero).
 """
 
 from __future__ import annotations
@@ -55,8 +74,144 @@ def _expm1(g: Any, x: Any) -> Any:
     return g.op("Sub", g.op("Exp", x), g.op("CastLike", one, x))
 
 
+def _repeat_interleave(g: Any, x: Any, repeats: Any, dim: Any = None,
+                       output_size: Any = None) -> Any:
+    """``x.repeat_interleave(r, dim)`` for a constant int ``r``: each slice along ``dim``
+    repeated ``r`` times in a row, as ``Unsqueeze(dim + 1)``, ``Expand`` by ``r`` there, and
+    ``Reshape`` to ``x``'s shape (read in the graph) with ``dim`` times ``r``."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset13
+
+    rank = sh._get_tensor_rank(x)
+    count = sh._maybe_get_const(repeats, "i") if sh._is_constant(repeats) else None
+    if isinstance(count, torch.Tensor):
+        count = int(count) if count.numel() == 1 else None
+    if rank is None or not isinstance(count, int) or sh._is_none(dim):
+        return symbolic_opset13.repeat_interleave(g, x, repeats, dim, output_size)
+    axis = sh._get_const(dim, "i", "dim")
+    axis = axis + rank if axis < 0 else axis
+    shape = g.op("Shape", x)
+    before = sh._slice_helper(g, shape, axes=[0], starts=[0], ends=[axis])
+    size = sh._slice_helper(g, shape, axes=[0], starts=[axis], ends=[axis + 1])
+    after = sh._slice_helper(g, shape, axes=[0], starts=[axis + 1], ends=[sys.maxsize])
+    times = g.op("Constant", value_t=torch.tensor([count], dtype=torch.int64))
+    grown = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([axis + 1])))
+    wide = g.op("Expand", grown, g.op("Concat", before, size, times, after, axis_i=0))
+    out_shape = g.op("Concat", before, g.op("Mul", size, times), after, axis_i=0)
+    return g.op("Reshape", wide, out_shape)
+
+
+def _permute(g: Any, x: Any, dims: Any) -> Any:
+    """``x.permute(dims)`` with negative dims counted from the front (``Transpose``)."""
+    from torch.onnx import symbolic_helper as sh
+
+    perm = [int(d) for d in sh._get_const(dims, "is", "dims")]
+    rank = len(perm)
+    perm = [d + rank if d < 0 else d for d in perm]
+    if perm == list(range(rank)):
+        return x
+    return g.op("Transpose", x, perm_i=perm)
+
+
+def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
+    """``F.rms_norm(x, shape, weight, eps)``: ``x * rsqrt(mean(x², last len(shape) dims) +
+    eps)``, times ``weight`` when given; ``eps`` defaults to the dtype's epsilon as in torch."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+
+    dims = len(sh._get_const(shape, "is", "normalized_shape"))
+    if sh._is_none(eps):
+        scalar = getattr(x.type(), "scalarType", lambda: None)()
+        dtype = {"Half": torch.float16, "BFloat16": torch.bfloat16,
+                 "Double": torch.float64}.get(str(scalar), torch.float32)
+        value = torch.finfo(dtype).eps
+    else:
+        value = float(sh._get_const(eps, "f", "eps"))
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-dims, 0)), dtype=torch.int64))
+    square = g.op("Mul", x, x)
+    mean = g.op("ReduceMean", square, axes, keepdims_i=1) if g.opset >= 18 else \
+        g.op("ReduceMean", square, axes_i=list(range(-dims, 0)), keepdims_i=1)
+    shift = g.op("CastLike", g.op("Constant", value_t=torch.tensor(value)), x)
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, shift)))
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+_SOLVE_MAX = 1 << 16  # a solve of a size the graph leaves free: at most 65536 unknowns
+
+
+def _solve_triangular(g: Any, a: Any, b: Any, upper: Any, left: Any,
+                      unitriangular: Any) -> Any:
+    """``torch.linalg.solve_triangular(a, b, upper=False, left=True, unitriangular=...)``
+    for ``a`` of a known size ``n``: the product of ``I + N^(2^k)`` (see the module docs)."""
+    import torch
+    from torch.onnx import errors
+    from torch.onnx import symbolic_helper as sh
+
+    is_upper, is_left = sh._parse_arg(upper, "b"), sh._parse_arg(left, "b")
+    unit = sh._parse_arg(unitriangular, "b")
+    rank = sh._get_tensor_rank(a)
+    if is_upper or not is_left or rank is None:
+        raise errors.SymbolicValueError(
+            "netpress exports linalg_solve_triangular only for a lower-triangular system "
+            "solved from the left (upper=False, left=True)", a)
+    # n: fixed in the graph, else (a size left free) the most it can be: N^(2^k) is then
+    # exactly zero (a strictly lower matrix's power keeps its structural zeros) and the
+    # extra factors are I.
+    n = sh._get_tensor_dim_size(a, -1) or _SOLVE_MAX
+    size = g.op("Slice", g.op("Shape", a), g.op("Constant", value_t=torch.tensor([-1])),
+                g.op("Constant", value_t=torch.tensor([sys.maxsize])))
+    eye = g.op("CastLike", g.op("EyeLike", g.op("ConstantOfShape", g.op(
+        "Concat", size, size, axis_i=0), value_t=torch.tensor([0.0]))), a)
+    below = g.op("Trilu", a, g.op("Constant", value_t=torch.tensor(-1)), upper_i=0)
+    if not unit:
+        diag = g.op("ReduceSum", g.op("Mul", a, eye),
+                    g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=1)
+        below = g.op("Div", below, diag)
+        b = g.op("Div", b, diag)
+    power = g.op("Neg", below)  # N, then N², N⁴, ...
+    out = g.op("MatMul", g.op("Add", eye, power), b)
+    reach = 2
+    while reach < n:
+        power = g.op("MatMul", power, power)
+        out = g.op("MatMul", g.op("Add", eye, power), out)
+        reach *= 2
+    return out
+
+
 _SYMBOLICS: dict[str, Callable[..., Any]] = {
-    "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1}
+    "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
+    "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
+    "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular}
+
+
+def forget_new_ops(names: list[str], before: set[str]) -> None:
+    """Drop the exporter registry's entries for those of ``names`` (ops netpress registered
+    and has unregistered) that had none in ``before``: unregistering leaves an empty entry
+    behind, on which the exporter's next look-up of that op fails with ``ValueError: min()
+    arg is an empty sequence`` instead of naming the op as unsupported (the registry is
+    private to torch; skipped where it is absent)."""
+    table = _registry_table()
+    if table is None:
+        return
+    for name in names:
+        if name not in before and name in table:
+            del table[name]
+
+
+def known_ops() -> set[str]:
+    """The op names the exporter's registry has entries for (empty where it is absent)."""
+    table = _registry_table()
+    return set(table) if table is not None else set()
+
+
+def _registry_table() -> dict[str, Any] | None:
+    try:
+        from torch.onnx._internal.torchscript_exporter import registration
+    except ImportError:  # pragma: no cover - another torch layout
+        return None
+    table = getattr(registration.registry, "_registry", None)
+    return table if isinstance(table, dict) else None
 
 
 @contextmanager
@@ -66,6 +221,7 @@ def extra_symbolics(opset: int) -> Iterator[None]:
     import torch.onnx
 
     names = list(_SYMBOLICS) if opset >= 15 else []
+    before = known_ops()
     for name in names:
         torch.onnx.register_custom_op_symbolic(name, _SYMBOLICS[name], opset)
     try:
@@ -73,3 +229,4 @@ def extra_symbolics(opset: int) -> Iterator[None]:
     finally:
         for name in names:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
+        forget_new_ops(names, before)

@@ -150,16 +150,96 @@ def _warn_if_inexact(meta: dict[str, str], where: str) -> None:
         "everywhere).", TargetMismatchWarning, stacklevel=3)
 
 
+def _dynamic_axes(work: nn.Module, names: Sequence[str], inputs: tuple[torch.Tensor, ...],
+                  batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
+    """The ONNX inputs' and output's free dimensions: the first (``batch``) of every one, and
+    with ``sequence`` the second of every 2-D input (token ids, masks: ``(batch,
+    sequence)``) and of the output when it runs along the sequence (``(batch, sequence,
+    ...)`` logits or hidden states, seen on one forward of the example)."""
+    if not batch:
+        return None
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in [*names, "output"]}
+    lengths = {int(t.shape[1]) for t in inputs if t.dim() == 2}
+    if not sequence or len(lengths) != 1:
+        return axes
+    for name, t in zip(names, inputs):
+        if t.dim() == 2:
+            axes[name][1] = "sequence"
+    with torch.no_grad():
+        out = work(*inputs)
+    if isinstance(out, torch.Tensor) and out.dim() >= 3 and int(out.shape[1]) in lengths:
+        axes["output"][1] = "sequence"
+    return axes
+
+
+def _export_or_refuse(run_export: Any, work: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      opset: int, skip: int) -> None:
+    """Run ``run_export``; an exporter failure becomes a :class:`ModelError` naming the op
+    and the module it is in (:mod:`netpress.export._refusal`) and saying what to do. A
+    ``RuntimeError`` the model raises in PyTorch too is the model's own and is re-raised."""
+    from netpress.export._refusal import (
+        ModuleStack,
+        op_module,
+        refusal_message,
+        scope_module,
+        unsupported_op,
+    )
+
+    stack = ModuleStack(work, skip)
+    try:
+        with stack:
+            run_export()
+    except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
+        reason, op = str(exc), unsupported_op(str(exc))
+        module = scope_module(reason, skip) or (
+            op_module(run_export, op, opset, skip) if op else None)
+        raise ModelError(refusal_message(reason, op, module, _type_of(work, module, skip))
+                         ) from None
+    except RuntimeError as exc:  # the tracer's own failures (custom autograd Functions, ...)
+        module = stack.innermost()
+        if module is None or not _runs_eagerly(work, inputs):
+            raise
+        reason = f"tracing the model failed ({type(exc).__name__}: {exc})"
+        raise ModelError(refusal_message(reason, None, module, _type_of(work, module, skip))
+                         ) from None
+
+
+def _runs_eagerly(work: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``work`` runs on ``inputs`` in PyTorch (so a failure was the tracer's), in
+    eval mode as exported (a failed export can leave it in training mode)."""
+    work.eval()
+    try:
+        with torch.no_grad():
+            work(*inputs)
+    except Exception:
+        return False
+    return True
+
+
+def _type_of(work: nn.Module, module: str | None, skip: int) -> str | None:
+    """The class name of the user's module ``module`` inside ``work``."""
+    if module is None:
+        return None
+    prefix = ["model"] if skip else []
+    path = ".".join(prefix + ([] if module == "the model itself" else [module]))
+    try:
+        return type(work.get_submodule(path)).__name__
+    except AttributeError:
+        return None
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
-                opset: int = 17, dynamic_batch: bool = True, nbits: str = "auto",
-                nbits_accuracy: int = 0) -> Path:
+                opset: int = 17, dynamic_batch: bool = True, dynamic_sequence: bool = True,
+                nbits: str = "auto", nbits_accuracy: int = 0) -> Path:
     """Write ``model`` as ONNX (QDQ for quantized models) to ``path``; returns the path.
 
     ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword inputs as
     ``transformers`` models take, whose keys become the ONNX input names) fixes the input
     shapes; with ``dynamic_batch`` the first dimension of every input and output is left
-    free. A model with dict inputs exports its primary output (``logits`` or
-    ``last_hidden_state``); inputs it does not read are dropped from the graph. A
+    free, and with ``dynamic_sequence`` too (dict inputs only) the second dimension of 2-D
+    inputs such as ``input_ids`` and of an output running along them (any sequence length
+    then runs; :func:`_dynamic_axes`). A model with dict inputs exports its primary output
+    (``logits`` or ``last_hidden_state``); inputs it does not read are dropped from the graph. A
     ``transformers`` model given ``input_ids`` without ``attention_mask`` is exported with an
     all-ones mask computed from ``input_ids`` in the graph (what no mask means), so its graph
     holds at every batch size (:func:`_implicit_mask`).
@@ -172,7 +252,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
+    from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
+    from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
 
@@ -189,28 +271,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         if callable(prepare):
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
+    traceable_experts(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:
         names = [str(k) for k in example_inputs]
         work = _KeywordInputs(work, names, _implicit_mask(work, names))
-    axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
+    axes = _dynamic_axes(work, names, inputs, dynamic_batch, keyword and dynamic_sequence)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset):
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            try:
+        def run_export() -> None:
+            with warnings.catch_warnings(), torch.no_grad(), extra_symbolics(opset), \
+                    TracingRewrites():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(work, inputs, tmp, dynamo=False, opset_version=opset,
                                   input_names=names, output_names=["output"],
                                   dynamic_axes=axes, do_constant_folding=True)
-            except torch.onnx.errors.OnnxExporterError as exc:  # unsupported ops included
-                moe = " (in transformers models torch.histc comes from mixture-of-experts " \
-                    "routing, whose data-dependent expert loop a traced graph could not " \
-                    "follow anyway)" if "histc" in str(exc) else ""
-                raise ModelError(f"export_onnx: {exc}: PyTorch's TorchScript ONNX exporter "
-                                 f"has no ONNX form for this op{moe}, so this model cannot be "
-                                 "exported to ONNX by netpress") from None
+
+        _export_or_refuse(run_export, work, inputs, opset, skip=1 if keyword else 0)
         proto = onnx.load(tmp)
         rewritten = integer_pads(proto) + keep_float_layers(proto)
         try:

@@ -1,0 +1,227 @@
+"""ONNX export of the decoder families issue 13's sweep found refused or broken (second
+pass): mixture-of-experts layers (``histc`` in transformers' grouped_mm experts), interleaved
+rotary embeddings (``repeat_interleave``), the sparse-attention indexers' bool ``scatter``,
+negative ``permute`` dims (Falcon-H1) and ``F.rms_norm`` (DiffLlama). Every exported graph
+runs in ONNX Runtime at another batch size and sequence length than it was exported with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import netpress as npr
+
+transformers = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+             max_position_embeddings=64, pad_token_id=0)
+
+
+def _ids(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _exported_matches(model: nn.Module, path: Path) -> list[float]:
+    """Export ``model`` at batch 1 / 12 tokens; the ONNX Runtime vs PyTorch relative errors
+    at (1, 12), (3, 7) and (2, 20)."""
+    from netpress._inputs import primary_output
+    from netpress.export.onnx import OrtModule
+
+    npr.export_onnx(model, path, _ids(1, 12, 0))
+    ort = OrtModule(path)
+    errors = []
+    for batch, seq in ((1, 12), (3, 7), (2, 20)):
+        x = _ids(batch, seq, batch * 100 + seq)
+        with torch.no_grad():
+            ref = primary_output(model(**x))
+        out = ort(**x)
+        assert out.shape == ref.shape
+        errors.append(_rel(out, ref))
+    return errors
+
+
+def _mixtral(experts: int = 4) -> nn.Module:
+    cfg = transformers.MixtralConfig(**SMALL, num_local_experts=experts,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def test_mixtral_moe_exports_and_matches_at_other_shapes(tmp_path):
+    model = _mixtral()
+    implementation = model.config._experts_implementation
+    errors = _exported_matches(model, tmp_path / "mixtral.onnx")
+    assert max(errors) < 1e-4, errors
+    ops = {n.op_type for n in onnx.load(tmp_path / "mixtral.onnx").graph.node}
+    assert "NonZero" in ops  # each expert's tokens picked in the graph, not fixed by the trace
+    # the user's model is untouched: same experts implementation, no per-instance forward
+    experts = model.model.layers[0].mlp.experts
+    assert model.config._experts_implementation == implementation
+    assert "forward" not in vars(experts)
+
+
+def test_an_expert_listed_twice_by_a_token_counts_both_weights(tmp_path):
+    """Hash routing (DeepSeek-V4) may give a token the same expert in two top-k slots."""
+    from netpress.export._moe import traceable_experts
+    from netpress.export.onnx import OrtModule
+
+    model = _mixtral()
+    experts = model.model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(1)
+
+    def routed(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = torch.randint(0, 4, (tokens, 2), generator=gen)
+        index[::3, 1] = index[::3, 0]  # every third token: one expert twice
+        return (torch.randn(tokens, 32, generator=gen), index,
+                torch.rand(tokens, 2, generator=gen))
+
+    model.config._experts_implementation = "eager"  # the reference: a loop over the slots
+    path = npr.export_onnx(experts, tmp_path / "experts.onnx", routed(9))
+    ort = OrtModule(path)
+    for tokens in (9, 4, 17):
+        args = routed(tokens)
+        with torch.no_grad():
+            ref = experts(*args)
+        assert _rel(ort(*args), ref) < 1e-5
+    # the traceable forward itself, in PyTorch, computes what eager does
+    args = routed(11)
+    with torch.no_grad():
+        ref = experts(*args)
+        assert traceable_experts(experts) == [""]
+        torch.testing.assert_close(experts(*args), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["Glm", "Cohere"])
+def test_interleaved_rotary_decoders_export_and_match(tmp_path, family):
+    """Glm (``repeat_interleave`` on cos/sin, partial rotary: the ``cat`` refused
+    "All tensors must have the same rank") and Cohere (``repeat_interleave`` on the
+    frequencies: ONNX Runtime failed on a Reshape)."""
+    cfg = getattr(transformers, f"{family}Config")(**SMALL)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    errors = _exported_matches(model, tmp_path / f"{family}.onnx")
+    assert max(errors) < 1e-4, errors
+
+
+class _Indexer(nn.Module):
+    """The DSA indexers' key mask: ones, with the top-k keys per query set to False."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.topk(3, dim=-1).indices
+        keep = torch.ones(scores.shape, dtype=torch.bool).scatter(-1, top, False)
+        return scores.masked_fill(keep, 0.0)
+
+
+class _Ops(nn.Module):
+    """Falcon-H1's permute with negative dims and F.rms_norm, with and without weight/eps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, -2, -1, 1)  # (b, 5, 6, 4)
+        a = F.rms_norm(y, (4,), self.weight, 1e-5)
+        b = F.rms_norm(y, (6, 4))
+        return a + b
+
+
+def test_bool_scatter_permute_and_rms_norm_export_and_match(tmp_path):
+    from netpress.export.onnx import OrtModule
+
+    path = npr.export_onnx(_Indexer(), tmp_path / "indexer.onnx", torch.randn(1, 6, 10))
+    for shape in ((1, 6, 10), (3, 6, 10)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(OrtModule(path)(x), _Indexer()(x))
+    ops = _Ops()
+    path = npr.export_onnx(ops, tmp_path / "ops.onnx", torch.randn(1, 4, 5, 6))
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, 5, 6) * 3
+        with torch.no_grad():
+            ref = ops(x)
+        assert _rel(OrtModule(path)(x), ref) < 1e-5
+
+
+def test_dynamic_sequence_frees_the_token_axis_only_for_dict_inputs(tmp_path):
+    cfg = transformers.LlamaConfig(**SMALL)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+
+    def dims(path: Path) -> list[list[str | int]]:
+        graph = onnx.load(path).graph
+        return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in (graph.input[0], graph.output[0])]
+
+    free = npr.export_onnx(model, tmp_path / "free.onnx", _ids(1, 12, 0))
+    fixed = npr.export_onnx(model, tmp_path / "fixed.onnx", _ids(1, 12, 0),
+                            dynamic_sequence=False)
+    assert dims(free) == [["batch", "sequence"], ["batch", "sequence", 128]]
+    assert dims(fixed)[0] == ["batch", 12]
+
+
+def test_gated_delta_rule_decoder_exports_and_matches(tmp_path):
+    """Qwen3.5's linear-attention layers solve a unit lower-triangular system per chunk
+    (``linalg_solve_triangular``, refused before)."""
+    cfg = transformers.Qwen3_5TextConfig(
+        **{**SMALL, "head_dim": 16}, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    errors = _exported_matches(model, tmp_path / "qwen3_5.onnx")
+    assert max(errors) < 1e-4, errors
+    ops = {n.op_type for n in onnx.load(tmp_path / "qwen3_5.onnx").graph.node}
+    assert "Trilu" in ops  # the solve's strictly lower part, in the linear-attention layer
+
+
+class _Solve(nn.Module):
+    def __init__(self, unit: bool) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(a, b, upper=False, unitriangular=self.unit)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_lower_triangular_solve_matches_torch(tmp_path, unit):
+    from netpress.export.onnx import OrtModule
+
+    gen = torch.Generator().manual_seed(0)
+
+    def system(batch: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(batch, 2, n, n, generator=gen) * 0.3
+        if not unit:
+            a = a + torch.diag_embed(1 + torch.rand(batch, 2, n, generator=gen))
+        return a.tril(), torch.randn(batch, 2, n, 5, generator=gen)
+
+    for n in (5, 64):  # 64: the chunk size of the gated delta rule
+        path = npr.export_onnx(_Solve(unit), tmp_path / f"solve{n}.onnx", system(1, n))
+        for batch in (1, 3):
+            a, b = system(batch, n)
+            assert _rel(OrtModule(path)(a, b), _Solve(unit)(a, b)) < 1e-5
+
+
+def test_an_op_of_a_newer_opset_is_refused_saying_which_opset(tmp_path):
+    from netpress.errors import ModelError
+    from netpress.export.onnx import OrtModule
+
+    fold = nn.Sequential(nn.Fold(output_size=(4, 4), kernel_size=2, stride=2))
+    with pytest.raises(ModelError, match=r"aten::col2im \(in module '0', a Fold\).*"
+                                         r"export_onnx\(\.\.\., opset=18\)"):
+        npr.export_onnx(fold, tmp_path / "fold.onnx", torch.randn(1, 12, 4))
+    path = npr.export_onnx(fold, tmp_path / "fold.onnx", torch.randn(1, 12, 4), opset=18)
+    x = torch.randn(3, 12, 4)
+    torch.testing.assert_close(OrtModule(path)(x), fold(x))

@@ -67,6 +67,22 @@ def test_config_validation():
     with pytest.raises(RecipeError, match="weights"):
         QAT(weights=1)
     assert QAT(weights=4).to_dict()["weights"] == 4
+    with pytest.raises(RecipeError, match="lr"):
+        QAT(lr=0.0)
+
+
+def test_default_learning_rate_follows_the_bit_widths():
+    """8 bits everywhere: 1e-5 (1e-4 cost agreement on ResNet-20); any narrower: 1e-4; a
+    given lr stays; the resolved value is what a saved recipe holds."""
+    assert QAT().lr == 1e-5
+    assert QAT(activations=None).lr == 1e-5
+    assert QAT(weights=4).lr == 1e-4
+    assert QAT(activations=6).lr == 1e-4
+    assert QAT(per_layer={"fc": 4}).lr == 1e-4
+    assert QAT(weights=4, lr=3e-3).lr == 3e-3
+    saved = QAT(weights=4).to_dict()
+    assert saved["lr"] == 1e-4
+    assert QAT.from_dict(saved) == QAT(weights=4)
 
 
 @pytest.mark.parametrize("name", list(toy_models()))

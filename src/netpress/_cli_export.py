@@ -29,16 +29,41 @@ from netpress.errors import DataError, NetpressError
 __all__ = ["recorded_source", "run_export", "stored_input_shape"]
 
 
-def stored_input_shape(artefact: Path) -> tuple[int, ...] | None:
-    """The example input shape recorded in the artefact's metadata (one tensor input)."""
+def _stored_spec(artefact: Path) -> Any:
     from netpress.export import read_header
 
-    spec = (read_header(artefact).get("metadata") or {}).get("inputs")
+    return (read_header(artefact).get("metadata") or {}).get("inputs")
+
+
+def _shape_of(spec: Any) -> tuple[int, ...] | None:
     if isinstance(spec, dict) and isinstance(spec.get("shape"), list):
         shape = spec["shape"]
         if all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             return tuple(shape)
     return None
+
+
+def stored_input_shape(artefact: Path) -> tuple[int, ...] | None:
+    """The example input shape recorded in the artefact's metadata (one tensor input)."""
+    return _shape_of(_stored_spec(artefact))
+
+
+def stored_keyword_inputs(artefact: Path) -> dict[str, torch.Tensor] | None:
+    """Example keyword inputs (``transformers`` models: ``input_ids``, ``attention_mask``,
+    ...) of the shapes and integer/float dtypes recorded in the artefact; masks are all
+    ones (every token real), other inputs zeros. None when the artefact recorded no dict."""
+    spec = _stored_spec(artefact)
+    if not isinstance(spec, dict) or "shape" in spec or not spec:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for name, part in spec.items():
+        shape = _shape_of(part)
+        dtype = getattr(torch, str(part.get("dtype")), None) if isinstance(part, dict) else None
+        if shape is None or not isinstance(dtype, torch.dtype):
+            return None
+        fill = 1 if name.endswith("mask") else 0
+        out[name] = torch.full(shape, fill, dtype=dtype)
+    return out
 
 
 def recorded_source(artefact: Path) -> dict[str, Any]:
@@ -52,13 +77,35 @@ def recorded_source(artefact: Path) -> dict[str, Any]:
     return source if isinstance(source, dict) else {}
 
 
-def _shape(args: argparse.Namespace) -> tuple[int, ...]:
+def _example(args: argparse.Namespace) -> Any:
+    """The example input to export with: ``--input-shape`` (a float tensor), else what the
+    artefact recorded (a tensor, or keyword inputs for a ``transformers`` model)."""
     if args.input_shape is None:
+        keywords = stored_keyword_inputs(args.artefact)
+        if args.sequence_length is not None and args.sequence_length < 1:
+            raise DataError(f"--sequence-length {args.sequence_length}: give a token count "
+                            f">= 1")
+        if keywords is not None and args.sequence_length:
+            keywords = {k: torch.full((1, args.sequence_length), int(v.flatten()[0]),
+                                      dtype=v.dtype) if v.dim() == 2 else v
+                        for k, v in keywords.items()}
+        if keywords is not None:
+            return keywords
         shape = stored_input_shape(args.artefact)
         if shape is None:
             raise DataError(f"{args.artefact} does not record its input shape; give "
                             f"--input-shape, one input's shape batch first, e.g. 1,3,32,32")
-        return shape
+        return torch.zeros(shape)
+    return torch.zeros(_shape(args))
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {','.join(map(str, v.shape))}" for k, v in x.items())
+    return ",".join(map(str, x.shape))
+
+
+def _shape(args: argparse.Namespace) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in args.input_shape.split(","))
     except ValueError:
@@ -69,12 +116,13 @@ def _shape(args: argparse.Namespace) -> tuple[int, ...]:
     return shape
 
 
-def _check_fits(model: nn.Module, x: torch.Tensor, artefact: Path, given: bool) -> None:
+def _check_fits(model: nn.Module, x: Any, artefact: Path, given: bool) -> None:
+    from netpress._inputs import call_model
     from netpress.measure.collect import explain_failure
 
     try:
         with torch.inference_mode():
-            model(x)
+            call_model(model, x)
         return
     except Exception as exc:
         why = explain_failure(model, x) or f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -82,8 +130,7 @@ def _check_fits(model: nn.Module, x: torch.Tensor, artefact: Path, given: bool) 
     hint = (f"; the artefact was saved with input shape {','.join(map(str, stored))}"
             if stored is not None else "")
     what = "--input-shape" if given else "the stored input shape"
-    raise DataError(f"{what} {','.join(map(str, x.shape))} does not fit {artefact.name}: "
-                    f"{why}{hint}")
+    raise DataError(f"{what} {_describe(x)} does not fit {artefact.name}: {why}{hint}")
 
 
 def _reference(args: argparse.Namespace, source: dict[str, Any]) -> tuple[nn.Module | None, str]:
@@ -126,16 +173,41 @@ def _print_latency(paths: list[Path], x: torch.Tensor, args: argparse.Namespace,
 
 def _recorded_task(artefact: Path) -> Any:
     """The task ``netpress compress`` measured with (``report.json`` beside ``artefact``):
-    an embedding task keeps its threshold; anything else is classification."""
-    from netpress.measure.tasks import ClassificationTask, EmbeddingTask
+    the ``--task`` it recorded (text tasks included), else an embedding task with its
+    threshold; anything else is classification."""
+    from netpress.errors import RecipeError
+    from netpress.measure.tasks import ClassificationTask, EmbeddingTask, as_task
 
     try:
         report = json.loads((artefact.parent / "report.json").read_text(encoding="utf-8"))
+        named = (report.get("source") or {}).get("task")
+        if isinstance(named, str):
+            return as_task(named)
         if report.get("task") == "embedding":
             return EmbeddingTask(float(report["fidelity"]["threshold"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecipeError):
         pass
     return ClassificationTask()
+
+
+def _text_fidelity(task: Any, onnx_path: Path, model: nn.Module, reference: nn.Module | None,
+                   data: Any, args: argparse.Namespace) -> None:
+    """The text tasks' figures (cosine and retrieval, or next-token agreement) of the
+    exported model against the reference and against the eager compressed model."""
+    from netpress.export.onnx import OrtModule
+    from netpress.measure.text import SentenceEmbeddingTask
+
+    exported = OrtModule(onnx_path, threads=args.threads)
+    keys = ("cosine_mean", "retrieval_agreement") if isinstance(task, SentenceEmbeddingTask) \
+        else ("agreement", "kl_mean")
+
+    def figures(base: nn.Module) -> str:
+        metrics, n, _ = task.compare_models(base, exported, data)
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" on {n} texts"
+
+    if reference is not None:
+        print(f"exported model in ONNX Runtime vs the reference: {figures(reference)}")
+    print(f"exported model vs the eager compressed model: {figures(model)}")
 
 
 def _figures(task: Any, ref: torch.Tensor, out: torch.Tensor) -> str:
@@ -153,6 +225,9 @@ def _print_fidelity(onnx_path: Path, model: nn.Module, reference: nn.Module | No
     from netpress.measure.fidelity import accuracy
 
     task = _recorded_task(args.artefact)
+    if hasattr(task, "compare_models"):  # text: batches of other lengths, pooled or per token
+        _text_fidelity(task, onnx_path, model, reference, data, args)
+        return
     eager = [m for m in (reference, model) if m is not None]
     outs, labels, _ = collect_many(eager, data, progress=not args.no_progress,
                                    description="evaluating the eager models")
@@ -177,7 +252,11 @@ def _data(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     if spec is None:
         return None
     limit = args.eval_limit if args.data else (args.eval_limit or source.get("eval_limit"))
-    loaders = resolve_data(spec, eval_limit=limit, cwd=None if args.data else source.get("cwd"))
+    loaders = resolve_data(spec, eval_limit=limit, cwd=None if args.data else source.get("cwd"),
+                           model_spec=args.reference or source.get("model"),
+                           tokenizer=source.get("tokenizer"),
+                           max_length=int(source.get("max_length") or 128),
+                           seed=int(source.get("seed") or 0))
     return loaders.get("evaluate")
 
 
@@ -188,12 +267,12 @@ def run_export(args: argparse.Namespace) -> int:
     from netpress.export.onnx import export_onnx
     from netpress.measure.deployed import float_twin
 
-    shape = _shape(args)
+    x = _example(args)
     model = load_artefact(args.artefact).model.eval()
-    x = torch.zeros(shape)
     _check_fits(model, x, args.artefact, given=args.input_shape is not None)
     path = export_onnx(model, args.onnx, x, opset=args.opset)
-    print(f"wrote {path} (input shape {','.join(map(str, shape))})")
+    free = " (batch and sequence length free)" if isinstance(x, dict) else ""
+    print(f"wrote {path} (input shape {_describe(x)}{free})")
     source = recorded_source(args.artefact)
     needs_reference = args.latency or args.data or source.get("data")
     reference, label = _reference(args, source) if needs_reference else (None, "")

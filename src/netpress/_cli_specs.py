@@ -3,8 +3,10 @@
 ``--model`` is a built-in model name (``netpress.models.MODELS``), a ``.npress`` artefact,
 ``hf:DIR`` (a local ``transformers`` directory), or ``package.module:factory`` (a factory in
 *your* code, imported because you named it).
-``--data`` is ``digits``, ``cifar10:DIR``, ``mnist:DIR``, ``fashion-mnist:DIR`` or
+``--data`` is ``digits``, ``cifar10:DIR``, ``mnist:DIR``, ``fashion-mnist:DIR``,
+``text:FILE`` (texts tokenized with the model's tokenizer: :mod:`netpress.text_data`) or
 ``package.module:factory`` returning a dict with ``train``/``calibration``/``evaluate``.
+``--task`` left out is chosen from the data and the model (:func:`resolve_task`).
 ``package.module`` is imported as ``python -m`` would: the current directory comes first on
 the import path, so ``mymodels:build`` finds ``./mymodels.py``.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "load_weights",
     "resolve_data",
     "resolve_model",
+    "resolve_task",
     "source_record",
     "state_fingerprint",
 ]
@@ -113,14 +116,35 @@ def resolve_model(spec: str, weights: str | None = None, *,
     return model.eval()
 
 
+def tokenizer_dir(model_spec: str | None, tokenizer: str | None) -> str:
+    """Where ``text:FILE`` data finds its tokenizer: ``--tokenizer DIR``, else the
+    ``--model hf:DIR`` directory."""
+    if tokenizer:
+        return tokenizer
+    if model_spec and model_spec.startswith("hf:"):
+        return model_spec[3:]
+    raise DataError(f"--data text:FILE is tokenized with the model's tokenizer, and --model "
+                    f"{model_spec!r} is not a transformers directory (hf:DIR): give "
+                    f"--tokenizer DIR (a directory holding the tokenizer's files)")
+
+
 def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = None,
-                 eval_limit: int | None = None, seed: int = 0,
-                 cwd: str | None = None) -> dict[str, Any]:
+                 eval_limit: int | None = None, seed: int = 0, cwd: str | None = None,
+                 model_spec: str | None = None, tokenizer: str | None = None,
+                 max_length: int = 128) -> dict[str, Any]:
     """Data loaders (``train``, ``calibration``, ``evaluate``) for a ``--data`` spec
-    (a factory's dict is returned as it is; see :data:`DATA_FORM`)."""
+    (a factory's dict is returned as it is; see :data:`DATA_FORM`). ``text:FILE`` is
+    tokenized with the tokenizer of :func:`tokenizer_dir` into batches of ``batch_size``
+    texts of at most ``max_length`` tokens."""
     from netpress import datasets as ds
 
     name, _, root = spec.partition(":")
+    if name == "text":
+        from netpress.text_data import load_tokenizer, text_data
+
+        tok = load_tokenizer(tokenizer_dir(model_spec, tokenizer))
+        return text_data(root, tok, batch_size=batch_size, max_length=max_length,
+                         eval_limit=eval_limit, train_limit=train_limit, seed=seed)
     if name == "digits":
         train, test = ds.digits(seed=seed)
     elif name == "cifar10":
@@ -138,13 +162,34 @@ def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = 
         return out
     else:
         raise DataError(f"--data {spec!r}: use digits, cifar10:DIR, mnist:DIR, "
-                        f"fashion-mnist:DIR, or package.module:factory")
+                        f"fashion-mnist:DIR, text:FILE or package.module:factory")
     train = _limit(train, train_limit)
     test = _limit(test, eval_limit)
     calib = _limit(train, 512)
     return {"train": ds.loader(train, batch_size=batch_size, shuffle=True, seed=seed),
             "calibration": ds.loader(calib, batch_size=batch_size),
             "evaluate": ds.loader(test, batch_size=256)}
+
+
+def resolve_task(task: str | None, model: nn.Module, data: dict[str, Any]) -> str:
+    """``--task``, or when it is left out the task the model and data call for: on text
+    batches (dicts with ``input_ids``) without labels, ``language-model`` for a causal
+    language model (``…ForCausalLM`` / ``…LMHeadModel``), ``sentence-embedding`` for an
+    encoder's hidden states, ``classification`` for a sequence classifier; otherwise
+    ``classification``."""
+    if task is not None:
+        return task
+    first = next(iter(data.get("evaluate") or data.get("calibration") or []), None)
+    inputs, labels = first if isinstance(first, (tuple, list)) and len(first) == 2 \
+        else (first, None)
+    if not (isinstance(inputs, dict) and "input_ids" in inputs) or labels is not None:
+        return "classification"
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "language-model"
+    if name.endswith(("ForSequenceClassification", "ForImageClassification")):
+        return "classification"
+    return "sentence-embedding"
 
 
 def _limit(dataset: Any, n: int | None) -> Any:
@@ -175,9 +220,10 @@ def source_record(model: str, weights: str | None, data: str, eval_limit: int | 
         return str(Path(path).expanduser().resolve())
 
     name, sep, root = data.partition(":")
-    builtin = name in ("cifar10", "mnist", "fashion-mnist", "fashion_mnist")
+    builtin = name in ("cifar10", "mnist", "fashion-mnist", "fashion_mnist", "text")
     return {
-        "model": absolute(model) if model.endswith(".npress") else model,
+        "model": absolute(model) if model.endswith(".npress") else
+        f"hf:{absolute(model[3:])}" if model.startswith("hf:") else model,
         "weights": absolute(weights) if weights else None,
         "data": f"{name}:{absolute(root)}" if builtin and sep else data,
         "eval_limit": eval_limit,

@@ -38,7 +38,10 @@ def _data_help() -> str:
     from netpress._cli_specs import DATA_FORM
 
     return ("DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR (their preprocessing: "
-            "README, 'Data sets'), or package.module:factory (imported from the current "
+            "README, 'Data sets'), text:FILE (a .txt file, one text per line, or .jsonl with "
+            "'text' and optional integer 'label' per line; tokenized with the model's "
+            "tokenizer, 20% held out for evaluation, at most 1,000), or "
+            "package.module:factory (imported from the current "
             f"directory first) returning {DATA_FORM}.")
 
 
@@ -65,8 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, type=Path, help="recipe file (.yaml or .json)")
     c.add_argument("--data", required=True, metavar="DATA")
     c.add_argument("--out", required=True, type=Path, help="output directory")
-    c.add_argument("--task", default="classification", help="classification (default), "
-                   "embedding, or embedding:T to count the rows with cosine >= T (default 0.99)")
+    c.add_argument("--task", default=None, help="classification, embedding, or embedding:T "
+                   "to count the rows with cosine >= T (default 0.99); for text: "
+                   "language-model, sentence-embedding, sentence-embedding:cls. Default: "
+                   "chosen from the model and data (text without labels: language-model for "
+                   "a causal LM, sentence-embedding for an encoder; else classification)")
+    c.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --data text:FILE "
+                   "(default: the --model hf:DIR directory)")
+    c.add_argument("--max-length", type=int, default=128,
+                   help="--data text:FILE: tokens per text at most (default 128)")
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--train-limit", type=int, help="use at most this many training examples")
     c.add_argument("--eval-limit", type=int, help="evaluate on at most this many examples")
@@ -94,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, type=Path, help="output .onnx path")
     e.add_argument("--input-shape", help="one input's shape, batch first, e.g. 1,3,32,32 "
                    "(default: the shape stored in the artefact)")
+    e.add_argument("--sequence-length", type=int, metavar="N", help="text models: the "
+                   "token count of the example input, the length --latency times (default: "
+                   "the example recorded in the artefact; any length runs in the export)")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--latency", action="store_true", help="time the exported model and the "
                    "reference's FP32 export in ONNX Runtime, interleaved, and print the ratio")
@@ -131,7 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from netpress._cli_specs import resolve_data, resolve_model, source_record
+    from netpress._cli_specs import resolve_data, resolve_model, resolve_task, source_record
     from netpress.api import compress
     from netpress.config import Recipe
     from netpress.recover.distributed import init_from_env, is_main
@@ -150,18 +163,23 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, args.weights)
     console.print(f"netpress compress: loading the data {args.data} …")
     data = resolve_data(args.data, batch_size=args.batch_size, train_limit=args.train_limit,
-                        eval_limit=args.eval_limit, seed=args.seed)
+                        eval_limit=args.eval_limit, seed=args.seed, model_spec=args.model,
+                        tokenizer=args.tokenizer, max_length=args.max_length)
+    task = resolve_task(args.task, model, data)
     console.print(f"netpress compress: running {len(recipe)} step(s), then measuring the "
                   f"report …")
     with warnings.catch_warnings():  # the table below shows them, in a red panel
         warnings.simplefilter("ignore", ReportWarning)
         result = compress(model, recipe, seed=args.seed, device=args.device,
                           threads=args.threads, latency_batch_size=args.latency_batch_size,
-                          task=args.task, progress=False if args.no_progress else None, **data)
+                          task=task, progress=False if args.no_progress else None, **data)
     if not is_main():  # data-parallel recovery: rank 0 writes the artefact and report
         return 0
-    source = source_record(args.model, args.weights, args.data, args.eval_limit,
-                           result.reference)
+    source = {**source_record(args.model, args.weights, args.data, args.eval_limit,
+                              result.reference), "task": task}
+    if args.data.startswith("text:"):  # what `netpress export` needs to tokenize it again
+        source.update(tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+                      max_length=args.max_length, seed=args.seed)
     result.report = Report({**result.report, "source": source}, result.report.thumbnails)
     args.out.mkdir(parents=True, exist_ok=True)
     size = result.save(args.out / "model.npress")

@@ -173,15 +173,28 @@ _BY_NAME: dict[str, Callable[[], Task]] = {
 }
 
 
+#: Task names of :mod:`netpress.measure.text` (imported when asked for).
+_TEXT_TASKS = ("language-model", "sentence-embedding", "sentence-embedding:cls")
+
+
 def as_task(task: Task | TaskFn | str | None) -> Task:
     """A :class:`Task` from a task, a plain function, a task name, or ``None`` (classification).
 
     Names: ``"classification"``, ``"embedding"`` and ``"embedding:T"`` (threshold ``T``,
-    e.g. ``"embedding:0.995"``). A function is wrapped in
+    e.g. ``"embedding:0.995"``); for text, ``"language-model"`` (next-token fidelity,
+    :class:`~netpress.measure.text.LanguageModelTask`) and ``"sentence-embedding"`` (mean
+    pooled over real tokens; ``"sentence-embedding:cls"``: the first token's) for
+    :class:`~netpress.measure.text.SentenceEmbeddingTask`. A function is wrapped in
     :class:`FunctionTask`, named after the function (``"custom"`` for a lambda).
     """
     if task is None:
         return ClassificationTask()
+    if isinstance(task, str) and task in _TEXT_TASKS:
+        from netpress.measure import text
+
+        if task == "language-model":
+            return text.LanguageModelTask()
+        return text.SentenceEmbeddingTask(pooling="cls" if task.endswith(":cls") else "mean")
     if isinstance(task, str) and task.startswith("embedding:"):
         try:
             return EmbeddingTask(float(task.partition(":")[2]))
@@ -191,7 +204,8 @@ def as_task(task: Task | TaskFn | str | None) -> Task:
     if isinstance(task, str):
         if task not in _BY_NAME:
             raise RecipeError(
-                f"unknown task {task!r}; use one of {sorted(_BY_NAME)}, embedding:THRESHOLD, "
+                f"unknown task {task!r}; use one of {sorted(_BY_NAME) + list(_TEXT_TASKS)}, "
+                f"embedding:THRESHOLD, "
                 f"a Task object or a function fn(ref_out, cmp_out, labels) -> dict"
             )
         return _BY_NAME[task]()

@@ -168,3 +168,12 @@ def test_text_task_names():
     assert isinstance(as_task("sentence-embedding"), SentenceEmbeddingTask)
     assert as_task("sentence-embedding").pooling == "mean"
     assert as_task("sentence-embedding:cls").pooling == "cls"
+
+
+def test_search_refuses_text_data_with_the_reason(tmp_path, capsys):
+    from netpress.cli import main
+
+    (tmp_path / "t.txt").write_text("a\nb\n")
+    assert main(["search", "--model", "digits_cnn", "--data", f"text:{tmp_path / 't.txt'}",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "agreement of classifiers" in capsys.readouterr().err

@@ -146,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
     from netpress.recover.methods import Distill
     from netpress.search.runner import search
 
+    if args.data.startswith("text:"):
+        raise DataError(f"--data {args.data!r}: netpress search scores trials by the top-1 "
+                        f"agreement of classifiers' outputs, which text encoders and language "
+                        f"models do not give; compress them with `netpress compress` (text "
+                        f"tasks) and a recipe instead")
     print(f"search: loading the model {args.model} and the data {args.data} …", flush=True)
     model = resolve_model(args.model, args.weights)
     data = resolve_data(args.data, batch_size=args.batch_size, seed=args.seed)

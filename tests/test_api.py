@@ -160,3 +160,17 @@ def test_reference_can_differ_from_the_model():
                        reference=original, latency_batch_size=2)
     assert res.report["reference"]["accuracy"] == 1.0  # labels come from the original
     assert state_equal(res.reference, original)
+
+
+def test_shape_tracing_steps_take_their_example_from_the_data():
+    """StructuredPrune needs example_inputs; given data and no example it uses one input of the
+    data (as the report always did), as the command line calls it; with neither, an error."""
+    model = TinyCNN()
+    data = toy_batches(model=model)
+    res = npr.compress(model, [npr.StructuredPrune(macs=0.5, round_to=1)], evaluate=data,
+                       measure=False)
+    assert res.model.conv1.out_channels < model.conv1.out_channels
+    x = data[0][0][:1]
+    assert res.example_inputs.shape == x.shape and torch.equal(res.example_inputs, x)
+    with pytest.raises(npr.DataError, match="example_inputs"):
+        npr.compress(model, [npr.StructuredPrune(macs=0.5, round_to=1)], measure=False)

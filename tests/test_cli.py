@@ -61,6 +61,19 @@ def test_compress_then_report(tmp_path, capsys):
                  "--input-shape", "1x8"]) == 2
 
 
+def test_compress_runs_structured_pruning_with_the_data_as_example(tmp_path):
+    """StructuredPrune traces the model on an example input: the command line has none to
+    give but its data, which compress() now takes one input of (it failed before)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - type: StructuredPrune\n    macs: 0.5\n    round_to: 1\n")
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "digits_cnn", "--recipe", str(recipe), "--data",
+                 "digits", "--out", str(out), "--eval-limit", "64", "--train-limit", "128",
+                 "--latency-batch-size", "4", "--no-progress"]) == 0
+    macs = json.loads((out / "report.json").read_text())["macs"]
+    assert macs["compressed"] <= 0.55 * macs["reference"]
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("steps:\n  - type: Prunify\n")

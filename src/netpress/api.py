@@ -195,6 +195,11 @@ def compress(
     recipe = Recipe.of(recipe)
     wanted_sections((), sections)  # unknown names fail before any work
     data = {"calibration": calibration, "train": train, "evaluate": evaluate}
+    if example_inputs is None:  # one input of the data: what shape-tracing steps need
+        named = next(((n, data[n]) for n in ("evaluate", "calibration", "train")
+                      if data[n] is not None), None)
+        if named is not None:
+            example_inputs = take_batch(first_batch(named[1], name=named[0])[0], 1)
     given: dict[str, Any] = {**data, "example_inputs": example_inputs}
     _validate_recipe(recipe, given)
     check_finite(model)
@@ -204,10 +209,6 @@ def compress(
     for name, value in data.items():
         if value is not None:
             check_data(name, value, reference, dev)
-    if example_inputs is None:
-        source = next((v for v in (evaluate, calibration, train) if v is not None), None)
-        if source is not None:
-            example_inputs = take_batch(first_batch(source, name="data")[0], 1)
     # copy-on-write: the working copy shares the caller's tensors, which stay protected while
     # the steps run (netpress._cow); what a step may not replace is copied before it runs
     work = model if inplace else _shared_copy(model)

@@ -195,11 +195,11 @@ def compress(
     recipe = Recipe.of(recipe)
     wanted_sections((), sections)  # unknown names fail before any work
     data = {"calibration": calibration, "train": train, "evaluate": evaluate}
-    if example_inputs is None:  # one input of the data: what shape-tracing steps need
-        named = next(((n, data[n]) for n in ("evaluate", "calibration", "train")
-                      if data[n] is not None), None)
-        if named is not None:
-            example_inputs = take_batch(first_batch(named[1], name=named[0])[0], 1)
+    for name in ("evaluate", "calibration", "train") if example_inputs is None else ():
+        source = data[name]  # one input of the data: what shape-tracing steps need
+        if source is not None:
+            example_inputs = take_batch(first_batch(source, name=name)[0], 1)
+            break
     given: dict[str, Any] = {**data, "example_inputs": example_inputs}
     _validate_recipe(recipe, given)
     check_finite(model)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netpress._inputs import call_model, move_to, take_batch
 from netpress.config import check_fraction
 from netpress.context import Context
+from netpress.data import first_batch
 from netpress.errors import DataError, RecipeError
+from netpress.measure.collect import evaluating
 from netpress.recover.features import feature_capture
 from netpress.recover.loop import TrainConfig, train
 from netpress.recover.losses import (
@@ -28,9 +32,9 @@ from netpress.recover.losses import (
 from netpress.registry import register
 from netpress.select import check_patterns
 
-__all__ = ["FineTune", "Distill", "DISTILL_LOSSES"]
+__all__ = ["FineTune", "Distill", "DISTILL_LOSSES", "distillation_kind"]
 
-DISTILL_LOSSES = ("kl", "mse", "cosine")
+DISTILL_LOSSES = ("auto", "kl", "mse", "cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +51,11 @@ class Distill(TrainConfig):
 
     The loss is ``alpha * T^2 * KL(p_ref || p) + (1 - alpha) * CE(labels)`` for ``loss="kl"``
     (pure distillation when the data has no labels); ``"mse"`` and ``"cosine"`` match raw
-    outputs instead, for regression and embedding models.
+    outputs instead, for regression and embedding models. ``"auto"`` (the default) is
+    ``"cosine"`` for a model whose output is a hidden state (a ``transformers`` output with
+    ``last_hidden_state`` and no ``logits``: an encoder such as all-MiniLM-L6-v2, whose
+    hidden dimensions are no classes to soften) and ``"kl"`` otherwise
+    (:func:`distillation_kind`); the report's step records which.
 
     ``features`` (module names or ``re:`` patterns, e.g. ``("re:layer\\d\\.\\d+$",)``
     for the blocks of a ResNet) adds ``feature_weight`` times the mean relative squared
@@ -84,7 +92,7 @@ class Distill(TrainConfig):
 
     temperature: float = 4.0
     alpha: float = 0.9
-    loss: str = "kl"
+    loss: str = "auto"
     features: tuple[str, ...] = ()
     feature_weight: float = 1.0
     pooled_weight: float = 0.0
@@ -122,20 +130,39 @@ def _apply_finetune(model: nn.Module, cfg: FineTune, ctx: Context) -> nn.Module:
     return model
 
 
+def distillation_kind(reference: nn.Module, inputs: Any) -> str:
+    """``"cosine"`` when ``reference`` returns a hidden state on ``inputs`` (an output
+    object with ``last_hidden_state`` and no ``logits``), else ``"kl"`` (logits, or a
+    plain tensor as classifiers return)."""
+    if inputs is None:
+        return "kl"
+    with torch.no_grad(), evaluating(reference):
+        out = call_model(reference, inputs)
+    hidden = getattr(out, "last_hidden_state", None) is not None
+    return "cosine" if hidden and getattr(out, "logits", None) is None else "kl"
+
+
 @register(Distill, kind="recover", needs=("train",))
 def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
+    kind = cfg.loss
+    if kind == "auto":
+        example = ctx.example_inputs
+        if example is None:
+            example = take_batch(first_batch(ctx.require("train", "Distill"), name="train")[0], 1)
+        kind = distillation_kind(ctx.reference, move_to(example, ctx.device))
+
     def loss(out: torch.Tensor, teacher: torch.Tensor | None,
              labels: torch.Tensor | None) -> torch.Tensor:
         assert teacher is not None
-        if cfg.loss == "mse":
+        if kind == "mse":
             return feature_mse(out, teacher)
-        if cfg.loss == "cosine":
+        if kind == "cosine":
             return cosine_loss(out, teacher)
         return distillation_loss(out, teacher, labels, cfg.temperature, cfg.alpha)
 
     pooled_terms = bool(cfg.pooled_weight or cfg.relation_weight)
     if not cfg.features and not pooled_terms:
-        ctx.record("Distill", **train(model, ctx, cfg, loss, needs_teacher=True))
+        ctx.record("Distill", loss=kind, **train(model, ctx, cfg, loss, needs_teacher=True))
         return model
     with feature_capture(model, ctx.reference, cfg.features,
                          outputs=pooled_terms, local=cfg.local) as store:
@@ -151,6 +178,6 @@ def _apply_distill(model: nn.Module, cfg: Distill, ctx: Context) -> nn.Module:
                 total = total + cfg.relation_weight * similarity_loss(*pooled)
             return total
 
-        ctx.record("Distill", features=len(store.names),
+        ctx.record("Distill", loss=kind, features=len(store.names),
                    **train(model, ctx, cfg, with_features, needs_teacher=True))
     return model

@@ -118,3 +118,46 @@ def test_evaluate_source_needs_evaluate_data(task):
         npr.compress(model, [npr.FineTune(max_steps=2, early_stop_patience=1,
                                           early_stop_data="evaluate")],
                      train=faithful, measure=False)
+
+
+def test_batch_score_counts_real_tokens_and_cosines():
+    from netpress.recover.early_stop import batch_score
+
+    ref = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    cmp = torch.tensor([[1, 0, 3], [4, 5, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    inputs = {"input_ids": ref, "attention_mask": mask}
+    assert batch_score(ref, cmp, inputs, hidden=False) == (3.0, 5)  # padding not counted
+    assert batch_score(ref, cmp, ref, hidden=False) == (4.0, 6)
+    a = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
+    b = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    score, n = batch_score(a, b, None, hidden=True)
+    assert n == 2 and abs(score - 1.0) < 1e-6  # cosines 0 and 1
+
+
+def test_early_stop_on_a_sentence_encoder_never_ends_below_its_start():
+    """A text encoder's monitor scores the mean-pooled cosine over batches of other lengths
+    (top-1 of hidden dimensions means nothing); a harmful distillation is undone."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     initializer_range=0.5)
+    model = transformers.BertModel(config).eval()
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for length in (6, 9, 12, 7, 10):  # batches of different lengths, some padding
+        mask = torch.ones(4, length, dtype=torch.long)
+        mask[0, length // 2:] = 0
+        data.append(({"input_ids": torch.randint(0, 64, (4, length), generator=g),
+                      "attention_mask": mask}, None))
+    prune = npr.GlobalMagnitudePrune(sparsity=0.6)
+    start = npr.compress(model, [prune], evaluate=data, task="sentence-embedding")
+    harmful = npr.Distill(max_steps=20, lr=0.3, optimizer="sgd", early_stop_patience=2,
+                          eval_every=2, early_stop_data="evaluate")
+    res = npr.compress(model, [prune, harmful], train=data, evaluate=data,
+                       task="sentence-embedding")
+    rec = res.report["steps"][-1]["early_stop"]
+    assert "best_cosine" in rec and rec["held_out"] == 20
+    assert res.report["fidelity"]["cosine_mean"] >= start.report["fidelity"]["cosine_mean"] - 1e-6
+    assert abs(rec["best_cosine"] - res.report["fidelity"]["cosine_mean"]) < 1e-4

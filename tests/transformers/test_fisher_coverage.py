@@ -64,8 +64,11 @@ def test_small_grouped_query_model_reaches_a_target_the_auto_floor_made_unreacha
     assert step["min_fraction"] < 0.32
     held = _ids(4, 99)
     plain = _prune(model, x, data, macs=0.5, refit=False).model
-    # 0.179, 0.184 (0.29 and 0.36 at 45.4% of the MACs, before the selection's refill)
-    assert _rel(res.model, model, held) < 0.2 and _rel(plain, model, held) < 0.2
+    # 0.284, 0.353. With attention counted (2.8% of this model's MACs at 16 tokens, which
+    # FFN cuts do not reduce), the FFN floors alone no longer reach 50%, so a key/value group
+    # of layer 1 goes too; the FFN-only selection of the count without attention (0.179,
+    # 0.184) measures 51.3% with it
+    assert _rel(res.model, model, held) < 0.3 and _rel(plain, model, held) < 0.4
     with pytest.raises(RecipeError, match="floor in force: 0.320"):  # an explicit floor stays
         _prune(model, x, data, macs=0.5, min_fraction=0.32)
 

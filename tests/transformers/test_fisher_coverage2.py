@@ -67,8 +67,10 @@ def _check(res: npr.CompressionResult, model: torch.nn.Module, x: Any, held: Any
 def test_grouped_query_decoder_lands_within_two_points_of_the_target():
     """A tiny Llama with 2 key/value groups per layer: removing one (4.3% of the MACs) after
     the FFN floors were reached took the model to 45.4% for a 50% target. The selection now
-    puts back removed units that fit under the target, and weighs attention as count_macs
-    does (no FLOPs for CPU SDPA): 49.9%."""
+    puts back removed units that fit under the target: 49.7%. (Attention now counts in the
+    MACs on CPU too, 2.8% here, so the 50% target cannot be met by FFN cuts alone: a
+    key/value group goes, and the output error is 0.37 where the FFN-only selection of the
+    count without attention, 51.3% of the MACs with it, had 0.19.)"""
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=224,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=16,
@@ -77,12 +79,13 @@ def test_grouped_query_decoder_lands_within_two_points_of_the_target():
     model = transformers.LlamaForCausalLM(cfg).eval()
     x, data, held = _ids(1, 0), _text_data(), _ids(4, 99)
     res = _prune(model, x, data, macs=0.5)
-    assert _check(res, model, x, held, 0.48, 0.5) < 0.25  # 0.19 (0.37 at 45.4%)
+    assert _check(res, model, x, held, 0.49, 0.5) < 0.4  # 0.368 at 49.7%
 
 
 def test_sdpa_encoder_no_longer_lands_over_the_target():
     """A tiny BERT (SDPA attention) landed at 50.8% for a 50% target: the graph's estimate,
-    scaled to the measured count, counted attention that count_macs does not on CPU."""
+    scaled to the measured count, counted attention that count_macs did not on CPU. Both
+    count it now (the graph's estimate is used as it is)."""
     cfg = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=256,
                                   max_position_embeddings=64)
@@ -92,7 +95,7 @@ def test_sdpa_encoder_no_longer_lands_over_the_target():
     res = _prune(model, x, data, macs=0.5)
     plain = _prune(model, x, data, macs=0.5, refit=False)
     assert _check(res, model, x, held, 0.49, 0.5) < 0.012 < 0.02 < _rel(plain.model, model, held)
-    # 0.0063 refitted, 0.028 not
+    # 0.0060 refitted, 0.027 not
 
 
 # --- 1: readers no gradient reaches ----------------------------------------------------

@@ -2,6 +2,12 @@
 
 Counting uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts FLOPs of the
 ATen matmul/convolution/attention ops actually executed; MACs are ``FLOPs // 2``.
+Attention (``scaled_dot_product_attention``) counts the same on every device and with every
+attention implementation: the counter's CUDA formulas count its two products, and
+:mod:`netpress.measure._flops` gives the CPU, MPS and out-of-tree kernels the same formula,
+so ``attn_implementation="sdpa"`` and ``"eager"`` (plain matmuls) agree. PyTorch's fused
+fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (one opaque op) is
+switched off while counting, so those modules count their projections and attention too.
 Elementwise ops, normalisation and activations count zero, and so do ops the counter
 does not know, such as the ``torch.ops.quantized.*`` kernels of ``torch.ao`` quantized
 modules. So that int8 models are not reported as free, a Linear- or Conv-like layer
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from netpress._inputs import Inputs, move_to
+from netpress.measure._flops import EXTRA_FLOPS
 from netpress.measure.collect import evaluating, model_device, run_checked
 from netpress.measure.size import effective_weight, is_coded
 from netpress.select import DEFAULT_PRUNABLE
@@ -91,14 +100,19 @@ def weight_density(module: nn.Module) -> float:
         return int(torch.count_nonzero(weight)) / weight.numel()
 
 
-def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
-    """``grouped_mm(a [M, K], b [G, K, N])``: each row of ``a`` meets one group's matrix
-    (mixture-of-experts layers); PyTorch's counter has no formula for it."""
-    return 2 * int(a_shape[0]) * int(a_shape[-1]) * int(b_shape[-1])
-
-
-_EXTRA_FLOPS = ({torch.ops.aten._grouped_mm: _grouped_mm_flops}
-                if hasattr(torch.ops.aten, "_grouped_mm") else {})
+@contextmanager
+def _unfused_attention() -> Iterator[None]:
+    """PyTorch's native fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoder(Layer)`` (taken in eval mode under ``no_grad``) off for the block:
+    it runs projections, attention and feed-forward as ops the FLOP counter has no formula for
+    and skips the layers' forward hooks. The regular path computes the same outputs."""
+    mha = torch.backends.mha
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int]]:
@@ -112,7 +126,7 @@ def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int
     starts: dict[str, int] = {}
     depth = [0]
     extra = [0]  # estimated FLOPs of layers whose kernels the counter cannot see
-    counter = FlopCounterMode(display=False, custom_mapping=dict(_EXTRA_FLOPS))
+    counter = FlopCounterMode(display=False, custom_mapping=dict(EXTRA_FLOPS))
 
     def pre_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -141,7 +155,7 @@ def _count(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, int
             handles.append(module.register_forward_hook(post_hook(name)))
     try:
         inputs = move_to(example_inputs, model_device(model))
-        with evaluating(model), torch.no_grad(), counter:
+        with evaluating(model), torch.no_grad(), _unfused_attention(), counter:
             run_checked(model, inputs, "the example inputs")
     finally:
         for handle in handles:

@@ -16,9 +16,14 @@ weight column inversely) leaves ``α`` and the fit unchanged.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 
-__all__ = ["shrink_", "shrunk", "shrinkage_intensity"]
+from netpress.reconstruct.stats import LayerStats
+
+__all__ = ["shrink_", "shrunk", "shrinkage_intensity", "Shrinker"]
 
 
 def shrink_(h: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -55,13 +60,69 @@ def shrinkage_intensity(h: torch.Tensor, n: float) -> float:
     d = h.shape[-1]
     if d < 2 or n <= 0:
         return 0.0 if d < 2 else 1.0
-    h = h.double()
-    diag = torch.diagonal(h).clamp_min(0)
+    diag = torch.diagonal(h).double().clamp_min(0)
     inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
-    r2 = (h * inv[:, None] * inv[None, :]).pow_(2).clamp_(max=1.0)
-    r2.fill_diagonal_(0.0)
-    signal = float(r2.sum())
-    noise = float((1.0 - r2).pow_(2).sum()) - d  # the diagonal's d ones left out
+    signal = noise = 0.0
+    for r0 in range(0, d, _ROWS):  # row blocks: no d x d temporary (75 MB at d = 3072)
+        r1 = min(r0 + _ROWS, d)
+        r2 = (h[r0:r1].double() * inv[r0:r1, None] * inv[None, :]).pow_(2).clamp_(max=1.0)
+        r2[:, r0:r1].fill_diagonal_(0.0)
+        signal += float(r2.sum())
+        noise += float(r2.neg_().add_(1.0).pow_(2).sum()) - (r1 - r0)  # the diagonal's 1s
     if signal <= 0.0:
         return 1.0
     return min(1.0, max(0.0, noise / (n * signal)))
+
+
+_ROWS = 256
+
+
+class Shrinker:
+    """Shrinks each layer's statistics before its fit (an engine ``prepare``) and keeps
+    what it did for the report: ``setting`` is ``"auto"`` (:func:`shrinkage_intensity` per
+    layer and conv group) or a fixed ``α`` (0: nothing changes). The cross term with the
+    original model's inputs (square when the shapes match) is shrunk alike, so a layer
+    whose inputs did not change still refits to itself."""
+
+    def __init__(self, setting: float | str) -> None:
+        self.setting = setting
+        self.alpha: dict[str, float] = {}
+        self.rows: dict[str, tuple[int, int]] = {}  # layer -> (calibration rows, inputs)
+
+    def __call__(self, names: list[str], stats: LayerStats) -> None:
+        h = stats.hessian
+        if h is None:
+            return
+        alphas = []
+        for g in range(h.shape[0]):
+            a = shrinkage_intensity(h[g], stats.samples) if self.setting == "auto" \
+                else float(self.setting)
+            shrink_(h[g], a)
+            cross = stats.cross
+            if cross is not None and cross.shape[-2] == cross.shape[-1]:
+                shrink_(cross[g], a)
+            alphas.append(a)
+        for n in names:
+            self.alpha[n] = round(max(alphas), 4)
+            self.rows[n] = (stats.samples, h.shape[-1])
+
+    def summary(self) -> dict[str, Any]:
+        """The report's entries: the shrinkage per layer and the fewest calibration rows per
+        input column over the layers."""
+        ratio = min((r / d for r, d in self.rows.values()), default=None)
+        return {"shrinkage": dict(self.alpha),
+                "min_rows_per_column": None if ratio is None else round(ratio, 3)}
+
+    def warn(self, owner: str) -> None:
+        """Warn about the layers whose calibration rows are fewer than their inputs."""
+        few = {n: rd for n, rd in self.rows.items() if rd[0] < rd[1]}
+        if not few:
+            return
+        name, (rows, d) = min(few.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        shrunk_by = f"shrunk by {self.alpha[name]:.2f}" if self.alpha[name] > 0 \
+            else "not shrunk (shrinkage=0)"
+        warnings.warn(f"{owner}: {len(few)} layer(s) saw fewer calibration rows than inputs, "
+                      f"e.g. {name!r}: {rows} rows for {d} inputs; their input Hessians are "
+                      f"rank-deficient ({shrunk_by}) and the fit may follow the calibration "
+                      f"samples too closely. Give more calibration samples (at least "
+                      f"{-(-d * 4 // max(rows, 1))}x as many for that layer)", stacklevel=4)

@@ -42,12 +42,17 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def method_rows(extra: str) -> dict[str, list[Any]]:
-    """Row label -> recipe: the four methods, then any ``--extra`` candidates."""
+    """Row label -> recipe: the four methods as they were (``shrinkage=0``), SparseGPT and
+    GPTQ with the Hessian shrinkage chosen from the data (``shrinkage="auto"``, now the
+    default), then any ``--extra`` candidates."""
     rows: dict[str, list[Any]] = {
         "Wanda 50%": [npr.Wanda(sparsity=0.5)],
-        "SparseGPT 50%": [npr.SparseGPT(sparsity=0.5)],
+        "SparseGPT 50%": [npr.SparseGPT(sparsity=0.5, shrinkage=0)],
+        "SparseGPT 50% shrinkage auto": [npr.SparseGPT(sparsity=0.5, shrinkage="auto")],
         "RTN 4-bit g128": [npr.GPTQ(bits=4, group_size=128, rounding="nearest")],
-        "GPTQ 4-bit g128": [npr.GPTQ(bits=4, group_size=128)],
+        "GPTQ 4-bit g128": [npr.GPTQ(bits=4, group_size=128, shrinkage=0)],
+        "GPTQ 4-bit g128 shrinkage auto": [npr.GPTQ(bits=4, group_size=128,
+                                                   shrinkage="auto")],
     }
     rows.update(extra_rows(extra))
     return rows
@@ -55,7 +60,8 @@ def method_rows(extra: str) -> dict[str, list[Any]]:
 
 def extra_rows(spec: str) -> dict[str, list[Any]]:
     """Candidate rows from ``--extra``: comma-separated ``method:key=value[;key=value]``
-    with method ``sgpt`` or ``gptq`` (e.g. ``sgpt:damp=0.1,gptq:mode=plain``)."""
+    with method ``sgpt`` or ``gptq`` (e.g. ``sgpt:damp=0.1,gptq:mode=plain``); shrinkage
+    is 0 unless given."""
     out: dict[str, list[Any]] = {}
     for item in filter(None, spec.split(",")):
         method, _, kv = item.partition(":")
@@ -63,6 +69,7 @@ def extra_rows(spec: str) -> dict[str, list[Any]]:
         for pair in filter(None, kv.split(";")):
             k, _, v = pair.partition("=")
             kw[k] = _value(v)
+        kw.setdefault("shrinkage", 0)
         if method == "sgpt":
             out[f"SparseGPT 50% {kv}"] = [npr.SparseGPT(sparsity=0.5, **kw)]
         elif method == "gptq":
@@ -81,12 +88,14 @@ def _value(v: str) -> Any:
     return {"true": True, "false": False}.get(v, v)
 
 
-def _min_ratio(result: Any) -> float | None:
-    """The smallest calibration rows / input width over the step's layers, if reported."""
+def _fit_info(result: Any) -> dict[str, Any]:
+    """The smallest calibration rows / input width over the step's layers and the mean
+    shrinkage over them, where the step reports them."""
     steps = result.report.get("steps", [])
     rec = steps[-1] if steps else {}
-    ratio = rec.get("min_rows_per_column")
-    return None if ratio is None else round(float(ratio), 3)
+    alpha = rec.get("shrinkage") or {}
+    return {"min_rows_per_column": rec.get("min_rows_per_column"),
+            "mean_shrinkage": round(sum(alpha.values()) / len(alpha), 4) if alpha else None}
 
 
 def run_cifar(args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
@@ -129,7 +138,7 @@ def run_minilm(args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
 def _record(out: list[dict[str, Any]], args: argparse.Namespace, model: str, n: int,
             label: str, metric: str, score: float, t: Timer, res: Any) -> None:
     row = {"model": model, "calibration": n, "row": label, metric: round(score, 5),
-           "min_rows_per_column": _min_ratio(res), "seconds": round(t.seconds, 1)}
+           **_fit_info(res), "seconds": round(t.seconds, 1)}
     print(f"{model} n={n:4d} {label:40s} {metric} {score:.4f} {t.seconds:.0f}s", flush=True)
     out.append(row)
     _write(args, out)
@@ -149,7 +158,8 @@ def _pick(rows: dict[str, list[Any]], spec: str) -> dict[str, list[Any]]:
 def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     name = f"calibration_size_{args.part}" + (f"_{args.tag}" if args.tag else "")
     metric = "agreement" if args.part == "cifar" else "cosine"
-    cols = ["model", "calibration", "row", metric, "min_rows_per_column", "seconds"]
+    cols = ["model", "calibration", "row", metric, "min_rows_per_column", "mean_shrinkage",
+            "seconds"]
     table = markdown_table(cols, [[r.get(c, "") for c in cols] for r in results])
     write_json(RESULTS / f"{name}.json", {"args": vars(args), "cpu_flags": cpu_flags(),
                                           "torch": torch.__version__,

@@ -10,7 +10,6 @@ from torch import nn
 
 import netpress as npr
 from netpress.errors import RecipeError
-
 from netpress.reconstruct.gptq import gptq_quantize, rtn_quantize
 from netpress.reconstruct.shrinkage import shrink_, shrinkage_intensity, shrunk
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask

@@ -11,8 +11,10 @@ from torch import nn
 import netpress as npr
 from netpress.errors import RecipeError
 from netpress.reconstruct.gptq import gptq_quantize, rtn_quantize
-from netpress.reconstruct.shrinkage import shrink_, shrinkage_intensity, shrunk
+from netpress.reconstruct.lstsq import refit_target
+from netpress.reconstruct.shrinkage import Shrinker, shrink_, shrinkage_intensity, shrunk
 from netpress.reconstruct.sparsegpt import sparsegpt, wanda_mask
+from netpress.reconstruct.stats import LayerStats
 
 
 def _spd(d: int, seed: int) -> torch.Tensor:
@@ -182,3 +184,27 @@ def test_shrinkage_setting_is_checked_and_saved() -> None:
     cfg = npr.GPTQ(bits=4, shrinkage=0.25)
     assert npr.GPTQ.from_dict(cfg.to_dict()) == cfg
     assert npr.SparseGPT(sparsity=0.5).shrinkage == "auto"
+
+
+def test_shrinker_keeps_the_cross_difference_and_reports_each_layer() -> None:
+    """The cross term M becomes M - α·offdiag(H): M - H (what a refit to the original
+    outputs reads) is unchanged, so unchanged inputs (M = H) still refit to W itself."""
+    x = _rows(_spd(10, 12), 6, 13)
+    h = (x.T @ x / 6)[None]
+    m = h + 0.01 * torch.randn(1, 10, 10, generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64)
+    stats = LayerStats(h.clone(), torch.diagonal(h, dim1=1, dim2=2).clone(), m.clone(), 6)
+    shrinker = Shrinker("auto")
+    shrinker(["a", "b"], stats)
+    alpha = shrinkage_intensity(h[0], 6)
+    assert alpha > 0.2
+    assert torch.allclose(stats.hessian, shrunk(h, alpha), atol=1e-12)
+    assert torch.allclose(stats.cross - stats.hessian, m - h, atol=1e-12)
+    assert shrinker.summary() == {"shrinkage": {"a": round(alpha, 4), "b": round(alpha, 4)},
+                                  "min_rows_per_column": 0.6}
+    w = torch.randn(3, 10, dtype=torch.float64)
+    same = LayerStats(h.clone(), torch.diagonal(h, dim1=1, dim2=2).clone(), h.clone(), 6)
+    Shrinker(0.5)(["c"], same)
+    assert same.hessian is not None and same.cross is not None
+    assert torch.allclose(refit_target(w, same.hessian[0], same.cross[0], 0.01), w,
+                          atol=1e-10)

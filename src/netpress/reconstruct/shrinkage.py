@@ -80,9 +80,11 @@ _ROWS = 256
 class Shrinker:
     """Shrinks each layer's statistics before its fit (an engine ``prepare``) and keeps
     what it did for the report: ``setting`` is ``"auto"`` (:func:`shrinkage_intensity` per
-    layer and conv group) or a fixed ``α`` (0: nothing changes). The cross term with the
-    original model's inputs (square when the shapes match) is shrunk alike, so a layer
-    whose inputs did not change still refits to itself."""
+    layer and conv group) or a fixed ``α`` (0: nothing changes). The cross term ``M`` with
+    the original model's inputs (square when the shapes match) becomes ``M - α·offdiag(H)``:
+    ``M - H`` is unchanged, so a refit to the original outputs, ``W + W(M - H) H_α⁻¹``, is
+    the same from the cross term as from the residual statistic ``W(M - H)``, and a layer
+    whose inputs did not change refits to itself."""
 
     def __init__(self, setting: float | str) -> None:
         self.setting = setting
@@ -97,10 +99,14 @@ class Shrinker:
         for g in range(h.shape[0]):
             a = shrinkage_intensity(h[g], stats.samples) if self.setting == "auto" \
                 else float(self.setting)
-            shrink_(h[g], a)
             cross = stats.cross
-            if cross is not None and cross.shape[-2] == cross.shape[-1]:
-                shrink_(cross[g], a)
+            if a > 0 and cross is not None and cross.shape[-2] == cross.shape[-1]:
+                # M - α·offdiag(H): the difference M - H that a refit to the original
+                # outputs reads stays as it was (as the residual statistic W(M - H) does)
+                diag = torch.diagonal(h[g]).clone()
+                cross[g].add_(h[g], alpha=-a)
+                torch.diagonal(cross[g]).add_(diag, alpha=a)
+            shrink_(h[g], a)
             alphas.append(a)
         for n in names:
             self.alpha[n] = round(max(alphas), 4)

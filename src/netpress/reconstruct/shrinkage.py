@@ -75,6 +75,7 @@ def shrinkage_intensity(h: torch.Tensor, n: float) -> float:
 
 
 _ROWS = 256
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class Shrinker:
@@ -99,6 +100,9 @@ class Shrinker:
         for g in range(h.shape[0]):
             a = shrinkage_intensity(h[g], stats.samples) if self.setting == "auto" \
                 else float(self.setting)
+            if float(torch.diagonal(h[g]).mean()) < _TINY:
+                a = 0.0  # float32 sums of inputs squared below float32's range: left as
+                # they are, for the solver to refuse them naming the layer
             cross = stats.cross
             if a > 0 and cross is not None and cross.shape[-2] == cross.shape[-1]:
                 # M - α·offdiag(H): the difference M - H that a refit to the original

@@ -134,5 +134,6 @@ class Shrinker:
         warnings.warn(f"{owner}: {len(few)} layer(s) saw fewer calibration rows than inputs, "
                       f"e.g. {name!r}: {rows} rows for {d} inputs; their input Hessians are "
                       f"rank-deficient ({shrunk_by}) and the fit may follow the calibration "
-                      f"samples too closely. Give more calibration samples (at least "
-                      f"{-(-d * 4 // max(rows, 1))}x as many for that layer)", stacklevel=4)
+                      f"samples too closely. Give more calibration samples: "
+                      f"{-(-d * 4 // max(rows, 1))}x as many would give that layer 4 rows "
+                      "per input", stacklevel=4)

@@ -20,14 +20,15 @@ layer's input width): below 1 the layer's Hessian ``XᵀX`` is rank-deficient.
 **Layers** (``layers``): why, layer by layer. MiniLM's Linear layers (pooler left out),
 each on its *original* inputs (no sequential pass): the Hessian of N calibration
 sentences against that of 256 held-out sentences (those after the first 512). Per layer:
-calibration rows, width, numerical rank of H, the estimated shrinkage, and the relative
-output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` on the held-out Hessian of Wanda 50%, of
-SparseGPT 50% at shrinkage 0 (and its error on the calibration rows themselves), 0.1,
-0.3 and auto, of round to nearest and of GPTQ 4-bit g128 at shrinkage 0, 0.1 and auto.
+calibration rows, width, numerical rank of H (relative tolerance 1e-5), the estimated
+shrinkage, and the relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` on the held-out
+Hessian of: Wanda 50%; SparseGPT 50% at shrinkage 0 (also on the calibration rows
+themselves), 0.1, 0.3 and auto; round to nearest; GPTQ 4-bit g128 at shrinkage 0, 0.1
+and auto.
 
     python benchmarks/calibration_size.py cifar --data ../shared/data [--sizes 4,16,64]
     python benchmarks/calibration_size.py minilm [--sizes 4,16,64,256,512]
-    python benchmarks/calibration_size.py layers [--sizes 16,64,512]
+    python benchmarks/calibration_size.py layers [--sizes 4,16,64,512]
 """
 
 from __future__ import annotations
@@ -180,7 +181,9 @@ def _layer_errors(w: torch.Tensor, h: torch.Tensor, held: torch.Tensor,
                            / torch.einsum("rd,de,re->", w, hess, w)), 5)
 
     auto = shrinkage_intensity(h, rows)
-    out: dict[str, Any] = {"rank": int(torch.linalg.matrix_rank(h)), "auto": round(auto, 4),
+    # numerical rank at float32's resolution (the sums are of float32 products)
+    rank = int(torch.linalg.matrix_rank(h, rtol=1e-5))
+    out: dict[str, Any] = {"rank": rank, "auto": round(auto, 4),
                            "wanda": err(w * wanda_mask(w, torch.diagonal(h), sparsity=0.5))}
     for label, a in (("0", 0.0), ("0.1", 0.1), ("0.3", 0.3), ("auto", auto)):
         pruned = sparsegpt(w, shrunk(h, a), sparsity=0.5)[0]

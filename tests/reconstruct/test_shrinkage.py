@@ -208,3 +208,17 @@ def test_shrinker_keeps_the_cross_difference_and_reports_each_layer() -> None:
     assert same.hessian is not None and same.cross is not None
     assert torch.allclose(refit_target(w, same.hessian[0], same.cross[0], 0.01), w,
                           atol=1e-10)
+
+
+def test_refit_norms_segments_report_every_layer_shrinkage() -> None:
+    """SparseGPT with ``refit_norms`` fits segment by segment: the report still holds the
+    shrinkage of every layer and the fewest rows per input over all of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    x = torch.randn(24, 32)
+    res = npr.compress(model, [npr.SparseGPT(sparsity=0.5, refit_norms=True)],
+                       calibration=[(x, None)], measure=False)
+    step = res.report["steps"][-1]
+    assert set(step["shrinkage"]) == {"0", "2"}
+    assert all(0 < a <= 1 for a in step["shrinkage"].values())
+    assert step["min_rows_per_column"] == 0.75

@@ -18,6 +18,7 @@ from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import refit_target
 from netpress.reconstruct.modules import GroupQuantConv, GroupQuantLinear
 from netpress.reconstruct.obs import damped
+from netpress.reconstruct.shrinkage import Shrinker
 
 
 def _spd(d: int, seed: int) -> torch.Tensor:
@@ -104,7 +105,8 @@ def _float_pass(model: nn.Module, cfg: npr.GPTQ, data: list) -> dict[str, tuple]
         codes[name] = (torch.cat([r.codes for r in out]), torch.cat([r.scale for r in out]),
                        torch.cat([r.zero for r in out]))
 
-    run_sequential(work, model, list(cfg.selected(work)), data, solve)
+    run_sequential(work, model, list(cfg.selected(work)), data, solve,
+                   prepare=Shrinker(cfg.shrinkage))  # as the method shrinks each Hessian
     return codes
 
 

@@ -17,6 +17,7 @@ from netpress.context import Context
 from netpress.errors import ModelError, RecipeError
 from netpress.reconstruct.engine import MODES, Solve, run_sequential
 from netpress.reconstruct.layers import SUPPORTED_TYPES, LayerView, supported
+from netpress.reconstruct.shrinkage import Shrinker
 from netpress.select import check_patterns, select_names
 
 __all__ = ["LayerwiseSettings", "calibrate", "fitting_reference", "fitted_to",
@@ -30,14 +31,18 @@ class LayerwiseSettings(MethodConfig):
     ``mode`` picks where each layer's calibration inputs come from (``sequential``: the
     model compressed so far, fitted to the original model's outputs; ``sequential-local``;
     ``plain``: the original model); ``damp`` is the Hessian damping as a fraction of its
-    mean diagonal; ``blocksize`` the columns per lazy update; ``calibration_batches`` caps
-    the calibration batches used.
+    mean diagonal; ``shrinkage`` the share ``α`` by which each layer's input correlations
+    are shrunk toward zero, ``(1 - α) H + α diag(H)`` (:mod:`~netpress.reconstruct.shrinkage`;
+    ``"auto"``: the Ledoit-Wolf intensity from the Hessian and its calibration row count,
+    near 0 with plentiful data; 0: the sample Hessian as it is); ``blocksize`` the columns
+    per lazy update; ``calibration_batches`` caps the calibration batches used.
     """
 
     layers: tuple[str, ...] = ("re:.*",)
     ignore: tuple[str, ...] = ()
     mode: str = "sequential"
     damp: float = 0.01
+    shrinkage: float | str = "auto"
     blocksize: int = 128
     calibration_batches: int | None = None
 
@@ -49,6 +54,11 @@ class LayerwiseSettings(MethodConfig):
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or not math.isfinite(self.damp) or not 0 < self.damp <= 1:
             raise RecipeError(f"{name}: damp={self.damp!r} must lie in (0, 1]")
+        if self.shrinkage != "auto" and (
+                not isinstance(self.shrinkage, (int, float)) or isinstance(self.shrinkage, bool)
+                or not math.isfinite(self.shrinkage) or not 0 <= self.shrinkage <= 1):
+            raise RecipeError(f"{name}: shrinkage={self.shrinkage!r}; give 'auto' or a "
+                              "number in [0, 1] (0: no shrinkage)")
         _check_int(name, "blocksize", self.blocksize)
         if self.calibration_batches is not None:
             _check_int(name, "calibration_batches", self.calibration_batches)
@@ -81,8 +91,13 @@ def calibrate(model: nn.Module, cfg: LayerwiseSettings, ctx: Context, names: lis
     (:attr:`~netpress.reconstruct.engine.LayerStats.residual`)."""
     data = ctx.require("calibration", cfg.type_name())
     mode = "sequential-local" if cfg.mode == "sequential" and not fit_original else cfg.mode
+    shrinker = Shrinker(cfg.shrinkage) if full else None
     info = run_sequential(model, ctx.reference, names, data, solve, mode=mode, full=full,
-                          max_batches=cfg.calibration_batches, residual=residual)
+                          max_batches=cfg.calibration_batches, residual=residual,
+                          prepare=shrinker)
+    if shrinker is not None:
+        info.update(shrinker.summary())
+        shrinker.warn(cfg.type_name())
     unused = info["not_called"]
     if unused:  # the report lists them too; the total the user asked for is not reached
         more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""

@@ -47,7 +47,7 @@ from netpress.reconstruct._rendezvous import Aborted, Rendezvous
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.stats import Accumulator, LayerStats, Residual
 
-__all__ = ["MODES", "LayerStats", "Solve", "plan_groups", "collect_statistics",
+__all__ = ["MODES", "LayerStats", "Solve", "Prepare", "plan_groups", "collect_statistics",
            "run_sequential"]
 
 MODES = ("sequential", "sequential-local", "plain")
@@ -55,6 +55,10 @@ MODES = ("sequential", "sequential-local", "plain")
 
 #: ``solve(name, layer, stats)``: fit the layer and write its new weights back.
 Solve = Callable[[str, LayerView, LayerStats], None]
+
+#: ``prepare(names, stats)``: adjust the statistics of the layers ``names`` (one group that
+#: shares them, or one layer) in place, once, before any of them is fitted.
+Prepare = Callable[[list[str], LayerStats], None]
 
 
 class _Stop(Exception):
@@ -224,10 +228,12 @@ class _Pass:
 def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Module,
                   reference: nn.Module | None, solve: Solve, mode: str, full: bool,
                   state: _Pass, residual: bool = False,
-                  masks: Sequence[torch.Tensor | None] = (),
+                  masks: Sequence[torch.Tensor | None] = (), prepare: Prepare | None = None,
                   ) -> Callable[[int, list[tuple[int, Any]]], None]:
     """What runs when every forward pass has reached group ``k``: statistics, then fits.
-    ``masks``: each calibration batch's real tokens (:func:`token_mask`), or None."""
+    ``masks``: each calibration batch's real tokens (:func:`token_mask`), or None;
+    ``prepare`` runs once on each set of statistics (the group's shared one, or each
+    layer's) before the fits."""
     solved = state.solved
 
     def action(k: int, items: list[tuple[int, Any]]) -> None:
@@ -271,6 +277,8 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
                     if c is not None and o is not None:
                         r.add(views[n].columns(c), refs[n].columns(o))
         stats = acc[names[0]].stats() if shared else None
+        if stats is not None and prepare is not None:
+            prepare(list(names), stats)
         trim_heap()  # the statistics' float32 parts, before the fits' temporaries
         for i, n in enumerate(names):
             last = i == len(names) - 1
@@ -279,6 +287,8 @@ def _group_action(groups: list[list[str]], runners: list[_Runner], model: nn.Mod
             # once used frees that tensor (the cross term: 75 MB for a 3072-wide layer)
             own = acc.pop(n).stats() if stats is None \
                 else stats if last else replace(stats)
+            if stats is None and prepare is not None:
+                prepare([n], own)
             if last:
                 stats = None
             own.owned = stats is None  # no later fit of the group reads these tensors
@@ -311,9 +321,11 @@ def _solve_one(solve: Solve, name: str, view: LayerView, stats: LayerStats) -> N
 
 def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequence[str],
                    data: Data, solve: Solve, *, mode: str = "sequential", full: bool = True,
-                   max_batches: int | None = None, residual: bool = False) -> dict[str, Any]:
+                   max_batches: int | None = None, residual: bool = False,
+                   prepare: Prepare | None = None) -> dict[str, Any]:
     """Fit the layers ``names`` of ``model`` group by group in call order (see the module
-    docstring); ``solve`` writes each layer's new weights. Returns a summary.
+    docstring); ``solve`` writes each layer's new weights (after ``prepare``, when given,
+    has adjusted each set of statistics once). Returns a summary.
 
     Every calibration batch runs in its own thread (one per model that supplies inputs)
     and pauses at each group until all batches are there (:mod:`._rendezvous`): the model
@@ -351,7 +363,8 @@ def run_sequential(model: nn.Module, reference: nn.Module | None, names: Sequenc
     ahead_at = {k for k, g in enumerate(groups) if ahead and _outputs_narrower(model, g)}
     meet = Rendezvous(len(runners), len(groups),
                       _group_action(groups, runners, model, reference, solve, mode, full,
-                                    state, residual, [token_mask(x) for x in inputs]))
+                                    state, residual, [token_mask(x) for x in inputs],
+                                    prepare))
     local = threading.local()
     handles = []
     for m in {id(r.model): r.model for r in runners}.values():

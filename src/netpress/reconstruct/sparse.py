@@ -397,6 +397,10 @@ def _with_norms(model: nn.Module, cfg: SparseGPT, ctx: Context, names: list[str]
         if layers:
             part = calibrate(model, cfg, ctx, layers, solve, residual=not cfg.refit_bias)
             info["not_called"] += part["not_called"]
+            info.setdefault("shrinkage", {}).update(part.get("shrinkage", {}))
+            ratios = [r for r in (info.get("min_rows_per_column"),
+                                  part.get("min_rows_per_column")) if r is not None]
+            info["min_rows_per_column"] = min(ratios, default=None)
         info["norms_refit"] += len(refit_layer_norms(model, ref, data, names=norms,
                                                      max_batches=cfg.calibration_batches))
     return info

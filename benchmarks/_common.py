@@ -65,3 +65,13 @@ def cpu_flags() -> str:
 
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return " ".join(sorted(set(re.findall(r"\b(avx512_vnni|avx_vnni|avx2)\b", text))))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line ``key=value`` value: an int, a float, true/false, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)

@@ -41,7 +41,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timer, agreement, cpu_flags, data_dir, logits, markdown_table, write_json
+from _common import (
+    Timer,
+    agreement,
+    cpu_flags,
+    data_dir,
+    logits,
+    markdown_table,
+    parse_value,
+    write_json,
+)
 from _minilm_text import _embed, load_minilm, minilm_batches, sentences
 
 import netpress as npr
@@ -78,7 +87,7 @@ def extra_rows(spec: str) -> dict[str, list[Any]]:
         kw: dict[str, Any] = {}
         for pair in filter(None, kv.split(";")):
             k, _, v = pair.partition("=")
-            kw[k] = _value(v)
+            kw[k] = parse_value(v)
         kw.setdefault("shrinkage", 0)
         if method == "sgpt":
             out[f"SparseGPT 50% {kv}"] = [npr.SparseGPT(sparsity=0.5, **kw)]
@@ -87,15 +96,6 @@ def extra_rows(spec: str) -> dict[str, list[Any]]:
         else:
             raise SystemExit(f"--extra: unknown method {method!r} (sgpt or gptq)")
     return out
-
-
-def _value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v, v)
 
 
 def _fit_info(result: Any) -> dict[str, Any]:

@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timer, accuracy, agreement, cpu_flags, data_dir, logits, write_json
+from _common import (
+    Timer,
+    accuracy,
+    agreement,
+    cpu_flags,
+    data_dir,
+    logits,
+    parse_value,
+    write_json,
+)
 
 import netpress as npr
 from netpress import datasets as ds
@@ -134,7 +143,7 @@ def main() -> None:
     extra = dict(kv.split("=") for kv in args.extra.split(",") if kv)
     for name in args.recipes.split(","):
         kwargs, aug = RECIPES[name]
-        kwargs = {**kwargs, **{k: _value(v) for k, v in extra.items()}}
+        kwargs = {**kwargs, **{k: parse_value(v) for k, v in extra.items()}}
         for steps in [int(s) for s in args.steps.split(",")]:
             cfg = npr.Distill(max_steps=steps, **kwargs)
             train = Batches(x, y, args.batch, aug)
@@ -152,15 +161,6 @@ def main() -> None:
             write_json(RESULTS / f"recovery_{args.tag}.json",
                        {"args": vars(args), "cpu_flags": cpu_flags(),
                         "train_images": len(x), "results": results})
-
-
-def _value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def _reference(args: argparse.Namespace, source: dict[str, Any]) -> tuple[nn.Mod
     return model, f"{spec} (from report.json)"
 
 
-def _print_latency(paths: list[Path], x: torch.Tensor, args: argparse.Namespace,
+def _print_latency(paths: list[Path], x: Any, args: argparse.Namespace,
                    ref_label: str) -> None:
     from netpress.measure.deployed import onnx_latency
 

@@ -100,10 +100,12 @@ def test_tokenizer_without_padding_pads_with_end_of_sequence(tmp_path, tokenizer
 
 def _tiny_dir(tmp_path, tokenizer, kind: str):
     vocab = tokenizer.vocab_size
-    if kind == "encoder":
+    if kind in ("encoder", "classifier"):
         config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=64)
-        model = transformers.BertModel(config)
+                                         num_attention_heads=2, intermediate_size=64,
+                                         num_labels=3)
+        model = transformers.BertModel(config) if kind == "encoder" else \
+            transformers.BertForSequenceClassification(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2,
@@ -117,15 +119,18 @@ def _tiny_dir(tmp_path, tokenizer, kind: str):
 
 
 @pytest.mark.parametrize("kind, task, key", [("encoder", "sentence_embedding", "cosine_mean"),
-                                             ("decoder", "language_model", "kl_mean")])
+                                             ("decoder", "language_model", "kl_mean"),
+                                             ("classifier", "classification", "agreement")])
 def test_cli_compresses_and_exports_a_transformers_model_on_a_text_file(
         tmp_path, tokenizer, capsys, kind, task, key):
     pytest.importorskip("onnxruntime")
     from netpress.cli import main
 
     folder = _tiny_dir(tmp_path, tokenizer, kind)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(_lines(60)))
+    texts = tmp_path / ("texts.jsonl" if kind == "classifier" else "texts.txt")
+    texts.write_text("\n".join(json.dumps({"text": t, "label": i % 3}) for i, t in
+                               enumerate(_lines(60))) if kind == "classifier" else
+                     "\n".join(_lines(60)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - type: Wanda\n    sparsity: 0.5\n")
     out = tmp_path / "out"
@@ -137,6 +142,8 @@ def test_cli_compresses_and_exports_a_transformers_model_on_a_text_file(
     assert report["source"]["task"] == task.replace("_", "-")
     if kind == "encoder":  # 20% of the 60 texts held out
         assert report["fidelity"]["n"] == 12
+    if kind == "classifier":  # labelled texts: accuracy beside agreement
+        assert report["reference"]["accuracy"] is not None
     assert 0.0 < report["agreement"] <= 1.0
     capsys.readouterr()
     assert main(["export", str(out / "model.npress"), "--onnx", str(tmp_path / "m.onnx"),

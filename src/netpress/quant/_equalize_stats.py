@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from netpress._inputs import _tensors, call_model, primary_output
+from netpress._inputs import _tensors, call_model, primary_output, token_mask
 from netpress.errors import ModelError
 from netpress.quant._insert import drop_identities, insert_act_quant
 from netpress.quant.equalize import (
@@ -30,7 +30,7 @@ from netpress.quant.equalize import (
     optimal_factors,
 )
 from netpress.quant.modules import ActQuant
-from netpress.quant.observers import MinMaxObserver
+from netpress.quant.observers import MinMaxObserver, zero_padding
 
 __all__ = ["equalize"]
 
@@ -92,6 +92,26 @@ def _channel_units(gm: fx.GraphModule, node: fx.Node, rows: dict[str, torch.Tens
     return None
 
 
+def _read_by_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the first weighted layer reading ``node``'s tensor (through ops that keep its
+    layout) is a Linear: its channels are then the last dimension, also of a 3-D
+    token-major tensor. A path through ``flatten`` changes the layout: conv channels."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        user = frontier.pop(0)
+        if user in seen:
+            continue
+        seen.add(user)
+        module = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            return isinstance(module, nn.Linear)
+        flattens = isinstance(module, nn.Flatten) or (user.op == "call_method"
+                                                      and user.target == "flatten")
+        if _keeps_channels(gm, user) and not flattens:
+            frontier += list(user.users)
+    return False
+
+
 def _scratch(model: nn.Module, layers: Sequence[str]) -> tuple[fx.GraphModule, list[str]]:
     from netpress.export.graph import trace
 
@@ -114,12 +134,15 @@ def _signal(out: torch.Tensor, ref_top2: torch.Tensor | None, proj: torch.Tensor
 
 
 def _gather(gm: fx.GraphModule, aq_names: list[str], consumers: list[str],
-            batches: Sequence[Any]) -> tuple[dict[str, list[torch.Tensor]],
-                                             dict[str, list[torch.Tensor]], int]:
-    """Per quantizer ``[lo, hi, grad2]`` and per consumer ``[wmax, out_grad2, in_power]``."""
+            batches: Sequence[Any], channels_last: dict[str, bool] | None = None,
+            ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]], int]:
+    """Per quantizer ``[lo, hi, grad2]`` and per consumer ``[wmax, out_grad2, in_power]``;
+    ``channels_last`` names the quantizers whose tensors are read by a Linear directly
+    (channels in the last dimension, :func:`_read_by_linear`)."""
+    channels_last = channels_last or {}
     acts: dict[str, list[torch.Tensor]] = {}
     cons: dict[str, list[torch.Tensor]] = {}
-    live: list[tuple[str, str, torch.Tensor]] = []
+    live: list[tuple[str, str, torch.Tensor, bool]] = []
     called: set[str] = set()
     hooks = []
 
@@ -129,20 +152,23 @@ def _gather(gm: fx.GraphModule, aq_names: list[str], consumers: list[str],
             if isinstance(out, torch.Tensor) and out.requires_grad and name not in called:
                 called.add(name)
                 out.retain_grad()
-                live.append(("act", name, out))
+                live.append(("act", name, out, channels_last.get(name, False)))
         return hook
 
     def on_layer(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            x = args[0].detach()
+            x = zero_padding(args[0].detach(), keep[0])
+            conv = isinstance(m, nn.Conv2d)
             taps = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-            dims = [d for d in range(x.dim()) if d != (1 if x.dim() > 2 else x.dim() - 1)]
-            power = x.pow(2).mean(dims) * taps * x.shape[0]
+            # a Linear reads the last dimension whatever comes before it (tokens, ...)
+            dims = [d for d in range(x.dim()) if d != (1 if conv else x.dim() - 1)]
+            power = x.pow(2).mean(dims) * taps * x.shape[0]  # per input, mean over positions
             _add(cons, name, 2, power)
             out.retain_grad()
-            live.append(("layer", name, out))
+            live.append(("layer", name, out, not conv))
         return hook
 
+    keep: list[torch.Tensor | None] = [None]  # the batch's real tokens: padding is left out
     for n in aq_names:
         hooks.append(gm.get_submodule(n).register_forward_hook(on_act(n)))
     for n in consumers:
@@ -152,6 +178,7 @@ def _gather(gm: fx.GraphModule, aq_names: list[str], consumers: list[str],
         for i, inputs in enumerate(batches):
             live.clear()
             called.clear()
+            keep[0] = token_mask(inputs)
             x = inputs.detach().requires_grad_(True) if isinstance(inputs, torch.Tensor) \
                 else inputs
             out = primary_output(call_model(gm, x))  # logits of a dict / ModelOutput too
@@ -160,12 +187,12 @@ def _gather(gm: fx.GraphModule, aq_names: list[str], consumers: list[str],
                                  f"the model returned {out.dtype}; pass equalize=False")
             top2 = out.detach().topk(2, 1).indices if out.dim() == 2 and out.shape[1] > 1 \
                 else None
-            proj = None if top2 is not None else torch.randn(
-                out.shape, generator=torch.Generator().manual_seed(i), dtype=out.dtype)
+            proj = None if top2 is not None else zero_padding(torch.randn(
+                out.shape, generator=torch.Generator().manual_seed(i), dtype=out.dtype), keep[0])
             _signal(out, top2, proj).backward()
             count += out.shape[0]
-            for kind, name, t in live:
-                _note(acts if kind == "act" else cons, kind, name, t)
+            for kind, name, t, last in live:
+                _note(acts if kind == "act" else cons, kind, name, t, last, keep[0])
             gm.zero_grad(set_to_none=True)
     finally:
         for h in hooks:
@@ -178,9 +205,14 @@ def _add(table: dict[str, list[torch.Tensor]], name: str, slot: int, v: torch.Te
     entry[slot] = v if entry[slot].numel() == 0 else entry[slot] + v
 
 
-def _note(table: dict[str, list[torch.Tensor]], kind: str, name: str, t: torch.Tensor) -> None:
-    g2 = t.grad.pow(2) if t.grad is not None else torch.zeros_like(t)
-    cdim = 1 if t.dim() > 2 else t.dim() - 1
+def _note(table: dict[str, list[torch.Tensor]], kind: str, name: str, t: torch.Tensor,
+          channels_last: bool = False, keep: torch.Tensor | None = None) -> None:
+    """Add ``t``'s per-channel statistics; its channels are dimension 1 of a conv layout
+    (N × C × ...), the last one of a 2-D tensor or where ``channels_last`` (a Linear's
+    token-major input or output, N × T × C). Padding positions (``keep`` False) count as 0."""
+    g2 = zero_padding(t.grad.pow(2), keep) if t.grad is not None else torch.zeros_like(t)
+    t = zero_padding(t, keep)
+    cdim = t.dim() - 1 if channels_last or t.dim() <= 2 else 1
     dims = [d for d in range(t.dim()) if d != cdim]
     if kind == "layer":
         _add(table, name, 1, g2.sum(dims).double())
@@ -237,8 +269,9 @@ def equalize(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], *,
         if node.op == "call_module" and str(node.target) in aq_names:
             first.setdefault(str(node.target), node)
     consumers = [n for n in cols if n in set(layers)]
+    last = {name: _read_by_linear(gm, node) for name, node in first.items()}
     with torch.enable_grad():
-        acts, cons, count = _gather(gm, aq_names, consumers, batches)
+        acts, cons, count = _gather(gm, aq_names, consumers, batches, last)
     locations = []
     for name, (lo, hi, g2) in acts.items():
         unit = _channel_units(gm, first[name], rows, cols)

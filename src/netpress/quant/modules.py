@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netpress.export.modules import register_module_type
-from netpress.quant.observers import Observer
+from netpress.quant.observers import Observer, observed_rows
 from netpress.quant.primitives import (
     dequantize_affine,
     fake_quantize,
@@ -96,7 +96,7 @@ class ActQuant(nn.Module):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return x
         if self.observer is not None:
-            self.observer.update(x)
+            self.observer.update(observed_rows(x))
             self.saw_float = True
             return x
         qmin, qmax = self.qrange

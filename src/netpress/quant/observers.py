@@ -19,9 +19,14 @@ values) so memory stays bounded on large calibration sets.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 
+from netpress._inputs import real_tokens, token_mask
 from netpress.quant.primitives import choose_qparams, fake_quantize, minmax
 
 __all__ = [
@@ -36,7 +41,42 @@ __all__ = [
     "percentile_range",
     "mse_range",
     "entropy_range",
+    "calibration_batch",
+    "observed_rows",
+    "zero_padding",
 ]
+
+#: The real-token mask of the calibration batch being run (:func:`calibration_batch`).
+_REAL_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("netpress_real_tokens", default=None)
+
+
+@contextmanager
+def calibration_batch(inputs: Any) -> Iterator[None]:
+    """While one calibration batch runs: observers see only its real tokens
+    (:func:`observed_rows`). Padding positions are computed but never read by the model's
+    output, so their activations do not belong in a range (batches padded to a fixed length
+    can be mostly padding)."""
+    reset = _REAL_TOKENS.set(token_mask(inputs))
+    try:
+        yield
+    finally:
+        _REAL_TOKENS.reset(reset)
+
+
+def zero_padding(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the padding positions that ``keep`` (batch × tokens) marks False set to 0,
+    when ``x`` is token-major (batch × tokens × ...); else ``x``. Unlike
+    :func:`observed_rows` it keeps the shape, so per-sample sums stay per sample."""
+    if keep is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(keep.shape):
+        return x
+    return x * keep.to(x.device, x.dtype).reshape(*keep.shape, *([1] * (x.dim() - 2)))
+
+
+def observed_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without the padding positions of the calibration batch being run, when it is a
+    token-major activation of it (:func:`netpress._inputs.real_tokens`); else ``x``."""
+    keep = _REAL_TOKENS.get()
+    return x if keep is None else real_tokens(x, keep.to(x.device))
 
 QParams = tuple[torch.Tensor, torch.Tensor]
 

@@ -39,7 +39,13 @@ from netpress.quant._insert import (
 from netpress.quant.fold import fold_batchnorm
 from netpress.quant.input_grid import apply_input_grid
 from netpress.quant.modules import QUANT_LAYERS, ActQuant, QuantWeight, quantize_layer
-from netpress.quant.observers import OBSERVERS, make_observer, mse_range
+from netpress.quant.observers import (
+    OBSERVERS,
+    calibration_batch,
+    make_observer,
+    mse_range,
+    observed_rows,
+)
 from netpress.quant.primitives import (
     MAX_BITS,
     MIN_BITS,
@@ -228,7 +234,9 @@ def _calibrate(model: nn.Module, ctx: Context, limit: int | None) -> int:
                                                 name="calibration")):
             if limit is not None and i >= limit:
                 break
-            call_model(model, move_to(inputs, ctx.device))
+            inputs = move_to(inputs, ctx.device)
+            with calibration_batch(inputs):  # observers and bias sums skip padding tokens
+                call_model(model, inputs)
             seen += 1
     return seen
 
@@ -244,7 +252,7 @@ def _correct_biases(model: nn.Module, floats: Mapping[str, nn.Module], ctx: Cont
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name,
                  ref: nn.Module = ref) -> None:
-            delta = out - ref(args[0])
+            delta = observed_rows(out - ref(args[0]))
             cdim = 1 if isinstance(ref, nn.Conv2d) else delta.dim() - 1
             dims = [d for d in range(delta.dim()) if d != cdim]
             total = delta.sum(dims).double()

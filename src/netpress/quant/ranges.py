@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from netpress._inputs import call_model, primary_output
+from netpress._inputs import call_model, primary_output, token_mask
 from netpress.errors import ModelError
 from netpress.quant.modules import ActQuant
-from netpress.quant.observers import MinMaxObserver
+from netpress.quant.observers import MinMaxObserver, zero_padding
 from netpress.quant.primitives import choose_qparams, qrange
 
 __all__ = ["RATIOS", "candidate_costs", "choose_ranges"]
@@ -66,8 +66,9 @@ def candidate_costs(x: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor, hi: t
     return out
 
 
-def _signal(out: torch.Tensor, seed: int) -> torch.Tensor:
-    """The scalar whose per-sample gradients weigh the errors (see the module docstring)."""
+def _signal(out: torch.Tensor, seed: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar whose per-sample gradients weigh the errors (see the module docstring);
+    per-token outputs count at the real tokens ``keep`` marks only."""
     if out.dim() == 2 and out.shape[1] > 1:
         top2 = out.detach().topk(2, 1)
         margin = top2.values[:, 0] - top2.values[:, 1]
@@ -76,7 +77,7 @@ def _signal(out: torch.Tensor, seed: int) -> torch.Tensor:
         return (signal.squeeze(1) / margin.clamp_min(floor)).sum()
     proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
                        dtype=out.dtype)
-    return (out * proj).sum()
+    return (out * zero_padding(proj, keep)).sum()
 
 
 def _taps(gm: fx.GraphModule, names: Sequence[str],
@@ -113,14 +114,16 @@ def _costs(gm: fx.GraphModule, names: Sequence[str], batches: Sequence[Any],
             if not out.is_floating_point():
                 raise ModelError(f"Quantize: range_search needs a float output to follow, "
                                  f"the model returned {out.dtype}; pass range_search=False")
-            _signal(out, i).backward()
+            keep = token_mask(inputs)  # padding tokens neither weigh nor are weighed
+            _signal(out, i, keep).backward()
             for name, t in live:
                 aq = quants[name]
                 assert isinstance(aq, ActQuant)
                 if t.grad is None:
                     continue
                 lo, hi = _range(aq)
-                c = candidate_costs(t, t.grad, lo, hi, aq.bits, symmetric=aq.symmetric)
+                c = candidate_costs(zero_padding(t, keep), zero_padding(t.grad, keep), lo, hi,
+                                    aq.bits, symmetric=aq.symmetric)
                 totals[name] = totals[name] + c if name in totals else c
             gm.zero_grad(set_to_none=True)
     finally:

@@ -161,3 +161,18 @@ def test_classification_task_name_keeps_the_classification_search() -> None:
         [t["outcome"]["constraints"] for t in named.trials]
     with pytest.raises(RecipeError, match="classification task.*cosine_mean"):
         search(model, space, constraints=["cosine>=0.9"], trials=1, evaluate=data)
+
+
+def test_sensitivity_probes_read_text_batches_per_token(tokenizer, data) -> None:
+    from netpress.search.sensitivity import group_sensitivity, prune_weight
+
+    model = _model(tokenizer, "encoder")
+    space = _space(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = group_sensitivity(model, [data[0][0]], space.groups, [0.0, 0.1, 0.5],
+                              prune_weight)
+    for g in space.groups:  # hidden states [8, T, 32]: error grows, agreement per token row
+        errors = [table[g][s]["error"] for s in ("0.0", "0.1", "0.5")]
+        assert errors[0] == 0.0 and 0.0 < errors[1] < errors[2]
+        assert table[g]["0.0"]["agreement"] == 1.0 > table[g]["0.5"]["agreement"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

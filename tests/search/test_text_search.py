@@ -176,3 +176,23 @@ def test_sensitivity_probes_read_text_batches_per_token(tokenizer, data) -> None
         assert errors[0] == 0.0 and 0.0 < errors[1] < errors[2]
         assert table[g]["0.0"]["agreement"] == 1.0 > table[g]["0.5"]["agreement"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_language_model_scores_match_compare_models_with_or_without_the_logit_cache(
+        tokenizer, data) -> None:
+    from netpress.measure.text import LanguageModelTask
+    from netpress.search.text_scoring import TextScorer
+
+    model = _model(tokenizer, "decoder")
+    space = _space(model, 0.5)
+    compressed = Evaluator(model, objective=Params(), constraints=[], evaluate=data,
+                           task="language-model").compress(space.build(_both(space, 0.1)))
+    task = LanguageModelTask()
+    want, n, _ = task.compare_models(model, compressed, data)
+    for cache in (0, 2**30):  # reference re-run per batch, or its logits kept
+        got = TextScorer(task, data, cache_bytes=cache).score(model, compressed, [],
+                                                               early_stop=True)
+        assert got.n_evaluated == n == 40 and not got.early_stopped
+        for key in ("agreement", "perplexity_ratio", "kl_mean", "tokens"):
+            assert got.metrics[key] == pytest.approx(want[key], rel=1e-6)
+    assert 0.3 < want["agreement"] < 0.95

@@ -161,6 +161,14 @@ def test_classification_task_name_keeps_the_classification_search() -> None:
         [t["outcome"]["constraints"] for t in named.trials]
     with pytest.raises(RecipeError, match="classification task.*cosine_mean"):
         search(model, space, constraints=["cosine>=0.9"], trials=1, evaluate=data)
+    # another task (row cosines of the logits) reads its own agreement, without early stops
+    rows = search(model, space, task="embedding:0.999", **kw)
+    assert rows.task == "embedding"
+    for t in rows.trials:
+        o = t["outcome"]
+        assert o["n_evaluated"] == 400 and not o["early_stopped"] and o["error"] is None
+        assert 0.0 <= o["metrics"]["agreement"] <= 1.0 and "cosine_mean" in o["metrics"]
+        assert o["feasible"] == (o["metrics"]["agreement"] >= 0.9)
 
 
 def test_sensitivity_probes_read_text_batches_per_token(tokenizer, data) -> None:

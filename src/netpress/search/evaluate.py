@@ -43,7 +43,7 @@ from netpress.measure.constraints import Constraint, ConstraintResult, check_all
 from netpress.measure.fidelity import classification_fidelity
 from netpress.measure.tasks import Task, as_task
 from netpress.search.objectives import Objective
-from netpress.search.text_scoring import TextScorer, is_text_task, task_report
+from netpress.search.text_scoring import TextScore, TextScorer, is_text_task, task_report
 
 __all__ = ["Evaluator", "TrialOutcome", "optimistic_report", "report_from_metrics",
            "with_recovery"]
@@ -256,14 +256,14 @@ class Evaluator:
         if self.scorer is not None:
             score = self.scorer.score(self.model, model, self.constraints,
                                       early_stop=early_stop)
-            m, n, stopped = score.metrics, score.n_evaluated, score.early_stopped
-        else:
+        else:  # a task without batch-by-batch scoring: every output, no early stop
             ref = self.reference_outputs()
             cmp = torch.cat([self._outputs(model, x) for x in self.inputs])
-            m, n, stopped = self.task.compare(ref, cmp, self.labels), int(cmp.shape[0]), False
+            score = TextScore(self.task.compare(ref, cmp, self.labels), int(cmp.shape[0]))
+        m, n, stopped = score.metrics, score.n_evaluated, score.early_stopped
         metrics: dict[str, Any] = {**self.task.headline(m), **{
             k: m[k] for k in ("agreement", "cosine_mean", "perplexity_ratio") if k in m}}
-        if stopped and self.scorer is not None:
+        if score.optimistic is not None:
             metrics["optimistic"] = score.optimistic
         return TrialOutcome(objective=value, early_stopped=stopped, n_evaluated=n,
                             constraints=check_all(self.constraints, task_report(m)),

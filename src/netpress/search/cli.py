@@ -31,7 +31,8 @@ def _epilog() -> str:
         "agreement (language-model) or retrieval agreement (sentence-embedding)",
         "SPACE: per-layer, grouped (by top-level block), global, or a recipe file with "
         "{range: [lo, hi]} / {choice: [...]} values",
-        "MODEL: a built-in name (see `netpress models`), a .npress file, or "
+        "MODEL: a built-in name (see `netpress models`), a .npress file, hf:DIR (a local "
+        "transformers directory), or "
         "package.module:factory (imported from the current directory first)",
         "DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR, text:FILE (one text a "
         "line, tokenized with --tokenizer or the --model hf:DIR tokenizer; 20% held out to "

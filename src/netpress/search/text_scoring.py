@@ -101,10 +101,11 @@ class TextScore:
 def _valid_positions(inputs: Any, labels: Any) -> int:
     """How many next-token positions of a language-model batch are scored (the count of
     :func:`~netpress.measure.text.next_token_sums`), from the inputs alone."""
-    ids = labels if isinstance(labels, torch.Tensor) and labels.dim() == 2 else (
-        inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs)
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise DataError("a language-model batch needs input_ids [batch, time]")
+    if isinstance(labels, torch.Tensor) and labels.shape == ids.shape:
+        ids = labels  # token labels of the logits' shape are the targets (as _tokens)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     valid = real[:, :-1] & real[:, 1:] & (ids[:, 1:] >= 0)

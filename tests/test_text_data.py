@@ -177,10 +177,30 @@ def test_text_task_names():
     assert as_task("sentence-embedding:cls").pooling == "cls"
 
 
-def test_search_refuses_text_data_with_the_reason(tmp_path, capsys):
+@pytest.mark.parametrize("kind, task, constraint", [
+    ("encoder", "sentence_embedding", "cosine>=0.5"),
+    ("decoder", "language_model", "perplexity_ratio<=1.5")])
+def test_search_runs_on_text_data_with_the_text_task(tmp_path, tokenizer, capsys, kind, task,
+                                                     constraint):
     from netpress.cli import main
 
-    (tmp_path / "t.txt").write_text("a\nb\n")
-    assert main(["search", "--model", "digits_cnn", "--data", f"text:{tmp_path / 't.txt'}",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert "agreement of classifiers" in capsys.readouterr().err
+    folder = _tiny_dir(tmp_path, tokenizer, kind)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(_lines(60)))
+    out = tmp_path / "out"
+    assert main(["search", "--model", f"hf:{folder}", "--data", f"text:{texts}",
+                 "--constraint", constraint, "--space", "global", "--sparsity", "0.0:0.5:0.1",
+                 "--bits", "", "--objective", "params", "--trials", "3", "--strategy", "random",
+                 "--batch-size", "8", "--max-length", "16", "--eval-limit", "8",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored by the {task.replace('_', '-')} task" in printed
+    found = json.loads((out / "search.json").read_text())
+    assert found["task"] == task and found["constraints"] == [constraint]
+    trials = [t["outcome"] for t in found["trials"]]
+    assert len(trials) == 3 and all(t["error"] is None for t in trials)
+    assert all(0 < t["n_evaluated"] <= 12 for t in trials)  # the first batch of 8, or more
+    key = "cosine" if kind == "encoder" else "perplexity_ratio"
+    assert all(t["constraints"][0]["name"] == key for t in trials)
+    assert found["final"]["n_evaluated"] == 12  # verified on all 20% held-out texts
+    assert found["final"]["verified"] is True

@@ -19,6 +19,8 @@ __all__ = [
     "MinAgreement",
     "MaxAccuracyDrop",
     "MaxClassAgreementDrop",
+    "MinCosine",
+    "MaxPerplexityRatio",
     "check_all",
 ]
 
@@ -104,6 +106,53 @@ class MaxClassAgreementDrop:
         drop = 1.0 - worst
         return ConstraintResult("class_agreement_drop", drop <= self.value, drop, self.value,
                                 self.value - drop)
+
+
+def _task_metric(report: Mapping[str, Any], key: str, form: str, task: str) -> float:
+    """``report["fidelity"][key]``, or a clear error naming the task that gives it."""
+    fidelity = report.get("fidelity")
+    value = fidelity.get(key) if isinstance(fidelity, Mapping) else None
+    if value is None:
+        raise DataError(f"constraint {form}: the measured metrics have no {key}; it is "
+                        f"measured by the {task} task (give task={task!r} / --task {task}) "
+                        f"or use agreement>=X")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MinCosine:
+    """The mean cosine similarity of the compressed model's sentence embeddings to the
+    reference's must be at least ``value`` (a sentence-embedding task's ``cosine_mean``)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.value <= 1.0:
+            raise RecipeError(f"MinCosine: the bound {self.value!r} must lie in [-1, 1]")
+
+    def check(self, report: Mapping[str, Any]) -> ConstraintResult:
+        got = _task_metric(report, "cosine_mean", f"cosine>={self.value:g}",
+                           "sentence-embedding")
+        return ConstraintResult("cosine", got >= self.value, got, self.value, got - self.value)
+
+
+@dataclass(frozen=True)
+class MaxPerplexityRatio:
+    """Compressed over reference perplexity on the evaluation text must be at most ``value``
+    (e.g. 1.05: at most 5% worse; a language-model task's ``perplexity_ratio``)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not 1.0 <= self.value < float("inf"):
+            raise RecipeError(f"MaxPerplexityRatio: the bound {self.value!r} must be a finite "
+                              f"ratio >= 1 (1.05: perplexity at most 5% above the reference's)")
+
+    def check(self, report: Mapping[str, Any]) -> ConstraintResult:
+        got = _task_metric(report, "perplexity_ratio", f"perplexity_ratio<={self.value:g}",
+                           "language-model")
+        return ConstraintResult("perplexity_ratio", got <= self.value, got, self.value,
+                                self.value - got)
 
 
 def check_all(constraints: list[Constraint] | tuple[Constraint, ...],

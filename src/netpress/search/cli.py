@@ -25,12 +25,18 @@ def _epilog() -> str:
     from netpress._cli_specs import DATA_FORM
 
     paragraphs = (
-        "CONSTRAINT: agreement>=X, accuracy_drop<=X, class_agreement>=X",
+        "CONSTRAINT: agreement>=X, accuracy_drop<=X, class_agreement>=X; for text: "
+        "cosine>=X (sentence-embedding: mean cosine of the embeddings), perplexity_ratio<=X "
+        "(language-model: compressed / reference perplexity); agreement is next-token "
+        "agreement (language-model) or retrieval agreement (sentence-embedding)",
         "SPACE: per-layer, grouped (by top-level block), global, or a recipe file with "
         "{range: [lo, hi]} / {choice: [...]} values",
-        "MODEL: a built-in name (see `netpress models`), a .npress file, or "
+        "MODEL: a built-in name (see `netpress models`), a .npress file, hf:DIR (a local "
+        "transformers directory), or "
         "package.module:factory (imported from the current directory first)",
-        "DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR, or package.module:factory "
+        "DATA: digits, cifar10:DIR, mnist:DIR, fashion-mnist:DIR, text:FILE (one text a "
+        "line, tokenized with --tokenizer or the --model hf:DIR tokenizer; 20% held out to "
+        "score the trials), or package.module:factory "
         f"returning {DATA_FORM}")
     body = "\n".join(textwrap.fill(p, width=79, subsequent_indent="  ") for p in paragraphs)
     return f"example:\n  {EXAMPLE}\n{body}"
@@ -45,6 +51,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="MODEL")
     s.add_argument("--weights", help="state dict to load into MODEL")
     s.add_argument("--data", required=True, metavar="DATA")
+    s.add_argument("--task", default=None, help="what the trials measure: classification, "
+                   "language-model, sentence-embedding, sentence-embedding:cls (default: "
+                   "chosen from the model and data as in `netpress compress`)")
+    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --data "
+                   "text:FILE (default: the --model hf:DIR directory)")
+    s.add_argument("--max-length", type=int, default=128,
+                   help="--data text:FILE: tokens per text at most (default 128)")
     s.add_argument("--objective", default="size",
                    choices=("size", "macs", "sparse_macs", "params", "latency", "latency_onnx"))
     s.add_argument("--constraint", action="append", default=[], metavar="CONSTRAINT",
@@ -58,7 +71,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(empty: no pruning)")
     s.add_argument("--bits", default="4,8", help="weight bit widths to choose from (empty: "
                    "no quantization)")
-    s.add_argument("--eval-limit", type=int, default=1000, help="inputs per trial (the proxy)")
+    s.add_argument("--eval-limit", type=int, default=1000, help="inputs (texts) per trial "
+                   "(the proxy)")
     s.add_argument("--recovery-steps", type=int, default=0, help="distillation steps per trial")
     s.add_argument("--final-recovery-steps", type=int, default=0,
                    help="distillation steps for the best configuration")
@@ -140,33 +154,50 @@ def _head(data: Any, limit: int, batch_size: int) -> list[Any]:
             for i in range(0, len(x_all), batch_size)]
 
 
+def _batch_head(data: Any, limit: int) -> list[Any]:
+    """The first batches of ``data`` holding at least ``limit`` inputs, as they are (text
+    batches of different lengths are not re-cut)."""
+    from netpress._inputs import batch_size_of
+    from netpress.data import batches
+
+    out, n = [], 0
+    for x, y in batches(data, name="evaluate"):
+        out.append((x, y))
+        n += batch_size_of(x)
+        if n >= limit:
+            break
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``netpress search`` with parsed ``args``; writes the results into ``--out``."""
-    from netpress._cli_specs import resolve_data, resolve_model
+    from netpress._cli_specs import resolve_data, resolve_model, resolve_task
     from netpress.recover.methods import Distill
     from netpress.search.runner import search
 
-    if args.data.startswith("text:"):
-        raise DataError(f"--data {args.data!r}: netpress search scores trials by the top-1 "
-                        f"agreement of classifiers' outputs, which text encoders and language "
-                        f"models do not give; compress them with `netpress compress` (text "
-                        f"tasks) and a recipe instead")
     print(f"search: loading the model {args.model} and the data {args.data} …", flush=True)
     model = resolve_model(args.model, args.weights)
-    data = resolve_data(args.data, batch_size=args.batch_size, seed=args.seed)
+    data = resolve_data(args.data, batch_size=args.batch_size, seed=args.seed,
+                        model_spec=args.model, tokenizer=args.tokenizer,
+                        max_length=args.max_length)
     if data.get("evaluate") is None:
         raise DataError(f"--data {args.data!r} gives no evaluation data to score trials on")
+    task = resolve_task(args.task, model, data)
+    if task != "classification":
+        print(f"search: trials scored by the {task} task", flush=True)
     space = build_space(args, model)
     recovery = Distill(max_steps=args.recovery_steps) if args.recovery_steps else None
     final = Distill(max_steps=args.final_recovery_steps) if args.final_recovery_steps else None
     if (recovery or final) and data.get("train") is None:
         raise DataError("--recovery-steps/--final-recovery-steps need training data in --data")
     args.out.mkdir(parents=True, exist_ok=True)
+    text = task != "classification" or args.data.startswith("text:")
+    head = _batch_head(data["evaluate"], args.eval_limit) if text else _head(
+        data["evaluate"], args.eval_limit, args.batch_size)
     result = search(
         model, space, objective=args.objective,
         constraints=args.constraint or ["agreement>=0.99"], trials=args.trials,
-        strategy=args.strategy, evaluate=_head(data["evaluate"], args.eval_limit,
-                                               args.batch_size),
+        strategy=args.strategy, evaluate=head, task=task,
         verify=data["evaluate"], calibration=data.get("calibration"), train=data.get("train"),
         recovery=recovery, final_recovery=final, seed=args.seed,
         journal=args.journal or args.out / "journal.log", ray_address=args.ray_address,

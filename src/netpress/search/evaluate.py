@@ -13,6 +13,13 @@ picklable, so the Ray backend ships it to workers once. A trial is:
    certainly infeasible on this data and stops (``early_stopped``). No feasible trial is
    ever stopped. A stopped trial records the constraint values measured on the inputs it
    saw (an unbiased estimate, violated too), which is what the samplers learn from.
+
+With a ``task`` (:func:`netpress.measure.tasks.as_task`), the trials are scored by that
+task instead of classification: the text tasks (``language-model``,
+``sentence-embedding``) batch by batch on the evaluation batches as given, with their own
+optimistic bounds (:mod:`netpress.search.text_scoring`); other tasks (``embedding``, a
+function) on the concatenated outputs, without early stopping. The constraints read the
+task's metrics (``agreement``, and ``cosine`` / ``perplexity_ratio`` for text).
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from netpress.errors import DataError, NetpressError
 from netpress.measure.collect import outputs_on
 from netpress.measure.constraints import Constraint, ConstraintResult, check_all
 from netpress.measure.fidelity import classification_fidelity
+from netpress.measure.tasks import Task, as_task
 from netpress.search.objectives import Objective
+from netpress.search.text_scoring import TextScore, TextScorer, is_text_task, task_report
 
 __all__ = ["Evaluator", "TrialOutcome", "optimistic_report", "report_from_metrics",
            "with_recovery"]
@@ -133,6 +142,8 @@ class Evaluator:
     ``evaluate`` is labelled data (labels may be ``None`` for agreement-only constraints),
     re-chunked into ``chunk`` rows so that hopeless trials stop after the first chunk.
     ``recovery`` (e.g. ``FineTune(max_steps=20)``) is appended to every trial's recipe.
+    ``task`` (a :class:`~netpress.measure.tasks.Task` or its name; ``None``: classification)
+    decides what the trials measure (see the module docs); text batches are kept as given.
     """
 
     def __init__(self, model: nn.Module, *, objective: Objective,
@@ -140,11 +151,20 @@ class Evaluator:
                  calibration: Data | None = None, train: Data | None = None,
                  recovery: MethodConfig | None = None, example_inputs: Any = None,
                  chunk: int = 100, early_stop: bool = True, seed: int = 0,
-                 threads: int = 1) -> None:
+                 threads: int = 1, task: Task | str | None = None) -> None:
         self.model = model.eval()
         self.objective = objective
         self.constraints = list(constraints)
-        self.inputs, self.labels = _chunks(evaluate, chunk)
+        self.task: Task | None = None if task is None else as_task(task)
+        if self.task is not None and self.task.name == "classification":
+            self.task = None  # the classification path below, with its early stop
+        self.scorer: TextScorer | None = None
+        if self.task is not None and is_text_task(self.task):
+            pairs = list(batches(evaluate, name="evaluate"))
+            self.scorer = TextScorer(self.task, pairs)
+            self.inputs, self.labels = [x for x, _ in pairs], None
+        else:
+            self.inputs, self.labels = _chunks(evaluate, chunk)
         self.calibration, self.train, self.recovery = calibration, train, recovery
         self.example_inputs = example_inputs if example_inputs is not None else take_batch(
             self.inputs[0], 1)
@@ -153,6 +173,18 @@ class Evaluator:
 
     def _outputs(self, model: nn.Module, x: Any) -> torch.Tensor:
         return outputs_on(model, [x])
+
+    @property
+    def task_name(self) -> str:
+        """The task the trials are scored by (``"classification"`` by default)."""
+        return "classification" if self.task is None else str(self.task.name)
+
+    def prepare(self) -> None:
+        """Run the reference model once on the evaluation data (before the first trial)."""
+        if self.scorer is not None:
+            self.scorer.prepare(self.model)
+        else:
+            self.reference_outputs()
 
     def reference_outputs(self) -> torch.Tensor:
         """The reference model's outputs on the evaluation inputs (computed once)."""
@@ -184,6 +216,8 @@ class Evaluator:
 
     def _run(self, recipe: Recipe, recovery: MethodConfig | None, early_stop: bool,
              started: float) -> TrialOutcome:
+        if self.task is not None:
+            return self._run_task(recipe, recovery, early_stop, started)
         ref = self.reference_outputs()
         ref_pred = ref.argmax(-1)
         model = self.compress(recipe, recovery=recovery)
@@ -210,6 +244,30 @@ class Evaluator:
         results = check_all(self.constraints, report_from_metrics(m))
         return TrialOutcome(objective=value, constraints=results, n_evaluated=int(cmp.shape[0]),
                             metrics=_headline(m), seconds=time.perf_counter() - started)
+
+
+    def _run_task(self, recipe: Recipe, recovery: MethodConfig | None, early_stop: bool,
+                  started: float) -> TrialOutcome:
+        """A trial scored by ``self.task`` (text tasks batch by batch, see the module docs)."""
+        assert self.task is not None
+        model = self.compress(recipe, recovery=recovery)
+        value = self.objective.measure(model, with_recovery(recipe, recovery),
+                                       self.example_inputs)
+        if self.scorer is not None:
+            score = self.scorer.score(self.model, model, self.constraints,
+                                      early_stop=early_stop)
+        else:  # a task without batch-by-batch scoring: every output, no early stop
+            ref = self.reference_outputs()
+            cmp = torch.cat([self._outputs(model, x) for x in self.inputs])
+            score = TextScore(self.task.compare(ref, cmp, self.labels), int(cmp.shape[0]))
+        m, n, stopped = score.metrics, score.n_evaluated, score.early_stopped
+        metrics: dict[str, Any] = {**self.task.headline(m), **{
+            k: m[k] for k in ("agreement", "cosine_mean", "perplexity_ratio") if k in m}}
+        if score.optimistic is not None:
+            metrics["optimistic"] = score.optimistic
+        return TrialOutcome(objective=value, early_stopped=stopped, n_evaluated=n,
+                            constraints=check_all(self.constraints, task_report(m)),
+                            metrics=metrics, seconds=time.perf_counter() - started)
 
 
 def _headline(m: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ An objective is a small frozen dataclass with ``name``, ``unit`` and
   fixed thread count and batch size.
 
 :func:`parse_constraint` turns ``"agreement>=0.99"``, ``"accuracy_drop<=0.01"`` or
-``"class_agreement>=0.9"`` into the fidelity constraints of :mod:`netpress.measure.constraints`.
+``"class_agreement>=0.9"``, and for text tasks ``"cosine>=0.95"`` (sentence embeddings) or
+``"perplexity_ratio<=1.05"`` (language models), into the fidelity constraints of
+:mod:`netpress.measure.constraints`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from netpress.measure.constraints import (
     Constraint,
     MaxAccuracyDrop,
     MaxClassAgreementDrop,
+    MaxPerplexityRatio,
     MinAgreement,
+    MinCosine,
 )
 
 __all__ = ["Objective", "Size", "Macs", "Params", "Latency", "get_objective", "OBJECTIVES",
@@ -152,7 +156,8 @@ _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=)\s*([0-9.eE+-]+)\s*(%?)\s*$")
 
 def parse_constraint(text: str) -> Constraint:
     """``"agreement>=0.99"``, ``"accuracy_drop<=0.01"`` (or ``<=1%``),
-    ``"class_agreement>=0.9"`` / ``"class_agreement_drop<=0.1"`` -> a constraint object."""
+    ``"class_agreement>=0.9"`` / ``"class_agreement_drop<=0.1"``, ``"cosine>=0.95"``,
+    ``"perplexity_ratio<=1.05"`` -> a constraint object."""
     m = _CONSTRAINT.match(text)
     if not m:
         raise RecipeError(f"constraint {text!r}: write e.g. 'agreement>=0.99', "
@@ -165,11 +170,15 @@ def parse_constraint(text: str) -> Constraint:
         ("class_agreement", ">="): lambda v: MaxClassAgreementDrop(round(1.0 - v, 12)),
         ("worst_class_agreement", ">="): lambda v: MaxClassAgreementDrop(round(1.0 - v, 12)),
         ("class_agreement_drop", "<="): lambda v: MaxClassAgreementDrop(v),
+        ("cosine", ">="): lambda v: MinCosine(v),
+        ("perplexity_ratio", "<="): lambda v: MaxPerplexityRatio(v),
     }
     make = forms.get((metric, op))
     if make is None:
         raise RecipeError(f"constraint {text!r}: known forms are agreement>=X, "
-                          f"accuracy_drop<=X, class_agreement>=X, class_agreement_drop<=X")
+                          f"accuracy_drop<=X, class_agreement>=X, class_agreement_drop<=X, "
+                          f"cosine>=X (sentence embeddings), perplexity_ratio<=X (language "
+                          f"models)")
     return make(value)  # type: ignore[no-any-return]
 
 
@@ -181,4 +190,8 @@ def constraint_label(c: Constraint) -> str:
         return f"accuracy_drop<={c.value:g}"
     if isinstance(c, MaxClassAgreementDrop):
         return f"class_agreement_drop<={c.value:g}"
+    if isinstance(c, MinCosine):
+        return f"cosine>={c.value:g}"
+    if isinstance(c, MaxPerplexityRatio):
+        return f"perplexity_ratio<={c.value:g}"
     return repr(c)

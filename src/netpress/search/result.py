@@ -63,6 +63,7 @@ class SearchResult:
     best_recipe: Recipe | None = None
     final: dict[str, Any] | None = None
     sensitivity: dict[str, Any] | None = field(default=None, repr=False)
+    task: str = "classification"
 
     @property
     def best_trial(self) -> dict[str, Any] | None:
@@ -86,7 +87,8 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         best = self.best_trial
         return {"objective": self.objective, "unit": self.unit,
-                "constraints": self.constraints, "strategy": self.strategy, "seed": self.seed,
+                "constraints": self.constraints, "task": self.task, "strategy": self.strategy,
+                "seed": self.seed,
                 "seconds": round(self.seconds, 3), "best_trial": None if best is None
                 else best["number"], "best_value": self.best_value,
                 "best_recipe": None if self.best_recipe is None else self.best_recipe.to_dict(),

@@ -29,10 +29,13 @@ from netpress.search.objectives import Objective, constraint_label, get_objectiv
 from netpress.search.result import SearchResult, trial_record
 from netpress.search.space import Choice, Domain, Range, Space, space_fingerprint
 from netpress.search.strategies import Strategy, StrategyContext, make_strategy, needs_table
+from netpress.search.text_scoring import check_constraints_fit
 
 if TYPE_CHECKING:
     import optuna
     from torch import nn
+
+    from netpress.measure.tasks import Task
 
 __all__ = ["search", "to_distribution", "open_study", "finished_trials"]
 
@@ -181,6 +184,7 @@ def search(
     sensitivity_batches: int = 1,
     table: Any = None,
     progress: bool = False,
+    task: Task | str | None = None,
 ) -> SearchResult:
     """Search ``space`` for the recipe minimising ``objective`` under ``constraints``.
 
@@ -193,6 +197,11 @@ def search(
     Objectives are minimised; constraints are objects or text (``"agreement>=0.99"``).
     ``strategy="auto"`` is ``gp+knapsack`` on a :class:`LayerwiseSpace` (the only strategy that
     met the benchmark's 10-trial goal on every seed, see BENCHMARKS.md) and ``gp`` otherwise.
+    ``task`` (``None``: classification, as always) scores the trials with another task:
+    ``"sentence-embedding"`` or ``"language-model"`` for text batches (dicts of
+    ``input_ids``/``attention_mask``), whose constraints may also be ``cosine>=X`` (mean
+    cosine of the sentence embeddings) and ``perplexity_ratio<=X``; a constraint the task
+    does not measure is refused before the first trial.
     """
     if trials < 1:
         raise RecipeError(f"search: trials={trials!r} must be >= 1")
@@ -206,10 +215,13 @@ def search(
     evaluator = Evaluator(model, objective=obj, constraints=cons, evaluate=evaluate,
                           calibration=calibration, train=train, recovery=recovery,
                           example_inputs=example_inputs, chunk=chunk, early_stop=early_stop,
-                          seed=seed, threads=threads)
+                          seed=seed, threads=threads, task=task)
+    check_constraints_fit(cons, evaluator.task)
     identity = {"space": space_fingerprint(space), "objective": repr(obj),
                 "constraints": [constraint_label(c) for c in cons], "strategy": strat.name,
                 "seed": seed, "recovery": None if recovery is None else recovery.to_dict()}
+    if evaluator.task is not None:  # journals of classification searches stay as they were
+        identity["task"] = repr(evaluator.task)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental feature.*")
         sampler = strat.sampler(seed)
@@ -221,7 +233,7 @@ def search(
                           inputs=evaluator.inputs[:sensitivity_batches])
     _prepare_table(strat, study, ctx, table, progress)
     dists = {k: to_distribution(v) for k, v in space.params.items()}
-    evaluator.reference_outputs()
+    evaluator.prepare()
     if progress:
         print(f"search: {trials} trial(s) with strategy {strat.name}; a line per finished "
               f"trial …", flush=True)
@@ -238,7 +250,8 @@ def search(
     result = SearchResult(objective=obj.name, unit=obj.unit,
                           constraints=[constraint_label(c) for c in cons], strategy=strat.name,
                           seed=seed, trials=records, seconds=elapsed,
-                          sensitivity=None if ctx.table is None else ctx.table.to_dict())
+                          sensitivity=None if ctx.table is None else ctx.table.to_dict(),
+                          task=evaluator.task_name)
     if progress and result.best_trial is not None:
         print("search: rebuilding and verifying the best configuration …", flush=True)
     _finish(result, space, evaluator, final_recovery, verify, chunk)
@@ -280,7 +293,8 @@ def _finish(result: SearchResult, space: Space, evaluator: Evaluator,
                             constraints=evaluator.constraints, evaluate=verify,
                             calibration=evaluator.calibration, train=evaluator.train,
                             example_inputs=evaluator.example_inputs, chunk=chunk,
-                            seed=evaluator.seed, threads=evaluator.threads)
+                            seed=evaluator.seed, threads=evaluator.threads,
+                            task=evaluator.task)
     outcome = checker.run(recipe, proxy=False, early_stop=False)
     result.best_recipe = recipe
     result.final = {**outcome.to_dict(), "verified": outcome.feasible}

@@ -5,7 +5,8 @@ layer's weights are replaced in place by their magnitude-pruned or fake-quantize
 model is run on a few batches, and the weights are restored, so the model is unchanged
 afterwards. The error is the relative output error ``||f'(x) - f(x)||^2 / ||f(x)||^2``
 (approximately additive over layers, which the knapsack allocator relies on) and the top-1
-agreement with the unchanged model.
+agreement with the unchanged model (per row of the last dimension for ``[B, T, D]`` outputs
+such as a text model's hidden states or per-token logits).
 """
 
 from __future__ import annotations
@@ -22,13 +23,23 @@ from netpress.prune.masks import magnitude_mask
 from netpress.quant.primitives import fake_quantize
 from netpress.quant.ptq import weight_scale
 
-__all__ = ["relative_error", "prune_weight", "quantize_weight", "group_sensitivity"]
+__all__ = ["relative_error", "row_agreement", "prune_weight", "quantize_weight",
+           "group_sensitivity"]
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """``sum((approx - reference)^2) / sum(reference^2)`` (0 for identical outputs)."""
     den = float(reference.float().pow(2).sum())
     return float((approx.float() - reference.float()).pow(2).sum()) / max(den, 1e-30)
+
+
+def row_agreement(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Top-1 agreement of the rows of the last dimension (``[N, C]`` as it is, ``[B, T, D]``
+    as ``B * T`` rows)."""
+    if reference.dim() > 2:
+        reference = reference.reshape(-1, reference.shape[-1])
+        approx = approx.reshape(-1, approx.shape[-1])
+    return float(top1_agreement(reference, approx))
 
 
 def prune_weight(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -72,7 +83,7 @@ def group_sensitivity(model: nn.Module, inputs: Iterable[Any],
                             w.copy_(transform(saved[n], opt))
                     approx = outputs_on(model, batches)
                     out[g][str(opt)] = {"error": relative_error(reference, approx),
-                                        "agreement": float(top1_agreement(reference, approx))}
+                                        "agreement": row_agreement(reference, approx)}
                     if advance is not None:
                         advance()
             finally:

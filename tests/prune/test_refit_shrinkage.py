@@ -114,15 +114,25 @@ def test_fisherprune_refuses_a_shrinkage_setting_it_cannot_use(bad):
 
 
 def test_fisherprune_reports_the_shrinkage_and_warns_about_few_rows():
+    """Opt-in (default 0: the refit as before); the report lists α per refitted Linear."""
     model = toy_transformer()
     data = toy_batches(n=2, batch=2)
-    with pytest.warns(UserWarning, match=r"FisherPrune: .*fewer calibration rows than inputs"):
-        res = npr.compress(model, [npr.FisherPrune(macs=0.6)], calibration=data,
-                           example_inputs=data[0][0][:1], measure=False)
-    step = res.report["steps"][0]
-    assert len(step["shrinkage"]) == step["refitted_layers"] - 6  # the 6 norms: no entry
-    assert 0.1 < max(step["shrinkage"].values()) < 0.6
-    assert step["min_rows_per_column"] == pytest.approx(16 / 21, abs=0.01)
-    fixed = npr.compress(model, [npr.FisherPrune(macs=0.6, shrinkage=0.25)],
-                         calibration=data, example_inputs=data[0][0][:1], measure=False)
-    assert set(fixed.report["steps"][0]["shrinkage"].values()) == {0.25}
+    x = data[0][0][:1]
+
+    def run(**kw: object) -> dict:
+        res = npr.compress(model, [npr.FisherPrune(macs=0.6, **kw)], calibration=data,
+                           example_inputs=x, measure=False)
+        return res.report["steps"][0]
+
+    with pytest.warns(UserWarning, match=r"FisherPrune: 3 layer\(s\) saw fewer calibration "
+                      r"rows than inputs, e.g. 'blocks.0.down': 16 rows for 21 inputs.*"
+                      r"not shrunk \(shrinkage=0\)"):
+        default = run()
+    assert len(default["shrinkage"]) == default["refitted_layers"] - 6  # norms: no entry
+    assert set(default["shrinkage"].values()) == {0.0}
+    assert default["min_rows_per_column"] == pytest.approx(16 / 21, abs=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto, fixed = run(shrinkage="auto"), run(shrinkage=0.25)
+    assert 0.1 < max(auto["shrinkage"].values()) < 0.6
+    assert set(fixed["shrinkage"].values()) == {0.25}

@@ -24,9 +24,12 @@ LayerNorm's output on the pruned model's inputs matches the original's output
 
 With few calibration rows per input column the sums ``X̃ᵀX̃`` are noisy and the fit follows
 the calibration tokens (a tiny Phi3 with 128 rows for 64-wide layers: relative output error
-0.17 without the refit, 0.31 with it). A :class:`~netpress.reconstruct.shrinkage.Shrinker`
-shrinks each group's correlations toward zero before its fit (``"auto"``: the Ledoit-Wolf
-intensity from the sums and the row count; :func:`netpress.prune.fisher.ridge_solve`).
+0.17 without the refit, 0.31 with it). An optional
+:class:`~netpress.reconstruct.shrinkage.Shrinker` shrinks each group's correlations toward
+zero before its fit (``"auto"``: the Ledoit-Wolf intensity from the sums and the row count;
+:func:`netpress.prune.fisher.ridge_solve`): Phi3 0.29 -> 0.21 at 55% MACs, but on
+all-MiniLM-L6-v2 with 16 sentences it barely helps where a larger ridge does (BENCHMARKS.md,
+"Hessian shrinkage in the refits").
 
 Only Linear (``transformers``' GPT-2 style ``Conv1D`` included) and LayerNorm layers inside
 the block stack are refitted; layers called more than once per block call are left as they

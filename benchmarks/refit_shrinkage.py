@@ -24,6 +24,13 @@ with GPTQ rounding on N class-balanced JPEG train images, top-1 agreement with t
 model on the first ``--eval-images`` JPEG test images::
 
     .venv/bin/python benchmarks/refit_shrinkage.py quant --data ../shared/data --calib 4 16
+
+``structured``: does ``StructuredPrune``'s least-squares refit (``reconstruct=True``)
+over-fit few calibration images? The same ResNet-20, ``StructuredPrune(macs=--macs)`` with
+and without the refit (without: BatchNorm statistics re-estimated), same agreement::
+
+    .venv/bin/python benchmarks/refit_shrinkage.py structured --data ../shared/data \
+        --calib 4 16 64
 """
 
 from __future__ import annotations
@@ -139,8 +146,8 @@ def zoo(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def quant(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The ``quant`` measurement (see the module docs): one row per size and rounding."""
+def _cifar(args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
+    """The ``quant`` and ``structured`` measurements (see the module docs)."""
     from _common import Timer, agreement, data_dir, logits
 
     from netpress import datasets as ds
@@ -150,22 +157,28 @@ def quant(args: argparse.Namespace) -> list[dict[str, Any]]:
     ref = load_pretrained_cifar_resnet(20, find_pretrained(20, root))
     evals = ds.cifar10_jpeg_test(root, limit=args.eval_images)
     base = logits(ref, evals)
+    variants: dict[str, Any] = {
+        "quant": {"rounding nearest": npr.Quantize(rounding="nearest"),
+                  "rounding gptq": npr.Quantize(rounding="gptq")},
+        "structured": {"refit": npr.StructuredPrune(macs=args.macs),
+                       "no refit": npr.StructuredPrune(macs=args.macs, reconstruct=False)},
+    }[what]
     rows: list[dict[str, Any]] = []
     for n in args.calib:
         x, y = ds.cifar10_jpeg_train(root, limit=n, seed=0).tensors
         calib = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
-        for rounding in ("nearest", "gptq"):
+        for label, method in variants.items():
             with Timer() as t, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res = npr.compress(ref, [npr.Quantize(rounding=rounding)], calibration=calib,
-                                   measure=False, example_inputs=x[:1], seed=0)
-            row = {"images": n, "rounding": rounding,
+                res = npr.compress(ref, [method], calibration=calib, measure=False,
+                                   example_inputs=x[:1], seed=0)
+            row = {"images": n, "variant": label,
                    "agreement": round(agreement(base, logits(res.model, evals)), 4),
                    "seconds": round(t.seconds, 1)}
             rows.append(row)
             print(row, flush=True)
-    table = markdown_table(["images", "rounding", "top-1 agreement", "s"],
-                           [[r["images"], r["rounding"], r["agreement"], r["seconds"]]
+    table = markdown_table(["images", "variant", "top-1 agreement", "s"],
+                           [[r["images"], r["variant"], r["agreement"], r["seconds"]]
                             for r in rows])
     Path(args.out).with_suffix(".md").write_text(table + "\n")
     print(table)
@@ -174,7 +187,7 @@ def quant(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("minilm", "zoo", "quant"))
+    p.add_argument("what", choices=("minilm", "zoo", "quant", "structured"))
     p.add_argument("classes", nargs="*", help="zoo: the transformers classes")
     p.add_argument("--calib", type=int, nargs="+", default=[16, 64, 512])
     p.add_argument("--eval", type=int, default=512)
@@ -187,7 +200,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.out = args.out or str(RESULTS / f"refit_shrinkage_{args.what}.json")
-    rows = {"minilm": minilm, "zoo": zoo, "quant": quant}[args.what](args)
+    rows = minilm(args) if args.what == "minilm" else zoo(args) if args.what == "zoo" \
+        else _cifar(args, args.what)
     write_json(Path(args.out), {
         "command": "python benchmarks/refit_shrinkage.py " + " ".join(sys.argv[1:]),
         "cpu_flags": cpu_flags(), "torch": torch.__version__, "rows": rows})

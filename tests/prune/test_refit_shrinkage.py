@@ -36,7 +36,8 @@ def test_ridge_solve_with_shrinkage_solves_for_the_correction_on_the_shrunk_sums
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # α = 1: every coefficient corrected on its own, by its column's residual / energy
     diag = ridge_solve(h, x.T @ y, theta0, damp, shrinkage=1.0)
-    torch.testing.assert_close(diag, theta0 + (x.T @ y - h @ theta0) / (h.diagonal() + lam)[:, None])
+    jacobi = theta0 + (x.T @ y - h @ theta0) / (h.diagonal() + lam)[:, None]
+    torch.testing.assert_close(diag, jacobi)
     # a start that fits the rows exactly stays where it is, shrunk or not
     exact = ridge_solve(h, h @ theta0, theta0, damp, shrinkage=0.7)
     torch.testing.assert_close(exact, theta0, rtol=1e-10, atol=1e-10)

@@ -31,6 +31,15 @@ and without the refit (without: BatchNorm statistics re-estimated), same agreeme
 
     .venv/bin/python benchmarks/refit_shrinkage.py structured --data ../shared/data \
         --calib 4 16 64
+
+``sensitivity``: would ``SparseGPT(allocation="sensitivity")`` allocate better from shrunk
+Hessians? all-MiniLM-L6-v2, SparseGPT 50% (its own fits with ``shrinkage="auto"``, the
+default) with the sensitivity costs from the sample Hessians, from Hessians shrunk by the
+Ledoit-Wolf intensity (patched in for this measurement only) and with the uniform
+allocation; mean embedding cosine on 512 held-out sentences (``calibration_size.py``'s
+data)::
+
+    .venv/bin/python benchmarks/refit_shrinkage.py sensitivity --calib 4 16
 """
 
 from __future__ import annotations
@@ -185,9 +194,59 @@ def _cifar(args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
     return rows
 
 
+def sensitivity(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``sensitivity`` measurement (see the module docs): one row per size and variant."""
+    from _minilm_text import _embed, load_minilm, minilm_batches, sentences
+
+    from netpress.reconstruct import sparse
+    from netpress.reconstruct.shrinkage import intensity, shrink_
+
+    plain = sparse.collect_statistics
+
+    def shrunk_stats(*a: Any, **k: Any) -> Any:
+        stats = plain(*a, **k)
+        for st in stats.values():
+            for h in st.hessian if st.hessian is not None else []:
+                shrink_(h, intensity("auto", h, st.samples))
+        return stats
+
+    tok, ref = load_minilm()
+    text = sentences(512 + args.eval)
+    evals = minilm_batches(tok, text[512:512 + args.eval])
+    base = _embed(ref, evals)
+    rows: list[dict[str, Any]] = []
+    for n in args.calib:
+        calib = minilm_batches(tok, text[:n])
+        for label, alloc, stats in (("sensitivity, sample Hessians", "sensitivity", plain),
+                                    ("sensitivity, shrunk Hessians", "sensitivity",
+                                     shrunk_stats),
+                                    ("uniform", "uniform", plain)):
+            sparse.collect_statistics = stats  # type: ignore[assignment]
+            try:
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = npr.compress(ref, [npr.SparseGPT(sparsity=0.5, allocation=alloc)],
+                                       calibration=calib, measure=False)
+            finally:
+                sparse.collect_statistics = plain  # type: ignore[assignment]
+            cos = torch.nn.functional.cosine_similarity(
+                base.double(), _embed(res.model, evals).double(), dim=1)
+            row = {"sentences": n, "variant": label, "cosine": round(float(cos.mean()), 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(row, flush=True)
+    table = markdown_table(["sentences", "allocation", "cosine", "s"],
+                           [[r["sentences"], r["variant"], r["cosine"], r["seconds"]]
+                            for r in rows])
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("minilm", "zoo", "quant", "structured"))
+    p.add_argument("what", choices=("minilm", "zoo", "quant", "structured", "sensitivity"))
     p.add_argument("classes", nargs="*", help="zoo: the transformers classes")
     p.add_argument("--calib", type=int, nargs="+", default=[16, 64, 512])
     p.add_argument("--eval", type=int, default=512)
@@ -200,8 +259,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.out = args.out or str(RESULTS / f"refit_shrinkage_{args.what}.json")
-    rows = minilm(args) if args.what == "minilm" else zoo(args) if args.what == "zoo" \
-        else _cifar(args, args.what)
+    modes = {"minilm": minilm, "zoo": zoo, "sensitivity": sensitivity}
+    rows = modes[args.what](args) if args.what in modes else _cifar(args, args.what)
     write_json(Path(args.out), {
         "command": "python benchmarks/refit_shrinkage.py " + " ".join(sys.argv[1:]),
         "cpu_flags": cpu_flags(), "torch": torch.__version__, "rows": rows})

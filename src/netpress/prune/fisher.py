@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from netpress.reconstruct.shrinkage import shrink_
+
 __all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
            "ridge_solve", "RefitStats", "ridge_affine"]
 
@@ -151,11 +153,13 @@ class RefitStats:
 
 
 def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-                stats: RefitStats, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                stats: RefitStats, damp: float = 0.01,
+                shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(weight [out, k], bias [out])`` of a layer that now reads only the ``kept``
     input columns of ``weight`` ([out, d]), fitted to reproduce the original outputs.
 
     ``λ = damp * mean(diag(X̃_cᵀX̃_c))``; the bias is fitted too (zero if absent before).
+    ``shrinkage``: as in :func:`ridge_solve`.
     """
     if stats.hessian is None or stats.cross is None:
         raise ValueError("no calibration rows were collected")
@@ -163,19 +167,33 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     full = torch.cat([w, b[:, None]], 1)                    # [out, d + 1]
     theta0 = torch.cat([w[:, kept], b[:, None]], 1).T      # [k + 1, out]
-    theta = ridge_solve(stats.hessian, stats.cross @ full.T, theta0, damp)  # X̃_cᵀ Y
+    theta = ridge_solve(stats.hessian, stats.cross @ full.T, theta0, damp,  # X̃_cᵀ Y
+                        shrinkage=shrinkage)
     return theta[:-1].T.to(weight.dtype), theta[-1].to(weight.dtype)
 
 
 def ridge_solve(hessian: torch.Tensor, xty: torch.Tensor, theta0: torch.Tensor,
-                damp: float = 0.01, *, overwrite: bool = False) -> torch.Tensor:
+                damp: float = 0.01, *, shrinkage: float = 0.0,
+                overwrite: bool = False) -> torch.Tensor:
     """``argmin_Θ ‖X Θ - Y‖² + λ‖Θ - Θ₀‖²`` from ``hessian`` ``XᵀX`` and ``xty`` ``XᵀY``:
     ``(XᵀX + λI)⁻¹(XᵀY + λΘ₀)`` with ``λ = damp * mean(diag(XᵀX))`` (``damp`` itself when
     that mean is 0). Float64. ``overwrite=True`` (a caller done with a float64 ``hessian``)
-    damps it in place: one d x d matrix fewer (75 MB for a 3072-wide layer)."""
+    damps it in place: one d x d matrix fewer (75 MB for a 3072-wide layer).
+
+    ``shrinkage`` ``α`` > 0 (:mod:`netpress.reconstruct.shrinkage`, for few rows per
+    column): the correction to ``Θ₀`` is solved with the correlations of ``X`` shrunk toward
+    zero, ``Θ₀ + ((1 - α) XᵀX + α diag(XᵀX) + λI)⁻¹ (XᵀY - XᵀX Θ₀)``: the residual the data
+    show is kept, only the directions the rows happen to excite weigh less; ``Θ₀`` that
+    fits the data exactly stays as it is. ``α = 0`` is the plain ridge above, bit for bit."""
     h = hessian.double()
     mean = float(h.diagonal().mean())
     lam = damp * mean if mean > 0 else damp
+    if shrinkage > 0.0:
+        theta0 = theta0.double()
+        residual = xty.double() - h @ theta0  # before any in-place change of h
+        a = h if overwrite and h is hessian else h.clone()
+        shrink_(a, shrinkage).diagonal().add_(lam)
+        return theta0 + torch.linalg.solve(a, residual)
     # H + λI without an identity matrix and its multiple (two d x d temporaries): + 0.0
     # everywhere (what λ·0 adds off the diagonal: -0.0 becomes +0.0), + λ on the diagonal
     a = h.add_(0.0) if overwrite and h is hessian else h.add(0.0)

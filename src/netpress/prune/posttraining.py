@@ -63,6 +63,7 @@ from netpress.prune.refit import refit_blocks
 from netpress.prune.structured import _culprits, _cut
 from netpress.prune.surgery import PruneCheckError
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d
+from netpress.reconstruct.shrinkage import Shrinker, check_setting, intensity
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
@@ -97,7 +98,17 @@ class FisherPrune(MethodConfig):
     about as much and the Fisher ranking moves only the rest. On that model at 50% MACs the
     embedding cosine without training was 0.884 with the global ranking, 0.909 with a fixed
     floor of 0.3, 0.914 with 0.4 and **0.916** with the default (BENCHMARKS.md, issue 13,
-    twelfth part); ``refit_norms=True`` adds ~0.003.
+    twelfth part); ``refit_norms=True`` adds ~0.003. ``shrinkage``: the share ``α`` by which
+    the refits shrink each layer's input correlations toward zero before solving for the
+    correction (:mod:`netpress.reconstruct.shrinkage`): ``"auto"`` (the Ledoit-Wolf
+    intensity from the calibration rows, ~0 with plentiful data) or a number in [0, 1]; the
+    default 0 is the plain ridge. Unlike SparseGPT's, the refit's over-fitting with few
+    rows is mostly not cured by it (all-MiniLM-L6-v2, 16 sentences: cosine 0.664 for
+    the cut alone, 0.327 refitted, 0.337 with ``"auto"``, 0.684 with ``damp=1``; at 512
+    sentences ``"auto"`` costs 0.001), so it is opt-in; a larger ``damp`` is the stronger
+    lever with few calibration rows (BENCHMARKS.md, "Hessian shrinkage in the refits"). The
+    report lists it per layer (``shrinkage``) with ``min_rows_per_column``; a warning names
+    layers with fewer calibration rows than inputs.
     """
 
     macs: float = 0.5
@@ -106,6 +117,7 @@ class FisherPrune(MethodConfig):
     refit_scope: str = "blocks"
     refit_norms: bool = True
     damp: float = 0.01
+    shrinkage: float | str = 0.0
     min_units: int = 1
     min_fraction: float | None = None
     min_share: float = 0.9
@@ -131,6 +143,7 @@ class FisherPrune(MethodConfig):
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or self.damp <= 0:
             raise RecipeError(f"{name}: damp={self.damp!r} must be a number > 0")
+        check_setting(name, self.shrinkage)
         for flag in ("refit", "refit_norms"):
             if not isinstance(getattr(self, flag), bool):
                 raise RecipeError(f"{name}: {flag} must be true or false")
@@ -172,12 +185,14 @@ def _inputs_of(model: nn.Module, names: list[str], data: list[Any],
 
 def _refit(model: nn.Module, original: nn.Module, readers: list[str],
            kept: dict[str, torch.Tensor], data: list[Any], damp: float,
-           rows: dict[str, torch.Tensor] | None = None) -> int:
+           rows: dict[str, torch.Tensor] | None = None,
+           shrinker: Shrinker | None = None) -> int:
     """Refit every reader in forward order; returns how many were refitted. A reader the
     forward calls more than once (a layer shared across depths, as ALBERT's) is fitted on
     all its calls at once, each call's inputs paired with the original's at the same call.
     ``rows``: the output rows a reader kept where its outputs were cut too (its fit
-    targets the original's outputs of those rows)."""
+    targets the original's outputs of those rows). ``shrinker``: as in
+    :func:`netpress.prune.refit.refit_blocks`."""
     order = [n for n, _ in model.named_modules() if n in set(readers)]
     targets = _inputs_of(original, order, data)
     modules = dict(model.named_modules())
@@ -197,8 +212,12 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
         cols = kept.get(name, torch.arange(before.shape[1]))
         out = (rows or {}).get(name, torch.arange(before.shape[0])).cpu()
         bias = getattr(old, "bias", None)
+        alpha = 0.0
+        if shrinker is not None and stats.hessian is not None:
+            alpha = intensity(shrinker.setting, stats.hessian, stats.rows)
+            shrinker.record([name], alpha, stats.rows, stats.hessian.shape[0] - 1)
         w, b = ridge_refit(before[out], None if bias is None else bias.detach().cpu()[out],
-                           cols, stats, damp)
+                           cols, stats, damp, alpha)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
             LayerView(layer, name).set_matrix(w[None])
             if layer.bias is not None:
@@ -437,15 +456,18 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     see the module docs); returns it and a summary."""
     cut = fisher_cut(model, cfg, example_inputs, data, reference_macs, inplace=inplace)
     refitted, scope = 0, _refit_scope(cut.model, cfg, data)
+    shrinker = Shrinker(cfg.shrinkage)
     if cfg.refit and scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
-                          cfg.damp, cut.kept_rows)
+                          cfg.damp, cut.kept_rows, shrinker)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
-                                    damp=cfg.damp, norms=cfg.refit_norms))
+                                    damp=cfg.damp, norms=cfg.refit_norms, shrinker=shrinker))
     pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
     if cfg.refit:
         summary["refit_scope"] = scope
+        summary.update(shrinker.summary())
+        shrinker.warn(cfg.type_name())
     del cut  # the unpruned original; with inplace it shares tensors with the pruned model
     return pruned, summary
 

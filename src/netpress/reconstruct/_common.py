@@ -17,7 +17,7 @@ from netpress.context import Context
 from netpress.errors import ModelError, RecipeError
 from netpress.reconstruct.engine import MODES, Solve, run_sequential
 from netpress.reconstruct.layers import SUPPORTED_TYPES, LayerView, supported
-from netpress.reconstruct.shrinkage import Shrinker
+from netpress.reconstruct.shrinkage import Shrinker, check_setting
 from netpress.select import check_patterns, select_names
 
 __all__ = ["LayerwiseSettings", "calibrate", "fitting_reference", "fitted_to",
@@ -54,11 +54,7 @@ class LayerwiseSettings(MethodConfig):
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) \
                 or not math.isfinite(self.damp) or not 0 < self.damp <= 1:
             raise RecipeError(f"{name}: damp={self.damp!r} must lie in (0, 1]")
-        if self.shrinkage != "auto" and (
-                not isinstance(self.shrinkage, (int, float)) or isinstance(self.shrinkage, bool)
-                or not math.isfinite(self.shrinkage) or not 0 <= self.shrinkage <= 1):
-            raise RecipeError(f"{name}: shrinkage={self.shrinkage!r}; give 'auto' or a "
-                              "number in [0, 1] (0: no shrinkage)")
+        check_setting(name, self.shrinkage)
         _check_int(name, "blocksize", self.blocksize)
         if self.calibration_batches is not None:
             _check_int(name, "calibration_batches", self.calibration_batches)

@@ -16,14 +16,17 @@ weight column inversely) leaves ``α`` and the fit unchanged.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 
+from netpress.errors import RecipeError
 from netpress.reconstruct.stats import LayerStats
 
-__all__ = ["shrink_", "shrunk", "shrinkage_intensity", "Shrinker"]
+__all__ = ["shrink_", "shrunk", "shrinkage_intensity", "intensity", "check_setting",
+           "Shrinker"]
 
 
 def shrink_(h: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -78,6 +81,24 @@ _ROWS = 256
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def check_setting(owner: str, value: Any) -> None:
+    """Refuse a ``shrinkage`` setting other than ``"auto"`` or a number in [0, 1]."""
+    if value != "auto" and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                            or not math.isfinite(value) or not 0 <= value <= 1):
+        raise RecipeError(f"{owner}: shrinkage={value!r}; give 'auto' or a number in [0, 1] "
+                          "(0: no shrinkage)")
+
+
+def intensity(setting: float | str, h: torch.Tensor, n: float) -> float:
+    """The ``α`` a ``shrinkage`` setting gives for the second-moment matrix ``h`` (d × d) of
+    ``n`` rows: :func:`shrinkage_intensity` for ``"auto"``, the number itself otherwise;
+    0 where the mean diagonal lies below float32's range (left as it is, for the solver to
+    refuse it naming the layer)."""
+    if float(torch.diagonal(h).mean()) < _TINY:
+        return 0.0
+    return shrinkage_intensity(h, n) if setting == "auto" else float(setting)
+
+
 class Shrinker:
     """Shrinks each layer's statistics before its fit (an engine ``prepare``) and keeps
     what it did for the report: ``setting`` is ``"auto"`` (:func:`shrinkage_intensity` per
@@ -98,11 +119,7 @@ class Shrinker:
             return
         alphas = []
         for g in range(h.shape[0]):
-            a = shrinkage_intensity(h[g], stats.samples) if self.setting == "auto" \
-                else float(self.setting)
-            if float(torch.diagonal(h[g]).mean()) < _TINY:
-                a = 0.0  # float32 sums of inputs squared below float32's range: left as
-                # they are, for the solver to refuse them naming the layer
+            a = intensity(self.setting, h[g], stats.samples)
             cross = stats.cross
             if a > 0 and cross is not None and cross.shape[-2] == cross.shape[-1]:
                 # M - α·offdiag(H): the difference M - H that a refit to the original
@@ -112,9 +129,14 @@ class Shrinker:
                 torch.diagonal(cross[g]).add_(diag, alpha=a)
             shrink_(h[g], a)
             alphas.append(a)
+        self.record(names, max(alphas), stats.samples, h.shape[-1])
+
+    def record(self, names: list[str], alpha: float, rows: int, inputs: int) -> None:
+        """Note for the report that the layers ``names`` (``inputs`` wide, ``rows``
+        calibration rows) were shrunk by ``alpha``."""
         for n in names:
-            self.alpha[n] = round(max(alphas), 4)
-            self.rows[n] = (stats.samples, h.shape[-1])
+            self.alpha[n] = round(alpha, 4)
+            self.rows[n] = (rows, inputs)
 
     def summary(self) -> dict[str, Any]:
         """The report's entries: the shrinkage per layer and the fewest calibration rows per

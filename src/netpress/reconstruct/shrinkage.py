@@ -145,8 +145,9 @@ class Shrinker:
         return {"shrinkage": dict(self.alpha),
                 "min_rows_per_column": None if ratio is None else round(ratio, 3)}
 
-    def warn(self, owner: str) -> None:
-        """Warn about the layers whose calibration rows are fewer than their inputs."""
+    def warn(self, owner: str, advice: str = "") -> None:
+        """Warn about the layers whose calibration rows are fewer than their inputs (with the
+        method's own ``advice`` after the common one)."""
         few = {n: rd for n, rd in self.rows.items() if rd[0] < rd[1]}
         if not few:
             return
@@ -158,4 +159,4 @@ class Shrinker:
                       f"rank-deficient ({shrunk_by}) and the fit may follow the calibration "
                       f"samples too closely. Give more calibration samples: "
                       f"{-(-d * 4 // max(rows, 1))}x as many would give that layer 4 rows "
-                      "per input", stacklevel=4)
+                      f"per input{advice}", stacklevel=4)

@@ -25,6 +25,7 @@ from netpress.context import Context
 from netpress.data import Data, batches, split_batches
 from netpress.errors import DataError
 from netpress.measure.collect import evaluating
+from netpress.measure.text import mean_pool
 
 __all__ = ["AgreementMonitor", "EARLY_STOP_SOURCES", "agreement_count", "batch_score",
            "split_for_monitor"]
@@ -62,11 +63,9 @@ def _target(raw: Any, inputs: Any, hidden: bool) -> torch.Tensor:
     out = primary_output(raw).float()
     if not hidden:
         return out.argmax(-1)
-    mask = token_mask(inputs)
     if out.dim() == 3:
-        keep = torch.ones(out.shape[:2], dtype=out.dtype, device=out.device) if mask is None \
-            else mask.to(out.device, out.dtype)
-        out = (out * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+        mask = token_mask(inputs)
+        out = mean_pool(out, None if mask is None else mask.to(out.device))
     return torch.nn.functional.normalize(out.flatten(1), dim=-1)
 
 

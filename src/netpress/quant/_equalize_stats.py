@@ -11,7 +11,7 @@ expected square is the output noise energy).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,20 +72,31 @@ def _keeps_channels(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "flatten")
 
 
-def _channel_units(gm: fx.GraphModule, node: fx.Node, rows: dict[str, torch.Tensor],
-                   cols: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Units of the channels of the tensor ``node`` quantizes: from a layer reading it
-    (through channel-preserving ops), else from the layer writing it."""
+def _reached(gm: fx.GraphModule, node: fx.Node, *,
+             through_flatten: bool = True) -> Iterator[fx.Node]:
+    """The nodes reading ``node``'s tensor, breadth first, followed on through ops that keep
+    its channels (not through a flatten when ``through_flatten`` is False)."""
     frontier, seen = list(node.users), set()
     while frontier:
         user = frontier.pop(0)
         if user in seen:
             continue
         seen.add(user)
+        yield user
+        flattens = (user.op == "call_method" and user.target == "flatten") or (
+            user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)),
+                                                    nn.Flatten))
+        if _keeps_channels(gm, user) and (through_flatten or not flattens):
+            frontier += list(user.users)
+
+
+def _channel_units(gm: fx.GraphModule, node: fx.Node, rows: dict[str, torch.Tensor],
+                   cols: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Units of the channels of the tensor ``node`` quantizes: from a layer reading it
+    (through channel-preserving ops), else from the layer writing it."""
+    for user in _reached(gm, node):
         if user.op == "call_module" and str(user.target) in cols:
             return cols[str(user.target)]
-        if _keeps_channels(gm, user):
-            frontier += list(user.users)
     src = node.args[0] if node.args else None
     if isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in rows:
         return rows[str(src.target)]
@@ -96,19 +107,10 @@ def _read_by_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether the first weighted layer reading ``node``'s tensor (through ops that keep its
     layout) is a Linear: its channels are then the last dimension, also of a 3-D
     token-major tensor. A path through ``flatten`` changes the layout: conv channels."""
-    frontier, seen = list(node.users), set()
-    while frontier:
-        user = frontier.pop(0)
-        if user in seen:
-            continue
-        seen.add(user)
+    for user in _reached(gm, node, through_flatten=False):
         module = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             return isinstance(module, nn.Linear)
-        flattens = isinstance(module, nn.Flatten) or (user.op == "call_method"
-                                                      and user.target == "flatten")
-        if _keeps_channels(gm, user) and not flattens:
-            frontier += list(user.users)
     return False
 
 

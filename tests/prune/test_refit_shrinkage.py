@@ -11,7 +11,8 @@ import torch
 
 import netpress as npr
 from netpress.errors import RecipeError
-from netpress.prune.fisher import RefitStats, ridge_refit, ridge_solve
+from netpress.prune import refit as refit_module
+from netpress.prune.fisher import RefitStats, few_rows_damp, ridge_refit, ridge_solve
 from netpress.prune.posttraining import FisherPrune, fisher_cut
 from netpress.prune.refit import refit_blocks
 from netpress.reconstruct.shrinkage import Shrinker, shrunk
@@ -93,19 +94,36 @@ def test_block_refit_with_shrinkage_zero_reproduces_the_plain_refit_exactly():
     assert set(shrinker.alpha.values()) == {0.0} and len(shrinker.alpha) == 18
 
 
-def test_block_refit_with_few_rows_generalises_better_shrunk():
+def test_block_refit_with_few_rows_generalises_better_floored_or_shrunk(monkeypatch):
     """Two 8x8 images: 16 calibration rows for the 16-wide layers (33 with the ones column
-    and 32 inputs for ``down``). The plain refit follows those rows: held-out relative output
-    error 0.285; shrunk by the Ledoit-Wolf intensity (0.31 at most) 0.242."""
+    and 32 inputs for ``down``). The plain ridge at damp=0.01 follows those rows: held-out
+    relative output error 0.285; shrunk by the Ledoit-Wolf intensity (0.31 at most) 0.242;
+    with the few-rows ridge floor (the default, :func:`few_rows_damp`) 0.210."""
     model, cut, data = _cut(2)
+    floored = copy.deepcopy(cut.model)
+    refit_blocks(floored, cut.original, data, kept_rows=cut.kept_rows)
+    monkeypatch.setattr(refit_module, "few_rows_damp", lambda damp, inputs, rows: damp)
     plain, auto = copy.deepcopy(cut.model), copy.deepcopy(cut.model)
     refit_blocks(plain, cut.original, data, kept_rows=cut.kept_rows)
     shrinker = Shrinker("auto")
     refit_blocks(auto, cut.original, data, kept_rows=cut.kept_rows, shrinker=shrinker)
     err_plain, err_auto = _held_out_error(plain, model), _held_out_error(auto, model)
+    err_floor = _held_out_error(floored, model)
     assert err_auto < 0.9 * err_plain, (err_auto, err_plain)
+    assert err_floor < 0.8 * err_plain, (err_floor, err_plain)
     assert 0.1 < max(shrinker.alpha.values()) < 0.6
     assert shrinker.summary()["min_rows_per_column"] < 1
+
+
+def test_few_rows_damp():
+    """The ridge floor: (inputs / rows)² up to 1, never below the given damp; 10 rows per
+    input or more leave damp=0.01 as it is."""
+    assert few_rows_damp(0.01, 100, 1001) == 0.01
+    assert few_rows_damp(0.01, 100, 10_000) == 0.01
+    assert few_rows_damp(0.01, 100, 200) == pytest.approx(0.25)
+    assert few_rows_damp(0.01, 100, 50) == 1.0
+    assert few_rows_damp(2.0, 100, 50) == 2.0
+    assert few_rows_damp(0.01, 100, 0) == 1.0
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "ledoit", None])

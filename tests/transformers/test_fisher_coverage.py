@@ -135,7 +135,9 @@ def test_convnext_channels_first_norms_are_left_out_of_the_norm_refit():
     assert torch.equal(params[f"{first}.weight"], originals[f"{first}.weight"])
     assert not torch.equal(params[f"{inner}.weight"], originals[f"{inner}.weight"])
     plain = _prune(model, x, data, macs=0.6, refit=False).model
-    assert _rel(res.model, model, held) < 0.07 < 0.085 < _rel(plain, model, held)  # .051, .098
+    # .072 refitted (.051 before the few-rows ridge floor of prune.fisher.few_rows_damp:
+    # these 4 calibration images give the 64-wide layers few rows), .098 without a refit
+    assert _rel(res.model, model, held) < 0.08 < 0.085 < _rel(plain, model, held)
 
 
 def test_an_unreachable_target_says_how_far_fisherprune_can_go():

@@ -245,8 +245,9 @@ def _minimum(cfg: FisherPrune, units: int, floor: float, up: bool = True) -> int
 
 
 #: What FisherPrune adds to the few-calibration-rows warning: measured on all-MiniLM-L6-v2
-#: at 50% MACs with 16 sentences, the refit took the cosine from 0.664 (the cut alone) to
-#: 0.327, while ``damp=1`` gave 0.684 (BENCHMARKS.md, "Hessian shrinkage in the refits").
+#: at 50% MACs with 16 sentences, the plain refit took the cosine from 0.664 (the cut alone)
+#: to 0.327, the refit with its few-rows ridge floor (`fisher.few_rows_damp`) to 0.647, and
+#: ``damp=1`` gave 0.684 (BENCHMARKS.md, "Hessian shrinkage in the refits").
 _FEW_ROWS_ADVICE = ("; or, with few samples, refit with a stronger ridge (damp=1) or not at "
                     "all (refit=False): the refit can then undo more than the cut costs")
 

@@ -51,7 +51,7 @@ from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
-from netpress.prune.fisher import ridge_affine, ridge_solve
+from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -289,6 +289,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         alpha = intensity(shrinker.setting, fit.hessian, fit.rows)
         shrinker.record([prefix + n for n in names], alpha, fit.rows,
                         fit.hessian.shape[0] - int(bias))
+    ridge = few_rows_damp(damp, fit.hessian.shape[0] - int(bias), fit.rows)
     for i, (n, layer) in enumerate(zip(names, layers)):
         view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
         w = view.matrix()[0]
@@ -301,7 +302,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         hessian = fit.hessian[:-1, :-1] if cut else fit.hessian
         xty = fit.xty[n][:-1] if cut else fit.xty[n]
         # the group's last fit damps the Hessian in place: no copy of it
-        theta = ridge_solve(hessian, xty, theta0.T.cpu(), damp, shrinkage=alpha,
+        theta = ridge_solve(hessian, xty, theta0.T.cpu(), ridge, shrinkage=alpha,
                             overwrite=i == len(names) - 1)
         with torch.no_grad():  # new tensors (assign_): the old ones may be shared
             view.set_matrix(theta[:w.shape[1]].T[None])

@@ -100,15 +100,21 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
                    if shrinker is not None else None}
             rows.append(row)
             print(row, flush=True)
-    table = markdown_table(
+    _write_table(
+        args.out,
         ["calib sentences", "refit", "shrinkage", "cosine mean / min", "retrieval agr.",
          "α mean / max", "refit s"],
         [[r["calib"], r["refit"], r["shrinkage"], f"{r['cosine_mean']} / {r['cosine_min']}",
           r["retrieval_agreement"], f"{r['alpha_mean']} / {r['alpha_max']}", r["refit_s"]]
          for r in rows])
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
     return rows
+
+
+def _write_table(out: str, header: list[str], rows: list[list[Any]]) -> None:
+    """The results table as markdown beside ``out``'s JSON, and printed."""
+    table = markdown_table(header, rows)
+    Path(out).with_suffix(".md").write_text(table + "\n")
+    print(table)
 
 
 def _out(model: torch.nn.Module, x: Any) -> torch.Tensor:
@@ -145,13 +151,11 @@ def zoo(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(row)
         print(row, flush=True)
     keys = ["none", *[str(v) for v in _settings(args.shrinkage)]]
-    table = markdown_table(["class", *[f"rel. error, {k}" for k in keys],
-                            "α mean / max", "rows per column"],
-                           [[r["class"], *[r[k] for k in keys],
-                             f"{r.get('alpha_mean')} / {r.get('alpha_max')}",
-                             r.get("min_rows_per_column")] for r in rows])
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
+    _write_table(args.out, ["class", *[f"rel. error, {k}" for k in keys],
+                    "α mean / max", "rows per column"],
+                   [[r["class"], *[r[k] for k in keys],
+                     f"{r.get('alpha_mean')} / {r.get('alpha_max')}",
+                     r.get("min_rows_per_column")] for r in rows])
     return rows
 
 
@@ -186,11 +190,9 @@ def _cifar(args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
                    "seconds": round(t.seconds, 1)}
             rows.append(row)
             print(row, flush=True)
-    table = markdown_table(["images", "variant", "top-1 agreement", "s"],
-                           [[r["images"], r["variant"], r["agreement"], r["seconds"]]
-                            for r in rows])
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
+    _write_table(args.out, ["images", "variant", "top-1 agreement", "s"],
+                   [[r["images"], r["variant"], r["agreement"], r["seconds"]]
+                    for r in rows])
     return rows
 
 
@@ -236,11 +238,9 @@ def sensitivity(args: argparse.Namespace) -> list[dict[str, Any]]:
                    "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(row, flush=True)
-    table = markdown_table(["sentences", "allocation", "cosine", "s"],
-                           [[r["sentences"], r["variant"], r["cosine"], r["seconds"]]
-                            for r in rows])
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
+    _write_table(args.out, ["sentences", "allocation", "cosine", "s"],
+                   [[r["sentences"], r["variant"], r["cosine"], r["seconds"]]
+                    for r in rows])
     return rows
 
 

@@ -116,9 +116,11 @@ def test_block_refit_with_few_rows_generalises_better_floored_or_shrunk(monkeypa
 
 
 def test_few_rows_damp():
-    """The ridge floor: (inputs / rows)² up to 1, never below the given damp; 10 rows per
-    input or more leave damp=0.01 as it is."""
+    """The ridge floor: (inputs / rows)² up to 1 below 10 rows per input, never below the
+    given damp; 10 rows per input or more leave any damp as it is."""
     assert few_rows_damp(0.01, 100, 1001) == 0.01
+    assert few_rows_damp(1e-9, 4, 200) == 1e-9  # plentiful rows: an explicit damp stays
+    assert few_rows_damp(1e-9, 100, 999) == pytest.approx(0.01, rel=0.01)
     assert few_rows_damp(0.01, 100, 10_000) == 0.01
     assert few_rows_damp(0.01, 100, 200) == pytest.approx(0.25)
     assert few_rows_damp(0.01, 100, 50) == 1.0

@@ -158,11 +158,13 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     """New ``(weight [out, k], bias [out])`` of a layer that now reads only the ``kept``
     input columns of ``weight`` ([out, d]), fitted to reproduce the original outputs.
 
-    ``λ = damp * mean(diag(X̃_cᵀX̃_c))``; the bias is fitted too (zero if absent before).
-    ``shrinkage``: as in :func:`ridge_solve`.
+    ``λ = damp * mean(diag(X̃_cᵀX̃_c))``, ``damp`` raised where the rows are few
+    (:func:`few_rows_damp`, as the block refit does); the bias is fitted too (zero if absent
+    before). ``shrinkage``: as in :func:`ridge_solve`.
     """
     if stats.hessian is None or stats.cross is None:
         raise ValueError("no calibration rows were collected")
+    damp = few_rows_damp(damp, stats.hessian.shape[0] - 1, stats.rows)
     w = weight.double()
     b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     full = torch.cat([w, b[:, None]], 1)                    # [out, d + 1]
@@ -174,7 +176,8 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
 
 def few_rows_damp(damp: float, inputs: int, rows: int) -> float:
     """The refit's relative ridge for a fit of ``inputs`` columns from ``rows`` calibration
-    rows: ``damp``, raised to ``(inputs / rows)²`` (at most 1) where rows are few.
+    rows: ``damp``, raised to ``(inputs / rows)²`` (at most 1) below ten rows per input;
+    from ten rows per input up ``damp`` as given (the floor would be 0.01 or less there).
 
     A least-squares refit from few rows per input follows the calibration rows: on
     all-MiniLM-L6-v2 at 50% MACs with 16 sentences (0.65 rows per input at the fewest) the
@@ -185,6 +188,8 @@ def few_rows_damp(damp: float, inputs: int, rows: int) -> float:
     input at the fewest, the same refit bit for bit)."""
     if rows <= 0:
         return max(damp, 1.0)
+    if rows >= 10 * inputs:
+        return damp
     return max(damp, min(1.0, (inputs / rows) ** 2))
 
 

@@ -86,13 +86,16 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             work = copy.deepcopy(fc.model)
             shrinker = Shrinker(variant) if variant != "none" else None
             t0 = time.perf_counter()
+            chosen: dict[str, float] = {}
             if shrinker is not None:
                 refit_blocks(work, fc.original, calib, kept_rows=fc.kept_rows, norms=True,
-                             shrinker=shrinker, damp=args.damp)
+                             shrinker=shrinker, damp=args.damp, chosen=chosen)
             seconds = round(time.perf_counter() - t0, 1)
             alphas = list(shrinker.alpha.values()) if shrinker is not None else [0.0]
             row = {"calib": n, "refit": "none" if shrinker is None else "blocks",
-                   "damp": args.damp,
+                   "damp": args.damp, "chosen_damps": sorted(set(chosen.values())),
+                   "damp_counts": {str(d): list(chosen.values()).count(d)
+                                   for d in sorted(set(chosen.values()))},
                    "shrinkage": str(variant), **score(work, ref, evaluate),
                    "alpha_mean": round(sum(alphas) / len(alphas), 3),
                    "alpha_max": max(alphas), "refit_s": seconds,
@@ -134,7 +137,7 @@ def zoo(args: argparse.Namespace) -> list[dict[str, Any]]:
         ref = _out(model, held)
         row: dict[str, Any] = {"class": name, "macs": args.macs}
         for variant in ["none", *_settings(args.shrinkage)]:
-            cfg = npr.FisherPrune(macs=args.macs, refit=variant != "none",
+            cfg = npr.FisherPrune(macs=args.macs, refit=variant != "none", damp=args.damp,
                                   shrinkage=0.0 if variant == "none" else variant)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -251,7 +254,8 @@ def main() -> None:
     p.add_argument("--calib", type=int, nargs="+", default=[16, 64, 512])
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--macs", type=float, default=0.5)
-    p.add_argument("--damp", type=float, default=0.01, help="minilm: the refit's ridge")
+    p.add_argument("--damp", type=lambda v: v if v == "auto" else float(v), default=0.01,
+                   help="minilm, zoo: the refit's ridge (a number, or auto: cross-validated)")
     p.add_argument("--shrinkage", nargs="+", default=["0", "auto"],
                    help="settings to compare besides no refit: 'auto' or numbers")
     p.add_argument("--data", default=None, help="quant: the shared data folder")

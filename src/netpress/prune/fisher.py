@@ -23,10 +23,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from netpress.prune.ridge_cv import FoldSums, cv_damp
 from netpress.reconstruct.shrinkage import shrink_
 
 __all__ = ["column_mask_grads", "unit_fisher", "select_by_ratio", "ridge_refit",
-           "ridge_solve", "RefitStats", "ridge_affine", "few_rows_damp"]
+           "ridge_solve", "RefitStats", "ridge_affine", "few_rows_damp", "chosen_damp"]
 
 
 def column_mask_grads(x: torch.Tensor, grad: torch.Tensor,
@@ -132,12 +133,15 @@ def _refill(removed: np.ndarray, candidates: list[int], costs: np.ndarray,
 
 
 class RefitStats:
-    """Running sums for :func:`ridge_refit`: ``X̃_cᵀX̃_c`` and ``X̃_cᵀX_o``."""
+    """Running sums for :func:`ridge_refit`: ``X̃_cᵀX̃_c`` and ``X̃_cᵀX_o``; with ``folds``
+    (for ``damp="auto"``) also per fold, each batch's rows split into that many consecutive
+    chunks (rows come input by input)."""
 
-    def __init__(self) -> None:
+    def __init__(self, folds: int = 0) -> None:
         self.hessian: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
         self.rows = 0
+        self.folds = FoldSums(folds) if folds else None
 
     def add(self, compressed: torch.Tensor, original: torch.Tensor) -> None:
         """Rows of the compressed layer's inputs and the original layer's inputs (same
@@ -146,6 +150,8 @@ class RefitStats:
                                                                  dtype=torch.float64)], 1)
         xo = torch.cat([original.double(), original.new_ones(original.shape[0], 1,
                                                              dtype=torch.float64)], 1)
+        if self.folds is not None:
+            self.folds.add(xc, xo)
         h, c = xc.T @ xc, xc.T @ xo
         self.hessian = h if self.hessian is None else self.hessian + h
         self.cross = c if self.cross is None else self.cross + c
@@ -153,25 +159,45 @@ class RefitStats:
 
 
 def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-                stats: RefitStats, damp: float = 0.01,
-                shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                stats: RefitStats, damp: float | str = 0.01,
+                shrinkage: float = 0.0,
+                chosen: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(weight [out, k], bias [out])`` of a layer that now reads only the ``kept``
     input columns of ``weight`` ([out, d]), fitted to reproduce the original outputs.
 
     ``λ = damp * mean(diag(X̃_cᵀX̃_c))``, ``damp`` raised where the rows are few
-    (:func:`few_rows_damp`, as the block refit does); the bias is fitted too (zero if absent
-    before). ``shrinkage``: as in :func:`ridge_solve`.
+    (:func:`few_rows_damp`, as the block refit does); ``"auto"``: the larger of that floor
+    and the ridge chosen by cross-validation on the folds of ``stats``
+    (:func:`netpress.prune.ridge_cv.cv_damp`). The bias is fitted too (zero if absent
+    before). ``shrinkage``: as in :func:`ridge_solve`. ``chosen`` gets the ridge used.
     """
     if stats.hessian is None or stats.cross is None:
         raise ValueError("no calibration rows were collected")
-    damp = few_rows_damp(damp, stats.hessian.shape[0] - 1, stats.rows)
     w = weight.double()
     b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     full = torch.cat([w, b[:, None]], 1)                    # [out, d + 1]
     theta0 = torch.cat([w[:, kept], b[:, None]], 1).T      # [k + 1, out]
+    damp = chosen_damp(damp, stats, theta0, full, shrinkage)
+    if chosen is not None:
+        chosen.append(damp)
     theta = ridge_solve(stats.hessian, stats.cross @ full.T, theta0, damp,  # X̃_cᵀ Y
                         shrinkage=shrinkage)
     return theta[:-1].T.to(weight.dtype), theta[-1].to(weight.dtype)
+
+
+def chosen_damp(damp: float | str, stats: RefitStats, theta0: torch.Tensor,
+                full: torch.Tensor, shrinkage: float = 0.0) -> float:
+    """The relative ridge :func:`ridge_refit` uses: ``damp`` raised by :func:`few_rows_damp`;
+    for ``"auto"`` the larger of that floor (from 0.01) and the cross-validated choice on
+    the folds of ``stats`` (targets ``X_o fullᵀ``), where it kept folds with rows."""
+    assert stats.hessian is not None
+    inputs = stats.hessian.shape[0] - 1
+    floor = few_rows_damp(0.01 if isinstance(damp, str) else damp, inputs, stats.rows)
+    folds = stats.folds.folds() if stats.folds is not None else []
+    if not isinstance(damp, str) or len(folds) < 2:
+        return floor
+    return max(floor, cv_damp([(h, g @ full.T) for h, g in folds], theta0,
+                              shrinkage=shrinkage))
 
 
 def few_rows_damp(damp: float, inputs: int, rows: int) -> float:

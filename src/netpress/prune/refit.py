@@ -49,9 +49,11 @@ from torch import nn
 from netpress._cow import assign_
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
+from netpress.prune import ridge_cv
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
+from netpress.prune.ridge_cv import FoldSums, cv_damp
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -172,17 +174,22 @@ def residual_sink(block: nn.Module, layer: str, run: Callable[[], torch.Tensor])
 
 @dataclass
 class _Fit:
-    """Running sums of one group: ``X̃ᵀX̃`` and ``X̃ᵀY`` per layer, over ``rows`` rows."""
+    """Running sums of one group: ``X̃ᵀX̃`` and ``X̃ᵀY`` per layer, over ``rows`` rows; with
+    ``folds`` (``damp="auto"``) also per fold, all layers' targets side by side."""
 
     hessian: torch.Tensor | None = None
     xty: dict[str, torch.Tensor] | None = None
     rows: int = 0
+    folds: FoldSums | None = None
 
-    def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor], bias: bool) -> None:
+    def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor], bias: bool,
+            ids: torch.Tensor | None = None) -> None:
         x = x.double()
         self.rows += x.shape[0]
         if bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        if self.folds is not None:
+            self.folds.add(x, torch.cat([y.double() for y in targets.values()], 1), ids)
         h = x.T @ x
         self.hessian = h if self.hessian is None else self.hessian.add_(h)  # in place
         del h
@@ -248,11 +255,14 @@ def _run_taps(taps: tuple[_Tap, _Tap], blocks: tuple[nn.Module, nn.Module],
 
 def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
-               index: int, kept_rows: Mapping[str, torch.Tensor], damp: float,
-               shrinker: Shrinker | None = None, prefix: str = "") -> None:
+               index: int, kept_rows: Mapping[str, torch.Tensor], damp: float | str,
+               shrinker: Shrinker | None = None, prefix: str = "",
+               chosen: dict[str, float] | None = None) -> None:
     """Refit the layers ``names`` (one shared input) of block ``index``; ``shrinker``
     (None: none) shrinks the group's sums before the fits and notes by how much under the
-    layers' full names (``prefix`` + name).
+    layers' full names (``prefix`` + name). ``damp="auto"``: one ridge for the group, chosen
+    by 2-fold cross-validation on the calibration rows (:func:`cv_damp`); ``chosen`` gets
+    each layer's relative ridge under its full name.
 
     The sums carry a ones column when any layer of the group has a bias; a layer without
     one is fitted on the sums without it (a group fitted without it when only some layers
@@ -264,7 +274,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     bias = any(m.bias is not None for m in layers)
     use = {n: s for n, s in sinks.items() if n in names and s is not None}
     sink_ins = sorted(set(use.values()))
-    fit = _Fit()
+    fit = _Fit(folds=FoldSums(ridge_cv.FOLDS) if damp == "auto" else None)
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
         ot = _Tap(ob, sink_ins, list(names))
@@ -282,14 +292,22 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                 if rows is not None:
                     y = y[..., rows.to(y.device)]
             targets[n] = calls[0].rows(y, b)
-        fit.add(calls[0].rows(ct.got[(names[0], "in")], b), targets, bias)
+        x = ct.got[(names[0], "in")]
+        fit.add(calls[0].rows(x, b), targets, bias,
+                calls[0].rows(_input_ids(x), b) if fit.folds is not None else None)
     assert fit.hessian is not None and fit.xty is not None
     alpha = 0.0
     if shrinker is not None:
         alpha = intensity(shrinker.setting, fit.hessian, fit.rows)
         shrinker.record([prefix + n for n in names], alpha, fit.rows,
                         fit.hessian.shape[0] - int(bias))
-    ridge = few_rows_damp(damp, fit.hessian.shape[0] - int(bias), fit.rows)
+    ridge = few_rows_damp(0.01 if isinstance(damp, str) else damp,
+                          fit.hessian.shape[0] - int(bias), fit.rows)
+    if fit.folds is not None and len(fit.folds.folds()) > 1:
+        ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
+                                   shrinkage=alpha))
+    if chosen is not None:
+        chosen.update({prefix + n: ridge for n in names})
     for i, (n, layer) in enumerate(zip(names, layers)):
         view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
         w = view.matrix()[0]
@@ -308,6 +326,29 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             view.set_matrix(theta[:w.shape[1]].T[None])
             if b0 is not None:
                 assign_(b0, theta[-1])
+
+
+def _input_ids(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``t`` but for a last dimension of 1, holding each position's
+    input index (its index along the batch dimension), to be flattened as ``t`` is."""
+    shape = (t.shape[0],) + (1,) * (t.dim() - 1)
+    return torch.arange(t.shape[0], device=t.device).reshape(shape).expand(
+        *t.shape[:-1], 1) if t.dim() >= 2 else torch.arange(t.shape[0], device=t.device)
+
+
+def _start(layers: list[nn.Module], names: list[str], bias: bool) -> torch.Tensor:
+    """The group's current weights side by side, ``[in (+ 1), Σ out]`` in the layout of the
+    group's sums (a zero bias row for a layer without one in a group with a bias)."""
+    parts = []
+    for n, layer in zip(names, layers):
+        w = LayerView(layer, n).matrix()[0].detach().double().cpu()
+        if bias:
+            b0 = layer.bias
+            col = b0.detach().double().cpu() if isinstance(b0, torch.Tensor) \
+                else w.new_zeros(w.shape[0])
+            w = torch.cat([w, col[:, None]], 1)
+        parts.append(w.T)
+    return torch.cat(parts, 1)
 
 
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
@@ -343,10 +384,11 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
 
 
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
-                 kept_rows: Mapping[str, torch.Tensor] | None = None, damp: float = 0.01,
-                 residual: bool = True, stack: str | None = None,
+                 kept_rows: Mapping[str, torch.Tensor] | None = None,
+                 damp: float | str = 0.01, residual: bool = True, stack: str | None = None,
                  only: Collection[str] | None = None, norms: bool = False,
-                 shrinker: Shrinker | None = None) -> list[str]:
+                 shrinker: Shrinker | None = None,
+                 chosen: dict[str, float] | None = None) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
@@ -355,8 +397,14 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     LayerNorm layers of the blocks too, in call order between the Linear layers, their gain
     and shift refitted per channel towards the original's outputs. ``shrinker``: shrinks
     the Linear layers' sums toward their diagonal before each fit and records by how much
-    (None: the plain ridge; the norms' per-channel fits are never shrunk). Returns the
-    refitted layers' full names."""
+    (None: the plain ridge; the norms' per-channel fits are never shrunk). ``damp``: the
+    Linear layers' relative ridge, or ``"auto"``: chosen per group by 2-fold
+    cross-validation on the calibration rows (:mod:`netpress.prune.ridge_cv`; the norms then
+    use 0.01), each layer's choice written into ``chosen`` when given. Returns the refitted
+    layers' full names."""
+    if isinstance(damp, str) and damp != "auto":
+        raise ValueError(f"damp={damp!r}: a number > 0 or 'auto'")
+    norm_damp = 0.01 if isinstance(damp, str) else damp
     path, cstack = find_block_stack(model, stack)
     ostack = original.get_submodule(path)
     if not isinstance(ostack, nn.ModuleList) or len(ostack) != len(cstack):
@@ -381,11 +429,11 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                     if not names:
                         continue
                 if isinstance(cb.get_submodule(names[0]), nn.LayerNorm):
-                    if _fit_norm(names[0], (cb, ob), calls, i, damp):
+                    if _fit_norm(names[0], (cb, ob), calls, i, norm_damp):
                         done.append(f"{path}.{i}.{names[0]}")
                     continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp, shrinker,
-                           f"{path}.{i}.")
+                           f"{path}.{i}.", chosen)
                 done += [f"{path}.{i}.{n}" for n in names]
                 trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
             calls[0].advance(cb, i)

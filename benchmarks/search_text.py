@@ -14,6 +14,7 @@ the task on the held-out sentences. Prints one line per strategy.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -32,9 +33,13 @@ from netpress.search.objectives import Size
 def main() -> None:
     from _transformers_bench import sentence_file_data
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trials", nargs="?", type=int, default=10, help="trials per search")
+    p.add_argument("strategies", nargs="*", default=["tpe", "random"],
+                   help="search strategies, each searched in turn (default: tpe random)")
+    args = p.parse_args()
     warnings.simplefilter("ignore")
-    trials = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    strategies = sys.argv[2:] or ["tpe", "random"]
+    trials, strategies = args.trials, args.strategies
     folder, data = sentence_file_data(400, batch_size=32)
     model = from_pretrained(folder)
     blocks = {rf"re:encoder\.layer\.{i}\..*": Range(0.0, 0.5, step=0.05) for i in range(6)}

@@ -147,9 +147,12 @@ def test_fisherprune_reports_the_shrinkage_and_warns_about_few_rows():
 
     with pytest.warns(UserWarning, match=r"FisherPrune: 3 layer\(s\) saw fewer calibration "
                       r"rows than inputs, e.g. 'blocks.0.down': 16 rows for 21 inputs.*"
-                      r"not shrunk \(shrinkage=0\).*stronger ridge \(damp=1\) or not at "
-                      r"all \(refit=False\)"):
+                      r"not shrunk \(shrinkage=0\).*ridges were chosen by cross-validation "
+                      r"on these samples \(refit_damp in the report.*refit=False"):
         default = run()
+    with pytest.warns(UserWarning, match=r"let each refit's ridge be chosen on held-out "
+                      r"samples \(damp='auto', the default\) or do not refit \(refit=False\)"):
+        run(damp=0.01)
     assert len(default["shrinkage"]) == default["refitted_layers"] - 6  # norms: no entry
     assert set(default["shrinkage"].values()) == {0.0}
     assert default["min_rows_per_column"] == pytest.approx(16 / 21, abs=0.01)

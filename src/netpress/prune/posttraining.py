@@ -255,12 +255,19 @@ def _minimum(cfg: FisherPrune, units: int, floor: float, up: bool = True) -> int
     return min(units, max(cfg.min_units, kept))
 
 
-#: What FisherPrune adds to the few-calibration-rows warning: measured on all-MiniLM-L6-v2
-#: at 50% MACs with 16 sentences, the plain refit took the cosine from 0.664 (the cut alone)
-#: to 0.327, the refit with its few-rows ridge floor (`fisher.few_rows_damp`) to 0.647, and
-#: ``damp=1`` gave 0.684 (BENCHMARKS.md, "Hessian shrinkage in the refits").
-_FEW_ROWS_ADVICE = ("; or, with few samples, refit with a stronger ridge (damp=1) or not at "
-                    "all (refit=False): the refit can then undo more than the cut costs")
+#: What FisherPrune adds to the few-calibration-rows warning, by ``damp``: measured on
+#: all-MiniLM-L6-v2 at 50% MACs with 16 sentences, the plain refit (damp 0.01) took the
+#: cosine from 0.664 (the cut alone) to 0.327, with its few-rows ridge floor
+#: (`fisher.few_rows_damp`) to 0.647, ``damp=1`` to 0.684 and ``damp="auto"`` to 0.716
+#: (BENCHMARKS.md, "Hessian shrinkage in the refits").
+_FEW_ROWS_ADVICE = {
+    "auto": ("; the refits' ridges were chosen by cross-validation on these samples "
+             "(refit_damp in the report: 100 leaves a layer as the cut made it), or skip the "
+             "refit with refit=False"),
+    "number": ("; or, with few samples, let each refit's ridge be chosen on held-out samples "
+               "(damp='auto', the default) or do not refit (refit=False): the refit can then "
+               "undo more than the cut costs"),
+}
 
 
 def _first(names: Any, n: int = 3) -> list[str]:
@@ -489,7 +496,8 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
         summary["refit_scope"] = scope
         summary["refit_damp"] = {k: float(f"{v:.4g}") for k, v in chosen.items()}
         summary.update(shrinker.summary())
-        shrinker.warn(cfg.type_name(), _FEW_ROWS_ADVICE)
+        shrinker.warn(cfg.type_name(),
+                      _FEW_ROWS_ADVICE["auto" if cfg.damp == "auto" else "number"])
     del cut  # the unpruned original; with inplace it shares tensors with the pruned model
     return pruned, summary
 

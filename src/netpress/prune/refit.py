@@ -188,13 +188,33 @@ class _Fit:
         self.rows += x.shape[0]
         if bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        if self.folds is not None:
+        if self.folds is not None:  # the total is the folds' sum (merge_folds)
             self.folds.add(x, torch.cat([y.double() for y in targets.values()], 1), ids)
-        h = x.T @ x
-        self.hessian = h if self.hessian is None else self.hessian.add_(h)  # in place
-        del h
+        else:
+            h = x.T @ x
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)  # in place
+            del h
         parts = {n: x.T @ y.double() for n, y in targets.items()}
         self.xty = parts if self.xty is None else {n: self.xty[n] + parts[n] for n in parts}
+
+    def total(self) -> torch.Tensor:
+        """``X̃ᵀX̃`` over all rows (a new tensor when the sums are kept per fold)."""
+        if self.folds is None:
+            assert self.hessian is not None
+            return self.hessian
+        hs = [h for h, _ in self.folds.folds()]
+        return sum(hs[1:], hs[0].clone())
+
+    def merge_folds(self) -> None:
+        """Sum the folds' ``X̃ᵀX̃`` into ``hessian`` in place (the first fold's tensor) and
+        drop the folds: no d x d matrix more than one total."""
+        if self.folds is None:
+            return
+        hs = [h for h, _ in self.folds.folds()]
+        self.folds = None
+        self.hessian = hs[0]
+        for h in hs[1:]:
+            self.hessian.add_(h)
 
 
 class _Tap:
@@ -295,17 +315,22 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         x = ct.got[(names[0], "in")]
         fit.add(calls[0].rows(x, b), targets, bias,
                 calls[0].rows(_input_ids(x), b) if fit.folds is not None else None)
-    assert fit.hessian is not None and fit.xty is not None
+    assert fit.xty is not None
+    width = next(iter(fit.xty.values())).shape[0]
     alpha = 0.0
     if shrinker is not None:
-        alpha = intensity(shrinker.setting, fit.hessian, fit.rows)
-        shrinker.record([prefix + n for n in names], alpha, fit.rows,
-                        fit.hessian.shape[0] - int(bias))
-    ridge = few_rows_damp(0.01 if isinstance(damp, str) else damp,
-                          fit.hessian.shape[0] - int(bias), fit.rows)
+        # a fixed setting reads only the sums' scale: one fold's sums do (no d x d total)
+        sums = fit.total() if fit.folds is None or shrinker.setting == "auto" \
+            else fit.folds.folds()[0][0]
+        alpha = intensity(shrinker.setting, sums, fit.rows)
+        del sums
+        shrinker.record([prefix + n for n in names], alpha, fit.rows, width - int(bias))
+    ridge = few_rows_damp(0.01 if isinstance(damp, str) else damp, width - int(bias), fit.rows)
     if fit.folds is not None and len(fit.folds.folds()) > 1:
         ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
                                    shrinkage=alpha))
+    fit.merge_folds()
+    assert fit.hessian is not None
     if chosen is not None:
         chosen.update({prefix + n: ridge for n in names})
     for i, (n, layer) in enumerate(zip(names, layers)):

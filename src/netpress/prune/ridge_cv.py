@@ -15,9 +15,12 @@ folds but ``k`` is scored on fold ``k`` from its sums alone:
 
     ‖X_k Θ − Y_k‖² − ‖Y_k‖² = ⟨Θ, H_k Θ⟩ − 2⟨Θ, G_k⟩
 
-(the ``‖Y_k‖²`` term does not depend on ``λ``, so it is never needed). One eigendecomposition
-per fold gives the whole ridge path: with ``A = V diag(e) Vᵀ`` the (optionally shrunk)
-training sums and ``R = G − H Θ₀``, ``Θ(λ) = Θ₀ + V diag(1 / (e + λ)) Vᵀ R``.
+(the ``‖Y_k‖²`` term does not depend on ``λ``, so it is never needed), with
+``Θ(λ) = Θ₀ + (A + λI)⁻¹ (G − H Θ₀)``, ``A`` the (optionally shrunk) training sums, by one
+Cholesky factorization per ``λ`` in a single work matrix (an eigendecomposition would give
+the whole path at once, but costs about as much for ten candidates and needs several
+``d x d`` matrices of workspace: the refit of a 3072-wide layer must stay within the memory
+FisherPrune was measured at).
 
 The candidates are *absolute* ridges ``λ = damp · mean(diag(H))`` of the full sums, used
 unchanged in the folds: the ridge that balances noise against the pull of ``Θ₀`` is about the
@@ -92,24 +95,35 @@ def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0
     ``Θ_k = argmin ‖X_{-k} Θ − Y_{-k}‖² + λ‖Θ − Θ₀‖²`` is fitted on the other folds (its
     correlations shrunk toward the diagonal by ``shrinkage``, as
     :func:`netpress.prune.fisher.ridge_solve` solves), i.e. the held-out squared error up to
-    a constant. ``folds``: ``(H_k, G_k)`` = ``(X_kᵀX_k, X_kᵀY_k)``; float64."""
+    a constant. ``folds``: ``(H_k, G_k)`` = ``(X_kᵀX_k, X_kᵀY_k)``; float64.
+
+    Memory: one d x d work matrix besides the folds' sums (with two folds the training sums
+    of one are the other's, no copy); a Cholesky factorization per ``λ`` and fold. A ``λ``
+    whose system is not positive definite (rounding, near-empty folds) scores +inf."""
     if len(folds) < 2:
         raise ValueError("cross-validation needs rows in at least 2 folds")
     theta0 = theta0.double().to(folds[0][0].device)
-    h_all = sum(h.double() for h, _ in folds)
-    g_all = sum(g.double() for _, g in folds)
-    assert isinstance(h_all, torch.Tensor) and isinstance(g_all, torch.Tensor)
     errors = torch.zeros(len(lambdas), dtype=torch.float64)
-    for h_k, g_k in folds:
-        h_k, g_k = h_k.double(), g_k.double()
-        h_train, g_train = h_all - h_k, g_all - g_k
-        residual = g_train - h_train @ theta0
-        a = shrink_(h_train.clone(), shrinkage) if shrinkage > 0 else h_train
-        e, v = torch.linalg.eigh(a)
-        q = v.T @ residual
+    work: torch.Tensor | None = None
+    for k, (h_k, g_k) in enumerate(folds):
+        others = [f for j, f in enumerate(folds) if j != k]
+        h_train = others[0][0] if len(others) == 1 else sum(h for h, _ in others)
+        g_train = others[0][1] if len(others) == 1 else sum(g for _, g in others)
+        assert isinstance(h_train, torch.Tensor) and isinstance(g_train, torch.Tensor)
+        residual = g_train.double() - h_train.double() @ theta0
         for i, lam in enumerate(lambdas):
-            theta = theta0 + v @ (q / (e + lam)[:, None])
-            errors[i] += float((theta * (h_k @ theta)).sum() - 2 * (theta * g_k).sum())
+            work = h_train.double().clone() if work is None else work.copy_(h_train)
+            if shrinkage > 0:
+                shrink_(work, shrinkage)
+            work.diagonal().add_(lam)
+            _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty(
+                (), dtype=torch.int32, device=work.device)))
+            if int(info) != 0:
+                errors[i] = float("inf")
+                continue
+            theta = theta0 + torch.cholesky_solve(residual, work)
+            errors[i] += float((theta * (h_k.double() @ theta)).sum()
+                               - 2 * (theta * g_k.double()).sum())
     return errors
 
 
@@ -120,9 +134,7 @@ def cv_damp(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Te
     squared error over the folds (:func:`ridge_path_errors`); the larger on a tie.
     ``grid``: the candidates (None: :data:`DAMP_GRID`)."""
     grid = DAMP_GRID if grid is None else grid
-    h_all = sum(h.double() for h, _ in folds)
-    assert isinstance(h_all, torch.Tensor)
-    mean = float(h_all.diagonal().mean())
+    mean = sum(float(h.diagonal().double().mean()) for h, _ in folds)
     scale = mean if mean > 0 else 1.0
     errors = ridge_path_errors(folds, theta0, [d * scale for d in grid], shrinkage)
     best = float(errors.min())

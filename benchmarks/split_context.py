@@ -4,11 +4,11 @@ For a trained bottleneck (a stage-1 state of ``split_fm.py``, or a saved stage-2
 codes of the 50,000-image head-output cache are split as ``split_fm.py`` splits them (the
 first ``--held-out`` images held out, the rest train). For each candidate context (a set of
 ``(dc, di, dj)`` offsets of :mod:`netpress.split.context`; ``()`` is a per-channel model) a
-:class:`~netpress.split.context.ContextModel` is fitted on the codes of ``--fit`` train
-images and scored on the held-out codes: the honest cross-entropy (mean ``sum -log2 p``
+:class:`~netpress.split.context.ContextModel` is fitted on the codes of ``--coder-fit`` train
+images (20,000) and scored on the held-out codes: the honest cross-entropy (mean ``sum -log2 p``
 per image, in bytes, under the integer tables both ends hold), against the per-channel coder
 of :mod:`netpress.split.arith` fitted on 2,000 train images (what ``split_fm.py`` sends
-with). With ``--test`` the chosen ``--offsets`` are also coded for real on the 10,000 JPEG
+with). With ``--test`` the chosen ``--context`` is also coded for real on the 10,000 JPEG
 test images (mean and p95 bytes, exact round trip of the first 200).
 
     python benchmarks/split_context.py --data ../shared/data --channels 8 --bits 2 \
@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_json
+from _split_coder import CONTEXTS
 from split_curve import _codes, common_options, prepare
 from split_small import latent_options
 
@@ -41,32 +42,16 @@ from netpress.split.context import (
 )
 
 RESULTS = Path(__file__).parent / "results" / "split_fm"
-L, U, P = (0, 0, -1), (0, -1, 0), (-1, 0, 0)
-CANDIDATES: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "none": (), "L": (L,), "U": (U,), "P": (P,), "L+U": (L, U), "L+P": (L, P),
-    "U+P": (U, P), "P+PP": (P, (-2, 0, 0)), "L+U+P": (L, U, P),
-    "L+U+UL": (L, U, (0, -1, -1)), "L+U+P+PP": (L, U, P, (-2, 0, 0)),
-    "L+U+P+UL": (L, U, P, (0, -1, -1)), "L+U+P+PR": (L, U, P, (-1, 0, 1)),
-    "L+U+P+PD": (L, U, P, (-1, 1, 0)),
-}
-
-
-def _offsets(text: str) -> tuple[tuple[int, int, int], ...]:
-    if text in CANDIDATES:
-        return CANDIDATES[text]
-    raise argparse.ArgumentTypeError(f"--offsets: one of {', '.join(CANDIDATES)}")
-
-
 def screen(train: np.ndarray, held: np.ndarray, bits: int,
            names: list[str]) -> list[dict[str, Any]]:
     """Held-out cross-entropy (bytes per image) and model bytes of each candidate."""
     rows = []
     for name in names:
         t = time.process_time()
-        model = fit_context_model(train, bits, CANDIDATES[name])
+        model = fit_context_model(train, bits, CONTEXTS[name])
         per_image = model.code_bits(held).sum(axis=(1, 2, 3)) / 8
         per_channel = model.code_bits(held).sum(axis=(2, 3)).mean(axis=0) / 8
-        rows.append({"context": name, "offsets": [list(o) for o in CANDIDATES[name]],
+        rows.append({"context": name, "offsets": [list(o) for o in CONTEXTS[name]],
                      "strength": model.strength, "model_bytes": model.nbytes,
                      "ideal_bytes_held": float(per_image.mean()),
                      "ideal_bytes_held_p95": float(np.percentile(per_image, 95)),
@@ -81,12 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     common_options(p)
     latent_options(p, channels=8, stride=2, depth=2, stage1=800, stage2=0)
     p.add_argument("--held-out", type=int, default=2000)
-    p.add_argument("--fit", type=int, default=20000, help="train images the model is fit on")
     p.add_argument("--state", type=Path, default=None,
                    help="a stage-2 state of split_fm.py (default: the stage-1 state)")
-    p.add_argument("--candidates", default=",".join(CANDIDATES))
-    p.add_argument("--offsets", type=_offsets, default=CANDIDATES["L+U+P"],
-                   help="the context coded for real on the test images (--test)")
+    p.add_argument("--candidates", default=",".join(CONTEXTS))
     p.add_argument("--test", action="store_true")
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-fm"))
     p.add_argument("--out", type=Path, default=RESULTS / "context.json")
@@ -101,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"d{args.depth}_b{args.bits}_{args.stage1}_held{k}.pt")
     state = torch.load(path)
     b.load_state_dict(state["bottleneck"] if "bottleneck" in state else state)
-    train = np.stack(_codes(b, cache.h[k:k + args.fit].float()))
+    train = np.stack(_codes(b, cache.h[k:k + (args.coder_fit or 20000)].float()))
     held = np.stack(_codes(b, cache.h[:k].float()))
     per_channel = fit_code_model(list(train[:2000]), args.bits)
     base = {"per_channel_coder_bytes_held": float(arith_bytes(list(held), per_channel).mean()),
@@ -115,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": rows}
     if args.test:
         codes = _codes(b, test.h.float())
-        model = fit_context_model(train, args.bits, args.offsets)
+        model = fit_context_model(train, args.bits, CONTEXTS[args.context])
         sent, flat = context_bytes(codes, model), arith_bytes(codes, per_channel)
         ideal = np.array([model.ideal_bits(c) for c in codes])
         payload["test"] = {
-            "offsets": [list(o) for o in args.offsets], "model_bytes": model.nbytes,
+            "offsets": [list(o) for o in CONTEXTS[args.context]], "model_bytes": model.nbytes,
             "strength": model.strength,
             "bytes_context_mean": float(sent.mean()),
             "bytes_context_p95": float(np.percentile(sent, 95)),

@@ -145,5 +145,7 @@ def test_bad_codes_and_offsets_are_refused():
         fit_context_model([], 2)
     with pytest.raises(DataError, match=r"\(N, C, H, W\)"):
         fit_context_model(np.zeros((5, 6), np.uint8), 2)
+    with pytest.raises(DataError, match="different shapes"):
+        fit_context_model([np.zeros((2, 3, 3), np.uint8), np.zeros((2, 3, 4), np.uint8)], 2)
     with pytest.raises(RecipeError, match="before the coded value"):
         fit_context_model(np.zeros((5, 2, 3, 3), np.uint8), 2, ((0, 0, 1),))

@@ -185,8 +185,12 @@ def fit_context_model(codes: list[np.ndarray] | np.ndarray, bits: int,
     _check_offsets(offsets)
     if len(codes) == 0:
         raise DataError("context coder: no codes to fit the model on")
-    arr = _check(np.stack(list(codes)) if isinstance(codes, list) else codes, None, bits,
-                 batch=True)
+    try:
+        stacked = np.stack(list(codes)) if isinstance(codes, list) else np.asarray(codes)
+    except ValueError as exc:
+        raise DataError(f"context coder: training codes of different shapes ({exc}); fit "
+                        f"the model on codes of one bottleneck") from exc
+    arr = _check(stacked, None, bits, batch=True)
     if strength is None:
         strength = _choose_strength(arr, bits, offsets)
     elif strength <= 0:

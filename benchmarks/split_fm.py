@@ -19,7 +19,9 @@ screens (agreement with the original); the rest train. Stage 1 (feature MSE, bot
 cached) is run once and saved in ``--work``; every stage-2 run starts from it (or from
 ``--resume``). With ``--eval test`` the run is also scored on the 10,000 JPEG test images
 (agreement, arithmetic-coded bytes, decode-back check) and the lossless ones
-(``split_small._measure``).
+(``split_small._measure``). ``--coder context`` sends the codes with the context-model coder
+(:mod:`netpress.split.context`, fitted on 20,000 train images' codes, ``--context`` the
+neighbours) instead of the per-channel one, in every bytes figure.
 
 With ``--train-head`` (live views only) stage 2 trains the device's head too: the student
 is a :class:`~netpress.split.SplitModel` of a copy of the original head, the bottleneck and
@@ -48,12 +50,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import data_dir, write_json
+from _split_coder import coded_bytes, fit_coder, fit_count
 from recovery import crop_flip
 from split_curve import _codes, _outputs, common_options, prepare
 from split_small import _measure, fit_stage1, fit_stage2, latent_options, stage2_loss
 
 from netpress import datasets as ds
-from netpress.split import SplitModel, arith_bytes, fit_code_model
+from netpress.split import SplitModel
 from netpress.split.bottleneck import Bottleneck, build_bottleneck
 from netpress.split.cached import HeadCache, fit_cached
 
@@ -165,11 +168,12 @@ def _agreement(b: nn.Module, tail: nn.Module, cache: HeadCache) -> float:
                  .float().mean())
 
 
-def _held_bytes(b: Bottleneck, train: HeadCache, held: HeadCache, bits: int) -> float:
-    """Mean arithmetic-coded bytes of the held-out images' codes (model fitted on the codes
-    of 2,000 train images, as ``split_small._measure`` does for the test images)."""
-    model = fit_code_model(_codes(b, train.h[:2000].float()), bits)
-    return float(arith_bytes(_codes(b, held.h.float()), model).mean())
+def _held_bytes(b: Bottleneck, train: HeadCache, held: HeadCache,
+                args: argparse.Namespace) -> float:
+    """Mean coded bytes of the held-out images' codes (``--coder``'s model fitted on the
+    codes of the first train images, as ``split_small._measure`` does for the test images)."""
+    model = fit_coder(_codes(b, train.h[:fit_count(args)].float()), args)
+    return float(coded_bytes(_codes(b, held.h.float()), model).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         b.load_state_dict(torch.load(s1_path))
         rows.append({"after": "stage 1 (loaded)", "steps": args.stage1,
                      "agreement_held": _agreement(b, cut.tail, held),
-                     "bytes_held": _held_bytes(b, train, held, args.bits)})
+                     "bytes_held": _held_bytes(b, train, held, args)})
         print(rows[-1], flush=True)
     else:
         t1, c1 = time.perf_counter(), time.process_time()
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": round(time.perf_counter() - t1),
                      "cpu_seconds": round(time.process_time() - c1),
                      "agreement_held": _agreement(b, cut.tail, held),
-                     "bytes_held": _held_bytes(b, train, held, args.bits)})
+                     "bytes_held": _held_bytes(b, train, held, args)})
         print(rows[-1], flush=True)
     first = HeadCache(train.h[:2000], train.logits[:2000], None, 250)
 
@@ -297,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"after": "resumed state, scored", "resumed_from": str(args.resume)})
     if args.stage2 or args.resume is not None:
         row = rows[-1]
+        fit_cache = train  # the coder's model is fitted on the first train images' codes
         if head_trained:
             first = rehead(head, x[k:k + 2000], first)
+            n_fit = fit_count(args)
+            fit_cache = first if n_fit <= 2000 else rehead(
+                head, x[k:k + n_fit], HeadCache(train.h[:n_fit], train.logits[:n_fit], None, 250))
             test = rehead(head, ds.cifar10_jpeg_test(data_dir(args.data),
                                                      limit=args.test_images).tensors[0], test)
             exact = rehead(head, ds.cifar10_exact_test(data_dir(args.data)).tensors[0], exact)
@@ -311,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not n.endswith("num_batches_tracked"))
         held_s = held_now()
         row.update(agreement_held=_agreement(b, tail, held_s),
-                   bytes_held=_held_bytes(b, first, held_s, args.bits),
+                   bytes_held=_held_bytes(b, fit_cache, held_s, args),
                    agreement_train_2000=_agreement(b, tail, first))
         if args.eval == "test":
-            row.update(_measure(b, tail, first, test, exact, jpeg, args.bits))
+            row.update(_measure(b, tail, fit_cache, test, exact, jpeg, args))
         print(row, flush=True)
     payload = {"model": "resnet56 (akamaster)", **{k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},

@@ -15,7 +15,8 @@ the cut tensor for the original tail:
 
 Measured on all ``--test-images`` JPEG test images: agreement with the original, the
 arithmetic-coded bytes of the codes (a per-channel frequency model fitted on the codes of
-2,000 train images, held by both ends; first 200 decoded back), the JPEG files' bytes;
+2,000 train images, or with ``--coder context`` a context model fitted on 20,000, held by
+both ends; first 200 decoded back), the JPEG files' bytes;
 accuracy on the 1,017 lossless test images; head + encoder MACs against the full model's.
 
     python benchmarks/split_small.py --data ../shared/data --channels 16 --bits 3
@@ -37,11 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, write_json
+from _split_coder import coded_bytes, coder_options, decodes_back, fit_coder, fit_count, ideal_bytes
 from split_curve import _codes, _outputs, common_options, prepare
 
 from netpress.measure.macs import count_macs
 from netpress.recover.losses import distillation_loss, feature_mse
-from netpress.split import arith_bytes, decode_codes, encode_codes, fit_code_model
 from netpress.split.bottleneck import Bottleneck, build_bottleneck
 from netpress.split.cached import HeadCache, fit_cached
 from netpress.split.frozen_head import Back
@@ -50,25 +51,25 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _measure(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
-             exact: HeadCache, jpeg: np.ndarray, bits: int) -> dict[str, Any]:
+             exact: HeadCache, jpeg: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     ref = test.logits.argmax(1)
     out = _outputs(b, tail, test.h)
-    model = fit_code_model(_codes(b, train.h[:2000].float()), bits)
+    model = fit_coder(_codes(b, train.h[:fit_count(args)].float()), args)
     codes = _codes(b, test.h)
-    sent = arith_bytes(codes, model)
+    sent = coded_bytes(codes, model)
     return {
         "agreement_jpeg": float((out.argmax(1) == ref).float().mean()),
         "accuracy_exact": float((_outputs(b, tail, exact.h).argmax(1) == exact.labels)
                                 .float().mean()) if exact.labels is not None else None,
+        "coder": args.coder, **({"context": args.context} if args.coder == "context" else {}),
+        "coder_fit_images": min(fit_count(args), len(train)),
         "bytes_arith_mean": float(sent.mean()),
         "bytes_arith_p95": float(np.percentile(sent, 95)),
-        "bytes_ideal_mean": float(np.mean([model.ideal_bits(c) / 8 for c in codes])),
-        "bytes_raw": int(codes[0].size * bits / 8),
+        "bytes_ideal_mean": ideal_bytes(codes, model),
+        "bytes_raw": int(codes[0].size * args.bits / 8),
         "code_model_bytes": model.nbytes,
         "reduction_vs_jpeg": float(jpeg.mean() / sent.mean()),
-        "arith_round_trip_200": all(
-            np.array_equal(decode_codes(encode_codes(c, model), model, c.shape), c)
-            for c in codes[:200]),
+        "arith_round_trip_200": decodes_back(codes[:200], model),
         "code_shape": list(codes[0].shape)}
 
 
@@ -113,7 +114,7 @@ def _stage2(b: Bottleneck, tail: nn.Module, train: HeadCache, test: HeadCache,
     s2 = fit_stage2(b, tail, train, args, args.stage2)
     seen = train.h[:2000].float()
     row = {"after": "stage 2", "steps": args.stage2, "seconds": round(time.perf_counter() - t2),
-           **s2, **_measure(b, tail, train, test, exact, jpeg, args.bits),
+           **s2, **_measure(b, tail, train, test, exact, jpeg, args),
            "agreement_train_2000": float((_outputs(b, tail, seen).argmax(1)
                                           == train.logits[:2000].argmax(1)).float().mean())}
     print(row, flush=True)
@@ -133,6 +134,7 @@ def latent_options(p: argparse.ArgumentParser, *, channels: int, stride: int, de
     p.add_argument("--stage2", type=int, default=stage2)
     p.add_argument("--tail-lr", type=float, default=2e-4)
     p.add_argument("--logit-mse", type=float, default=0.1)
+    coder_options(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         s1 = fit_stage1(b, train, args)
         rows.append({"after": "stage 1", "steps": args.stage1,
                      "seconds": round(time.perf_counter() - t1), **s1,
-                     **_measure(b, cut.tail, train, test, exact, jpeg, args.bits)})
+                     **_measure(b, cut.tail, train, test, exact, jpeg, args)})
         print(rows[-1], flush=True)
     if args.stage2:
         rows.append(_stage2(b, tail, train, test, exact, jpeg, args))

@@ -251,6 +251,23 @@ def test_split_section_against_png_and_with_a_dictionary():
     arith = sec["bytes_per_input_arithmetic"]["mean"]
     assert arith <= 2 * 4 * 4 * 8 / 8 + 1  # at most the raw bits of the codes, plus a byte
     assert arith < sec["bytes_per_input"]["mean"]  # no headers: fewer bytes than zstd
+    assert "bytes_per_input_context" not in sec  # 8-bit context tables would be too large
+
+
+def test_split_section_context_coder_for_small_alphabets():
+    from netpress.report._toolbox import _split
+
+    model, data = _task()
+    res = npr.compress(model, npr.Split(at="conv1", channels=2, bits=2, stride=2,
+                                        stage1_steps=2, stage2_steps=2), train=data,
+                       measure=False)
+    sec = split_section(model, res.model, data, train=data, latency_repeats=2)
+    assert sec["context_offsets"] == [[0, 0, -1], [0, -1, 0], [-1, 0, 0]]
+    assert sec["context_model_bytes"] == 2 * 2 * 5 ** 3 * 4
+    ctx = sec["bytes_per_input_context"]["mean"]
+    assert ctx <= 2 * 4 * 4 * 2 / 8 + 1  # at most the raw bits, plus a byte
+    assert ctx <= sec["bytes_per_input_arithmetic"]["mean"] + 1  # backs off to per-channel
+    assert any("context-coded (2,000-byte context model)" in line for line in _split(sec))
 
 
 def test_split_settings_are_checked():

@@ -34,6 +34,10 @@ def _split(s: Mapping[str, Any]) -> list[str]:
         a = s["bytes_per_input_arithmetic"]
         body.append([f"… arithmetic-coded ({s['code_model_bytes']:,}-byte per-channel model)",
                      f"{a['mean']:.1f}", f"{a['median']:.0f}", f"{a['p95']:.0f}"])
+    if "bytes_per_input_context" in s:
+        a = s["bytes_per_input_context"]
+        body.append([f"… context-coded ({s['context_model_bytes']:,}-byte context model)",
+                     f"{a['mean']:.1f}", f"{a['median']:.0f}", f"{a['p95']:.0f}"])
     if "input_png_bytes" in s:
         p = s["input_png_bytes"]
         body.append(["input image as PNG", f"{p['mean']:.1f}", f"{p['median']:.0f}",

@@ -11,6 +11,8 @@
 * :mod:`~netpress.split.method`: the ``Split`` method (BottleFit's two training stages);
 * :mod:`~netpress.split.measure`: bytes per input after entropy coding, device MACs/latency;
 * :mod:`~netpress.split.arith`: a static arithmetic coder of the codes (per-channel model);
+* :mod:`~netpress.split.context`: the same coder with a context model (each code's table
+  chosen by the codes sent before it);
 * :mod:`~netpress.split.entropy`: a learned factorized density of the codes (the rate term
   of ``Split(entropy="factorized")``) and the coder's model of it;
 * :mod:`~netpress.split.export`: the device and server artefacts and ONNX files.
@@ -26,6 +28,15 @@ from netpress.split.arith import (
     save_code_model,
 )
 from netpress.split.bottleneck import Bottleneck, build_bottleneck, quantize_ste
+from netpress.split.context import (
+    ContextModel,
+    context_bytes,
+    decode_with_context,
+    encode_with_context,
+    fit_context_model,
+    load_context_model,
+    save_context_model,
+)
 from netpress.split.cut import Cut, cut_model, resolve_cut
 from netpress.split.entropy import FactorizedPrior, code_model_from_pmf
 from netpress.split.export import save_split
@@ -47,6 +58,13 @@ __all__ = [
     "ServerPart",
     "Bottleneck",
     "CodeModel",
+    "ContextModel",
+    "context_bytes",
+    "decode_with_context",
+    "encode_with_context",
+    "fit_context_model",
+    "load_context_model",
+    "save_context_model",
     "arith_bytes",
     "decode_codes",
     "encode_codes",

@@ -13,7 +13,9 @@ code value.
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import numpy as np
 from netpress.errors import DataError
 
 __all__ = ["CodeModel", "fit_code_model", "encode_codes", "decode_codes", "arith_bytes",
-           "save_code_model", "load_code_model"]
+           "save_code_model", "load_code_model", "encode_stream", "decode_stream"]
 
 _TOP = (1 << 32) - 1
 _HALF = 1 << 31
@@ -98,6 +100,13 @@ def _symbols(codes: np.ndarray, model: CodeModel) -> tuple[list[int], list[int]]
 def encode_codes(codes: np.ndarray, model: CodeModel) -> bytes:
     """The arithmetic-coded bytes of one input's codes (shape ``(C, ...)``)."""
     symbols, chans = _symbols(codes, model)
+    return encode_stream(symbols, [model.cum[c] for c in chans])
+
+
+def encode_stream(symbols: Sequence[int], cums: Sequence[Sequence[int]]) -> bytes:
+    """Arithmetic-code ``symbols``, symbol ``k`` with the cumulative frequencies ``cums[k]``
+    (``cums[k][s]`` below ``s``, ``cums[k][-1]`` the total): the coder core that every model
+    of this package (per-channel, context) feeds."""
     low, high, pending = 0, _TOP, 0
     out: list[int] = []
 
@@ -107,8 +116,7 @@ def encode_codes(codes: np.ndarray, model: CodeModel) -> bytes:
         out.extend([1 - bit] * pending)
         pending = 0
 
-    for s, c in zip(symbols, chans):
-        cum = model.cum[c]
+    for s, cum in zip(symbols, cums, strict=True):
         span = high - low + 1
         high = low + span * cum[s + 1] // cum[-1] - 1
         low = low + span * cum[s] // cum[-1]
@@ -131,9 +139,18 @@ def encode_codes(codes: np.ndarray, model: CodeModel) -> bytes:
 
 def decode_codes(data: bytes, model: CodeModel, shape: tuple[int, ...]) -> np.ndarray:
     """Invert :func:`encode_codes` for codes of ``shape`` (the device part's code shape)."""
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()
     n = int(np.prod(shape))
     per_channel = n // shape[0]
+    out = decode_stream(data, n, lambda i, _decoded: model.cum[i // per_channel])
+    return np.asarray(out, dtype=np.uint8).reshape(shape)
+
+
+def decode_stream(data: bytes, n: int,
+                  cum_at: Callable[[int, list[int]], Sequence[int]]) -> list[int]:
+    """Invert :func:`encode_stream` for ``n`` symbols: ``cum_at(k, decoded)`` gives symbol
+    ``k``'s cumulative frequencies from the ``k`` symbols decoded before it (a context model
+    looks at them; the encoder must have used the same tables)."""
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).tolist()
     pos = 0
 
     def next_bit() -> int:
@@ -145,13 +162,13 @@ def decode_codes(data: bytes, model: CodeModel, shape: tuple[int, ...]) -> np.nd
     for _ in range(32):
         value = 2 * value + next_bit()
     low, high = 0, _TOP
-    out = np.empty(n, dtype=np.uint8)
+    out: list[int] = []
     for i in range(n):
-        cum = model.cum[i // per_channel]
+        cum = cum_at(i, out)
         span = high - low + 1
         target = ((value - low + 1) * cum[-1] - 1) // span
-        s = int(np.searchsorted(cum, target, side="right")) - 1
-        out[i] = s
+        s = bisect.bisect_right(cum, target) - 1
+        out.append(s)
         high = low + span * cum[s + 1] // cum[-1] - 1
         low = low + span * cum[s] // cum[-1]
         while True:
@@ -164,7 +181,7 @@ def decode_codes(data: bytes, model: CodeModel, shape: tuple[int, ...]) -> np.nd
             else:
                 break
             low, high, value = 2 * low, 2 * high + 1, 2 * value + next_bit()
-    return out.reshape(shape)
+    return out
 
 
 def arith_bytes(codes: list[np.ndarray], model: CodeModel) -> np.ndarray:

@@ -6,7 +6,8 @@
   with training inputs the section also gives the bytes of the static arithmetic coder
   (:mod:`netpress.split.arith`), its per-channel model fitted on the same codes, or, when
   the bottleneck learned an entropy model (``entropy="factorized"``), that model's pmf
-  (:func:`coded_codes`; no training inputs needed);
+  (:func:`coded_codes`; no training inputs needed); without one, for ``(C, H, W)`` codes,
+  also the context-model coder's (:mod:`netpress.split.context`, tables up to 256 KiB);
 * :func:`image_png_bytes`: the PNG bytes of each raw input image (8-bit, lossless), the
   baseline a device would otherwise send;
 * :func:`split_section`: the report section: bytes per input (mean, median, p95, with and
@@ -28,10 +29,13 @@ from netpress.errors import ModelError
 from netpress.measure.activations import zstd_codec
 from netpress.measure.collect import evaluating, model_device
 from netpress.split.arith import CodeModel, arith_bytes, fit_code_model
+from netpress.split.context import DEFAULT_OFFSETS, context_bytes, fit_context_model
 from netpress.split.model import SplitModel
 
 __all__ = ["codes_of", "coded_codes", "transmitted_bytes", "train_dictionary",
            "image_png_bytes", "split_section"]
+
+_CONTEXT_MODEL_LIMIT = 256 * 1024  # bytes of context tables both ends would hold
 
 
 def codes_of(split: SplitModel, data: Iterable[Any], max_batches: int | None = None
@@ -98,6 +102,25 @@ def _stats(values: np.ndarray) -> dict[str, float]:
             "p95": float(np.percentile(values, 95)), "max": float(values.max())}
 
 
+def _context_coded(train_codes: list[np.ndarray], codes: list[np.ndarray], bits: int,
+                   limit: int = _CONTEXT_MODEL_LIMIT) -> dict[str, Any]:
+    """The context coder's bytes (:mod:`netpress.split.context`, fitted on ``train_codes``)
+    for ``(C, H, W)`` codes, with as many of its default neighbours (left, up, previous
+    channel) as keep the model within ``limit`` bytes; nothing for other codes or when not
+    even one fits."""
+    if codes[0].ndim != 3:
+        return {}
+    offsets = DEFAULT_OFFSETS
+    while offsets and (2 * codes[0].shape[0] * (2 ** bits + 1) ** len(offsets)
+                       * 2 ** bits) > limit:
+        offsets = offsets[:-1]
+    if not offsets:
+        return {}
+    model = fit_context_model(np.stack(train_codes), bits, offsets)
+    return {"context_offsets": [list(o) for o in offsets], "context_model_bytes": model.nbytes,
+            "bytes_per_input_context": _stats(context_bytes(codes, model))}
+
+
 def split_section(reference: nn.Module, split: SplitModel, evaluate: Iterable[Any], *,
                   train: Iterable[Any] | None = None, example_inputs: Any = None,
                   max_batches: int | None = None, dictionary_batches: int = 20,
@@ -122,6 +145,7 @@ def split_section(reference: nn.Module, split: SplitModel, evaluate: Iterable[An
             model = fit_code_model(train_codes, out["bits"])
             out["code_model_bytes"] = model.nbytes
             out["bytes_per_input_arithmetic"] = _stats(arith_bytes(codes, model))
+            out.update(_context_coded(train_codes, codes, out["bits"]))
     if split.bottleneck.prior is not None:
         model, sizes = coded_codes(split, codes)
         out["entropy_model"] = "factorized"
@@ -130,7 +154,8 @@ def split_section(reference: nn.Module, split: SplitModel, evaluate: Iterable[An
     png = image_png_bytes(evaluate, max_batches)
     if png is not None and len(png) == len(sent):
         best = min(out[k]["mean"] for k in ("bytes_per_input", "bytes_per_input_with_dictionary",
-                                             "bytes_per_input_arithmetic") if k in out)
+                                             "bytes_per_input_arithmetic",
+                                             "bytes_per_input_context") if k in out)
         out["input_png_bytes"] = _stats(png)
         out["reduction_vs_png"] = float(png.mean()) / best if best else None
     if example_inputs is not None:

@@ -13,7 +13,7 @@ import netpress as npr
 from netpress.errors import RecipeError
 from netpress.prune import refit as refit_module
 from netpress.prune.fisher import RefitStats, few_rows_damp, ridge_refit, ridge_solve
-from netpress.prune.posttraining import FisherPrune, fisher_cut
+from netpress.prune.posttraining import FisherPrune
 from netpress.prune.refit import refit_blocks
 from netpress.reconstruct.shrinkage import Shrinker, shrunk
 from netpress.testing import toy_batches, toy_transformer
@@ -67,23 +67,8 @@ def test_shrinkage_zero_is_the_plain_ridge_bit_for_bit():
     assert all(torch.equal(p, z) for p, z in zip(plain, zero))
 
 
-def _cut(images: int) -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
-    model = toy_transformer()
-    data = [b for b, _ in toy_batches(n=images, batch=images)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cut = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=1), data[0], data)
-    return model, cut, data
-
-
-def _held_out_error(model: torch.nn.Module, ref: torch.nn.Module) -> float:
-    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return float((model(x) - ref(x)).norm() / ref(x).norm())
-
-
-def test_block_refit_with_shrinkage_zero_reproduces_the_plain_refit_exactly():
-    model, cut, data = _cut(4)
+def test_block_refit_with_shrinkage_zero_reproduces_the_plain_refit_exactly(toy_cut):
+    model, cut, data = toy_cut(4)
     plain, zero = copy.deepcopy(cut.model), copy.deepcopy(cut.model)
     refit_blocks(plain, cut.original, data, kept_rows=cut.kept_rows, norms=True)
     shrinker = Shrinker(0.0)
@@ -94,12 +79,13 @@ def test_block_refit_with_shrinkage_zero_reproduces_the_plain_refit_exactly():
     assert set(shrinker.alpha.values()) == {0.0} and len(shrinker.alpha) == 18
 
 
-def test_block_refit_with_few_rows_generalises_better_floored_or_shrunk(monkeypatch):
+def test_block_refit_with_few_rows_generalises_better_floored_or_shrunk(monkeypatch, toy_cut,
+                                                                         held_out_error):
     """Two 8x8 images: 16 calibration rows for the 16-wide layers (33 with the ones column
     and 32 inputs for ``down``). The plain ridge at damp=0.01 follows those rows: held-out
     relative output error 0.285; shrunk by the Ledoit-Wolf intensity (0.31 at most) 0.242;
     with the few-rows ridge floor (the default, :func:`few_rows_damp`) 0.210."""
-    model, cut, data = _cut(2)
+    model, cut, data = toy_cut(2)
     floored = copy.deepcopy(cut.model)
     refit_blocks(floored, cut.original, data, kept_rows=cut.kept_rows)
     monkeypatch.setattr(refit_module, "few_rows_damp", lambda damp, inputs, rows: damp)
@@ -107,8 +93,8 @@ def test_block_refit_with_few_rows_generalises_better_floored_or_shrunk(monkeypa
     refit_blocks(plain, cut.original, data, kept_rows=cut.kept_rows)
     shrinker = Shrinker("auto")
     refit_blocks(auto, cut.original, data, kept_rows=cut.kept_rows, shrinker=shrinker)
-    err_plain, err_auto = _held_out_error(plain, model), _held_out_error(auto, model)
-    err_floor = _held_out_error(floored, model)
+    err_plain, err_auto = held_out_error(plain, model), held_out_error(auto, model)
+    err_floor = held_out_error(floored, model)
     assert err_auto < 0.9 * err_plain, (err_auto, err_plain)
     assert err_floor < 0.8 * err_plain, (err_floor, err_plain)
     assert 0.1 < max(shrinker.alpha.values()) < 0.6

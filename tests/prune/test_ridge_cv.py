@@ -3,6 +3,8 @@ errors against a brute-force fit on the rows themselves, the choice on planted p
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -103,29 +105,9 @@ def test_grid_and_ties() -> None:
 
 # --- in the refits ------------------------------------------------------------------------
 
-def _toy_cut(images: int):  # type: ignore[no-untyped-def]
-    import warnings
-
-    from netpress.prune.posttraining import FisherPrune, fisher_cut
-    from netpress.testing import toy_batches, toy_transformer
-
-    model = toy_transformer()
-    data = [b for b, _ in toy_batches(n=images, batch=images)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cut = fisher_cut(model, FisherPrune(macs=0.6, calibration_batches=1), data[0], data)
-    return model, cut, data
-
-
-def _held_out_error(model: torch.nn.Module, ref: torch.nn.Module) -> float:
-    x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return float((model(x) - ref(x)).norm() / ref(x).norm())
-
-
 @pytest.mark.parametrize("images", [4, 32])
-def test_block_refit_with_a_cross_validated_ridge_generalises_at_least_as_well(images: int
-                                                                               ) -> None:
+def test_block_refit_with_a_cross_validated_ridge_generalises_at_least_as_well(
+        images: int, toy_cut: Any, held_out_error: Any) -> None:
     """The toy transformer's block refit from 4 images (32 rows for 16-32 inputs) and from
     32: ``damp="auto"`` is no worse on held-out images than the fixed default with its
     few-rows floor, every layer gets a ridge from the grid or the floor, and the floor is
@@ -135,7 +117,7 @@ def test_block_refit_with_a_cross_validated_ridge_generalises_at_least_as_well(i
     from netpress.prune.fisher import few_rows_damp
     from netpress.prune.refit import refit_blocks
 
-    model, cut, data = _toy_cut(images)
+    model, cut, data = toy_cut(images)
     fixed, auto = copy.deepcopy(cut.model), copy.deepcopy(cut.model)
     refit_blocks(fixed, cut.original, data, kept_rows=cut.kept_rows, norms=True)
     chosen: dict[str, float] = {}
@@ -149,7 +131,7 @@ def test_block_refit_with_a_cross_validated_ridge_generalises_at_least_as_well(i
         floor = few_rows_damp(0.01, layer.in_features, rows)
         assert damp >= floor - 1e-12
         assert damp in DAMP_GRID or damp == pytest.approx(floor)
-    err_fixed, err_auto = _held_out_error(fixed, model), _held_out_error(auto, model)
+    err_fixed, err_auto = held_out_error(fixed, model), held_out_error(auto, model)
     assert err_auto <= 1.02 * err_fixed, (err_auto, err_fixed)
 
 

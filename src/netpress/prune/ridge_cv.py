@@ -80,8 +80,9 @@ class FoldSums:
                 continue
             h, g = xk.T @ xk, xk.T @ yk
             h_old, g_old = self.hessian[k], self.xty[k]
-            self.hessian[k] = h if h_old is None else h_old + h
-            self.xty[k] = g if g_old is None else g_old + g
+            self.hessian[k] = h if h_old is None else h_old.add_(h)  # in place
+            self.xty[k] = g if g_old is None else g_old.add_(g)
+            del h
             self.rows[k] += int(xk.shape[0])
 
     def folds(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

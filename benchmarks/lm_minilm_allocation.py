@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _transformers_bench import batches
+from _transformers_bench import batches, train_pool
 from lm_minilm_refit import score, setup
 
 import netpress as npr
@@ -39,12 +39,22 @@ def main() -> None:
     p.add_argument("--variant", action="append", required=True,
                    help="MIN_FRACTION:REFIT_NORMS, e.g. 0.25:1; MIN_FRACTION 'auto' (the default "
                    "floor set from the target) or 'auto@SHARE' (min_share=SHARE)")
+    p.add_argument("--calib-data", default=None,
+                   help="calibrate on the first --calib sentences of a distillation pool "
+                        "(_transformers_bench.train_pool: topics, topics+docstrings, ...) "
+                        "instead of the first documentation sentences; the last --held-out "
+                        "documentation sentences stay out")
+    p.add_argument("--held-out", type=int, default=768,
+                   help="with --calib-data: documentation sentences kept out (512 evaluated "
+                        "+ lm_minilm_distill.py's 256-sentence --select slice)")
     p.add_argument("--save", default=None, help="torch.save the best variant's model here")
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_allocation.json"))
     args = p.parse_args()
     torch.manual_seed(0)
     tok, model, texts, evaluate, ref = setup(args.eval)
-    calib = [x for x, _ in batches(tok, texts[:args.calib], 32, pad="longest")]
+    pool = texts if args.calib_data is None else \
+        train_pool(texts, args.calib_data, held_out=args.held_out)
+    calib = [x for x, _ in batches(tok, pool[:args.calib], 32, pad="longest")]
     x = {k: v[:1] for k, v in calib[0].items()}
     scores: dict[str, Any] = {}
     fisher = posttraining._fisher
@@ -80,6 +90,7 @@ def main() -> None:
     write_json(Path(args.out), {"command": "python benchmarks/lm_minilm_allocation.py "
                                 + " ".join(sys.argv[1:]), "cpu_flags": cpu_flags(),
                                 "calibration_sentences": args.calib,
+                                "calibration_data": args.calib_data or "topics",
                                 "eval_sentences": args.eval, "rows": rows})
     table = markdown_table(["min_fraction", "refit_norms", "MACs", "cosine mean / min",
                             "retrieval agr.", "s"],

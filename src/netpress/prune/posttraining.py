@@ -60,6 +60,7 @@ from netpress.prune.fisher import (
     select_by_ratio,
 )
 from netpress.prune.refit import refit_blocks
+from netpress.prune.ridge_cv import FOLDS
 from netpress.prune.structured import _culprits, _cut
 from netpress.prune.surgery import PruneCheckError
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d
@@ -212,7 +213,7 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
             raise ModelError(f"FisherPrune: {name!r} is called {len(now)} times on the "
                              f"calibration data after pruning and {len(targets[name])} times "
                              "before; use refit=False")
-        stats = RefitStats(folds=2 if damp == "auto" else 0)
+        stats = RefitStats(folds=FOLDS if damp == "auto" else 0)
         for xc, xo in zip(now, targets[name]):
             stats.add(xc, xo)
         layer, old = modules[name], originals[name]

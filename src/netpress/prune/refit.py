@@ -49,11 +49,10 @@ from torch import nn
 from netpress._cow import assign_
 from netpress.errors import ModelError
 from netpress.measure.collect import evaluating
-from netpress.prune import ridge_cv
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.ridge_cv import FoldSums, cv_damp
+from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -294,7 +293,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     bias = any(m.bias is not None for m in layers)
     use = {n: s for n, s in sinks.items() if n in names and s is not None}
     sink_ins = sorted(set(use.values()))
-    fit = _Fit(folds=FoldSums(ridge_cv.FOLDS) if damp == "auto" else None)
+    fit = _Fit(folds=FoldSums(FOLDS) if damp == "auto" else None)
     for b in range(len(calls[0].hidden)):
         ct = _Tap(cb, [names[0], *sink_ins], list(use))
         ot = _Tap(ob, sink_ins, list(names))

@@ -43,7 +43,7 @@ import torch
 
 from netpress.reconstruct.shrinkage import shrink_
 
-__all__ = ["DAMP_GRID", "FoldSums", "ridge_path_errors", "cv_damp"]
+__all__ = ["DAMP_GRID", "FOLDS", "FoldSums", "ridge_path_errors", "cv_damp"]
 
 #: The relative ridges ``damp`` tried by :func:`cv_damp`: from nearly plain least squares to
 #: nearly no refit at all (``Θ ≈ Θ₀``).

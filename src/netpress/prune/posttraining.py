@@ -485,17 +485,20 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     refitted, scope = 0, _refit_scope(cut.model, cfg, data)
     shrinker = Shrinker(cfg.shrinkage)
     chosen: dict[str, float] = {}
+    guarded: dict[str, float] = {}
     if cfg.refit and scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
                           cfg.damp, cut.kept_rows, shrinker, chosen)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp, norms=cfg.refit_norms, shrinker=shrinker,
-                                    chosen=chosen))
+                                    chosen=chosen, guarded=guarded))
     pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
     if cfg.refit:
         summary["refit_scope"] = scope
         summary["refit_damp"] = {k: float(f"{v:.4g}") for k, v in chosen.items()}
+        if guarded:
+            summary["refit_guard"] = {k: float(f"{v:.4g}") for k, v in guarded.items()}
         summary.update(shrinker.summary())
         shrinker.warn(cfg.type_name(),
                       _FEW_ROWS_ADVICE["auto" if cfg.damp == "auto" else "number"])

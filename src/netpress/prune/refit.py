@@ -52,7 +52,8 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp
+from netpress.prune.refit_guard import SCALES, BlockFits, guard_block, snapshot
+from netpress.prune.ridge_cv import DAMP_GRID, FOLDS, FoldSums, cv_damp, fold_fits
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -276,12 +277,15 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
                index: int, kept_rows: Mapping[str, torch.Tensor], damp: float | str,
                shrinker: Shrinker | None = None, prefix: str = "",
-               chosen: dict[str, float] | None = None) -> None:
+               chosen: dict[str, float] | None = None,
+               fits: BlockFits | None = None) -> None:
     """Refit the layers ``names`` (one shared input) of block ``index``; ``shrinker``
     (None: none) shrinks the group's sums before the fits and notes by how much under the
     layers' full names (``prefix`` + name). ``damp="auto"``: one ridge for the group, chosen
     by 2-fold cross-validation on the calibration rows (:func:`cv_damp`); ``chosen`` gets
-    each layer's relative ridge under its full name.
+    each layer's relative ridge under its full name; ``fits`` (with ``"auto"``) gets the
+    guard's candidates (:mod:`netpress.prune.refit_guard`): each layer's fits at that ridge
+    and larger ones, on all rows and on all folds but one.
 
     The sums carry a ones column when any layer of the group has a bias; a layer without
     one is fitted on the sums without it (a group fitted without it when only some layers
@@ -328,10 +332,14 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     if fit.folds is not None and len(fit.folds.folds()) > 1:
         ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
                                    shrinkage=alpha))
+    ridges = [max(ridge, min(ridge * s, DAMP_GRID[-1])) for s in fits.scales] \
+        if fits is not None else [ridge]
+    held = _fold_fits(fit, names, layers, bias, ridges, alpha) if fits is not None else None
     fit.merge_folds()
     assert fit.hessian is not None
     if chosen is not None:
         chosen.update({prefix + n: ridge for n in names})
+    others: dict[str, list[torch.Tensor]] = {}
     for i, (n, layer) in enumerate(zip(names, layers)):
         view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
         w = view.matrix()[0]
@@ -343,6 +351,9 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         cut = bias and b0 is None
         hessian = fit.hessian[:-1, :-1] if cut else fit.hessian
         xty = fit.xty[n][:-1] if cut else fit.xty[n]
+        if held is not None:  # the guard's other candidates, before any in-place damping
+            others[n] = [ridge_solve(hessian, xty, theta0.T.cpu(), r, shrinkage=alpha)
+                         for r in ridges[1:]]
         # the group's last fit damps the Hessian in place: no copy of it
         theta = ridge_solve(hessian, xty, theta0.T.cpu(), ridge, shrinkage=alpha,
                             overwrite=i == len(names) - 1)
@@ -350,6 +361,49 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             view.set_matrix(theta[:w.shape[1]].T[None])
             if b0 is not None:
                 assign_(b0, theta[-1])
+        if fits is not None:
+            _add_candidates(fits, view, layer, [theta, *others.pop(n, [])],
+                            held[n] if held is not None else None)
+            fits.ridges[prefix + n] = ridges
+
+
+def _add_candidates(fits: BlockFits, view: LayerView, layer: nn.Module,
+                    full: list[torch.Tensor], held: list[list[torch.Tensor]] | None) -> None:
+    """One layer's candidates into ``fits``: its fits ``[in (+ 1), out]`` on all rows and
+    on all folds but one, per candidate (None: the folds did not all get rows)."""
+    if held is None:
+        fits.complete = False
+        return
+    d = view.matrix()[0].shape[1]
+    assert isinstance(layer.weight, nn.Parameter)
+    fits.add(layer.weight, [view.weight_layout(t[:d].T[None]) for t in full],
+             [[view.weight_layout(t[:d].T[None]) for t in ts] for ts in held])
+    if isinstance(layer.bias, nn.Parameter):
+        fits.add(layer.bias, [t[-1] for t in full], [[t[-1] for t in ts] for ts in held])
+
+
+def _fold_fits(fit: _Fit, names: list[str], layers: list[nn.Module], bias: bool,
+               ridges: list[float], alpha: float) -> dict[str, list[list[torch.Tensor]]] | None:
+    """Each layer of the group fitted on the sums of all folds but one, per relative ridge
+    in ``ridges`` and fold, as the fit on all rows fits it (the same absolute ridge, its own
+    bias or none): ``[in (+ 1), out]`` per layer name; None where a fold got no rows."""
+    folds = fit.folds.folds() if fit.folds is not None else []
+    if len(folds) != FOLDS:
+        return None
+    start, out = 0, {}
+    for n, layer in zip(names, layers):
+        view = LayerView(layer, n)
+        w = view.matrix()[0]
+        b0 = layer.bias
+        assert b0 is None or isinstance(b0, torch.Tensor)
+        theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
+        keep = slice(None, -1) if bias and b0 is None else slice(None)
+        parts = [(h[keep, keep], g[keep, start:start + w.shape[0]]) for h, g in folds]
+        start += w.shape[0]
+        mean = sum(float(h.diagonal().mean()) for h, _ in parts)
+        out[n] = [fold_fits(parts, theta0.T, r * mean if mean > 0 else r, alpha)
+                  for r in ridges]
+    return out
 
 
 def _input_ids(t: torch.Tensor) -> torch.Tensor:
@@ -376,18 +430,21 @@ def _start(layers: list[nn.Module], names: list[str], bias: bool) -> torch.Tenso
 
 
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
-              calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
+              calls: tuple[BlockCalls, BlockCalls], index: int, damp: float,
+              fits: BlockFits | None = None) -> bool:
     """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
     on the pruned model's inputs match the original's outputs (:func:`ridge_affine`).
     False (left as it is) for a LayerNorm without affine parameters, whose input's last
     dimension is not the normalized one (a subclass with its own layout), or that normalizes
-    a different number of vectors than the original (a per-head norm after heads were cut)."""
+    a different number of vectors than the original (a per-head norm after heads were cut).
+    ``fits``: gets the gain and shift fitted on all rows and without each fold's rows, the
+    same for every candidate of the guard."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
         return False
-    ns, ys = [], []
+    ns, ys, ids = [], [], []
     for b in range(len(calls[0].hidden)):
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
         _run_taps((ct, ot), blocks, calls, index, b)
@@ -399,6 +456,9 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())
         ys.append(calls[0].rows(y, b).cpu())
+        ids.append(calls[0].rows(_input_ids(z), b).reshape(-1).cpu())
+    if fits is not None:
+        _add_norm_fits(norm, torch.cat(ns), torch.cat(ys), torch.cat(ids), damp, fits)
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():
@@ -407,12 +467,47 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     return True
 
 
+def _add_norm_fits(norm: nn.LayerNorm, n: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+                   damp: float, out: BlockFits) -> None:
+    """The norm's gain and shift fitted on all rows and on the rows of all folds but one
+    (input ``i`` of a batch in fold ``i mod folds``), for every fold, into ``out`` (the same
+    for every candidate)."""
+    fold = ids % out.folds
+    if any(not bool((fold == k).any()) for k in range(out.folds)):
+        out.complete = False
+        return
+    g0, s0 = norm.weight.detach().cpu(), norm.bias.detach().cpu()
+    full = ridge_affine(n, y, g0, s0, damp)
+    held = [ridge_affine(n[fold != k], y[fold != k], g0, s0, damp) for k in range(out.folds)]
+    c = len(out.scales)
+    out.add(norm.weight, [full[0]] * c, [[g for g, _ in held]] * c)
+    out.add(norm.bias, [full[1]] * c, [[s for _, s in held]] * c)
+
+
+def _guarded(block: nn.Module, index: int, calls: tuple[BlockCalls, BlockCalls],
+             cut: dict[nn.Parameter, torch.Tensor], fits: BlockFits, name: str,
+             chosen: dict[str, float] | None, guarded: dict[str, float] | None) -> bool:
+    """The guard's check of block ``index`` (:func:`guard_block`; ``calls[1]`` already
+    advanced past it: its hidden states are the original block's outputs). The block gets
+    the parameters of the candidate kept, ``chosen`` that candidate's ridges, ``guarded`` the
+    held-out error ratio under the block's full ``name``. False where the cut was kept."""
+    verdict = guard_block(block, index, calls[0], calls[1].hidden, cut, fits)
+    if verdict is None:
+        return True
+    if guarded is not None:
+        guarded[name] = verdict.ratio
+    if verdict.kept is not None and chosen is not None:
+        chosen.update({n: r[verdict.kept] for n, r in fits.ridges.items() if n in chosen})
+    return verdict.kept is not None
+
+
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                  kept_rows: Mapping[str, torch.Tensor] | None = None,
                  damp: float | str = 0.01, residual: bool = True, stack: str | None = None,
                  only: Collection[str] | None = None, norms: bool = False,
                  shrinker: Shrinker | None = None,
-                 chosen: dict[str, float] | None = None) -> list[str]:
+                 chosen: dict[str, float] | None = None, guard: bool = True,
+                 guarded: dict[str, float] | None = None) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
@@ -424,8 +519,13 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     (None: the plain ridge; the norms' per-channel fits are never shrunk). ``damp``: the
     Linear layers' relative ridge, or ``"auto"``: chosen per group by 2-fold
     cross-validation on the calibration rows (:mod:`netpress.prune.ridge_cv`; the norms then
-    use 0.01), each layer's choice written into ``chosen`` when given. Returns the refitted
-    layers' full names."""
+    use 0.01), each layer's choice written into ``chosen`` when given. ``guard`` (with
+    ``"auto"``): each block's refit is kept only where its outputs on held-out calibration
+    inputs are closer to the original's than the cut block's
+    (:mod:`netpress.prune.refit_guard`); ``guarded`` gets, per block (its full name), the
+    refit's held-out error relative to the cut's (>= 1: the block was left as the cut made
+    it). Returns the refitted layers' full names (those of blocks the guard rejected left
+    out)."""
     if isinstance(damp, str) and damp != "auto":
         raise ValueError(f"damp={damp!r}: a number > 0 or 'auto'")
     norm_damp = 0.01 if isinstance(damp, str) else damp
@@ -438,6 +538,10 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     done: list[str] = []
     with evaluating(model), evaluating(original):
         for i, (cb, ob) in enumerate(zip(cstack, ostack)):
+            folds = BlockFits(FOLDS, SCALES) if guard and damp == "auto" else None
+            cut = snapshot(cb) if folds is not None else {}
+            block_done: list[str] = []
+
             def first_batch(cb: nn.Module = cb, i: int = i) -> torch.Tensor:
                 return calls[0].run(cb, i, 0)
 
@@ -453,13 +557,17 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                     if not names:
                         continue
                 if isinstance(cb.get_submodule(names[0]), nn.LayerNorm):
-                    if _fit_norm(names[0], (cb, ob), calls, i, norm_damp):
-                        done.append(f"{path}.{i}.{names[0]}")
+                    if _fit_norm(names[0], (cb, ob), calls, i, norm_damp, folds):
+                        block_done.append(f"{path}.{i}.{names[0]}")
                     continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp, shrinker,
-                           f"{path}.{i}.", chosen)
-                done += [f"{path}.{i}.{n}" for n in names]
+                           f"{path}.{i}.", chosen, folds)
+                block_done += [f"{path}.{i}.{n}" for n in names]
                 trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
+            calls[1].advance(ob, i)  # the original block's outputs: the guard's targets
+            if folds is None or not block_done or \
+                    _guarded(cb, i, calls, cut, folds, f"{path}.{i}", chosen, guarded):
+                done += block_done
+            del folds, cut
             calls[0].advance(cb, i)
-            calls[1].advance(ob, i)
     return done

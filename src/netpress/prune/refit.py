@@ -52,8 +52,8 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.refit_guard import SCALES, BlockFits, guard_block, snapshot
-from netpress.prune.ridge_cv import DAMP_GRID, FOLDS, FoldSums, cv_damp, fold_fits
+from netpress.prune.refit_guard import BlockFits, guard_block, snapshot
+from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp, fold_fits
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -283,9 +283,8 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     (None: none) shrinks the group's sums before the fits and notes by how much under the
     layers' full names (``prefix`` + name). ``damp="auto"``: one ridge for the group, chosen
     by 2-fold cross-validation on the calibration rows (:func:`cv_damp`); ``chosen`` gets
-    each layer's relative ridge under its full name; ``fits`` (with ``"auto"``) gets the
-    guard's candidates (:mod:`netpress.prune.refit_guard`): each layer's fits at that ridge
-    and larger ones, on all rows and on all folds but one.
+    each layer's relative ridge under its full name; ``fits`` (with ``"auto"``) gets each
+    layer's fits on all folds but one at that ridge (:mod:`netpress.prune.refit_guard`).
 
     The sums carry a ones column when any layer of the group has a bias; a layer without
     one is fitted on the sums without it (a group fitted without it when only some layers
@@ -332,14 +331,11 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     if fit.folds is not None and len(fit.folds.folds()) > 1:
         ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
                                    shrinkage=alpha))
-    ridges = [max(ridge, min(ridge * s, DAMP_GRID[-1])) for s in fits.scales] \
-        if fits is not None else [ridge]
-    held = _fold_fits(fit, names, layers, bias, ridges, alpha) if fits is not None else None
+    held = _fold_fits(fit, names, layers, bias, ridge, alpha) if fits is not None else None
     fit.merge_folds()
     assert fit.hessian is not None
     if chosen is not None:
         chosen.update({prefix + n: ridge for n in names})
-    others: dict[str, list[torch.Tensor]] = {}
     for i, (n, layer) in enumerate(zip(names, layers)):
         view = LayerView(layer, n)  # out x in, also for transformers' Conv1D (in x out)
         w = view.matrix()[0]
@@ -351,9 +347,6 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
         cut = bias and b0 is None
         hessian = fit.hessian[:-1, :-1] if cut else fit.hessian
         xty = fit.xty[n][:-1] if cut else fit.xty[n]
-        if held is not None:  # the guard's other candidates, before any in-place damping
-            others[n] = [ridge_solve(hessian, xty, theta0.T.cpu(), r, shrinkage=alpha)
-                         for r in ridges[1:]]
         # the group's last fit damps the Hessian in place: no copy of it
         theta = ridge_solve(hessian, xty, theta0.T.cpu(), ridge, shrinkage=alpha,
                             overwrite=i == len(names) - 1)
@@ -362,31 +355,29 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             if b0 is not None:
                 assign_(b0, theta[-1])
         if fits is not None:
-            _add_candidates(fits, view, layer, [theta, *others.pop(n, [])],
-                            held[n] if held is not None else None)
-            fits.ridges[prefix + n] = ridges
+            _add_held(fits, view, layer, held[n] if held is not None else None)
 
 
-def _add_candidates(fits: BlockFits, view: LayerView, layer: nn.Module,
-                    full: list[torch.Tensor], held: list[list[torch.Tensor]] | None) -> None:
-    """One layer's candidates into ``fits``: its fits ``[in (+ 1), out]`` on all rows and
-    on all folds but one, per candidate (None: the folds did not all get rows)."""
+def _add_held(fits: BlockFits, view: LayerView, layer: nn.Module,
+              held: list[torch.Tensor] | None) -> None:
+    """One layer's fits ``[in (+ 1), out]`` on all folds but one into ``fits`` (None: the
+    folds did not all get rows)."""
     if held is None:
         fits.complete = False
         return
-    d = view.matrix()[0].shape[1]
+    d = view.weight_layout  # out x in, also for transformers' Conv1D (in x out)
+    width = view.matrix()[0].shape[1]
     assert isinstance(layer.weight, nn.Parameter)
-    fits.add(layer.weight, [view.weight_layout(t[:d].T[None]) for t in full],
-             [[view.weight_layout(t[:d].T[None]) for t in ts] for ts in held])
+    fits.add(layer.weight, [d(t[:width].T[None]) for t in held])
     if isinstance(layer.bias, nn.Parameter):
-        fits.add(layer.bias, [t[-1] for t in full], [[t[-1] for t in ts] for ts in held])
+        fits.add(layer.bias, [t[-1] for t in held])
 
 
 def _fold_fits(fit: _Fit, names: list[str], layers: list[nn.Module], bias: bool,
-               ridges: list[float], alpha: float) -> dict[str, list[list[torch.Tensor]]] | None:
-    """Each layer of the group fitted on the sums of all folds but one, per relative ridge
-    in ``ridges`` and fold, as the fit on all rows fits it (the same absolute ridge, its own
-    bias or none): ``[in (+ 1), out]`` per layer name; None where a fold got no rows."""
+               ridge: float, alpha: float) -> dict[str, list[torch.Tensor]] | None:
+    """Each layer of the group fitted on the sums of all folds but one, per fold, as the fit
+    on all rows fits it (the same absolute ridge, its own bias or none): ``[in (+ 1), out]``
+    per layer name; None where a fold got no rows."""
     folds = fit.folds.folds() if fit.folds is not None else []
     if len(folds) != FOLDS:
         return None
@@ -401,8 +392,7 @@ def _fold_fits(fit: _Fit, names: list[str], layers: list[nn.Module], bias: bool,
         parts = [(h[keep, keep], g[keep, start:start + w.shape[0]]) for h, g in folds]
         start += w.shape[0]
         mean = sum(float(h.diagonal().mean()) for h, _ in parts)
-        out[n] = [fold_fits(parts, theta0.T, r * mean if mean > 0 else r, alpha)
-                  for r in ridges]
+        out[n] = fold_fits(parts, theta0.T, ridge * mean if mean > 0 else ridge, alpha)
     return out
 
 
@@ -437,8 +427,7 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     False (left as it is) for a LayerNorm without affine parameters, whose input's last
     dimension is not the normalized one (a subclass with its own layout), or that normalizes
     a different number of vectors than the original (a per-head norm after heads were cut).
-    ``fits``: gets the gain and shift fitted on all rows and without each fold's rows, the
-    same for every candidate of the guard."""
+    ``fits``: gets the gain and shift fitted without each fold's rows."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
@@ -469,36 +458,31 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
 
 def _add_norm_fits(norm: nn.LayerNorm, n: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
                    damp: float, out: BlockFits) -> None:
-    """The norm's gain and shift fitted on all rows and on the rows of all folds but one
-    (input ``i`` of a batch in fold ``i mod folds``), for every fold, into ``out`` (the same
-    for every candidate)."""
+    """The norm's gain and shift fitted on the rows of all folds but one (input ``i`` of a
+    batch in fold ``i mod folds``), for every fold, into ``out``."""
     fold = ids % out.folds
     if any(not bool((fold == k).any()) for k in range(out.folds)):
         out.complete = False
         return
     g0, s0 = norm.weight.detach().cpu(), norm.bias.detach().cpu()
-    full = ridge_affine(n, y, g0, s0, damp)
     held = [ridge_affine(n[fold != k], y[fold != k], g0, s0, damp) for k in range(out.folds)]
-    c = len(out.scales)
-    out.add(norm.weight, [full[0]] * c, [[g for g, _ in held]] * c)
-    out.add(norm.bias, [full[1]] * c, [[s for _, s in held]] * c)
+    out.add(norm.weight, [g for g, _ in held])
+    out.add(norm.bias, [s for _, s in held])
 
 
 def _guarded(block: nn.Module, index: int, calls: tuple[BlockCalls, BlockCalls],
              cut: dict[nn.Parameter, torch.Tensor], fits: BlockFits, name: str,
-             chosen: dict[str, float] | None, guarded: dict[str, float] | None) -> bool:
+             guarded: dict[str, float] | None) -> bool:
     """The guard's check of block ``index`` (:func:`guard_block`; ``calls[1]`` already
-    advanced past it: its hidden states are the original block's outputs). The block gets
-    the parameters of the candidate kept, ``chosen`` that candidate's ridges, ``guarded`` the
-    held-out error ratio under the block's full ``name``. False where the cut was kept."""
+    advanced past it: its hidden states are the original block's outputs); ``guarded`` gets
+    the held-out error ratio under the block's full ``name``. False where the block got its
+    cut parameters back."""
     verdict = guard_block(block, index, calls[0], calls[1].hidden, cut, fits)
     if verdict is None:
         return True
     if guarded is not None:
         guarded[name] = verdict.ratio
-    if verdict.kept is not None and chosen is not None:
-        chosen.update({n: r[verdict.kept] for n, r in fits.ridges.items() if n in chosen})
-    return verdict.kept is not None
+    return verdict.kept
 
 
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
@@ -538,7 +522,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     done: list[str] = []
     with evaluating(model), evaluating(original):
         for i, (cb, ob) in enumerate(zip(cstack, ostack)):
-            folds = BlockFits(FOLDS, SCALES) if guard and damp == "auto" else None
+            folds = BlockFits(FOLDS) if guard and damp == "auto" else None
             cut = snapshot(cb) if folds is not None else {}
             block_done: list[str] = []
 
@@ -566,7 +550,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                 trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
             calls[1].advance(ob, i)  # the original block's outputs: the guard's targets
             if folds is None or not block_done or \
-                    _guarded(cb, i, calls, cut, folds, f"{path}.{i}", chosen, guarded):
+                    _guarded(cb, i, calls, cut, folds, f"{path}.{i}", guarded):
                 done += block_done
             del folds, cut
             calls[0].advance(cb, i)

@@ -8,20 +8,24 @@ fitted on (their errors there are in-sample), and a block whose groups each look
 held-out rows can still produce worse outputs (Segformer's tiny random-weight model: the
 refit's relative output error 0.0084 against 0.0057 for the cut alone).
 
-Here each block's refit is checked on held-out inputs at the block's output. The refit gives
-*candidates*: the groups' fits at their chosen ridges, and at those ridges times a few larger
-factors (:data:`SCALES`); each candidate's fits on all folds but one are kept too
+Here each block's refit is checked on held-out inputs at the block's output. Besides its fit
+on all rows, every group is fitted on all folds but one at the ridge it was given
 (:func:`netpress.prune.ridge_cv.fold_fits`; the same dealing as
 :class:`netpress.prune.ridge_cv.FoldSums`: input ``i`` of a batch in fold ``i mod K``; the
-LayerNorms' per-channel fits likewise). For every candidate the block runs on each fold's
-inputs with the parameters fitted without that fold, and the squared error of its output
-against the original block's output is summed; the block as the cut left it is scored on
-the same rows. The block keeps the candidate with the least held-out error (its fit on all
-rows), or gets its cut parameters back where none beats the cut.
+LayerNorms' per-channel fits likewise). The block runs on each fold's inputs with the
+parameters fitted without that fold, and the squared error of its output against the
+original block's output is summed over all rows; the block as the cut left it is scored on
+the same rows. The refit is kept where its held-out error is lower, else the block gets its
+cut parameters back.
 
 The fold fits of a later group are solved on sums collected with the earlier groups at their
-fit on all rows at the chosen ridge: the check is one pass over the data per candidate and
-fold, not a refit of the block per fold and candidate.
+fit on all rows: the check is one pass over the data per fold (and one for the cut), not a
+refit of the block per fold.
+
+Measured and dropped (BENCHMARKS.md, "The refit on few calibration rows"): letting the check
+also choose among the groups' ridges times 3 and 10 (all-MiniLM-L6-v2, 64 sentences: 0.829
+against 0.833), and handing the next block the out-of-fold outputs instead of the refit's
+(0.725).
 """
 
 from __future__ import annotations
@@ -35,12 +39,8 @@ from torch import nn
 
 from netpress.prune._blocks import BlockCalls
 
-__all__ = ["SCALES", "BlockFits", "GuardVerdict", "snapshot", "restore", "held_out_error",
+__all__ = ["BlockFits", "GuardVerdict", "snapshot", "restore", "held_out_error",
            "guard_block"]
-
-#: The factors by which the guard's candidates multiply each group's cross-validated
-#: relative ridge (capped at the grid's largest, :data:`netpress.prune.ridge_cv.DAMP_GRID`).
-SCALES: tuple[float, ...] = (1.0,)
 
 Values = dict[nn.Parameter, torch.Tensor]
 
@@ -74,34 +74,25 @@ def _cast(param: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BlockFits:
-    """The refit's candidates for one block (see the module docs): per candidate, each
-    refitted parameter's fit on all rows (``full``) and, per fold, its fit without that
-    fold's rows (``folds``); per layer the relative ridge each candidate used (``ridges``).
-    ``complete`` turns False where a group could not give them (a fold without rows): the
-    guard then leaves the block's refit as it is."""
+    """Per fold, the values each refitted parameter of one block takes when fitted without
+    that fold's rows. ``complete`` turns False where a group could not give them (a fold
+    without rows): the guard then leaves the block's refit as it is."""
 
     folds: int
-    scales: tuple[float, ...] = SCALES
-    full: list[Values] = field(default_factory=list)
-    fold_values: list[list[Values]] = field(default_factory=list)
-    ridges: dict[str, list[float]] = field(default_factory=dict)
+    values: list[Values] = field(default_factory=list)
     complete: bool = True
 
     def __post_init__(self) -> None:
-        self.full = [{} for _ in self.scales]
-        self.fold_values = [[{} for _ in range(self.folds)] for _ in self.scales]
+        self.values = [{} for _ in range(self.folds)]
 
-    def add(self, param: nn.Parameter, full: list[torch.Tensor],
-            per_fold: list[list[torch.Tensor]]) -> None:
-        """``param``'s fit on all rows per candidate, and per candidate its fits without each
-        fold (cast to its dtype, device and shape)."""
-        if len(per_fold) != len(self.scales) or any(len(f) != self.folds for f in per_fold):
+    def add(self, param: nn.Parameter, per_fold: list[torch.Tensor]) -> None:
+        """``param``'s fits without each fold (cast to its dtype, device and shape)."""
+        if len(per_fold) != self.folds:
             self.complete = False
             return
-        for c, (value, fits) in enumerate(zip(full, per_fold)):
-            self.full[c][param] = _cast(param, value)
-            for k, t in enumerate(fits):
-                self.fold_values[c][k][param] = _cast(param, t)
+        for k, t in enumerate(per_fold):
+            self.values[k][param] = t.detach().to(param.device, param.dtype).reshape(
+                param.shape).contiguous()
 
 
 def _fold_of_rows(calls: BlockCalls, t: torch.Tensor, batch: int, folds: int) -> torch.Tensor:
@@ -137,38 +128,32 @@ def held_out_error(block: nn.Module, index: int, calls: BlockCalls,
 @dataclass
 class GuardVerdict:
     """The guard's check of one block: the held-out squared error of its outputs with the
-    cut parameters (``cut``) and with each candidate (``candidates``), and the candidate
-    kept (its index; None: the cut)."""
+    cut parameters and with the refit, and whether the refit was kept."""
 
     cut: float
-    candidates: list[float]
-    kept: int | None
+    refit: float
+    kept: bool
 
     @property
     def ratio(self) -> float:
-        """The kept refit's held-out error relative to the cut's (< 1: a refit kept); the
-        best candidate's where the cut was kept (>= 1)."""
-        best = self.candidates[self.kept] if self.kept is not None else min(self.candidates)
-        return best / max(self.cut, 1e-300) if best > 0 else 0.0
+        """The refit's held-out error relative to the cut's (< 1: the refit helps)."""
+        return self.refit / max(self.cut, 1e-300) if self.refit > 0 else 0.0
 
 
 def guard_block(block: nn.Module, index: int, calls: BlockCalls,
                 targets: list[torch.Tensor], cut: Values,
                 fits: BlockFits) -> GuardVerdict | None:
-    """Check block ``index``'s refit candidates (see the module docs) and give the block the
-    parameters of the one with the least held-out error, or its ``cut`` parameters where
-    none has less than the cut; None (the refit left as it is) where ``fits`` is incomplete
-    or empty."""
-    if not fits.complete or not any(fits.full):
+    """Check block ``index``'s refit (see the module docs; the block holds its fit on all
+    rows) and give the block its ``cut`` parameters back where the refit's held-out error
+    is not lower than the cut's; None (the refit left as it is) where ``fits`` is
+    incomplete or empty."""
+    if not fits.complete or not any(fits.values):
         return None
     err_cut = held_out_error(block, index, calls, targets, [cut])
-    errors = [held_out_error(block, index, calls, targets, f) for f in fits.fold_values]
-    if err_cut is None or any(e is None for e in errors):
+    err_fit = held_out_error(block, index, calls, targets, fits.values)
+    if err_cut is None or err_fit is None:
         return None
-    scores = [float(e) for e in errors if e is not None]
-    best = min(range(len(scores)), key=lambda c: (scores[c], -fits.scales[c]))
-    if scores[best] < err_cut:
-        restore(fits.full[best])
-        return GuardVerdict(err_cut, scores, best)
-    restore(cut)
-    return GuardVerdict(err_cut, scores, None)
+    kept = err_fit < err_cut
+    if not kept:
+        restore(cut)
+    return GuardVerdict(err_cut, err_fit, kept)

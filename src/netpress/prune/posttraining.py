@@ -93,7 +93,9 @@ class FisherPrune(MethodConfig):
     ``refit_damp`` lists the choice per layer): ``refit_scope="blocks"`` refits every
     Linear layer of the block stack, block by block, to the original model's layer outputs
     and residual sums
-    (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
+    (:mod:`netpress.prune.refit`; with ``"auto"`` each block keeps its refit only where its
+    out-of-fold outputs beat the cut block's, :mod:`netpress.prune.refit_guard`, the
+    report's ``refit_guard`` giving that error ratio per block); ``"readers"`` only the layers that read the pruned units,
     each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
     LayerNorm gains and shifts are refitted too, per channel, towards the original's
     LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the

@@ -95,10 +95,11 @@ class FisherPrune(MethodConfig):
     and residual sums
     (:mod:`netpress.prune.refit`; with ``"auto"`` each block keeps its refit only where its
     out-of-fold outputs beat the cut block's, :mod:`netpress.prune.refit_guard`, the
-    report's ``refit_guard`` giving that error ratio per block); ``"readers"`` only the layers that read the pruned units,
-    each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
-    LayerNorm gains and shifts are refitted too, per channel, towards the original's
-    LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the
+    report's ``refit_guard`` giving that error ratio per block); ``"readers"`` only the
+    layers that read the pruned units, each to its own original outputs. ``refit_norms``
+    (with ``"blocks"``): the blocks' LayerNorm gains and shifts are refitted too, per
+    channel, towards the original's LayerNorm outputs. ``min_units``: units every group
+    keeps; ``min_fraction``: the
     fraction of each group's units it keeps at least (0 = the purely global ranking by
     Fisher per MAC, which empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept
     1-2 of 12 heads in layers 0-2). The default, ``None``, sets that floor from the target:

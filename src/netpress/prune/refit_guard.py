@@ -69,6 +69,7 @@ def _swapped(values: Mapping[nn.Parameter, torch.Tensor]) -> Iterator[None]:
 
 
 def _cast(param: nn.Parameter, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``param`` holds its values: its dtype, device and shape."""
     return t.detach().to(param.device, param.dtype).reshape(param.shape).contiguous()
 
 
@@ -91,8 +92,7 @@ class BlockFits:
             self.complete = False
             return
         for k, t in enumerate(per_fold):
-            self.values[k][param] = t.detach().to(param.device, param.dtype).reshape(
-                param.shape).contiguous()
+            self.values[k][param] = _cast(param, t)
 
 
 def _fold_of_rows(calls: BlockCalls, t: torch.Tensor, batch: int, folds: int) -> torch.Tensor:

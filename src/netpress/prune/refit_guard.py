@@ -13,10 +13,20 @@ on all rows, every group is fitted on all folds but one at the ridge it was give
 (:func:`netpress.prune.ridge_cv.fold_fits`; the same dealing as
 :class:`netpress.prune.ridge_cv.FoldSums`: input ``i`` of a batch in fold ``i mod K``; the
 LayerNorms' per-channel fits likewise). The block runs on each fold's inputs with the
-parameters fitted without that fold, and the squared error of its output against the
-original block's output is summed over all rows; the block as the cut left it is scored on
-the same rows. The refit is kept where its held-out error is lower, else the block gets its
-cut parameters back.
+parameters fitted without that fold, and each token's squared error against the original
+block's output is taken; the block as the cut left it is scored on the same tokens. The
+refit is kept where its held-out errors are smaller in the ``L^q`` mean over tokens with
+``q = 4`` (:data:`TOKEN_POWER`, :func:`token_score`), else the block gets its cut parameters
+back.
+
+Why not the plain mean (``q = 1``, the total squared error, what the least-squares fits and
+the cross-validation minimise): a refit from few rows can lower most tokens' errors and
+raise a few a lot, and the few dominate downstream (attention spreads a token's error over
+its sequence). On all-MiniLM-L6-v2 at 50% MACs block 0's refit from 64 sentences had 0.68
+of the cut's held-out squared error but 1.74 times its ``q = 4`` score; rejecting it took
+the embedding cosine from 0.833 to 0.884 and the worst sentence from 0.18 to 0.51 (16
+sentences: 0.716 -> 0.818; ``q = 2`` still kept it: 0.832). A large ``q`` weighs the worst
+tokens most while every token still counts.
 
 The fold fits of a later group are solved on sums collected with the earlier groups at their
 fit on all rows: the check is one pass over the data per fold (and one for the cut), not a
@@ -39,8 +49,12 @@ from torch import nn
 
 from netpress.prune._blocks import BlockCalls
 
-__all__ = ["BlockFits", "GuardVerdict", "snapshot", "restore", "held_out_error",
-           "guard_block"]
+__all__ = ["TOKEN_POWER", "BlockFits", "GuardVerdict", "snapshot", "restore",
+           "token_score", "held_out_error", "guard_block"]
+
+#: ``q``: the guard compares ``(Σ_t e_t^q)^(1/q)`` over tokens ``t``, ``e_t`` a token's
+#: squared error (see the module docs).
+TOKEN_POWER = 4
 
 Values = dict[nn.Parameter, torch.Tensor]
 
@@ -103,16 +117,25 @@ def _fold_of_rows(calls: BlockCalls, t: torch.Tensor, batch: int, folds: int) ->
     return calls.rows(ids, batch).reshape(-1) % folds
 
 
+def token_score(errors: torch.Tensor, scale: float, q: int = TOKEN_POWER) -> float:
+    """``Σ_t (e_t / scale)^q`` of the tokens' squared errors ``errors`` (``scale`` > 0 keeps
+    the powers in range; the same for every score that is compared)."""
+    return float((errors.double() / scale).pow(q).sum())
+
+
 def held_out_error(block: nn.Module, index: int, calls: BlockCalls,
                    targets: list[torch.Tensor], per_fold: list[Values]) -> float | None:
-    """The squared error of block ``index``'s outputs against ``targets`` (the original
-    block's outputs, one per batch) over every real-token row, each row's output computed
-    with the parameters ``per_fold[k]`` of its fold ``k`` (one entry: every row with it).
-    None where the block's outputs are not shaped as the targets."""
-    err = 0.0
+    """``(Σ_t e_t^q)^(1/q)`` (:func:`token_score`) over every real token of every batch, ``e_t``
+    the squared error of block ``index``'s output at token ``t`` against ``targets`` (the
+    original block's outputs, one per batch), each token's output computed with the
+    parameters ``per_fold[k]`` of its fold ``k`` (one entry: every token with it). Each
+    batch's errors are taken relative to the mean squared norm of its targets. None where
+    the block's outputs are not shaped as the targets."""
+    total = 0.0
     folds = len(per_fold)
     for b, target in enumerate(targets):
         want = calls.rows(target, b).double()
+        scale = max(float(want.pow(2).sum(-1).mean()), 1e-30) if len(want) else 1.0
         fold = _fold_of_rows(calls, target, b, folds).to(want.device)
         for k, values in enumerate(per_fold):
             if k >= target.shape[0]:
@@ -121,14 +144,16 @@ def held_out_error(block: nn.Module, index: int, calls: BlockCalls,
                 got = calls.rows(calls.run(block, index, b), b).double()
             if got.shape != want.shape:
                 return None
-            err += float((got[fold == k] - want[fold == k]).pow(2).sum())
-    return err
+            rows = fold == k
+            total += token_score((got[rows] - want[rows]).pow(2).sum(-1), scale)
+    return total ** (1 / TOKEN_POWER)
 
 
 @dataclass
 class GuardVerdict:
-    """The guard's check of one block: the held-out squared error of its outputs with the
-    cut parameters and with the refit, and whether the refit was kept."""
+    """The guard's check of one block: the held-out error score of its outputs
+    (:func:`held_out_error`) with the cut parameters and with the refit, and whether the
+    refit was kept."""
 
     cut: float
     refit: float
@@ -136,7 +161,7 @@ class GuardVerdict:
 
     @property
     def ratio(self) -> float:
-        """The refit's held-out error relative to the cut's (< 1: the refit helps)."""
+        """The refit's held-out error score relative to the cut's (< 1: the refit helps)."""
         return self.refit / max(self.cut, 1e-300) if self.refit > 0 else 0.0
 
 
@@ -145,7 +170,7 @@ def guard_block(block: nn.Module, index: int, calls: BlockCalls,
                 fits: BlockFits) -> GuardVerdict | None:
     """Check block ``index``'s refit (see the module docs; the block holds its fit on all
     rows) and give the block its ``cut`` parameters back where the refit's held-out error
-    is not lower than the cut's; None (the refit left as it is) where ``fits`` is
+    score is not lower than the cut's; None (the refit left as it is) where ``fits`` is
     incomplete or empty."""
     if not fits.complete or not any(fits.values):
         return None

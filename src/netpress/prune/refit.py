@@ -507,9 +507,9 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     ``"auto"``): each block's refit is kept only where its outputs on held-out calibration
     inputs are closer to the original's than the cut block's
     (:mod:`netpress.prune.refit_guard`); ``guarded`` gets, per block (its full name), the
-    refit's held-out error relative to the cut's (>= 1: the block was left as the cut made
-    it). Returns the refitted layers' full names (those of blocks the guard rejected left
-    out)."""
+    refit's held-out error score relative to the cut's (>= 1: the block was left as the cut
+    made it). Returns the refitted layers' full names (those of blocks the guard rejected
+    left out, also from ``chosen``)."""
     if isinstance(damp, str) and damp != "auto":
         raise ValueError(f"damp={damp!r}: a number > 0 or 'auto'")
     norm_damp = 0.01 if isinstance(damp, str) else damp
@@ -552,6 +552,9 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
             if folds is None or not block_done or \
                     _guarded(cb, i, calls, cut, folds, f"{path}.{i}", guarded):
                 done += block_done
+            elif chosen is not None:  # left as the cut made it: no ridge to report
+                for n in block_done:
+                    chosen.pop(n, None)
             del folds, cut
             calls[0].advance(cb, i)
     return done

@@ -92,7 +92,8 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             if shrinker is not None:
                 refit_blocks(work, fc.original, calib, kept_rows=fc.kept_rows, norms=True,
                              shrinker=shrinker, damp=args.damp, chosen=chosen,
-                             guard=args.guard == "on", guarded=guarded)
+                             guard=args.guard == "on", guarded=guarded,
+                             guard_power=args.guard_power)
             seconds = round(time.perf_counter() - t0, 1)
             alphas = list(shrinker.alpha.values()) if shrinker is not None else [0.0]
             row = {"calib": n, "refit": "none" if shrinker is None else "blocks",
@@ -266,6 +267,9 @@ def main() -> None:
     p.add_argument("--guard", choices=("on", "off"), default="on",
                    help="minilm, zoo: the block refit's held-out guard (refit_guard.py; "
                         "only with --damp auto)")
+    p.add_argument("--guard-power", type=float, default=1.0,
+                   help="minilm, zoo: the guard's q, how much the worst tokens weigh "
+                        "(refit_blocks' guard_power; 1: the total squared error)")
     p.add_argument("--shrinkage", nargs="+", default=["0", "auto"],
                    help="settings to compare besides no refit: 'auto' or numbers")
     p.add_argument("--data", default=None, help="quant: the shared data folder")
@@ -273,9 +277,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.out = args.out or str(RESULTS / f"refit_shrinkage_{args.what}.json")
-    if args.guard == "off":  # FisherPrune's block refit without the guard
+    if args.guard == "off" or args.guard_power != 1.0:  # FisherPrune's block refit
         posttraining.refit_blocks = functools.partial(  # type: ignore[assignment]
-            refit_blocks, guard=False)
+            refit_blocks, guard=args.guard == "on", guard_power=args.guard_power)
     modes = {"minilm": minilm, "zoo": zoo, "sensitivity": sensitivity}
     rows = modes[args.what](args) if args.what in modes else _cifar(args, args.what)
     write_json(Path(args.out), {

@@ -94,10 +94,8 @@ class FisherPrune(MethodConfig):
     Linear layer of the block stack, block by block, to the original model's layer outputs
     and residual sums
     (:mod:`netpress.prune.refit`; with ``"auto"`` each block keeps its refit only where its
-    out-of-fold token errors beat the cut block's in an L4 mean over tokens,
-    :mod:`netpress.prune.refit_guard`: 0.716 -> 0.818 with 16 sentences, 0.833 -> 0.884
-    with 64, 512 unchanged; the report's ``refit_guard`` gives that score ratio per
-    block); ``"readers"`` only the
+    out-of-fold errors beat the cut block's, :mod:`netpress.prune.refit_guard`; the
+    report's ``refit_guard`` gives that error ratio per block); ``"readers"`` only the
     layers that read the pruned units, each to its own original outputs. ``refit_norms``
     (with ``"blocks"``): the blocks' LayerNorm gains and shifts are refitted too, per
     channel, towards the original's LayerNorm outputs. ``min_units``: units every group

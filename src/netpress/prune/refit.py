@@ -52,7 +52,7 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.refit_guard import BlockFits, guard_block, snapshot
+from netpress.prune.refit_guard import TOKEN_POWER, BlockFits, guard_block, snapshot
 from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp, fold_fits
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
@@ -491,7 +491,8 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                  only: Collection[str] | None = None, norms: bool = False,
                  shrinker: Shrinker | None = None,
                  chosen: dict[str, float] | None = None, guard: bool = True,
-                 guarded: dict[str, float] | None = None) -> list[str]:
+                 guarded: dict[str, float] | None = None,
+                 guard_power: float = TOKEN_POWER) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
@@ -508,8 +509,10 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     inputs are closer to the original's than the cut block's
     (:mod:`netpress.prune.refit_guard`); ``guarded`` gets, per block (its full name), the
     refit's held-out error score relative to the cut's (>= 1: the block was left as the cut
-    made it). Returns the refitted layers' full names (those of blocks the guard rejected
-    left out, also from ``chosen``)."""
+    made it); ``guard_power``: the guard's ``q``, how much its worst tokens weigh (1: the
+    total squared error; 4 measured better with few rows, see the guard's docs). Returns
+    the refitted layers' full names (those of blocks the guard rejected left out, also from
+    ``chosen``)."""
     if isinstance(damp, str) and damp != "auto":
         raise ValueError(f"damp={damp!r}: a number > 0 or 'auto'")
     norm_damp = 0.01 if isinstance(damp, str) else damp
@@ -522,7 +525,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     done: list[str] = []
     with evaluating(model), evaluating(original):
         for i, (cb, ob) in enumerate(zip(cstack, ostack)):
-            folds = BlockFits(FOLDS) if guard and damp == "auto" else None
+            folds = BlockFits(FOLDS, guard_power) if guard and damp == "auto" else None
             cut = snapshot(cb) if folds is not None else {}
             block_done: list[str] = []
 

@@ -126,7 +126,7 @@ def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0
                 continue
             theta = theta0 + torch.cholesky_solve(residual, work)
             errors[k, i] = float((theta * (h_k.double() @ theta)).sum()
-                                            - 2 * (theta * g_k.double()).sum())
+                                 - 2 * (theta * g_k.double()).sum())
     return errors if per_fold else errors.sum(0)
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 import warnings
@@ -87,16 +88,21 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             shrinker = Shrinker(variant) if variant != "none" else None
             t0 = time.perf_counter()
             chosen: dict[str, float] = {}
+            guarded: dict[str, float] = {}
             if shrinker is not None:
                 refit_blocks(work, fc.original, calib, kept_rows=fc.kept_rows, norms=True,
-                             shrinker=shrinker, damp=args.damp, chosen=chosen)
+                             shrinker=shrinker, damp=args.damp, chosen=chosen,
+                             guard=args.guard == "on", guarded=guarded,
+                             guard_power=args.guard_power)
             seconds = round(time.perf_counter() - t0, 1)
             alphas = list(shrinker.alpha.values()) if shrinker is not None else [0.0]
             row = {"calib": n, "refit": "none" if shrinker is None else "blocks",
                    "damp": args.damp, "chosen_damps": sorted(set(chosen.values())),
                    "damp_counts": {str(d): list(chosen.values()).count(d)
                                    for d in sorted(set(chosen.values()))},
-                   "shrinkage": str(variant), **score(work, ref, evaluate),
+                   "shrinkage": str(variant), "guard": args.guard,
+                   "guard_ratios": [round(v, 3) for v in guarded.values()],
+                   **score(work, ref, evaluate),
                    "alpha_mean": round(sum(alphas) / len(alphas), 3),
                    "alpha_max": max(alphas), "refit_s": seconds,
                    "min_rows_per_column": shrinker.summary()["min_rows_per_column"]
@@ -146,6 +152,8 @@ def zoo(args: argparse.Namespace) -> list[dict[str, Any]]:
             out = _out(res.model, held)
             row[str(variant)] = round(float((out - ref).norm() / ref.norm()), 4)
             step = res.report["steps"][0]
+            if "refit_guard" in step:
+                row[f"guard_{variant}"] = step["refit_guard"]
             if variant == "auto":
                 alphas = list(step["shrinkage"].values())
                 row["alpha_mean"] = round(sum(alphas) / max(len(alphas), 1), 3)
@@ -256,6 +264,12 @@ def main() -> None:
     p.add_argument("--macs", type=float, default=0.5)
     p.add_argument("--damp", type=lambda v: v if v == "auto" else float(v), default=0.01,
                    help="minilm, zoo: the refit's ridge (a number, or auto: cross-validated)")
+    p.add_argument("--guard", choices=("on", "off"), default="on",
+                   help="minilm, zoo: the block refit's held-out guard (refit_guard.py; "
+                        "only with --damp auto)")
+    p.add_argument("--guard-power", type=float, default=1.0,
+                   help="minilm, zoo: the guard's q, how much the worst tokens weigh "
+                        "(refit_blocks' guard_power; 1: the total squared error)")
     p.add_argument("--shrinkage", nargs="+", default=["0", "auto"],
                    help="settings to compare besides no refit: 'auto' or numbers")
     p.add_argument("--data", default=None, help="quant: the shared data folder")
@@ -263,6 +277,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.out = args.out or str(RESULTS / f"refit_shrinkage_{args.what}.json")
+    if args.guard == "off" or args.guard_power != 1.0:  # FisherPrune's block refit
+        posttraining.refit_blocks = functools.partial(  # type: ignore[assignment]
+            refit_blocks, guard=args.guard == "on", guard_power=args.guard_power)
     modes = {"minilm": minilm, "zoo": zoo, "sensitivity": sensitivity}
     rows = modes[args.what](args) if args.what in modes else _cifar(args, args.what)
     write_json(Path(args.out), {

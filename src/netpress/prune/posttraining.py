@@ -93,10 +93,13 @@ class FisherPrune(MethodConfig):
     ``refit_damp`` lists the choice per layer): ``refit_scope="blocks"`` refits every
     Linear layer of the block stack, block by block, to the original model's layer outputs
     and residual sums
-    (:mod:`netpress.prune.refit`); ``"readers"`` only the layers that read the pruned units,
-    each to its own original outputs. ``refit_norms`` (with ``"blocks"``): the blocks'
-    LayerNorm gains and shifts are refitted too, per channel, towards the original's
-    LayerNorm outputs. ``min_units``: units every group keeps; ``min_fraction``: the
+    (:mod:`netpress.prune.refit`; with ``"auto"`` each block keeps its refit only where its
+    out-of-fold errors beat the cut block's, :mod:`netpress.prune.refit_guard`; the
+    report's ``refit_guard`` gives that error ratio per block); ``"readers"`` only the
+    layers that read the pruned units, each to its own original outputs. ``refit_norms``
+    (with ``"blocks"``): the blocks' LayerNorm gains and shifts are refitted too, per
+    channel, towards the original's LayerNorm outputs. ``min_units``: units every group
+    keeps; ``min_fraction``: the
     fraction of each group's units it keeps at least (0 = the purely global ranking by
     Fisher per MAC, which empties early layers: on all-MiniLM-L6-v2 at 50% MACs it kept
     1-2 of 12 heads in layers 0-2). The default, ``None``, sets that floor from the target:
@@ -485,17 +488,20 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
     refitted, scope = 0, _refit_scope(cut.model, cfg, data)
     shrinker = Shrinker(cfg.shrinkage)
     chosen: dict[str, float] = {}
+    guarded: dict[str, float] = {}
     if cfg.refit and scope == "readers":
         refitted = _refit(cut.model, cut.original, cut.readers, cut.kept_columns, data,
                           cfg.damp, cut.kept_rows, shrinker, chosen)
     elif cfg.refit:
         refitted = len(refit_blocks(cut.model, cut.original, data, kept_rows=cut.kept_rows,
                                     damp=cfg.damp, norms=cfg.refit_norms, shrinker=shrinker,
-                                    chosen=chosen))
+                                    chosen=chosen, guarded=guarded))
     pruned, summary = cut.model, {**cut.summary, "refitted_layers": refitted}
     if cfg.refit:
         summary["refit_scope"] = scope
         summary["refit_damp"] = {k: float(f"{v:.4g}") for k, v in chosen.items()}
+        if guarded:
+            summary["refit_guard"] = {k: float(f"{v:.4g}") for k, v in guarded.items()}
         summary.update(shrinker.summary())
         shrinker.warn(cfg.type_name(),
                       _FEW_ROWS_ADVICE["auto" if cfg.damp == "auto" else "number"])

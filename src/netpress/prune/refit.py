@@ -52,7 +52,8 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp
+from netpress.prune.refit_guard import TOKEN_POWER, BlockFits, guard_block, snapshot
+from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp, fold_fits
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -276,12 +277,14 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
                blocks: tuple[nn.Module, nn.Module], calls: tuple[BlockCalls, BlockCalls],
                index: int, kept_rows: Mapping[str, torch.Tensor], damp: float | str,
                shrinker: Shrinker | None = None, prefix: str = "",
-               chosen: dict[str, float] | None = None) -> None:
+               chosen: dict[str, float] | None = None,
+               fits: BlockFits | None = None) -> None:
     """Refit the layers ``names`` (one shared input) of block ``index``; ``shrinker``
     (None: none) shrinks the group's sums before the fits and notes by how much under the
     layers' full names (``prefix`` + name). ``damp="auto"``: one ridge for the group, chosen
     by 2-fold cross-validation on the calibration rows (:func:`cv_damp`); ``chosen`` gets
-    each layer's relative ridge under its full name.
+    each layer's relative ridge under its full name; ``fits`` (with ``"auto"``) gets each
+    layer's fits on all folds but one at that ridge (:mod:`netpress.prune.refit_guard`).
 
     The sums carry a ones column when any layer of the group has a bias; a layer without
     one is fitted on the sums without it (a group fitted without it when only some layers
@@ -328,6 +331,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     if fit.folds is not None and len(fit.folds.folds()) > 1:
         ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
                                    shrinkage=alpha))
+    held = _fold_fits(fit, names, layers, bias, ridge, alpha) if fits is not None else None
     fit.merge_folds()
     assert fit.hessian is not None
     if chosen is not None:
@@ -350,6 +354,46 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             view.set_matrix(theta[:w.shape[1]].T[None])
             if b0 is not None:
                 assign_(b0, theta[-1])
+        if fits is not None:
+            _add_held(fits, view, layer, held[n] if held is not None else None)
+
+
+def _add_held(fits: BlockFits, view: LayerView, layer: nn.Module,
+              held: list[torch.Tensor] | None) -> None:
+    """One layer's fits ``[in (+ 1), out]`` on all folds but one into ``fits`` (None: the
+    folds did not all get rows)."""
+    if held is None:
+        fits.complete = False
+        return
+    d = view.weight_layout  # out x in, also for transformers' Conv1D (in x out)
+    width = view.matrix()[0].shape[1]
+    assert isinstance(layer.weight, nn.Parameter)
+    fits.add(layer.weight, [d(t[:width].T[None]) for t in held])
+    if isinstance(layer.bias, nn.Parameter):
+        fits.add(layer.bias, [t[-1] for t in held])
+
+
+def _fold_fits(fit: _Fit, names: list[str], layers: list[nn.Module], bias: bool,
+               ridge: float, alpha: float) -> dict[str, list[torch.Tensor]] | None:
+    """Each layer of the group fitted on the sums of all folds but one, per fold, as the fit
+    on all rows fits it (the same absolute ridge, its own bias or none): ``[in (+ 1), out]``
+    per layer name; None where a fold got no rows."""
+    folds = fit.folds.folds() if fit.folds is not None else []
+    if len(folds) != FOLDS:
+        return None
+    start, out = 0, {}
+    for n, layer in zip(names, layers):
+        view = LayerView(layer, n)
+        w = view.matrix()[0]
+        b0 = layer.bias
+        assert b0 is None or isinstance(b0, torch.Tensor)
+        theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
+        keep = slice(None, -1) if bias and b0 is None else slice(None)
+        parts = [(h[keep, keep], g[keep, start:start + w.shape[0]]) for h, g in folds]
+        start += w.shape[0]
+        mean = sum(float(h.diagonal().mean()) for h, _ in parts)
+        out[n] = fold_fits(parts, theta0.T, ridge * mean if mean > 0 else ridge, alpha)
+    return out
 
 
 def _input_ids(t: torch.Tensor) -> torch.Tensor:
@@ -376,18 +420,20 @@ def _start(layers: list[nn.Module], names: list[str], bias: bool) -> torch.Tenso
 
 
 def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
-              calls: tuple[BlockCalls, BlockCalls], index: int, damp: float) -> bool:
+              calls: tuple[BlockCalls, BlockCalls], index: int, damp: float,
+              fits: BlockFits | None = None) -> bool:
     """Refit the gain and shift of LayerNorm ``name`` of block ``index`` so that its outputs
     on the pruned model's inputs match the original's outputs (:func:`ridge_affine`).
     False (left as it is) for a LayerNorm without affine parameters, whose input's last
     dimension is not the normalized one (a subclass with its own layout), or that normalizes
-    a different number of vectors than the original (a per-head norm after heads were cut)."""
+    a different number of vectors than the original (a per-head norm after heads were cut).
+    ``fits``: gets the gain and shift fitted without each fold's rows."""
     cb, ob = blocks
     norm = cb.get_submodule(name)
     assert isinstance(norm, nn.LayerNorm)
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
         return False
-    ns, ys = [], []
+    ns, ys, ids = [], [], []
     for b in range(len(calls[0].hidden)):
         ct, ot = _Tap(cb, [name], []), _Tap(ob, [], [name])
         _run_taps((ct, ot), blocks, calls, index, b)
@@ -399,6 +445,9 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
         n = F.layer_norm(z.float(), norm.normalized_shape, eps=norm.eps)
         ns.append(calls[0].rows(n, b).cpu())
         ys.append(calls[0].rows(y, b).cpu())
+        ids.append(calls[0].rows(_input_ids(z), b).reshape(-1).cpu())
+    if fits is not None:
+        _add_norm_fits(norm, torch.cat(ns), torch.cat(ys), torch.cat(ids), damp, fits)
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():
@@ -407,12 +456,43 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
     return True
 
 
+def _add_norm_fits(norm: nn.LayerNorm, n: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+                   damp: float, out: BlockFits) -> None:
+    """The norm's gain and shift fitted on the rows of all folds but one (input ``i`` of a
+    batch in fold ``i mod folds``), for every fold, into ``out``."""
+    fold = ids % out.folds
+    if any(not bool((fold == k).any()) for k in range(out.folds)):
+        out.complete = False
+        return
+    g0, s0 = norm.weight.detach().cpu(), norm.bias.detach().cpu()
+    held = [ridge_affine(n[fold != k], y[fold != k], g0, s0, damp) for k in range(out.folds)]
+    out.add(norm.weight, [g for g, _ in held])
+    out.add(norm.bias, [s for _, s in held])
+
+
+def _guarded(block: nn.Module, index: int, calls: tuple[BlockCalls, BlockCalls],
+             cut: dict[nn.Parameter, torch.Tensor], fits: BlockFits, name: str,
+             guarded: dict[str, float] | None) -> bool:
+    """The guard's check of block ``index`` (:func:`guard_block`; ``calls[1]`` already
+    advanced past it: its hidden states are the original block's outputs); ``guarded`` gets
+    the held-out error ratio under the block's full ``name``. False where the block got its
+    cut parameters back."""
+    verdict = guard_block(block, index, calls[0], calls[1].hidden, cut, fits)
+    if verdict is None:
+        return True
+    if guarded is not None:
+        guarded[name] = verdict.ratio
+    return verdict.kept
+
+
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                  kept_rows: Mapping[str, torch.Tensor] | None = None,
                  damp: float | str = 0.01, residual: bool = True, stack: str | None = None,
                  only: Collection[str] | None = None, norms: bool = False,
                  shrinker: Shrinker | None = None,
-                 chosen: dict[str, float] | None = None) -> list[str]:
+                 chosen: dict[str, float] | None = None, guard: bool = True,
+                 guarded: dict[str, float] | None = None,
+                 guard_power: float = TOKEN_POWER) -> list[str]:
     """Refit every Linear layer in ``model``'s block stack towards ``original`` (same
     structure, wider layers) on the calibration inputs ``data`` (see the module docs).
 
@@ -424,8 +504,15 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     (None: the plain ridge; the norms' per-channel fits are never shrunk). ``damp``: the
     Linear layers' relative ridge, or ``"auto"``: chosen per group by 2-fold
     cross-validation on the calibration rows (:mod:`netpress.prune.ridge_cv`; the norms then
-    use 0.01), each layer's choice written into ``chosen`` when given. Returns the refitted
-    layers' full names."""
+    use 0.01), each layer's choice written into ``chosen`` when given. ``guard`` (with
+    ``"auto"``): each block's refit is kept only where its outputs on held-out calibration
+    inputs are closer to the original's than the cut block's
+    (:mod:`netpress.prune.refit_guard`); ``guarded`` gets, per block (its full name), the
+    refit's held-out error score relative to the cut's (>= 1: the block was left as the cut
+    made it); ``guard_power``: the guard's ``q``, how much its worst tokens weigh (1: the
+    total squared error; 4 measured better with few rows, see the guard's docs). Returns
+    the refitted layers' full names (those of blocks the guard rejected left out, also from
+    ``chosen``)."""
     if isinstance(damp, str) and damp != "auto":
         raise ValueError(f"damp={damp!r}: a number > 0 or 'auto'")
     norm_damp = 0.01 if isinstance(damp, str) else damp
@@ -438,6 +525,10 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     done: list[str] = []
     with evaluating(model), evaluating(original):
         for i, (cb, ob) in enumerate(zip(cstack, ostack)):
+            folds = BlockFits(FOLDS, guard_power) if guard and damp == "auto" else None
+            cut = snapshot(cb) if folds is not None else {}
+            block_done: list[str] = []
+
             def first_batch(cb: nn.Module = cb, i: int = i) -> torch.Tensor:
                 return calls[0].run(cb, i, 0)
 
@@ -453,13 +544,20 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                     if not names:
                         continue
                 if isinstance(cb.get_submodule(names[0]), nn.LayerNorm):
-                    if _fit_norm(names[0], (cb, ob), calls, i, norm_damp):
-                        done.append(f"{path}.{i}.{names[0]}")
+                    if _fit_norm(names[0], (cb, ob), calls, i, norm_damp, folds):
+                        block_done.append(f"{path}.{i}.{names[0]}")
                     continue
                 _fit_group(names, sinks, (cb, ob), calls, i, local, damp, shrinker,
-                           f"{path}.{i}.", chosen)
-                done += [f"{path}.{i}.{n}" for n in names]
+                           f"{path}.{i}.", chosen, folds)
+                block_done += [f"{path}.{i}.{n}" for n in names]
                 trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
+            calls[1].advance(ob, i)  # the original block's outputs: the guard's targets
+            if folds is None or not block_done or \
+                    _guarded(cb, i, calls, cut, folds, f"{path}.{i}", guarded):
+                done += block_done
+            elif chosen is not None:  # left as the cut made it: no ridge to report
+                for n in block_done:
+                    chosen.pop(n, None)
+            del folds, cut
             calls[0].advance(cb, i)
-            calls[1].advance(ob, i)
     return done

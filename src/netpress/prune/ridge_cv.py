@@ -43,7 +43,7 @@ import torch
 
 from netpress.reconstruct.shrinkage import shrink_
 
-__all__ = ["DAMP_GRID", "FOLDS", "FoldSums", "ridge_path_errors", "cv_damp"]
+__all__ = ["DAMP_GRID", "FOLDS", "FoldSums", "ridge_path_errors", "cv_damp", "fold_fits"]
 
 #: The relative ridges ``damp`` tried by :func:`cv_damp`: from nearly plain least squares to
 #: nearly no refit at all (``Θ ≈ Θ₀``).
@@ -91,7 +91,8 @@ class FoldSums:
 
 
 def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
-                      lambdas: Sequence[float], shrinkage: float = 0.0) -> torch.Tensor:
+                      lambdas: Sequence[float], shrinkage: float = 0.0,
+                      per_fold: bool = False) -> torch.Tensor:
     """For every absolute ridge ``λ`` in ``lambdas``: ``Σ_k ⟨Θ_k, H_k Θ_k⟩ − 2⟨Θ_k, G_k⟩``, where
     ``Θ_k = argmin ‖X_{-k} Θ − Y_{-k}‖² + λ‖Θ − Θ₀‖²`` is fitted on the other folds (its
     correlations shrunk toward the diagonal by ``shrinkage``, as
@@ -100,11 +101,12 @@ def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0
 
     Memory: one d x d work matrix besides the folds' sums (with two folds the training sums
     of one are the other's, no copy); a Cholesky factorization per ``λ`` and fold. A ``λ``
-    whose system is not positive definite (rounding, near-empty folds) scores +inf."""
+    whose system is not positive definite (rounding, near-empty folds) scores +inf.
+    ``per_fold``: the errors of each held-out fold apart, ``[folds, len(lambdas)]``."""
     if len(folds) < 2:
         raise ValueError("cross-validation needs rows in at least 2 folds")
     theta0 = theta0.double().to(folds[0][0].device)
-    errors = torch.zeros(len(lambdas), dtype=torch.float64)
+    errors = torch.zeros(len(folds), len(lambdas), dtype=torch.float64)
     work: torch.Tensor | None = None
     for k, (h_k, g_k) in enumerate(folds):
         others = [f for j, f in enumerate(folds) if j != k]
@@ -120,12 +122,12 @@ def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0
             _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty(
                 (), dtype=torch.int32, device=work.device)))
             if int(info) != 0:
-                errors[i] = float("inf")
+                errors[k, i] = float("inf")
                 continue
             theta = theta0 + torch.cholesky_solve(residual, work)
-            errors[i] += float((theta * (h_k.double() @ theta)).sum()
-                               - 2 * (theta * g_k.double()).sum())
-    return errors
+            errors[k, i] = float((theta * (h_k.double() @ theta)).sum()
+                                 - 2 * (theta * g_k.double()).sum())
+    return errors if per_fold else errors.sum(0)
 
 
 def cv_damp(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
@@ -141,3 +143,29 @@ def cv_damp(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Te
     best = float(errors.min())
     tol = 1e-9 * max(1.0, abs(best))
     return max(d for d, err in zip(grid, errors.tolist()) if err <= best + tol)
+
+
+def fold_fits(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
+              lam: float, shrinkage: float = 0.0) -> list[torch.Tensor]:
+    """For every fold ``k``: ``Θ_k = Θ₀ + (A_k + λI)⁻¹ (G_{-k} − H_{-k} Θ₀)``, the fit on the
+    other folds' sums with the absolute ridge ``lam`` (``A_k``: ``H_{-k}`` shrunk by
+    ``shrinkage``), as :func:`ridge_path_errors` scores it; float64. What the refit guard
+    (:mod:`netpress.prune.refit_guard`) runs on each fold's held-out inputs."""
+    if len(folds) < 2:
+        raise ValueError("fold fits need rows in at least 2 folds")
+    theta0 = theta0.double().to(folds[0][0].device)
+    fits = []
+    for k in range(len(folds)):
+        others = [f for j, f in enumerate(folds) if j != k]
+        work = others[0][0].double().clone()
+        g_train = others[0][1].double().clone()
+        for h, g in others[1:]:
+            work.add_(h)
+            g_train.add_(g)
+        residual = g_train.sub_(work @ theta0)
+        if shrinkage > 0:
+            shrink_(work, shrinkage)
+        work.diagonal().add_(lam)
+        fits.append(theta0 + torch.linalg.solve(work, residual))
+        del work, residual
+    return fits

@@ -64,6 +64,7 @@ import netpress as npr
 from netpress._inputs import call_model, primary_output
 from netpress.prune import posttraining
 from netpress.prune.refit import refit_blocks
+from netpress.prune.refit_guard import TOKEN_POWER
 from netpress.reconstruct.shrinkage import Shrinker
 
 RESULTS = Path(__file__).parent / "results"
@@ -267,9 +268,9 @@ def main() -> None:
     p.add_argument("--guard", choices=("on", "off"), default="on",
                    help="minilm, zoo: the block refit's held-out guard (refit_guard.py; "
                         "only with --damp auto)")
-    p.add_argument("--guard-power", type=float, default=1.0,
+    p.add_argument("--guard-power", type=float, default=TOKEN_POWER,
                    help="minilm, zoo: the guard's q, how much the worst tokens weigh "
-                        "(refit_blocks' guard_power; 1: the total squared error)")
+                        "(refit_blocks' guard_power, default 4; 1: the total squared error)")
     p.add_argument("--shrinkage", nargs="+", default=["0", "auto"],
                    help="settings to compare besides no refit: 'auto' or numbers")
     p.add_argument("--data", default=None, help="quant: the shared data folder")
@@ -277,7 +278,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.out = args.out or str(RESULTS / f"refit_shrinkage_{args.what}.json")
-    if args.guard == "off" or args.guard_power != 1.0:  # FisherPrune's block refit
+    if args.guard == "off" or args.guard_power != TOKEN_POWER:  # FisherPrune's block refit
         posttraining.refit_blocks = functools.partial(  # type: ignore[assignment]
             refit_blocks, guard=args.guard == "on", guard_power=args.guard_power)
     modes = {"minilm": minilm, "zoo": zoo, "sensitivity": sensitivity}

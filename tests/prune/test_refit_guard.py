@@ -101,8 +101,9 @@ def _brute(x: torch.Tensor, target: torch.Tensor, theta0: torch.Tensor, damp: fl
 
 def _guard(model: _Stack, data: list[torch.Tensor], targets: list[torch.Tensor],
            theta0: torch.Tensor, damp: float) -> tuple[Any, dict[str, Any]]:
-    """The guard on block 0, its fold fits from the sums (:func:`fold_fits`) as the refit
-    computes them, the block set to the fit on all rows first (as the refit leaves it)."""
+    """The guard on block 0 at ``q = 1`` (the total squared error, as :func:`_brute` scores),
+    its fold fits from the sums (:func:`fold_fits`) as the refit computes them, the block set
+    to the fit on all rows first (as the refit leaves it)."""
     block = model.blocks[0]
     calls = BlockCalls.record(model, model.blocks, data)
     x = calls.rows(calls.hidden[0], 0)
@@ -118,7 +119,7 @@ def _guard(model: _Stack, data: list[torch.Tensor], targets: list[torch.Tensor],
     full = torch.linalg.solve(h_all + lam * torch.eye(len(h_all), dtype=torch.float64),
                               g_all + lam * theta0)
     cut = snapshot(block)
-    fits = BlockFits(2)
+    fits = BlockFits(2, 1.0)
     fits.add(block.fc.weight, [t[:-1].T for t in held])
     fits.add(block.fc.bias, [t[-1] for t in held])
     with torch.no_grad():  # the refit leaves its fit on all rows in the block

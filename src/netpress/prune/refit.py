@@ -509,8 +509,8 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
     inputs are closer to the original's than the cut block's
     (:mod:`netpress.prune.refit_guard`); ``guarded`` gets, per block (its full name), the
     refit's held-out error score relative to the cut's (>= 1: the block was left as the cut
-    made it); ``guard_power``: the guard's ``q``, how much its worst tokens weigh (1: the
-    total squared error; 4 measured better with few rows, see the guard's docs). Returns
+    made it); ``guard_power``: the guard's ``q``, how much its worst tokens weigh (default 4,
+    measured better with few rows; 1: the total squared error; see the guard's docs). Returns
     the refitted layers' full names (those of blocks the guard rejected left out, also from
     ``chosen``)."""
     if isinstance(damp, str) and damp != "auto":

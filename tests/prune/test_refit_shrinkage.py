@@ -134,7 +134,8 @@ def test_fisherprune_reports_the_shrinkage_and_warns_about_few_rows():
     with pytest.warns(UserWarning, match=r"FisherPrune: 3 layer\(s\) saw fewer calibration "
                       r"rows than inputs, e.g. 'blocks.0.down': 16 rows for 21 inputs.*"
                       r"not shrunk \(shrinkage=0\).*ridges were chosen by cross-validation "
-                      r"on these samples \(refit_damp in the report.*refit=False"):
+                      r"on these samples \(refit_damp in the report.*held-out samples "
+                      r"\(refit_guard.*refit=False"):
         default = run()
     with pytest.warns(UserWarning, match=r"let each refit's ridge be chosen on held-out "
                       r"samples \(damp='auto', the default\) or do not refit \(refit=False\)"):

@@ -268,6 +268,11 @@ _FEW_ROWS_ADVICE = {
     "auto": ("; the refits' ridges were chosen by cross-validation on these samples "
              "(refit_damp in the report: 100 leaves a layer as the cut made it), or skip the "
              "refit with refit=False"),
+    "auto-blocks": ("; the refits' ridges were chosen by cross-validation on these samples "
+                    "(refit_damp in the report: 100 leaves a layer as the cut made it) and "
+                    "each block's refit was kept only where it beat the cut on held-out "
+                    "samples (refit_guard: >= 1 was rejected), or skip the refit with "
+                    "refit=False"),
     "number": ("; or, with few samples, let each refit's ridge be chosen on held-out samples "
                "(damp='auto', the default) or do not refit (refit=False): the refit can then "
                "undo more than the cut costs"),
@@ -504,7 +509,8 @@ def fisher_prune(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, dat
             summary["refit_guard"] = {k: float(f"{v:.4g}") for k, v in guarded.items()}
         summary.update(shrinker.summary())
         shrinker.warn(cfg.type_name(),
-                      _FEW_ROWS_ADVICE["auto" if cfg.damp == "auto" else "number"])
+                      _FEW_ROWS_ADVICE["number" if cfg.damp != "auto" else
+                                       "auto-blocks" if scope == "blocks" else "auto"])
     del cut  # the unpruned original; with inplace it shares tensors with the pruned model
     return pruned, summary
 

@@ -52,8 +52,16 @@ from netpress.measure.collect import evaluating
 from netpress.prune._blocks import BlockCalls
 from netpress.prune.depth import find_block_stack
 from netpress.prune.fisher import few_rows_damp, ridge_affine, ridge_solve
-from netpress.prune.refit_guard import TOKEN_POWER, BlockFits, guard_block, snapshot
-from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp, fold_fits
+from netpress.prune.refit_guard import (
+    TOKEN_POWER,
+    BlockFits,
+    add_layer_fits,
+    add_norm_fits,
+    check_block,
+    group_fold_fits,
+    snapshot,
+)
+from netpress.prune.ridge_cv import FOLDS, FoldSums, cv_damp
 from netpress.reconstruct._measure import trim_heap
 from netpress.reconstruct.layers import LayerView, is_hf_conv1d, supported
 from netpress.reconstruct.shrinkage import Shrinker, intensity
@@ -331,7 +339,8 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
     if fit.folds is not None and len(fit.folds.folds()) > 1:
         ridge = max(ridge, cv_damp(fit.folds.folds(), _start(layers, names, bias),
                                    shrinkage=alpha))
-    held = _fold_fits(fit, names, layers, bias, ridge, alpha) if fits is not None else None
+    held = group_fold_fits(fit.folds.folds() if fit.folds is not None else [], names,
+                           layers, bias, ridge, alpha) if fits is not None else None
     fit.merge_folds()
     assert fit.hessian is not None
     if chosen is not None:
@@ -355,45 +364,7 @@ def _fit_group(names: list[str], sinks: Mapping[str, str | None],
             if b0 is not None:
                 assign_(b0, theta[-1])
         if fits is not None:
-            _add_held(fits, view, layer, held[n] if held is not None else None)
-
-
-def _add_held(fits: BlockFits, view: LayerView, layer: nn.Module,
-              held: list[torch.Tensor] | None) -> None:
-    """One layer's fits ``[in (+ 1), out]`` on all folds but one into ``fits`` (None: the
-    folds did not all get rows)."""
-    if held is None:
-        fits.complete = False
-        return
-    d = view.weight_layout  # out x in, also for transformers' Conv1D (in x out)
-    width = view.matrix()[0].shape[1]
-    assert isinstance(layer.weight, nn.Parameter)
-    fits.add(layer.weight, [d(t[:width].T[None]) for t in held])
-    if isinstance(layer.bias, nn.Parameter):
-        fits.add(layer.bias, [t[-1] for t in held])
-
-
-def _fold_fits(fit: _Fit, names: list[str], layers: list[nn.Module], bias: bool,
-               ridge: float, alpha: float) -> dict[str, list[torch.Tensor]] | None:
-    """Each layer of the group fitted on the sums of all folds but one, per fold, as the fit
-    on all rows fits it (the same absolute ridge, its own bias or none): ``[in (+ 1), out]``
-    per layer name; None where a fold got no rows."""
-    folds = fit.folds.folds() if fit.folds is not None else []
-    if len(folds) != FOLDS:
-        return None
-    start, out = 0, {}
-    for n, layer in zip(names, layers):
-        view = LayerView(layer, n)
-        w = view.matrix()[0]
-        b0 = layer.bias
-        assert b0 is None or isinstance(b0, torch.Tensor)
-        theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
-        keep = slice(None, -1) if bias and b0 is None else slice(None)
-        parts = [(h[keep, keep], g[keep, start:start + w.shape[0]]) for h, g in folds]
-        start += w.shape[0]
-        mean = sum(float(h.diagonal().mean()) for h, _ in parts)
-        out[n] = fold_fits(parts, theta0.T, ridge * mean if mean > 0 else ridge, alpha)
-    return out
+            add_layer_fits(fits, view, layer, held[n] if held is not None else None)
 
 
 def _input_ids(t: torch.Tensor) -> torch.Tensor:
@@ -447,42 +418,13 @@ def _fit_norm(name: str, blocks: tuple[nn.Module, nn.Module],
         ys.append(calls[0].rows(y, b).cpu())
         ids.append(calls[0].rows(_input_ids(z), b).reshape(-1).cpu())
     if fits is not None:
-        _add_norm_fits(norm, torch.cat(ns), torch.cat(ys), torch.cat(ids), damp, fits)
+        add_norm_fits(norm, torch.cat(ns), torch.cat(ys), torch.cat(ids), damp, fits)
     gain, shift = ridge_affine(torch.cat(ns), torch.cat(ys), norm.weight.detach().cpu(),
                                norm.bias.detach().cpu(), damp)
     with torch.no_grad():
         assign_(norm.weight, gain)
         assign_(norm.bias, shift)
     return True
-
-
-def _add_norm_fits(norm: nn.LayerNorm, n: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
-                   damp: float, out: BlockFits) -> None:
-    """The norm's gain and shift fitted on the rows of all folds but one (input ``i`` of a
-    batch in fold ``i mod folds``), for every fold, into ``out``."""
-    fold = ids % out.folds
-    if any(not bool((fold == k).any()) for k in range(out.folds)):
-        out.complete = False
-        return
-    g0, s0 = norm.weight.detach().cpu(), norm.bias.detach().cpu()
-    held = [ridge_affine(n[fold != k], y[fold != k], g0, s0, damp) for k in range(out.folds)]
-    out.add(norm.weight, [g for g, _ in held])
-    out.add(norm.bias, [s for _, s in held])
-
-
-def _guarded(block: nn.Module, index: int, calls: tuple[BlockCalls, BlockCalls],
-             cut: dict[nn.Parameter, torch.Tensor], fits: BlockFits, name: str,
-             guarded: dict[str, float] | None) -> bool:
-    """The guard's check of block ``index`` (:func:`guard_block`; ``calls[1]`` already
-    advanced past it: its hidden states are the original block's outputs); ``guarded`` gets
-    the held-out error ratio under the block's full ``name``. False where the block got its
-    cut parameters back."""
-    verdict = guard_block(block, index, calls[0], calls[1].hidden, cut, fits)
-    if verdict is None:
-        return True
-    if guarded is not None:
-        guarded[name] = verdict.ratio
-    return verdict.kept
 
 
 def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
@@ -553,7 +495,7 @@ def refit_blocks(model: nn.Module, original: nn.Module, data: list[Any], *,
                 trim_heap()  # the fit's float64 temporaries (72 MiB a matrix at 3072 wide)
             calls[1].advance(ob, i)  # the original block's outputs: the guard's targets
             if folds is None or not block_done or \
-                    _guarded(cb, i, calls, cut, folds, f"{path}.{i}", guarded):
+                    check_block(cb, i, calls, cut, folds, f"{path}.{i}", guarded):
                 done += block_done
             elif chosen is not None:  # left as the cut made it: no ridge to report
                 for n in block_done:

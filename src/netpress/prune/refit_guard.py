@@ -44,7 +44,7 @@ against 0.833), and handing the next block the out-of-fold outputs instead of th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -52,9 +52,13 @@ import torch
 from torch import nn
 
 from netpress.prune._blocks import BlockCalls
+from netpress.prune.fisher import ridge_affine
+from netpress.prune.ridge_cv import FOLDS, fold_fits
+from netpress.reconstruct.layers import LayerView
 
 __all__ = ["TOKEN_POWER", "BlockFits", "GuardVerdict", "snapshot", "restore",
-           "token_score", "held_out_error", "guard_block"]
+           "token_score", "held_out_error", "guard_block", "group_fold_fits",
+           "add_layer_fits", "add_norm_fits", "check_block"]
 
 #: ``q``: the guard compares ``(Σ_t e_t^q)^(1/q)`` over tokens ``t``, ``e_t`` a token's
 #: squared error (see the module docs).
@@ -191,3 +195,71 @@ def guard_block(block: nn.Module, index: int, calls: BlockCalls,
     if not kept:
         restore(cut)
     return GuardVerdict(err_cut, err_fit, kept)
+
+
+def add_layer_fits(fits: BlockFits, view: LayerView, layer: nn.Module,
+                   held: list[torch.Tensor] | None) -> None:
+    """One layer's fits ``[in (+ 1), out]`` on all folds but one into ``fits`` (None: the
+    folds did not all get rows)."""
+    if held is None:
+        fits.complete = False
+        return
+    d = view.weight_layout  # out x in, also for transformers' Conv1D (in x out)
+    width = view.matrix()[0].shape[1]
+    assert isinstance(layer.weight, nn.Parameter)
+    fits.add(layer.weight, [d(t[:width].T[None]) for t in held])
+    if isinstance(layer.bias, nn.Parameter):
+        fits.add(layer.bias, [t[-1] for t in held])
+
+
+def group_fold_fits(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], names: list[str],
+                    layers: list[nn.Module], bias: bool, ridge: float,
+                    alpha: float) -> dict[str, list[torch.Tensor]] | None:
+    """Each layer of the group fitted on the sums of all folds but one, per fold, as the fit
+    on all rows fits it (the same absolute ridge, its own bias or none): ``[in (+ 1), out]``
+    per layer name, from the group's per-fold sums ``folds`` (``[in (+ 1)]`` squared and
+    against all the group's outputs side by side); None where a fold got no rows."""
+    if len(folds) != FOLDS:
+        return None
+    start, out = 0, {}
+    for n, layer in zip(names, layers):
+        view = LayerView(layer, n)
+        w = view.matrix()[0]
+        b0 = layer.bias
+        assert b0 is None or isinstance(b0, torch.Tensor)
+        theta0 = torch.cat([w, b0.detach().double()[:, None]], 1) if b0 is not None else w
+        keep = slice(None, -1) if bias and b0 is None else slice(None)
+        parts = [(h[keep, keep], g[keep, start:start + w.shape[0]]) for h, g in folds]
+        start += w.shape[0]
+        mean = sum(float(h.diagonal().mean()) for h, _ in parts)
+        out[n] = fold_fits(parts, theta0.T, ridge * mean if mean > 0 else ridge, alpha)
+    return out
+
+
+def add_norm_fits(norm: nn.LayerNorm, n: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+                  damp: float, out: BlockFits) -> None:
+    """The norm's gain and shift fitted on the rows of all folds but one (input ``i`` of a
+    batch in fold ``i mod folds``), for every fold, into ``out``."""
+    fold = ids % out.folds
+    if any(not bool((fold == k).any()) for k in range(out.folds)):
+        out.complete = False
+        return
+    g0, s0 = norm.weight.detach().cpu(), norm.bias.detach().cpu()
+    held = [ridge_affine(n[fold != k], y[fold != k], g0, s0, damp) for k in range(out.folds)]
+    out.add(norm.weight, [g for g, _ in held])
+    out.add(norm.bias, [s for _, s in held])
+
+
+def check_block(block: nn.Module, index: int, calls: tuple[BlockCalls, BlockCalls],
+                cut: dict[nn.Parameter, torch.Tensor], fits: BlockFits, name: str,
+                guarded: dict[str, float] | None) -> bool:
+    """The guard's check of block ``index`` (:func:`guard_block`; ``calls[1]`` already
+    advanced past it: its hidden states are the original block's outputs); ``guarded`` gets
+    the held-out error ratio under the block's full ``name``. False where the block got its
+    cut parameters back."""
+    verdict = guard_block(block, index, calls[0], calls[1].hidden, cut, fits)
+    if verdict is None:
+        return True
+    if guarded is not None:
+        guarded[name] = verdict.ratio
+    return verdict.kept

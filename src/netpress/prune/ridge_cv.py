@@ -90,6 +90,17 @@ class FoldSums:
         return [(h, g) for h, g in zip(self.hessian, self.xty) if h is not None and g is not None]
 
 
+def _training_sums(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H_{-k}, G_{-k})``: the sums of every fold but ``k`` (with two folds the other
+    fold's own tensors, no copy: callers must not write them)."""
+    others = [f for j, f in enumerate(folds) if j != k]
+    h = others[0][0] if len(others) == 1 else sum(h for h, _ in others)
+    g = others[0][1] if len(others) == 1 else sum(g for _, g in others)
+    assert isinstance(h, torch.Tensor) and isinstance(g, torch.Tensor)
+    return h, g
+
+
 def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.Tensor,
                       lambdas: Sequence[float], shrinkage: float = 0.0,
                       per_fold: bool = False) -> torch.Tensor:
@@ -109,10 +120,7 @@ def ridge_path_errors(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0
     errors = torch.zeros(len(folds), len(lambdas), dtype=torch.float64)
     work: torch.Tensor | None = None
     for k, (h_k, g_k) in enumerate(folds):
-        others = [f for j, f in enumerate(folds) if j != k]
-        h_train = others[0][0] if len(others) == 1 else sum(h for h, _ in others)
-        g_train = others[0][1] if len(others) == 1 else sum(g for _, g in others)
-        assert isinstance(h_train, torch.Tensor) and isinstance(g_train, torch.Tensor)
+        h_train, g_train = _training_sums(folds, k)
         residual = g_train.double() - h_train.double() @ theta0
         for i, lam in enumerate(lambdas):
             work = h_train.double().clone() if work is None else work.copy_(h_train)
@@ -156,13 +164,9 @@ def fold_fits(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], theta0: torch.
     theta0 = theta0.double().to(folds[0][0].device)
     fits = []
     for k in range(len(folds)):
-        others = [f for j, f in enumerate(folds) if j != k]
-        work = others[0][0].double().clone()
-        g_train = others[0][1].double().clone()
-        for h, g in others[1:]:
-            work.add_(h)
-            g_train.add_(g)
-        residual = g_train.sub_(work @ theta0)
+        h_train, g_train = _training_sums(folds, k)
+        work = h_train.double().clone()
+        residual = g_train.double() - work @ theta0
         if shrinkage > 0:
             shrink_(work, shrinkage)
         work.diagonal().add_(lam)

@@ -30,6 +30,7 @@ __all__ = [
     "state_equal",
     "state_digest",
     "check_method_contract",
+    "hidden_weights",
     "prune_zeroed_units",
 ]
 
@@ -194,6 +195,21 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def hidden_weights(model: nn.Module) -> list[str]:
+    """Modules whose ``weight`` is a tensor that is neither an ``nn.Parameter`` nor the
+    decoded value of a coded layer: :func:`netpress.measure.size.parameter_count` and the
+    report's storage rows would leave such weights out."""
+    from netpress.measure.size import is_coded
+
+    out = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter) \
+                and not is_coded(module):
+            out.append(f"{name or '<model>'} ({type(module).__name__})")
+    return out
+
+
 def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: int = 0,
                           before: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Assert the method contract for ``config`` on ``model``; returns the compress result.
@@ -217,6 +233,9 @@ def check_method_contract(config: Any, model: nn.Module, data: list[Any], seed: 
     assert not any(t.untyped_storage().data_ptr() in theirs
                    for t in first.model.state_dict().values()), \
         "the compressed model shares a tensor with the input model"
+    hidden = hidden_weights(first.model)
+    assert not hidden, ("weights the size accounting cannot see (neither an nn.Parameter nor "
+                        f"a coded layer with dequantized_weight()/decoded_weight()): {hidden[:5]}")
     second = npr.compress(model, recipe, **kwargs)
     assert state_equal(first.model, second.model), "not deterministic under a fixed seed"
     buf = io.BytesIO()

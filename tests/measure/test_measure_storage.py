@@ -67,6 +67,27 @@ def test_codebook_weights_count_and_store_at_their_bit_width() -> None:
     assert summary["bits"] == 64 * 2 + 4 * 32 + (4 + 4) * 32
 
 
+def test_dynamic_int8_linear_and_embedding_weights_count() -> None:
+    """DynamicQuantize keeps its int8 codes in buffers and shows a read-only float ``weight``
+    (for model code that reads it): the count must still see every weight, at 8 bits."""
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 4))
+    with torch.no_grad():  # +-1 everywhere: no int8 step rounds a weight to zero
+        model[0].weight.copy_(torch.randn(10, 16).sign())
+        model[1].weight.copy_(torch.randn(4, 16).sign())
+        model[1].weight[:, :8] = 0.0
+    quantize = npr.DynamicQuantize(target="generic", outlier_channels=0)
+    int8 = npr.compress(model, [quantize], measure=False).model
+    assert sorted(c.module for c in coded_weights(int8)) == ["0", "1"]
+    # 10 x 16 table + 16 x 4 weights + 4 biases, before and after
+    assert parameter_count(model) == parameter_count(int8) == 160 + 64 + 4
+    assert nonzero_parameter_count(int8) == 160 + 32 + 4
+    summary = storage_summary(int8)
+    assert summary["formats"] == {"float32": 4, "int8": 224}
+    # side tensors: 10 row scales of the table, 4 channel scales of the Linear (its
+    # in_scale is empty without outlier smoothing)
+    assert summary["side_bits"] == (10 + 4) * 32
+
+
 def test_macs_of_pruned_and_quantized_layers() -> None:
     model = _half_zero_linear()
     x = torch.randn(1, 16)

@@ -160,14 +160,20 @@ class DynamicQuantLinear(nn.Module):
                 q.bias.copy_(linear.bias.detach())
         return q.to(linear.weight.device)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The float weight the layer stands for, out × in (codes times scales, times
-        ``in_scale`` where the codes hold the smoothed weight ``W / in_scale``), read-only:
-        model code that reads ``layer.weight`` (its dtype or device) keeps working. The
-        forward pass does not use it."""
+    bits = 8  #: the width of the weight codes (read by netpress.measure.size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the layer stands for, out × in: codes times scales, times
+        ``in_scale`` where the codes hold the smoothed weight ``W / in_scale``. The size
+        accounting (:mod:`netpress.measure.size`) counts these weights through it."""
         w = self.weight_q.float() * self.weight_scale.float()[:, None]
         return w * self.in_scale.float()[None, :] if self.smoothed else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """:meth:`dequantized_weight`, read-only: model code that reads ``layer.weight``
+        (its dtype or device) keeps working. The forward pass does not use it."""
+        return self.dequantized_weight()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in _linear_spec(self).items())
@@ -210,12 +216,18 @@ class QuantEmbedding(nn.Module):
             q.weight_scale.copy_(scale)
         return q.to(emb.weight.device)
 
+    bits = 8  #: the width of the row codes (read by netpress.measure.size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float table the codes stand for: codes times row scales."""
+        return self.weight_q.float() * self.weight_scale.float()[:, None]
+
     @property
     def weight(self) -> torch.Tensor:
-        """The float table the codes stand for (codes times row scales), read-only: model
-        code that reads ``embedding.weight`` (ProphetNet's n-gram stream, Llama 4) keeps
-        working. The forward pass does not use it."""
-        return self.weight_q.float() * self.weight_scale.float()[:, None]
+        """:meth:`dequantized_weight`, read-only: model code that reads ``embedding.weight``
+        (ProphetNet's n-gram stream, Llama 4) keeps working. The forward pass does not use
+        it."""
+        return self.dequantized_weight()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

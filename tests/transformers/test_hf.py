@@ -99,6 +99,33 @@ def test_quantized_weights_are_written_dequantized(tmp_path):
     torch.testing.assert_close(_out(plain.eval(), x), _out(res.model, x), atol=1e-5, rtol=1e-4)
 
 
+def test_int8_embedding_tables_are_written_dequantized(tmp_path):
+    """GPTQ's Linear layers plus DynamicQuantize limited to the embeddings (the README's
+    4-bit recipe): every layer is a weight-only code, so the directory is exact."""
+    model = _llama()
+    x = _x(128)
+    res = npr.compress(model, [npr.GPTQ(bits=4, group_size=16),
+                               npr.DynamicQuantize(layers=("re:.*embed.*",),
+                                                   outlier_channels=0)],
+                       calibration=[(x, None)], example_inputs=x, measure=False)
+    assert type(res.model.model.embed_tokens).__name__ == "QuantEmbedding"
+    assert save_pretrained(res.model, tmp_path / "hf") == "dense"
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                               local_files_only=True)
+    torch.testing.assert_close(_out(plain.eval(), x), _out(res.model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_run_time_activation_quantization_is_refused_by_name(tmp_path):
+    model = _bert()
+    x = _x(120)
+    res = npr.compress(model, [npr.DynamicQuantize(outlier_channels=0)], example_inputs=x,
+                       measure=False)
+    with pytest.raises(ModelError, match=r"encoder\.layer\.0\..*DynamicQuantLinear.*before "
+                                         r"DynamicQuantize"):
+        save_pretrained(res.model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_refusals_say_why(tmp_path):
     with pytest.raises(ModelError, match="no such directory"):
         from_pretrained(tmp_path / "missing")

@@ -21,7 +21,9 @@
   integer-weight layer netpress could use. Unstructured zeros stay as zeros. What cannot be
   written is refused with a :class:`~netpress.errors.ModelError` saying why: a pruned
   residual stream (hidden size; zero padding would change the layer norms' statistics),
-  activation quantizers, any other netpress-only layer. The written directory is loaded back
+  activation quantizers (``DynamicQuantize``'s Linear layers quantize their inputs at run
+  time; its int8 embedding tables are weight-only and are written as float tables), any
+  other netpress-only layer. The written directory is loaded back
   with ``transformers`` and checked against the model before it replaces ``path``.
 
 ``transformers`` is imported only when these functions run.
@@ -144,11 +146,25 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 def _dequantized(model: nn.Module) -> nn.Module:
     """``model`` with every integer/codebook-weight Linear or Conv2d as a float layer;
     ModelError for any other netpress-only module (e.g. activation quantizers)."""
+    from netpress.quant.dynamic import DynamicQuantLinear, QuantEmbedding
+
     for name, m in list(model.named_modules()):
         decode = getattr(m, "dequantized_weight", None) or getattr(m, "decoded_weight", None)
         if not type(m).__module__.startswith("netpress.") or not name:
             continue
         layer: nn.Module
+        if isinstance(m, DynamicQuantLinear):
+            raise ModelError(
+                f"save_pretrained: module {name!r} (DynamicQuantLinear) quantizes its inputs at "
+                "run time, which a transformers directory cannot express (written as a float "
+                "Linear it would compute something else); write the model before "
+                "DynamicQuantize (or with DynamicQuantize(layers=...) limited to the "
+                "embeddings), or save the .npress artefact / export ONNX instead")
+        if isinstance(m, QuantEmbedding):  # int8 rows, float output: exact as a float table
+            table = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+            table.weight.copy_(m.dequantized_weight())
+            _replace(model, name, table.to(m.weight_q.device))
+            continue
         if callable(decode) and hasattr(m, "in_features"):
             weight = decode().float()
             layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)

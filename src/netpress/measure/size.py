@@ -100,11 +100,18 @@ def _coded(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
 
 
 def coded_weights(model: nn.Module) -> list[CodedWeight]:
-    """Every weight of ``model`` stored as integer codes, one entry per coded layer."""
-    out = []
+    """Every weight of ``model`` stored as integer codes, one entry per coded layer; a layer
+    that reads another's code tensors (a quantized output layer's tied input embedding
+    table) is that weight again and is not counted twice."""
+    out: list[CodedWeight] = []
+    seen: set[int] = set()
     for name, module, value in _coded(model):
         codes = tuple(n for n, b in module.named_buffers(recurse=False)
                       if not b.is_floating_point() and b.numel() == value.numel())
+        shared = {id(getattr(module, n)) for n in codes}
+        if shared and shared <= seen:
+            continue
+        seen |= shared
         out.append(CodedWeight(name, int(value.numel()), int(torch.count_nonzero(value)),
                                _bits_of(module, value), codes))
     return out

@@ -142,12 +142,19 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def _param(value: Any) -> nn.Parameter:
+    assert isinstance(value, nn.Parameter)
+    return value
+
+
 @torch.no_grad()
 def _dequantized(model: nn.Module) -> nn.Module:
     """``model`` with every integer/codebook-weight Linear or Conv2d as a float layer;
     ModelError for any other netpress-only module (e.g. activation quantizers)."""
     from netpress.quant.dynamic import DynamicQuantLinear, QuantEmbedding
+    from netpress.reconstruct.modules import GroupQuantEmbedding
 
+    floats: dict[int, nn.Parameter] = {}  # id of a code tensor -> the float weight made of it
     for name, m in list(model.named_modules()):
         decode = getattr(m, "dequantized_weight", None) or getattr(m, "decoded_weight", None)
         if not type(m).__module__.startswith("netpress.") or not name:
@@ -160,10 +167,22 @@ def _dequantized(model: nn.Module) -> nn.Module:
                 "Linear it would compute something else); write the model before "
                 "DynamicQuantize (or with DynamicQuantize(layers=...) limited to the "
                 "embeddings), or save the .npress artefact / export ONNX instead")
-        if isinstance(m, QuantEmbedding):  # int8 rows, float output: exact as a float table
+        codes = getattr(m, "weight_q", None)
+        if isinstance(m, (QuantEmbedding, GroupQuantEmbedding)):  # weight-only: exact
             table = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
-            table.weight.copy_(m.dequantized_weight())
+            if id(codes) in floats:  # a tied table: the same float weight again
+                table.weight = floats[id(codes)]
+            else:
+                table.weight.copy_(m.dequantized_weight())
+                floats[id(codes)] = _param(table.weight)
             _replace(model, name, table.to(m.weight_q.device))
+            continue
+        if callable(decode) and hasattr(m, "in_features") and id(codes) in floats:
+            layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            layer.weight = floats[id(codes)]  # the output layer of a tied table
+            if m.bias is not None and layer.bias is not None:
+                layer.bias.copy_(m.bias.detach().float())
+            _replace(model, name, layer.to(layer.weight.device))
             continue
         if callable(decode) and hasattr(m, "in_features"):
             weight = decode().float()
@@ -178,6 +197,8 @@ def _dequantized(model: nn.Module) -> nn.Module:
                 f"equivalent (activation quantization cannot be written into a transformers "
                 f"directory); save the .npress artefact or export ONNX instead")
         layer.weight.copy_(weight)
+        if codes is not None:
+            floats[id(codes)] = _param(layer.weight)
         if m.bias is not None and layer.bias is not None:
             layer.bias.copy_(m.bias.detach().float())
         _replace(model, name, layer.to(weight.device))

@@ -345,8 +345,15 @@ def dynamic_quantize(model: nn.Module, cfg: DynamicQuantize,
         else (nn.Linear,)
     candidates = [n for n, m in model.named_modules() if type(m) in kinds]
     if not candidates:
-        raise ModelError("DynamicQuantize: the model has no nn.Linear"
-                         + (" or nn.Embedding" if cfg.embeddings else "") + " layer")
+        from netpress.measure.size import is_coded
+
+        coded = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                 if n and is_coded(m)]
+        raise ModelError("DynamicQuantize: the model has no float nn.Linear"
+                         + (" or nn.Embedding" if cfg.embeddings else "") + " layer"
+                         + (f"; its layers are quantized already, e.g. {coded[:3]}: leave "
+                            "DynamicQuantize out, or put it before the step that quantized "
+                            "them" if coded else ""))
     names = select_names(candidates, cfg.layers, cfg.ignore, owner=cfg.type_name())
     linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
     amax: dict[str, torch.Tensor] = {}

@@ -5,7 +5,12 @@ uint8 otherwise), float16 scales ``weight_scale`` (out × groups) and, for asymm
 uint8 zero points ``weight_zero``; column ``c`` belongs to group ``c // group_size`` (the
 last group may be shorter). The forward pass dequantizes ``(q - zero) · scale`` in float32
 and runs the float op. The artefact stores the codes packed (``packed_int``: 4-bit codes
-take half a byte). Both types register with :func:`register_module_type`.
+take half a byte). All three types register with :func:`register_module_type`.
+
+:class:`GroupQuantEmbedding` is the input embedding table of a language model whose output
+layer is tied to it: when ``GPTQ`` quantizes that output layer, the table reads the *same*
+code, scale and zero-point tensors (one stored copy, as the float model had one tied weight),
+gathering the rows of the ids it is given.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from netpress.export.modules import register_module_type
 from netpress.quant.primitives import code_dtype, qrange
 
-__all__ = ["GroupQuantWeight", "GroupQuantLinear", "GroupQuantConv"]
+__all__ = ["GroupQuantWeight", "GroupQuantLinear", "GroupQuantConv", "GroupQuantEmbedding"]
 
 
 class GroupQuantWeight(nn.Module):
@@ -150,6 +155,52 @@ class GroupQuantConv(GroupQuantWeight):
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class GroupQuantEmbedding(GroupQuantWeight):
+    """An embedding table whose rows are group-wise quantized codes: row ``i`` is
+    ``(q[i] - zero[i]) · scale[i]`` per column group. Built by :meth:`tied_to` it shares
+    its tensors with a tied output layer (see the module docs)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4,
+                 group_size: int = 128, symmetric: bool = False,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self._init_weight(num_embeddings, embedding_dim, bits, group_size, symmetric, False)
+
+    @classmethod
+    def tied_to(cls, layer: GroupQuantLinear, embedding: nn.Embedding) -> GroupQuantEmbedding:
+        """The table of ``embedding`` (tied to ``layer``'s weight before quantization) read
+        from ``layer``'s codes: the same tensor objects, not copies."""
+        if (embedding.num_embeddings, embedding.embedding_dim) != \
+                (layer.out_features, layer.in_features):
+            raise ValueError(f"embedding {embedding.num_embeddings}x{embedding.embedding_dim} "
+                             f"is not the shape of the layer's weight "
+                             f"{layer.out_features}x{layer.in_features}")
+        if embedding.max_norm is not None:
+            raise ValueError("an nn.Embedding with max_norm renormalises its rows at run time")
+        table = cls(embedding.num_embeddings, embedding.embedding_dim, layer.bits,
+                    layer.group_size, layer.symmetric, embedding.padding_idx)
+        table.weight_q, table.weight_scale = layer.weight_q, layer.weight_scale
+        table.weight_zero = layer.weight_zero
+        return table
+
+    def spec(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "padding_idx": self.padding_idx}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(self.embedding_dim, device=self.weight_q.device) // self.group_size
+        q = self.weight_q[ids].float()
+        if self.weight_zero is not None:
+            q = q - self.weight_zero[ids].float()[..., idx]
+        return q * self.weight_scale[ids].float()[..., idx]
+
+
 def _pad_args(kernel: tuple[int, ...], dilation: tuple[int, ...],
               padding: tuple[int, ...] | str) -> tuple[int, ...]:
     """``F.pad`` arguments (last dim first) of a conv's padding, as torch's convs compute
@@ -168,10 +219,12 @@ def _pad_args(kernel: tuple[int, ...], dilation: tuple[int, ...],
 
 
 def _spec_of(m: nn.Module) -> dict[str, Any]:
-    assert isinstance(m, (GroupQuantLinear, GroupQuantConv))
+    assert isinstance(m, (GroupQuantLinear, GroupQuantConv, GroupQuantEmbedding))
     return m.spec()
 
 
 register_module_type(GroupQuantLinear, _spec_of, GroupQuantLinear,
                      name="netpress.GroupQuantLinear")
 register_module_type(GroupQuantConv, _spec_of, GroupQuantConv, name="netpress.GroupQuantConv")
+register_module_type(GroupQuantEmbedding, _spec_of, GroupQuantEmbedding,
+                     name="netpress.GroupQuantEmbedding")

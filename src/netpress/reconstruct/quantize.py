@@ -26,13 +26,19 @@ from netpress.reconstruct._common import (
     calibrate,
     fitted_to,
     fitting_reference,
+    tied_weights,
 )
 from netpress.reconstruct._measure import measured, trim_heap
 from netpress.reconstruct.engine import LayerStats
 from netpress.reconstruct.gptq import OBSERVERS, GPTQResult, gptq_quantize, rtn_quantize
 from netpress.reconstruct.layers import LayerView
 from netpress.reconstruct.lstsq import refit_target
-from netpress.reconstruct.modules import GroupQuantConv, GroupQuantLinear, GroupQuantWeight
+from netpress.reconstruct.modules import (
+    GroupQuantConv,
+    GroupQuantEmbedding,
+    GroupQuantLinear,
+    GroupQuantWeight,
+)
 from netpress.reconstruct.obs import Handover
 from netpress.registry import register
 
@@ -143,6 +149,27 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def _retie_tables(model: nn.Module, tied: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Input embedding tables that shared a quantized layer's float weight (a language
+    model's tied output layer) become :class:`GroupQuantEmbedding` reading that layer's
+    codes, so the model keeps one copy of the weight; returns layer -> the tables swapped."""
+    out: dict[str, list[str]] = {}
+    for name, holders in tied.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, GroupQuantLinear):
+            continue
+        for holder in holders:
+            owner, _, field = holder.rpartition(".")
+            table = model.get_submodule(owner) if owner else model
+            if field != "weight" or type(table) is not nn.Embedding or \
+                    table.max_norm is not None or \
+                    table.weight.shape != (layer.out_features, layer.in_features):
+                continue  # it keeps the dequantized float values GPTQ wrote into it
+            _set_module(model, owner, GroupQuantEmbedding.tied_to(layer, table))
+            out.setdefault(name, []).append(owner)
+    return out
+
+
 @register(GPTQ, kind="quantize", copy_on_write=True,
           needs=lambda cfg: ("calibration",) if cfg.rounding == "gptq" else ())
 def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
@@ -150,6 +177,7 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
         raise RecipeError("GPTQ: a gradual pruning ramp is still open; put its recovery step "
                           "before GPTQ")
     names = list(cfg.selected(model))  # names only: a fitted layer's float weights are freed
+    tied = tied_weights(model, names)
     done: list[str] = []
     pending: dict[str, list[GPTQResult]] = {}
 
@@ -183,6 +211,8 @@ def _apply_gptq(model: nn.Module, cfg: GPTQ, ctx: Context) -> nn.Module:
             view = LayerView(model.get_submodule(name), name)
             _set_module(model, name, _quantized_layer(cfg, view, codes))
     info["fitted_to"] = fitted_to(changed)
+    if tables := _retie_tables(model, tied):
+        info["tied_tables"] = tables
     drop_masks(model, ctx)
     ctx.record(cfg.type_name(), layers=len(done), bits=cfg.bits, group_size=cfg.group_size,
                symmetric=cfg.symmetric, act_order=cfg.act_order, rounding=cfg.rounding,

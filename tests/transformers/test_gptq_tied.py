@@ -1,0 +1,113 @@
+"""GPTQ on a language model whose output layer is tied to its input embedding table: the
+table reads the output layer's codes (one stored copy), through the artefact, ONNX and a
+transformers directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import netpress as npr
+from netpress.export import dumps_artefact, load_artefact, read_header
+from netpress.measure.size import parameter_count, storage_summary
+from netpress.reconstruct.modules import GroupQuantEmbedding, GroupQuantLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tied_llama() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _batches(n: int = 4) -> list[tuple[dict[str, torch.Tensor], None]]:
+    gen = torch.Generator().manual_seed(1)
+    return [({"input_ids": torch.randint(0, 256, (4, 24), generator=gen),
+              "attention_mask": torch.ones(4, 24, dtype=torch.long)}, None) for _ in range(n)]
+
+
+def _logits(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits
+
+
+@pytest.fixture(scope="module")
+def quantized() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    model = _tied_llama()
+    data = _batches()
+    res = npr.compress(model, [npr.GPTQ(bits=4, group_size=16)], calibration=data,
+                       example_inputs=data[0][0], measure=False)
+    return model, res.model, res.report["steps"][-1]
+
+
+def test_the_tied_table_reads_the_output_layers_codes(quantized) -> None:
+    model, q, step = quantized
+    table, head = q.model.embed_tokens, q.lm_head
+    assert isinstance(table, GroupQuantEmbedding) and isinstance(head, GroupQuantLinear)
+    assert table.weight_q is head.weight_q and table.weight_scale is head.weight_scale
+    assert table.weight_zero is head.weight_zero
+    assert step["tied_tables"] == {"lm_head": ["model.embed_tokens"]}
+    ids = torch.tensor([[0, 5, 255, 17], [3, 3, 200, 1]])
+    # the gather of code rows is exactly the float lookup of the dequantized table
+    assert torch.equal(table(ids), F.embedding(ids, head.dequantized_weight()))
+    # one weight, as in the float model: counted once, stored once at 4 bits
+    assert parameter_count(q) == parameter_count(model)
+    assert storage_summary(q)["formats"]["int4"] == sum(
+        m.weight_q.numel() for m in q.modules() if isinstance(m, GroupQuantLinear))
+    # the original is untouched and still tied
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_artefact_keeps_one_copy_and_restores_the_tie(quantized) -> None:
+    _, q, _ = quantized
+    blob = dumps_artefact(q)
+    loaded = load_artefact(blob).model
+    assert loaded.model.embed_tokens.weight_q is loaded.lm_head.weight_q
+    x = _batches(1)[0][0]
+    torch.testing.assert_close(_logits(loaded, x), _logits(q, x), atol=0, rtol=0)
+    # stored once (4-bit packed), the output layer's tensors aliases of the table's
+    metas = read_header(blob)["tensors"]
+    assert metas["model.embed_tokens.weight_q"]["bits"] == 4
+    for field in ("weight_q", "weight_scale", "weight_zero"):
+        assert metas[f"lm_head.{field}"]["alias_of"] == f"model.embed_tokens.{field}"
+
+
+def test_onnx_export_of_the_tied_table_matches(quantized, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    _, q, _ = quantized
+    x = _batches(1)[0][0]
+    path = tmp_path / "m.onnx"
+    npr.export_onnx(q, path, x)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
+    out = torch.from_numpy(sess.run(None, feed)[0])
+    ref = _logits(q, x)
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_transformers_directory_is_tied_and_exact(quantized, tmp_path) -> None:
+    from netpress.models.hf import save_pretrained
+
+    _, q, _ = quantized
+    save_pretrained(q, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                              local_files_only=True).eval()
+    x = _batches(1)[0][0]
+    torch.testing.assert_close(_logits(back, x), _logits(q, x), atol=1e-5, rtol=1e-4)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+
+
+def test_dynamic_quantize_after_gptq_says_the_layers_are_quantized_already() -> None:
+    from netpress.errors import ModelError
+
+    model, data = _tied_llama(), _batches(1)
+    with pytest.raises(ModelError, match=r"quantized already.*embed_tokens "
+                                         r"\(GroupQuantEmbedding\)"):
+        npr.compress(model, [npr.GPTQ(bits=4, group_size=16),
+                             npr.DynamicQuantize(layers=("re:.*embed.*",), outlier_channels=0)],
+                     calibration=data, example_inputs=data[0][0], measure=False)

@@ -177,6 +177,6 @@ def test_config_and_model_errors():
     with pytest.raises(RecipeError, match="outlier_gain"):
         npr.DynamicQuantize(outlier_gain=0.5)
     conv = nn.Sequential(nn.Conv2d(1, 2, 3))
-    with pytest.raises(ModelError, match="no nn.Linear"):
+    with pytest.raises(ModelError, match="no float nn.Linear"):
         npr.compress(conv, [npr.DynamicQuantize(outlier_channels=0)],
                      example_inputs=torch.randn(1, 1, 5, 5), measure=False)

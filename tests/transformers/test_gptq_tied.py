@@ -83,6 +83,13 @@ def test_onnx_export_of_the_tied_table_matches(quantized, tmp_path) -> None:
     x = _batches(1)[0][0]
     path = tmp_path / "m.onnx"
     npr.export_onnx(q, path, x)
+    import onnx
+
+    from netpress.export.nbits_gather import gather_block_quantized_available
+
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    if gather_block_quantized_available(4, 16) is None:
+        assert {"GatherBlockQuantized", "MatMulNBits"} <= ops
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
     out = torch.from_numpy(sess.run(None, feed)[0])

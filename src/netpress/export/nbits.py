@@ -244,12 +244,16 @@ class _Dequantize(torch.autograd.Function):
 def swap_for_export(model: nn.Module, mode: str = "auto", *,
                     accuracy_level: int = 0) -> dict[str, str]:
     """Replace every ``GroupQuantLinear`` of ``model`` (in place: pass a copy) by its export
-    form; returns ``{layer: "MatMulNBits" | "DequantizeLinear+MatMul"}``.
+    form; returns ``{layer: "MatMulNBits" | "DequantizeLinear+MatMul"}``. Group-quantized
+    embedding tables become ``GatherBlockQuantized`` where it runs
+    (:mod:`netpress.export.nbits_gather`; ``{table: "GatherBlockQuantized"}``).
 
     ``mode``: ``"auto"`` (MatMulNBits where the installed ONNX Runtime runs it, else the
     fallback with a :class:`NBitsFallbackWarning`), ``"matmulnbits"`` (a ModelError where it
     cannot) or ``"dequantize"`` (the fallback everywhere).
     """
+    from netpress.export.nbits_gather import NBitsEmbedding, why_not_gather
+    from netpress.reconstruct.modules import GroupQuantEmbedding
     from netpress.reconstruct.modules import GroupQuantLinear as _GroupQuantLinear
 
     if mode not in NBITS_MODES:
@@ -257,6 +261,18 @@ def swap_for_export(model: nn.Module, mode: str = "auto", *,
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, _GroupQuantLinear)]
     done: dict[str, str] = {}
     fallen: dict[str, list[str]] = {}
+    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, GroupQuantEmbedding)]
+    for name, table in tables if mode != "dequantize" else []:
+        why = why_not_gather(table)
+        if why is not None and mode == "matmulnbits":
+            raise ModelError(f"export_onnx: table {name!r} cannot be GatherBlockQuantized: "
+                             f"{why}; export with nbits='auto' or 'dequantize'")
+        if why is not None:  # its own forward: an int8 Gather of code rows, every runtime
+            fallen.setdefault(why, []).append(name)
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, NBitsEmbedding(table))
+        done[name] = "GatherBlockQuantized"
     for name, layer in found:
         why = _why_not(layer) if mode != "dequantize" else None
         if why is not None and mode == "matmulnbits":
@@ -274,7 +290,8 @@ def swap_for_export(model: nn.Module, mode: str = "auto", *,
     for why, names in fallen.items():
         shown = ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
         warnings.warn(f"export_onnx: {len(names)} group-quantized layer(s) ({shown}) are "
-                      f"written as DequantizeLinear + MatMul, not MatMulNBits: {why}",
+                      f"written with one byte per code (DequantizeLinear + MatMul, or an int8 "
+                      f"Gather for tables), not MatMulNBits / GatherBlockQuantized: {why}",
                       NBitsFallbackWarning, stacklevel=3)
     return done
 

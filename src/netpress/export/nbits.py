@@ -21,7 +21,9 @@ GPTQ quantizes Linear layers only: an encoder's embedding tables stay float (on
 all-MiniLM-L6-v2 the word table is 47 of the file's 54 MB). ``DynamicQuantize`` after
 ``GPTQ`` swaps just them (the Linear layers are group-quantized by then) for int8 rows with
 a scale per row, exported as int8 ``Gather`` + ``Mul``: ``[GPTQ(bits=4),
-DynamicQuantize(layers=("re:.*embeddings.*",), outlier_channels=0)]``.
+DynamicQuantize(layers=("re:.*embeddings.*",), outlier_channels=0)]``. A table tied to a
+quantized output layer reads that layer's codes (``GroupQuantEmbedding``) and is exported as
+``GatherBlockQuantized`` (:mod:`netpress.export.nbits_gather`).
 
 The packing maths are pure functions (:func:`pack_codes`, :func:`unpack_codes`,
 :func:`nbits_weights`); :func:`swap_for_export` replaces the layers of a model copy before

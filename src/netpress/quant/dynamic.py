@@ -5,7 +5,10 @@ run time, per tensor, to uint8 exactly as ONNX's ``DynamicQuantizeLinear`` does
 (:func:`dynamic_qparams`): no calibration data, and no graph tracing (the layers are swapped
 module by module, so models torch.fx cannot trace, such as ``transformers`` encoders, work).
 Embedding tables become int8 rows with a per-row scale (a gather of int8 rows times their
-scale).
+scale). A table tied to a Linear layer that is quantized too (a language model's output layer,
+``tie_word_embeddings``) reads that layer's codes and scales instead of its own: one int8 copy,
+as the float model had one weight (with the layer's outlier smoothing, times its ``in_scale``
+per column).
 
 Exported with :func:`netpress.export.onnx.export_onnx`, a layer is
 ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(x_scale · w_scale) → Add(bias)``, the
@@ -190,19 +193,37 @@ class DynamicQuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding table of int8 rows, each with its scale: ``table_q[ids] · scale[ids]``."""
+    """An embedding table of int8 rows, each with its scale: ``table_q[ids] · scale[ids]``
+    (times ``in_scale`` per column when ``smoothed``: the codes of a tied, smoothed
+    :class:`DynamicQuantLinear`, see :meth:`tied_to`)."""
 
     weight_q: torch.Tensor
     weight_scale: torch.Tensor
+    in_scale: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, smoothed: bool = False) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
+        self.padding_idx, self.smoothed = padding_idx, smoothed
         self.register_buffer("weight_q", torch.zeros(num_embeddings, embedding_dim,
                                                      dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
+        self.register_buffer("in_scale", torch.ones(embedding_dim if smoothed else 0))
+
+    @classmethod
+    def tied_to(cls, layer: DynamicQuantLinear, emb: nn.Embedding) -> QuantEmbedding:
+        """The table of ``emb`` (tied to ``layer``'s weight before quantization) read from
+        ``layer``'s codes and scales: the same tensor objects, not copies."""
+        if (emb.num_embeddings, emb.embedding_dim) != (layer.out_features, layer.in_features):
+            raise ModelError(f"DynamicQuantize: a {emb.num_embeddings}x{emb.embedding_dim} "
+                             f"table cannot read the codes of a {layer.out_features}x"
+                             f"{layer.in_features} Linear")
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, layer.smoothed)
+        q.weight_q, q.weight_scale = layer.weight_q, layer.weight_scale
+        if layer.smoothed:
+            q.in_scale = layer.in_scale
+        return q
 
     @classmethod
     def from_float(cls, emb: nn.Embedding) -> QuantEmbedding:
@@ -219,8 +240,10 @@ class QuantEmbedding(nn.Module):
     bits = 8  #: the width of the row codes (read by netpress.measure.size)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float table the codes stand for: codes times row scales."""
-        return self.weight_q.float() * self.weight_scale.float()[:, None]
+        """The float table the codes stand for: codes times row scales (times ``in_scale``
+        per column when smoothed)."""
+        t = self.weight_q.float() * self.weight_scale.float()[:, None]
+        return t * self.in_scale.float()[None, :] if self.smoothed else t
 
     @property
     def weight(self) -> torch.Tensor:
@@ -233,7 +256,8 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+        rows = self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+        return rows * self.in_scale if self.smoothed else rows
 
 
 def _linear_spec(m: nn.Module) -> dict[str, Any]:
@@ -245,7 +269,7 @@ def _linear_spec(m: nn.Module) -> dict[str, Any]:
 def _embedding_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, QuantEmbedding)
     return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
-            "padding_idx": m.padding_idx}
+            "padding_idx": m.padding_idx, "smoothed": m.smoothed}
 
 
 register_module_type(DynamicQuantLinear, _linear_spec, DynamicQuantLinear,
@@ -362,9 +386,12 @@ def dynamic_quantize(model: nn.Module, cfg: DynamicQuantize,
                               what="outlier layer")
         amax = input_amax(model, chosen, data)
     target = resolve_target(cfg.target)
+    tied = _tied_tables(model, names)
     shared: dict[tuple[float, ...], DynamicQuantLinear] = {}
     for name in names:
         layer = model.get_submodule(name)
+        if name in tied:
+            continue  # after the Linear it reads
         if isinstance(layer, nn.Linear):
             a = amax.get(name)
             factor = None if a is None else outlier_scale(a, cfg.outlier_channels,
@@ -376,7 +403,24 @@ def dynamic_quantize(model: nn.Module, cfg: DynamicQuantize,
             assert isinstance(layer, nn.Embedding)
             new = QuantEmbedding.from_float(layer)
         _set(model, name, new)
+    for table, linear in tied.items():
+        source, emb = model.get_submodule(linear), model.get_submodule(table)
+        assert isinstance(source, DynamicQuantLinear) and isinstance(emb, nn.Embedding)
+        _set(model, table, QuantEmbedding.tied_to(source, emb))
     return model, names
+
+
+def _tied_tables(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Selected embedding tables whose weight is a selected Linear's too (a tied output
+    layer): table -> that Linear."""
+    linears = {id(m.weight): n for n in names
+               if isinstance(m := model.get_submodule(n), nn.Linear)}
+    out = {}
+    for n in names:
+        m = model.get_submodule(n)
+        if type(m) is nn.Embedding and id(m.weight) in linears and m.max_norm is None:
+            out[n] = linears[id(m.weight)]
+    return out
 
 
 def _share_scale(layer: nn.Module, shared: dict[tuple[float, ...], DynamicQuantLinear]) -> None:

@@ -1,6 +1,6 @@
-"""GPTQ on a language model whose output layer is tied to its input embedding table: the
-table reads the output layer's codes (one stored copy), through the artefact, ONNX and a
-transformers directory."""
+"""GPTQ and DynamicQuantize on a language model whose output layer is tied to its input
+embedding table: the table reads the output layer's codes (one stored copy), through the
+artefact, ONNX and a transformers directory."""
 
 from __future__ import annotations
 
@@ -118,3 +118,39 @@ def test_dynamic_quantize_after_gptq_says_the_layers_are_quantized_already() -> 
         npr.compress(model, [npr.GPTQ(bits=4, group_size=16),
                              npr.DynamicQuantize(layers=("re:.*embed.*",), outlier_channels=0)],
                      calibration=data, example_inputs=data[0][0], measure=False)
+
+
+@pytest.mark.parametrize("outliers", [0, 4])
+def test_dynamic_int8_tied_table_reads_the_output_layers_codes(outliers, tmp_path) -> None:
+    from netpress.quant.dynamic import DynamicQuantLinear, QuantEmbedding
+
+    model, data = _tied_llama(), _batches(2)
+    with torch.no_grad():  # an outlier input channel of the output layer, for the smoothing
+        model.model.norm.weight[3] = 30.0
+    res = npr.compress(model, [npr.DynamicQuantize(outlier_channels=outliers,
+                                                   target="generic")],
+                       calibration=data, example_inputs=data[0][0], measure=False)
+    q = res.model
+    table, head = q.model.embed_tokens, q.lm_head
+    assert isinstance(table, QuantEmbedding) and isinstance(head, DynamicQuantLinear)
+    assert table.weight_q is head.weight_q and table.weight_scale is head.weight_scale
+    assert table.smoothed == head.smoothed == bool(outliers)
+    if outliers:
+        assert table.in_scale is head.in_scale and float(head.in_scale.min()) < 1
+    ids = torch.tensor([[0, 5, 255, 17]])
+    assert torch.equal(table(ids), F.embedding(ids, head.dequantized_weight()))
+    # within int8 rounding of the float table
+    ref = model.model.embed_tokens.weight
+    assert (head.dequantized_weight() - ref).abs().max() <= 0.51 * \
+        (head.weight_scale[:, None] * (head.in_scale if outliers else 1)).max()
+    assert parameter_count(q) == parameter_count(model)
+    loaded = load_artefact(dumps_artefact(q)).model
+    assert loaded.model.embed_tokens.weight_q is loaded.lm_head.weight_q
+    x = data[0][0]
+    torch.testing.assert_close(_logits(loaded, x), _logits(q, x), atol=0, rtol=0)
+    ort = pytest.importorskip("onnxruntime")
+    npr.export_onnx(q, tmp_path / "m.onnx", x)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {i.name: x[i.name].numpy()
+                                           for i in sess.get_inputs()})[0])
+    assert (out - _logits(q, x)).abs().max() <= 1e-2 * _logits(q, x).abs().max()

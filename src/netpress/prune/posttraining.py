@@ -14,7 +14,8 @@ for Transformers"): on a few calibration batches it
    for classifiers, a Gaussian likelihood of the (mask-pooled) output otherwise;
 3. removes the units of least Fisher per MAC until the MACs target is met, every layer
    keeping at least a floor of its heads and of its neurons (``min_fraction``; by default
-   90% of the share the target leaves on average, ``min_share``);
+   90% of the share the target leaves on average, ``min_share``;
+   :mod:`netpress.prune.fisher_select`);
 4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
    by ridge least squares: by default every Linear of every block, block after block, on
    the pruned model's own inputs towards the unpruned model's layer outputs and residual
@@ -27,7 +28,6 @@ for Transformers"): on a few calibration batches it
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,19 +46,19 @@ from netpress.config import MethodConfig
 from netpress.context import Context
 from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
-from netpress.graph import ChannelGraph, analyze
+from netpress.graph import analyze
 from netpress.measure.collect import model_device
 from netpress.measure.macs import count_macs
 from netpress.prune._attention import split_attention
 from netpress.prune._blocks import BlockCalls, forward_each
 from netpress.prune._fisher_pass import _fisher, _Group, _readers
-from netpress.prune._macs_estimate import estimator
 from netpress.prune.depth import find_block_stack
-from netpress.prune.fisher import (
-    RefitStats,
-    ridge_refit,
-    select_by_ratio,
-)
+from netpress.prune.fisher import RefitStats, ridge_refit
+from netpress.prune.fisher_select import first as _first
+from netpress.prune.fisher_select import removal as _removal
+from netpress.prune.fisher_select import select as _select
+from netpress.prune.fisher_select import target_floor
+from netpress.prune.fisher_select import without as _without
 from netpress.prune.refit import refit_blocks
 from netpress.prune.ridge_cv import FOLDS
 from netpress.prune.structured import _culprits, _cut
@@ -68,10 +68,6 @@ from netpress.reconstruct.shrinkage import Shrinker, check_setting, intensity
 from netpress.registry import register
 
 REFIT_SCOPES = ("blocks", "readers")
-#: the share of the target the refill of the selection (units put back after the last,
-#: large, removal) leaves unused, for what the MACs estimate (:mod:`._macs_estimate`) and the
-#: measured count still disagree on
-REFILL_MARGIN = 0.005
 
 __all__ = ["FisherPrune", "fisher_prune", "fisher_cut", "FisherCut", "target_floor"]
 
@@ -242,23 +238,6 @@ def _refit(model: nn.Module, original: nn.Module, readers: list[str],
     return len(order)
 
 
-def target_floor(goal: float, total: float, fixed: float, share: float) -> float:
-    """The fraction of its units every group keeps at least when the floor follows the
-    target: ``share`` times the fraction of the removable MACs that a ``goal`` of ``total``
-    MACs leaves, ``fixed`` of them being MACs no unit removal changes (embeddings,
-    a language model's output layer). 0 when the goal leaves none of them."""
-    if total <= fixed:
-        return 0.0
-    return min(1.0, max(0.0, share * (goal - fixed) / (total - fixed)))
-
-
-def _minimum(cfg: FisherPrune, units: int, floor: float, up: bool = True) -> int:
-    """Units a group of ``units`` keeps at least (``floor``: the fraction in force, rounded
-    up, or down with ``up=False``)."""
-    kept = math.ceil(floor * units - 1e-9) if up else math.floor(floor * units + 1e-9)
-    return min(units, max(cfg.min_units, kept))
-
-
 #: What FisherPrune adds to the few-calibration-rows warning, by ``damp``: measured on
 #: all-MiniLM-L6-v2 at 50% MACs with 16 sentences, the plain refit (damp 0.01) took the
 #: cosine from 0.664 (the cut alone) to 0.327, with its few-rows ridge floor
@@ -277,24 +256,6 @@ _FEW_ROWS_ADVICE = {
                "(damp='auto', the default) or do not refit (refit=False): the refit can then "
                "undo more than the cut costs"),
 }
-
-
-def _first(names: Any, n: int = 3) -> list[str]:
-    """The first ``n`` names, then ``"..."`` if there are more."""
-    names = list(names)
-    return names[:n] + (["..."] if len(names) > n else [])
-
-
-def _floors(floor: float, auto: bool) -> list[tuple[float, bool]]:
-    """The (floor, round up) pairs tried in turn. An explicit floor is kept as given. A floor
-    set from the target is rounded up in each group, then down (rounded up in small groups it
-    can overshoot the target), then halved twice and dropped: it assumes every group can be
-    cut to about the same share, which groups of a few units cannot (a layer with two
-    key/value groups keeps one, half of its attention, however low the floor), so on a small
-    grouped-query model it could make a reachable target unreachable."""
-    if not auto:
-        return [(floor, True)]
-    return [(floor, True), (floor, False), (floor / 2, False), (floor / 4, False), (0.0, False)]
 
 
 @dataclass
@@ -380,69 +341,6 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
                      {n: d[out_in[n][1]] for n, d in weights.items() if out_in[n][1] in d},
                      {n: d[out_in[n][0]] for n, d in weights.items() if out_in[n][0] in d},
                      summary)
-
-
-def _removal(graph: ChannelGraph, groups: list[_Group], parts: list[np.ndarray]) -> np.ndarray:
-    """The label mask removing, in each group, the units its ``parts`` entry marks."""
-    mask = np.zeros(graph.blocked.size, dtype=bool)
-    for g, part in zip(groups, parts):
-        mask[graph.groups[g.index].units[part]] = True
-    return mask
-
-
-def _without(graph: ChannelGraph, groups: list[_Group], names: set[str]) -> list[_Group]:
-    return [g for g in groups if graph.groups[g.index].name not in names]
-
-
-def _select(graph: ChannelGraph, groups: list[_Group], scores: dict[int, torch.Tensor],
-            cfg: FisherPrune, goal: float, now: float, base: float,
-            whole: dict[str, str]) -> tuple[list[np.ndarray], float]:
-    """Removal masks per group (step 3 of the module docs) for ``goal`` measured MACs
-    (``now``: the measured count of the model, ``base``: the graph's estimate of it), and
-    the floor in force. ``whole``: groups left whole, for the refusal."""
-    sizes = [len(graph.groups[g.index]) for g in groups]
-    costs = []
-    for g, n in zip(groups, sizes):
-        everything = np.zeros(graph.blocked.size, dtype=bool)
-        everything[graph.groups[g.index].units] = True
-        costs.append((base - graph.macs(everything)) / n)
-    offsets = np.cumsum([0, *sizes])
-    floor = cfg.min_fraction
-    if floor is None:  # the target's average share of the removable MACs (graph estimate)
-        every = _removal(graph, groups, [np.ones(n, dtype=bool) for n in sizes])
-        floor = target_floor(goal * base / now, base, graph.macs(every), cfg.min_share)
-    measured = estimator(graph, now)  # the graph's estimate, made to agree with count_macs
-
-    def split(flat: np.ndarray) -> np.ndarray:
-        return _removal(graph, groups, [flat[offsets[i]:offsets[i + 1]]
-                                        for i in range(len(groups))])
-
-    def spare(flat: np.ndarray) -> float:  # graph MACs the refill may put back
-        return (goal * (1 - REFILL_MARGIN) - measured(split(flat))) * base / now
-
-    def over(flat: np.ndarray) -> bool:
-        return measured(split(flat)) > goal
-
-    error: Exception | None = None
-    for fraction, up in _floors(floor, auto=cfg.min_fraction is None):
-        try:
-            return select_by_ratio([scores[g.index].numpy() for g in groups], costs,
-                                   [_minimum(cfg, n, fraction, up) for n in sizes],
-                                   over, spare), fraction
-        except ValueError as exc:
-            error = exc
-    least = _removal(graph, groups, [np.arange(n) >= cfg.min_units for n in sizes])
-    lowest = graph.macs(least) / base * now / (goal / cfg.macs)
-    left = "" if not whole else (f" Left whole because their sizes could not follow "
-                                 f"({', '.join(_first(whole))}).")
-    raise RecipeError(
-        f"FisherPrune: {error}; raise macs or lower min_units / min_fraction (the floor "
-        f"in force: {floor:.3f}) / min_share. Even with every group of heads and FFN "
-        f"neurons cut to min_units={cfg.min_units}, {lowest:.1%} of the MACs would stay: "
-        "the rest is in layers FisherPrune does not prune (embeddings, the output "
-        "layer, convolutions, layers outside the attention/FFN groups it found, "
-        f"{len(groups)} groups read by {', '.join(_first(g.reader for g in groups))});"
-        f"{left} StructuredPrune can cut those") from None
 
 
 def _scored(groups: list[_Group], unscored: dict[str, str]) -> list[_Group]:

@@ -154,3 +154,80 @@ def test_dynamic_int8_tied_table_reads_the_output_layers_codes(outliers, tmp_pat
     out = torch.from_numpy(sess.run(None, {i.name: x[i.name].numpy()
                                            for i in sess.get_inputs()})[0])
     assert (out - _logits(q, x)).abs().max() <= 1e-2 * _logits(q, x).abs().max()
+
+
+def test_gemma_scaled_tied_table_keeps_its_scale(tmp_path) -> None:
+    """Gemma's word embedding multiplies the lookup by sqrt(hidden): the coded table keeps
+    that factor, through ONNX and a transformers directory."""
+    from netpress.models.hf import save_pretrained
+
+    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    data = _batches(2)
+    res = npr.compress(model, [npr.GPTQ(bits=4, group_size=16)], calibration=data,
+                       example_inputs=data[0][0], measure=False)
+    q = res.model
+    table = q.model.embed_tokens
+    assert isinstance(table, GroupQuantEmbedding) and table.weight_q is q.lm_head.weight_q
+    assert table.scale_by == pytest.approx(48 ** 0.5, rel=1e-6)
+    assert table.embed_scale.dtype == torch.float32  # read like transformers' buffer
+    ids = torch.tensor([[1, 7, 200]])
+    assert torch.equal(table(ids), F.embedding(ids, q.lm_head.dequantized_weight())
+                       * torch.tensor(48 ** 0.5, dtype=torch.float32))
+    assert parameter_count(q) == parameter_count(model)
+    x = data[0][0]
+    # within GPTQ's error of the float model: the scale is not lost (it is ~6.9)
+    ref, out = _logits(model, x), _logits(q, x)
+    assert (out - ref).abs().max() <= 0.2 * ref.abs().max()
+    loaded = load_artefact(dumps_artefact(q)).model
+    torch.testing.assert_close(_logits(loaded, x), out, atol=0, rtol=0)
+    save_pretrained(q, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                              local_files_only=True).eval()
+    torch.testing.assert_close(_logits(back, x), out, atol=1e-5, rtol=1e-4)
+    ort = pytest.importorskip("onnxruntime")
+    npr.export_onnx(q, tmp_path / "m.onnx", x)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {i.name: x[i.name].numpy()
+                                           for i in sess.get_inputs()})[0])
+    assert (got - out).abs().max() <= 1e-3 * out.abs().max()
+
+
+def test_a_table_that_computes_more_than_a_scaled_lookup_is_left_float() -> None:
+    from netpress.reconstruct.modules import lookup_scale
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + 1.0
+
+    with pytest.raises(ValueError, match="more than a scaled lookup"):
+        lookup_scale(Shifted(10, 4))
+    assert lookup_scale(torch.nn.Embedding(10, 4)) == 1.0
+
+
+def test_dynamic_int8_of_gemma_quantizes_its_scaled_table_and_keeps_the_tie() -> None:
+    from netpress.quant.dynamic import QuantEmbedding
+
+    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    data = _batches(2)
+    q = npr.compress(model, [npr.DynamicQuantize(outlier_channels=0, target="generic")],
+                     calibration=data, example_inputs=data[0][0], measure=False).model
+    table = q.model.embed_tokens
+    assert isinstance(table, QuantEmbedding) and table.weight_q is q.lm_head.weight_q
+    assert table.scale_by == pytest.approx(48 ** 0.5, rel=1e-6)
+    assert table.embed_scale.dtype == torch.float32  # read like transformers' buffer
+    ids = torch.tensor([[1, 7, 200]])
+    ref = model.model.embed_tokens(ids)
+    assert (table(ids) - ref).abs().max() <= 0.51 * 48 ** 0.5 * float(table.weight_scale.max())
+    loaded = load_artefact(dumps_artefact(q)).model
+    x = data[0][0]
+    torch.testing.assert_close(_logits(loaded, x), _logits(q, x), atol=0, rtol=0)

@@ -146,10 +146,10 @@ class NBitsEmbedding(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zero_points", zp)
         self.register_buffer("table", table.dequantized_weight().detach(), persistent=False)
-        self.bits, self.block_size = table.bits, block
+        self.bits, self.block_size, self.scale_by = table.bits, block, table.scale_by
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = _GatherBlockQuantized.apply(ids, self.data, self.scales, self.zero_points,
                                         self.table, self.bits, self.block_size)
         assert isinstance(y, torch.Tensor)
-        return y
+        return y * self.scale_by if self.scale_by != 1.0 else y

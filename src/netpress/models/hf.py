@@ -175,6 +175,9 @@ def _dequantized(model: nn.Module) -> nn.Module:
             else:
                 table.weight.copy_(m.dequantized_weight())
                 floats[id(codes)] = _param(table.weight)
+            scale = getattr(m, "scale_by", 1.0)
+            if scale != 1.0:  # a scaled word embedding: its transformers class scales again
+                table.register_forward_hook(lambda _m, _a, out, c=scale: out * c)
             _replace(model, name, table.to(m.weight_q.device))
             continue
         if callable(decode) and hasattr(m, "in_features") and id(codes) in floats:

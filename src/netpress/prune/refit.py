@@ -13,9 +13,9 @@ Linear layers are refitted in the order the block calls them, layers that read o
   residual stream (``o_proj`` / ``attention.output.dense``, ``down_proj`` /
   ``output.dense``: found by perturbing the layer's output and watching which tensor moves
   by exactly that much, :func:`netpress.prune.refit_plan.residual_sink`), the original
-  residual sum minus the pruned model's residual, ``Y = z_o - (z_c - y_c)``. The layer then also cancels the drift the
-  residual stream carries from the earlier blocks, and the sum it feeds (the next
-  LayerNorm's input, or the block's output) matches the original's.
+  residual sum minus the pruned model's residual, ``Y = z_o - (z_c - y_c)``. The layer
+  then also cancels the drift the residual stream carries from the earlier blocks, and the
+  sum it feeds (the next LayerNorm's input, or the block's output) matches the original's.
 
 Optionally (``norms=True``) the blocks' LayerNorm layers are refitted too, in call order
 between the Linear layers: per channel, gain and shift by ridge least squares so that the

@@ -38,6 +38,7 @@ from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
 from netpress.export.modules import register_module_type
 from netpress.measure.collect import evaluating, model_device
+from netpress.quant.lookup import lookup_scale, scaled_lookup
 from netpress.quant.target import (
     TARGET_CHOICES,
     TARGETS,
@@ -202,10 +203,12 @@ class QuantEmbedding(nn.Module):
     in_scale: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: int | None = None, smoothed: bool = False) -> None:
+                 padding_idx: int | None = None, smoothed: bool = False,
+                 embed_scale: float = 1.0) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx, self.smoothed = padding_idx, smoothed
+        self.scale_by = float(embed_scale)  # a scaled word embedding's constant factor
         self.register_buffer("weight_q", torch.zeros(num_embeddings, embedding_dim,
                                                      dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
@@ -219,7 +222,8 @@ class QuantEmbedding(nn.Module):
             raise ModelError(f"DynamicQuantize: a {emb.num_embeddings}x{emb.embedding_dim} "
                              f"table cannot read the codes of a {layer.out_features}x"
                              f"{layer.in_features} Linear")
-        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, layer.smoothed)
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, layer.smoothed,
+                lookup_scale(emb))
         q.weight_q, q.weight_scale = layer.weight_q, layer.weight_scale
         if layer.smoothed:
             q.in_scale = layer.in_scale
@@ -230,7 +234,8 @@ class QuantEmbedding(nn.Module):
         if emb.max_norm is not None:
             raise ModelError("DynamicQuantize: an nn.Embedding with max_norm renormalises its "
                              "rows at run time and cannot be quantized; add it to ignore")
-        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
+                embed_scale=lookup_scale(emb))
         codes, scale = int8_row_codes(emb.weight)
         with torch.no_grad():
             q.weight_q.copy_(codes)
@@ -252,12 +257,19 @@ class QuantEmbedding(nn.Module):
         it."""
         return self.dequantized_weight()
 
+    @property
+    def embed_scale(self) -> torch.Tensor:
+        """The constant factor as a float32 scalar tensor, as ``transformers``' scaled word
+        embeddings hold it (model code may read ``embed_tokens.embed_scale``)."""
+        return torch.tensor(self.scale_by, dtype=torch.float32)
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight_q[ids].float() * self.weight_scale[ids].unsqueeze(-1)
-        return rows * self.in_scale if self.smoothed else rows
+        rows = rows * self.in_scale if self.smoothed else rows
+        return rows * self.scale_by if self.scale_by != 1.0 else rows
 
 
 def _linear_spec(m: nn.Module) -> dict[str, Any]:
@@ -269,7 +281,7 @@ def _linear_spec(m: nn.Module) -> dict[str, Any]:
 def _embedding_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, QuantEmbedding)
     return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
-            "padding_idx": m.padding_idx, "smoothed": m.smoothed}
+            "padding_idx": m.padding_idx, "smoothed": m.smoothed, "embed_scale": m.scale_by}
 
 
 register_module_type(DynamicQuantLinear, _linear_spec, DynamicQuantLinear,
@@ -367,7 +379,8 @@ def dynamic_quantize(model: nn.Module, cfg: DynamicQuantize,
     from the calibration batches ``data``); returns the model and the names swapped."""
     kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if cfg.embeddings \
         else (nn.Linear,)
-    candidates = [n for n, m in model.named_modules() if type(m) in kinds]
+    candidates = [n for n, m in model.named_modules() if type(m) in kinds
+                  or (cfg.embeddings and type(m) is not nn.Embedding and scaled_lookup(m))]
     if not candidates:
         from netpress.measure.size import is_coded
 
@@ -418,7 +431,7 @@ def _tied_tables(model: nn.Module, names: list[str]) -> dict[str, str]:
     out = {}
     for n in names:
         m = model.get_submodule(n)
-        if type(m) is nn.Embedding and id(m.weight) in linears and m.max_norm is None:
+        if isinstance(m, nn.Embedding) and id(m.weight) in linears and m.max_norm is None:
             out[n] = linears[id(m.weight)]
     return out
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netpress.export.modules import register_module_type
+from netpress.quant.lookup import lookup_scale
 from netpress.quant.primitives import code_dtype, qrange
 
 __all__ = ["GroupQuantWeight", "GroupQuantLinear", "GroupQuantConv", "GroupQuantEmbedding"]
@@ -157,21 +158,24 @@ class GroupQuantConv(GroupQuantWeight):
 
 class GroupQuantEmbedding(GroupQuantWeight):
     """An embedding table whose rows are group-wise quantized codes: row ``i`` is
-    ``(q[i] - zero[i]) · scale[i]`` per column group. Built by :meth:`tied_to` it shares
-    its tensors with a tied output layer (see the module docs)."""
+    ``(q[i] - zero[i]) · scale[i]`` per column group, times ``embed_scale`` (the constant
+    factor of ``transformers``' scaled word embeddings, e.g. Gemma's ``sqrt(hidden)``). Built
+    by :meth:`tied_to` it shares its tensors with a tied output layer (see the module docs)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4,
                  group_size: int = 128, symmetric: bool = False,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, embed_scale: float = 1.0) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
+        self.padding_idx, self.scale_by = padding_idx, float(embed_scale)
         self._init_weight(num_embeddings, embedding_dim, bits, group_size, symmetric, False)
 
     @classmethod
     def tied_to(cls, layer: GroupQuantLinear, embedding: nn.Embedding) -> GroupQuantEmbedding:
         """The table of ``embedding`` (tied to ``layer``'s weight before quantization) read
-        from ``layer``'s codes: the same tensor objects, not copies."""
+        from ``layer``'s codes: the same tensor objects, not copies. ``embedding`` may be a
+        subclass whose output is the plain lookup times a constant (checked on its rows);
+        ValueError for any other."""
         if (embedding.num_embeddings, embedding.embedding_dim) != \
                 (layer.out_features, layer.in_features):
             raise ValueError(f"embedding {embedding.num_embeddings}x{embedding.embedding_dim} "
@@ -180,7 +184,8 @@ class GroupQuantEmbedding(GroupQuantWeight):
         if embedding.max_norm is not None:
             raise ValueError("an nn.Embedding with max_norm renormalises its rows at run time")
         table = cls(embedding.num_embeddings, embedding.embedding_dim, layer.bits,
-                    layer.group_size, layer.symmetric, embedding.padding_idx)
+                    layer.group_size, layer.symmetric, embedding.padding_idx,
+                    lookup_scale(embedding))
         table.weight_q, table.weight_scale = layer.weight_q, layer.weight_scale
         table.weight_zero = layer.weight_zero
         return table
@@ -188,7 +193,14 @@ class GroupQuantEmbedding(GroupQuantWeight):
     def spec(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "padding_idx": self.padding_idx}
+                "symmetric": self.symmetric, "padding_idx": self.padding_idx,
+                "embed_scale": self.scale_by}
+
+    @property
+    def embed_scale(self) -> torch.Tensor:
+        """The constant factor as a float32 scalar tensor, as ``transformers``' scaled word
+        embeddings hold it (model code may read ``embed_tokens.embed_scale``)."""
+        return torch.tensor(self.scale_by, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.spec().items())
@@ -198,7 +210,8 @@ class GroupQuantEmbedding(GroupQuantWeight):
         q = self.weight_q[ids].float()
         if self.weight_zero is not None:
             q = q - self.weight_zero[ids].float()[..., idx]
-        return q * self.weight_scale[ids].float()[..., idx]
+        rows = q * self.weight_scale[ids].float()[..., idx]
+        return rows * self.scale_by if self.scale_by != 1.0 else rows
 
 
 def _pad_args(kernel: tuple[int, ...], dilation: tuple[int, ...],

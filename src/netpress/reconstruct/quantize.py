@@ -161,11 +161,12 @@ def _retie_tables(model: nn.Module, tied: dict[str, list[str]]) -> dict[str, lis
         for holder in holders:
             owner, _, field = holder.rpartition(".")
             table = model.get_submodule(owner) if owner else model
-            if field != "weight" or type(table) is not nn.Embedding or \
-                    table.max_norm is not None or \
-                    table.weight.shape != (layer.out_features, layer.in_features):
+            if field != "weight" or not isinstance(table, nn.Embedding):
                 continue  # it keeps the dequantized float values GPTQ wrote into it
-            _set_module(model, owner, GroupQuantEmbedding.tied_to(layer, table))
+            try:
+                _set_module(model, owner, GroupQuantEmbedding.tied_to(layer, table))
+            except ValueError:  # a table that computes more than a (scaled) lookup: as above
+                continue
             out.setdefault(name, []).append(owner)
     return out
 

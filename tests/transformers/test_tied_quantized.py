@@ -231,3 +231,20 @@ def test_dynamic_int8_of_gemma_quantizes_its_scaled_table_and_keeps_the_tie() ->
     loaded = load_artefact(dumps_artefact(q)).model
     x = data[0][0]
     torch.testing.assert_close(_logits(loaded, x), _logits(q, x), atol=0, rtol=0)
+
+
+def test_positional_embedding_subclasses_are_not_taken_for_scaled_lookups() -> None:
+    """OPT's learned positions take other arguments; the check says no, it does not raise."""
+    from netpress.quant.lookup import scaled_lookup
+
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=32,
+                                 word_embed_proj_dim=32)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    assert not scaled_lookup(model.model.decoder.embed_positions)
+    assert scaled_lookup(model.model.decoder.embed_tokens)
+    data = _batches(1)
+    x = {k: v.clamp(max=127) for k, v in data[0][0].items()}
+    q = npr.compress(model, [npr.DynamicQuantize(outlier_channels=0)], example_inputs=x,
+                     measure=False).model
+    assert type(q.model.decoder.embed_positions).__name__ == "OPTLearnedPositionalEmbedding"

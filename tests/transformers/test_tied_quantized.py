@@ -248,3 +248,21 @@ def test_positional_embedding_subclasses_are_not_taken_for_scaled_lookups() -> N
     q = npr.compress(model, [npr.DynamicQuantize(outlier_channels=0)], example_inputs=x,
                      measure=False).model
     assert type(q.model.decoder.embed_positions).__name__ == "OPTLearnedPositionalEmbedding"
+
+
+def test_float_tied_model_exports_its_table_once(tmp_path) -> None:
+    import onnx
+
+    from netpress.export.onnx import ort_run, ort_session
+
+    model = _tied_llama()
+    x = _batches(1)[0][0]
+    npr.export_onnx(model, tmp_path / "m.onnx", x)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    big = [i.name for i in proto.graph.initializer if 256 * 64 in (
+        int(torch.tensor(list(i.dims)).prod()),)]
+    assert len(big) == 1, big  # the table, read by the Gather and the output MatMul
+    out = torch.from_numpy(ort_run(ort_session(tmp_path / "m.onnx"), **x))
+    ref = _logits(model, x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the user's model as it was

@@ -254,6 +254,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
     from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
+    from netpress.export._tied import untangle_tied_heads
     from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
@@ -271,6 +272,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         if callable(prepare):
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
+    untangle_tied_heads(work)
     traceable_experts(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]

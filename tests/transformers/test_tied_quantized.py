@@ -149,7 +149,12 @@ def test_dynamic_int8_tied_table_reads_the_output_layers_codes(outliers, tmp_pat
     x = data[0][0]
     torch.testing.assert_close(_logits(loaded, x), _logits(q, x), atol=0, rtol=0)
     ort = pytest.importorskip("onnxruntime")
+    import onnx
+
     npr.export_onnx(q, tmp_path / "m.onnx", x)
+    tables = [i for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+              if sorted(i.dims) == [64, 256]]
+    assert len(tables) == 1  # the int8 codes once: the Gather reads the MatMul's layout
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     out = torch.from_numpy(sess.run(None, {i.name: x[i.name].numpy()
                                            for i in sess.get_inputs()})[0])

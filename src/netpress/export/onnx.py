@@ -258,6 +258,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
+    from netpress.quant.dynamic import share_tied_codes
 
     keyword = isinstance(example_inputs, Mapping)
     if keyword and not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
@@ -273,6 +274,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
     untangle_tied_heads(work)
+    share_tied_codes(work)
     traceable_experts(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]

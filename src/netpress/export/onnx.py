@@ -254,11 +254,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
     from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
-    from netpress.export._tied import untangle_tied_heads
+    from netpress.export._tied import share_transposed
     from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
-    from netpress.quant.dynamic import share_tied_codes
 
     keyword = isinstance(example_inputs, Mapping)
     if keyword and not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
@@ -273,8 +272,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
         if callable(prepare):
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
-    untangle_tied_heads(work)
-    share_tied_codes(work)
     traceable_experts(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
@@ -295,7 +292,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
         _export_or_refuse(run_export, work, inputs, opset, skip=1 if keyword else 0)
         proto = onnx.load(tmp)
-        rewritten = integer_pads(proto) + keep_float_layers(proto)
+        rewritten = integer_pads(proto) + keep_float_layers(proto) + share_transposed(proto)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:

@@ -266,17 +266,8 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
-    #: set on an export copy (:func:`share_tied_codes`): the rows are gathered from the
-    #: transposed codes that the tied output layer's MatMulInteger reads, one copy in ONNX
-    export_transposed = False
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.export_transposed and torch.onnx.is_in_onnx_export():
-            columns = self.weight_q.t()  # folded into the initializer the output layer reads
-            codes = columns.index_select(1, ids.reshape(-1)).t()
-            codes = codes.reshape(*ids.shape, self.embedding_dim)
-        else:
-            codes = self.weight_q[ids]
+        codes = self.weight_q[ids]
         rows = codes.float() * self.weight_scale[ids].unsqueeze(-1)
         rows = rows * self.in_scale if self.smoothed else rows
         return rows * self.scale_by if self.scale_by != 1.0 else rows
@@ -431,20 +422,6 @@ def dynamic_quantize(model: nn.Module, cfg: DynamicQuantize,
         assert isinstance(source, DynamicQuantLinear) and isinstance(emb, nn.Embedding)
         _set(model, table, QuantEmbedding.tied_to(source, emb))
     return model, names
-
-
-def share_tied_codes(model: nn.Module) -> list[str]:
-    """On an export copy: mark every :class:`QuantEmbedding` that reads a
-    :class:`DynamicQuantLinear`'s codes to gather them from the transposed layout that
-    layer's ``MatMulInteger`` reads (the exporter then writes the codes once); returns the
-    tables marked."""
-    heads = {id(m.weight_q) for m in model.modules() if isinstance(m, DynamicQuantLinear)}
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantEmbedding) and id(m.weight_q) in heads:
-            m.export_transposed = True
-            out.append(name)
-    return out
 
 
 def _tied_tables(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -87,9 +87,14 @@ def test_onnx_export_of_the_tied_table_matches(quantized, tmp_path) -> None:
 
     from netpress.export.nbits_gather import gather_block_quantized_available
 
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
     if gather_block_quantized_available(4, 16) is None:
         assert {"GatherBlockQuantized", "MatMulNBits"} <= ops
+        # the packed codes once: the table's data is a Reshape of the output layer's
+        packed = [i.name for i in proto.graph.initializer if i.data_type == 2
+                  and 256 * 32 == int(torch.tensor(list(i.dims)).prod())]
+        assert len(packed) == 1, packed
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
     out = torch.from_numpy(sess.run(None, feed)[0])

@@ -254,7 +254,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
     from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
-    from netpress.export._tied import share_transposed
+    from netpress.export._tied import share_copies
     from netpress.export._tracing import TracingRewrites
     from netpress.export.int8_graph import integer_pads, keep_float_layers
     from netpress.export.nbits import swap_for_export
@@ -292,7 +292,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
 
         _export_or_refuse(run_export, work, inputs, opset, skip=1 if keyword else 0)
         proto = onnx.load(tmp)
-        rewritten = integer_pads(proto) + keep_float_layers(proto) + share_transposed(proto)
+        rewritten = integer_pads(proto) + keep_float_layers(proto) + share_copies(proto)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from netpress.errors import ModelError
-from netpress.export.nbits import NBitsFallbackWarning, swap_for_export, unpack_codes
+from netpress.export.nbits import (
+    NBitsFallbackWarning,
+    nbits_block_size,
+    swap_for_export,
+    unpack_codes,
+)
 from netpress.export.nbits_gather import gather_block_quantized_available, gather_tensors
 from netpress.export.onnx import export_onnx, ort_run, ort_session
 from netpress.reconstruct.modules import GroupQuantEmbedding, GroupQuantLinear
@@ -32,10 +37,11 @@ def _table(rows: int, dim: int, bits: int, group: int, symmetric: bool,
 
 @pytest.mark.parametrize(("bits", "dim", "group", "symmetric"),
                          [(4, 64, 16, False), (4, 96, 48, True), (4, 64, 128, False),
-                          (8, 64, 32, False), (8, 48, 16, True)])
+                          (4, 96, 128, True), (8, 64, 32, False), (8, 48, 16, True)])
 def test_tensors_dequantize_to_the_table(bits, dim, group, symmetric):
     t = _table(5, dim, bits, group, symmetric)
-    block = 16 if group % 32 else min(group, dim, 128) if group < dim else 64
+    block = nbits_block_size(dim, group)  # 128 for a 96-wide row in one group: padded
+    assert block is not None
     data, scales, zp = gather_tensors(t.weight_q, t.weight_scale, t.weight_zero, bits=bits,
                                       group_size=group, block_size=block)
     # brute force: unpack every code and zero point, one scale per block of columns
@@ -47,7 +53,7 @@ def test_tensors_dequantize_to_the_table(bits, dim, group, symmetric):
 
 
 @pytest.mark.parametrize(("bits", "group", "symmetric"),
-                         [(4, 16, False), (4, 48, True), (8, 32, False)])
+                         [(4, 16, False), (4, 48, True), (4, 128, False), (8, 32, False)])
 def test_onnx_runtime_gathers_the_same_rows(tmp_path, bits, group, symmetric):
     if gather_block_quantized_available(bits, 16) is not None:
         pytest.skip(gather_block_quantized_available(bits, 16))

@@ -25,6 +25,16 @@ def _tied_llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def _tied_gemma() -> torch.nn.Module:
+    """A tied Gemma: its word embedding multiplies the lookup by sqrt(48)."""
+    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.GemmaForCausalLM(cfg).eval()
+
+
 def _batches(n: int = 4) -> list[tuple[dict[str, torch.Tensor], None]]:
     gen = torch.Generator().manual_seed(1)
     return [({"input_ids": torch.randint(0, 256, (4, 24), generator=gen),
@@ -171,12 +181,7 @@ def test_gemma_scaled_tied_table_keeps_its_scale(tmp_path) -> None:
     that factor, through ONNX and a transformers directory."""
     from netpress.models.hf import save_pretrained
 
-    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.GemmaForCausalLM(cfg).eval()
+    model = _tied_gemma()
     data = _batches(2)
     res = npr.compress(model, [npr.GPTQ(bits=4, group_size=16)], calibration=data,
                        example_inputs=data[0][0], measure=False)
@@ -222,12 +227,7 @@ def test_a_table_that_computes_more_than_a_scaled_lookup_is_left_float() -> None
 def test_dynamic_int8_of_gemma_quantizes_its_scaled_table_and_keeps_the_tie() -> None:
     from netpress.quant.dynamic import QuantEmbedding
 
-    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.GemmaForCausalLM(cfg).eval()
+    model = _tied_gemma()
     data = _batches(2)
     q = npr.compress(model, [npr.DynamicQuantize(outlier_channels=0, target="generic")],
                      calibration=data, example_inputs=data[0][0], measure=False).model

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from netpress.export.nbits import nbits_block_size, pack_codes
+from netpress.export.nbits import nbits_block_size, nbits_weights, pack_codes
 
 if TYPE_CHECKING:
     from netpress.reconstruct.modules import GroupQuantEmbedding
@@ -40,22 +40,15 @@ def gather_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     """``(data, scales, zero_points)`` of ``GatherBlockQuantized`` for codes ``N × K`` (int8
     symmetric with ``zero`` None, or uint8 with uint8 ``zero`` ``N × groups``) and scales
     ``N × groups`` in groups of ``group_size`` columns, as blocks of ``block_size``."""
-    n, k = codes.shape
     if bits not in GATHER_BITS:
         raise ValueError(f"bits={bits}: GatherBlockQuantized takes {GATHER_BITS}")
-    if group_size < k and group_size % block_size:
-        raise ValueError(f"block_size={block_size} does not divide group_size={group_size}")
-    k_blocks = -(-k // block_size)
-    group_of_block = torch.clamp(torch.arange(k_blocks) * block_size // group_size,
-                                 max=scale.shape[1] - 1)
-    offset = 1 << (bits - 1)
-    if zero is None:
-        unsigned = codes.to(torch.int32) + offset
-        zp = torch.full((n, k_blocks), offset, dtype=torch.int32)
-    else:
-        unsigned, zp = codes.to(torch.int32), zero.to(torch.int32)[:, group_of_block]
-    return (pack_codes(unsigned, bits), scale.float()[:, group_of_block].contiguous(),
-            pack_codes(zp, bits))
+    n, k = codes.shape
+    w = nbits_weights(codes, scale, zero, bits=bits, group_size=group_size,
+                      block_size=block_size)  # MatMulNBits' layout: the same blocks
+    data = w.packed.reshape(n, -1)[:, :-(-k * bits // 8)]  # without the last block's padding
+    zp = w.zero_points if w.zero_points is not None else pack_codes(
+        torch.full(w.scales.shape, 1 << (bits - 1), dtype=torch.int32), bits)
+    return data.contiguous(), w.scales, zp
 
 
 @functools.cache

@@ -8,7 +8,7 @@ that names the argument.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,6 +51,20 @@ def first_batch(data: Data, *, name: str) -> tuple[Any, Any]:
     raise DataError(f"{name}: the data yielded no batches")  # pragma: no cover
 
 
+def _seq2seq_hint(model: nn.Module, inputs: Any) -> str | None:
+    """What to do when an encoder-decoder ``transformers`` model gets encoder inputs only
+    (text data gives ``input_ids`` and ``attention_mask``), else None."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or not isinstance(inputs, Mapping) \
+            or "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs:
+        return None
+    return (f"{type(model).__name__} is an encoder-decoder model and these batches hold no "
+            "decoder_input_ids: give batches that do (--data package.module:factory, or "
+            "compress(..., calibration=...) in Python, with each batch a dict holding "
+            "input_ids, attention_mask and decoder_input_ids), or compress its encoder "
+            "alone (model.get_encoder())")
+
+
 def check_data(name: str, data: Data, model: nn.Module, device: torch.device) -> None:
     """Fail early if ``data`` is not re-iterable, empty, malformed, or does not fit ``model``."""
     if not isinstance(data, Iterable):
@@ -73,7 +87,8 @@ def check_data(name: str, data: Data, model: nn.Module, device: torch.device) ->
         why = explain_failure(model, move_to(inputs, device))
         raise DataError(
             f"{name}: the model fails on the first batch ({_describe(inputs)}): "
-            f"{why or f'{type(exc).__name__}: {exc}'}. Check that this data fits the model"
+            f"{why or f'{type(exc).__name__}: {exc}'}. "
+            f"{_seq2seq_hint(model, inputs) or 'Check that this data fits the model'}"
         ) from exc
     finally:
         model.train(was_training)

@@ -188,3 +188,21 @@ def test_export_onnx_takes_dict_inputs_and_keeps_their_names(tmp_path):
     torch.testing.assert_close(ort(**x), _out(model, x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ort(**{k: v[:1] for k, v in x.items()}), _out(model, x)[:1],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_decoder_without_decoder_inputs_says_what_to_give():
+    from netpress.errors import DataError
+
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                d_kv=16, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    x = _x(100)
+    with pytest.raises(DataError, match=r"T5ForConditionalGeneration is an encoder-decoder "
+                                        r"model .* no decoder_input_ids.*get_encoder"):
+        npr.compress(model, [npr.GPTQ(bits=4)], calibration=[(x, None)], example_inputs=x,
+                     measure=False)
+    # with decoder inputs it runs, the tied tables (shared, encoder, decoder) reading one code
+    both = {**x, "decoder_input_ids": x["input_ids"][:, :5]}
+    q = npr.compress(model, [npr.GPTQ(bits=4, group_size=16)], calibration=[(both, None)],
+                     example_inputs=both, measure=False).model
+    assert q.encoder.embed_tokens.weight_q is q.lm_head.weight_q

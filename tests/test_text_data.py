@@ -60,6 +60,19 @@ def test_token_batches_pad_to_the_longest_of_similar_lengths(tokenizer):
         token_batches(tokenizer, texts, batch_size=0)
 
 
+def test_encoder_decoder_batches_feed_the_text_shifted_to_the_decoder(tokenizer):
+    texts = ["short one", "a somewhat longer sentence here", "mid length text"]
+    plain = token_batches(tokenizer, texts, batch_size=3, max_length=16)
+    (inputs, _), = token_batches(tokenizer, texts, batch_size=3, max_length=16,
+                                 decoder_start=7)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert torch.equal(ids, plain[0][0]["input_ids"])
+    assert inputs["decoder_input_ids"][:, 0].eq(7).all()
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:], ids[:, :-1])
+    assert torch.equal(inputs["decoder_attention_mask"][:, 1:], mask[:, :-1])
+    assert inputs["decoder_attention_mask"][:, 0].eq(1).all()
+
+
 def test_text_data_split_is_held_out_and_seeded(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("\n".join(f"{i} " + s for i, s in enumerate(text_lines(100))))
@@ -98,6 +111,11 @@ def _tiny_dir(tmp_path, tokenizer, kind: str):
                                          num_labels=3)
         model = transformers.BertModel(config) if kind == "encoder" else \
             transformers.BertForSequenceClassification(config)
+    elif kind == "seq2seq":
+        config = transformers.T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=1,
+                                       num_heads=2, d_kv=16, decoder_start_token_id=0,
+                                       pad_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2,
@@ -112,6 +130,7 @@ def _tiny_dir(tmp_path, tokenizer, kind: str):
 
 @pytest.mark.parametrize("kind, task, key", [("encoder", "sentence_embedding", "cosine_mean"),
                                              ("decoder", "language_model", "kl_mean"),
+                                             ("seq2seq", "language_model", "kl_mean"),
                                              ("classifier", "classification", "agreement")])
 def test_cli_compresses_and_exports_a_transformers_model_on_a_text_file(
         tmp_path, tokenizer, capsys, kind, task, key):

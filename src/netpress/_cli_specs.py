@@ -14,6 +14,7 @@ the import path, so ``mymodels:build`` finds ``./mymodels.py``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -138,6 +139,26 @@ def tokenizer_dir(model_spec: str | None, tokenizer: str | None) -> str:
                     f"--tokenizer DIR (a directory holding the tokenizer's files)")
 
 
+def _decoder_start(model_spec: str | None) -> int | None:
+    """The decoder start token of an encoder-decoder ``hf:DIR`` model (its ``config.json``:
+    ``decoder_start_token_id``, else ``pad_token_id``), None for any other model."""
+    if not model_spec or not model_spec.startswith("hf:"):
+        return None
+    path = Path(model_spec[3:]) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not config.get("is_encoder_decoder"):
+        return None
+    start = config.get("decoder_start_token_id")
+    start = config.get("pad_token_id") if start is None else start
+    if not isinstance(start, int):
+        raise DataError(f"{path}: an encoder-decoder model without decoder_start_token_id or "
+                        "pad_token_id; set one so that text can be fed to its decoder")
+    return start
+
+
 def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = None,
                  eval_limit: int | None = None, seed: int = 0, cwd: str | None = None,
                  model_spec: str | None = None, tokenizer: str | None = None,
@@ -154,7 +175,8 @@ def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = 
 
         tok = load_tokenizer(tokenizer_dir(model_spec, tokenizer))
         return text_data(root, tok, batch_size=batch_size, max_length=max_length,
-                         eval_limit=eval_limit, train_limit=train_limit, seed=seed)
+                         eval_limit=eval_limit, train_limit=train_limit, seed=seed,
+                         decoder_start=_decoder_start(model_spec))
     if name == "digits":
         train, test = ds.digits(seed=seed)
     elif name == "cifar10":
@@ -184,7 +206,8 @@ def resolve_data(spec: str, *, batch_size: int = 128, train_limit: int | None = 
 def resolve_task(task: str | None, model: nn.Module, data: dict[str, Any]) -> str:
     """``--task``, or when it is left out the task the model and data call for: on text
     batches (dicts with ``input_ids``) without labels, ``language-model`` for a causal
-    language model (``…ForCausalLM`` / ``…LMHeadModel``), ``sentence-embedding`` for an
+    language model (``…ForCausalLM`` / ``…LMHeadModel``) or batches with decoder inputs (an
+    encoder-decoder model reading its text), ``sentence-embedding`` for an
     encoder's hidden states, ``classification`` for a sequence classifier; otherwise
     ``classification``."""
     if task is not None:
@@ -195,7 +218,7 @@ def resolve_task(task: str | None, model: nn.Module, data: dict[str, Any]) -> st
     if not (isinstance(inputs, dict) and "input_ids" in inputs) or labels is not None:
         return "classification"
     name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or "decoder_input_ids" in inputs:
         return "language-model"
     if name.endswith(("ForSequenceClassification", "ForImageClassification")):
         return "classification"

@@ -11,7 +11,9 @@ downloaded), truncated to ``max_length`` tokens and batched as dicts of ``input_
 ``attention_mask`` padded to each batch's longest text, as netpress's text tasks take them
 (padding never counts in their metrics or in calibration statistics). Batches hold texts of
 similar length (sorted by length, then the batches shuffled by ``seed``), so little of each
-batch is padding.
+batch is padding. For an encoder-decoder model (T5, Bart, ...) each batch also holds the
+text shifted right as ``decoder_input_ids`` (teacher forcing: the decoder reconstructs the
+text, and language-model fidelity is scored on its next-token predictions).
 
 The split is by ``seed``: a held-out share (:data:`EVAL_SHARE`, at most :data:`EVAL_MAX`
 texts, or ``eval_limit``) is the evaluation data; calibration takes up to
@@ -31,8 +33,8 @@ import torch
 
 from netpress.errors import DataError
 
-__all__ = ["CALIBRATION_MAX", "EVAL_MAX", "EVAL_SHARE", "load_tokenizer", "read_texts",
-           "text_data", "token_batches"]
+__all__ = ["CALIBRATION_MAX", "EVAL_MAX", "EVAL_SHARE", "decoder_inputs", "load_tokenizer",
+           "read_texts", "text_data", "token_batches"]
 
 #: Share of the texts held out for evaluation, and at most how many.
 EVAL_SHARE = 0.2
@@ -108,10 +110,23 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
     return tokenizer
 
 
+def decoder_inputs(ids: torch.Tensor, mask: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+    """Teacher-forced decoder inputs for an encoder-decoder model reading its own text:
+    ``decoder_input_ids`` are ``ids`` shifted right behind the ``start`` token (the logits
+    at position ``t`` then predict token ``t`` of the text), with their attention mask."""
+    first = torch.full((ids.shape[0], 1), start, dtype=ids.dtype)
+    ones = torch.ones((mask.shape[0], 1), dtype=mask.dtype)
+    return {"decoder_input_ids": torch.cat([first, ids[:, :-1]], dim=1),
+            "decoder_attention_mask": torch.cat([ones, mask[:, :-1]], dim=1)}
+
+
 def token_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int] | None = None, *,
-                  batch_size: int = 32, max_length: int = 128, seed: int = 0) -> list[Batch]:
+                  batch_size: int = 32, max_length: int = 128, seed: int = 0,
+                  decoder_start: int | None = None) -> list[Batch]:
     """``(inputs, labels)`` batches of ``texts``: texts of similar token counts together,
-    each batch padded to its longest text, the batches in an order shuffled by ``seed``."""
+    each batch padded to its longest text, the batches in an order shuffled by ``seed``.
+    With ``decoder_start`` (an encoder-decoder model's decoder start token) each batch also
+    holds :func:`decoder_inputs`."""
     if batch_size < 1 or max_length < 2:
         raise DataError(f"token_batches: batch_size={batch_size} must be >= 1 and "
                         f"max_length={max_length} >= 2")
@@ -123,17 +138,22 @@ def token_batches(tokenizer: Any, texts: Sequence[str], labels: Sequence[int] | 
         inputs = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, padding="longest",
                                return_tensors="pt", return_attention_mask=True)
         target = None if labels is None else torch.tensor([labels[i] for i in rows])
-        out.append(({"input_ids": inputs["input_ids"],
-                     "attention_mask": inputs["attention_mask"]}, target))
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if decoder_start is not None:
+            batch.update(decoder_inputs(batch["input_ids"], batch["attention_mask"],
+                                        decoder_start))
+        out.append((batch, target))
     random.Random(seed).shuffle(out)
     return out
 
 
 def text_data(path: str | os.PathLike[str], tokenizer: Any, *, batch_size: int = 32,
               max_length: int = 128, eval_limit: int | None = None,
-              train_limit: int | None = None, seed: int = 0) -> dict[str, list[Batch]]:
+              train_limit: int | None = None, seed: int = 0,
+              decoder_start: int | None = None) -> dict[str, list[Batch]]:
     """``train``, ``calibration`` and ``evaluate`` batches of the text file ``path`` (see the
-    module docs for the formats and the split)."""
+    module docs for the formats and the split; ``decoder_start``: see
+    :func:`token_batches`)."""
     texts, labels = read_texts(path)
     if len(texts) < 2:
         raise DataError(f"text:{path}: {len(texts)} text; at least 2 are needed (one to "
@@ -148,7 +168,8 @@ def text_data(path: str | os.PathLike[str], tokenizer: Any, *, batch_size: int =
     def batches(rows: list[int]) -> list[Batch]:
         return token_batches(tokenizer, [texts[i] for i in rows],
                              None if labels is None else [labels[i] for i in rows],
-                             batch_size=batch_size, max_length=max_length, seed=seed)
+                             batch_size=batch_size, max_length=max_length, seed=seed,
+                             decoder_start=decoder_start)
 
     return {"train": batches(rest), "calibration": batches(rest[:CALIBRATION_MAX]),
             "evaluate": batches(order[:held])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -152,3 +153,31 @@ def test_neighbour_margin_matches_brute_force():
     assert (got >= 0).all()
     with pytest.raises(DataError):
         neighbour_margin(emb[:2])
+
+
+def test_lm_task_scores_an_encoder_decoder_on_its_decoder_tokens():
+    """Logits of an encoder-decoder run along decoder_input_ids (another length than the
+    encoder's input_ids): the task reads the decoder's tokens and mask."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                d_kv=16, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    dec_mask = torch.ones(2, 5, dtype=torch.long)
+    dec_mask[1, 3:] = 0
+    batch = {"input_ids": torch.randint(1, 64, (2, 9), generator=g),
+             "attention_mask": torch.ones(2, 9, dtype=torch.long),
+             "decoder_input_ids": torch.randint(1, 64, (2, 5), generator=g),
+             "decoder_attention_mask": dec_mask}
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.05 * torch.randn(other.lm_head.weight.shape, generator=g))
+    metrics, n, _ = LanguageModelTask().compare_models(model, other, [(batch, None)])
+    # positions t with decoder tokens t and t + 1 real: 4 in the first row, 2 in the second
+    with torch.no_grad():
+        r, c = model(**batch).logits, other(**batch).logits
+    sums = next_token_sums(r, c, batch["decoder_input_ids"], dec_mask.bool())
+    assert n == 2 and sums["tokens"] == 6
+    assert metrics["agreement"] == pytest.approx(sums["agree"] / 6)
+    assert metrics["kl_mean"] == pytest.approx(sums["kl"] / 6)

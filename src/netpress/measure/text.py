@@ -48,9 +48,18 @@ __all__ = [
 _SUM_KEYS = ("tokens", "nll_reference", "nll_compressed", "agree", "kl", "top5")
 
 
+def _decoder(inputs: Any, like: torch.Tensor) -> bool:
+    """Whether ``like`` (logits ``[batch, time, ...]``) runs along an encoder-decoder batch's
+    ``decoder_input_ids`` rather than its encoder ``input_ids``."""
+    ids = inputs.get("decoder_input_ids") if isinstance(inputs, Mapping) else None
+    return isinstance(ids, torch.Tensor) and ids.shape == like.shape[:2]
+
+
 def _mask_of(inputs: Any, like: torch.Tensor) -> torch.Tensor:
-    """The attention mask of a dict batch as bool ``[batch, time]`` (all real if absent)."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    """The attention mask of a dict batch as bool ``[batch, time]`` (all real if absent);
+    the decoder's when the logits run along the decoder inputs."""
+    key = "decoder_attention_mask" if _decoder(inputs, like) else "attention_mask"
+    mask = inputs.get(key) if isinstance(inputs, Mapping) else None
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     return mask.to(like.device).bool()
@@ -163,7 +172,8 @@ def text_batches(reference: torch.nn.Module, compressed: torch.nn.Module, data: 
 def _tokens_of(inputs: Any, labels: Any, logits: torch.Tensor) -> torch.Tensor:
     if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
         return labels.to(logits.device)
-    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    key = "decoder_input_ids" if _decoder(inputs, logits) else "input_ids"
+    ids = inputs.get(key) if isinstance(inputs, Mapping) else inputs
     if not isinstance(ids, torch.Tensor) or ids.shape != logits.shape[:2]:
         raise DataError("a language-model batch needs input_ids [batch, time] matching the "
                         "logits (or labels of that shape)")

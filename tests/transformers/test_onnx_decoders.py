@@ -108,3 +108,32 @@ def test_an_exporter_limitation_is_refused_with_its_reason(tmp_path):
     with pytest.raises(ModelError, match="include_self=False.*cannot convert this model.*"
                                          "run it in PyTorch"):
         npr.export_onnx(_ScatterMax(), tmp_path / "tapas.onnx", torch.randn(2, 4))
+
+
+def test_encoder_decoder_exports_with_its_own_decoder_length(tmp_path):
+    """Encoder and decoder inputs get separate free lengths: a graph exported with equal
+    lengths runs with others, as PyTorch does."""
+    from netpress.export.onnx import ort_run, ort_session
+
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                d_kv=16, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(b: int, enc: int, dec: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(1, 64, (b, enc), generator=g),
+                "attention_mask": torch.ones(b, enc, dtype=torch.long),
+                "decoder_input_ids": torch.randint(1, 64, (b, dec), generator=g),
+                "decoder_attention_mask": torch.ones(b, dec, dtype=torch.long)}
+
+    path = tmp_path / "t5.onnx"
+    npr.export_onnx(model, path, batch(1, 8, 8))
+    session = ort_session(path)
+    for b, enc, dec in [(2, 11, 4), (3, 5, 9)]:
+        x = batch(b, enc, dec)
+        with torch.no_grad():
+            ref = model(**x).logits
+        out = torch.from_numpy(ort_run(session, **x))
+        assert out.shape == ref.shape == (b, dec, 64)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()

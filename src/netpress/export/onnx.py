@@ -154,21 +154,30 @@ def _dynamic_axes(work: nn.Module, names: Sequence[str], inputs: tuple[torch.Ten
                   batch: bool, sequence: bool) -> dict[str, dict[int, str]] | None:
     """The ONNX inputs' and output's free dimensions: the first (``batch``) of every one, and
     with ``sequence`` the second of every 2-D input (token ids, masks: ``(batch,
-    sequence)``) and of the output when it runs along the sequence (``(batch, sequence,
-    ...)`` logits or hidden states, seen on one forward of the example)."""
+    sequence)``; ``decoder_*`` inputs of an encoder-decoder along a length of their own) and
+    of the output when it runs along the sequence (``(batch, sequence, ...)`` logits or
+    hidden states, seen on one forward of the example; the decoder's when there is one)."""
     if not batch:
         return None
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in [*names, "output"]}
-    lengths = {int(t.shape[1]) for t in inputs if t.dim() == 2}
-    if not sequence or len(lengths) != 1:
+    if not sequence:
         return axes
+    # an encoder-decoder's decoder inputs run along their own length
+    group = {n: "decoder_sequence" if n.startswith("decoder_") else "sequence" for n in names}
+    lengths: dict[str, set[int]] = {}
     for name, t in zip(names, inputs):
         if t.dim() == 2:
-            axes[name][1] = "sequence"
+            lengths.setdefault(group[name], set()).add(int(t.shape[1]))
+    free = {g for g, n in lengths.items() if len(n) == 1}
+    for name, t in zip(names, inputs):
+        if t.dim() == 2 and group[name] in free:
+            axes[name][1] = group[name]
     with torch.no_grad():
         out = work(*inputs)
-    if isinstance(out, torch.Tensor) and out.dim() >= 3 and int(out.shape[1]) in lengths:
-        axes["output"][1] = "sequence"
+    along = "decoder_sequence" if "decoder_sequence" in free else "sequence"
+    if along in free and isinstance(out, torch.Tensor) and out.dim() >= 3 and \
+            {int(out.shape[1])} == lengths[along]:
+        axes["output"][1] = along
     return axes
 
 

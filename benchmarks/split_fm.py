@@ -21,7 +21,9 @@ cached) is run once and saved in ``--work``; every stage-2 run starts from it (o
 (agreement, arithmetic-coded bytes, decode-back check) and the lossless ones
 (``split_small._measure``). ``--coder context`` sends the codes with the context-model coder
 (:mod:`netpress.split.context`, fitted on 20,000 train images' codes, ``--context`` the
-neighbours) instead of the per-channel one, in every bytes figure.
+neighbours) instead of the per-channel one, in every bytes figure. ``--decoder-hidden`` /
+``--decoder-depth`` give the server-side decoder a width and depth of its own (residual
+blocks, ``build_bottleneck``); the stage-1 state's file name then records them.
 
 With ``--train-head`` (live views only) stage 2 trains the device's head too: the student
 is a :class:`~netpress.split.SplitModel` of a copy of the original head, the bottleneck and
@@ -176,6 +178,13 @@ def _held_bytes(b: Bottleneck, train: HeadCache, held: HeadCache,
     return float(coded_bytes(_codes(b, held.h.float()), model).mean())
 
 
+def _decoder_tag(args: argparse.Namespace) -> str:
+    """The stage-1 file's suffix for a server-side decoder of its own ('' for the default)."""
+    if args.decoder_hidden is None and args.decoder_depth is None:
+        return ""
+    return f"_dh{args.decoder_hidden or args.hidden}_dd{args.decoder_depth or args.depth}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_options(p)
@@ -197,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-lr", type=float, default=1e-4)
     p.add_argument("--head-bn", choices=("eval", "train"), default="eval",
                    help="the trained head's BatchNorm: frozen statistics, or batch statistics")
+    p.add_argument("--decoder-hidden", type=int, default=None,
+                   help="the server-side decoder's width (default: --hidden); with it or "
+                        "--decoder-depth the decoder's stride-1 layers are residual blocks")
+    p.add_argument("--decoder-depth", type=int, default=None,
+                   help="the decoder's transposed conv + DEPTH - 1 residual blocks "
+                        "(default: --depth)")
     p.add_argument("--work", type=Path, default=Path("/tmp/netpress-split-fm"),
                    help="the 50k head-output cache, stage-1 and stage-2 states")
     p.add_argument("--out", type=Path, default=RESULTS / "fm.json")
@@ -222,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     b = build_bottleneck(tuple(train.h[:2].shape), args.channels, args.bits,
-                         stride=args.stride, hidden=args.hidden, depth=args.depth)
+                         stride=args.stride, hidden=args.hidden, depth=args.depth,
+                         decoder_hidden=args.decoder_hidden, decoder_depth=args.decoder_depth)
+    row_decoder = {"decoder_params": sum(p.numel() for p in b.decoder.parameters()),
+                   "encoder_params": sum(p.numel() for p in b.encoder.parameters())}
     tail = copy.deepcopy(cut.tail)
     head = copy.deepcopy(cut.head)  # trained only with --train-head
     s1_path = args.work / (f"stage1_{args.at}_c{args.channels}_s{args.stride}_d{args.depth}_"
-                           f"b{args.bits}_{args.stage1}_held{k}.pt")
+                           f"b{args.bits}_{args.stage1}_held{k}{_decoder_tag(args)}.pt")
     rows: list[dict[str, Any]] = []
     head_trained = args.train_head  # or loaded from --resume: scores go through rehead()
     if args.resume is not None:
@@ -326,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(row, flush=True)
     payload = {"model": "resnet56 (akamaster)", **{k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
+               **row_decoder,
                "jpeg_mean_bytes": float(jpeg.mean()), "cache_seconds": round(t_cache),
                "process_cpu_seconds": round(time.process_time() - cpu0), "rows": rows}
     write_json(args.out, payload)

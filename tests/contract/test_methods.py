@@ -43,6 +43,11 @@ EXAMPLES = {
                                      hidden=8, depth=2, stage1_steps=2, stage2_steps=2,
                                      train_head=False, cache_head=True, tail_lr=1e-4,
                                      alpha=1.0, temperature=2.0, logit_mse=0.1),
+    # issue 15: a server-side decoder of its own width and depth (residual blocks)
+    "Split(server decoder)": npr.Split(at="re:fc1|conv1|stem", channels=2, bits=2, hidden=4,
+                                       depth=2, decoder_hidden=8, decoder_depth=3,
+                                       stage1_steps=2, stage2_steps=2, train_head=False,
+                                       cache_head=True, tail_lr=1e-4),
     # options of existing methods (issue 15): data-driven unstructured importance and the
     # activation-sparsity / condition-number recovery terms
     "GlobalMagnitudePrune(grad_norm)": npr.GlobalMagnitudePrune(sparsity=0.5,

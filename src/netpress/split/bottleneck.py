@@ -28,7 +28,7 @@ from netpress.errors import ModelError
 from netpress.split.entropy import FactorizedPrior
 
 __all__ = ["quantize_ste", "code_max", "CodeQuant", "Bottleneck", "build_bottleneck",
-           "ENTROPY_MODELS"]
+           "ResidualBlock", "ENTROPY_MODELS"]
 
 #: The entropy models a bottleneck can learn: none (a static coder is fitted afterwards) or
 #: a factorized prior trained with the rate term.
@@ -176,32 +176,83 @@ def _up(channels: int, mid: int, stride: int, depth: int = 1) -> list[nn.Module]
     return layers
 
 
+class ResidualBlock(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))``: two 3×3 stride-1 convolutions of
+    ``width`` channels with a skip around them (the server-side decoder's extra layers)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def _up_residual(channels: int, mid: int, stride: int, depth: int) -> list[nn.Module]:
+    """The server-side decoder's upsampling: each stage is its transposed conv (+ BN +
+    ReLU) then ``depth - 1`` :class:`ResidualBlock` s at that stage's resolution (for
+    ``stride=2``, the cut tensor's)."""
+    layers = _up(channels, mid, stride, 1)
+    if depth == 1:
+        return layers
+    out: list[nn.Module] = []
+    for layer in layers:  # a ReLU ends every upsampling stage: put the blocks after it
+        out.append(layer)
+        if isinstance(layer, nn.ReLU):
+            out += [ResidualBlock(mid) for _ in range(depth - 1)]
+    return out
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"Split: {name}={value!r} must be an int >= 1")
+
+
 def build_bottleneck(shape: tuple[int, ...], channels: int, bits: int, *, stride: int = 2,
                      hidden: int | None = None, entropy: str = "none",
-                     depth: int = 1) -> Bottleneck:
+                     depth: int = 1, decoder_hidden: int | None = None,
+                     decoder_depth: int | None = None) -> Bottleneck:
     """A bottleneck for cut tensors of ``shape`` (batch dimension included); ``entropy``
     is one of :data:`ENTROPY_MODELS`; ``depth``: 3×3 convolutions per resolution stage of
-    the encoder and of the decoder (image-like maps; 1: one strided conv per stage)."""
+    the encoder and of the decoder (image-like maps; 1: one strided conv per stage).
+
+    ``decoder_hidden`` / ``decoder_depth`` size the server-side decoder on its own (it
+    costs no bytes and no device MACs). Both ``None``: the decoder mirrors the encoder
+    (``hidden`` wide, ``depth - 1`` plain conv + BN + ReLU layers after each upsampling).
+    Either given: each upsampling stage (transposed conv + BN + ReLU, ``decoder_hidden``
+    wide, default ``hidden``) is followed by ``decoder_depth - 1`` (default ``depth - 1``)
+    :class:`ResidualBlock` s; Linear bottlenecks (rank 2 and 3) take ``decoder_hidden`` as
+    the decoder's width and have no stride-1 layers."""
     if entropy not in ENTROPY_MODELS:
         raise ModelError(f"Split: entropy={entropy!r}; choose one of {ENTROPY_MODELS}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ModelError(f"Split: depth={depth!r} must be an int >= 1")
+    _check_positive("depth", depth)
+    for name, value in (("decoder_hidden", decoder_hidden), ("decoder_depth", decoder_depth)):
+        if value is not None:
+            _check_positive(name, value)
+    residual = decoder_hidden is not None or decoder_depth is not None
     qmax = code_max(bits)
     if len(shape) == 4:
         c, h, w = shape[1], shape[2], shape[3]
         mid = hidden or c
+        dec_mid = decoder_hidden or mid
         enc_bn: nn.Module = nn.BatchNorm2d(channels)
         encoder = nn.Sequential(*_down(c, mid, stride, depth),
                                 nn.Conv2d(mid, channels, 1, bias=False), enc_bn)
-        decoder = nn.Sequential(*_up(channels, mid, stride, depth),
-                                nn.Conv2d(mid, c, 3, padding=1))
+        up = (_up_residual(channels, dec_mid, stride, decoder_depth or depth) if residual
+              else _up(channels, mid, stride, depth))
+        decoder = nn.Sequential(*up, nn.Conv2d(dec_mid, c, 3, padding=1))
         size: tuple[int, ...] = (h, w)
     elif len(shape) in (2, 3):
         c = shape[-1]
         mid = hidden or c
+        dec_mid = decoder_hidden or mid
         enc_bn = nn.LayerNorm(channels)
         encoder = nn.Sequential(nn.Linear(c, mid), nn.ReLU(), nn.Linear(mid, channels), enc_bn)
-        decoder = nn.Sequential(nn.Linear(channels, mid), nn.ReLU(), nn.Linear(mid, c))
+        decoder = nn.Sequential(nn.Linear(channels, dec_mid), nn.ReLU(),
+                                nn.Linear(dec_mid, c))
         size = ()
     else:
         raise ModelError(f"Split: the tensor at the cut has shape {tuple(shape)}; a bottleneck "

@@ -89,7 +89,12 @@ class Split(MethodConfig):
     through more layers). ``logit_mse``: weight of the squared error of the logits added to
     stage 2's distillation (:func:`netpress.split.losses.logit_kd_loss`). ``head_bn``:
     ``"train"`` (batch statistics) or ``"frozen"`` (eval mode, running statistics kept) for
-    the head's BatchNorm layers in the stages that train the head.
+    the head's BatchNorm layers in the stages that train the head. ``decoder_hidden`` /
+    ``decoder_depth``: the server-side decoder's own width and depth (both ``None``: the
+    decoder mirrors the encoder, ``hidden`` and ``depth``; either given: the decoder's
+    stride-1 layers become ``decoder_depth - 1`` residual blocks per upsampling stage,
+    ``decoder_hidden`` wide, the other setting defaulting to the encoder's); the decoder
+    runs on the server, so it costs no bytes and no device MACs.
     """
 
     at: str = "re:.*"
@@ -114,6 +119,8 @@ class Split(MethodConfig):
     prior_steps: int = 300
     depth: int = 1
     logit_mse: float = 0.0
+    decoder_hidden: int | None = None
+    decoder_depth: int | None = None
 
     def __post_init__(self) -> None:
         n = self.type_name()
@@ -126,8 +133,9 @@ class Split(MethodConfig):
         if isinstance(self.stage1_steps, bool) or not isinstance(self.stage1_steps, int) \
                 or self.stage1_steps < 0:
             raise RecipeError(f"{n}: stage1_steps={self.stage1_steps!r} must be an int >= 0")
-        if self.hidden is not None:
-            _positive_ints(self, ("hidden",))
+        for name in ("hidden", "decoder_hidden", "decoder_depth"):
+            if getattr(self, name) is not None:
+                _positive_ints(self, (name,))
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
                 or not 2 <= self.bits <= 8:
             raise RecipeError(f"{n}: bits={self.bits!r} must be an int in [2, 8]")
@@ -195,11 +203,16 @@ PARTS = {"head": "head", "encoder": "bottleneck.encoder", "decoder": "bottleneck
          "tail": "tail"}
 
 
+#: Integer settings of :class:`Split` whose ``None`` means "as the encoder / the cut tensor".
+_OPTIONAL_INTS = ("hidden", "decoder_hidden", "decoder_depth")
+
+
 def _positive_ints(cfg: Split, names: tuple[str, ...]) -> None:
     for name in names:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise RecipeError(f"{cfg.type_name()}: {name}={v!r} must be an int >= 1")
+            raise RecipeError(f"{cfg.type_name()}: {name}={v!r} must be an int >= 1"
+                              + (" or null" if name in _OPTIONAL_INTS else ""))
 
 
 def _stage_config(cfg: Split, steps: int, rate: float) -> TrainConfig:
@@ -266,7 +279,8 @@ def _apply_split(model: nn.Module, cfg: Split, ctx: Context) -> nn.Module:
         shape = tuple(primary_output(call_model(cut.head.eval(), example)).shape)
     bottleneck = build_bottleneck(shape, cfg.channels, cfg.bits, stride=cfg.stride,
                                   hidden=cfg.hidden, entropy=cfg.entropy,
-                                  depth=cfg.depth).to(ctx.device)
+                                  depth=cfg.depth, decoder_hidden=cfg.decoder_hidden,
+                                  decoder_depth=cfg.decoder_depth).to(ctx.device)
     split = SplitModel(cut.head, bottleneck, cut.tail, at=at)
     names = {id(p): n for n, p in split.named_parameters()}
     ctx.masks = {names[id(model.get_parameter(k))]: m for k, m in ctx.masks.items()

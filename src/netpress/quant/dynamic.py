@@ -4,11 +4,8 @@ Linear layers keep int8 weights (symmetric, per output channel) and quantize the
 run time, per tensor, to uint8 exactly as ONNX's ``DynamicQuantizeLinear`` does
 (:func:`dynamic_qparams`): no calibration data, and no graph tracing (the layers are swapped
 module by module, so models torch.fx cannot trace, such as ``transformers`` encoders, work).
-Embedding tables become int8 rows with a per-row scale (a gather of int8 rows times their
-scale). A table tied to a Linear layer that is quantized too (a language model's output layer,
-``tie_word_embeddings``) reads that layer's codes and scales instead of its own: one int8 copy,
-as the float model had one weight (with the layer's outlier smoothing, times its ``in_scale``
-per column).
+Embedding tables become int8 rows with a per-row scale (:mod:`netpress.quant.embedding`;
+a table tied to a quantized output layer reads that layer's codes).
 
 Exported with :func:`netpress.export.onnx.export_onnx`, a layer is
 ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(x_scale · w_scale) → Add(bias)``, the
@@ -38,7 +35,8 @@ from netpress.data import batches
 from netpress.errors import ModelError, RecipeError
 from netpress.export.modules import register_module_type
 from netpress.measure.collect import evaluating, model_device
-from netpress.quant.lookup import lookup_scale, scaled_lookup
+from netpress.quant.embedding import QuantEmbedding, int8_row_codes
+from netpress.quant.lookup import scaled_lookup
 from netpress.quant.target import (
     TARGET_CHOICES,
     TARGETS,
@@ -93,14 +91,6 @@ def int8_weight_codes(weight: torch.Tensor, target: str) -> tuple[torch.Tensor, 
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round(w / scale[:, None]).clamp(-127, 127)
     return apply_weight_rule(codes, target).to(torch.int8), scale
-
-
-def int8_row_codes(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 ``(codes, scale)`` of an embedding table, one scale per row."""
-    t = table.detach().float()
-    scale = t.abs().amax(1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 class _DynamicMatMul(torch.autograd.Function):
@@ -193,102 +183,14 @@ class DynamicQuantLinear(nn.Module):
         return dynamic_linear(x, self.weight_q, self.weight_scale, bias).to(x.dtype)
 
 
-class QuantEmbedding(nn.Module):
-    """An embedding table of int8 rows, each with its scale: ``table_q[ids] · scale[ids]``
-    (times ``in_scale`` per column when ``smoothed``: the codes of a tied, smoothed
-    :class:`DynamicQuantLinear`, see :meth:`tied_to`)."""
-
-    weight_q: torch.Tensor
-    weight_scale: torch.Tensor
-    in_scale: torch.Tensor
-
-    def __init__(self, num_embeddings: int, embedding_dim: int,
-                 padding_idx: int | None = None, smoothed: bool = False,
-                 embed_scale: float = 1.0) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx, self.smoothed = padding_idx, smoothed
-        self.scale_by = float(embed_scale)  # a scaled word embedding's constant factor
-        self.register_buffer("weight_q", torch.zeros(num_embeddings, embedding_dim,
-                                                     dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings))
-        self.register_buffer("in_scale", torch.ones(embedding_dim if smoothed else 0))
-
-    @classmethod
-    def tied_to(cls, layer: DynamicQuantLinear, emb: nn.Embedding) -> QuantEmbedding:
-        """The table of ``emb`` (tied to ``layer``'s weight before quantization) read from
-        ``layer``'s codes and scales: the same tensor objects, not copies."""
-        if (emb.num_embeddings, emb.embedding_dim) != (layer.out_features, layer.in_features):
-            raise ModelError(f"DynamicQuantize: a {emb.num_embeddings}x{emb.embedding_dim} "
-                             f"table cannot read the codes of a {layer.out_features}x"
-                             f"{layer.in_features} Linear")
-        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, layer.smoothed,
-                lookup_scale(emb))
-        q.weight_q, q.weight_scale = layer.weight_q, layer.weight_scale
-        if layer.smoothed:
-            q.in_scale = layer.in_scale
-        return q
-
-    @classmethod
-    def from_float(cls, emb: nn.Embedding) -> QuantEmbedding:
-        if emb.max_norm is not None:
-            raise ModelError("DynamicQuantize: an nn.Embedding with max_norm renormalises its "
-                             "rows at run time and cannot be quantized; add it to ignore")
-        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
-                embed_scale=lookup_scale(emb))
-        codes, scale = int8_row_codes(emb.weight)
-        with torch.no_grad():
-            q.weight_q.copy_(codes)
-            q.weight_scale.copy_(scale)
-        return q.to(emb.weight.device)
-
-    bits = 8  #: the width of the row codes (read by netpress.measure.size)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float table the codes stand for: codes times row scales (times ``in_scale``
-        per column when smoothed)."""
-        t = self.weight_q.float() * self.weight_scale.float()[:, None]
-        return t * self.in_scale.float()[None, :] if self.smoothed else t
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """:meth:`dequantized_weight`, read-only: model code that reads ``embedding.weight``
-        (ProphetNet's n-gram stream, Llama 4) keeps working. The forward pass does not use
-        it."""
-        return self.dequantized_weight()
-
-    @property
-    def embed_scale(self) -> torch.Tensor:
-        """The constant factor as a float32 scalar tensor, as ``transformers``' scaled word
-        embeddings hold it (model code may read ``embed_tokens.embed_scale``)."""
-        return torch.tensor(self.scale_by, dtype=torch.float32)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes = self.weight_q[ids]
-        rows = codes.float() * self.weight_scale[ids].unsqueeze(-1)
-        rows = rows * self.in_scale if self.smoothed else rows
-        return rows * self.scale_by if self.scale_by != 1.0 else rows
-
-
 def _linear_spec(m: nn.Module) -> dict[str, Any]:
     assert isinstance(m, DynamicQuantLinear)
     return {"in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "target": m.target, "smoothed": m.smoothed}
 
 
-def _embedding_spec(m: nn.Module) -> dict[str, Any]:
-    assert isinstance(m, QuantEmbedding)
-    return {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
-            "padding_idx": m.padding_idx, "smoothed": m.smoothed, "embed_scale": m.scale_by}
-
-
 register_module_type(DynamicQuantLinear, _linear_spec, DynamicQuantLinear,
                      name="netpress.DynamicQuantLinear")
-register_module_type(QuantEmbedding, _embedding_spec, QuantEmbedding,
-                     name="netpress.QuantEmbedding")
 
 
 @dataclass(frozen=True, kw_only=True)

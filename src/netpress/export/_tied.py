@@ -41,23 +41,22 @@ def share_copies(model: Any) -> int:
     graph = model.graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer
               if int(np.prod(i.dims)) >= MIN_ELEMENTS}
+    digests = {name: _digest(np.ascontiguousarray(a)) for name, a in arrays.items()}
     flat: dict[tuple[str, str], str] = {}  # (dtype, bytes) -> the first holder
     shaped: dict[tuple[str, tuple[int, ...], str], str] = {}  # 2-D (dtype, shape, bytes)
     for name, a in arrays.items():
-        c = np.ascontiguousarray(a)
-        flat.setdefault((str(a.dtype), _digest(c)), name)
+        flat.setdefault((str(a.dtype), digests[name]), name)
         if a.ndim == 2:
-            shaped.setdefault((str(a.dtype), a.shape, _digest(c)), name)
+            shaped.setdefault((str(a.dtype), a.shape, digests[name]), name)
     nodes: list[Any] = []
     kept: set[str] = set()
     gone: set[str] = set()
     for name, a in arrays.items():
-        c = np.ascontiguousarray(a)
-        source = flat[(str(a.dtype), _digest(c))]
+        source = flat[(str(a.dtype), digests[name])]
         if name in kept:
             continue  # another replacement reads it
         if source != name and source not in gone and arrays[source].shape != a.shape and \
-                np.array_equal(arrays[source].reshape(-1), c.reshape(-1)):
+                np.array_equal(arrays[source].reshape(-1), a.reshape(-1)):
             shape = numpy_helper.from_array(np.array(a.shape, dtype=np.int64),
                                             f"{name}/shared_shape")
             graph.initializer.append(shape)

@@ -6,7 +6,8 @@ next-token top-1 agreement, mean per-token KL and top-5 overlap with the dense m
 50% (per layer); Wanda and SparseGPT 50% and SparseGPT 2:4; round-to-nearest 4-bit (per
 channel, and on GPTQ's grid: group 128); GPTQ 4-bit g128; depth pruning of 25% of the blocks
 (DepthPrune(blocks=0.25): 2 of 6, rounded) and of 1 of 6, with and without a short
-distillation; FisherPrune (heads + FFN, post-training) to 75% and 50% MACs. Calibration
+distillation; FisherPrune (heads + FFN, post-training) to 75% and 50% MACs, each with the
+units within a group chosen by group OBS (the default) and by Fisher score. Calibration
 windows come from the training split. The JSON and markdown are rewritten after every row,
 so a run cut short keeps the rows it finished.
 
@@ -73,6 +74,9 @@ def recipes(args: argparse.Namespace) -> dict[str, list[Any]]:
         out["depth1of6_distill"] = [npr.DepthPrune(blocks=1 / 6), distill()]
     out["fisher75"] = [npr.FisherPrune(macs=0.75)]
     out["fisher50"] = [npr.FisherPrune(macs=0.5)]
+    # the units within each group chosen by Fisher score (Kwon et al.) instead of group OBS
+    out["fisher75_fisher_rank"] = [npr.FisherPrune(macs=0.75, rank="fisher")]
+    out["fisher50_fisher_rank"] = [npr.FisherPrune(macs=0.5, rank="fisher")]
     return out
 
 

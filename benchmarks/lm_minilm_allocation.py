@@ -1,7 +1,8 @@
 """FisherPrune on all-MiniLM-L6-v2 without training: how the 50% MACs are spread over layers.
 
 Every variant reuses one set of Fisher scores (calibration sentences padded to the longest)
-and differs in the selection (``min_fraction``: each layer keeps at least that fraction of
+and differs in the selection (``--rank``: which units of a group go, ``FisherPrune(rank=)``;
+``min_fraction``: each layer keeps at least that fraction of
 its heads and of its FFN neurons; 0 = the global ranking by Fisher per MAC; `auto` = the
 library default, a floor set from the target) and in whether
 the LayerNorm gains/shifts are refitted after the Linear layers (``refit_norms``). Measured
@@ -47,6 +48,10 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=768,
                    help="with --calib-data: documentation sentences kept out (512 evaluated "
                         "+ lm_minilm_distill.py's 256-sentence --select slice)")
+    p.add_argument("--rank", nargs="+", default=["obs"], choices=["obs", "fisher"],
+                   help="FisherPrune(rank=...) for every variant: which units of a group go "
+                        "(group OBS on the reading layer, or Fisher score); several run side "
+                        "by side on the same Fisher scores")
     p.add_argument("--save", default=None, help="torch.save the best variant's model here")
     p.add_argument("--out", default=str(RESULTS / "lm_minilm_allocation.json"))
     args = p.parse_args()
@@ -67,18 +72,18 @@ def main() -> None:
     posttraining._fisher = cached  # type: ignore[assignment]
     rows: list[dict[str, Any]] = []
     best: tuple[float, torch.nn.Module | None] = (-1.0, None)
-    for v in args.variant:
+    for v, rank in [(v, r) for v in args.variant for r in args.rank]:
         frac, norms = v.split(":")
         auto, _, share = frac.partition("@")
         floor = {"min_fraction": None, "min_share": float(share or 0.9)} if auto == "auto" \
             else {"min_fraction": float(frac)}
         cfg = npr.FisherPrune(macs=args.macs, calibration_batches=len(calib),
-                              refit_norms=norms == "1", **floor)
+                              refit_norms=norms == "1", rank=rank, **floor)
         started = time.perf_counter()
         pruned, summary = posttraining.fisher_prune(model, cfg, x, calib)
         seconds = round(time.perf_counter() - started)
         kept = {k.split(".weight")[0]: v[1] for k, v in summary["groups"].items()}
-        rows.append({"min_fraction": summary["min_fraction"], "floor": frac,
+        rows.append({"min_fraction": summary["min_fraction"], "floor": frac, "rank": rank,
                      "refit_norms": norms == "1",
                      "macs_ratio": round(summary["macs_after"] / summary["macs_before"], 4),
                      "seconds": seconds, "kept": kept, **score(pruned, ref, evaluate)})
@@ -92,9 +97,9 @@ def main() -> None:
                                 "calibration_sentences": args.calib,
                                 "calibration_data": args.calib_data or "topics",
                                 "eval_sentences": args.eval, "rows": rows})
-    table = markdown_table(["min_fraction", "refit_norms", "MACs", "cosine mean / min",
+    table = markdown_table(["min_fraction", "refit_norms", "rank", "MACs", "cosine mean / min",
                             "retrieval agr.", "s"],
-                           [[r["min_fraction"], r["refit_norms"], r["macs_ratio"],
+                           [[r["min_fraction"], r["refit_norms"], r["rank"], r["macs_ratio"],
                              f"{r['cosine_mean']} / {r['cosine_min']}",
                              r["retrieval_agreement"], r["seconds"]] for r in rows])
     Path(args.out).with_suffix(".md").write_text(table + "\n")

@@ -190,7 +190,7 @@ def test_persimmon_per_head_norms_are_left_out_of_the_norm_refit():
     assert torch.equal(dict(res.model.named_parameters())[q_norm],
                        dict(model.named_parameters())[q_norm])
     plain = _prune(model, x, data, macs=0.5, refit=False).model
-    assert _rel(res.model, model, held) < 0.68 < 0.7 < _rel(plain, model, held)  # .64, .72
+    assert _rel(res.model, model, held) < 0.64 < 0.68 < _rel(plain, model, held)  # .60, .70
 
 
 def test_swinv2_sum_at_another_width_is_not_a_residual_target():
@@ -204,4 +204,4 @@ def test_swinv2_sum_at_another_width_is_not_a_residual_target():
     res = _prune(model, x, data, macs=0.6)
     assert count_macs(res.model, x) <= 0.6 * count_macs(model, x)
     plain = _prune(model, x, data, macs=0.6, refit=False).model
-    assert _rel(res.model, model, held) < 0.9 < 1.1 < _rel(plain, model, held)  # .82, 1.17
+    assert _rel(res.model, model, held) < 0.8 < 0.95 < _rel(plain, model, held)  # .74, 1.03

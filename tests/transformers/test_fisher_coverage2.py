@@ -121,8 +121,8 @@ def test_siglip_unused_pooling_head_is_left_whole_and_the_rest_pruned():
     assert "vision_model.head.mlp.fc2" in step["unscored"]
     assert not any("head" in g for g in step["groups"])
     plain = _prune(model, x, data, macs=0.5, refit=False)
-    # 0.68 refitted, 0.84 not (random weights, 10 labels)
-    assert _check(res, model, x, held, 0.48, 0.5) < 0.75 < 0.8 < _rel(plain.model, model, held)
+    # 0.61 refitted, 0.71 not (random weights, 10 labels)
+    assert _check(res, model, x, held, 0.48, 0.5) < 0.65 < 0.68 < _rel(plain.model, model, held)
 
 
 def test_mamba_dt_proj_read_by_its_weight_is_named_in_the_refusal():

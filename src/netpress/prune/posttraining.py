@@ -59,6 +59,7 @@ from netpress.prune.fisher_select import removal as _removal
 from netpress.prune.fisher_select import select as _select
 from netpress.prune.fisher_select import target_floor
 from netpress.prune.fisher_select import without as _without
+from netpress.prune.obs_rank import RANKS, obs_removals
 from netpress.prune.refit import refit_blocks
 from netpress.prune.ridge_cv import FOLDS
 from netpress.prune.structured import _culprits, _cut
@@ -114,7 +115,11 @@ class FisherPrune(MethodConfig):
     sentences ``"auto"`` costs 0.001), so it is opt-in; a larger ``damp`` is the stronger
     lever with few calibration rows (BENCHMARKS.md, "Hessian shrinkage in the refits"). The
     report lists it per layer (``shrinkage``) with ``min_rows_per_column``; a warning names
-    layers with fewer calibration rows than inputs.
+    layers with fewer calibration rows than inputs. ``rank``: which units of a group go once
+    the selection has fixed how many: ``"obs"`` (default) those its reading layer's
+    least-squares compensation misses least (greedy group OBS, :mod:`netpress.prune.obs_rank`;
+    all-MiniLM-L6-v2 at 50% MACs, 512 sentences: cosine 0.924 -> 0.937), ``"fisher"`` those
+    of least Fisher score (Kwon et al.).
     """
 
     macs: float = 0.5
@@ -128,6 +133,7 @@ class FisherPrune(MethodConfig):
     min_fraction: float | None = None
     min_share: float = 0.9
     seed: int = 0
+    rank: str = "obs"
 
     def __post_init__(self) -> None:
         name = self.type_name()
@@ -154,6 +160,8 @@ class FisherPrune(MethodConfig):
         for flag in ("refit", "refit_norms"):
             if not isinstance(getattr(self, flag), bool):
                 raise RecipeError(f"{name}: {flag} must be true or false")
+        if self.rank not in RANKS:
+            raise RecipeError(f"{name}: rank={self.rank!r}; choose one of {RANKS}")
         if self.refit_scope not in REFIT_SCOPES:
             raise RecipeError(f"{name}: refit_scope={self.refit_scope!r}; choose one of "
                               f"{REFIT_SCOPES}")
@@ -305,6 +313,8 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
     whole: dict[str, str] = {}  # group name: why its sizes could not follow
     for _ in range(len(groups) + 1):
         parts, floor = _select(graph, groups, scores, cfg, goal, now, base, whole)
+        if cfg.rank == "obs":
+            parts = obs_removals(work, groups, parts, data)
         pruned = _removal(graph, groups, parts)
         try:
             result = _cut(work, graph, pruned, example_inputs)
@@ -331,6 +341,7 @@ def fisher_cut(model: nn.Module, cfg: FisherPrune, example_inputs: Inputs, data:
               for n in weights}
     summary = {"macs_before": int(now), "macs_after": count_macs(work, example_inputs),
                "macs_target": int(goal), "min_fraction": round(float(floor), 4),
+               "rank": cfg.rank,
                "groups": {graph.groups[g.index].name: [len(p), int(len(p) - p.sum())]
                           for g, p in zip(groups, parts) if p.any()}}
     if unscored:

@@ -247,25 +247,46 @@ def remove_unit(weight: torch.Tensor, hinv: torch.Tensor,
     return new_w, new_hinv
 
 
-def greedy_unit_order(layers: Sequence[UnitLayer]) -> tuple[list[int], list[float]]:
-    """Remove every unit, cheapest first (its cost summed over ``layers``), each removal
+def greedy_unit_order(layers: Sequence[UnitLayer], count: int | None = None,
+                      chunk: int = 1) -> tuple[list[int], list[float]]:
+    """Remove units cheapest first (its cost summed over ``layers``), each removal
     compensated before the next is chosen. Returns the order of removal and the output
     error each removal added; their running sum is the error of removing that prefix
-    together (the exact least-squares optimum for that set)."""
-    count = len(layers[0][2]) if layers else 0
-    if any(len(units) != count for _, _, units in layers):
+    together (the exact least-squares optimum for that set).
+
+    ``count``: stop after that many units (default: all of them). ``chunk``: remove the
+    ``chunk`` cheapest units at once before updating (each costed as if removed alone; the
+    error added is then that of the chunk together), for wide layers whose one-by-one
+    updates of a ``d × d`` inverse Hessian cost ``O(count · d²)``; ``chunk=1`` is the exact
+    greedy order."""
+    total_units = len(layers[0][2]) if layers else 0
+    if any(len(units) != total_units for _, _, units in layers):
         raise ValueError("every layer must list the columns of the same units")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    stop = total_units if count is None else max(0, min(count, total_units))
     state = [(w.clone(), h.clone()) for w, h, _ in layers]
-    alive = list(range(count))
+    alive = list(range(total_units))
     order: list[int] = []
     added: list[float] = []
-    while alive:
+    while len(order) < stop:
         total = torch.zeros(len(alive), dtype=torch.float64)
         for (w, h), (_, _, units) in zip(state, layers):
             total += unit_removal_costs(w, h, [units[u] for u in alive]).double().cpu()
-        best = int(torch.argmin(total))
-        unit = alive.pop(best)
-        order.append(unit)
-        added.append(max(0.0, float(total[best])))
-        state = [remove_unit(w, h, units[unit]) for (w, h), (_, _, units) in zip(state, layers)]
+        take = min(chunk, stop - len(order))
+        best = [int(i) for i in torch.argsort(total, stable=True)[:take]]
+        picked = [alive[i] for i in best]
+        for i in sorted(best, reverse=True):
+            alive.pop(i)
+        if take == 1:
+            added.append(max(0.0, float(total[best[0]])))
+        else:  # the chunk's joint cost, in the layers' state before it
+            joint = 0.0
+            for (w, h), (_, _, units) in zip(state, layers):
+                cols = torch.cat([units[u].long() for u in picked])
+                joint += float(unit_removal_costs(w, h, [cols])[0])
+            added.extend([max(0.0, joint) / take] * take)
+        order.extend(picked)
+        state = [remove_unit(w, h, torch.cat([units[u].long() for u in picked]))
+                 for (w, h), (_, _, units) in zip(state, layers)]
     return order, added

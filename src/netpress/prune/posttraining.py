@@ -15,7 +15,9 @@ for Transformers"): on a few calibration batches it
 3. removes the units of least Fisher per MAC until the MACs target is met, every layer
    keeping at least a floor of its heads and of its neurons (``min_fraction``; by default
    90% of the share the target leaves on average, ``min_share``;
-   :mod:`netpress.prune.fisher_select`);
+   :mod:`netpress.prune.fisher_select`); which units of a group go is then chosen by
+   greedy group OBS on the layer reading them (``rank="obs"``, the default,
+   :mod:`netpress.prune.obs_rank`) or by least Fisher score (``rank="fisher"``);
 4. cuts them out (:func:`netpress.prune.surgery.remove_units`) and refits the Linear layers
    by ridge least squares: by default every Linear of every block, block after block, on
    the pruned model's own inputs towards the unpruned model's layer outputs and residual

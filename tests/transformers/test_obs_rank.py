@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import netpress as npr
 from netpress.errors import RecipeError
 from netpress.prune.obs_rank import reader_hessians, removal_order
 from netpress.prune.posttraining import FisherPrune, fisher_cut
@@ -139,24 +138,8 @@ def test_obs_rank_removes_as_many_units_and_fits_the_readers_better():
     assert changed >= 1
 
 
-def test_obs_rank_keeps_whole_query_groups_under_grouped_query_attention():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=2, head_dim=8,
-                                   max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    data = [({"input_ids": torch.randint(0, 96, (4, 12), generator=gen)}, None)
-            for _ in range(3)]
-    res = npr.compress(model, [FisherPrune(macs=0.6, rank="obs")], calibration=data,
-                       example_inputs=data[0][0], measure=False)
-    for layer in res.model.model.layers:
-        q, k = layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features
-        assert q % 8 == 0 and k % 8 == 0 and (q // 8) == 4 * (k // 8)
-
-
 def test_rank_is_checked():
+    """(Grouped-query attention under the default OBS choice: test_fisher_prune.py.)"""
     with pytest.raises(RecipeError, match="rank"):
         FisherPrune(rank="magnitude")
     assert FisherPrune().rank == "obs"

@@ -24,13 +24,16 @@ from netpress.quant._insert import drop_identities, insert_act_quant
 from netpress.quant.equalize import (
     Consumer,
     Location,
+    Pairs,
     ScaleSet,
     apply_scales,
     coupled_sets,
+    kernel_pairs,
     optimal_factors,
 )
 from netpress.quant.modules import ActQuant
 from netpress.quant.observers import MinMaxObserver, zero_padding
+from netpress.quant.target import WEIGHT_RULES, depthwise_layer
 
 __all__ = ["equalize"]
 
@@ -56,6 +59,18 @@ def _unit_maps(sets: Sequence[ScaleSet], model: nn.Module,
                     m[torch.as_tensor(pos, dtype=torch.long)] = base + u
         base += s.units
     return rows, cols, base
+
+
+def _pairs(model: nn.Module, name: str, col_unit: torch.Tensor, target: str | None,
+           ) -> Pairs | None:
+    """The pairs of layer ``name`` when ``target``'s rule bounds its pair sums (not for a
+    depthwise conv, whose kernel adds in 32 bits)."""
+    rule = WEIGHT_RULES.get(target) if target is not None else None
+    layer = model.get_submodule(name)
+    if rule is None or rule.pair_limit is None or depthwise_layer(layer) or \
+            not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.dim() not in (2, 4):
+        return None
+    return kernel_pairs(layer.weight, col_unit, rule.pair_limit)
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -255,11 +270,12 @@ def _apply_checked(model: nn.Module, sets: Sequence[ScaleSet], factors: torch.Te
 
 
 def equalize(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], *,
-             min_gain: float = 0.05) -> dict[str, Any]:
+             min_gain: float = 0.05, target: str | None = None) -> dict[str, Any]:
     """Equalize ``model`` (eval mode, BatchNorm folded) in place for per-tensor activation
     quantization of ``layers``' inputs, when the noise model predicts at least ``min_gain``
-    less noise. ``batches`` are model inputs. Returns what was done, with the predicted noise
-    before and after."""
+    less noise. ``batches`` are model inputs; ``target`` the INT8 target the weights will be
+    shaped for (:mod:`netpress.quant.target`: its pair rule enters the noise model). Returns
+    what was done, with the predicted noise before and after."""
     info: dict[str, Any] = {"applied": False, "sets": 0}
     sets = coupled_sets(model, batches[0]) if batches else []
     if not sets:
@@ -286,7 +302,7 @@ def equalize(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], *,
         w = _weight(model, name).detach().double()
         wmax = w.abs().amax(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w.abs()
         con_list.append(Consumer(cols[name], wmax, cons[name][1] / count,
-                                 cons[name][2] / count))
+                                 cons[name][2] / count, _pairs(model, name, cols[name], target)))
     factors, before, after = optimal_factors(units, locations, con_list)
     info.update(noise_before=before, noise_after=after, sets=len(sets))
     if before <= 0 or after > (1 - min_gain) * before:

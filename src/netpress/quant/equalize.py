@@ -15,7 +15,11 @@ What the factors change is the quantization noise. To first order, the output no
 gradient summed over channel ``c`` of that tensor), plus, for each layer whose input columns
 are divided, its weight rounding noise ``sum_o step_o^2 / 12 * E_o * sum_c f_c^2 P_c`` (per-row
 weight steps ``step_o``, output gradient energy ``E_o``, input power ``P_c``). The scaled
-channels get finer steps; the layers reading them get coarser weights.
+channels get finer steps; the layers reading them get coarser weights. On an x86 CPU without
+VNNI (target ``x86-avx2``, :mod:`netpress.quant.target`) a row's weight step is also bounded
+below by its largest same-sign adjacent pair (kernel order) over the pair limit, and scaling
+columns up can raise that bound; a consumer's :class:`Pairs` put it in the model (the
+factors then stay off the pairs that set a row's step).
 :func:`quantization_noise` is that model (a pure function) and :func:`optimal_factors`
 minimises it over ``log f``; :mod:`netpress.quant._equalize_stats` gathers the statistics.
 """
@@ -30,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ScaleSet", "Location", "Consumer", "coupled_sets", "apply_scales",
-           "quantization_noise", "optimal_factors", "MAX_FACTOR"]
+__all__ = ["ScaleSet", "Location", "Pairs", "Consumer", "kernel_pairs", "coupled_sets",
+           "apply_scales", "quantization_noise", "optimal_factors", "MAX_FACTOR"]
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 MAX_FACTOR = 16.0
@@ -61,15 +65,46 @@ class Location:
 
 
 @dataclass
+class Pairs:
+    """A consumer's adjacent weight pairs in the order x86 u8×s8 kernels read them
+    (:func:`netpress.quant.saturation.kernel_rows`): each pair's two units ``(P, 2)`` (-1 when
+    not scaled, or padding) and the positive and negative parts of its weights ``(O, P, 2)``;
+    a row's step is at least its largest same-sign pair sum over ``limit - 1``
+    (:func:`netpress.quant.saturation.pair_safe_scale`)."""
+
+    unit: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    limit: int
+
+
+@dataclass
 class Consumer:
     """A layer whose input columns are scaled: each column's unit (-1 when not scaled), the
     largest ``|W[o, c]|`` over the kernel, each output's gradient energy and each input
-    column's power (mean square times kernel taps)."""
+    column's power (mean square times kernel taps); ``pairs`` when the target's kernels bound
+    the step by pair sums."""
 
     unit: torch.Tensor
     wmax: torch.Tensor
     out_grad2: torch.Tensor
     in_power: torch.Tensor
+    pairs: Pairs | None = None
+
+
+def kernel_pairs(weight: torch.Tensor, col_unit: torch.Tensor, limit: int) -> Pairs:
+    """:class:`Pairs` of a Conv2d or Linear ``weight`` whose input column ``c`` (dimension 1)
+    belongs to unit ``col_unit[c]``."""
+    from netpress.quant.saturation import kernel_rows
+
+    rows = kernel_rows(weight.detach().double())
+    taps = rows.shape[1] // weight.shape[1]
+    unit = col_unit.long().repeat(taps)  # kernel order: (kernel row, kernel column, channel)
+    if rows.shape[1] % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))
+        unit = torch.cat([unit, unit.new_full((1,), -1)])
+    pairs = rows.reshape(rows.shape[0], -1, 2)
+    return Pairs(unit.reshape(-1, 2), pairs.clamp(min=0), (-pairs).clamp(min=0), limit)
 
 
 def coupled_sets(model: nn.Module, example_inputs: Any) -> list[ScaleSet]:
@@ -170,6 +205,10 @@ def quantization_noise(log_f: torch.Tensor, locations: list[Location],
     for con in consumers:
         f = _pick(f_all, con.unit)
         step_o = (con.wmax / f).amax(1) / weight_qmax
+        if con.pairs is not None:
+            fp = _pick(f_all, con.pairs.unit)
+            sums = torch.maximum((con.pairs.pos / fp).sum(-1), (con.pairs.neg / fp).sum(-1))
+            step_o = torch.maximum(step_o, sums.amax(1) / (con.pairs.limit - 1))
         total = total + (step_o.pow(2) / 12 * con.out_grad2).sum() * \
             (f.pow(2) * con.in_power).sum()
     return total

@@ -318,7 +318,8 @@ def prepare(model: nn.Module, cfg: QuantSettings, ctx: Context,
     try:
         if cfg.equalize:
             inputs = _calibration_inputs(calib_ctx, cfg.calibration_batches)
-            notes["equalization"] = _rounded(equalize(model, inputs, list(plan)))
+            notes["equalization"] = _rounded(equalize(model, inputs, list(plan),
+                                                      target=resolve_target(cfg.target)))
         target = trace(model)
     except ModelError as exc:
         if "cannot trace" not in str(exc):

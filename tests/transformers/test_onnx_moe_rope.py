@@ -225,3 +225,37 @@ def test_an_op_of_a_newer_opset_is_refused_saying_which_opset(tmp_path):
     path = npr.export_onnx(fold, tmp_path / "fold.onnx", torch.randn(1, 12, 4), opset=18)
     x = torch.randn(3, 12, 4)
     torch.testing.assert_close(OrtModule(path)(x), fold(x))
+
+
+class _SplitAt(nn.Module):
+    """``tensor_split`` at indices computed from the traced sequence length (as Qwen3.5's
+    linear attention does), the pieces used separately or kept as a list."""
+
+    def __init__(self, offsets: tuple[int, ...], as_list: bool) -> None:
+        super().__init__()
+        self.offsets, self.as_list = offsets, as_list
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        pieces = torch.tensor_split(x, [n - k if k >= 0 else -k for k in self.offsets], dim=1)
+        if self.as_list:
+            return torch.cat([p.sum(1, keepdim=True) * (i + 1) for i, p in enumerate(pieces)], 1)
+        first, *rest = pieces
+        return torch.cat([first * 2, *rest], dim=1).unsqueeze(-1)  # (batch, sequence, 1)
+
+
+@pytest.mark.parametrize("offsets", [(0,), (3,), (5, 2), (-1, 4)])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_tensor_split_at_traced_indices_matches_torch(tmp_path, offsets, as_list):
+    """Exported at length 9, run at lengths 9, 4 and 20 (indices past the end give empty
+    pieces, as in torch)."""
+    from netpress.export.onnx import OrtModule
+
+    model = _SplitAt(offsets, as_list)
+    gen = torch.Generator().manual_seed(0)
+    path = npr.export_onnx(model, tmp_path / "split.onnx",
+                           {"x": torch.randn(2, 9, generator=gen)})  # 2-D keyword: free length
+    ort = OrtModule(path)
+    for seq in (9, 4, 20):
+        x = torch.randn(3, seq, generator=gen)
+        torch.testing.assert_close(ort(x=x), model(x), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,11 @@ graph: with ``L = D (I - N)`` (``D`` its diagonal, ``N`` strictly lower, so ``N^
 ``L⁻¹ = (I + N)(I + N²)(I + N⁴)…(I + N^(2^(m-1))) D⁻¹`` for ``2^m >= n``: ``2·m``
 matrix products instead of ``n`` dependent steps (``n`` at most 65536 where the graph leaves
 it free: powers past ``n`` are exactly zero).
+``aten::tensor_split`` at a list of indices that the trace records as values (Qwen3.5 and
+Qwen3-Next in ``transformers`` 5.25 split their linear-attention inputs at
+``[seq_len - kept states]``): torch's symbolic reads a one-element list as a count of
+sections and builds a Tile whose 'repeats' ONNX Runtime refuses at run time. Here the pieces
+are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``.
 """
 
 from __future__ import annotations
@@ -100,6 +105,34 @@ def _repeat_interleave(g: Any, x: Any, repeats: Any, dim: Any = None,
     wide = g.op("Expand", grown, g.op("Concat", before, size, times, after, axis_i=0))
     out_shape = g.op("Concat", before, g.op("Mul", size, times), after, axis_i=0)
     return g.op("Reshape", wide, out_shape)
+
+
+def _tensor_split(g: Any, x: Any, indices: Any, dim: Any, _outputs: int | None = None) -> Any:
+    """``torch.tensor_split(x, [i1, ..., ik], dim)`` for a list of (traced) indices: the
+    ``k + 1`` slices between them (Python slicing: negative indices count from the end), as
+    separate outputs or, where the trace keeps the list, one ONNX sequence; other forms go
+    to torch's symbolic."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset13
+
+    if not sh._is_packed_list(indices):
+        return symbolic_opset13.tensor_split(g, x, indices, dim, _outputs)
+    points = sh._unpack_list(indices)
+    if _outputs is not None and len(points) + 1 != _outputs:
+        return symbolic_opset13.tensor_split(g, x, indices, dim, _outputs)
+    axis = sh._get_const(dim, "i", "dim")
+    axes = g.op("Constant", value_t=torch.tensor([axis], dtype=torch.int64))
+    one = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+
+    def as_1d(v: Any) -> Any:
+        return g.op("Reshape", g.op("Cast", v, to_i=7), one)  # onnx.TensorProto.INT64
+
+    bounds = [g.op("Constant", value_t=torch.tensor([0], dtype=torch.int64))]
+    bounds += [as_1d(v) for v in points]
+    bounds.append(g.op("Constant", value_t=torch.tensor([sys.maxsize], dtype=torch.int64)))
+    pieces = [g.op("Slice", x, start, end, axes) for start, end in zip(bounds, bounds[1:])]
+    return pieces if _outputs is not None else g.op("SequenceConstruct", *pieces)
 
 
 def _permute(g: Any, x: Any, dims: Any) -> Any:
@@ -182,7 +215,8 @@ def _solve_triangular(g: Any, a: Any, b: Any, upper: Any, left: Any,
 _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
     "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
-    "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular}
+    "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular,
+    "aten::tensor_split": _tensor_split}
 
 
 def forget_new_ops(names: list[str], before: set[str]) -> None:

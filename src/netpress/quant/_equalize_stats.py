@@ -68,7 +68,7 @@ def _pairs(model: nn.Module, name: str, col_unit: torch.Tensor, target: str | No
     rule = WEIGHT_RULES.get(target) if target is not None else None
     layer = model.get_submodule(name)
     if rule is None or rule.pair_limit is None or depthwise_layer(layer) or \
-            not isinstance(layer, (nn.Conv2d, nn.Linear)) or layer.weight.dim() not in (2, 4):
+            not isinstance(layer, (nn.Conv2d, nn.Linear)):
         return None
     return kernel_pairs(layer.weight, col_unit, rule.pair_limit)
 

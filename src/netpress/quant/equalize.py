@@ -95,16 +95,15 @@ class Consumer:
 def kernel_pairs(weight: torch.Tensor, col_unit: torch.Tensor, limit: int) -> Pairs:
     """:class:`Pairs` of a Conv2d or Linear ``weight`` whose input column ``c`` (dimension 1)
     belongs to unit ``col_unit[c]``."""
-    from netpress.quant.saturation import kernel_rows
+    from netpress.quant.saturation import _pairs, kernel_rows
 
     rows = kernel_rows(weight.detach().double())
     taps = rows.shape[1] // weight.shape[1]
-    unit = col_unit.long().repeat(taps)  # kernel order: (kernel row, kernel column, channel)
-    if rows.shape[1] % 2:
-        rows = torch.nn.functional.pad(rows, (0, 1))
-        unit = torch.cat([unit, unit.new_full((1,), -1)])
-    pairs = rows.reshape(rows.shape[0], -1, 2)
-    return Pairs(unit.reshape(-1, 2), pairs.clamp(min=0), (-pairs).clamp(min=0), limit)
+    # kernel order: (kernel row, kernel column, channel); a padded last pair's unit is -1
+    unit = col_unit.long().repeat(taps).reshape(1, -1)
+    pairs = torch.stack(_pairs(rows), -1)
+    units = torch.stack(_pairs(unit + 1), -1)[0] - 1
+    return Pairs(units, pairs.clamp(min=0), (-pairs).clamp(min=0), limit)
 
 
 def coupled_sets(model: nn.Module, example_inputs: Any) -> list[ScaleSet]:

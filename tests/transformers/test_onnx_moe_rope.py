@@ -186,6 +186,20 @@ def test_gated_delta_rule_decoder_exports_and_matches(tmp_path):
     assert "Trilu" in ops  # the solve's strictly lower part, in the linear-attention layer
 
 
+def test_qwen3_next_linear_attention_and_experts_export_and_match(tmp_path):
+    """Qwen3-Next: gated-delta-rule layers (split at traced indices by transformers 5.25,
+    :func:`netpress.export._symbolics._tensor_split`) beside a mixture of experts."""
+    cfg = transformers.Qwen3NextConfig(
+        **{**SMALL, "head_dim": 16}, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Qwen3NextForCausalLM(cfg).eval()
+    errors = _exported_matches(model, tmp_path / "qwen3_next.onnx")
+    assert max(errors) < 1e-4, errors
+
+
 class _Solve(nn.Module):
     def __init__(self, unit: bool) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ Qwen3-Next in ``transformers`` 5.25 split their linear-attention inputs at
 ``[seq_len - kept states]``): torch's symbolic reads a one-element list as a count of
 sections and builds a Tile whose 'repeats' ONNX Runtime refuses at run time. Here the pieces
 are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``.
+``aten::scaled_dot_product_attention``: a leaner form for float32 (``_sdpa.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from netpress.export._sdpa import scaled_dot_product_attention
 
 __all__ = ["extra_symbolics"]
 
@@ -216,7 +219,8 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
     "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
     "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular,
-    "aten::tensor_split": _tensor_split}
+    "aten::tensor_split": _tensor_split,
+    "aten::scaled_dot_product_attention": scaled_dot_product_attention}
 
 
 def forget_new_ops(names: list[str], before: set[str]) -> None:

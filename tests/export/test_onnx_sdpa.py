@@ -138,3 +138,64 @@ def test_bert_exports_without_the_nan_guard(tmp_path):
         got = ort(input_ids=ids, attention_mask=mask)
         got = got[0] if isinstance(got, (tuple, list)) else got
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _GroupedQuery(nn.Module):
+    """Four query heads sharing two key/value heads, ``enable_gqa=True`` (torch's own
+    symbolic refuses it)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.embed = nn.Embedding(20, 8)
+        self.q, self.kv = nn.Linear(8, 16), nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 4).transpose(1, 2)
+        k, v = (t.view(b, s, 2, 4).transpose(1, 2) for t in self.kv(x).chunk(2, -1))
+        if self.causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            mask = keep[:, None, None, :].bool() & keep[:, None, :, None].bool()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, 16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention_exports(tmp_path, causal):
+    gen = torch.Generator().manual_seed(4)
+    model = _GroupedQuery(causal).eval()
+    path = npr.export_onnx(model, tmp_path / "g.onnx",
+                           {"ids": torch.randint(0, 20, (2, 6), generator=gen),
+                            "keep": _keep(2, 6, gen)})
+    ort = OrtModule(path)
+    for batch, seq in ((2, 6), (3, 9)):
+        ids, keep = torch.randint(0, 20, (batch, seq), generator=gen), _keep(batch, seq, gen)
+        with torch.no_grad():
+            want = model(ids, keep)
+        torch.testing.assert_close(ort(ids=ids, keep=keep), want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_with_gqa_in_sdpa_exports(tmp_path, monkeypatch):
+    """A grouped-query Llama whose attention calls SDPA with ``enable_gqa=True`` (what
+    ``transformers`` does on devices with GQA kernels; forced here) exports and matches."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (2, 7), generator=gen)
+    path = npr.export_onnx(model, tmp_path / "llama.onnx", {"input_ids": ids})
+    ort = OrtModule(path)
+    for batch, seq in ((2, 7), (1, 11)):
+        ids = torch.randint(0, 64, (batch, seq), generator=gen)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        got = ort(input_ids=ids)
+        got = got[0] if isinstance(got, (tuple, list)) else got
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

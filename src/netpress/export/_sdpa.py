@@ -22,7 +22,10 @@ Here, for float32 inputs with a boolean mask:
   query and key by its square root.
 
 Float masks, no mask and ``is_causal`` keep their meaning (the causal mask is torch's own
-helper's). Anything else (other dtypes, dropout, ``enable_gqa``) goes to torch's symbolic.
+helper's). ``enable_gqa=True`` (grouped-query attention, which torch's symbolic refuses)
+repeats each key/value head for its group of query heads, as ``repeat_interleave`` on the
+head axis, where the head counts are fixed in the graph. Anything else (other dtypes,
+dropout) goes to torch's symbolic.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
     has_mask = not sh._is_none(attn_mask)
     mask_type = _scalar(attn_mask) if has_mask else None
     rank = sh._get_tensor_rank(key)
-    if (_scalar(query) != "Float" or gqa or drop != 0.0 or rank is None
+    groups = _groups(query, key) if gqa else 1
+    if (_scalar(query) != "Float" or groups is None or drop != 0.0 or rank is None
             or (causal and has_mask) or mask_type not in (None, "Bool", "Float")
             or (not sh._is_none(scale) and not sh._is_constant(scale))):
         return torchs()
@@ -62,6 +66,8 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
                   if dim else s14._attention_scale(g, query))
     else:
         factor = g.op("Constant", value_t=torch.tensor(float(sh._parse_arg(scale, "f"))))
+    if groups > 1:
+        key, value = _repeat_heads(g, key, groups), _repeat_heads(g, value, groups)
     perm = list(range(rank))
     perm[-1], perm[-2] = perm[-2], perm[-1]
     scores = g.op("Mul", g.op("MatMul", query, g.op("Transpose", key, perm_i=perm)), factor)
@@ -80,6 +86,35 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
                 else g.op("ReduceMax", as_float, axes_i=[-1], keepdims_i=1))
     out = g.op("MatMul", g.op("Softmax", scores, axis_i=-1), value)
     return out if keep is None else g.op("Mul", out, keep)
+
+
+def _groups(query: Any, key: Any) -> int | None:
+    """Query heads per key/value head (axis -3), or None where either count is not fixed
+    in the graph or does not divide."""
+    from torch.onnx import symbolic_helper as sh
+
+    heads, kv = sh._get_tensor_dim_size(query, -3), sh._get_tensor_dim_size(key, -3)
+    if not heads or not kv or heads % kv or sh._get_tensor_rank(key) != 4:
+        return None
+    return heads // kv
+
+
+def _repeat_heads(g: Any, x: Any, times: int) -> Any:
+    """``x.repeat_interleave(times, dim=1)`` for ``x [batch, heads, seq, dim]``: Unsqueeze,
+    Expand, Reshape to a shape read in the graph."""
+    import torch
+
+    shape = g.op("Shape", x)
+
+    def part(start: int, end: int) -> Any:
+        return g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([start])),
+                    g.op("Constant", value_t=torch.tensor([end])))
+
+    times_t = g.op("Constant", value_t=torch.tensor([times], dtype=torch.int64))
+    grown = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([2])))
+    wide = g.op("Expand", grown, g.op("Concat", part(0, 2), times_t, part(2, 4), axis_i=0))
+    return g.op("Reshape", wide, g.op("Concat", part(0, 1), g.op("Mul", part(1, 2), times_t),
+                                      part(2, 4), axis_i=0))
 
 
 def _scalar(value: Any) -> str | None:

@@ -103,6 +103,66 @@ def test_an_expert_listed_twice_by_a_token_counts_both_weights(tmp_path):
         torch.testing.assert_close(experts(*args), ref, rtol=1e-5, atol=1e-6)
 
 
+def _wrapped_experts() -> nn.Module:
+    """An experts class decorated as transformers' are, and a subclass that wraps its
+    forward (as Ergo's does: work before and after ``super().forward``)."""
+    moe = pytest.importorskip("transformers.integrations.moe")
+
+    @moe.use_experts_implementation(has_gate=False, is_transposed=True)
+    class Projections(nn.Module):
+        def __init__(self, config: object) -> None:
+            super().__init__()
+            self.num_experts = 4
+            self.up_proj = nn.Parameter(torch.randn(4, 8, 12) * 0.3)
+            self.down_proj = nn.Parameter(torch.randn(4, 12, 8) * 0.3)
+            self.act_fn = nn.ReLU()
+
+        def forward(self, hidden: torch.Tensor, index: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:  # eager: a loop over the slots
+            out = torch.zeros_like(hidden)
+            for slot in range(index.shape[1]):
+                for expert in range(self.num_experts):
+                    rows = index[:, slot] == expert
+                    mid = self.act_fn(hidden[rows] @ self.up_proj[expert])
+                    out[rows] += (mid @ self.down_proj[expert]) * weights[rows, slot, None]
+            return out
+
+    class Wrapped(Projections):
+        def forward(self, hidden: torch.Tensor, index: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+            out = super().forward(torch.tanh(hidden), index, torch.ones_like(weights))
+            return out * weights.sum(-1, keepdim=True) + hidden
+
+    config = transformers.PretrainedConfig()
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    return Wrapped(config).eval()
+
+
+def test_an_experts_subclass_wrapping_super_forward_keeps_its_own_work(tmp_path):
+    """Only the decorated class's forward becomes the traceable one; the subclass's work
+    around ``super().forward`` stays (Ergo exported 0.47 off before)."""
+    from netpress.export.onnx import OrtModule
+
+    model = _wrapped_experts()
+    cls = type(model)
+    gen = torch.Generator().manual_seed(2)
+
+    def routed(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.randn(tokens, 8, generator=gen),
+                torch.randint(0, 4, (tokens, 2), generator=gen),
+                torch.rand(tokens, 2, generator=gen))
+
+    path = npr.export_onnx(model, tmp_path / "wrapped.onnx", routed(9))
+    ort = OrtModule(path)
+    for tokens in (9, 5, 16):
+        args = routed(tokens)
+        with torch.no_grad():
+            ref = model(*args)
+        assert _rel(ort(*args), ref) < 1e-5
+    assert type(model) is cls and "forward" not in vars(model)  # the user's model untouched
+
+
 @pytest.mark.parametrize("family", ["Glm", "Cohere"])
 def test_interleaved_rotary_decoders_export_and_match(tmp_path, family):
     """Glm (``repeat_interleave`` on cos/sin, partial rotary: the ``cat`` refused
@@ -125,7 +185,8 @@ class _Indexer(nn.Module):
 
 
 class _Ops(nn.Module):
-    """Falcon-H1's permute with negative dims and F.rms_norm, with and without weight/eps."""
+    """Falcon-H1's permute with negative dims and F.rms_norm, with and without weight/eps,
+    and with a shape built from the input's sizes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,7 +196,8 @@ class _Ops(nn.Module):
         y = x.permute(0, -2, -1, 1)  # (b, 5, 6, 4)
         a = F.rms_norm(y, (4,), self.weight, 1e-5)
         b = F.rms_norm(y, (6, 4))
-        return a + b
+        c = F.rms_norm(y, (y.shape[-1],), eps=1e-6)  # sizes read in the trace (Ergo)
+        return a + b + c
 
 
 def test_bool_scatter_permute_and_rms_norm_export_and_match(tmp_path):

@@ -75,13 +75,36 @@ def _experts_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.
     return out.to(hidden_states.dtype)
 
 
+def _dispatching_class(module: nn.Module) -> type | None:
+    """The class in ``module``'s MRO whose ``forward`` is the one ``use_experts_implementation``
+    put there (the dispatch to the configured implementation), or None."""
+    for cls in type(module).__mro__:
+        code = getattr(cls.__dict__.get("forward"), "__code__", None)  # wraps() keeps it
+        if "use_experts_implementation" in getattr(code, "co_qualname", ""):
+            return cls
+    return None
+
+
 def traceable_experts(model: nn.Module) -> list[str]:
     """Give every ``transformers`` experts module of ``model`` (the copy being exported;
     never the user's model) the traceable forward above; returns their names. Modules in
-    expert-parallel mode are left as they are (their sentinel ids are not expert rows)."""
+    expert-parallel mode are left as they are (their sentinel ids are not expert rows).
+
+    Where a subclass wraps the decorated class's forward (Ergo's experts repeat each token
+    per route, call ``super().forward`` and apply a per-expert norm and the routing weights
+    around it), only the decorated class's forward is replaced: the module's class becomes
+    a subclass whose MRO puts the traceable forward right behind the subclass's own, so its
+    ``super()`` call lands there."""
     done = []
     for name, module in model.named_modules():
-        if is_hf_experts(module) and not module._is_expert_parallel:
+        if not is_hf_experts(module) or module._is_expert_parallel:
+            continue
+        base = _dispatching_class(module)
+        if base is None or base is type(module):
             module.forward = types.MethodType(_experts_forward, module)  # type: ignore[method-assign]
-            done.append(name)
+        else:
+            shim = type(f"{base.__name__}Traceable", (base,), {"forward": _experts_forward})
+            cls = type(module)
+            module.__class__ = type(cls.__name__, (cls, shim), {"__module__": cls.__module__})
+        done.append(name)
     return done

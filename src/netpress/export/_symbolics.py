@@ -20,7 +20,8 @@ sequence stay free; other forms (a tensor of counts, no ``dim``) go to torch's s
 ``aten::permute`` with negative dims (Falcon-H1's Mamba mixer, ``permute(0, -2, -1, 1)``)
 is a ``Transpose`` whose ``perm`` is counted from the front, as ONNX requires. ``aten::rms_norm``
 (``F.rms_norm``, DiffLlama) is ``x / sqrt(mean(x², normalized dims) + eps) * weight``,
-with torch's default ``eps`` (the dtype's machine epsilon) when none is given.
+with torch's default ``eps`` (the dtype's machine epsilon) when none is given; a
+``normalized_shape`` read from traced sizes (``(x.shape[-1],)``, Ergo) gives its length.
 ``aten::linalg_solve_triangular`` for a lower-triangular system solved from the left (the
 chunked gated-delta-rule attention of Qwen3-Next, Qwen3.5, LaraMini:
 ``solve_triangular(L, B, upper=False, unitriangular=True)``) of a size ``n`` fixed in the
@@ -156,7 +157,9 @@ def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     import torch
     from torch.onnx import symbolic_helper as sh
 
-    dims = len(sh._get_const(shape, "is", "normalized_shape"))
+    # a list built from traced sizes (``(x.shape[-1],)``, Ergo) counts its entries
+    dims = (len(sh._unpack_list(shape)) if sh._is_packed_list(shape)
+            else len(sh._get_const(shape, "is", "normalized_shape")))
     if sh._is_none(eps):
         scalar = getattr(x.type(), "scalarType", lambda: None)()
         dtype = {"Half": torch.float16, "BFloat16": torch.bfloat16,

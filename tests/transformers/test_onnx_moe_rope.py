@@ -335,3 +335,55 @@ def test_tensor_split_at_traced_indices_matches_torch(tmp_path, offsets, as_list
     for seq in (9, 4, 20):
         x = torch.randn(3, seq, generator=gen)
         torch.testing.assert_close(ort(x=x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _IndexAdd(nn.Module):
+    """``index_add`` with repeated indices (every row of ``src`` lands on ``index``'s row)."""
+
+    def __init__(self, dim: int, alpha: float) -> None:
+        super().__init__()
+        self.dim, self.alpha = dim, alpha
+
+    def forward(self, base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        return base.index_add(self.dim, index, src, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("dim,alpha", [(0, 1.0), (1, 2.5), (-1, 1.0)])
+def test_index_add_with_repeated_indices_sums_them(tmp_path, dim, alpha):
+    """torch's ONNX form kept one source per repeated row (silently wrong)."""
+    from netpress.export.onnx import OrtModule
+
+    gen = torch.Generator().manual_seed(3)
+    model = _IndexAdd(dim, alpha)
+
+    def case(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        base = torch.randn(4, 5, 6, generator=gen)
+        size = list(base.shape)
+        size[dim] = n
+        index = torch.randint(0, base.shape[dim], (n,), generator=gen)
+        index[: n // 2] = index[0]  # half the rows on one place
+        return base, index, torch.randn(*size, generator=gen)
+
+    path = npr.export_onnx(model, tmp_path / "index_add.onnx", case(8),
+                           dynamic_batch=False)
+    ort = OrtModule(path)
+    args = case(8)
+    torch.testing.assert_close(ort(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
+    """JetMoE's router turns its expert counts into a Python list (frozen by a trace) and
+    its experts sum each token's rows with index_add; both export now."""
+    if not hasattr(transformers, "JetMoeForCausalLM"):
+        pytest.skip("this transformers has no JetMoE")
+    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=8, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.JetMoeForCausalLM(cfg).eval()
+    routers = {type(m).__name__ for m in model.modules()}
+    errors = _exported_matches(model, tmp_path / "jetmoe.onnx")
+    assert max(errors) < 1e-4, errors
+    assert {type(m).__name__ for m in model.modules()} == routers
+    assert all("forward" not in vars(m) for m in model.modules())  # the user's model untouched

@@ -34,6 +34,10 @@ Qwen3-Next in ``transformers`` 5.25 split their linear-attention inputs at
 ``[seq_len - kept states]``): torch's symbolic reads a one-element list as a count of
 sections and builds a Tile whose 'repeats' ONNX Runtime refuses at run time. Here the pieces
 are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``.
+``aten::index_add`` sums repeated indices (``ScatterElements`` with ``reduction="add"``,
+opset 16 or newer); torch's form keeps one source per row (it warns, and the warning is
+easy to miss), which made JetMoE's experts, whose rows list each token once per chosen
+expert, export silently wrong.
 ``aten::scaled_dot_product_attention``: a leaner form for float32 (``_sdpa.py``).
 """
 
@@ -176,6 +180,34 @@ def _rms_norm(g: Any, x: Any, shape: Any, weight: Any, eps: Any) -> Any:
     return out if sh._is_none(weight) else g.op("Mul", out, weight)
 
 
+def _index_add(g: Any, x: Any, dim: Any, index: Any, source: Any, alpha: Any = None) -> Any:
+    """``x.index_add(dim, index, source, alpha=alpha)`` with repeated indices summed, as in
+    PyTorch: ``ScatterElements(reduction="add")`` with ``index`` spread over ``source``'s
+    shape. torch's own form scatters without a reduction, so a row listed twice kept only
+    one of its sources (a silently wrong graph)."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset9
+
+    rank = sh._get_tensor_rank(x)
+    axis = sh._maybe_get_const(dim, "i")
+    if g.opset < 16 or rank is None or sh._get_tensor_rank(source) != rank \
+            or not isinstance(axis, int):
+        return symbolic_opset9.index_add(g, x, dim, index, source, alpha)
+    axis = axis + rank if axis < 0 else axis
+    if not sh._is_none(alpha):
+        scale = sh._maybe_get_const(alpha, "f")
+        if not (isinstance(scale, (int, float)) and float(scale) == 1.0):
+            source = g.op("Mul", source, g.op("CastLike", alpha, source))
+    spread = [d for d in range(rank) if d != axis]
+    where = g.op("Reshape", index, g.op("Constant", value_t=torch.tensor([-1])))
+    if spread:
+        where = g.op("Unsqueeze", where,
+                     g.op("Constant", value_t=torch.tensor(spread, dtype=torch.int64)))
+    where = g.op("Expand", where, g.op("Shape", source))
+    return g.op("ScatterElements", x, where, source, axis_i=axis, reduction_s="add")
+
+
 _SOLVE_MAX = 1 << 16  # a solve of a size the graph leaves free: at most 65536 unknowns
 
 
@@ -222,7 +254,7 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::diff": _diff, "aten::cumsum": _cumsum, "aten::expm1": _expm1,
     "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
     "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular,
-    "aten::tensor_split": _tensor_split,
+    "aten::tensor_split": _tensor_split, "aten::index_add": _index_add,
     "aten::scaled_dot_product_attention": scaled_dot_product_attention}
 
 

@@ -261,6 +261,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
     """
     import onnx
 
+    from netpress.export._count_moe import traceable_count_routing
     from netpress.export._moe import traceable_experts
     from netpress.export._symbolics import extra_symbolics
     from netpress.export._tied import share_copies
@@ -282,6 +283,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: 
             prepare()
     swap_for_export(work, nbits, accuracy_level=nbits_accuracy)
     traceable_experts(work)
+    traceable_count_routing(work)
     _integer_biases(work)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     if keyword:

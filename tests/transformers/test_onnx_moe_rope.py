@@ -387,3 +387,20 @@ def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
     assert max(errors) < 1e-4, errors
     assert {type(m).__name__ for m in model.modules()} == routers
     assert all("forward" not in vars(m) for m in model.modules())  # the user's model untouched
+
+
+class _IndexPut(nn.Module):
+    def forward(self, base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        return base.index_put((index,), src, accumulate=True)
+
+
+def test_index_put_accumulate_with_repeated_indices_sums_them(tmp_path):
+    from netpress.export.onnx import OrtModule
+
+    gen = torch.Generator().manual_seed(4)
+    base, src = torch.randn(5, 3, generator=gen), torch.randn(7, 3, generator=gen)
+    index = torch.tensor([1, 1, 1, 4, 0, 4, 2])
+    path = npr.export_onnx(_IndexPut(), tmp_path / "index_put.onnx", (base, index, src),
+                           dynamic_batch=False)
+    torch.testing.assert_close(OrtModule(path)(base, index, src),
+                               _IndexPut()(base, index, src), rtol=1e-5, atol=1e-5)

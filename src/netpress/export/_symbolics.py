@@ -37,7 +37,8 @@ are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``
 ``aten::index_add`` sums repeated indices (``ScatterElements`` with ``reduction="add"``,
 opset 16 or newer); torch's form keeps one source per row (it warns, and the warning is
 easy to miss), which made JetMoE's experts, whose rows list each token once per chosen
-expert, export silently wrong.
+expert, export silently wrong; ``aten::index_put(accumulate=True)`` likewise
+(``ScatterND`` with ``reduction="add"``).
 ``aten::scaled_dot_product_attention``: a leaner form for float32 (``_sdpa.py``).
 """
 
@@ -208,6 +209,26 @@ def _index_add(g: Any, x: Any, dim: Any, index: Any, source: Any, alpha: Any = N
     return g.op("ScatterElements", x, where, source, axis_i=axis, reduction_s="add")
 
 
+def _index_put(g: Any, x: Any, indices: Any, values: Any, accumulate: Any = False) -> Any:
+    """``x.index_put(indices, values, accumulate=True)`` with repeated indices summed, as in
+    PyTorch (opset 16 or newer): torch's own form, built without accumulation, whose
+    ``ScatterND`` then gets ``reduction="add"`` (torch's accumulating form scatters into
+    zeros without a reduction, so a repeated index kept one value). Other forms: torch's."""
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter import symbolic_opset11
+
+    summed = not sh._is_none(accumulate) and bool(sh._parse_arg(accumulate, "b"))
+    if not summed or g.opset < 16:
+        return symbolic_opset11.index_put(g, x, indices, values, accumulate)
+    out = symbolic_opset11.index_put(g, x, indices, values, False)
+    node = out.node()
+    if node.kind() != "onnx::ScatterND" or node.hasAttribute("reduction"):
+        # some other form (e.g. a boolean mask): torch's accumulating one
+        return symbolic_opset11.index_put(g, x, indices, values, accumulate)
+    node.s_("reduction", "add")
+    return out
+
+
 _SOLVE_MAX = 1 << 16  # a solve of a size the graph leaves free: at most 65536 unknowns
 
 
@@ -255,6 +276,7 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::repeat_interleave": _repeat_interleave, "aten::permute": _permute,
     "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular,
     "aten::tensor_split": _tensor_split, "aten::index_add": _index_add,
+    "aten::index_put": _index_put,
     "aten::scaled_dot_product_attention": scaled_dot_product_attention}
 
 

@@ -404,3 +404,50 @@ def test_index_put_accumulate_with_repeated_indices_sums_them(tmp_path):
                            dynamic_batch=False)
     torch.testing.assert_close(OrtModule(path)(base, index, src),
                                _IndexPut()(base, index, src), rtol=1e-5, atol=1e-5)
+
+
+class _ComplexRotary(nn.Module):
+    """A rotary embedding in complex numbers, as Llama 4 writes it."""
+
+    def __init__(self, misuse: bool = False) -> None:
+        super().__init__()
+        self.misuse = misuse
+        self.inv_freq = nn.Buffer(1.0 / (100 ** (torch.arange(0, 8, 2).float() / 8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, heads, 8)
+        pos = torch.arange(x.shape[1], dtype=torch.float32)
+        freqs = torch.polar(torch.ones(x.shape[1], 4), pos[:, None] * self.inv_freq) * 0.9
+        if self.misuse:
+            freqs = torch.exp(freqs)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3)
+
+
+def test_complex_rotary_exports_as_real_pairs(tmp_path):
+    from netpress.export.onnx import OrtModule
+
+    model = _ComplexRotary()
+    gen = torch.Generator().manual_seed(6)
+    path = npr.export_onnx(model, tmp_path / "rotary.onnx", torch.randn(1, 5, 2, 8, generator=gen))
+    for batch in (1, 3):
+        x = torch.randn(batch, 5, 2, 8, generator=gen)
+        torch.testing.assert_close(OrtModule(path)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_complex_value_used_otherwise_is_refused_naming_the_call(tmp_path):
+    with pytest.raises(npr.errors.ModelError, match="complex"):
+        npr.export_onnx(_ComplexRotary(misuse=True), tmp_path / "r.onnx", torch.randn(1, 5, 2, 8))
+
+
+def test_llama4_text_exports_and_matches(tmp_path):
+    """Llama 4's complex rotary embedding (torch.polar) was refused."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    errors = _exported_matches(model, tmp_path / "llama4.onnx")
+    assert max(errors) < 1e-4, errors

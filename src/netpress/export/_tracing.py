@@ -8,6 +8,9 @@ that no ``aten::scatter`` schema takes, and the tracer's alias analysis stopped 
 internal assert. The value becomes a tensor of ``self``'s dtype shaped like ``index``
 (``scatter(dim, index, src)``), which computes the same thing and exports as ONNX
 ``ScatterElements``.
+
+Complex values (``torch.polar``, ``torch.view_as_complex``; Llama 4's rotary embedding) are
+carried as real pairs and ``torch.view_as_real`` stacks them back (``_complex.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from netpress.export._complex import complex_call
 
 __all__ = ["TracingRewrites"]
 
@@ -52,4 +57,5 @@ class TracingRewrites(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in _SCATTERS:
             args, kwargs = _bool_value_as_src(args, kwargs)
-        return func(*args, **kwargs)
+        split = complex_call(func, args, kwargs)
+        return func(*args, **kwargs) if split is NotImplemented else split

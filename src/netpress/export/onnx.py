@@ -204,7 +204,8 @@ def _export_or_refuse(run_export: Any, work: nn.Module, inputs: tuple[torch.Tens
             op_module(run_export, op, opset, skip) if op else None)
         raise ModelError(refusal_message(reason, op, module, _type_of(work, module, skip))
                          ) from None
-    except RuntimeError as exc:  # the tracer's own failures (custom autograd Functions, ...)
+    except (RuntimeError, AttributeError) as exc:  # the tracer's own failures (custom
+        # autograd Functions, complex values used beyond what netpress splits, ...)
         module = stack.innermost()
         if module is None or not _runs_eagerly(work, inputs):
             raise

@@ -451,3 +451,42 @@ def test_llama4_text_exports_and_matches(tmp_path):
     model = transformers.Llama4ForCausalLM(cfg).eval()
     errors = _exported_matches(model, tmp_path / "llama4.onnx")
     assert max(errors) < 1e-4, errors
+
+
+class _Fourier(nn.Module):
+    """FFTs of a real input, chained (a pair into the second), read back as parts."""
+
+    def __init__(self, norm: str = "backward") -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = torch.sin(ids.float()[..., None] * torch.linspace(0.1, 1.0, 6))  # (b, seq, 6)
+        both = torch.fft.fftn(x, dim=(1, 2), norm=self.norm)
+        chained = torch.fft.fft(torch.fft.fft(x, dim=-1), dim=1)
+        return torch.cat([both.real, both.imag, chained.real - both.real], dim=-1)
+
+
+def test_fft_exports_as_dft_products_at_any_length(tmp_path):
+    from netpress.export.onnx import OrtModule
+
+    model = _Fourier()
+    gen = torch.Generator().manual_seed(7)
+    path = npr.export_onnx(model, tmp_path / "fft.onnx",
+                           {"ids": torch.randint(0, 50, (1, 6), generator=gen)})
+    for batch, seq in ((1, 6), (2, 11)):
+        ids = torch.randint(0, 50, (batch, seq), generator=gen)
+        torch.testing.assert_close(OrtModule(path)(ids=ids), model(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(npr.errors.ModelError, match="norm"):
+        npr.export_onnx(_Fourier("ortho"), tmp_path / "o.onnx",
+                        {"ids": torch.randint(0, 50, (1, 6), generator=gen)})
+
+
+def test_fnet_exports_and_matches(tmp_path):
+    """FNet's token mixing (torch.fft.fftn(...).real) was refused on aten::fft_fftn."""
+    cfg = transformers.FNetConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.FNetForMaskedLM(cfg).eval()
+    errors = _exported_matches(model, tmp_path / "fnet.onnx")
+    assert max(errors) < 1e-4, errors

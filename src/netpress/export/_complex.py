@@ -8,7 +8,10 @@ While :func:`netpress.export.onnx.export_onnx` traces, those calls make a
 such code does with it (products with complex or real values, indexing, ``to``), and
 ``view_as_real`` stacks the pair back into the real ``[..., 2]`` tensor. The trace then
 holds only real ops (a rotation by ``cos``/``sin``). Any other use of the pair fails with
-an error that names it, and the export is refused as before.
+an error that names it, and the export is refused as before. ``torch.fft.fft`` and
+``torch.fft.fftn`` (FNet's token mixing) of a real tensor or a pair become the same
+pairs, each transformed axis a product with the ``cos``/``sin`` DFT matrices of its
+length (built in the graph, so the length stays free).
 """
 
 from __future__ import annotations
@@ -91,6 +94,54 @@ def _view_as_real(z: Any) -> torch.Tensor:
     return torch.stack((z.real, z.imag), dim=-1)
 
 
+def _parts(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(real, imag)`` of a pair, ``(x, None)`` of a real tensor."""
+    return (x.real, x.imag) if isinstance(x, SplitComplex) else (x, None)
+
+
+def _dft(x: Any, dim: int) -> SplitComplex:
+    """The discrete Fourier transform of ``x`` (real or a pair) along ``dim``, unscaled
+    (torch's ``norm="backward"``): with ``C = cos(2 pi k n / N)``, ``S = sin(...)``,
+    ``(a + ib)(C - iS)`` summed over ``n``. ``N`` is read in the graph."""
+    real, imag = _parts(x)
+    last = real.dim() - 1
+    dim = dim % real.dim()
+    size = real.shape[dim]
+    steps = torch.arange(size, dtype=real.dtype, device=real.device)
+    angle = (2 * torch.pi / size) * steps[:, None] * steps[None, :]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+
+    def along(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return (t.transpose(dim, last) @ m).transpose(dim, last)  # m symmetric: over n
+
+    if imag is None:
+        return SplitComplex(along(real, cos), -along(real, sin))
+    return SplitComplex(along(real, cos) + along(imag, sin), along(imag, cos) - along(real, sin))
+
+
+def _fft(x: Any, n: Any = None, dim: int = -1, norm: Any = None) -> SplitComplex:
+    if n is not None or norm not in (None, "backward"):
+        raise RuntimeError("netpress exports torch.fft.fft only without n and with "
+                           "norm='backward'")
+    return _dft(x, dim)
+
+
+def _fftn(x: Any, s: Any = None, dim: Any = None, norm: Any = None) -> SplitComplex | Any:
+    if s is not None or norm not in (None, "backward"):
+        raise RuntimeError("netpress exports torch.fft.fftn only without s and with "
+                           "norm='backward'")
+    rank = len(_parts(x)[0].shape)
+    dims = range(rank) if dim is None else ([dim] if isinstance(dim, int) else dim)
+    for d in dims:
+        x = _dft(x, d)
+    return x
+
+
+def _real_input(x: Any) -> bool:
+    return isinstance(x, SplitComplex) or (isinstance(x, torch.Tensor) and not x.is_complex()
+                                          and x.is_floating_point())
+
+
 def complex_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The split form of ``func(*args, **kwargs)`` where ``func`` makes or reads complex
     values netpress carries as pairs; ``NotImplemented`` for any other call. A pair
@@ -103,6 +154,8 @@ def complex_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
         return _view_as_complex(args[0])
     if func is torch.view_as_real and isinstance(args[0], SplitComplex):
         return _view_as_real(args[0])
+    if func in (torch.fft.fft, torch.fft.fftn) and args and _real_input(args[0]):
+        return (_fft if func is torch.fft.fft else _fftn)(*args, **kwargs)
     if any(isinstance(a, SplitComplex) for a in (*args, *kwargs.values())):
         name = getattr(func, "__name__", repr(func))
         raise RuntimeError(f"netpress exports complex values as real pairs and cannot pass "

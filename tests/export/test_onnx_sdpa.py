@@ -66,21 +66,27 @@ def _where_after_softmax(path) -> int:
     return sum(1 for n in nodes if n.op_type == "Where" and soft & set(n.input))
 
 
-@pytest.mark.parametrize("kind", ["bool", "bool_rows", "float", "causal", "scale", "none"])
-def test_sdpa_export_matches_torch_at_other_shapes(tmp_path, kind):
-    gen = torch.Generator().manual_seed(0)
-    model = _Attention(kind).eval()
-    path = npr.export_onnx(model, tmp_path / "a.onnx",
-                           {"ids": torch.randint(0, 20, (2, 6), generator=gen),
-                            "keep": _keep(2, 6, gen)})
+def _matches_at(model: nn.Module, path, shapes, seed: int):
+    """Export ``model`` at (2, 6); ONNX Runtime equals PyTorch (no NaN) at each (batch,
+    length) of ``shapes``. Returns the path."""
+    gen = torch.Generator().manual_seed(seed)
+    path = npr.export_onnx(model, path, {"ids": torch.randint(0, 20, (2, 6), generator=gen),
+                                         "keep": _keep(2, 6, gen)})
     ort = OrtModule(path)
-    for batch, seq in ((2, 6), (3, 11), (1, 4)):
-        x, keep = torch.randint(0, 20, (batch, seq), generator=gen), _keep(batch, seq, gen)
+    for batch, seq in shapes:
+        ids, keep = torch.randint(0, 20, (batch, seq), generator=gen), _keep(batch, seq, gen)
         with torch.no_grad():
-            want = model(x, keep)
-        got = ort(ids=x, keep=keep)
+            want = model(ids, keep)
+        got = ort(ids=ids, keep=keep)
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bool", "bool_rows", "float", "causal", "scale", "none"])
+def test_sdpa_export_matches_torch_at_other_shapes(tmp_path, kind):
+    path = _matches_at(_Attention(kind).eval(), tmp_path / "a.onnx", ((2, 6), (3, 11), (1, 4)),
+                       seed=0)
     assert "IsNaN" not in _ops(path)  # the guard over the weights is gone
     assert _where_after_softmax(path) == 0
 
@@ -167,17 +173,7 @@ class _GroupedQuery(nn.Module):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_query_attention_exports(tmp_path, causal):
-    gen = torch.Generator().manual_seed(4)
-    model = _GroupedQuery(causal).eval()
-    path = npr.export_onnx(model, tmp_path / "g.onnx",
-                           {"ids": torch.randint(0, 20, (2, 6), generator=gen),
-                            "keep": _keep(2, 6, gen)})
-    ort = OrtModule(path)
-    for batch, seq in ((2, 6), (3, 9)):
-        ids, keep = torch.randint(0, 20, (batch, seq), generator=gen), _keep(batch, seq, gen)
-        with torch.no_grad():
-            want = model(ids, keep)
-        torch.testing.assert_close(ort(ids=ids, keep=keep), want, rtol=1e-5, atol=1e-5)
+    _matches_at(_GroupedQuery(causal).eval(), tmp_path / "g.onnx", ((2, 6), (3, 9)), seed=4)
 
 
 def test_llama_with_gqa_in_sdpa_exports(tmp_path, monkeypatch):

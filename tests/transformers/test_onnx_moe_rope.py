@@ -371,9 +371,7 @@ def test_index_add_with_repeated_indices_sums_them(tmp_path, dim, alpha):
     torch.testing.assert_close(ort(*args), model(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
-    """JetMoE's router turns its expert counts into a Python list (frozen by a trace) and
-    its experts sum each token's rows with index_add; both export now."""
+def _jetmoe() -> nn.Module:
     if not hasattr(transformers, "JetMoeForCausalLM"):
         pytest.skip("this transformers has no JetMoE")
     cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
@@ -381,7 +379,13 @@ def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
                                     kv_channels=8, num_local_experts=4,
                                     num_experts_per_tok=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = transformers.JetMoeForCausalLM(cfg).eval()
+    return transformers.JetMoeForCausalLM(cfg).eval()
+
+
+def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
+    """JetMoE's router turns its expert counts into a Python list (frozen by a trace) and
+    its experts sum each token's rows with index_add; both export now."""
+    model = _jetmoe()
     routers = {type(m).__name__ for m in model.modules()}
     errors = _exported_matches(model, tmp_path / "jetmoe.onnx")
     assert max(errors) < 1e-4, errors
@@ -496,14 +500,7 @@ def test_jetmoe_int8_exports_and_matches(tmp_path):
     """DynamicQuantize swaps the router's Linear; the count routing is still made traceable."""
     from netpress.export.onnx import OrtModule
 
-    if not hasattr(transformers, "JetMoeForCausalLM"):
-        pytest.skip("this transformers has no JetMoE")
-    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                    num_hidden_layers=2, num_key_value_heads=2,
-                                    kv_channels=8, num_local_experts=4,
-                                    num_experts_per_tok=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.JetMoeForCausalLM(cfg).eval()
+    model = _jetmoe()
     calib = [(_ids(2, 12, s), None) for s in range(2)]
     q = npr.compress(model, [npr.DynamicQuantize()], calibration=calib,
                      example_inputs=_ids(1, 12, 0), measure=False).model

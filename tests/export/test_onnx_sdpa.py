@@ -197,3 +197,14 @@ def test_llama_with_gqa_in_sdpa_exports(tmp_path, monkeypatch):
         got = ort(input_ids=ids)
         got = got[0] if isinstance(got, (tuple, list)) else got
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_query_attention_in_float64_goes_through_torchs_form(tmp_path):
+    """Other dtypes take torch's symbolic, which refuses enable_gqa: the heads are repeated
+    first."""
+    model = _GroupedQuery(causal=False).double().eval()
+    gen = torch.Generator().manual_seed(8)
+    ids, keep = torch.randint(0, 20, (2, 6), generator=gen), _keep(2, 6, gen)
+    path = npr.export_onnx(model, tmp_path / "g64.onnx", {"ids": ids, "keep": keep})
+    with torch.no_grad():
+        torch.testing.assert_close(OrtModule(path)(ids=ids, keep=keep), model(ids, keep))

@@ -25,7 +25,7 @@ Float masks, no mask and ``is_causal`` keep their meaning (the causal mask is to
 helper's). ``enable_gqa=True`` (grouped-query attention, which torch's symbolic refuses)
 repeats each key/value head for its group of query heads, as ``repeat_interleave`` on the
 head axis, where the head counts are fixed in the graph. Anything else (other dtypes,
-dropout) goes to torch's symbolic.
+dropout) goes to torch's symbolic, after the same head repeat.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
     from torch.onnx import symbolic_helper as sh
     from torch.onnx._internal.torchscript_exporter import symbolic_opset14 as s14
 
-    def torchs() -> Any:
+    def torchs() -> Any:  # key/value heads already repeated for grouped queries
+        no_gqa = g.op("Constant", value_t=torch.tensor(False))
         return s14.scaled_dot_product_attention(g, query, key, value, attn_mask, dropout_p,
-                                                is_causal, scale, enable_gqa)
+                                                is_causal, scale, no_gqa)
 
     causal = bool(sh._parse_arg(is_causal, "b")) if not sh._is_none(is_causal) else False
     gqa = bool(sh._parse_arg(enable_gqa, "b")) if not sh._is_none(enable_gqa) else False
@@ -56,7 +57,14 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
     mask_type = _scalar(attn_mask) if has_mask else None
     rank = sh._get_tensor_rank(key)
     groups = _groups(query, key) if gqa else 1
-    if (_scalar(query) != "Float" or groups is None or drop != 0.0 or rank is None
+    if groups is None:
+        from torch.onnx import errors
+        raise errors.SymbolicValueError(
+            "netpress exports scaled_dot_product_attention(enable_gqa=True) only where the "
+            "query and key/value head counts are fixed in the graph and divide", query)
+    if groups > 1:
+        key, value = _repeat_heads(g, key, groups), _repeat_heads(g, value, groups)
+    if (_scalar(query) != "Float" or drop != 0.0 or rank is None
             or (causal and has_mask) or mask_type not in (None, "Bool", "Float")
             or (not sh._is_none(scale) and not sh._is_constant(scale))):
         return torchs()
@@ -66,8 +74,6 @@ def scaled_dot_product_attention(g: Any, query: Any, key: Any, value: Any,
                   if dim else s14._attention_scale(g, query))
     else:
         factor = g.op("Constant", value_t=torch.tensor(float(sh._parse_arg(scale, "f"))))
-    if groups > 1:
-        key, value = _repeat_heads(g, key, groups), _repeat_heads(g, value, groups)
     perm = list(range(rank))
     perm[-1], perm[-2] = perm[-2], perm[-1]
     scores = g.op("Mul", g.op("MatMul", query, g.op("Transpose", key, perm_i=perm)), factor)

@@ -32,6 +32,8 @@ __all__ = [
     "check_method_contract",
     "hidden_weights",
     "prune_zeroed_units",
+    "token_ids",
+    "onnx_errors_at_shapes",
 ]
 
 
@@ -304,3 +306,31 @@ def prune_zeroed_units(model: nn.Module, x: Any, share: float = 0.4,
     with torch.no_grad():
         after = primary_output(call_model(model, x))
     return before, after
+
+
+def token_ids(batch: int, seq: int, seed: int, vocab: int = 128) -> dict[str, torch.Tensor]:
+    """``{"input_ids": ...}``: seeded random token ids of shape ``(batch, seq)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
+
+
+def onnx_errors_at_shapes(model: nn.Module, path: Any,
+                          shapes: tuple[tuple[int, int], ...] = ((1, 12), (3, 7), (2, 20)),
+                          vocab: int = 128) -> list[float]:
+    """Export a token-id model at batch 1 / 12 tokens and run it in ONNX Runtime at each
+    ``(batch, seq)`` of ``shapes``; the relative errors ``||ort - torch|| / ||torch||`` of
+    its primary output (shapes asserted equal)."""
+    from netpress._inputs import primary_output
+    from netpress.export.onnx import OrtModule, export_onnx
+
+    export_onnx(model, path, token_ids(1, 12, 0, vocab))
+    ort = OrtModule(path)
+    errors = []
+    for batch, seq in shapes:
+        x = token_ids(batch, seq, batch * 100 + seq, vocab)
+        with torch.no_grad():
+            ref = primary_output(model(**x))
+        out = ort(**x)
+        assert out.shape == ref.shape
+        errors.append(float((out - ref).norm() / ref.norm()))
+    return errors

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import netpress as npr
+from netpress.testing import onnx_errors_at_shapes, token_ids
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
@@ -24,32 +25,15 @@ SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              max_position_embeddings=64, pad_token_id=0)
 
 
-def _ids(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)}
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _exported_matches(model: nn.Module, path: Path) -> list[float]:
-    """Export ``model`` at batch 1 / 12 tokens; the ONNX Runtime vs PyTorch relative errors
-    at (1, 12), (3, 7) and (2, 20)."""
-    from netpress._inputs import primary_output
-    from netpress.export.onnx import OrtModule
-
-    npr.export_onnx(model, path, _ids(1, 12, 0))
-    ort = OrtModule(path)
-    errors = []
-    for batch, seq in ((1, 12), (3, 7), (2, 20)):
-        x = _ids(batch, seq, batch * 100 + seq)
-        with torch.no_grad():
-            ref = primary_output(model(**x))
-        out = ort(**x)
-        assert out.shape == ref.shape
-        errors.append(_rel(out, ref))
-    return errors
+def _routed(gen: torch.Generator, tokens: int, width: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An experts module's inputs: hidden rows, top-2 expert ids of 4, routing weights."""
+    return (torch.randn(tokens, width, generator=gen),
+            torch.randint(0, 4, (tokens, 2), generator=gen), torch.rand(tokens, 2, generator=gen))
 
 
 def _mixtral(experts: int = 4) -> nn.Module:
@@ -62,7 +46,7 @@ def _mixtral(experts: int = 4) -> nn.Module:
 def test_mixtral_moe_exports_and_matches_at_other_shapes(tmp_path):
     model = _mixtral()
     implementation = model.config._experts_implementation
-    errors = _exported_matches(model, tmp_path / "mixtral.onnx")
+    errors = onnx_errors_at_shapes(model, tmp_path / "mixtral.onnx")
     assert max(errors) < 1e-4, errors
     ops = {n.op_type for n in onnx.load(tmp_path / "mixtral.onnx").graph.node}
     assert "NonZero" in ops  # each expert's tokens picked in the graph, not fixed by the trace
@@ -82,10 +66,9 @@ def test_an_expert_listed_twice_by_a_token_counts_both_weights(tmp_path):
     gen = torch.Generator().manual_seed(1)
 
     def routed(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = torch.randint(0, 4, (tokens, 2), generator=gen)
+        hidden, index, weights = _routed(gen, tokens, 32)
         index[::3, 1] = index[::3, 0]  # every third token: one expert twice
-        return (torch.randn(tokens, 32, generator=gen), index,
-                torch.rand(tokens, 2, generator=gen))
+        return hidden, index, weights
 
     model.config._experts_implementation = "eager"  # the reference: a loop over the slots
     path = npr.export_onnx(experts, tmp_path / "experts.onnx", routed(9))
@@ -149,9 +132,7 @@ def test_an_experts_subclass_wrapping_super_forward_keeps_its_own_work(tmp_path)
     gen = torch.Generator().manual_seed(2)
 
     def routed(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.randn(tokens, 8, generator=gen),
-                torch.randint(0, 4, (tokens, 2), generator=gen),
-                torch.rand(tokens, 2, generator=gen))
+        return _routed(gen, tokens, 8)
 
     path = npr.export_onnx(model, tmp_path / "wrapped.onnx", routed(9))
     ort = OrtModule(path)
@@ -171,7 +152,7 @@ def test_interleaved_rotary_decoders_export_and_match(tmp_path, family):
     cfg = getattr(transformers, f"{family}Config")(**SMALL)
     torch.manual_seed(0)
     model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
-    errors = _exported_matches(model, tmp_path / f"{family}.onnx")
+    errors = onnx_errors_at_shapes(model, tmp_path / f"{family}.onnx")
     assert max(errors) < 1e-4, errors
 
 
@@ -226,8 +207,8 @@ def test_dynamic_sequence_frees_the_token_axis_only_for_dict_inputs(tmp_path):
         return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in (graph.input[0], graph.output[0])]
 
-    free = npr.export_onnx(model, tmp_path / "free.onnx", _ids(1, 12, 0))
-    fixed = npr.export_onnx(model, tmp_path / "fixed.onnx", _ids(1, 12, 0),
+    free = npr.export_onnx(model, tmp_path / "free.onnx", token_ids(1, 12, 0))
+    fixed = npr.export_onnx(model, tmp_path / "fixed.onnx", token_ids(1, 12, 0),
                             dynamic_sequence=False)
     assert dims(free) == [["batch", "sequence"], ["batch", "sequence", 128]]
     assert dims(fixed)[0] == ["batch", 12]
@@ -242,7 +223,7 @@ def test_gated_delta_rule_decoder_exports_and_matches(tmp_path):
         layer_types=["linear_attention", "full_attention"])
     torch.manual_seed(0)
     model = transformers.Qwen3_5ForCausalLM(cfg).eval()
-    errors = _exported_matches(model, tmp_path / "qwen3_5.onnx")
+    errors = onnx_errors_at_shapes(model, tmp_path / "qwen3_5.onnx")
     assert max(errors) < 1e-4, errors
     ops = {n.op_type for n in onnx.load(tmp_path / "qwen3_5.onnx").graph.node}
     assert "Trilu" in ops  # the solve's strictly lower part, in the linear-attention layer
@@ -258,7 +239,7 @@ def test_qwen3_next_linear_attention_and_experts_export_and_match(tmp_path):
         shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])
     torch.manual_seed(0)
     model = transformers.Qwen3NextForCausalLM(cfg).eval()
-    errors = _exported_matches(model, tmp_path / "qwen3_next.onnx")
+    errors = onnx_errors_at_shapes(model, tmp_path / "qwen3_next.onnx")
     assert max(errors) < 1e-4, errors
 
 
@@ -335,177 +316,3 @@ def test_tensor_split_at_traced_indices_matches_torch(tmp_path, offsets, as_list
     for seq in (9, 4, 20):
         x = torch.randn(3, seq, generator=gen)
         torch.testing.assert_close(ort(x=x), model(x), rtol=1e-5, atol=1e-5)
-
-
-class _IndexAdd(nn.Module):
-    """``index_add`` with repeated indices (every row of ``src`` lands on ``index``'s row)."""
-
-    def __init__(self, dim: int, alpha: float) -> None:
-        super().__init__()
-        self.dim, self.alpha = dim, alpha
-
-    def forward(self, base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        return base.index_add(self.dim, index, src, alpha=self.alpha)
-
-
-@pytest.mark.parametrize("dim,alpha", [(0, 1.0), (1, 2.5), (-1, 1.0)])
-def test_index_add_with_repeated_indices_sums_them(tmp_path, dim, alpha):
-    """torch's ONNX form kept one source per repeated row (silently wrong)."""
-    from netpress.export.onnx import OrtModule
-
-    gen = torch.Generator().manual_seed(3)
-    model = _IndexAdd(dim, alpha)
-
-    def case(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        base = torch.randn(4, 5, 6, generator=gen)
-        size = list(base.shape)
-        size[dim] = n
-        index = torch.randint(0, base.shape[dim], (n,), generator=gen)
-        index[: n // 2] = index[0]  # half the rows on one place
-        return base, index, torch.randn(*size, generator=gen)
-
-    path = npr.export_onnx(model, tmp_path / "index_add.onnx", case(8),
-                           dynamic_batch=False)
-    ort = OrtModule(path)
-    args = case(8)
-    torch.testing.assert_close(ort(*args), model(*args), rtol=1e-5, atol=1e-5)
-
-
-def _jetmoe() -> nn.Module:
-    if not hasattr(transformers, "JetMoeForCausalLM"):
-        pytest.skip("this transformers has no JetMoE")
-    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                    num_hidden_layers=2, num_key_value_heads=2,
-                                    kv_channels=8, num_local_experts=4,
-                                    num_experts_per_tok=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.JetMoeForCausalLM(cfg).eval()
-
-
-def test_jetmoe_count_routed_experts_export_and_match(tmp_path):
-    """JetMoE's router turns its expert counts into a Python list (frozen by a trace) and
-    its experts sum each token's rows with index_add; both export now."""
-    model = _jetmoe()
-    routers = {type(m).__name__ for m in model.modules()}
-    errors = _exported_matches(model, tmp_path / "jetmoe.onnx")
-    assert max(errors) < 1e-4, errors
-    assert {type(m).__name__ for m in model.modules()} == routers
-    assert all("forward" not in vars(m) for m in model.modules())  # the user's model untouched
-
-
-class _IndexPut(nn.Module):
-    def forward(self, base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        return base.index_put((index,), src, accumulate=True)
-
-
-def test_index_put_accumulate_with_repeated_indices_sums_them(tmp_path):
-    from netpress.export.onnx import OrtModule
-
-    gen = torch.Generator().manual_seed(4)
-    base, src = torch.randn(5, 3, generator=gen), torch.randn(7, 3, generator=gen)
-    index = torch.tensor([1, 1, 1, 4, 0, 4, 2])
-    path = npr.export_onnx(_IndexPut(), tmp_path / "index_put.onnx", (base, index, src),
-                           dynamic_batch=False)
-    torch.testing.assert_close(OrtModule(path)(base, index, src),
-                               _IndexPut()(base, index, src), rtol=1e-5, atol=1e-5)
-
-
-class _ComplexRotary(nn.Module):
-    """A rotary embedding in complex numbers, as Llama 4 writes it."""
-
-    def __init__(self, misuse: bool = False) -> None:
-        super().__init__()
-        self.misuse = misuse
-        self.inv_freq = nn.Buffer(1.0 / (100 ** (torch.arange(0, 8, 2).float() / 8)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, heads, 8)
-        pos = torch.arange(x.shape[1], dtype=torch.float32)
-        freqs = torch.polar(torch.ones(x.shape[1], 4), pos[:, None] * self.inv_freq) * 0.9
-        if self.misuse:
-            freqs = torch.exp(freqs)
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3)
-
-
-def test_complex_rotary_exports_as_real_pairs(tmp_path):
-    from netpress.export.onnx import OrtModule
-
-    model = _ComplexRotary()
-    gen = torch.Generator().manual_seed(6)
-    path = npr.export_onnx(model, tmp_path / "rotary.onnx", torch.randn(1, 5, 2, 8, generator=gen))
-    for batch in (1, 3):
-        x = torch.randn(batch, 5, 2, 8, generator=gen)
-        torch.testing.assert_close(OrtModule(path)(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-def test_a_complex_value_used_otherwise_is_refused_naming_the_call(tmp_path):
-    with pytest.raises(npr.errors.ModelError, match="complex"):
-        npr.export_onnx(_ComplexRotary(misuse=True), tmp_path / "r.onnx", torch.randn(1, 5, 2, 8))
-
-
-def test_llama4_text_exports_and_matches(tmp_path):
-    """Llama 4's complex rotary embedding (torch.polar) was refused."""
-    if not hasattr(transformers, "Llama4ForCausalLM"):
-        pytest.skip("this transformers has no Llama 4")
-    cfg = transformers.Llama4TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.Llama4ForCausalLM(cfg).eval()
-    errors = _exported_matches(model, tmp_path / "llama4.onnx")
-    assert max(errors) < 1e-4, errors
-
-
-class _Fourier(nn.Module):
-    """FFTs of a real input, chained (a pair into the second), read back as parts."""
-
-    def __init__(self, norm: str = "backward") -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = torch.sin(ids.float()[..., None] * torch.linspace(0.1, 1.0, 6))  # (b, seq, 6)
-        both = torch.fft.fftn(x, dim=(1, 2), norm=self.norm)
-        chained = torch.fft.fft(torch.fft.fft(x, dim=-1), dim=1)
-        return torch.cat([both.real, both.imag, chained.real - both.real], dim=-1)
-
-
-def test_fft_exports_as_dft_products_at_any_length(tmp_path):
-    from netpress.export.onnx import OrtModule
-
-    model = _Fourier()
-    gen = torch.Generator().manual_seed(7)
-    path = npr.export_onnx(model, tmp_path / "fft.onnx",
-                           {"ids": torch.randint(0, 50, (1, 6), generator=gen)})
-    for batch, seq in ((1, 6), (2, 11)):
-        ids = torch.randint(0, 50, (batch, seq), generator=gen)
-        torch.testing.assert_close(OrtModule(path)(ids=ids), model(ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(npr.errors.ModelError, match="norm"):
-        npr.export_onnx(_Fourier("ortho"), tmp_path / "o.onnx",
-                        {"ids": torch.randint(0, 50, (1, 6), generator=gen)})
-
-
-def test_fnet_exports_and_matches(tmp_path):
-    """FNet's token mixing (torch.fft.fftn(...).real) was refused on aten::fft_fftn."""
-    cfg = transformers.FNetConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.FNetForMaskedLM(cfg).eval()
-    errors = _exported_matches(model, tmp_path / "fnet.onnx")
-    assert max(errors) < 1e-4, errors
-
-
-def test_jetmoe_int8_exports_and_matches(tmp_path):
-    """DynamicQuantize swaps the router's Linear; the count routing is still made traceable."""
-    from netpress.export.onnx import OrtModule
-
-    model = _jetmoe()
-    calib = [(_ids(2, 12, s), None) for s in range(2)]
-    q = npr.compress(model, [npr.DynamicQuantize()], calibration=calib,
-                     example_inputs=_ids(1, 12, 0), measure=False).model
-    path = npr.export_onnx(q, tmp_path / "jetmoe_int8.onnx", _ids(1, 12, 0))
-    x = _ids(3, 7, 9)
-    with torch.no_grad():
-        ref = q(**x).logits
-    assert _rel(OrtModule(path)(**x), ref) < 1e-2

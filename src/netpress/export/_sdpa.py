@@ -106,21 +106,13 @@ def _groups(query: Any, key: Any) -> int | None:
 
 
 def _repeat_heads(g: Any, x: Any, times: int) -> Any:
-    """``x.repeat_interleave(times, dim=1)`` for ``x [batch, heads, seq, dim]``: Unsqueeze,
-    Expand, Reshape to a shape read in the graph."""
+    """``x.repeat_interleave(times, dim=1)`` in the graph (netpress's own symbolic for it)."""
     import torch
 
-    shape = g.op("Shape", x)
+    from netpress.export._symbolics import _repeat_interleave
 
-    def part(start: int, end: int) -> Any:
-        return g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([start])),
-                    g.op("Constant", value_t=torch.tensor([end])))
-
-    times_t = g.op("Constant", value_t=torch.tensor([times], dtype=torch.int64))
-    grown = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([2])))
-    wide = g.op("Expand", grown, g.op("Concat", part(0, 2), times_t, part(2, 4), axis_i=0))
-    return g.op("Reshape", wide, g.op("Concat", part(0, 1), g.op("Mul", part(1, 2), times_t),
-                                      part(2, 4), axis_i=0))
+    return _repeat_interleave(g, x, g.op("Constant", value_t=torch.tensor(times)),
+                              g.op("Constant", value_t=torch.tensor(1)))
 
 
 def _scalar(value: Any) -> str | None:

@@ -95,14 +95,14 @@ class Consumer:
 def kernel_pairs(weight: torch.Tensor, col_unit: torch.Tensor, limit: int) -> Pairs:
     """:class:`Pairs` of a Conv2d or Linear ``weight`` whose input column ``c`` (dimension 1)
     belongs to unit ``col_unit[c]``."""
-    from netpress.quant.saturation import _pairs, kernel_rows
+    from netpress.quant.saturation import adjacent_pairs, kernel_rows
 
     rows = kernel_rows(weight.detach().double())
     taps = rows.shape[1] // weight.shape[1]
     # kernel order: (kernel row, kernel column, channel); a padded last pair's unit is -1
     unit = col_unit.long().repeat(taps).reshape(1, -1)
-    pairs = torch.stack(_pairs(rows), -1)
-    units = torch.stack(_pairs(unit + 1), -1)[0] - 1
+    pairs = torch.stack(adjacent_pairs(rows), -1)
+    units = torch.stack(adjacent_pairs(unit + 1), -1)[0] - 1
     return Pairs(units, pairs.clamp(min=0), (-pairs).clamp(min=0), limit)
 
 

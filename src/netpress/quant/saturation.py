@@ -27,7 +27,7 @@ import torch
 
 __all__ = ["INT16_MIN", "INT16_MAX", "u8s8_matmul", "im2col_nhwc", "conv2d_u8s8",
            "is_depthwise", "kernel_rows", "from_kernel_rows", "pair_limit", "pair_sums",
-           "saturating_pairs", "pair_safe_scale", "limit_pairs"]
+           "saturating_pairs", "pair_safe_scale", "limit_pairs", "adjacent_pairs"]
 
 INT16_MIN, INT16_MAX = -(2 ** 15), 2 ** 15 - 1
 _CHUNK = 1 << 16  # rows of A per float64 matmul (bounds the emulation's memory)
@@ -154,7 +154,9 @@ def pair_limit(max_code: int = 255) -> int:
     return INT16_MAX // max_code
 
 
-def _pairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def adjacent_pairs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and second members of each adjacent pair of the last dimension (the
+    kernel's ``vpmaddubsw`` pairs), zero-padded to an even length."""
     if rows.shape[-1] % 2:
         rows = torch.nn.functional.pad(rows, (0, 1))
     return rows[..., 0::2], rows[..., 1::2]
@@ -164,7 +166,7 @@ def pair_sums(rows: torch.Tensor) -> torch.Tensor:
     """Per adjacent pair of each row: the larger of its positive and its negative part's
     magnitude, ``max(relu(w0) + relu(w1), relu(-w0) + relu(-w1))`` (what a pair of
     non-negative activations can amplify); shape ``(rows, ceil(K / 2))``."""
-    a, b = _pairs(rows)
+    a, b = adjacent_pairs(rows)
     return torch.maximum(a.clamp(min=0) + b.clamp(min=0), (-a).clamp(min=0) + (-b).clamp(min=0))
 
 
@@ -192,7 +194,7 @@ def limit_pairs(rows: torch.Tensor, limit: int) -> torch.Tensor:
     unit.
     Safe pairs are returned unchanged."""
     k = rows.shape[-1]
-    a, b = (t.long() for t in _pairs(rows))
+    a, b = (t.long() for t in adjacent_pairs(rows))
     mag_a, mag_b = a.abs(), b.abs()
     excess = torch.where(a * b > 0, (mag_a + mag_b - limit).clamp(min=0), 0)
     small_cut = torch.minimum(excess // 2, torch.minimum(mag_a, mag_b))

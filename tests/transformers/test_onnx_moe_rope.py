@@ -7,6 +7,7 @@ runs in ONNX Runtime at another batch size and sequence length than it was expor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,6 +37,19 @@ def _routed(gen: torch.Generator, tokens: int, width: int
             torch.randint(0, 4, (tokens, 2), generator=gen), torch.rand(tokens, 2, generator=gen))
 
 
+def _matches_routed(experts: nn.Module, path: Path, routed: Any, counts: tuple[int, ...]) -> None:
+    """Export ``experts`` at ``routed(counts[0])``; ONNX Runtime equals PyTorch (1e-5) at
+    every token count."""
+    from netpress.export.onnx import OrtModule
+
+    ort = OrtModule(npr.export_onnx(experts, path, routed(counts[0])))
+    for tokens in counts:
+        args = routed(tokens)
+        with torch.no_grad():
+            ref = experts(*args)
+        assert _rel(ort(*args), ref) < 1e-5
+
+
 def _mixtral(experts: int = 4) -> nn.Module:
     cfg = transformers.MixtralConfig(**SMALL, num_local_experts=experts,
                                      num_experts_per_tok=2)
@@ -59,7 +73,6 @@ def test_mixtral_moe_exports_and_matches_at_other_shapes(tmp_path):
 def test_an_expert_listed_twice_by_a_token_counts_both_weights(tmp_path):
     """Hash routing (DeepSeek-V4) may give a token the same expert in two top-k slots."""
     from netpress.export._moe import traceable_experts
-    from netpress.export.onnx import OrtModule
 
     model = _mixtral()
     experts = model.model.layers[0].mlp.experts
@@ -71,13 +84,7 @@ def test_an_expert_listed_twice_by_a_token_counts_both_weights(tmp_path):
         return hidden, index, weights
 
     model.config._experts_implementation = "eager"  # the reference: a loop over the slots
-    path = npr.export_onnx(experts, tmp_path / "experts.onnx", routed(9))
-    ort = OrtModule(path)
-    for tokens in (9, 4, 17):
-        args = routed(tokens)
-        with torch.no_grad():
-            ref = experts(*args)
-        assert _rel(ort(*args), ref) < 1e-5
+    _matches_routed(experts, tmp_path / "experts.onnx", routed, (9, 4, 17))
     # the traceable forward itself, in PyTorch, computes what eager does
     args = routed(11)
     with torch.no_grad():
@@ -125,7 +132,6 @@ def _wrapped_experts() -> nn.Module:
 def test_an_experts_subclass_wrapping_super_forward_keeps_its_own_work(tmp_path):
     """Only the decorated class's forward becomes the traceable one; the subclass's work
     around ``super().forward`` stays (Ergo exported 0.47 off before)."""
-    from netpress.export.onnx import OrtModule
 
     model = _wrapped_experts()
     cls = type(model)
@@ -134,13 +140,7 @@ def test_an_experts_subclass_wrapping_super_forward_keeps_its_own_work(tmp_path)
     def routed(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _routed(gen, tokens, 8)
 
-    path = npr.export_onnx(model, tmp_path / "wrapped.onnx", routed(9))
-    ort = OrtModule(path)
-    for tokens in (9, 5, 16):
-        args = routed(tokens)
-        with torch.no_grad():
-            ref = model(*args)
-        assert _rel(ort(*args), ref) < 1e-5
+    _matches_routed(model, tmp_path / "wrapped.onnx", routed, (9, 5, 16))
     assert type(model) is cls and "forward" not in vars(model)  # the user's model untouched
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import tempfile
@@ -134,16 +135,26 @@ def did_it(method: str, model: nn.Module, result: nn.Module, x: Any,
 
 
 def _onnx(model: nn.Module, x: Any, held: Any, tol: float) -> dict[str, Any]:
+    """Export (at the default opset; again at the opset a refusal names, as its message tells
+    the user to) and compare ONNX Runtime with PyTorch on ``held``."""
     from netpress.export.onnx import OrtModule
 
+    opset = None
     with tempfile.TemporaryDirectory() as tmp:
-        path = npr.export_onnx(model, Path(tmp) / "m.onnx", x)
+        try:
+            path = npr.export_onnx(model, Path(tmp) / "m.onnx", x)
+        except NetpressError as exc:
+            advised = re.search(r"export_onnx\(\.\.\., opset=(\d+)\)", str(exc))
+            if not advised:
+                raise
+            opset = int(advised.group(1))
+            path = npr.export_onnx(model, Path(tmp) / "m.onnx", x, opset=opset)
         ort = OrtModule(path)
         out = ort(**held) if isinstance(held, dict) else ort(held)
     fid = fidelity(_out(model, held), out.float())
     err = f"ONNX Runtime vs PyTorch rel. error {fid['rel_error']:.2e} > {tol:.0e}" \
         if not fid["rel_error"] <= tol else None
-    return {"ort_vs_torch": fid, "error": err}
+    return {"ort_vs_torch": fid, "error": err, **({"opset": opset} if opset else {})}
 
 
 def run_case(method: str, model: nn.Module, x: Any, calib: list[Any], held: Any,
@@ -233,7 +244,8 @@ def _cell(r: dict[str, Any] | None) -> str:
         return "-"
     if r.get("outcome") == "passed":
         what = next((f"{k} {r[k]}" for k in ("macs", "zeros", "quantized_layers") if k in r), "")
-        return f"ok {what} err {r.get('rel_error')}".replace("  ", " ")
+        opset = f" (opset {r['opset']})" if "opset" in r else ""
+        return f"ok {what} err {r.get('rel_error')}{opset}".replace("  ", " ")
     return f"{r.get('outcome')}: {str(r.get('error', '')).replace('|', '/')[:90]}"
 
 

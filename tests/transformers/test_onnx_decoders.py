@@ -95,19 +95,21 @@ def test_an_op_without_onnx_form_is_refused_naming_it_and_its_module(tmp_path):
             npr.export_onnx(_Block(), tmp_path / "moe.onnx", torch.rand(2, 8) * 3)
 
 
-class _ScatterMax(nn.Module):
-    """TAPAS's segment reduction: scatter_reduce with include_self=False."""
+class _ScatterMean(nn.Module):
+    """A segment mean of integers (``scatter_reduce(reduce="mean")``: netpress's form covers
+    floating point only; TAPAS's float segment reductions export, test_onnx_scatter_reduce)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = torch.tensor([0, 1, 0, 1])
-        return x.new_zeros(x.shape[0], 2).scatter_reduce(1, index.expand(x.shape[0], 4), x,
-                                                         "amax", include_self=False)
+        counts = (x * 10).long()
+        return counts.new_zeros(x.shape[0], 2).scatter_reduce(
+            1, index.expand(x.shape[0], 4), counts, "mean", include_self=False)
 
 
 def test_an_exporter_limitation_is_refused_with_its_reason(tmp_path):
-    with pytest.raises(ModelError, match="include_self=False.*cannot convert this model.*"
+    with pytest.raises(ModelError, match="mean reduction.*cannot convert this model.*"
                                          "run it in PyTorch"):
-        npr.export_onnx(_ScatterMax(), tmp_path / "tapas.onnx", torch.randn(2, 4))
+        npr.export_onnx(_ScatterMean(), tmp_path / "mean.onnx", torch.randn(2, 4))
 
 
 def test_encoder_decoder_exports_with_its_own_decoder_length(tmp_path):
@@ -137,3 +139,30 @@ def test_encoder_decoder_exports_with_its_own_decoder_length(tmp_path):
         out = torch.from_numpy(ort_run(session, **x))
         assert out.shape == ref.shape == (b, dec, 64)
         assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_int8_linear_attention_with_split_pieces_of_two_ranks_runs_in_ort(tmp_path):
+    """BailingHybrid's linear attention ``tensor_split``s rank-4 and rank-3 tensors and pads
+    the pieces; kept as an ONNX sequence, the INT8 graph gave a rank-4 piece the pads of a
+    rank-3 one and ONNX Runtime stopped on its ``Pad`` (now a list of ``Slice``s that the
+    exporter unpacks, ``_symbolics._tensor_split``)."""
+    from netpress.export.onnx import OrtModule
+
+    if not hasattr(transformers, "BailingHybridConfig"):
+        pytest.skip("this transformers has no BailingHybrid")
+    cfg = transformers.BailingHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8, num_experts=4,
+        num_experts_per_token=2, num_expert_group=1, topk_group=1, first_k_dense_replace=2,
+        layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "dense"],
+        num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.BailingHybridForCausalLM(cfg).eval()
+    x = _ids(1, 0, vocab=64)
+    quant = npr.compress(model, [npr.DynamicQuantize()], calibration=[(x, None)],
+                         example_inputs=x, measure=False).model
+    ort = OrtModule(npr.export_onnx(quant, tmp_path / "bailing.onnx", x))
+    held = _ids(2, 3, vocab=64)
+    assert _rel(ort(**held), _out(quant, held)) < 1e-3
+

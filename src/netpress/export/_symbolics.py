@@ -33,13 +33,23 @@ it free: powers past ``n`` are exactly zero).
 Qwen3-Next in ``transformers`` 5.25 split their linear-attention inputs at
 ``[seq_len - kept states]``): torch's symbolic reads a one-element list as a count of
 sections and builds a Tile whose 'repeats' ONNX Runtime refuses at run time. Here the pieces
-are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``.
+are ``Slice``s between consecutive indices, as ``x[:i1], x[i1:i2], ..., x[ik:]``, kept as an
+ONNX sequence where the trace keeps the list. (Handing the pieces back as a list that the
+exporter unpacks, or slicing in Python while tracing, froze Qwen4-Exp's token count into its
+experts' graph: the unpacked pieces then carry the traced sizes, and a ``zeros_like``
+downstream was folded into a constant. A sequence's pieces can instead carry a wrong rank,
+which ``_pad.py`` guards against.)
 ``aten::index_add`` sums repeated indices (``ScatterElements`` with ``reduction="add"``,
 opset 16 or newer); torch's form keeps one source per row (it warns, and the warning is
 easy to miss), which made JetMoE's experts, whose rows list each token once per chosen
 expert, export silently wrong; ``aten::index_put(accumulate=True)`` likewise
 (``ScatterND`` with ``reduction="add"``).
 ``aten::scaled_dot_product_attention``: a leaner form for float32 (``_sdpa.py``).
+``aten::scatter_reduce`` with ``include_self=False`` or ``reduce="mean"`` (TAPAS):
+``_scatter_reduce.py``. ``aten::_upsample_{bilinear,bicubic}2d_aa`` (antialiased
+``F.interpolate``, DINOv2 with registers): ``Resize(antialias=1)`` at opset 18
+(``_resize_aa.py``). ``aten::constant_pad_nd`` / ``aten::pad`` (constant mode): pads
+built from the input's rank in the graph, not its recorded type (``_pad.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from netpress.export._pad import constant_pad_nd, pad
+from netpress.export._resize_aa import upsample_bicubic2d_aa, upsample_bilinear2d_aa
+from netpress.export._scatter_reduce import scatter_reduce
 from netpress.export._sdpa import scaled_dot_product_attention
 
 __all__ = ["extra_symbolics"]
@@ -277,7 +290,11 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::rms_norm": _rms_norm, "aten::linalg_solve_triangular": _solve_triangular,
     "aten::tensor_split": _tensor_split, "aten::index_add": _index_add,
     "aten::index_put": _index_put,
-    "aten::scaled_dot_product_attention": scaled_dot_product_attention}
+    "aten::scaled_dot_product_attention": scaled_dot_product_attention,
+    "aten::scatter_reduce": scatter_reduce,
+    "aten::_upsample_bicubic2d_aa": upsample_bicubic2d_aa,
+    "aten::_upsample_bilinear2d_aa": upsample_bilinear2d_aa,
+    "aten::constant_pad_nd": constant_pad_nd, "aten::pad": pad}
 
 
 def forget_new_ops(names: list[str], before: set[str]) -> None:

@@ -50,6 +50,7 @@ expert, export silently wrong; ``aten::index_put(accumulate=True)`` likewise
 ``F.interpolate``, DINOv2 with registers): ``Resize(antialias=1)`` at opset 18
 (``_resize_aa.py``). ``aten::constant_pad_nd`` / ``aten::pad`` (constant mode): pads
 built from the input's rank in the graph, not its recorded type (``_pad.py``).
+``aten::col2im`` (``F.fold``) to a traced ``output_size`` (MobileViT-V2): ``_col2im.py``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from netpress.export._col2im import col2im
 from netpress.export._pad import constant_pad_nd, pad
 from netpress.export._resize_aa import upsample_bicubic2d_aa, upsample_bilinear2d_aa
 from netpress.export._scatter_reduce import scatter_reduce
@@ -294,7 +296,12 @@ _SYMBOLICS: dict[str, Callable[..., Any]] = {
     "aten::scatter_reduce": scatter_reduce,
     "aten::_upsample_bicubic2d_aa": upsample_bicubic2d_aa,
     "aten::_upsample_bilinear2d_aa": upsample_bilinear2d_aa,
-    "aten::constant_pad_nd": constant_pad_nd, "aten::pad": pad}
+    "aten::constant_pad_nd": constant_pad_nd, "aten::pad": pad, "aten::col2im": col2im}
+
+
+# ops whose ONNX form needs a newer opset: below it torch's own refusal names that opset
+# (and netpress's refusal finds the module that uses the op)
+_MIN_OPSET = {"aten::col2im": 18}
 
 
 def forget_new_ops(names: list[str], before: set[str]) -> None:
@@ -329,10 +336,10 @@ def _registry_table() -> dict[str, Any] | None:
 @contextmanager
 def extra_symbolics(opset: int) -> Iterator[None]:
     """Register the symbolics above for ``opset`` (15 or newer: Slice with inputs,
-    CastLike), and unregister them on leaving."""
+    CastLike; ``_MIN_OPSET`` for some), and unregister them on leaving."""
     import torch.onnx
 
-    names = list(_SYMBOLICS) if opset >= 15 else []
+    names = [n for n in _SYMBOLICS if opset >= max(15, _MIN_OPSET.get(n, 15))]
     before = known_ops()
     for name in names:
         torch.onnx.register_custom_op_symbolic(name, _SYMBOLICS[name], opset)

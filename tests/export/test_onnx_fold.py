@@ -52,3 +52,27 @@ def test_mobilevitv2_exports_at_opset_18(tmp_path):
     with torch.no_grad():
         ref = model(pixel_values=x).logits
     torch.testing.assert_close(OrtModule(path)(pixel_values=x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_export_of_a_process_leaves_torchs_own_forms_registered(tmp_path):
+    """torch fills its registry during its first export; netpress's snapshot taken before
+    it used to delete torch's own ``col2im`` on leaving, so opset 17 was then refused
+    without naming opset 18 (a fresh process: the first export must be netpress's)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch, netpress as npr
+from torch import nn
+from netpress.errors import ModelError
+fold = nn.Sequential(nn.Fold(output_size=(4, 4), kernel_size=2, stride=2))
+x = torch.randn(1, 12, 4)
+npr.export_onnx(fold, {str(tmp_path / 'a.onnx')!r}, x, opset=18)
+try:
+    npr.export_onnx(fold, {str(tmp_path / 'b.onnx')!r}, x, opset=17)
+except ModelError as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert "opset=18" in out.stdout, out.stdout + out.stderr[-2000:]

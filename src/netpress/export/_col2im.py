@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from netpress.export._graph_ints import int64_concat
+
 __all__ = ["col2im"]
 
 
@@ -28,13 +30,11 @@ def col2im(g: Any, x: Any, output_size: Any, kernel_size: Any, dilation: Any, pa
 
     if g.opset < 18:  # not registered below 18 (``_symbolics._MIN_OPSET``); kept as a guard
         raise errors.UnsupportedOperatorError("aten::col2im", g.opset, 18)
-    one = g.op("Constant", value_t=torch.tensor([1]))
 
     def as_tensor(v: Any, name: str) -> tuple[Any, int]:
         if sh._is_packed_list(v):
             items = sh._unpack_list(v)
-            return g.op("Concat", *[g.op("Reshape", g.op("Cast", i, to_i=7), one)  # INT64
-                                    for i in items], axis_i=0), len(items)
+            return int64_concat(g, items), len(items)
         got = [int(i) for i in sh._get_const(v, "is", name)]
         return g.op("Constant", value_t=torch.tensor(got, dtype=torch.int64)), len(got)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from netpress.export._graph_ints import int64_1d
+
 __all__ = ["constant_pad_nd", "pad"]
 
 
@@ -33,8 +35,7 @@ def constant_pad_nd(g: Any, x: Any, padding: Any, value: Any = None) -> Any:
         # pads known when exporting: torch's form, whose pads are constants (ONNX
         # Runtime's integer rewrites of Pad need them so)
         return symbolic_opset11.constant_pad_nd(g, x, padding, value)
-    items = [g.op("Reshape", g.op("Cast", v, to_i=7), g.op(  # 7: INT64
-        "Constant", value_t=torch.tensor([1]))) for v in sh._unpack_list(padding)]
+    items = [int64_1d(g, v) for v in sh._unpack_list(padding)]
     if len(items) % 2:
         return symbolic_opset11.constant_pad_nd(g, x, padding, value)
     k = len(items) // 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from netpress.export._graph_ints import int64_concat
+
 __all__ = ["upsample_bicubic2d_aa", "upsample_bilinear2d_aa"]
 
 
@@ -44,13 +46,9 @@ def _resize(g: Any, x: Any, output_size: Any, align_corners: Any, scale_factors:
         return g.op("Resize", x, empty, scales, **attrs)
     lead = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
                 g.op("Constant", value_t=torch.tensor([2])))
-    if sh._is_packed_list(output_size):
-        sizes = [g.op("Reshape", g.op("Cast", v, to_i=7), g.op("Constant",  # 7: INT64
-                                                                value_t=torch.tensor([1])))
-                 for v in sh._unpack_list(output_size)]
-    else:
-        sizes = [g.op("Cast", output_size, to_i=7)]
-    return g.op("Resize", x, empty, empty, g.op("Concat", lead, *sizes, axis_i=0), **attrs)
+    sizes = int64_concat(g, sh._unpack_list(output_size)) \
+        if sh._is_packed_list(output_size) else g.op("Cast", output_size, to_i=7)  # INT64
+    return g.op("Resize", x, empty, empty, g.op("Concat", lead, sizes, axis_i=0), **attrs)
 
 
 def upsample_bicubic2d_aa(g: Any, x: Any, output_size: Any, align_corners: Any,

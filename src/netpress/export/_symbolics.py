@@ -61,6 +61,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from netpress.export._col2im import col2im
+from netpress.export._graph_ints import int64_1d
 from netpress.export._pad import constant_pad_nd, pad
 from netpress.export._resize_aa import upsample_bicubic2d_aa, upsample_bilinear2d_aa
 from netpress.export._scatter_reduce import scatter_reduce
@@ -147,13 +148,8 @@ def _tensor_split(g: Any, x: Any, indices: Any, dim: Any, _outputs: int | None =
         return symbolic_opset13.tensor_split(g, x, indices, dim, _outputs)
     axis = sh._get_const(dim, "i", "dim")
     axes = g.op("Constant", value_t=torch.tensor([axis], dtype=torch.int64))
-    one = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
-
-    def as_1d(v: Any) -> Any:
-        return g.op("Reshape", g.op("Cast", v, to_i=7), one)  # onnx.TensorProto.INT64
-
     bounds = [g.op("Constant", value_t=torch.tensor([0], dtype=torch.int64))]
-    bounds += [as_1d(v) for v in points]
+    bounds += [int64_1d(g, v) for v in points]
     bounds.append(g.op("Constant", value_t=torch.tensor([sys.maxsize], dtype=torch.int64)))
     pieces = [g.op("Slice", x, start, end, axes) for start, end in zip(bounds, bounds[1:])]
     return pieces if _outputs is not None else g.op("SequenceConstruct", *pieces)
@@ -318,8 +314,26 @@ def forget_new_ops(names: list[str], before: set[str]) -> None:
             del table[name]
 
 
+def _load_torch_symbolics() -> None:
+    """Import torch's own symbolic modules, which fill the exporter's registry. torch imports
+    them lazily, during its first export: a snapshot of the registry taken before that (the
+    first ``export_onnx`` of a process) missed torch's entries, and ``forget_new_ops`` then
+    deleted torch's own forms of the ops netpress overrides (after one opset-18 export,
+    ``col2im`` at opset 17 was refused without naming opset 18)."""
+    import importlib
+
+    for version in range(7, 25):
+        try:
+            importlib.import_module(
+                f"torch.onnx._internal.torchscript_exporter.symbolic_opset{version}")
+        except ImportError:
+            continue
+
+
 def known_ops() -> set[str]:
-    """The op names the exporter's registry has entries for (empty where it is absent)."""
+    """The op names the exporter's registry has entries for (empty where it is absent),
+    torch's own included."""
+    _load_torch_symbolics()
     table = _registry_table()
     return set(table) if table is not None else set()
 
